@@ -1,0 +1,304 @@
+//! From file contents to typed [`Resource`]s.
+//!
+//! Pure: the caller hands over (name, bytes) pairs. Each document is
+//! dispatched on `apiVersion` and `kind`; mesh kinds are deserialized with
+//! serde (unknown fields refused), foreign manifests are skipped with a
+//! warning, and every failure becomes a [`Diagnostic`] placed with the
+//! document's position index. A bad document never stops the others.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::diag::{Code, Diagnostic};
+use crate::model::{Kind, MESH_GROUPS, Manifest, Origin, Resource, Spec};
+use crate::yaml::{self, Document, Pos, Positions, YamlError};
+
+/// Default namespace for namespaced resources that do not name one, as
+/// `kubectl apply` would pick.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Loads every resource from one file's bytes.
+pub fn load_file(file: &str, bytes: &[u8], out: &mut Vec<Resource>, diags: &mut Vec<Diagnostic>) {
+    let loaded = yaml::load_bytes(bytes);
+    for (_, err) in &loaded.errors {
+        diags.push(yaml_diagnostic(file, err));
+    }
+    let file: Arc<str> = Arc::from(file);
+    for doc in loaded.documents {
+        if let Some(r) = load_document(&file, doc, diags) {
+            out.push(r);
+        }
+    }
+}
+
+fn yaml_diagnostic(file: &str, err: &YamlError) -> Diagnostic {
+    let code = match err {
+        YamlError::TooLarge { .. } => Code::TooLarge,
+        YamlError::NotUtf8 { .. } => Code::NotText,
+        YamlError::Syntax { .. }
+        | YamlError::ComplexKey { .. }
+        | YamlError::UnknownAnchor { .. } => Code::YamlSyntax,
+        YamlError::TooDeep { .. } | YamlError::TooManyNodes { .. } => Code::YamlLimit,
+        YamlError::DuplicateKey { .. } => Code::DuplicateKey,
+    };
+    let d = Diagnostic::new(code, file, err.pos(), err.to_string());
+    match err {
+        YamlError::TooLarge { .. } => {
+            d.with_hint("split the file, or exclude it with --exclude if it is not mesh policy")
+        }
+        YamlError::NotUtf8 { .. } => d.with_hint("exclude binary files with --exclude"),
+        _ => d,
+    }
+}
+
+fn str_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn load_document(file: &Arc<str>, doc: Document, diags: &mut Vec<Diagnostic>) -> Option<Resource> {
+    let Document {
+        index,
+        value,
+        positions,
+    } = doc;
+    let at = |path: &str| positions.lookup(path);
+    if value.is_null() {
+        return None; // an empty document, e.g. a trailing `---`
+    }
+    if !value.is_mapping() {
+        diags.push(Diagnostic::new(
+            Code::NotAResource,
+            file,
+            positions.start,
+            format!("document {} is not a mapping", index + 1),
+        ));
+        return None;
+    }
+    let (Some(api_version), Some(kind)) = (
+        str_field(&value, "apiVersion").map(str::to_string),
+        str_field(&value, "kind").map(str::to_string),
+    ) else {
+        let missing = if str_field(&value, "apiVersion").is_none() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        let mut d = Diagnostic::new(
+            Code::NotAResource,
+            file,
+            at(missing),
+            format!("document {} has no string `{missing}`", index + 1),
+        );
+        d.field_path = missing.to_string();
+        diags.push(d);
+        return None;
+    };
+    let (group, version) = api_version
+        .rsplit_once('/')
+        .unwrap_or(("", api_version.as_str()));
+    let Some((_, versions, kinds)) = MESH_GROUPS.iter().find(|(g, _, _)| *g == group) else {
+        let name = value
+            .get("metadata")
+            .and_then(|m| str_field(m, "name"))
+            .unwrap_or("<unnamed>");
+        diags.push(Diagnostic::new(
+            Code::Foreign,
+            file,
+            at("kind"),
+            format!("skipping {kind} {name} ({api_version}): not mesh policy"),
+        ));
+        return None;
+    };
+    let known_kind = kinds.iter().copied().find(|k| k.as_str() == kind);
+    let problem = match known_kind {
+        None => Some(format!(
+            "unknown kind `{kind}` in {group}; meshfed reads {}",
+            kinds
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(_) if !versions.contains(&version) => Some(format!(
+            "unknown version `{api_version}` for {kind}; meshfed reads {}",
+            versions
+                .iter()
+                .map(|v| format!("{group}/{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(_) => None,
+    };
+    let (Some(kind), None) = (known_kind, &problem) else {
+        let mut d = Diagnostic::new(
+            Code::UnknownKind,
+            file,
+            at(if known_kind.is_some() {
+                "apiVersion"
+            } else {
+                "kind"
+            }),
+            problem.unwrap_or_default(),
+        );
+        d.field_path = "kind".into();
+        diags.push(d);
+        return None;
+    };
+
+    let positions = Arc::new(positions);
+    let origin = Origin {
+        file: file.clone(),
+        document: index,
+        positions: positions.clone(),
+    };
+    let loaded = match kind {
+        Kind::Cluster => typed(value, &origin, diags).map(|(m, s)| (m, Spec::Cluster(s))),
+        Kind::ServiceExport => {
+            typed(value, &origin, diags).map(|(m, s)| (m, Spec::ServiceExport(s)))
+        }
+        Kind::ServiceEntry => typed(value, &origin, diags).map(|(m, s)| (m, Spec::ServiceEntry(s))),
+        Kind::DestinationRule => {
+            typed(value, &origin, diags).map(|(m, s)| (m, Spec::DestinationRule(s)))
+        }
+        Kind::VirtualService => {
+            typed(value, &origin, diags).map(|(m, s)| (m, Spec::VirtualService(s)))
+        }
+        Kind::PeerAuthentication => {
+            typed(value, &origin, diags).map(|(m, s)| (m, Spec::PeerAuthentication(s)))
+        }
+        Kind::AuthorizationPolicy => {
+            typed(value, &origin, diags).map(|(m, s)| (m, Spec::AuthorizationPolicy(s)))
+        }
+    };
+    let (meta, spec) = loaded?;
+    let namespace = if kind.namespaced() {
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
+    } else {
+        if meta.namespace.is_some() {
+            let mut d = Diagnostic::new(
+                Code::InvalidValue,
+                file,
+                positions.lookup("metadata.namespace"),
+                format!("{kind} is cluster-scoped and takes no namespace"),
+            );
+            d.field_path = "metadata.namespace".into();
+            diags.push(d);
+        }
+        String::new()
+    };
+    Some(Resource {
+        kind,
+        api_version: api_version.to_string(),
+        name: meta.name,
+        namespace,
+        labels: meta.labels,
+        annotations: meta.annotations,
+        spec,
+        origin,
+    })
+}
+
+/// Deserializes a manifest. On failure, reports serde's first error at the
+/// field path where it happened.
+fn typed<S: DeserializeOwned + Default>(
+    value: Value,
+    origin: &Origin,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(crate::model::ObjectMeta, S)> {
+    match serde_path_to_error::deserialize::<_, Manifest<S>>(value) {
+        Ok(m) => Some((m.metadata, m.spec.unwrap_or_default())),
+        Err(e) => {
+            let path = render_path(e.path());
+            diags.push(schema_diagnostic(
+                &origin.file,
+                &origin.positions,
+                &path,
+                e.inner(),
+            ));
+            None
+        }
+    }
+}
+
+/// Renders a serde_path_to_error path in the same syntax as the position
+/// index.
+fn render_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => yaml::push_index(&mut out, *index),
+            Segment::Map { key } | Segment::Enum { variant: key } => yaml::push_key(&mut out, key),
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+fn schema_diagnostic(
+    file: &str,
+    positions: &Positions,
+    path: &str,
+    err: &serde_yaml::Error,
+) -> Diagnostic {
+    let msg = err.to_string();
+    // serde's messages: "unknown field `x`, expected one of `a`, `b`",
+    // "missing field `x`", "invalid type: ...", "unknown variant `X`, ...".
+    let (code, message, hint) = if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or_default();
+        let expected: Vec<&str> = rest
+            .split("expected one of ")
+            .nth(1)
+            .or_else(|| rest.split("expected ").nth(1))
+            .map(|s| s.split(", ").map(|x| x.trim_matches('`')).collect())
+            .unwrap_or_default();
+        let hint = closest(field, &expected).map(|s| format!("did you mean `{s}`?"));
+        (Code::UnknownField, format!("unknown field `{field}`"), hint)
+    } else if msg.starts_with("missing field") {
+        (Code::MissingField, msg.clone(), None)
+    } else {
+        (Code::InvalidType, msg.clone(), None)
+    };
+    let pos = field_pos(positions, path, code, &msg);
+    let mut d = Diagnostic::new(code, file, pos, message);
+    d.field_path = path.to_string();
+    d.hint = hint;
+    d
+}
+
+/// For an unknown field, serde's path ends at the parent mapping; point at
+/// the field itself when the document has it.
+fn field_pos(positions: &Positions, path: &str, code: Code, msg: &str) -> Pos {
+    if code == Code::UnknownField {
+        if let Some(field) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            let mut p = path.to_string();
+            yaml::push_key(&mut p, field);
+            if positions.contains(&p) {
+                return positions.lookup(&p);
+            }
+        }
+    }
+    positions.lookup(path)
+}
+
+/// The candidate closest to `word`, if close enough to be a likely typo.
+pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| {
+            (
+                strsim::jaro_winkler(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()),
+                *c,
+            )
+        })
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}

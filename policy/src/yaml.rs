@@ -1,0 +1,663 @@
+//! Position-aware, bounded YAML loading.
+//!
+//! serde_yaml reports positions only for its own syntax errors, and a serde
+//! derive stops at the first error. So this module parses each file once with
+//! a YAML event parser (yaml-rust2), and builds two things per document:
+//! - a [`serde_yaml::Value`], from which the typed resources are deserialized;
+//! - a [`Positions`] index from field path (`spec.http[0].route[1].weight`) to
+//!   the line and column where that field starts.
+//!
+//! Every later stage (schema errors found by serde, semantic rules) reports a
+//! field path, and the index turns it into `FILE:LINE:COL`.
+//!
+//! Hostile input is bounded here, before anything else sees it: file size,
+//! nesting depth, node count and alias expansion all have limits, and a
+//! document that breaks one is an error, never a panic, a hang or unbounded
+//! memory. Documents are split at `---` lines before parsing, so that a syntax
+//! error in one document does not hide the others.
+//!
+//! This module does no I/O: it takes text.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use serde_yaml::{Mapping, Value};
+use yaml_rust2::parser::{Event, Parser, Tag};
+use yaml_rust2::scanner::TScalarStyle;
+
+/// Largest file the loader accepts, in bytes.
+pub const MAX_FILE_BYTES: usize = 16 * 1024 * 1024;
+/// Deepest nesting of mappings and sequences in one document. Kubernetes
+/// resources rarely go past 12.
+pub const MAX_DEPTH: usize = 64;
+/// Most nodes one file may produce, counting every alias expansion.
+pub const MAX_NODES: usize = 4_000_000;
+
+/// A position in a source file: 1-based line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Pos {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub column: usize,
+}
+
+/// Field path → position of that field in one document.
+///
+/// For a mapping entry the position is that of its key (where a reader looks
+/// for the field); for a sequence item, that of the item.
+#[derive(Debug, Default, Clone)]
+pub struct Positions {
+    map: HashMap<String, Pos>,
+    /// Where the document starts (its first node).
+    pub start: Pos,
+}
+
+impl Positions {
+    /// The position of `path`, or of its nearest ancestor that the document
+    /// spells out (a missing field is reported at its parent).
+    pub fn lookup(&self, path: &str) -> Pos {
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.map.get(p) {
+                return *pos;
+            }
+            match parent_path(p) {
+                Some(parent) => p = parent,
+                None => return self.start,
+            }
+        }
+    }
+
+    /// Whether the document spells out `path` itself.
+    pub fn contains(&self, path: &str) -> bool {
+        self.map.contains_key(path)
+    }
+
+    fn insert(&mut self, path: String, pos: Pos) {
+        self.map.entry(path).or_insert(pos);
+    }
+}
+
+/// The parent of a field path, if it has one.
+fn parent_path(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        return None;
+    }
+    if path.ends_with(']') {
+        // `a[3]` or `a["x.y"]`: cut at the matching `[`.
+        let open = if path.ends_with("\"]") {
+            path[..path.len() - 2].rfind("[\"")
+        } else {
+            path.rfind('[')
+        };
+        return open.map(|i| &path[..i]);
+    }
+    Some(path.rfind('.').map_or("", |i| &path[..i]))
+}
+
+/// Appends a mapping key to a path: `.key`, or `["key"]` when the key has
+/// characters that would make the path ambiguous.
+pub fn push_key(path: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if plain {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+    } else {
+        path.push_str("[\"");
+        for c in key.chars() {
+            if c == '"' || c == '\\' {
+                path.push('\\');
+            }
+            path.push(c);
+        }
+        path.push_str("\"]");
+    }
+}
+
+/// Appends a sequence index to a path.
+pub fn push_index(path: &mut String, index: usize) {
+    let _ = write!(path, "[{index}]");
+}
+
+/// One YAML document, with its value and its position index.
+#[derive(Debug)]
+pub struct Document {
+    /// 0-based index of the document in its file.
+    pub index: usize,
+    /// The document's content.
+    pub value: Value,
+    /// Field path → position.
+    pub positions: Positions,
+}
+
+/// Why a document (or a file) could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum YamlError {
+    #[error("file is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("file is not UTF-8 text (is it a binary file?)")]
+    NotUtf8 { pos: Pos },
+    #[error("YAML syntax error: {message}")]
+    Syntax { pos: Pos, message: String },
+    #[error("nesting deeper than {MAX_DEPTH} levels")]
+    TooDeep { pos: Pos },
+    #[error("document expands to more than {MAX_NODES} nodes (alias bomb?)")]
+    TooManyNodes { pos: Pos },
+    #[error("alias refers to unknown anchor")]
+    UnknownAnchor { pos: Pos },
+    #[error("duplicate key `{key}` (first at line {first_line})")]
+    DuplicateKey {
+        pos: Pos,
+        key: String,
+        first_line: usize,
+    },
+    #[error("mapping keys must be scalars")]
+    ComplexKey { pos: Pos },
+}
+
+impl YamlError {
+    /// Where the problem is, if known.
+    pub fn pos(&self) -> Pos {
+        match self {
+            YamlError::TooLarge { .. } => Pos { line: 1, column: 1 },
+            YamlError::NotUtf8 { pos }
+            | YamlError::Syntax { pos, .. }
+            | YamlError::TooDeep { pos }
+            | YamlError::TooManyNodes { pos }
+            | YamlError::UnknownAnchor { pos }
+            | YamlError::DuplicateKey { pos, .. }
+            | YamlError::ComplexKey { pos } => *pos,
+        }
+    }
+}
+
+/// The outcome of loading one file: the documents that loaded, and one error
+/// per document that did not (with that document's index).
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub documents: Vec<Document>,
+    pub errors: Vec<(usize, YamlError)>,
+}
+
+/// Loads every document of a file from raw bytes.
+pub fn load_bytes(bytes: &[u8]) -> Loaded {
+    if bytes.len() > MAX_FILE_BYTES {
+        return Loaded {
+            documents: Vec::new(),
+            errors: vec![(
+                0,
+                YamlError::TooLarge {
+                    size: bytes.len(),
+                    limit: MAX_FILE_BYTES,
+                },
+            )],
+        };
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(text) => load_str(text),
+        Err(e) => {
+            let good = &bytes[..e.valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = good.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+            Loaded {
+                documents: Vec::new(),
+                errors: vec![(
+                    0,
+                    YamlError::NotUtf8 {
+                        pos: Pos { line, column },
+                    },
+                )],
+            }
+        }
+    }
+}
+
+/// Loads every document of a file.
+pub fn load_str(text: &str) -> Loaded {
+    let mut out = Loaded::default();
+    if text.len() > MAX_FILE_BYTES {
+        out.errors.push((
+            0,
+            YamlError::TooLarge {
+                size: text.len(),
+                limit: MAX_FILE_BYTES,
+            },
+        ));
+        return out;
+    }
+    if let Some(i) = text.find('\0') {
+        let good = &text[..i];
+        let line = good.matches('\n').count() + 1;
+        let column = good.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        out.errors.push((
+            0,
+            YamlError::NotUtf8 {
+                pos: Pos { line, column },
+            },
+        ));
+        return out;
+    }
+    let mut budget = MAX_NODES;
+    for (index, (line_offset, chunk)) in split_documents(text).into_iter().enumerate() {
+        match parse_chunk(chunk, line_offset, &mut budget) {
+            Ok(docs) => {
+                for (value, positions) in docs {
+                    out.documents.push(Document {
+                        index,
+                        value,
+                        positions,
+                    });
+                }
+            }
+            Err(e) => {
+                let stop = matches!(e, YamlError::TooManyNodes { .. });
+                out.errors.push((index, e));
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Splits a stream at lines that start with `---` (document markers), so
+/// that each document parses on its own. Returns (lines before, text).
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut start_line = 0;
+    let mut line_no = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let is_marker = line.starts_with("---")
+            && line[3..]
+                .chars()
+                .next()
+                .is_none_or(|c| c == ' ' || c == '\t' || c == '\r' || c == '\n');
+        if is_marker && offset > start {
+            chunks.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = line_no;
+        }
+        offset += line.len();
+        line_no += 1;
+    }
+    if offset > start || chunks.is_empty() {
+        chunks.push((start_line, &text[start..]));
+    }
+    chunks
+}
+
+enum Frame {
+    Map {
+        map: Mapping,
+        path: String,
+        /// The pending key: its text, its value and where it started.
+        key: Option<(String, Value, Pos)>,
+        /// Key text → line, for duplicate detection.
+        seen: HashMap<String, usize>,
+        anchor: usize,
+        nodes: usize,
+        height: usize,
+    },
+    Seq {
+        seq: Vec<Value>,
+        path: String,
+        anchor: usize,
+        nodes: usize,
+        height: usize,
+    },
+}
+
+struct Anchored {
+    value: Value,
+    nodes: usize,
+    height: usize,
+}
+
+struct Builder {
+    stack: Vec<Frame>,
+    anchors: HashMap<usize, Anchored>,
+    positions: Positions,
+    done: Option<Value>,
+    line_offset: usize,
+}
+
+impl Builder {
+    fn pos(&self, m: &yaml_rust2::scanner::Marker) -> Pos {
+        Pos {
+            line: m.line() + self.line_offset,
+            column: m.col() + 1,
+        }
+    }
+
+    /// The path for the next node, and whether that node is a mapping key.
+    fn next_path(&self) -> (String, bool) {
+        match self.stack.last() {
+            None => (String::new(), false),
+            Some(Frame::Seq { seq, path, .. }) => {
+                let mut p = path.clone();
+                push_index(&mut p, seq.len());
+                (p, false)
+            }
+            Some(Frame::Map { key: None, .. }) => (String::new(), true),
+            Some(Frame::Map {
+                key: Some((k, _, _)),
+                path,
+                ..
+            }) => {
+                let mut p = path.clone();
+                push_key(&mut p, k);
+                (p, false)
+            }
+        }
+    }
+
+    /// Adds a finished node to its parent.
+    fn attach(
+        &mut self,
+        value: Value,
+        nodes: usize,
+        height: usize,
+        pos: Pos,
+        anchor: usize,
+    ) -> Result<(), YamlError> {
+        if anchor != 0 {
+            self.anchors.insert(
+                anchor,
+                Anchored {
+                    value: value.clone(),
+                    nodes,
+                    height,
+                },
+            );
+        }
+        match self.stack.last_mut() {
+            None => self.done = Some(value),
+            Some(Frame::Seq {
+                seq,
+                nodes: n,
+                height: h,
+                ..
+            }) => {
+                seq.push(value);
+                *n += nodes;
+                *h = (*h).max(height + 1);
+            }
+            Some(Frame::Map {
+                map,
+                key,
+                seen,
+                path,
+                nodes: n,
+                height: h,
+                ..
+            }) => match key.take() {
+                None => {
+                    let text = match &value {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        Value::Null => String::new(),
+                        _ => return Err(YamlError::ComplexKey { pos }),
+                    };
+                    if let Some(first_line) = seen.get(&text) {
+                        return Err(YamlError::DuplicateKey {
+                            pos,
+                            key: text,
+                            first_line: *first_line,
+                        });
+                    }
+                    seen.insert(text.clone(), pos.line);
+                    let mut p = path.clone();
+                    push_key(&mut p, &text);
+                    self.positions.insert(p, pos);
+                    *key = Some((text, value, pos));
+                }
+                Some((_, k, _)) => {
+                    map.insert(k, value);
+                    *n += nodes;
+                    *h = (*h).max(height + 1);
+                }
+            },
+        }
+        Ok(())
+    }
+}
+
+fn parse_chunk(
+    chunk: &str,
+    line_offset: usize,
+    budget: &mut usize,
+) -> Result<Vec<(Value, Positions)>, YamlError> {
+    let mut parser = Parser::new_from_str(chunk);
+    let mut docs = Vec::new();
+    let mut b = Builder {
+        stack: Vec::new(),
+        anchors: HashMap::new(),
+        positions: Positions::default(),
+        done: None,
+        line_offset,
+    };
+    let mut started = false;
+    loop {
+        let (event, mark) = parser.next_token().map_err(|e| YamlError::Syntax {
+            pos: Pos {
+                line: e.marker().line() + line_offset,
+                column: e.marker().col() + 1,
+            },
+            message: e.info().to_string(),
+        })?;
+        let pos = b.pos(&mark);
+        match event {
+            Event::StreamStart | Event::Nothing => {}
+            Event::StreamEnd => break,
+            Event::DocumentStart => {
+                started = false;
+                b.positions = Positions::default();
+                b.anchors.clear();
+            }
+            Event::DocumentEnd => {
+                if let Some(v) = b.done.take() {
+                    docs.push((v, std::mem::take(&mut b.positions)));
+                }
+            }
+            Event::Alias(id) => {
+                let Some(a) = b.anchors.get(&id) else {
+                    return Err(YamlError::UnknownAnchor { pos });
+                };
+                if a.nodes > *budget {
+                    return Err(YamlError::TooManyNodes { pos });
+                }
+                if b.stack.len() + a.height > MAX_DEPTH {
+                    return Err(YamlError::TooDeep { pos });
+                }
+                *budget -= a.nodes;
+                let (v, n, h) = (a.value.clone(), a.nodes, a.height);
+                record_path(&mut b, pos, &mut started);
+                b.attach(v, n, h, pos, 0)?;
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                take_budget(budget, pos)?;
+                record_path(&mut b, pos, &mut started);
+                let v = resolve_scalar(text, style, tag.as_ref());
+                b.attach(v, 1, 0, pos, anchor)?;
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                take_budget(budget, pos)?;
+                if b.stack.len() >= MAX_DEPTH {
+                    return Err(YamlError::TooDeep { pos });
+                }
+                let (path, is_key) = b.next_path();
+                if is_key {
+                    return Err(YamlError::ComplexKey { pos });
+                }
+                record_path(&mut b, pos, &mut started);
+                b.stack.push(if matches!(event, Event::SequenceStart(..)) {
+                    Frame::Seq {
+                        seq: Vec::new(),
+                        path,
+                        anchor,
+                        nodes: 1,
+                        height: 0,
+                    }
+                } else {
+                    Frame::Map {
+                        map: Mapping::new(),
+                        path,
+                        key: None,
+                        seen: HashMap::new(),
+                        anchor,
+                        nodes: 1,
+                        height: 0,
+                    }
+                });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (value, nodes, height, anchor) = match b.stack.pop() {
+                    Some(Frame::Seq {
+                        seq,
+                        anchor,
+                        nodes,
+                        height,
+                        ..
+                    }) => (Value::Sequence(seq), nodes, height, anchor),
+                    Some(Frame::Map {
+                        map,
+                        anchor,
+                        nodes,
+                        height,
+                        ..
+                    }) => (Value::Mapping(map), nodes, height, anchor),
+                    None => {
+                        return Err(YamlError::Syntax {
+                            pos,
+                            message: "unbalanced end of collection".into(),
+                        });
+                    }
+                };
+                b.attach(value, nodes, height, pos, anchor)?;
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// Records the position of a node that is a value (not a mapping key).
+fn record_path(b: &mut Builder, pos: Pos, started: &mut bool) {
+    if !*started {
+        b.positions.start = pos;
+        *started = true;
+    }
+    let (path, is_key) = b.next_path();
+    if !is_key && matches!(b.stack.last(), Some(Frame::Seq { .. })) {
+        b.positions.insert(path, pos);
+    }
+}
+
+fn take_budget(budget: &mut usize, pos: Pos) -> Result<(), YamlError> {
+    if *budget == 0 {
+        return Err(YamlError::TooManyNodes { pos });
+    }
+    *budget -= 1;
+    Ok(())
+}
+
+/// Resolves a scalar with the YAML 1.2 core schema, as serde_yaml does.
+/// Quoted and block scalars are always strings.
+fn resolve_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value {
+    if let Some(tag) = tag {
+        if tag.handle == "!!" || tag.handle == "tag:yaml.org,2002:" {
+            match tag.suffix.as_str() {
+                "str" => return Value::String(text),
+                "null" => return Value::Null,
+                _ => {}
+            }
+        }
+    }
+    if style != TScalarStyle::Plain {
+        return Value::String(text);
+    }
+    match text.as_str() {
+        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
+            return Value::Number(f64::INFINITY.into());
+        }
+        "-.inf" | "-.Inf" | "-.INF" => return Value::Number(f64::NEG_INFINITY.into()),
+        ".nan" | ".NaN" | ".NAN" => return Value::Number(f64::NAN.into()),
+        _ => {}
+    }
+    if let Some(n) = parse_int(&text) {
+        return Value::Number(n);
+    }
+    if looks_like_float(&text) {
+        if let Ok(f) = text.parse::<f64>() {
+            return Value::Number(f.into());
+        }
+    }
+    Value::String(text)
+}
+
+fn parse_int(s: &str) -> Option<serde_yaml::Number> {
+    let (neg, digits) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (radix, digits) = if let Some(d) = digits.strip_prefix("0x") {
+        (16, d)
+    } else if let Some(d) = digits.strip_prefix("0o") {
+        (8, d)
+    } else {
+        (10, digits)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let magnitude = u64::from_str_radix(digits, radix).ok()?;
+    if neg {
+        let v = i64::try_from(magnitude).ok()?;
+        Some((-v).into())
+    } else {
+        Some(magnitude.into())
+    }
+}
+
+fn looks_like_float(s: &str) -> bool {
+    let s = s.strip_prefix(['-', '+']).unwrap_or(s);
+    let mut chars = s.chars().peekable();
+    let mut digits = 0;
+    let mut dot = false;
+    while let Some(c) = chars.peek().copied() {
+        match c {
+            '0'..='9' => digits += 1,
+            '.' if !dot => dot = true,
+            'e' | 'E' => break,
+            _ => return false,
+        }
+        chars.next();
+    }
+    if digits == 0 {
+        return false;
+    }
+    match chars.next() {
+        None => true,
+        Some(_) => {
+            let rest: String = chars.collect();
+            let rest = rest.strip_prefix(['-', '+']).unwrap_or(&rest);
+            !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
