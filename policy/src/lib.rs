@@ -81,17 +81,20 @@ where
     N: AsRef<str>,
     B: AsRef<[u8]>,
 {
-    let mut a = Analysis::default();
+    let mut loaded = load::Loaded::default();
+    let mut count = 0;
     for (name, bytes) in files {
-        a.files += 1;
-        load::load_file(
-            name.as_ref(),
-            bytes.as_ref(),
-            &mut a.resources,
-            &mut a.diagnostics,
-        );
+        count += 1;
+        load::load_file(name.as_ref(), bytes.as_ref(), &mut loaded);
     }
-    a.diagnostics.extend(validate::validate(&a.resources, opts));
+    let mut a = Analysis {
+        resources: loaded.resources,
+        diagnostics: loaded.diagnostics,
+        files: count,
+    };
+    let check_references = !loaded.incomplete;
+    a.diagnostics
+        .extend(validate::validate(&a.resources, opts, check_references));
     a.diagnostics.sort();
     a.diagnostics.dedup();
     a

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::diag::{Code, Diagnostic};
+use crate::diag::{self, Code, Diagnostic};
 use crate::model::{Kind, MESH_GROUPS, Manifest, Origin, Resource, Spec};
 use crate::yaml::{self, Document, Pos, Positions, YamlError};
 
@@ -19,16 +19,35 @@ use crate::yaml::{self, Document, Pos, Positions, YamlError};
 /// `kubectl apply` would pick.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// What loading a set of files produced.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub resources: Vec<Resource>,
+    pub diagnostics: Vec<Diagnostic>,
+    /// Whether some document of a mesh kind, or of unknown kind, failed to
+    /// load. Cross-resource references are then not checked, since a missing
+    /// DestinationRule or Cluster would make every reference to it look
+    /// wrong (a cascade of false errors).
+    pub incomplete: bool,
+}
+
 /// Loads every resource from one file's bytes.
-pub fn load_file(file: &str, bytes: &[u8], out: &mut Vec<Resource>, diags: &mut Vec<Diagnostic>) {
+pub fn load_file(file: &str, bytes: &[u8], out: &mut Loaded) {
     let loaded = yaml::load_bytes(bytes);
     for (_, err) in &loaded.errors {
-        diags.push(yaml_diagnostic(file, err));
+        out.diagnostics.push(yaml_diagnostic(file, err));
+        out.incomplete = true;
     }
     let file: Arc<str> = Arc::from(file);
     for doc in loaded.documents {
-        if let Some(r) = load_document(&file, doc, diags) {
-            out.push(r);
+        let before = out.diagnostics.len();
+        match load_document(&file, doc, &mut out.diagnostics) {
+            Some(r) => out.resources.push(r),
+            None => {
+                if diag::has_errors(&out.diagnostics[before..]) {
+                    out.incomplete = true;
+                }
+            }
         }
     }
 }
@@ -260,6 +279,9 @@ fn schema_diagnostic(
         (Code::UnknownField, format!("unknown field `{field}`"), hint)
     } else if msg.starts_with("missing field") {
         (Code::MissingField, msg.clone(), None)
+    } else if msg.contains("expected a string") && msg.starts_with("invalid type: integer") {
+        let hint = "a duration needs a unit, like `5s` or `250ms`; any other value: quote it";
+        (Code::InvalidType, msg.clone(), Some(hint.to_string()))
     } else {
         (Code::InvalidType, msg.clone(), None)
     };

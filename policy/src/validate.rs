@@ -24,12 +24,16 @@ pub mod fields;
 pub const CLUSTERS_ANNOTATION: &str = "meshfed.io/clusters";
 
 /// Validates a set of loaded resources. Returns every diagnostic found.
-pub fn validate(resources: &[Resource], opts: &Options) -> Vec<Diagnostic> {
+///
+/// `check_references` is false when some document failed to load: subset
+/// and cluster references are then skipped, to avoid a cascade of errors
+/// caused by the missing resource rather than by the references.
+pub fn validate(resources: &[Resource], opts: &Options, check_references: bool) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for r in resources {
         fields::check(r, opts, &mut out);
     }
-    federation::check(resources, opts, &mut out);
+    federation::check(resources, opts, check_references, &mut out);
     out
 }
 

@@ -416,6 +416,16 @@ impl Builder {
                         });
                     }
                     seen.insert(text.clone(), pos.line);
+                    if seen.len() == 1 {
+                        // A block mapping's start event is marked after its
+                        // first key; the key's own position is where a
+                        // reader sees the mapping begin.
+                        if path.is_empty() {
+                            self.positions.start = pos;
+                        } else if path.ends_with(']') {
+                            self.positions.map.insert(path.clone(), pos);
+                        }
+                    }
                     let mut p = path.clone();
                     push_key(&mut p, &text);
                     self.positions.insert(p, pos);

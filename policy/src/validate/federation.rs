@@ -15,10 +15,17 @@ use crate::snapshot::CLUSTER_LABEL;
 use super::{applies_to, canonical_host, diag, targets};
 
 /// Runs every federation rule.
-pub fn check(resources: &[Resource], opts: &Options, out: &mut Vec<Diagnostic>) {
+pub fn check(
+    resources: &[Resource],
+    opts: &Options,
+    check_references: bool,
+    out: &mut Vec<Diagnostic>,
+) {
     duplicates(resources, out);
     let clusters = declared_clusters(resources, out);
-    cluster_references(resources, &clusters, out);
+    if check_references {
+        cluster_references(resources, &clusters, out);
+    }
     ambiguous_hosts(resources, out);
 
     // The views: one per declared cluster, or a single federation-wide one
@@ -131,6 +138,9 @@ pub fn check(resources: &[Resource], opts: &Options, out: &mut Vec<Diagnostic>) 
         }
     }
 
+    if !check_references {
+        subset_failures.clear();
+    }
     for ((i, path), failing) in subset_failures {
         let r = &resources[i];
         let Spec::VirtualService(vs) = &r.spec else {
