@@ -299,10 +299,8 @@ enum Frame {
     Map {
         map: Mapping,
         path: String,
-        /// The pending key: its text, its value and where it started.
-        key: Option<(String, Value, Pos)>,
-        /// Key text → line, for duplicate detection.
-        seen: HashMap<String, usize>,
+        /// The pending key and its field path, until its value arrives.
+        key: Option<(Value, String)>,
         anchor: usize,
         nodes: usize,
         height: usize,
@@ -349,14 +347,8 @@ impl Builder {
             }
             Some(Frame::Map { key: None, .. }) => (String::new(), true),
             Some(Frame::Map {
-                key: Some((k, _, _)),
-                path,
-                ..
-            }) => {
-                let mut p = path.clone();
-                push_key(&mut p, k);
-                (p, false)
-            }
+                key: Some((_, p)), ..
+            }) => (p.clone(), false),
         }
     }
 
@@ -394,7 +386,6 @@ impl Builder {
             Some(Frame::Map {
                 map,
                 key,
-                seen,
                 path,
                 nodes: n,
                 height: h,
@@ -408,15 +399,17 @@ impl Builder {
                         Value::Null => String::new(),
                         _ => return Err(YamlError::ComplexKey { pos }),
                     };
-                    if let Some(first_line) = seen.get(&text) {
+                    let mut p = path.clone();
+                    push_key(&mut p, &text);
+                    if map.contains_key(&value) {
+                        let first_line = self.positions.lookup(&p).line;
                         return Err(YamlError::DuplicateKey {
                             pos,
                             key: text,
-                            first_line: *first_line,
+                            first_line,
                         });
                     }
-                    seen.insert(text.clone(), pos.line);
-                    if seen.len() == 1 {
+                    if map.is_empty() {
                         // A block mapping's start event is marked after its
                         // first key; the key's own position is where a
                         // reader sees the mapping begin.
@@ -426,12 +419,10 @@ impl Builder {
                             self.positions.map.insert(path.clone(), pos);
                         }
                     }
-                    let mut p = path.clone();
-                    push_key(&mut p, &text);
-                    self.positions.insert(p, pos);
-                    *key = Some((text, value, pos));
+                    self.positions.insert(p.clone(), pos);
+                    *key = Some((value, p));
                 }
-                Some((_, k, _)) => {
+                Some((k, _)) => {
                     map.insert(k, value);
                     *n += nodes;
                     *h = (*h).max(height + 1);
@@ -523,7 +514,6 @@ fn parse_chunk(
                         map: Mapping::new(),
                         path,
                         key: None,
-                        seen: HashMap::new(),
                         anchor,
                         nodes: 1,
                         height: 0,
@@ -566,9 +556,10 @@ fn record_path(b: &mut Builder, pos: Pos, started: &mut bool) {
         b.positions.start = pos;
         *started = true;
     }
-    let (path, is_key) = b.next_path();
-    if !is_key && matches!(b.stack.last(), Some(Frame::Seq { .. })) {
-        b.positions.insert(path, pos);
+    if let Some(Frame::Seq { seq, path, .. }) = b.stack.last() {
+        let mut p = path.clone();
+        push_index(&mut p, seq.len());
+        b.positions.insert(p, pos);
     }
 }
 
