@@ -7,6 +7,9 @@
 //!
 //! Run: `cargo bench -p meshfed-policy --bench validate`.
 
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -576,17 +576,19 @@ fn mtls(view: &[&Resource], opts: &Options) -> MtlsPolicy {
             .is_some_and(|s| !s.match_labels.is_empty())
     };
     for (r, pa) in &pas {
-        if !has_selector(pa) && r.namespace == opts.root_namespace {
-            if let Some(m) = mode(pa.mtls.as_ref()) {
-                p.mesh = m;
-            }
+        if !has_selector(pa)
+            && r.namespace == opts.root_namespace
+            && let Some(m) = mode(pa.mtls.as_ref())
+        {
+            p.mesh = m;
         }
     }
     for (r, pa) in &pas {
-        if !has_selector(pa) && r.namespace != opts.root_namespace {
-            if let Some(m) = mode(pa.mtls.as_ref()) {
-                p.namespaces.insert(r.namespace.clone(), m);
-            }
+        if !has_selector(pa)
+            && r.namespace != opts.root_namespace
+            && let Some(m) = mode(pa.mtls.as_ref())
+        {
+            p.namespaces.insert(r.namespace.clone(), m);
         }
     }
     for (r, pa) in &pas {

@@ -295,16 +295,15 @@ fn schema_diagnostic(
 /// For an unknown field, serde's path ends at the parent mapping; point at
 /// the field itself when the document has it.
 fn field_pos(positions: &Positions, path: &str, code: Code, msg: &str) -> Pos {
-    if code == Code::UnknownField {
-        if let Some(field) = msg
+    if code == Code::UnknownField
+        && let Some(field) = msg
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
-        {
-            let mut p = path.to_string();
-            yaml::push_key(&mut p, field);
-            if positions.contains(&p) {
-                return positions.lookup(&p);
-            }
+    {
+        let mut p = path.to_string();
+        yaml::push_key(&mut p, field);
+        if positions.contains(&p) {
+            return positions.lookup(&p);
         }
     }
     positions.lookup(path)

@@ -173,6 +173,9 @@ pub const MESH_GROUPS: &[(&str, &[&str], &[Kind])] = &[
 ];
 
 /// The typed content of a resource.
+// Resources are loaded once and read many times; boxing the large variants
+// would add an indirection to every read for a one-off memory saving.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Spec {
     Cluster(ClusterSpec),

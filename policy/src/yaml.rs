@@ -84,14 +84,13 @@ fn parent_path(path: &str) -> Option<&str> {
     if path.is_empty() {
         return None;
     }
+    if let Some(inner) = path.strip_suffix("\"]") {
+        // `a["x.y"]`: cut at the opening `["`.
+        return inner.rfind("[\"").map(|i| &path[..i]);
+    }
     if path.ends_with(']') {
-        // `a[3]` or `a["x.y"]`: cut at the matching `[`.
-        let open = if path.ends_with("\"]") {
-            path[..path.len() - 2].rfind("[\"")
-        } else {
-            path.rfind('[')
-        };
-        return open.map(|i| &path[..i]);
+        // `a[3]`: cut at the `[`.
+        return path.rfind('[').map(|i| &path[..i]);
     }
     Some(path.rfind('.').map_or("", |i| &path[..i]))
 }
@@ -273,9 +272,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut chunks = Vec::new();
     let mut start = 0;
     let mut start_line = 0;
-    let mut line_no = 0;
     let mut offset = 0;
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
         let is_marker = line.starts_with("---")
             && line[3..]
                 .chars()
@@ -287,7 +285,6 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
             start_line = line_no;
         }
         offset += line.len();
-        line_no += 1;
     }
     if offset > start || chunks.is_empty() {
         chunks.push((start_line, &text[start..]));
@@ -574,13 +571,13 @@ fn take_budget(budget: &mut usize, pos: Pos) -> Result<(), YamlError> {
 /// Resolves a scalar with the YAML 1.2 core schema, as serde_yaml does.
 /// Quoted and block scalars are always strings.
 fn resolve_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value {
-    if let Some(tag) = tag {
-        if tag.handle == "!!" || tag.handle == "tag:yaml.org,2002:" {
-            match tag.suffix.as_str() {
-                "str" => return Value::String(text),
-                "null" => return Value::Null,
-                _ => {}
-            }
+    if let Some(tag) = tag
+        && (tag.handle == "!!" || tag.handle == "tag:yaml.org,2002:")
+    {
+        match tag.suffix.as_str() {
+            "str" => return Value::String(text),
+            "null" => return Value::Null,
+            _ => {}
         }
     }
     if style != TScalarStyle::Plain {
@@ -600,10 +597,10 @@ fn resolve_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value
     if let Some(n) = parse_int(&text) {
         return Value::Number(n);
     }
-    if looks_like_float(&text) {
-        if let Ok(f) = text.parse::<f64>() {
-            return Value::Number(f.into());
-        }
+    if looks_like_float(&text)
+        && let Ok(f) = text.parse::<f64>()
+    {
+        return Value::Number(f.into());
     }
     Value::String(text)
 }

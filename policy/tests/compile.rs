@@ -1,5 +1,8 @@
 //! What each cluster's gateways receive, from whole example repositories.
 
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use meshfed_policy::fs::{Selection, read_paths};

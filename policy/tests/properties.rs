@@ -3,6 +3,9 @@
 //! function of the resources (file order, names and repetition do not
 //! change the bytes).
 
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use meshfed_policy::fs::{Selection, read_paths};

@@ -292,15 +292,15 @@ fn declared_clusters<'r>(
         }
         clusters.insert(r.name.clone(), r);
         for (i, g) in c.gateways.iter().enumerate() {
-            if let Some(other) = addresses.insert(g, r) {
-                if other.name != r.name {
-                    out.push(diag(
+            if let Some(other) = addresses.insert(g, r)
+                && other.name != r.name
+            {
+                out.push(diag(
                         r,
                         Code::DuplicateAddress,
                         &format!("spec.gateways[{i}]"),
                         format!("gateway address `{g}` is also listed by Cluster `{}`; a gateway belongs to exactly one cluster", other.name),
                     ));
-                }
             }
         }
     }
@@ -356,11 +356,11 @@ fn cluster_references(
         match &r.spec {
             Spec::DestinationRule(dr) => {
                 for (i, s) in dr.subsets.iter().enumerate() {
-                    if let Some(c) = s.labels.get(CLUSTER_LABEL) {
-                        if !known(c) {
-                            let path = format!("spec.subsets[{i}].labels[\"{CLUSTER_LABEL}\"]");
-                            unknown(r, &path, c, &format!("subset `{}`", s.name));
-                        }
+                    if let Some(c) = s.labels.get(CLUSTER_LABEL)
+                        && !known(c)
+                    {
+                        let path = format!("spec.subsets[{i}].labels[\"{CLUSTER_LABEL}\"]");
+                        unknown(r, &path, c, &format!("subset `{}`", s.name));
                     }
                 }
             }
@@ -393,15 +393,16 @@ fn ambiguous_hosts(resources: &[Resource], out: &mut Vec<Diagnostic>) {
     let namespaces: BTreeSet<&str> = resources.iter().map(|r| r.namespace.as_str()).collect();
     let check = |r: &Resource, path: &str, host: &str, out: &mut Vec<Diagnostic>| {
         let mut parts = host.split('.');
-        if let (Some(name), Some(ns), None) = (parts.next(), parts.next(), parts.next()) {
-            if namespaces.contains(ns) && !name.starts_with('*') {
-                out.push(
+        if let (Some(name), Some(ns), None) = (parts.next(), parts.next(), parts.next())
+            && namespaces.contains(ns)
+            && !name.starts_with('*')
+        {
+            out.push(
                     diag(r, Code::Ambiguous, path, format!(
                         "host `{host}` is taken as a fully qualified name, as Istio does, not as `{name}` in namespace `{ns}`"
                     ))
                     .with_hint(format!("write `{name}.{ns}.svc.cluster.local` to mean the service")),
                 );
-            }
         }
     };
     for r in resources {

@@ -118,14 +118,14 @@ impl Check<'_> {
     }
 
     fn range(&mut self, path: &str, v: Option<i64>, lo: i64, hi: i64, what: &str) {
-        if let Some(v) = v {
-            if v < lo || v > hi {
-                self.report(
-                    Code::OutOfRange,
-                    path,
-                    format!("{what} {v} is outside {lo}..{hi}"),
-                );
-            }
+        if let Some(v) = v
+            && (v < lo || v > hi)
+        {
+            self.report(
+                Code::OutOfRange,
+                path,
+                format!("{what} {v} is outside {lo}..{hi}"),
+            );
         }
     }
 
@@ -238,7 +238,7 @@ impl Check<'_> {
         }
     }
 
-    fn weights<'w>(&mut self, path: &str, weights: impl Iterator<Item = Option<i64>>) {
+    fn weights(&mut self, path: &str, weights: impl Iterator<Item = Option<i64>>) {
         let w: Vec<Option<i64>> = weights.collect();
         for (i, v) in w.iter().enumerate() {
             self.range(&format!("{path}[{i}].weight"), *v, 0, 100, "weight");
@@ -637,14 +637,14 @@ fn http_route(c: &mut Check<'_>, path: &str, h: &HttpRoute) {
                 599,
                 "HTTP status",
             );
-            if let Some(g) = &a.grpc_status {
-                if !GRPC_STATUS.iter().any(|(name, _)| name == g) {
-                    c.report(
-                        Code::InvalidValue,
-                        &format!("{ap}.grpcStatus"),
-                        format!("unknown gRPC status `{g}`; use a name like UNAVAILABLE"),
-                    );
-                }
+            if let Some(g) = &a.grpc_status
+                && !GRPC_STATUS.iter().any(|(name, _)| name == g)
+            {
+                c.report(
+                    Code::InvalidValue,
+                    &format!("{ap}.grpcStatus"),
+                    format!("unknown gRPC status `{g}`; use a name like UNAVAILABLE"),
+                );
             }
             if a.http2_error.is_some() {
                 c.report(
@@ -701,14 +701,14 @@ fn http_route(c: &mut Check<'_>, path: &str, h: &HttpRoute) {
     c.headers(&format!("{path}.headers"), h.headers.as_ref());
     if let Some(rw) = &h.rewrite {
         let rp = format!("{path}.rewrite");
-        if let Some(u) = &rw.uri {
-            if !u.starts_with('/') {
-                c.report(
-                    Code::InvalidValue,
-                    &format!("{rp}.uri"),
-                    format!("rewrite.uri `{u}` must start with `/`"),
-                );
-            }
+        if let Some(u) = &rw.uri
+            && !u.starts_with('/')
+        {
+            c.report(
+                Code::InvalidValue,
+                &format!("{rp}.uri"),
+                format!("rewrite.uri `{u}` must start with `/`"),
+            );
         }
         if let Some(a) = &rw.authority {
             c.lexical(

@@ -716,3 +716,126 @@ fn a_resource_that_fails_to_load_does_not_cascade_into_reference_errors() {
     let codes: Vec<Code> = a.diagnostics.iter().map(|d| d.code).collect();
     assert_eq!(codes, vec![Code::UnknownField]);
 }
+
+fn service_entry(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ext}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn service_entries_need_hosts_ports_and_matching_endpoints() {
+    let good = service_entry(
+        "{hosts: [api.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: STATIC, endpoints: [{address: 10.1.2.3, ports: {https: 8443}}]}",
+    );
+    rule(
+        Code::MissingField,
+        &[&service_entry("{ports: [{number: 443, name: https}]}")],
+        &[&good],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&good.replace("address: 10.1.2.3", "address: api.internal")],
+        &[&good],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&good.replace("{https: 8443}", "{http: 8443}")],
+        &[&good],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&good.replace("protocol: TLS", "protocol: QUIC")],
+        &[&good],
+    );
+    rule(
+        Code::OutOfRange,
+        &[&good.replace("number: 443", "number: 0")],
+        &[&good],
+    );
+}
+
+#[test]
+fn tcp_routes_need_destinations_and_summed_weights() {
+    let tcp = |route: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db}}\nspec:\n  hosts: [db]\n  tcp: [{{match: [{{port: 5432}}], route: {route}}}]\n"
+        )
+    };
+    rule(
+        Code::MissingField,
+        &[&tcp("[]")],
+        &[&tcp("[{destination: {host: db}}]")],
+    );
+    rule(
+        Code::WeightsSum,
+        &[&tcp(
+            "[{destination: {host: db-a}, weight: 60}, {destination: {host: db-b}, weight: 60}]",
+        )],
+        &[&tcp(
+            "[{destination: {host: db-a}, weight: 40}, {destination: {host: db-b}, weight: 60}]",
+        )],
+    );
+}
+
+#[test]
+fn a_fault_abort_has_exactly_one_status_and_known_grpc_codes() {
+    let abort = |a: &str| vs(&format!("{ROUTE_V1}\n    fault: {{abort: {a}}}"));
+    rule(
+        Code::InvalidValue,
+        &[&abort("{httpStatus: 503, grpcStatus: UNAVAILABLE}"), DR],
+        &[&abort("{grpcStatus: UNAVAILABLE}"), DR],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&abort("{grpcStatus: UNAVAILABLEE}"), DR],
+        &[&abort("{httpStatus: 503}"), DR],
+    );
+    let delay = |d: &str| vs(&format!("{ROUTE_V1}\n    fault: {{delay: {d}}}"));
+    rule(
+        Code::MissingField,
+        &[&delay("{percentage: {value: 10}}"), DR],
+        &[&delay("{fixedDelay: 2s, percentage: {value: 10}}"), DR],
+    );
+}
+
+#[test]
+fn port_level_settings_name_a_port_once() {
+    rule(
+        Code::MissingField,
+        &[&dr_with(
+            "{portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}",
+        )],
+        &[&dr_with(
+            "{portLevelSettings: [{port: {number: 9080}, loadBalancer: {simple: RANDOM}}]}",
+        )],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&dr_with(
+            "{portLevelSettings: [{port: {number: 9080}}, {port: {number: 9080}}]}",
+        )],
+        &[&dr_with(
+            "{portLevelSettings: [{port: {number: 9080}}, {port: {number: 9443}}]}",
+        )],
+    );
+}
+
+#[test]
+fn cluster_trust_domains_and_localities_are_well_formed() {
+    let c = |extra: &str| {
+        format!(
+            "apiVersion: meshfed.io/v1alpha1\nkind: Cluster\nmetadata: {{name: east}}\nspec: {{gateways: ['gw:1'], {extra}}}\n"
+        )
+    };
+    rule(
+        Code::InvalidName,
+        &[&c("trustDomain: East.Example")],
+        &[&c("trustDomain: east.example.org")],
+    );
+    rule(
+        Code::MissingField,
+        &[&c("locality: {zone: z1}")],
+        &[&c("locality: {region: r1, zone: z1}")],
+    );
+}
