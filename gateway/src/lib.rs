@@ -1,1 +1,28 @@
+//! meshfed's east-west gateway: the data plane.
+//!
+//! One or more gateways run per cluster or edge site. They link to the
+//! gateways of other clusters over QUIC with mutual TLS, and route
+//! service-to-service calls (HTTP/1.1, HTTP/2, gRPC, raw TCP) across them,
+//! following the per-cluster snapshot the syncer pushes.
+//!
+//! The crate is a skeleton for now: each module below says what it will own
+//! and which issue brings it. Nothing here listens, connects or proxies yet.
+//!
+//! Modules, from the wire inwards:
+//! - [`tunnel`]: QUIC links to peer gateways and the stream protocol on them;
+//! - [`identity`]: certificates, SPIFFE IDs and the TLS configuration;
+//! - [`proxy`]: the outbound listener and HTTP/TCP forwarding;
+//! - [`route`]: picking a destination for a call from the snapshot;
+//! - [`discovery`]: local endpoints (static file, DNS, Kubernetes);
+//! - [`control`]: the config client that receives snapshots from the syncer;
+//! - [`admin`]: health, readiness, metrics and the config dump.
 
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod control;
+pub mod discovery;
+pub mod identity;
+pub mod proxy;
+pub mod route;
+pub mod tunnel;
