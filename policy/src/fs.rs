@@ -82,6 +82,7 @@ pub fn read_paths(paths: &[PathBuf], sel: &Selection) -> (Vec<SourceFile>, Vec<D
             read_one(root, display, &mut files, &mut diags);
             continue;
         }
+        let found_before = files.len() + diags.len();
         let walker = walkdir::WalkDir::new(root)
             .follow_links(false)
             .sort_by_file_name()
@@ -113,6 +114,18 @@ pub fn read_paths(paths: &[PathBuf], sel: &Selection) -> (Vec<SourceFile>, Vec<D
                     ));
                 }
             }
+        }
+        if files.len() + diags.len() == found_before {
+            // A typo'd directory must not pass CI as "valid: 0 files".
+            diags.push(
+                Diagnostic::new(
+                    Code::Io,
+                    &display,
+                    Pos { line: 1, column: 1 },
+                    "no *.yaml or *.yml file here (after --include/--exclude)",
+                )
+                .with_hint("check the path and the globs"),
+            );
         }
     }
     (files, diags)

@@ -29,7 +29,7 @@ enum Command {
     /// Check every *.yaml and *.yml under each PATH, recursively, and report
     /// every problem as FILE:LINE:COL: error[CODE]: message (at field.path).
     #[command(
-        after_help = "Examples:\n  meshfed-policy validate policy/\n  meshfed-policy validate . --exclude 'charts/**' --format json\n  meshfed-policy validate --deny-warnings $(git diff --cached --name-only -- '*.yaml')"
+        after_help = "Examples:\n  meshfed-policy validate policy/\n  meshfed-policy validate . --exclude 'charts/**' --format json\n  meshfed-policy validate -q changed.yaml other.yaml   (as a pre-commit hook; see the README)"
     )]
     Validate {
         #[command(flatten)]
@@ -45,7 +45,8 @@ enum Command {
         quiet: bool,
     },
     /// Print what one cluster's gateways would receive: the compiled
-    /// snapshot ("what will east see?").
+    /// snapshot ("what will east see?"). A repository that declares no
+    /// `Cluster` is a single-cluster mesh and compiles for any name.
     #[command(
         after_help = "Examples:\n  meshfed-policy compile examples/multicluster-failover --cluster east\n  meshfed-policy compile policy/ --cluster west --format json --snapshot-version $(git rev-parse HEAD)"
     )]
@@ -80,7 +81,8 @@ struct Input {
     #[arg(long, value_name = "GLOB")]
     include: Vec<String>,
     /// Skip files matching this glob, relative to each PATH (repeatable),
-    /// e.g. `charts/**` for Helm templates.
+    /// e.g. `charts/**` for Helm templates. Globs filter what is found under
+    /// a directory; a file named on the command line is always read.
     #[arg(long, value_name = "GLOB")]
     exclude: Vec<String>,
     /// DNS suffix of in-cluster service names.
@@ -120,6 +122,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        // `meshfed-policy ... | head`: the reader left; that is not a failure.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("meshfed-policy: {e:#}");
             ExitCode::from(EXIT_USAGE)
@@ -176,7 +185,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                         writeln!(
                             out,
                             "{}: {} file(s), {} resource(s), {} cluster(s): {} error(s), {} warning(s)",
-                            if failed { "invalid" } else { "valid" },
+                            if io_failed {
+                                "incomplete (some paths could not be read)"
+                            } else if failed {
+                                "invalid"
+                            } else {
+                                "valid"
+                            },
                             a.files,
                             a.resources.len(),
                             a.clusters().len(),

@@ -254,7 +254,11 @@ pub struct SourceRef {
 impl SourceRef {
     /// `Kind namespace/name`, the key of [`Snapshot::origins`].
     pub fn key(&self) -> String {
-        format!("{} {}/{}", self.kind, self.namespace, self.name)
+        if self.namespace.is_empty() {
+            format!("{} {}", self.kind, self.name)
+        } else {
+            format!("{} {}/{}", self.kind, self.namespace, self.name)
+        }
     }
 }
 
