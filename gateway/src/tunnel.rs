@@ -10,6 +10,8 @@
 //! choosing a destination ([`crate::route`]), or the local listener
 //! ([`crate::proxy`]).
 
+pub mod frame;
+
 /// The UDP port the tunnel listens on by default, as Istio's east-west
 /// gateway does for cross-network traffic.
 pub const DEFAULT_PORT: u16 = 15443;
