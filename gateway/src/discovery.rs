@@ -1,11 +1,42 @@
-//! Discovery of local endpoints. Lands with the discovery issue.
+//! Discovery of this cluster's endpoints.
 //!
-//! It will own the sources of this cluster's endpoints for exported
-//! services: a static file (edge sites without Kubernetes), DNS through
-//! hickory-resolver, and the Kubernetes API through kube. It produces
-//! endpoint sets with their labels (`version`, `topology.istio.io/cluster`)
-//! and health, for routing and for announcements to peers.
+//! Every source produces the same value, an [`EndpointSet`]: canonical
+//! service host → endpoints with their labels and health, published through a
+//! `tokio::sync::watch` channel so that routing reads one consistent set per
+//! request. Every endpoint carries `topology.istio.io/cluster: <cluster>`, as
+//! in Istio, so that subsets can select a cluster.
 //!
-//! It does not own remote endpoints: those arrive from peer gateways over
-//! [`crate::tunnel`]. It never needs another cluster's API-server
-//! credentials.
+//! Sources:
+//! - [`static_file`]: a YAML file of services and endpoints, hot reloaded
+//!   (edge sites without Kubernetes); endpoint hosts may be DNS names.
+//! - Kubernetes: planned (the Kubernetes issue), behind the same
+//!   [`EndpointSet`] channel.
+//!
+//! It does not own remote endpoints: those are summarized by peer gateways
+//! in announcements ([`crate::tunnel::announce`]). It never needs another
+//! cluster's API-server credentials.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+pub mod static_file;
+
+pub use meshfed_policy::snapshot::CLUSTER_LABEL;
+
+/// One endpoint of a service in this cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+}
+
+impl Endpoint {
+    /// Whether the endpoint has every label of `selector`.
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Canonical service host → its endpoints in this cluster.
+pub type EndpointSet = BTreeMap<String, Vec<Endpoint>>;

@@ -10,6 +10,7 @@
 //! choosing a destination ([`crate::route`]), or the local listener
 //! ([`crate::proxy`]).
 
+pub mod announce;
 pub mod frame;
 
 /// The UDP port the tunnel listens on by default, as Istio's east-west

@@ -1,0 +1,230 @@
+//! Endpoint announcements: what a gateway can serve, told to its peers.
+//!
+//! A gateway announces, on each link a peer dialed to it, a summary of the
+//! endpoints behind it for every service its cluster exports: endpoints
+//! grouped by label set, with counts and health. The peer can then tell which
+//! clusters can serve a subset (e.g. `version: v2`) without any remote
+//! API-server credentials, and fail over when a cluster has no healthy
+//! endpoint left.
+//!
+//! Announcements are versioned by a sequence number (a receiver ignores an
+//! older one), bounded ([`MAX_SERVICES`], [`MAX_GROUPS`], and the frame limit
+//! of [`super::frame::MAX_DATA_FRAME`]), and carry a `draining` flag that a
+//! gateway sets on SIGTERM so that peers stop opening new streams to it. A
+//! peer that stops announcing is treated as unavailable by
+//! [`super::link`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::discovery::{Endpoint, EndpointSet};
+
+/// Most services in one announcement.
+pub const MAX_SERVICES: usize = 10_000;
+/// Most label groups per service.
+pub const MAX_GROUPS: usize = 64;
+/// Label keys never worth announcing: they are unique per pod and would
+/// make every endpoint its own group.
+const NOISY_LABELS: &[&str] = &["pod-template-hash", "controller-revision-hash"];
+
+/// What one gateway can serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// Increases with every change; a receiver ignores anything older.
+    pub seq: u64,
+    /// The announcing gateway's cluster (informational: the receiver uses
+    /// the cluster from the verified certificate).
+    pub cluster: String,
+    /// The snapshot version the announcing gateway runs.
+    pub config_version: String,
+    /// True while the gateway drains: open no new streams to it.
+    #[serde(default)]
+    pub draining: bool,
+    /// Canonical service host → endpoint groups.
+    pub services: BTreeMap<String, Vec<EndpointGroup>>,
+}
+
+/// Endpoints that share a label set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointGroup {
+    pub labels: BTreeMap<String, String>,
+    pub total: u32,
+    pub healthy: u32,
+}
+
+/// Why an announcement was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    #[error("announcement is not valid: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("announcement has {0} services, over the limit of {MAX_SERVICES}")]
+    TooManyServices(usize),
+    #[error("announcement for {service} has {groups} label groups, over the limit of {MAX_GROUPS}")]
+    TooManyGroups { service: String, groups: usize },
+}
+
+impl Announcement {
+    /// Summarizes `endpoints` for the services in `exported`.
+    pub fn build<'a>(
+        seq: u64,
+        cluster: &str,
+        config_version: &str,
+        draining: bool,
+        endpoints: &EndpointSet,
+        exported: impl Iterator<Item = &'a str>,
+    ) -> Self {
+        let mut services = BTreeMap::new();
+        for host in exported.take(MAX_SERVICES) {
+            let eps = endpoints.get(host).map(Vec::as_slice).unwrap_or_default();
+            services.insert(host.to_string(), group(eps));
+        }
+        Announcement {
+            seq,
+            cluster: cluster.to_string(),
+            config_version: config_version.to_string(),
+            draining,
+            services,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, AnnounceError> {
+        let a: Announcement = serde_json::from_slice(bytes)?;
+        if a.services.len() > MAX_SERVICES {
+            return Err(AnnounceError::TooManyServices(a.services.len()));
+        }
+        if let Some((service, groups)) = a.services.iter().find(|(_, g)| g.len() > MAX_GROUPS) {
+            return Err(AnnounceError::TooManyGroups {
+                service: service.clone(),
+                groups: groups.len(),
+            });
+        }
+        Ok(a)
+    }
+
+    /// Healthy endpoints this gateway has for `service` whose labels include
+    /// every label of `selector`.
+    pub fn healthy(&self, service: &str, selector: &BTreeMap<String, String>) -> u32 {
+        self.services.get(service).map_or(0, |groups| {
+            groups
+                .iter()
+                .filter(|g| selector.iter().all(|(k, v)| g.labels.get(k) == Some(v)))
+                .map(|g| g.healthy)
+                .sum()
+        })
+    }
+}
+
+fn group(endpoints: &[Endpoint]) -> Vec<EndpointGroup> {
+    let mut groups: BTreeMap<BTreeMap<String, String>, EndpointGroup> = BTreeMap::new();
+    for e in endpoints {
+        let labels: BTreeMap<String, String> = e
+            .labels
+            .iter()
+            .filter(|(k, _)| !NOISY_LABELS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let g = groups
+            .entry(labels.clone())
+            .or_insert_with(|| EndpointGroup {
+                labels,
+                ..Default::default()
+            });
+        g.total += 1;
+        if e.healthy {
+            g.healthy += 1;
+        }
+    }
+    // Past the bound, merge the rest into one group of their common labels:
+    // counts stay right, only label detail is lost.
+    let mut out: Vec<EndpointGroup> = groups.into_values().collect();
+    if out.len() > MAX_GROUPS {
+        let rest = out.split_off(MAX_GROUPS - 1);
+        let mut common = rest[0].labels.clone();
+        for g in &rest[1..] {
+            common.retain(|k, v| g.labels.get(k) == Some(v));
+        }
+        out.push(EndpointGroup {
+            labels: common,
+            total: rest.iter().map(|g| g.total).sum(),
+            healthy: rest.iter().map(|g| g.healthy).sum(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn ep(port: u16, version: &str, healthy: bool) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            labels: BTreeMap::from([("version".to_string(), version.to_string())]),
+            healthy,
+        }
+    }
+
+    #[test]
+    fn endpoints_are_grouped_by_labels_with_counts_and_health() {
+        let mut set = EndpointSet::default();
+        set.insert(
+            "ratings.default.svc.cluster.local".into(),
+            vec![ep(1, "v1", true), ep(2, "v1", false), ep(3, "v2", true)],
+        );
+        let a = Announcement::build(
+            1,
+            "west",
+            "abc",
+            false,
+            &set,
+            [
+                "ratings.default.svc.cluster.local",
+                "missing.default.svc.cluster.local",
+            ]
+            .into_iter(),
+        );
+        let v1 = BTreeMap::from([("version".to_string(), "v1".to_string())]);
+        assert_eq!(a.healthy("ratings.default.svc.cluster.local", &v1), 1);
+        assert_eq!(
+            a.healthy("ratings.default.svc.cluster.local", &BTreeMap::new()),
+            2
+        );
+        assert_eq!(
+            a.healthy("missing.default.svc.cluster.local", &BTreeMap::new()),
+            0
+        );
+        assert_eq!(Announcement::decode(&a.encode()).unwrap(), a);
+    }
+
+    #[test]
+    fn label_groups_are_bounded_without_losing_counts() {
+        let mut set = EndpointSet::default();
+        let eps: Vec<Endpoint> = (0..200)
+            .map(|i| ep(i, &format!("v{i}"), i % 2 == 0))
+            .collect();
+        set.insert("s".into(), eps);
+        let a = Announcement::build(1, "c", "v", false, &set, ["s"].into_iter());
+        assert_eq!(a.services["s"].len(), MAX_GROUPS);
+        assert_eq!(a.services["s"].iter().map(|g| g.total).sum::<u32>(), 200);
+        assert_eq!(a.healthy("s", &BTreeMap::new()), 100);
+    }
+
+    #[test]
+    fn oversized_or_garbage_announcements_are_refused() {
+        assert!(Announcement::decode(b"\x00garbage").is_err());
+        let mut a = Announcement::default();
+        a.services
+            .insert("s".into(), vec![EndpointGroup::default(); MAX_GROUPS + 1]);
+        assert!(matches!(
+            Announcement::decode(&a.encode()),
+            Err(AnnounceError::TooManyGroups { .. })
+        ));
+    }
+}
