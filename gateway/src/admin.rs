@@ -1,13 +1,161 @@
-//! The admin server. Lands with the admin and metrics issue.
+//! The admin server: health, readiness, metrics, config dump and peers.
 //!
-//! It will own the HTTP admin endpoint: liveness and readiness, Prometheus
-//! metrics (one registry under the `meshfed` prefix, with Istio's label
-//! names plus `source_cluster` and `destination_cluster`), and a dump of the
-//! applied snapshot. It binds to localhost unless configured otherwise, and
-//! then needs a bearer token or mTLS.
+//! | path | what |
+//! |---|---|
+//! | `/healthz` | 200 while the process runs |
+//! | `/readyz` | 200 once listening with a snapshot applied; 503 while draining |
+//! | `/metrics` | Prometheus text ([`crate::metrics`]) |
+//! | `/config_dump` | the applied snapshot, as JSON, with the local endpoints |
+//! | `/peers` | every link: state, RTT, loss, streams, announcements |
 //!
-//! It does not own the metrics' definitions: each area registers its own.
+//! It binds to localhost by default. On any other address it requires a
+//! bearer token (`--admin-token-file`) for everything but `/healthz` and
+//! `/readyz`, which probes need without credentials.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::proxy::body::{self, ProxyBody};
+use crate::state::Gateway;
 
 /// The TCP port of the admin server by default, as Istio's agent serves
 /// health and merged metrics on 15020.
 pub const DEFAULT_PORT: u16 = 15020;
+
+/// Admin settings.
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// When set, requests other than probes need `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// Serves the admin API until the task is dropped.
+pub async fn serve(
+    state: Arc<Gateway>,
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    settings: AdminSettings,
+) {
+    let settings = Arc::new(settings);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (state, ready, settings) = (state.clone(), ready.clone(), settings.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let (state, ready, settings) = (state.clone(), ready.clone(), settings.clone());
+                async move { Ok::<_, Infallible>(handle(&state, &ready, &settings, req)) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(
+    status: StatusCode,
+    body: impl Into<bytes::Bytes>,
+    content_type: &str,
+) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body::full(body))
+        .unwrap_or_else(|_| Response::new(body::empty()))
+}
+
+fn handle(
+    state: &Gateway,
+    ready: &AtomicBool,
+    settings: &AdminSettings,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    let probe = matches!(path, "/healthz" | "/readyz");
+    if let (Some(token), false) = (&settings.token, probe) {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if !ok {
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "bearer token required\n",
+                "text/plain",
+            );
+        }
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
+        "/readyz" => {
+            if state.draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n", "text/plain")
+            } else if ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ready\n", "text/plain")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n", "text/plain")
+            }
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            state.metrics.encode(&state.tunnel.status()),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/config_dump" => {
+            let active = state.active.load();
+            let endpoints: serde_json::Value = state
+                .endpoints
+                .borrow()
+                .iter()
+                .map(|(host, eps)| {
+                    let list: Vec<serde_json::Value> = eps
+                        .iter()
+                        .map(|e| serde_json::json!({"address": e.addr.to_string(), "labels": e.labels, "healthy": e.healthy}))
+                        .collect();
+                    (host.clone(), serde_json::Value::Array(list))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            let dump = serde_json::json!({
+                "cluster": state.cluster,
+                "gateway_id": state.id,
+                "applied_version": active.version(),
+                "content_hash": active.snapshot.content_hash,
+                "snapshot": &*active.snapshot,
+                "local_endpoints": endpoints,
+            });
+            text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+                "application/json",
+            )
+        }
+        "/peers" => text(
+            StatusCode::OK,
+            serde_json::to_vec_pretty(&state.tunnel.status()).unwrap_or_default(),
+            "application/json",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz /readyz /metrics /config_dump /peers\n",
+            "text/plain",
+        ),
+    }
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

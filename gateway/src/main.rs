@@ -1,56 +1,62 @@
 //! `meshfed-gateway`: the east-west gateway binary.
 //!
-//! Today it only parses and checks its flags, then says plainly that the data
-//! plane is not built and exits with code 2, so that no script, supervisor or
-//! test mistakes it for a running gateway.
+//! Parses its settings once (a config file, then environment variables, then
+//! flags; problems are reported together), then runs the gateway
+//! ([`meshfed_gateway::run`]). `meshfed-gateway certs ...` manages
+//! certificates ([`meshfed_gateway::identity::cli`]).
 
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::LazyLock;
+use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use meshfed_gateway::run::RunConfig;
 use meshfed_gateway::{admin, proxy, tunnel};
-
-/// Exit code when this build cannot do what was asked: the same code as a
-/// usage error, because a caller that expected a gateway must not carry on.
-const EXIT_NOT_BUILT: u8 = 2;
 
 /// meshfed's east-west gateway: links this cluster to the gateways of other
 /// clusters over QUIC with mutual TLS, and routes service-to-service calls
-/// (HTTP/1.1, HTTP/2, gRPC, TCP) across them, following the snapshot that the
-/// syncer compiles from the policy repository.
+/// (HTTP/1.1, HTTP/2, gRPC, TCP) across them, following the policy snapshot
+/// for its cluster.
 ///
-/// NOT BUILT YET: this build checks its flags and exits with code 2. The
-/// options below are the intended interface; each part lands with its own
-/// issue.
-///
-/// Settings come from --config, then environment variables, then flags (the
-/// last wins). Every address accepts port 0; --ready-file then reports the
-/// ports the OS picked.
+/// Settings come from --config (a YAML map of flag names to values), then
+/// environment variables, then flags (the last wins). Every address accepts
+/// port 0; --ready-file then reports the ports the OS picked.
 #[derive(Debug, Parser)]
 #[command(name = "meshfed-gateway", version, long_version = LONG_VERSION.as_str())]
-#[command(after_long_help = AFTER_HELP)]
+#[command(after_long_help = AFTER_HELP, args_override_self = true)]
 struct Cli {
-    /// Read settings from this file; environment variables and flags override it.
+    /// Read settings from this YAML file (`cluster: east`, `tls-dir: /etc/meshfed/tls`...);
+    /// environment variables and flags override it.
     #[arg(long, value_name = "FILE", env = "MESHFED_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
 
     /// The cluster this gateway belongs to: a `Cluster` declared in the policy
     /// repository. Its certificate must be issued by that cluster's CA.
     #[arg(long, value_name = "NAME", env = "MESHFED_CLUSTER")]
-    cluster: Option<String>,
+    cluster: String,
 
     /// This gateway's ID, unique within its cluster (the host name if unset).
-    /// It appears in the gateway's SPIFFE ID and in rollout status.
     #[arg(long, value_name = "ID", env = "MESHFED_GATEWAY_ID")]
     gateway_id: Option<String>,
 
-    /// The syncer's gRPC address (mTLS), e.g.
-    /// `meshfed-syncer.meshfed-system.svc:15012`. Without it the gateway serves
-    /// the last snapshot it applied.
-    #[arg(long, value_name = "HOST:PORT", env = "MESHFED_SYNCER")]
-    syncer: Option<String>,
+    /// Directory with bundle.pem (trust anchors), cert.pem (this gateway's
+    /// certificate and its cluster's intermediate) and key.pem, as written by
+    /// `meshfed-gateway certs gateway`. Reloaded when the files change.
+    #[arg(long, value_name = "DIR", env = "MESHFED_TLS_DIR")]
+    tls_dir: PathBuf,
+
+    /// Policy repository to load, validate and compile for this cluster, and
+    /// to follow: a bad edit is refused and the previous snapshot stays.
+    #[arg(long, value_name = "DIR", env = "MESHFED_POLICY_DIR")]
+    policy_dir: PathBuf,
+
+    /// Static discovery: a YAML file of this cluster's services and endpoints
+    /// (see docs), followed on change.
+    #[arg(long, value_name = "FILE", env = "MESHFED_DISCOVERY_FILE")]
+    discovery_file: Option<PathBuf>,
 
     /// UDP address of the QUIC tunnel that peer gateways connect to.
     #[arg(long, value_name = "ADDR", env = "MESHFED_TUNNEL_ADDR",
@@ -67,6 +73,34 @@ struct Cli {
     #[arg(long, value_name = "ADDR", env = "MESHFED_ADMIN_ADDR",
           default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, admin::DEFAULT_PORT)))]
     admin_addr: SocketAddr,
+
+    /// A file holding a bearer token the admin API requires (except
+    /// /healthz and /readyz). Required when --admin-addr is not loopback.
+    #[arg(long, value_name = "FILE", env = "MESHFED_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+
+    /// On SIGTERM, how long in-flight requests get to finish.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_DRAIN_TIMEOUT", default_value = "5s",
+          value_parser = parse_duration)]
+    drain_timeout: Duration,
+
+    /// DNS suffix of in-cluster service names.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        env = "MESHFED_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    domain: String,
+
+    /// The mesh's shared trust domain.
+    #[arg(
+        long,
+        value_name = "TD",
+        env = "MESHFED_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
 
     /// Once listening, write the bound addresses to this file as JSON, so that
     /// tests and scripts can use port 0.
@@ -94,10 +128,12 @@ enum LogFormat {
 const AFTER_HELP: &str = "\
 Default ports (Istio's):
   15443/udp  QUIC tunnel between gateways
-  15001/tcp  outbound listener
-  15020/tcp  admin and metrics (localhost)
+  15001/tcp  outbound listener (HTTP/1.1, HTTP/2, gRPC, TLS by SNI, CONNECT)
+  15020/tcp  admin: /healthz /readyz /metrics /config_dump /peers (localhost)
 
-Exit codes: 2 for a usage error, and for now always 2: the data plane is not built yet.";
+Certificates: meshfed-gateway certs --help
+
+Exit codes: 0 after a clean drain, 1 when the gateway cannot start, 2 for a usage error.";
 
 /// `-V` prints the crate version; `--version` also names the snapshot schema
 /// this build accepts from the syncer.
@@ -109,15 +145,179 @@ static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    meshfed_policy::syntax::parse_duration(s)
+}
+
+/// The command line with the config file's settings in front, so that flags
+/// override them; a setting whose environment variable is set is left to
+/// the environment.
+fn args_with_config() -> Result<Vec<OsString>, String> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let flag = argv
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| argv.get(i + 1))
+        .cloned()
+        .or_else(|| {
+            argv.iter()
+                .find_map(|a| a.to_str()?.strip_prefix("--config=").map(OsString::from))
+        })
+        .or_else(|| std::env::var_os("MESHFED_GATEWAY_CONFIG"));
+    let Some(path) = flag else {
+        return Ok(argv);
+    };
+    let path = PathBuf::from(path);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let map: std::collections::BTreeMap<String, serde_yaml::Value> =
+        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let cmd = Cli::command();
+    let mut front = Vec::new();
+    let mut problems = Vec::new();
+    for (key, value) in map {
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+        else {
+            problems.push(format!(
+                "{}: unknown setting `{key}` (settings are the long flag names)",
+                path.display()
+            ));
+            continue;
+        };
+        if key == "config" {
+            continue;
+        }
+        if arg
+            .get_env()
+            .is_some_and(|env| std::env::var_os(env).is_some())
+        {
+            continue;
+        }
+        let value = match value {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            other => {
+                problems.push(format!(
+                    "{}: `{key}` must be a scalar, not {other:?}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        front.push(OsString::from(format!("--{key}")));
+        front.push(OsString::from(value));
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    let mut out = vec![argv.first().cloned().unwrap_or_default()];
+    out.extend(front);
+    out.extend(argv.into_iter().skip(1));
+    Ok(out)
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
+
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    eprintln!(
-        "meshfed-gateway: the data plane is not built yet, so this build cannot serve.\n\
-         Its flags are parsed and checked (see --help), but nothing listens: the QUIC \
-         tunnel, the outbound listener, the admin server and the config client each \
-         land with their own issue."
-    );
-    ExitCode::from(EXIT_NOT_BUILT)
+    meshfed_gateway::identity::cli::exit_if_certs_command();
+    let args = match args_with_config() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("meshfed-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let matches = Cli::command().get_matches_from(args);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_logging(cli.log_format);
+    let admin_token = match &cli.admin_token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                eprintln!(
+                    "meshfed-gateway: admin token file {} is empty",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!(
+                    "meshfed-gateway: cannot read admin token file {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    if admin_token.is_none() && !cli.admin_addr.ip().is_loopback() {
+        eprintln!(
+            "meshfed-gateway: --admin-addr {} is not loopback; set --admin-token-file so the admin API is not open to the network",
+            cli.admin_addr
+        );
+        return ExitCode::from(2);
+    }
+    let cfg = RunConfig {
+        cluster: cli.cluster,
+        gateway_id: cli.gateway_id.unwrap_or_else(hostname),
+        tls_dir: cli.tls_dir,
+        policy_dir: cli.policy_dir,
+        discovery_file: cli.discovery_file,
+        tunnel_addr: cli.tunnel_addr,
+        outbound_addr: cli.outbound_addr,
+        admin_addr: cli.admin_addr,
+        admin_token,
+        ready_file: cli.ready_file,
+        drain_timeout: cli.drain_timeout,
+        policy: meshfed_policy::Options {
+            domain: cli.domain,
+            trust_domain: cli.trust_domain,
+            ..Default::default()
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshfed-gateway: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(meshfed_gateway::run::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "gateway failed");
+            eprintln!("meshfed-gateway: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 #[cfg(test)]

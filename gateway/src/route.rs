@@ -1,12 +1,381 @@
-//! Routing and resilience. Lands with the routing issue.
+//! Routing: from a request to a destination service, subset and cluster.
 //!
-//! It will own matching a request against the snapshot's routes
-//! (VirtualService semantics), weighted splits across subsets and clusters,
-//! retries and timeouts, load balancing, outlier detection, and failover from
-//! local to remote endpoints. A request reads one snapshot at its start and
-//! uses it to the end.
+//! Reads one [`Active`] snapshot per request (the caller loads it once and
+//! passes it down), so no request sees half a config. It evaluates the
+//! snapshot's VirtualService rules with Istio's semantics (rules in order,
+//! first match wins; the matches of a rule are ORed, the conditions of one
+//! match ANDed; regexes match the whole value), picks a weighted
+//! destination, and then a cluster: the one a subset pins with
+//! `topology.istio.io/cluster`, or else one of the clusters that have healthy
+//! endpoints for it, weighted by their healthy endpoint counts (local
+//! endpoints from discovery, remote ones from peers' announcements).
 //!
-//! It does not own the policy rules themselves (the `meshfed-policy` crate
-//! validates and compiles them; this module only reads the result), where
-//! endpoints come from ([`crate::discovery`]), or moving bytes
-//! ([`crate::proxy`], [`crate::tunnel`]).
+//! It does not own the policy rules (the `meshfed-policy` crate compiles
+//! them), retries, outlier detection and locality failover (the
+//! traffic-policy issue), or moving bytes ([`crate::proxy`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Uri};
+use meshfed_policy::Snapshot;
+use meshfed_policy::snapshot::{
+    CLUSTER_LABEL, HttpMatch, HttpRoute, StringMatch, WeightedDestination,
+};
+use regex::Regex;
+
+use crate::discovery::EndpointSet;
+use crate::tunnel::announce::Announcement;
+
+/// A snapshot with everything a request needs precomputed: compiled
+/// regexes. Built once per applied snapshot.
+#[derive(Debug)]
+pub struct Active {
+    pub snapshot: Arc<Snapshot>,
+    regexes: HashMap<String, Regex>,
+}
+
+/// Why a snapshot cannot be activated (the gateway NACKs it).
+#[derive(Debug, thiserror::Error)]
+#[error("regex `{pattern}` does not compile: {reason}")]
+pub struct ActivateError {
+    pub pattern: String,
+    pub reason: String,
+}
+
+impl Active {
+    pub fn new(snapshot: Arc<Snapshot>) -> Result<Self, ActivateError> {
+        let mut regexes = HashMap::new();
+        let mut add = |m: &StringMatch| -> Result<(), ActivateError> {
+            if let StringMatch::Regex(p) = m
+                && !regexes.contains_key(p)
+            {
+                let re = regex::RegexBuilder::new(&format!("^(?:{p})$"))
+                    .size_limit(1 << 20)
+                    .dfa_size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| ActivateError {
+                        pattern: p.clone(),
+                        reason: e.to_string(),
+                    })?;
+                regexes.insert(p.clone(), re);
+            }
+            Ok(())
+        };
+        for routes in snapshot.policy.routes.values() {
+            for r in &routes.http {
+                for m in &r.matches {
+                    for sm in [&m.uri, &m.scheme, &m.method, &m.authority]
+                        .into_iter()
+                        .flatten()
+                    {
+                        add(sm)?;
+                    }
+                    for sm in m
+                        .headers
+                        .values()
+                        .chain(m.without_headers.values())
+                        .chain(m.query_params.values())
+                    {
+                        add(sm)?;
+                    }
+                }
+            }
+        }
+        Ok(Active { snapshot, regexes })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.snapshot.version
+    }
+
+    fn matches(&self, m: &StringMatch, value: &str) -> bool {
+        match m {
+            StringMatch::Exact(x) => value == x,
+            StringMatch::Prefix(x) => value.starts_with(x.as_str()),
+            StringMatch::Regex(p) => self.regexes.get(p).is_some_and(|re| re.is_match(value)),
+        }
+    }
+}
+
+/// The parts of a request that routing looks at.
+#[derive(Debug)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub authority: &'a str,
+    pub headers: &'a HeaderMap,
+    pub scheme: &'a str,
+    /// The namespace short names resolve in (the caller's, if known).
+    pub caller_namespace: &'a str,
+}
+
+/// Where a call goes: a service, optionally a subset, and the labels that
+/// select its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Canonical host.
+    pub service: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    /// The subset's labels (empty: every endpoint).
+    pub selector: BTreeMap<String, String>,
+    /// Index of the matched HTTP rule, if a VirtualService routed it.
+    pub rule: Option<usize>,
+}
+
+impl Target {
+    /// The cluster the subset pins, if it does.
+    pub fn pinned_cluster(&self) -> Option<&str> {
+        self.selector.get(CLUSTER_LABEL).map(String::as_str)
+    }
+}
+
+/// Splits `host:port`; the port defaults to `default_port`.
+pub fn split_authority(authority: &str, default_port: u16) -> (&str, u16) {
+    if let Some(rest) = authority.strip_prefix('[')
+        && let Some((h, p)) = rest.split_once(']')
+    {
+        let port = p
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default_port);
+        return (h, port);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse().unwrap_or(default_port)),
+        _ => (authority, default_port),
+    }
+}
+
+/// Routes an HTTP request. `None` means no service of that name is known.
+pub fn http_target(
+    active: &Active,
+    req: &RequestInfo<'_>,
+    local: &EndpointSet,
+    default_port: u16,
+) -> Option<Target> {
+    let (host, port) = split_authority(req.authority, default_port);
+    let policy = &active.snapshot.policy;
+    if let Some((_, routes)) = active.snapshot.route_for(host, req.caller_namespace) {
+        let (index, rule) = routes
+            .http
+            .iter()
+            .enumerate()
+            .find(|(_, r)| rule_matches(active, r, req, port))?;
+        let dest = pick_weighted(&rule.destinations)?;
+        return Some(target_for(active, dest, port, Some(index)));
+    }
+    // No VirtualService: the service itself, if anything knows it.
+    policy
+        .host_candidates(host, req.caller_namespace)
+        .into_iter()
+        .find(|h| {
+            policy.exports.contains_key(h)
+                || policy.destinations.contains_key(h)
+                || local.contains_key(h)
+        })
+        .map(|service| Target {
+            service,
+            port,
+            subset: None,
+            selector: BTreeMap::new(),
+            rule: None,
+        })
+}
+
+/// Routes a TCP connection to `host:port` (from SNI, CONNECT or a port
+/// mapping).
+pub fn tcp_target(
+    active: &Active,
+    host: &str,
+    port: u16,
+    caller_namespace: &str,
+    local: &EndpointSet,
+) -> Option<Target> {
+    let policy = &active.snapshot.policy;
+    if let Some((_, routes)) = active.snapshot.route_for(host, caller_namespace)
+        && let Some(rule) = routes
+            .tcp
+            .iter()
+            .find(|r| r.ports.is_empty() || r.ports.contains(&port))
+    {
+        let dest = pick_weighted(&rule.destinations)?;
+        return Some(target_for(active, dest, port, None));
+    }
+    policy
+        .host_candidates(host, caller_namespace)
+        .into_iter()
+        .find(|h| policy.exports.contains_key(h) || local.contains_key(h))
+        .map(|service| Target {
+            service,
+            port,
+            subset: None,
+            selector: BTreeMap::new(),
+            rule: None,
+        })
+}
+
+fn target_for(active: &Active, d: &WeightedDestination, port: u16, rule: Option<usize>) -> Target {
+    let selector = d
+        .subset
+        .as_ref()
+        .and_then(|s| {
+            active
+                .snapshot
+                .policy
+                .destinations
+                .get(&d.host)?
+                .subsets
+                .get(s)
+        })
+        .map(|s| s.labels.clone())
+        .unwrap_or_default();
+    Target {
+        service: d.host.clone(),
+        port: d.port.unwrap_or(port),
+        subset: d.subset.clone(),
+        selector,
+        rule,
+    }
+}
+
+/// Picks a destination by weight. Weights sum to 100 (validated); a zero
+/// total picks nothing.
+pub fn pick_weighted(dests: &[WeightedDestination]) -> Option<&WeightedDestination> {
+    let total: u32 = dests.iter().map(|d| d.weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = rand::random_range(0..total);
+    dests.iter().find(|d| {
+        if r < d.weight {
+            true
+        } else {
+            r -= d.weight;
+            false
+        }
+    })
+}
+
+fn rule_matches(active: &Active, rule: &HttpRoute, req: &RequestInfo<'_>, port: u16) -> bool {
+    rule.matches.is_empty() || rule.matches.iter().any(|m| match_one(active, m, req, port))
+}
+
+fn match_one(active: &Active, m: &HttpMatch, req: &RequestInfo<'_>, port: u16) -> bool {
+    let path = req.uri.path();
+    if let Some(u) = &m.uri {
+        let ok = if m.ignore_uri_case {
+            let lower = path.to_ascii_lowercase();
+            match u {
+                StringMatch::Exact(x) => lower == x.to_ascii_lowercase(),
+                StringMatch::Prefix(x) => lower.starts_with(&x.to_ascii_lowercase()),
+                StringMatch::Regex(_) => active.matches(u, &lower),
+            }
+        } else {
+            active.matches(u, path)
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if m.method
+        .as_ref()
+        .is_some_and(|x| !active.matches(x, req.method.as_str()))
+        || m.scheme
+            .as_ref()
+            .is_some_and(|x| !active.matches(x, req.scheme))
+        || m.authority
+            .as_ref()
+            .is_some_and(|x| !active.matches(x, req.authority))
+        || m.port.is_some_and(|p| p != port)
+    {
+        return false;
+    }
+    for (name, sm) in &m.headers {
+        let Some(v) = req.headers.get(name).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        if !active.matches(sm, v) {
+            return false;
+        }
+    }
+    for (name, sm) in &m.without_headers {
+        if let Some(v) = req.headers.get(name).and_then(|v| v.to_str().ok())
+            && active.matches(sm, v)
+        {
+            return false;
+        }
+    }
+    if !m.query_params.is_empty() {
+        let query: Vec<(&str, &str)> = req
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+            .collect();
+        for (name, sm) in &m.query_params {
+            let found = query
+                .iter()
+                .any(|(k, v)| k == name && active.matches(sm, v));
+            if !found {
+                return false;
+            }
+        }
+    }
+    // sourceLabels and sourceNamespace need the caller's workload identity;
+    // the traffic-policy issue evaluates them. Until then a rule that
+    // requires them does not match, rather than matching everyone.
+    m.source_labels.is_empty() && m.source_namespace.is_none()
+}
+
+/// Chooses the cluster that serves `target`: the pinned one, or a cluster
+/// with healthy endpoints for it, weighted by how many it has. `remote` holds
+/// peers' announcements by cluster (several gateways of one cluster announce
+/// the same endpoints; the largest count is taken).
+pub fn choose_cluster(
+    target: &Target,
+    local_cluster: &str,
+    local: &EndpointSet,
+    remote: &[(String, Arc<Announcement>)],
+) -> Option<String> {
+    if let Some(c) = target.pinned_cluster() {
+        return Some(c.to_string());
+    }
+    let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+    let local_healthy = local.get(&target.service).map_or(0, |eps| {
+        eps.iter()
+            .filter(|e| e.healthy && e.matches(&target.selector))
+            .count() as u32
+    });
+    if local_healthy > 0 {
+        counts.insert(local_cluster, local_healthy);
+    }
+    for (cluster, a) in remote {
+        let n = a.healthy(&target.service, &target.selector);
+        if n > 0 {
+            let e = counts.entry(cluster.as_str()).or_insert(0);
+            *e = (*e).max(n);
+        }
+    }
+    let total: u32 = counts.values().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = rand::random_range(0..total);
+    counts
+        .into_iter()
+        .find(|(_, n)| {
+            if r < *n {
+                true
+            } else {
+                r -= n;
+                false
+            }
+        })
+        .map(|(c, _)| c.to_string())
+}
+
+#[cfg(test)]
+mod tests;

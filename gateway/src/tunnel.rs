@@ -12,6 +12,7 @@
 
 pub mod announce;
 pub mod frame;
+pub mod link;
 
 /// The UDP port the tunnel listens on by default, as Istio's east-west
 /// gateway does for cross-network traffic.

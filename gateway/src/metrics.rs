@@ -1,0 +1,249 @@
+//! The gateway's Prometheus metrics, under the `meshfed` prefix.
+//!
+//! Label names follow Istio's where a concept matches (`response_code`,
+//! `destination_service`, `grpc_response_status`), plus `source_cluster` and
+//! `destination_cluster`. Per-peer link gauges are computed at scrape time
+//! from the tunnel's state ([`Metrics::encode`]).
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::tunnel::link::LinkStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `outbound` (this gateway's callers) or `inbound` (from a peer).
+    pub direction: &'static str,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+    pub response_code: u16,
+    pub grpc_response_status: String,
+    /// The gateway's reason when it answered itself (`x-meshfed-error`).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub direction: &'static str,
+    pub destination_cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    pub destination_service: String,
+    pub destination_cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `handshake`, `stream` or `listener`.
+    pub stage: &'static str,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub version: String,
+}
+
+/// Reads one per-link gauge value.
+type LinkGauge = fn(&LinkStatus) -> Option<f64>;
+
+/// Every metric of the gateway.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<DurationLabels, Histogram>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
+    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub refusals: Family<RefusalLabels, Counter>,
+    config: Family<ConfigLabels, Gauge>,
+    config_version: Mutex<String>,
+    /// Handshake refusals counted by the TLS verifiers, read at scrape time.
+    handshake_refusals: Mutex<Option<RefusalReader>>,
+}
+
+/// Reads refusal counters kept elsewhere (by the TLS verifiers).
+pub struct RefusalReader(pub Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>);
+
+impl std::fmt::Debug for RefusalReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefusalReader")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshfed");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "HTTP requests handled", requests.clone());
+        let request_duration = Family::<DurationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "HTTP request duration until the response head, in seconds",
+            request_duration.clone(),
+        );
+        let tcp_connections = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "tcp_connections_opened",
+            "TCP connections proxied",
+            tcp_connections.clone(),
+        );
+        let tcp_sent_bytes = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "tcp_sent_bytes",
+            "Bytes sent to the destination over proxied TCP",
+            tcp_sent_bytes.clone(),
+        );
+        let tcp_received_bytes = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "tcp_received_bytes",
+            "Bytes received from the destination over proxied TCP",
+            tcp_received_bytes.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Connections and streams refused, by stage and reason",
+            refusals.clone(),
+        );
+        let config = Family::<ConfigLabels, Gauge>::default();
+        registry.register(
+            "config_info",
+            "The applied snapshot version (value 1)",
+            config.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            tcp_connections,
+            tcp_sent_bytes,
+            tcp_received_bytes,
+            refusals,
+            config,
+            config_version: Mutex::new(String::new()),
+            handshake_refusals: Mutex::new(None),
+        }
+    }
+
+    /// Records the applied snapshot version.
+    pub fn set_config(&self, version: &str) {
+        if let Ok(mut cur) = self.config_version.lock()
+            && *cur != version
+        {
+            self.config
+                .get_or_create(&ConfigLabels {
+                    version: cur.clone(),
+                })
+                .set(0);
+            self.config
+                .get_or_create(&ConfigLabels {
+                    version: version.to_string(),
+                })
+                .set(1);
+            *cur = version.to_string();
+        }
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, stage: &'static str, reason: &str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                stage,
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets where handshake refusals are read from (the TLS verifiers).
+    pub fn set_handshake_refusals(&self, read: RefusalReader) {
+        if let Ok(mut g) = self.handshake_refusals.lock() {
+            *g = Some(read);
+        }
+    }
+
+    /// The text exposition (OpenMetrics), with per-peer link gauges.
+    pub fn encode(&self, links: &[LinkStatus]) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+        let mut s = body;
+        if let Ok(g) = self.handshake_refusals.lock()
+            && let Some(read) = g.as_ref()
+        {
+            let _ = writeln!(
+                s,
+                "# HELP meshfed_handshake_refusals Peer TLS handshakes refused by the verifier, by reason."
+            );
+            let _ = writeln!(s, "# TYPE meshfed_handshake_refusals counter");
+            for (reason, n) in (read.0)() {
+                let _ = writeln!(
+                    s,
+                    "meshfed_handshake_refusals_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let gauges: [(&str, &str, LinkGauge); 4] = [
+            (
+                "meshfed_peer_link_up",
+                "1 when the link to the peer gateway is up and available",
+                |l| Some(if l.available { 1.0 } else { 0.0 }),
+            ),
+            (
+                "meshfed_peer_rtt_seconds",
+                "Smoothed round-trip time of the link",
+                |l| l.rtt_ms.map(|r| r / 1e3),
+            ),
+            (
+                "meshfed_peer_lost_packets",
+                "Packets lost on the link's current connection",
+                |l| Some(l.lost_packets as f64),
+            ),
+            (
+                "meshfed_peer_open_streams",
+                "Streams open on the link",
+                |l| Some(l.open_streams as f64),
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(s, "# HELP {name} {help}.");
+            let _ = writeln!(s, "# TYPE {name} gauge");
+            for l in links {
+                if let Some(v) = get(l) {
+                    let _ = writeln!(
+                        s,
+                        "{name}{{cluster=\"{}\",target=\"{}\"}} {v}",
+                        l.cluster, l.target
+                    );
+                }
+            }
+        }
+        s.push_str("# EOF\n");
+        s
+    }
+}

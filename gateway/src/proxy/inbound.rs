@@ -1,0 +1,263 @@
+//! The destination side: serving a stream a peer gateway opened.
+//!
+//! The peer's cluster comes from its verified certificate (the tunnel gives
+//! it as [`PeerInfo`]), never from the stream. A stream is refused with an
+//! ERROR frame, which the source turns into a status and an
+//! `x-meshfed-error` header, when the service is not exported from this
+//! cluster, when no local endpoint fits the subset, or when the endpoint
+//! cannot be reached.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Uri, header};
+use http_body_util::BodyExt;
+use quinn::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+
+use super::body::{self, TunnelBody, read_head, refuse, write_frame};
+use super::{HEAD_TIMEOUT, is_grpc, strip_hop_by_hop};
+use crate::discovery::Endpoint;
+use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::state::Gateway;
+use crate::tunnel::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
+use crate::tunnel::link::PeerInfo;
+
+/// Serves one stream from a peer.
+pub async fn serve_stream(
+    state: Arc<Gateway>,
+    peer: Arc<PeerInfo>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let start = Instant::now();
+    let (open, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut recv)).await {
+        Ok(Ok((Frame::Open(open), rest))) => (open, rest),
+        Ok(Ok(_)) => {
+            state.metrics.refused("stream", "bad-request");
+            return refuse(
+                &mut send,
+                Refusal::BadRequest,
+                "a stream must start with OPEN",
+            )
+            .await;
+        }
+        Ok(Err(e)) => {
+            state.metrics.refused("stream", "bad-request");
+            tracing::debug!(peer = %peer.cluster, error = %e, "unreadable stream head");
+            return refuse(&mut send, Refusal::BadRequest, e.to_string()).await;
+        }
+        Err(_) => {
+            state.metrics.refused("stream", "head-timeout");
+            return refuse(&mut send, Refusal::BadRequest, "no stream head in time").await;
+        }
+    };
+    let active = state.active.load_full();
+    let refusal = |r: Refusal, msg: String| (r, msg);
+    let checked = if !state.exported_here(&active, &open.service) {
+        Err(refusal(
+            Refusal::NotExported,
+            format!(
+                "{} is not exported from cluster `{}`; add a ServiceExport for it",
+                open.service, state.cluster
+            ),
+        ))
+    } else {
+        Ok(())
+    };
+    if let Err((r, msg)) = checked {
+        state.metrics.refused("stream", r.reason());
+        record(
+            &state,
+            &peer,
+            &open,
+            r.http_status().as_u16(),
+            r.reason(),
+            start,
+        );
+        return refuse(&mut send, r, msg).await;
+    }
+    let endpoints = state.endpoints.borrow().clone();
+    let selector: std::collections::BTreeMap<String, String> =
+        open.subset_labels.iter().cloned().collect();
+    let candidates: Vec<&Endpoint> = endpoints
+        .get(&open.service)
+        .map(|eps| {
+            eps.iter()
+                .filter(|e| e.healthy && e.matches(&selector))
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
+        let r = Refusal::NoHealthyEndpoint;
+        state.metrics.refused("stream", r.reason());
+        record(
+            &state,
+            &peer,
+            &open,
+            r.http_status().as_u16(),
+            r.reason(),
+            start,
+        );
+        let subset = open
+            .subset
+            .as_deref()
+            .map(|s| format!(" in subset {s}"))
+            .unwrap_or_default();
+        return refuse(
+            &mut send,
+            r,
+            format!(
+                "cluster `{}` has no healthy endpoint for {}{subset}",
+                state.cluster, open.service
+            ),
+        )
+        .await;
+    };
+    match open.kind {
+        StreamKind::Tcp => {
+            let Ok(Ok(mut upstream)) =
+                tokio::time::timeout(super::upstream::CONNECT_TIMEOUT, TcpStream::connect(addr))
+                    .await
+            else {
+                state
+                    .metrics
+                    .refused("stream", Refusal::ConnectFailed.reason());
+                return refuse(
+                    &mut send,
+                    Refusal::ConnectFailed,
+                    format!("cannot connect to {addr}"),
+                )
+                .await;
+            };
+            let _ = upstream.set_nodelay(true);
+            if write_frame(&mut send, &Frame::Accept).await.is_err() {
+                return;
+            }
+            use tokio::io::AsyncWriteExt;
+            if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
+                return;
+            }
+            let labels = TcpLabels {
+                direction: "inbound",
+                destination_service: open.service.clone(),
+                destination_cluster: state.cluster.clone(),
+            };
+            state.metrics.tcp_connections.get_or_create(&labels).inc();
+            let (to_peer, from_peer) =
+                super::outbound::splice(upstream, send, recv, rest.len() as u64).await;
+            state
+                .metrics
+                .tcp_received_bytes
+                .get_or_create(&labels)
+                .inc_by(to_peer);
+            state
+                .metrics
+                .tcp_sent_bytes
+                .get_or_create(&labels)
+                .inc_by(from_peer);
+            drop(inflight);
+        }
+        StreamKind::Http => {
+            let Some(head) = open.http.clone() else {
+                return refuse(
+                    &mut send,
+                    Refusal::BadRequest,
+                    "HTTP stream without a request head",
+                )
+                .await;
+            };
+            let uri: Uri = match format!("http://{addr}{}", head.path).parse() {
+                Ok(u) => u,
+                Err(_) => {
+                    return refuse(&mut send, Refusal::BadRequest, "invalid request path").await;
+                }
+            };
+            let grpc = is_grpc(&head.headers);
+            let mut req = Request::builder().method(head.method).uri(uri);
+            if let Some(h) = req.headers_mut() {
+                *h = head.headers;
+                strip_hop_by_hop(h);
+                if let Ok(v) = head.authority.parse() {
+                    h.insert(header::HOST, v);
+                }
+            }
+            let tunnel_body = TunnelBody::new(recv, rest, None)
+                .map_err(Into::into)
+                .boxed_unsync();
+            let Ok(req) = req.body(tunnel_body) else {
+                return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
+            };
+            // gRPC needs HTTP/2 to the endpoint; everything else goes as
+            // HTTP/1.1, which every HTTP server speaks.
+            let result = if grpc {
+                state.upstream.h2.request(req).await
+            } else {
+                state.upstream.h1.request(req).await
+            };
+            match result {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    record(&state, &peer, &open, parts.status.as_u16(), "", start);
+                    let head = Frame::Response(Box::new(ResponseHead {
+                        status: parts.status,
+                        headers: parts.headers,
+                    }));
+                    if write_frame(&mut send, &head).await.is_err() {
+                        return;
+                    }
+                    if let Err(e) = body::pump(body, &mut send).await {
+                        tracing::debug!(error = %e, "response body to peer failed");
+                    }
+                    drop(inflight);
+                }
+                Err(e) => {
+                    let r = if e.is_connect() {
+                        Refusal::ConnectFailed
+                    } else {
+                        Refusal::UpstreamReset
+                    };
+                    record(
+                        &state,
+                        &peer,
+                        &open,
+                        r.http_status().as_u16(),
+                        r.reason(),
+                        start,
+                    );
+                    refuse(
+                        &mut send,
+                        r,
+                        format!("endpoint {addr} of {}: {e}", open.service),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+fn record(state: &Gateway, peer: &PeerInfo, open: &Open, code: u16, reason: &str, start: Instant) {
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: "inbound",
+            source_cluster: peer.cluster.clone(),
+            destination_cluster: state.cluster.clone(),
+            destination_service: open.service.clone(),
+            response_code: code,
+            grpc_response_status: String::new(),
+            reason: reason.to_string(),
+        })
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&DurationLabels {
+            direction: "inbound",
+            destination_cluster: state.cluster.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+}

@@ -1,0 +1,671 @@
+//! The outbound listener: where local callers send their calls.
+//!
+//! Each accepted connection is classified by its first bytes:
+//! - a TLS ClientHello (`0x16 0x03`): opaque TCP routed by its SNI;
+//! - anything else that starts like HTTP: served by hyper, which tells
+//!   HTTP/1.1 from HTTP/2 prior knowledge (so gRPC works); `CONNECT host:port`
+//!   becomes a TCP tunnel;
+//! - anything else: opaque TCP, which needs a port mapping (a listener of its
+//!   own per mapped service port); on the shared port it is refused.
+//!
+//! Each HTTP request loads the active snapshot once, routes, and goes either
+//! to a local endpoint or over a link to the chosen cluster's gateway.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
+use super::{ERROR_HEADER, error_response, is_grpc, strip_hop_by_hop};
+use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::route::{self, RequestInfo, Target};
+use crate::state::Gateway;
+use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
+
+/// How long a caller has to send its first bytes before the connection is
+/// treated as opaque TCP.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Who called, as far as the listener knows.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub addr: Option<SocketAddr>,
+    /// The caller's SPIFFE ID, when it presented a workload certificate.
+    pub id: Option<String>,
+    /// The namespace short names resolve in.
+    pub namespace: String,
+}
+
+/// Serves the outbound listener until the task is dropped.
+pub async fn serve(state: Arc<Gateway>, listener: TcpListener) {
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let caller = Caller {
+                addr: Some(addr),
+                id: None,
+                namespace: "default".into(),
+            };
+            handle_connection(state, stream, caller).await;
+        });
+    }
+}
+
+enum Detected {
+    Http,
+    Tls { sni: Option<String> },
+    Opaque,
+}
+
+async fn detect(stream: &TcpStream) -> Detected {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + DETECT_TIMEOUT;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(remaining, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Detected::Opaque,
+        };
+        if n == 0 {
+            return Detected::Opaque;
+        }
+        let b = &buf[..n];
+        if b[0] == 0x16 && (n < 2 || b[1] == 0x03) {
+            if n < 5 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            // Peek until the whole ClientHello is buffered (or the buffer
+            // is full), then read its SNI.
+            let record = 5 + usize::from(u16::from_be_bytes([b[3], b[4]]));
+            if n < record.min(buf.len()) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            return Detected::Tls { sni: sni(b) };
+        }
+        let token = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+        if token > 0 && token < n {
+            return if b[token] == b' ' {
+                Detected::Http
+            } else {
+                Detected::Opaque
+            };
+        }
+        if token == n && n < 16 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        return Detected::Opaque;
+    }
+}
+
+/// Reads the server name from a TLS ClientHello record, if present.
+pub fn sni(record: &[u8]) -> Option<String> {
+    // record header (5) | handshake type (1) | length (3) | version (2) |
+    // random (32) | session id | cipher suites | compression | extensions
+    let mut p = 5 + 4 + 2 + 32;
+    let sid = usize::from(*record.get(p)?);
+    p += 1 + sid;
+    let suites = usize::from(u16::from_be_bytes([*record.get(p)?, *record.get(p + 1)?]));
+    p += 2 + suites;
+    let comp = usize::from(*record.get(p)?);
+    p += 1 + comp;
+    let ext_len = usize::from(u16::from_be_bytes([*record.get(p)?, *record.get(p + 1)?]));
+    p += 2;
+    let end = (p + ext_len).min(record.len());
+    while p + 4 <= end {
+        let ty = u16::from_be_bytes([record[p], record[p + 1]]);
+        let len = usize::from(u16::from_be_bytes([record[p + 2], record[p + 3]]));
+        p += 4;
+        if ty == 0 {
+            // server_name_list length (2) | type (1) | name length (2) | name
+            let name_len = usize::from(u16::from_be_bytes([
+                *record.get(p + 3)?,
+                *record.get(p + 4)?,
+            ]));
+            let name = record.get(p + 5..p + 5 + name_len)?;
+            return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+        }
+        p += len;
+    }
+    None
+}
+
+async fn handle_connection(state: Arc<Gateway>, stream: TcpStream, caller: Caller) {
+    match detect(&stream).await {
+        Detected::Http => {
+            let caller = Arc::new(caller);
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                let caller = caller.clone();
+                async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+            }
+        }
+        Detected::Tls { sni: Some(host) } => {
+            // TLS passthrough: the caller talks TLS to the service itself.
+            let ns = caller.namespace.clone();
+            tcp_proxy(state, host, 443, &ns, stream).await;
+        }
+        Detected::Tls { sni: None } => {
+            state.metrics.refused("listener", "tls-without-sni");
+            tracing::info!(caller = ?caller.addr, "TLS without SNI on the outbound listener; closing (map a port for it)");
+        }
+        Detected::Opaque => {
+            state.metrics.refused("listener", "unknown-protocol");
+            tracing::info!(caller = ?caller.addr, "opaque TCP on the shared outbound port; closing (map a port for it)");
+        }
+    }
+}
+
+/// Handles one HTTP request from a local caller.
+pub async fn handle_http(
+    state: Arc<Gateway>,
+    caller: Arc<Caller>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let grpc = is_grpc(req.headers());
+    if req.method() == Method::CONNECT {
+        return connect(state, caller, req).await;
+    }
+    let active = state.active.load_full();
+    let endpoints = state.endpoints.borrow().clone();
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let info = RequestInfo {
+        method: req.method(),
+        uri: req.uri(),
+        authority: &authority,
+        headers: req.headers(),
+        scheme: "http",
+        caller_namespace: &caller.namespace,
+    };
+    let Some(target) = route::http_target(&active, &info, &endpoints, 80) else {
+        let r = error_response(
+            Refusal::NoRoute,
+            &format!("no service or route for `{authority}`"),
+            grpc,
+        );
+        record(&state, &r, "", "", start, grpc);
+        return r;
+    };
+    let remote = state.tunnel.announcements();
+    let Some(cluster) = route::choose_cluster(&target, &state.cluster, &endpoints, &remote) else {
+        let r = error_response(
+            Refusal::NoHealthyEndpoint,
+            &format!(
+                "no cluster has a healthy endpoint for {}{}",
+                target.service,
+                subset_note(&target)
+            ),
+            grpc,
+        );
+        record(&state, &r, &target.service, "", start, grpc);
+        return r;
+    };
+    let resp = if cluster == state.cluster {
+        forward_local(&state, &target, &endpoints, req, grpc).await
+    } else {
+        forward_remote(
+            &state, &active, &caller, &cluster, &target, &authority, req, grpc,
+        )
+        .await
+    };
+    record(&state, &resp, &target.service, &cluster, start, grpc);
+    resp
+}
+
+fn subset_note(t: &Target) -> String {
+    t.subset
+        .as_ref()
+        .map(|s| format!(" (subset {s})"))
+        .unwrap_or_default()
+}
+
+fn record(
+    state: &Gateway,
+    resp: &Response<ProxyBody>,
+    service: &str,
+    cluster: &str,
+    start: Instant,
+    grpc: bool,
+) {
+    let reason = resp
+        .headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let grpc_status = if grpc {
+        resp.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    } else {
+        String::new()
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: "outbound",
+            source_cluster: state.cluster.clone(),
+            destination_cluster: cluster.to_string(),
+            destination_service: service.to_string(),
+            response_code: resp.status().as_u16(),
+            grpc_response_status: grpc_status,
+            reason,
+        })
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&DurationLabels {
+            direction: "outbound",
+            destination_cluster: cluster.to_string(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+}
+
+async fn forward_local(
+    state: &Gateway,
+    target: &Target,
+    endpoints: &crate::discovery::EndpointSet,
+    req: Request<Incoming>,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let candidates: Vec<&crate::discovery::Endpoint> = endpoints
+        .get(&target.service)
+        .map(|eps| {
+            eps.iter()
+                .filter(|e| e.healthy && e.matches(&target.selector))
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
+        return error_response(
+            Refusal::NoHealthyEndpoint,
+            &format!("no healthy local endpoint for {}", target.service),
+            grpc,
+        );
+    };
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(a) = authority.and_then(|a| a.parse().ok()) {
+        parts.headers.insert(header::HOST, a);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = match format!("http://{addr}{path}").parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => return error_response(Refusal::BadRequest, "request path is not valid", grpc),
+    };
+    let h2 = parts.version == http::Version::HTTP_2;
+    let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let result = if h2 {
+        state.upstream.h2.request(req).await
+    } else {
+        state.upstream.h1.request(req).await
+    };
+    match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = body
+                .map_frame(move |f| {
+                    let _held = &inflight;
+                    f
+                })
+                .map_err(Into::into)
+                .boxed_unsync();
+            Response::from_parts(parts, body)
+        }
+        Err(e) => {
+            let refusal = if e.is_connect() {
+                Refusal::ConnectFailed
+            } else {
+                Refusal::UpstreamReset
+            };
+            error_response(
+                refusal,
+                &format!("local endpoint {addr} of {}: {e}", target.service),
+                grpc,
+            )
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward_remote(
+    state: &Gateway,
+    active: &crate::route::Active,
+    caller: &Caller,
+    cluster: &str,
+    target: &Target,
+    authority: &str,
+    req: Request<Incoming>,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let open = Open {
+        kind: StreamKind::Http,
+        service: target.service.clone(),
+        port: target.port,
+        subset: target.subset.clone(),
+        subset_labels: target
+            .selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        caller: caller.id.clone(),
+        source_version: Some(active.version().to_string()),
+        http: Some(RequestHead {
+            method: parts.method.clone(),
+            scheme: "http".into(),
+            authority: authority.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            headers: parts.headers.clone(),
+        }),
+    };
+    // A link that fails before the request left is skipped for the next.
+    let mut tried = Vec::new();
+    let (mut send, mut recv, guard) = loop {
+        let Some(link) = state
+            .tunnel
+            .links_to(cluster)
+            .into_iter()
+            .filter(|l| l.available(state.tunnel.settings().announce_stale))
+            .filter(|l| !tried.contains(&l.target))
+            .min_by_key(|l| l.open_streams())
+        else {
+            return error_response(
+                Refusal::NoHealthyEndpoint,
+                &format!(
+                    "no available link to cluster `{cluster}` (tried {})",
+                    tried.len()
+                ),
+                grpc,
+            );
+        };
+        tried.push(link.target.clone());
+        match link.open().await {
+            Ok((mut send, recv, guard)) => {
+                if write_frame(&mut send, &Frame::Open(Box::new(open.clone())))
+                    .await
+                    .is_ok()
+                {
+                    break (send, recv, guard);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(cluster, target = %link.target, error = %e, "link failed; trying another")
+            }
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = body::pump(body, &mut send).await {
+            tracing::debug!(error = %e, "request body to peer failed");
+        }
+    });
+    match read_head(&mut recv).await {
+        Ok((Frame::Response(head), rest)) => {
+            let mut b = Response::builder().status(head.status);
+            if let Some(h) = b.headers_mut() {
+                *h = head.headers;
+            }
+            let body = TunnelBody::new(recv, rest, Some(guard))
+                .map_err(Into::into)
+                .boxed_unsync();
+            b.body(body)
+                .unwrap_or_else(|_| error_response(Refusal::Internal, "bad response head", grpc))
+        }
+        Ok((Frame::Error(e), _)) => error_response(
+            e.refusal,
+            &format!("gateway of `{cluster}`: {}", e.message),
+            grpc,
+        ),
+        Ok((_, _)) => error_response(
+            Refusal::Internal,
+            &format!("gateway of `{cluster}` answered out of protocol"),
+            grpc,
+        ),
+        Err(e) => error_response(
+            Refusal::UpstreamReset,
+            &format!("gateway of `{cluster}`: {e}"),
+            grpc,
+        ),
+    }
+}
+
+/// `CONNECT host:port`: a TCP tunnel.
+async fn connect(
+    state: Arc<Gateway>,
+    caller: Arc<Caller>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return error_response(Refusal::BadRequest, "CONNECT needs host:port", false);
+    };
+    let (host, port) = route::split_authority(authority.as_str(), 443);
+    let (host, ns) = (host.to_string(), caller.namespace.clone());
+    // Route before answering, so the caller sees a refusal as a status.
+    let active = state.active.load_full();
+    let endpoints = state.endpoints.borrow().clone();
+    if route::tcp_target(&active, &host, port, &ns, &endpoints).is_none() {
+        return error_response(Refusal::NoRoute, &format!("no service `{host}`"), false);
+    }
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => tcp_proxy(state, host, port, &ns, TokioIo::new(upgraded)).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(body::empty())
+        .unwrap_or_else(|_| Response::new(body::empty()))
+}
+
+/// Proxies a TCP connection to `host:port`, locally or over the tunnel.
+pub async fn tcp_proxy<S>(state: Arc<Gateway>, host: String, port: u16, ns: &str, mut client: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let active = state.active.load_full();
+    let endpoints = state.endpoints.borrow().clone();
+    let Some(target) = route::tcp_target(&active, &host, port, ns, &endpoints) else {
+        state.metrics.refused("listener", "no-route");
+        tracing::info!(%host, port, "no TCP route; closing");
+        return;
+    };
+    let remote = state.tunnel.announcements();
+    let Some(cluster) = route::choose_cluster(&target, &state.cluster, &endpoints, &remote) else {
+        state.metrics.refused("listener", "no-healthy-endpoint");
+        return;
+    };
+    let labels = TcpLabels {
+        direction: "outbound",
+        destination_service: target.service.clone(),
+        destination_cluster: cluster.clone(),
+    };
+    state.metrics.tcp_connections.get_or_create(&labels).inc();
+    let (sent, received) = if cluster == state.cluster {
+        let candidates: Vec<&crate::discovery::Endpoint> = endpoints
+            .get(&target.service)
+            .map(|eps| {
+                eps.iter()
+                    .filter(|e| e.healthy && e.matches(&target.selector))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some((addr, _inflight)) = state.upstream.pick(&candidates) else {
+            return;
+        };
+        let Ok(Ok(mut upstream)) =
+            tokio::time::timeout(super::upstream::CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+        else {
+            state.metrics.refused("listener", "connect-failed");
+            return;
+        };
+        let _ = upstream.set_nodelay(true);
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((a, b)) => (a, b),
+            Err(_) => (0, 0),
+        }
+    } else {
+        let Some(link) = state.tunnel.pick(&cluster) else {
+            return;
+        };
+        let Ok((mut send, mut recv, _guard)) = link.open().await else {
+            return;
+        };
+        let open = Open {
+            kind: StreamKind::Tcp,
+            service: target.service.clone(),
+            port: target.port,
+            subset: target.subset.clone(),
+            subset_labels: target
+                .selector
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            caller: None,
+            source_version: Some(active.version().to_string()),
+            http: None,
+        };
+        if write_frame(&mut send, &Frame::Open(Box::new(open)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        match read_head(&mut recv).await {
+            Ok((Frame::Accept, rest)) => {
+                if !rest.is_empty() && client.write_all(&rest).await.is_err() {
+                    return;
+                }
+                splice(client, send, recv, rest.len() as u64).await
+            }
+            Ok((Frame::Error(e), _)) => {
+                tracing::info!(%host, refusal = e.refusal.reason(), message = %e.message, "peer refused TCP stream");
+                state.metrics.refused("stream", e.refusal.reason());
+                return;
+            }
+            _ => return,
+        }
+    };
+    state
+        .metrics
+        .tcp_sent_bytes
+        .get_or_create(&labels)
+        .inc_by(sent);
+    state
+        .metrics
+        .tcp_received_bytes
+        .get_or_create(&labels)
+        .inc_by(received);
+}
+
+/// Copies both ways between a TCP-like stream and a QUIC stream pair until
+/// both directions end. Returns (bytes to the peer, bytes from the peer).
+pub async fn splice<S>(
+    io: S,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    already: u64,
+) -> (u64, u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut r, mut w) = tokio::io::split(io);
+    let up = async {
+        let n = tokio::io::copy(&mut r, &mut send).await.unwrap_or(0);
+        let _ = send.finish();
+        n
+    };
+    let down = async {
+        let n = tokio::io::copy(&mut recv, &mut w).await.unwrap_or(0);
+        let _ = w.shutdown().await;
+        n
+    };
+    let (a, b) = tokio::join!(up, down);
+    (a, b + already)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_is_read_from_a_real_client_hello() {
+        // A ClientHello for "ratings.default.svc.cluster.local", as rustls
+        // writes it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let roots = rustls::RootCertStore::empty();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name =
+            rustls_pki_types::ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        assert_eq!(
+            sni(&hello).as_deref(),
+            Some("ratings.default.svc.cluster.local")
+        );
+        assert_eq!(sni(&hello[..20]), None);
+        assert_eq!(sni(b"\x16\x03\x01\x00\x05hello"), None);
+    }
+}

@@ -1,0 +1,241 @@
+//! Starting and stopping a gateway: bootstrap, listeners, reloads, drain.
+//!
+//! Order: credentials (refuse to start on a bad or mismatched certificate),
+//! the first snapshot (refuse to start on invalid policy), discovery, then
+//! the QUIC endpoint, the outbound listener and the admin server; then the
+//! ready file, and readiness. On SIGTERM or SIGINT: not ready, announce
+//! `draining` so peers stop opening streams here, let in-flight work finish
+//! within the drain deadline, close the links, exit.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshfed_policy::Options;
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminSettings};
+use crate::discovery::{EndpointSet, static_file};
+use crate::identity::spiffe::SpiffeId;
+use crate::identity::store::{self, Credentials};
+use crate::identity::verify::{self, HandshakeRefusals};
+use crate::metrics::{Metrics, RefusalReader};
+use crate::state::Gateway;
+use crate::tunnel::frame::ALPN;
+use crate::tunnel::link::{Identify, LinkSettings, PeerInfo, StreamHandler, Tunnel};
+use crate::{control, proxy};
+
+/// Everything a gateway needs to start, parsed once.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub cluster: String,
+    pub gateway_id: String,
+    pub tls_dir: PathBuf,
+    pub policy_dir: PathBuf,
+    pub discovery_file: Option<PathBuf>,
+    pub tunnel_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub admin_token: Option<String>,
+    pub ready_file: Option<PathBuf>,
+    pub drain_timeout: Duration,
+    pub policy: Options,
+}
+
+fn alpn() -> Vec<Vec<u8>> {
+    ALPN.iter().map(|a| a.to_vec()).collect()
+}
+
+/// Reads the peer's identity from a connection: it must be a gateway
+/// (the verifier already checked the chain and the cluster binding).
+fn identify() -> Identify {
+    Arc::new(|conn: &quinn::Connection| {
+        let any = conn
+            .peer_identity()
+            .ok_or_else(|| "peer presented no certificate".to_string())?;
+        let chain = any
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .map_err(|_| "peer identity is not a certificate chain".to_string())?;
+        let id = verify::peer_identity(&chain).map_err(|e| e.to_string())?;
+        match &id.id {
+            SpiffeId::Gateway { .. } => Ok(PeerInfo {
+                cluster: id.cluster.clone(),
+                id: id.id.to_string(),
+            }),
+            other => Err(format!(
+                "{other} is not a gateway; only gateways may use the tunnel"
+            )),
+        }
+    })
+}
+
+fn tls(
+    creds: &Credentials,
+    refusals: &Arc<HandshakeRefusals>,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
+    let server = store::server_config(creds, &alpn(), refusals.clone())
+        .context("building the tunnel's TLS server config")?;
+    let client = store::client_config(creds, &alpn(), refusals.clone())
+        .context("building the tunnel's TLS client config")?;
+    Ok((server, client))
+}
+
+/// Runs a gateway until SIGTERM or SIGINT.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    crate::identity::install_crypto_provider();
+    let creds = Credentials::load(&cfg.tls_dir)
+        .with_context(|| format!("loading certificates from {}", cfg.tls_dir.display()))?;
+    if creds.cluster != cfg.cluster {
+        bail!(
+            "the certificate in {} is for cluster `{}`, but --cluster is `{}`; issue one with `meshfed-gateway certs gateway --cluster {}`",
+            cfg.tls_dir.display(),
+            creds.cluster,
+            cfg.cluster,
+            cfg.cluster
+        );
+    }
+    let refusals = Arc::new(HandshakeRefusals::new());
+    let (server_tls, client_tls) = tls(&creds, &refusals)?;
+
+    let snapshot = {
+        let (dir, cluster, opts) = (
+            cfg.policy_dir.clone(),
+            cfg.cluster.clone(),
+            cfg.policy.clone(),
+        );
+        tokio::task::spawn_blocking(move || control::load_dir(&dir, &cluster, &opts)).await??
+    };
+    tracing::info!(version = %snapshot.version, "policy loaded");
+
+    let endpoints = match &cfg.discovery_file {
+        Some(path) => {
+            static_file::watch(path.clone(), cfg.cluster.clone(), cfg.policy.domain.clone())
+                .await
+                .with_context(|| format!("loading discovery file {}", path.display()))?
+        }
+        None => watch::channel(Arc::new(EndpointSet::new())).1,
+    };
+
+    let tunnel = Tunnel::bind(
+        cfg.tunnel_addr,
+        server_tls,
+        client_tls,
+        &cfg.cluster,
+        LinkSettings::default(),
+        identify(),
+    )
+    .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;
+    let metrics = Arc::new(Metrics::new());
+    let r = refusals.clone();
+    metrics.set_handshake_refusals(RefusalReader(Box::new(move || r.snapshot())));
+    let state = Gateway::new(
+        cfg.cluster.clone(),
+        cfg.gateway_id.clone(),
+        Arc::new(snapshot),
+        endpoints,
+        tunnel.clone(),
+        metrics,
+    )?;
+    state.spawn_endpoint_follower();
+
+    let handler_state = state.clone();
+    let handler: StreamHandler = Arc::new(move |peer, send, recv| {
+        let state = handler_state.clone();
+        Box::pin(proxy::inbound::serve_stream(state, peer, send, recv))
+    });
+    tunnel.serve(handler, state.announcements());
+
+    let outbound = TcpListener::bind(cfg.outbound_addr)
+        .await
+        .with_context(|| format!("binding the outbound listener on TCP {}", cfg.outbound_addr))?;
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin server on TCP {}", cfg.admin_addr))?;
+    let addrs = BTreeMap::from([
+        ("tunnel", tunnel.local_addr()?),
+        ("outbound", outbound.local_addr()?),
+        ("admin", admin_listener.local_addr()?),
+    ]);
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(proxy::outbound::serve(state.clone(), outbound));
+    tokio::spawn(admin::serve(
+        state.clone(),
+        admin_listener,
+        ready.clone(),
+        AdminSettings {
+            token: cfg.admin_token.clone(),
+        },
+    ));
+    control::watch_dir(state.clone(), cfg.policy_dir.clone(), cfg.policy.clone());
+    spawn_credential_reload(&cfg, tunnel.clone(), refusals.clone());
+
+    if let Some(path) = &cfg.ready_file {
+        let json = serde_json::to_vec_pretty(&addrs)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(cluster = %cfg.cluster, id = %cfg.gateway_id, ?addrs, "gateway ready");
+
+    shutdown_signal().await;
+    tracing::info!(deadline = ?cfg.drain_timeout, "draining");
+    ready.store(false, Ordering::Relaxed);
+    state.start_drain();
+    // Give peers a moment to read the draining announcement before
+    // in-flight work is counted down.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tunnel.shutdown(cfg.drain_timeout).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_credential_reload(cfg: &RunConfig, tunnel: Arc<Tunnel>, refusals: Arc<HandshakeRefusals>) {
+    let mut rx = match store::watch(cfg.tls_dir.clone(), Duration::from_secs(1)) {
+        Ok((rx, _task)) => rx,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot follow the certificate directory; certificates will not reload");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let creds = rx.borrow_and_update().clone();
+            match tls(&creds, &refusals).map(|(s, c)| tunnel.set_tls(s, c)) {
+                Ok(Ok(())) => {
+                    tracing::info!(id = %creds.id, "certificates reloaded; new handshakes use them")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reloaded certificates unusable; keeping the previous ones")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reloaded certificates unusable; keeping the previous ones")
+                }
+            }
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

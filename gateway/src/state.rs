@@ -1,0 +1,153 @@
+//! The running gateway's shared state: the active snapshot, the local
+//! endpoints, the tunnel, the upstream clients and the announcement this
+//! gateway makes to its peers.
+//!
+//! The snapshot is a value behind an [`ArcSwap`]: [`Gateway::apply`] swaps
+//! it atomically, and a request loads it once at its start and keeps that
+//! `Arc` to its end, so no request sees half a config.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use meshfed_policy::Snapshot;
+use tokio::sync::watch;
+
+use crate::discovery::EndpointSet;
+use crate::metrics::Metrics;
+use crate::proxy::upstream::Upstream;
+use crate::route::{ActivateError, Active};
+use crate::tunnel::announce::Announcement;
+use crate::tunnel::link::Tunnel;
+
+/// Everything the data path shares.
+#[derive(Debug)]
+pub struct Gateway {
+    pub cluster: String,
+    pub id: String,
+    pub active: ArcSwap<Active>,
+    pub endpoints: watch::Receiver<Arc<EndpointSet>>,
+    pub tunnel: Arc<Tunnel>,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    announce_seq: AtomicU64,
+    announce_tx: watch::Sender<Arc<Announcement>>,
+    announce_lock: Mutex<()>,
+}
+
+impl Gateway {
+    pub fn new(
+        cluster: String,
+        id: String,
+        snapshot: Arc<Snapshot>,
+        endpoints: watch::Receiver<Arc<EndpointSet>>,
+        tunnel: Arc<Tunnel>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ActivateError> {
+        let active = Active::new(snapshot)?;
+        let (announce_tx, _) = watch::channel(Arc::new(Announcement::default()));
+        let g = Arc::new(Gateway {
+            cluster,
+            id,
+            active: ArcSwap::from_pointee(active),
+            endpoints,
+            tunnel,
+            upstream: Upstream::new(),
+            metrics,
+            draining: AtomicBool::new(false),
+            announce_seq: AtomicU64::new(0),
+            announce_tx,
+            announce_lock: Mutex::new(()),
+        });
+        g.after_apply();
+        Ok(g)
+    }
+
+    /// Applies a snapshot atomically. A snapshot that cannot be activated
+    /// (a regex the gateway cannot compile) is refused and the current one
+    /// stays.
+    pub fn apply(&self, snapshot: Arc<Snapshot>) -> Result<(), ActivateError> {
+        let active = Active::new(snapshot)?;
+        self.active.store(Arc::new(active));
+        self.after_apply();
+        Ok(())
+    }
+
+    fn after_apply(&self) {
+        let active = self.active.load();
+        let targets: BTreeMap<String, Vec<String>> = active
+            .snapshot
+            .policy
+            .clusters
+            .iter()
+            .map(|(name, c)| (name.clone(), c.gateways.clone()))
+            .collect();
+        self.tunnel.reconcile(&targets);
+        self.metrics.set_config(&active.snapshot.version);
+        self.reannounce();
+    }
+
+    /// Whether `service` is exported from this cluster.
+    pub fn exported_here(&self, active: &Active, service: &str) -> bool {
+        active
+            .snapshot
+            .policy
+            .exports
+            .get(service)
+            .is_some_and(|c| c.contains(&self.cluster))
+    }
+
+    /// Recomputes and publishes the announcement (on a snapshot change, an
+    /// endpoint change, or drain).
+    pub fn reannounce(&self) {
+        let _serialize = self.announce_lock.lock();
+        let active = self.active.load();
+        let endpoints = self.endpoints.borrow().clone();
+        let exported = active
+            .snapshot
+            .policy
+            .exports
+            .iter()
+            .filter(|(_, clusters)| clusters.contains(&self.cluster))
+            .map(|(host, _)| host.as_str());
+        let seq = self.announce_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let a = Announcement::build(
+            seq,
+            &self.cluster,
+            active.version(),
+            self.draining(),
+            &endpoints,
+            exported,
+        );
+        self.announce_tx.send_replace(Arc::new(a));
+    }
+
+    /// What peers receive.
+    pub fn announcements(&self) -> watch::Receiver<Arc<Announcement>> {
+        self.announce_tx.subscribe()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts draining: not ready, and peers are told to stop opening new
+    /// streams here.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.reannounce();
+    }
+
+    /// Follows the endpoint set and re-announces on every change.
+    pub fn spawn_endpoint_follower(self: &Arc<Self>) {
+        let this = self.clone();
+        let mut rx = self.endpoints.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                this.reannounce();
+            }
+        });
+    }
+}

@@ -1,0 +1,689 @@
+//! QUIC links between gateways: the endpoint, the peer pool, and the
+//! control stream that carries announcements.
+//!
+//! Each gateway dials every gateway address of every other cluster in the
+//! snapshot, eagerly, and keeps one long-lived connection per address (a
+//! [`Link`]) with many streams on it. Requests this gateway sends to a
+//! cluster go over the links it dialed; the links peers dialed to it carry
+//! the requests it serves, and on each of those it announces what it can
+//! serve. A link whose connection dies is redialed with exponential backoff
+//! and jitter; with several addresses per cluster, [`Tunnel::pick`] skips
+//! dead and draining ones.
+//!
+//! Dead-peer detection is QUIC's idle timeout, fed by keep-alives: see
+//! [`LinkSettings`]. quinn stretches the idle timeout to at least three
+//! probe timeouts, which keeps slow links (high RTT) from flapping.
+//!
+//! It does not own TLS material or its verification (the caller passes
+//! rustls configs and an identification function, from
+//! [`crate::identity`]), nor what streams carry ([`crate::proxy`]).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::BytesMut;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::announce::Announcement;
+use super::frame::{self, Frame};
+
+/// Timing and sizing of links.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// No packet from the peer for this long (stretched by quinn to at least
+    /// three probe timeouts) and the link is dead.
+    pub idle_timeout: Duration,
+    /// How often to ping an otherwise quiet link.
+    pub keep_alive: Duration,
+    /// A handshake that takes longer fails.
+    pub handshake_timeout: Duration,
+    /// Redial backoff bounds.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Announcements are re-sent this often even when nothing changed.
+    pub announce_every: Duration,
+    /// A link without an announcement for this long is unavailable.
+    pub announce_stale: Duration,
+    /// Concurrent streams a peer may open on one link.
+    pub max_streams: u32,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        LinkSettings {
+            // 6 keep-alives fit in the timeout: at 5% loss, losing all of
+            // them happens about once in 6e7 windows.
+            idle_timeout: Duration::from_millis(900),
+            keep_alive: Duration::from_millis(150),
+            handshake_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            announce_every: Duration::from_secs(5),
+            announce_stale: Duration::from_secs(16),
+            max_streams: 16_384,
+        }
+    }
+}
+
+/// The transport settings of every link.
+///
+/// quinn's defaults suit about 100 Mbit/s × 100 ms. Links between sites can
+/// be 1 Gbit/s × 100 ms (12.5 MB in flight), so the connection windows are
+/// raised to 16 MiB; a single stream may use 8 MiB. Buffers are allocated as
+/// data arrives, so idle streams cost no window memory.
+pub fn transport_config(s: &LinkSettings) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(s.max_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(8))
+        .stream_receive_window(VarInt::from_u32(8 << 20))
+        .receive_window(VarInt::from_u32(16 << 20))
+        .send_window(16 << 20)
+        .keep_alive_interval(Some(s.keep_alive))
+        .max_idle_timeout(s.idle_timeout.try_into().ok());
+    t
+}
+
+/// Who is on the other end of a link, from its verified certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub cluster: String,
+    /// The SPIFFE ID of the peer's certificate.
+    pub id: String,
+}
+
+/// Reads the peer's identity from an established connection; refuses peers
+/// that may not use the tunnel.
+pub type Identify = Arc<dyn Fn(&Connection) -> Result<PeerInfo, String> + Send + Sync>;
+
+/// Serves one stream a peer opened.
+pub type StreamHandler = Arc<
+    dyn Fn(Arc<PeerInfo>, SendStream, RecvStream) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The server name that asks the verifier for a gateway of `cluster`.
+pub fn server_name(cluster: &str) -> String {
+    format!("{cluster}.cluster.meshfed.internal")
+}
+
+/// Why a link could not carry a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no link to cluster `{0}` is up; are its gateways reachable over UDP?")]
+    NoLink(String),
+    #[error("link to {target} lost: {source}")]
+    Lost {
+        target: String,
+        source: quinn::ConnectionError,
+    },
+}
+
+/// The state of one link, for `/peers` and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkStatus {
+    pub cluster: String,
+    pub target: String,
+    pub remote: Option<SocketAddr>,
+    pub up: bool,
+    pub available: bool,
+    pub draining: bool,
+    pub rtt_ms: Option<f64>,
+    pub lost_packets: u64,
+    pub open_streams: i64,
+    pub connects: u64,
+    pub announced_config: Option<String>,
+    pub announced_services: usize,
+    pub last_error: Option<String>,
+}
+
+/// One dialed connection to one gateway address of a peer cluster.
+#[derive(Debug)]
+pub struct Link {
+    pub cluster: String,
+    /// The address as the snapshot lists it (`host:port`).
+    pub target: String,
+    conn: ArcSwapOption<Connection>,
+    announcement: ArcSwapOption<Announcement>,
+    last_announce: Mutex<Option<Instant>>,
+    open_streams: AtomicI64,
+    connects: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Link {
+    /// The live connection, if any.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.conn.load_full().filter(|c| c.close_reason().is_none())
+    }
+
+    /// The peer's latest announcement, if it is fresh.
+    pub fn announcement(&self, stale: Duration) -> Option<Arc<Announcement>> {
+        let fresh = self
+            .last_announce
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < stale);
+        if fresh {
+            self.announcement.load_full()
+        } else {
+            None
+        }
+    }
+
+    /// Up, announcing, and not draining.
+    pub fn available(&self, stale: Duration) -> bool {
+        self.connection().is_some() && self.announcement(stale).is_some_and(|a| !a.draining)
+    }
+
+    /// Opens a stream to the peer. The returned guard counts it as open
+    /// until dropped.
+    pub async fn open(
+        self: &Arc<Self>,
+    ) -> Result<(SendStream, RecvStream, StreamGuard), LinkError> {
+        let conn = self
+            .connection()
+            .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?;
+        let (send, recv) = conn.open_bi().await.map_err(|source| LinkError::Lost {
+            target: self.target.clone(),
+            source,
+        })?;
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
+        Ok((send, recv, StreamGuard(self.clone())))
+    }
+
+    pub fn open_streams(&self) -> i64 {
+        self.open_streams.load(Ordering::Relaxed)
+    }
+
+    fn status(&self, stale: Duration) -> LinkStatus {
+        let conn = self.connection();
+        let ann = self.announcement.load_full();
+        LinkStatus {
+            cluster: self.cluster.clone(),
+            target: self.target.clone(),
+            remote: conn.as_ref().map(|c| c.remote_address()),
+            up: conn.is_some(),
+            available: self.available(stale),
+            draining: ann.as_ref().is_some_and(|a| a.draining),
+            rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1e3),
+            lost_packets: conn.as_ref().map_or(0, |c| c.stats().path.lost_packets),
+            open_streams: self.open_streams(),
+            connects: self.connects.load(Ordering::Relaxed),
+            announced_config: ann.as_ref().map(|a| a.config_version.clone()),
+            announced_services: ann.as_ref().map_or(0, |a| a.services.len()),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+/// Counts an open stream on a link until dropped.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Link>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The QUIC endpoint and every link of this gateway.
+pub struct Tunnel {
+    endpoint: Endpoint,
+    settings: LinkSettings,
+    local_cluster: String,
+    client: ArcSwap<quinn::ClientConfig>,
+    identify: Identify,
+    links: Mutex<BTreeMap<(String, String), Arc<Link>>>,
+    /// Streams being served for peers, for draining.
+    serving: Arc<AtomicI64>,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("local_cluster", &self.local_cluster)
+            .field("addr", &self.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds quinn configs from rustls ones.
+fn quinn_configs(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    settings: &LinkSettings,
+) -> std::io::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let transport = Arc::new(transport_config(settings));
+    let server = QuicServerConfig::try_from(server)
+        .map_err(|e| std::io::Error::other(format!("server TLS config unusable for QUIC: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport.clone());
+    let client = QuicClientConfig::try_from(client)
+        .map_err(|e| std::io::Error::other(format!("client TLS config unusable for QUIC: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(transport);
+    Ok((server, client))
+}
+
+impl Tunnel {
+    /// Binds the UDP endpoint. The rustls configs must require client
+    /// certificates, offer [`frame::ALPN`], and use the verifiers of
+    /// [`crate::identity`].
+    pub fn bind(
+        addr: SocketAddr,
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+        local_cluster: &str,
+        settings: LinkSettings,
+        identify: Identify,
+    ) -> std::io::Result<Arc<Self>> {
+        let (server, client) = quinn_configs(server, client, &settings)?;
+        let endpoint = Endpoint::server(server, addr)?;
+        Ok(Arc::new(Tunnel {
+            endpoint,
+            settings,
+            local_cluster: local_cluster.to_string(),
+            client: ArcSwap::from_pointee(client),
+            identify,
+            links: Mutex::new(BTreeMap::new()),
+            serving: Arc::new(AtomicI64::new(0)),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn settings(&self) -> &LinkSettings {
+        &self.settings
+    }
+
+    /// Uses new TLS material for every handshake from now on. Established
+    /// connections keep theirs.
+    pub fn set_tls(
+        &self,
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<()> {
+        let (server, client) = quinn_configs(server, client, &self.settings)?;
+        self.endpoint.set_server_config(Some(server));
+        self.client.store(Arc::new(client));
+        Ok(())
+    }
+
+    /// Makes the set of links match `targets`: cluster → gateway addresses.
+    /// The local cluster is skipped. New targets are dialed at once; removed
+    /// ones are closed.
+    pub fn reconcile(self: &Arc<Self>, targets: &BTreeMap<String, Vec<String>>) {
+        let want: BTreeMap<(String, String), ()> = targets
+            .iter()
+            .filter(|(c, _)| **c != self.local_cluster)
+            .flat_map(|(c, addrs)| addrs.iter().map(move |a| ((c.clone(), a.clone()), ())))
+            .collect();
+        let Ok(mut links) = self.links.lock() else {
+            return;
+        };
+        links.retain(|key, link| {
+            let keep = want.contains_key(key);
+            if !keep {
+                tracing::info!(cluster = %link.cluster, target = %link.target, "link removed from the snapshot; closing");
+                let _ = link.stop.send(true);
+            }
+            keep
+        });
+        for (cluster, target) in want.into_keys() {
+            let key = (cluster.clone(), target.clone());
+            if links.contains_key(&key) {
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let link = Arc::new(Link {
+                cluster,
+                target,
+                conn: ArcSwapOption::empty(),
+                announcement: ArcSwapOption::empty(),
+                last_announce: Mutex::new(None),
+                open_streams: AtomicI64::new(0),
+                connects: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+                stop,
+            });
+            tokio::spawn(self.clone().dial_loop(link.clone(), stop_rx));
+            links.insert(key, link);
+        }
+    }
+
+    /// Every link to `cluster`.
+    pub fn links_to(&self, cluster: &str) -> Vec<Arc<Link>> {
+        self.links
+            .lock()
+            .map(|l| {
+                l.values()
+                    .filter(|k| k.cluster == cluster)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// An available link to `cluster`: up, announcing, not draining; the one
+    /// with the fewest open streams.
+    pub fn pick(&self, cluster: &str) -> Option<Arc<Link>> {
+        let stale = self.settings.announce_stale;
+        self.links_to(cluster)
+            .into_iter()
+            .filter(|l| l.available(stale))
+            .min_by_key(|l| l.open_streams())
+    }
+
+    /// The freshest announcement of each available link, by cluster.
+    pub fn announcements(&self) -> Vec<(String, Arc<Announcement>)> {
+        let stale = self.settings.announce_stale;
+        self.links
+            .lock()
+            .map(|l| {
+                l.values()
+                    .filter(|k| k.available(stale))
+                    .filter_map(|k| Some((k.cluster.clone(), k.announcement(stale)?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The state of every link.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        let stale = self.settings.announce_stale;
+        self.links
+            .lock()
+            .map(|l| l.values().map(|k| k.status(stale)).collect())
+            .unwrap_or_default()
+    }
+
+    async fn dial_loop(self: Arc<Self>, link: Arc<Link>, mut stop: watch::Receiver<bool>) {
+        let mut attempt: u32 = 0;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            match self.dial(&link).await {
+                Ok(conn) => {
+                    attempt = 0;
+                    link.connects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(cluster = %link.cluster, target = %link.target, remote = %conn.remote_address(), "link up");
+                    let conn = Arc::new(conn);
+                    link.conn.store(Some(conn.clone()));
+                    let reader = tokio::spawn(read_control(link.clone(), conn.clone()));
+                    tokio::select! {
+                        reason = conn.closed() => {
+                            tracing::warn!(cluster = %link.cluster, target = %link.target, %reason, "link down");
+                            set_error(&link, format!("link lost: {reason}"));
+                        }
+                        _ = stop.changed() => {
+                            conn.close(VarInt::from_u32(0), b"removed");
+                        }
+                    }
+                    reader.abort();
+                    link.conn.store(None);
+                    link.announcement.store(None);
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %link.cluster, target = %link.target, error = %e, "dial failed");
+                    set_error(&link, e);
+                }
+            }
+            if *stop.borrow() {
+                break;
+            }
+            let delay = backoff(&self.settings, attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        link.conn.store(None);
+    }
+
+    async fn dial(&self, link: &Link) -> Result<Connection, String> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&link.target)
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", link.target))?
+            .collect();
+        let mut last = format!("{} resolved to no address", link.target);
+        let name = server_name(&link.cluster);
+        for addr in addrs {
+            let client = (**self.client.load()).clone();
+            let connecting = match self.endpoint.connect_with(client, addr, &name) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            match tokio::time::timeout(self.settings.handshake_timeout, connecting).await {
+                Ok(Ok(conn)) => match (self.identify)(&conn) {
+                    Ok(peer) if peer.cluster == link.cluster => return Ok(conn),
+                    Ok(peer) => {
+                        conn.close(VarInt::from_u32(1), b"wrong cluster");
+                        last = format!(
+                            "{addr} is a gateway of `{}`, not `{}`",
+                            peer.cluster, link.cluster
+                        );
+                    }
+                    Err(e) => {
+                        conn.close(VarInt::from_u32(1), b"identity");
+                        last = format!("{addr}: {e}");
+                    }
+                },
+                Ok(Err(e)) => last = format!("{addr}: handshake failed: {e}"),
+                Err(_) => {
+                    last = format!(
+                        "no gateway of cluster `{}` answered on {addr} (UDP) within {:?}; is UDP allowed?",
+                        link.cluster, self.settings.handshake_timeout
+                    )
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Accepts peers' connections and serves their streams until the
+    /// endpoint closes. On each connection it announces what this gateway
+    /// can serve, from `announcements`.
+    pub fn serve(
+        self: &Arc<Self>,
+        handler: StreamHandler,
+        announcements: watch::Receiver<Arc<Announcement>>,
+    ) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = this.endpoint.accept().await {
+                let this = this.clone();
+                let handler = handler.clone();
+                let announcements = announcements.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    let conn = match tokio::time::timeout(this.settings.handshake_timeout, incoming)
+                        .await
+                    {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "refused a peer at the handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "peer handshake timed out");
+                            return;
+                        }
+                    };
+                    let peer = match (this.identify)(&conn) {
+                        Ok(p) => Arc::new(p),
+                        Err(e) => {
+                            tracing::warn!(%remote, error = %e, "refused a peer after the handshake");
+                            conn.close(VarInt::from_u32(1), b"identity");
+                            return;
+                        }
+                    };
+                    tracing::info!(%remote, cluster = %peer.cluster, id = %peer.id, "peer connected");
+                    let announcer = tokio::spawn(announce(
+                        conn.clone(),
+                        announcements,
+                        this.settings.announce_every,
+                    ));
+                    loop {
+                        match conn.accept_bi().await {
+                            Ok((send, recv)) => {
+                                let guard = Serving::new(this.serving.clone());
+                                let fut = handler(peer.clone(), send, recv);
+                                tokio::spawn(async move {
+                                    fut.await;
+                                    drop(guard);
+                                });
+                            }
+                            Err(e) => {
+                                tracing::info!(%remote, cluster = %peer.cluster, reason = %e, "peer disconnected");
+                                break;
+                            }
+                        }
+                    }
+                    announcer.abort();
+                });
+            }
+        })
+    }
+
+    /// Streams being served for peers right now.
+    pub fn serving(&self) -> i64 {
+        self.serving.load(Ordering::Relaxed)
+    }
+
+    /// Drains: the caller has already announced `draining`; waits until no
+    /// stream is being served (or `deadline`), then closes every connection.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.draining.store(true, Ordering::Relaxed);
+        let until = Instant::now() + deadline;
+        while self.serving() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Ok(links) = self.links.lock() {
+            for l in links.values() {
+                let _ = l.stop.send(true);
+            }
+        }
+        self.endpoint.close(VarInt::from_u32(0), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+struct Serving(Arc<AtomicI64>);
+
+impl Serving {
+    fn new(c: Arc<AtomicI64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Serving(c)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn set_error(link: &Link, e: String) {
+    if let Ok(mut g) = link.last_error.lock() {
+        *g = Some(e);
+    }
+}
+
+/// Exponential backoff with full jitter between half and all of the step.
+fn backoff(s: &LinkSettings, attempt: u32) -> Duration {
+    let step = s
+        .backoff_min
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(s.backoff_max);
+    let jitter: f64 = rand::random_range(0.5..=1.0);
+    step.mul_f64(jitter)
+}
+
+/// Sends our announcement on a uni stream: at once, on every change, and
+/// every `every` as a heartbeat.
+async fn announce(conn: Connection, mut rx: watch::Receiver<Arc<Announcement>>, every: Duration) {
+    let Ok(mut send) = conn.open_uni().await else {
+        return;
+    };
+    let mut buf = BytesMut::new();
+    loop {
+        let a = rx.borrow_and_update().clone();
+        buf.clear();
+        frame::encode(&Frame::Announce(a.encode().into()), &mut buf);
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Reads the peer's announcements from the uni stream it opens.
+async fn read_control(link: Arc<Link>, conn: Arc<Connection>) {
+    let Ok(mut recv) = conn.accept_uni().await else {
+        return;
+    };
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        loop {
+            match frame::decode(&mut buf) {
+                Ok(Some(Frame::Announce(bytes))) => match Announcement::decode(&bytes) {
+                    Ok(a) => {
+                        let newer = link
+                            .announcement
+                            .load()
+                            .as_ref()
+                            .is_none_or(|cur| a.seq >= cur.seq);
+                        if newer {
+                            link.announcement.store(Some(Arc::new(a)));
+                        }
+                        if let Ok(mut t) = link.last_announce.lock() {
+                            *t = Some(Instant::now());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(cluster = %link.cluster, error = %e, "refused a peer announcement");
+                    }
+                },
+                Ok(Some(other)) => {
+                    tracing::warn!(cluster = %link.cluster, frame = ?std::mem::discriminant(&other), "unexpected frame on the control stream; closing the link");
+                    conn.close(VarInt::from_u32(2), b"protocol");
+                    return;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(cluster = %link.cluster, error = %e, "malformed control stream; closing the link");
+                    conn.close(VarInt::from_u32(2), b"protocol");
+                    return;
+                }
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
