@@ -26,12 +26,17 @@ use yaml_rust2::parser::{Event, Parser, Tag};
 use yaml_rust2::scanner::TScalarStyle;
 
 /// Largest file the loader accepts, in bytes.
-pub const MAX_FILE_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
 /// Deepest nesting of mappings and sequences in one document. Kubernetes
 /// resources rarely go past 12.
 pub const MAX_DEPTH: usize = 64;
-/// Most nodes one file may produce, counting every alias expansion.
-pub const MAX_NODES: usize = 4_000_000;
+/// Most nodes one file may produce, counting every alias expansion, and
+/// counting each [`BYTES_PER_NODE`] bytes of scalar text as one more node, so
+/// that aliases to long strings cannot amplify memory either. About 250 MB
+/// of values at most.
+pub const MAX_NODES: usize = 2_000_000;
+/// Scalar text weighs one node per this many bytes in [`MAX_NODES`].
+pub const BYTES_PER_NODE: usize = 32;
 
 /// A position in a source file: 1-based line and column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -417,6 +422,8 @@ impl Builder {
                         }
                     }
                     self.positions.insert(p.clone(), pos);
+                    // Keys count too: an aliased mapping copies them.
+                    *n += nodes;
                     *key = Some((value, p));
                 }
                 Some((k, _)) => {
@@ -483,13 +490,14 @@ fn parse_chunk(
                 b.attach(v, n, h, pos, 0)?;
             }
             Event::Scalar(text, style, anchor, tag) => {
-                take_budget(budget, pos)?;
+                let cost = 1 + text.len() / BYTES_PER_NODE;
+                take_budget(budget, cost, pos)?;
                 record_path(&mut b, pos, &mut started);
                 let v = resolve_scalar(text, style, tag.as_ref());
-                b.attach(v, 1, 0, pos, anchor)?;
+                b.attach(v, cost, 0, pos, anchor)?;
             }
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
-                take_budget(budget, pos)?;
+                take_budget(budget, 1, pos)?;
                 if b.stack.len() >= MAX_DEPTH {
                     return Err(YamlError::TooDeep { pos });
                 }
@@ -560,11 +568,11 @@ fn record_path(b: &mut Builder, pos: Pos, started: &mut bool) {
     }
 }
 
-fn take_budget(budget: &mut usize, pos: Pos) -> Result<(), YamlError> {
-    if *budget == 0 {
+fn take_budget(budget: &mut usize, cost: usize, pos: Pos) -> Result<(), YamlError> {
+    if *budget < cost {
         return Err(YamlError::TooManyNodes { pos });
     }
-    *budget -= 1;
+    *budget -= cost;
     Ok(())
 }
 
