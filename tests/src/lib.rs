@@ -7,12 +7,16 @@
 //!   output as text, so a failed assertion can show everything;
 //! - [`eventually`], [`assert_eventually`] and [`wait_for`] wait on a
 //!   condition with a deadline scaled by `MESHFED_TEST_PATIENCE`. Tests never
-//!   synchronize with a fixed sleep.
+//!   synchronize with a fixed sleep;
+//! - [`load`] is an open-loop, fixed-rate HTTP/1.1, HTTP/2 and gRPC load
+//!   generator (also the `meshfed-load` binary).
 //!
 //! The waiting helpers block the calling thread; async variants come with
 //! the first tests that run the data plane on tokio.
 
 #![forbid(unsafe_code)]
+
+pub mod load;
 
 use std::ffi::OsStr;
 use std::fmt;
