@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod federation;
 pub mod load;
 
 use std::ffi::OsStr;

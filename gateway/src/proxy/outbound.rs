@@ -394,6 +394,8 @@ async fn forward_remote(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let replayable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && http_body::Body::is_end_stream(&body);
     let open = Open {
         kind: StreamKind::Http,
         service: target.service.clone(),
@@ -458,7 +460,47 @@ async fn forward_remote(
             tracing::debug!(error = %e, "request body to peer failed");
         }
     });
-    match read_head(&mut recv).await {
+    let head = read_head(&mut recv).await;
+    // A link that died before answering (a peer killed, not yet detected):
+    // a bodiless idempotent request is replayed on another link once, so
+    // callers do not see the failover. Retries by policy are the
+    // traffic-policy issue's.
+    if head.is_err() && replayable && tried.len() < 2 {
+        if let Some(link) = state
+            .tunnel
+            .links_to(cluster)
+            .into_iter()
+            .filter(|l| l.available(state.tunnel.settings().announce_stale))
+            .find(|l| !tried.contains(&l.target))
+        {
+            if let Ok((mut send2, mut recv2, guard2)) = link.open().await {
+                if write_frame(&mut send2, &Frame::Open(Box::new(open.clone())))
+                    .await
+                    .is_ok()
+                    && send2.finish().is_ok()
+                {
+                    return remote_response(
+                        cluster,
+                        read_head(&mut recv2).await,
+                        recv2,
+                        guard2,
+                        grpc,
+                    );
+                }
+            }
+        }
+    }
+    remote_response(cluster, head, recv, guard, grpc)
+}
+
+fn remote_response(
+    cluster: &str,
+    head: Result<(Frame, bytes::BytesMut), body::BodyError>,
+    recv: quinn::RecvStream,
+    guard: crate::tunnel::link::StreamGuard,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    match head {
         Ok((Frame::Response(head), rest)) => {
             let mut b = Response::builder().status(head.status);
             if let Some(h) = b.headers_mut() {

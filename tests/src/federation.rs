@@ -1,0 +1,397 @@
+//! A federation on loopback for tests: real certificates (made with
+//! `meshfed-gateway certs`), real policy repositories, real gateway
+//! processes, and real HTTP backends.
+//!
+//! Gateways' tunnel ports must be known before they start (a `Cluster`
+//! lists its gateways' addresses), so they come from [`free_udp_port`];
+//! every other listener uses port 0 and is read from the ready file.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::{bin, wait_for};
+
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free UDP port: {e}"))
+}
+
+/// Runs `meshfed-gateway certs ...`, panicking with its output on failure.
+pub fn certs(args: &[&str]) {
+    let out = Command::new(bin("meshfed-gateway"))
+        .arg("certs")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running meshfed-gateway certs: {e}"));
+    assert!(
+        out.status.success(),
+        "certs {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A trust anchor with one intermediate per cluster, under `dir`.
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Self {
+        Self::named(dir, "meshfed test root")
+    }
+
+    /// A PKI whose anchor has this common name.
+    pub fn named(dir: &Path, name: &str) -> Self {
+        let root = dir.join("ca/root");
+        certs(&["anchor", "--name", name, "--out", &root.to_string_lossy()]);
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The CA directory of `cluster`, created on first use.
+    pub fn cluster_ca(&self, cluster: &str) -> PathBuf {
+        let ca = self.dir.join("ca").join(cluster);
+        if !ca.join("ca.pem").exists() {
+            let root = self.dir.join("ca/root");
+            certs(&[
+                "intermediate",
+                "--ca",
+                &root.to_string_lossy(),
+                "--cluster",
+                cluster,
+                "--out",
+                &ca.to_string_lossy(),
+            ]);
+        }
+        ca
+    }
+
+    /// Credentials for a gateway.
+    pub fn gateway(&self, cluster: &str, id: &str) -> PathBuf {
+        let ca = self.cluster_ca(cluster);
+        let out = self.dir.join("creds").join(format!("{cluster}-{id}"));
+        certs(&[
+            "gateway",
+            "--ca",
+            &ca.to_string_lossy(),
+            "--cluster",
+            cluster,
+            "--id",
+            id,
+            "--out",
+            &out.to_string_lossy(),
+        ]);
+        out
+    }
+}
+
+/// One gateway process.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    pub cluster: String,
+    pub id: String,
+    pub tunnel: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// How to start a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewaySpec {
+    pub cluster: String,
+    pub id: String,
+    pub tls_dir: PathBuf,
+    pub policy_dir: PathBuf,
+    pub discovery: Option<PathBuf>,
+    pub tunnel_port: u16,
+    pub work_dir: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+/// The ready file's addresses.
+type ReadyAddrs = BTreeMap<String, SocketAddr>;
+
+impl GatewayProcess {
+    /// Starts a gateway and waits until it is ready.
+    pub fn start(spec: &GatewaySpec) -> Self {
+        let ready = spec
+            .work_dir
+            .join(format!("{}-{}.ready", spec.cluster, spec.id));
+        let log = spec
+            .work_dir
+            .join(format!("{}-{}.log", spec.cluster, spec.id));
+        let _ = std::fs::remove_file(&ready);
+        let log_file = std::fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let mut cmd = Command::new(bin("meshfed-gateway"));
+        cmd.args(["--cluster", &spec.cluster, "--gateway-id", &spec.id])
+            .arg("--tls-dir")
+            .arg(&spec.tls_dir)
+            .arg("--policy-dir")
+            .arg(&spec.policy_dir)
+            .args(["--tunnel-addr", &format!("127.0.0.1:{}", spec.tunnel_port)])
+            .args([
+                "--outbound-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&spec.extra_args)
+            .env("RUST_LOG", "info,meshfed_gateway=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if let Some(d) = &spec.discovery {
+            cmd.arg("--discovery-file").arg(d);
+        }
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MESHFED_") && key != "MESHFED_BIN_DIR" {
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting meshfed-gateway: {e}"));
+        let addrs: ReadyAddrs = match wait_for(
+            &format!("gateway {} {} ready", spec.cluster, spec.id),
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "exited with {status}: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    ));
+                }
+                let text = std::fs::read_to_string(&ready).map_err(|e| e.to_string())?;
+                serde_json::from_str(&text).map_err(|e| e.to_string())
+            },
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("{e}");
+            }
+        };
+        let addr = |k: &str| {
+            *addrs
+                .get(k)
+                .unwrap_or_else(|| panic!("ready file lacks {k}"))
+        };
+        GatewayProcess {
+            cluster: spec.cluster.clone(),
+            id: spec.id.clone(),
+            tunnel: addr("tunnel"),
+            outbound: addr("outbound"),
+            admin: addr("admin"),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// A GET on the admin API; the body.
+    pub fn admin_get(&self, path: &str) -> String {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The value of a metric sample whose line contains every `needle`.
+    pub fn metric(&self, name: &str, needles: &[&str]) -> f64 {
+        self.admin_get("/metrics")
+            .lines()
+            .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// How many links to `cluster` are available.
+    pub fn links_up(&self, cluster: &str) -> usize {
+        let peers: serde_json::Value =
+            serde_json::from_str(&self.admin_get("/peers")).unwrap_or_default();
+        peers
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| p["cluster"] == cluster && p["available"] == true)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits until `n` links to `cluster` are available.
+    pub fn wait_links(&self, cluster: &str, n: usize) {
+        if let Err(e) = wait_for(
+            &format!("{} has {n} link(s) to {cluster}", self.cluster),
+            Duration::from_secs(15),
+            || {
+                let up = self.links_up(cluster);
+                if up >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{up} up; log:\n{}", self.log_tail()))
+                }
+            },
+        ) {
+            panic!("{e}");
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no drain.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let status = wait_for(
+            "gateway exits after SIGTERM",
+            Duration::from_secs(30),
+            || {
+                c.try_wait()
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "still running".to_string())
+            },
+        );
+        match status {
+            Ok(s) => s.code(),
+            Err(_) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `Cluster` document.
+pub fn cluster_yaml(name: &str, tunnel_ports: &[u16]) -> String {
+    let gws: Vec<String> = tunnel_ports
+        .iter()
+        .map(|p| format!("'127.0.0.1:{p}'"))
+        .collect();
+    format!(
+        "apiVersion: meshfed.io/v1alpha1\nkind: Cluster\nmetadata: {{name: {name}}}\nspec: {{gateways: [{}]}}\n---\n",
+        gws.join(", ")
+    )
+}
+
+/// Writes a static discovery file: service → endpoint addresses (with
+/// labels).
+pub fn discovery_file(path: &Path, services: &[(&str, Vec<(SocketAddr, Vec<(&str, &str)>)>)]) {
+    let mut s = String::from("services:\n");
+    for (svc, eps) in services {
+        s.push_str(&format!("  {svc}:\n"));
+        for (addr, labels) in eps {
+            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            s.push_str(&format!(
+                "    - address: {addr}\n      labels: {{{}}}\n",
+                l.join(", ")
+            ));
+        }
+    }
+    std::fs::write(path, s).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Writes `text` to `path` atomically (write, then rename), as `git
+/// checkout` or a ConfigMap swap would present it to a watcher.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+/// An HTTP backend (HTTP/1.1 and HTTP/2) that names itself: every response
+/// carries `x-served-by: <name>`; GET answers `<name>`; POST answers
+/// `<name>:<bytes received>` after reading the whole body. Runs until the
+/// returned handle is dropped.
+pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("binding a backend: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let method = req.method().clone();
+                    let mut body = req.into_body();
+                    let mut n = 0usize;
+                    while let Some(f) = body.frame().await {
+                        if let Ok(d) = f.map(|f| f.into_data()) {
+                            n += d.map(|d| d.len()).unwrap_or(0);
+                        }
+                    }
+                    let text = if method == hyper::Method::POST {
+                        format!("{name}:{n}")
+                    } else {
+                        name.to_string()
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("x-served-by", name)
+                            .body(Full::new(Bytes::from(text)))
+                            .unwrap_or_default(),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}

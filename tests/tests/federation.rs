@@ -1,0 +1,339 @@
+//! Calls crossing clusters through real gateway processes on loopback:
+//! real certificates, real QUIC with mutual TLS, real HTTP backends.
+
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use meshfed_tests::federation::*;
+use tempfile::TempDir;
+
+/// east (one gateway) and west (two gateways), ratings served in west and
+/// exported, reviews served in west but not exported.
+struct Fed {
+    dir: TempDir,
+    pki: Pki,
+    policy: PathBuf,
+    east: GatewayProcess,
+    west: Vec<GatewayProcess>,
+    _backends: Vec<tokio::task::JoinHandle<()>>,
+}
+
+const EXPORTS: &str = "apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: ratings, namespace: default}
+";
+
+async fn federation() -> Fed {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (east_port, west_ports) = (free_udp_port(), [free_udp_port(), free_udp_port()]);
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("clusters.yaml"),
+        format!(
+            "{}{}",
+            cluster_yaml("east", &[east_port]),
+            cluster_yaml("west", &west_ports)
+        ),
+    )
+    .unwrap();
+    std::fs::write(policy.join("exports.yaml"), EXPORTS).unwrap();
+    let (ratings, t1) = http_backend("ratings-west").await;
+    let (reviews, t2) = http_backend("reviews-west").await;
+    let west_eps = dir.path().join("west-endpoints.yaml");
+    discovery_file(
+        &west_eps,
+        &[
+            ("ratings.default", vec![(ratings, vec![("version", "v1")])]),
+            ("reviews.default", vec![(reviews, vec![("version", "v1")])]),
+        ],
+    );
+    let spec = |cluster: &str, id: &str, port: u16, discovery: Option<PathBuf>| GatewaySpec {
+        cluster: cluster.into(),
+        id: id.into(),
+        tls_dir: pki.gateway(cluster, id),
+        policy_dir: policy.clone(),
+        discovery,
+        tunnel_port: port,
+        work_dir: dir.path().to_path_buf(),
+        extra_args: vec!["--drain-timeout".into(), "5s".into()],
+    };
+    let west = vec![
+        GatewayProcess::start(&spec("west", "gw-0", west_ports[0], Some(west_eps.clone()))),
+        GatewayProcess::start(&spec("west", "gw-1", west_ports[1], Some(west_eps.clone()))),
+    ];
+    let east = GatewayProcess::start(&spec("east", "gw-0", east_port, None));
+    east.wait_links("west", 2);
+    Fed {
+        dir,
+        pki,
+        policy,
+        east,
+        west,
+        _backends: vec![t1, t2],
+    }
+}
+
+async fn get(via: SocketAddr, host: &str, path: &str) -> (u16, String, Option<String>) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{via}{path}"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("x-meshfed-error")
+        .map(|v| v.to_str().unwrap().to_string());
+    let served = resp
+        .headers()
+        .get("x-served-by")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        served.unwrap_or_else(|| String::from_utf8_lossy(&body).into()),
+        reason,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_call_crosses_from_east_to_a_service_in_west() {
+    let fed = federation().await;
+    for authority in [
+        "ratings",
+        "ratings.default",
+        "ratings.default.svc.cluster.local",
+        "ratings.default.svc.clusterset.local:9080",
+    ] {
+        let (status, served, _) = get(fed.east.outbound, authority, "/ratings/1").await;
+        assert_eq!(
+            (status, served.as_str()),
+            (200, "ratings-west"),
+            "via {authority}"
+        );
+    }
+    assert!(
+        fed.east.metric(
+            "meshfed_requests_total",
+            &[
+                "direction=\"outbound\"",
+                "destination_cluster=\"west\"",
+                "response_code=\"200\""
+            ]
+        ) >= 4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_10_mib_request_body_crosses_intact() {
+    let fed = federation().await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("http://{}/upload", fed.east.outbound))
+        .header("host", "ratings")
+        .body(Chunks { left: 160 })
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        format!("ratings-west:{}", 10 * 1024 * 1024)
+    );
+}
+
+/// A streaming body of `left` chunks of 64 KiB, produced as it is read.
+struct Chunks {
+    left: usize,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+            7u8;
+            64 * 1024
+        ])))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_is_not_exported_is_refused_with_a_reason() {
+    let fed = federation().await;
+    // reviews has endpoints in west, but no ServiceExport.
+    let (status, _, reason) = get(fed.east.outbound, "reviews", "/").await;
+    assert_eq!(status, 404);
+    assert_eq!(reason.as_deref(), Some("no-route"));
+    // Name it through a VirtualService so east routes it to west anyway:
+    // west's gateway refuses it.
+    std::fs::write(
+        fed.policy.join("reviews.yaml"),
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets: [{name: west, labels: {topology.istio.io/cluster: west}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: west}}]}]
+",
+    )
+    .unwrap();
+    let start = Instant::now();
+    let (status, _, reason) = loop {
+        let r = get(fed.east.outbound, "reviews", "/").await;
+        if r.2.as_deref() != Some("no-route") || start.elapsed() > Duration::from_secs(10) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 404);
+    assert_eq!(reason.as_deref(), Some("not-exported"));
+    let refused: f64 = fed
+        .west
+        .iter()
+        .map(|w| w.metric("meshfed_refusals_total", &["reason=\"not-exported\""]))
+        .sum();
+    assert!(refused >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_crosses_clusters() {
+    let fed = federation().await;
+    // Prior-knowledge HTTP/2 to the gateway, with the service as :authority.
+    let tcp = tokio::net::TcpStream::connect(fed.east.outbound)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get("http://ratings.default:9080/h2")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        assert_eq!(resp.headers()["x-served-by"], "ratings-west");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_under_a_foreign_ca_is_refused_at_the_handshake_and_counted() {
+    let fed = federation().await;
+    // A second, unrelated PKI: its "east" gateway dials west.
+    let foreign_dir = fed.dir.path().join("foreign");
+    let foreign = Pki::named(&foreign_dir, "someone else's root");
+    let policy = fed.dir.path().join("foreign-policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    let west_ports: Vec<u16> = fed.west.iter().map(|w| w.tunnel.port()).collect();
+    std::fs::write(
+        policy.join("c.yaml"),
+        format!(
+            "{}{}",
+            cluster_yaml("east", &[free_udp_port()]),
+            cluster_yaml("west", &west_ports)
+        ),
+    )
+    .unwrap();
+    // The intruder trusts the real anchor too (so it accepts west's
+    // certificate and goes on to present its own), but its own chain ends
+    // at the foreign anchor: west must refuse it.
+    let tls_dir = foreign.gateway("east", "intruder");
+    certs(&[
+        "bundle",
+        &foreign_dir.join("ca/root/ca.pem").to_string_lossy(),
+        &fed.dir.path().join("ca/root/ca.pem").to_string_lossy(),
+        "--out",
+        &tls_dir.join("bundle.pem").to_string_lossy(),
+        "--force",
+    ]);
+    let intruder = GatewayProcess::start(&GatewaySpec {
+        cluster: "east".into(),
+        id: "intruder".into(),
+        tls_dir,
+        policy_dir: policy,
+        discovery: None,
+        tunnel_port: free_udp_port(),
+        work_dir: fed.dir.path().to_path_buf(),
+        extra_args: vec![],
+    });
+    meshfed_tests::assert_eventually(
+        "west counts an unknown-CA refusal",
+        Duration::from_secs(10),
+        || fed.west[0].metric("meshfed_handshake_refusals_total", &["unknown_ca"]) >= 1.0,
+    );
+    assert_eq!(intruder.links_up("west"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_two_west_gateways_moves_new_calls_to_the_other_within_a_second() {
+    let mut fed = federation().await;
+    let (status, _, _) = get(fed.east.outbound, "ratings", "/").await;
+    assert_eq!(status, 200);
+    fed.west[0].kill();
+    let killed = Instant::now();
+    // Calls started from one second after the kill all succeed.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for _ in 0..20 {
+        let (status, served, reason) = get(fed.east.outbound, "ratings", "/").await;
+        assert_eq!(
+            (status, served.as_str()),
+            (200, "ratings-west"),
+            "{reason:?} at {:?} after the kill",
+            killed.elapsed()
+        );
+    }
+    // And the dead link is noticed (keep-alive + idle timeout < 1 s, plus
+    // scheduling slack on a busy machine).
+    meshfed_tests::assert_eventually(
+        "east sees one west link",
+        Duration::from_millis(1500),
+        || fed.east.links_up("west") == 1,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_gateway_cleanly() {
+    let mut fed = federation().await;
+    let code = fed.west[1].terminate();
+    assert_eq!(code, Some(0), "{}", fed.west[1].log_tail());
+    let (status, _, _) = get(fed.east.outbound, "ratings", "/").await;
+    assert_eq!(status, 200);
+    let _ = &fed.pki;
+}
