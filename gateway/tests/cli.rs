@@ -6,10 +6,8 @@
 //! cross-process tests in `tests/` rely on; and `CARGO_BIN_EXE_*` then names
 //! exactly the binary just built.
 //!
-//! Until the data plane lands, the binary documents its interface but says
-//! plainly that it is not built and exits with code 2, so that no script or
-//! supervisor mistakes it for a running gateway. Replace these tests as the
-//! parts land.
+//! The running gateway is exercised across processes in `tests/`; here are
+//! its command line and its refusals to start.
 
 use std::process::Command;
 
@@ -28,12 +26,72 @@ fn gateway(args: &[&str]) -> Outcome {
 }
 
 #[test]
-fn without_a_data_plane_it_says_so_and_exits_2() {
+fn without_its_required_settings_it_names_them_and_exits_2() {
     let out = gateway(&[]);
 
     assert_eq!(out.code, Some(2), "{out}");
-    assert!(out.stderr.contains("not built yet"), "{out}");
-    assert!(out.stdout.is_empty(), "{out}");
+    for flag in ["--cluster", "--tls-dir", "--policy-dir"] {
+        assert!(out.stderr.contains(flag), "{flag} not named:\n{out}");
+    }
+}
+
+#[test]
+fn unreadable_credentials_stop_the_start_with_exit_1_and_say_where() {
+    let out = gateway(&[
+        "--cluster",
+        "east",
+        "--tls-dir",
+        "/nonexistent/tls",
+        "--policy-dir",
+        "/nonexistent/policy",
+    ]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("/nonexistent/tls"), "{out}");
+}
+
+#[test]
+fn an_admin_api_off_loopback_needs_a_token() {
+    let out = gateway(&[
+        "--cluster",
+        "east",
+        "--tls-dir",
+        "/x",
+        "--policy-dir",
+        "/y",
+        "--admin-addr",
+        "0.0.0.0:15020",
+    ]);
+
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("--admin-token-file"), "{out}");
+}
+
+#[test]
+fn settings_come_from_a_config_file_and_flags_override_it() {
+    let dir = std::env::temp_dir().join(format!("meshfed-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gw.yaml");
+    std::fs::write(
+        &cfg,
+        "cluster: east\ntls-dir: /from-file/tls\npolicy-dir: /from-file/policy\n",
+    )
+    .unwrap();
+    let out = gateway(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("/from-file/tls"), "{out}");
+    let out = gateway(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--tls-dir",
+        "/from-flag/tls",
+    ]);
+    assert!(out.stderr.contains("/from-flag/tls"), "{out}");
+    std::fs::write(&cfg, "cluster: east\ntls-dirr: /x\n").unwrap();
+    let out = gateway(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("unknown setting `tls-dirr`"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

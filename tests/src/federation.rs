@@ -326,9 +326,12 @@ pub fn cluster_yaml(name: &str, tunnel_ports: &[u16]) -> String {
     )
 }
 
+/// An endpoint address and its labels.
+pub type LabeledEndpoint<'a> = (SocketAddr, Vec<(&'a str, &'a str)>);
+
 /// Writes a static discovery file: service → endpoint addresses (with
 /// labels).
-pub fn discovery_file(path: &Path, services: &[(&str, Vec<(SocketAddr, Vec<(&str, &str)>)>)]) {
+pub fn discovery_file(path: &Path, services: &[(&str, Vec<LabeledEndpoint<'_>>)]) {
     let mut s = String::from("services:\n");
     for (svc, eps) in services {
         s.push_str(&format!("  {svc}:\n"));

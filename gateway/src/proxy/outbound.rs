@@ -465,30 +465,22 @@ async fn forward_remote(
     // a bodiless idempotent request is replayed on another link once, so
     // callers do not see the failover. Retries by policy are the
     // traffic-policy issue's.
-    if head.is_err() && replayable && tried.len() < 2 {
-        if let Some(link) = state
+    if head.is_err()
+        && replayable
+        && tried.len() < 2
+        && let Some(link) = state
             .tunnel
             .links_to(cluster)
             .into_iter()
             .filter(|l| l.available(state.tunnel.settings().announce_stale))
             .find(|l| !tried.contains(&l.target))
-        {
-            if let Ok((mut send2, mut recv2, guard2)) = link.open().await {
-                if write_frame(&mut send2, &Frame::Open(Box::new(open.clone())))
-                    .await
-                    .is_ok()
-                    && send2.finish().is_ok()
-                {
-                    return remote_response(
-                        cluster,
-                        read_head(&mut recv2).await,
-                        recv2,
-                        guard2,
-                        grpc,
-                    );
-                }
-            }
-        }
+        && let Ok((mut send2, mut recv2, guard2)) = link.open().await
+        && write_frame(&mut send2, &Frame::Open(Box::new(open.clone())))
+            .await
+            .is_ok()
+        && send2.finish().is_ok()
+    {
+        return remote_response(cluster, read_head(&mut recv2).await, recv2, guard2, grpc);
     }
     remote_response(cluster, head, recv, guard, grpc)
 }
