@@ -67,6 +67,7 @@ fn identify() -> Identify {
             SpiffeId::Gateway { .. } => Ok(PeerInfo {
                 cluster: id.cluster.clone(),
                 id: id.id.to_string(),
+                trust_domain: id.trust_domain.clone(),
             }),
             other => Err(format!(
                 "{other} is not a gateway; only gateways may use the tunnel"
@@ -163,7 +164,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ("admin", admin_listener.local_addr()?),
     ]);
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(proxy::outbound::serve(state.clone(), outbound));
+    let (stop_outbound, stop_rx) = watch::channel(false);
+    let outbound_task = tokio::spawn(proxy::outbound::serve(
+        state.clone(),
+        outbound,
+        stop_rx,
+        cfg.drain_timeout,
+    ));
     tokio::spawn(admin::serve(
         state.clone(),
         admin_listener,
@@ -191,7 +198,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Give peers a moment to read the draining announcement before
     // in-flight work is counted down.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tunnel.shutdown(cfg.drain_timeout).await;
+    let _ = stop_outbound.send(true);
+    tokio::join!(tunnel.shutdown(cfg.drain_timeout), async {
+        let _ = outbound_task.await;
+    });
     tracing::info!("stopped");
     Ok(())
 }

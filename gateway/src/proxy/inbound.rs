@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 use super::body::{self, TunnelBody, read_head, refuse, write_frame};
 use super::{HEAD_TIMEOUT, is_grpc, strip_hop_by_hop};
 use crate::discovery::Endpoint;
+use crate::identity::spiffe::SpiffeId;
+use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::state::Gateway;
 use crate::tunnel::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
@@ -65,6 +67,11 @@ pub async fn serve_stream(
     } else {
         Ok(())
     };
+    let checked = checked.and_then(|()| match &open.caller {
+        None => Ok(()),
+        Some(caller) => caller_may_be_asserted(&peer, caller, &active)
+            .map_err(|msg| (Refusal::Unauthorized, msg)),
+    });
     if let Err((r, msg)) = checked {
         state.metrics.refused("stream", r.reason());
         record(
@@ -236,6 +243,31 @@ pub async fn serve_stream(
             }
         }
     }
+}
+
+/// The trust-domain rule: a peer gateway may assert only workload
+/// identities in its own cluster's trust domain (design.md, "Identity").
+fn caller_may_be_asserted(
+    peer: &PeerInfo,
+    caller: &str,
+    active: &crate::route::Active,
+) -> Result<(), String> {
+    let claimed = SpiffeId::parse(caller)
+        .map_err(|e| format!("caller identity `{caller}` is not a SPIFFE ID: {e}"))?;
+    let peer_id = PeerIdentity {
+        id: SpiffeId::parse(&peer.id).map_err(|e| format!("peer identity: {e}"))?,
+        cluster: peer.cluster.clone(),
+        trust_domain: peer.trust_domain.clone(),
+    };
+    may_assert(&peer_id, &claimed, |c| {
+        active
+            .snapshot
+            .policy
+            .clusters
+            .get(c)
+            .map(|i| i.trust_domain.clone())
+    })
+    .map_err(|e| e.to_string())
 }
 
 fn record(state: &Gateway, peer: &PeerInfo, open: &Open, code: u16, reason: &str, start: Instant) {

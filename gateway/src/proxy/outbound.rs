@@ -46,18 +46,31 @@ pub struct Caller {
     pub namespace: String,
 }
 
-/// Serves the outbound listener until the task is dropped.
-pub async fn serve(state: Arc<Gateway>, listener: TcpListener) {
+/// Serves the outbound listener until `stop` turns true; then stops
+/// accepting, asks every HTTP connection to close gracefully (HTTP/1.1 after
+/// its current response, HTTP/2 with GOAWAY) and waits for them, at most
+/// `drain`.
+pub async fn serve(
+    state: Arc<Gateway>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (stream, addr) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
         };
         let state = state.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let caller = Caller {
@@ -65,8 +78,18 @@ pub async fn serve(state: Arc<Gateway>, listener: TcpListener) {
                 id: None,
                 namespace: "default".into(),
             };
-            handle_connection(state, stream, caller).await;
+            handle_connection(state, stream, caller, watcher).await;
         });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "outbound connections still open at the drain deadline"
+        );
     }
 }
 
@@ -151,7 +174,12 @@ pub fn sni(record: &[u8]) -> Option<String> {
     None
 }
 
-async fn handle_connection(state: Arc<Gateway>, stream: TcpStream, caller: Caller) {
+async fn handle_connection(
+    state: Arc<Gateway>,
+    stream: TcpStream,
+    caller: Caller,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
     match detect(&stream).await {
         Detected::Http => {
             let caller = Arc::new(caller);
@@ -160,10 +188,10 @@ async fn handle_connection(state: Arc<Gateway>, stream: TcpStream, caller: Calle
                 let caller = caller.clone();
                 async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            let conn = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await
-            {
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
             }
         }

@@ -100,6 +100,8 @@ pub struct PeerInfo {
     pub cluster: String,
     /// The SPIFFE ID of the peer's certificate.
     pub id: String,
+    /// The trust domain of the peer's cluster intermediate.
+    pub trust_domain: String,
 }
 
 /// Reads the peer's identity from an established connection; refuses peers
@@ -250,6 +252,8 @@ pub struct Tunnel {
     links: Mutex<BTreeMap<(String, String), Arc<Link>>>,
     /// Streams being served for peers, for draining.
     serving: Arc<AtomicI64>,
+    /// When the last peer stream arrived, for draining.
+    last_stream: Mutex<Option<Instant>>,
     draining: AtomicBool,
 }
 
@@ -302,6 +306,7 @@ impl Tunnel {
             identify,
             links: Mutex::new(BTreeMap::new()),
             serving: Arc::new(AtomicI64::new(0)),
+            last_stream: Mutex::new(None),
             draining: AtomicBool::new(false),
         }))
     }
@@ -557,6 +562,9 @@ impl Tunnel {
                         match conn.accept_bi().await {
                             Ok((send, recv)) => {
                                 let guard = Serving::new(this.serving.clone());
+                                if let Ok(mut t) = this.last_stream.lock() {
+                                    *t = Some(Instant::now());
+                                }
                                 let fut = handler(peer.clone(), send, recv);
                                 tokio::spawn(async move {
                                     fut.await;
@@ -585,7 +593,19 @@ impl Tunnel {
     pub async fn shutdown(&self, deadline: Duration) {
         self.draining.store(true, Ordering::Relaxed);
         let until = Instant::now() + deadline;
-        while self.serving() > 0 && Instant::now() < until {
+        // Done when nothing is being served and peers have stopped opening
+        // streams (they stop once they read the draining announcement).
+        let quiet = Duration::from_millis(250);
+        loop {
+            let recent = self
+                .last_stream
+                .lock()
+                .ok()
+                .and_then(|t| *t)
+                .is_some_and(|t| t.elapsed() < quiet);
+            if (self.serving() == 0 && !recent) || Instant::now() >= until {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Ok(links) = self.links.lock() {
