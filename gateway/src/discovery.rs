@@ -9,6 +9,9 @@
 //! Sources:
 //! - [`static_file`]: a YAML file of services and endpoints, hot reloaded
 //!   (edge sites without Kubernetes); endpoint hosts may be DNS names.
+//! - [`dns`]: the shared resolver behind those names and peer gateway
+//!   addresses: `host:port` and SRV, TTL-paced refresh, and a grace period
+//!   that keeps a failing name's last addresses.
 //! - Kubernetes: planned (the Kubernetes issue), behind the same
 //!   [`EndpointSet`] channel.
 //!
@@ -19,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+pub mod dns;
 pub mod static_file;
 
 pub use meshfed_policy::snapshot::CLUSTER_LABEL;

@@ -116,15 +116,17 @@ pub async fn parse(
                             address: e.address,
                         });
                     }
-                    let resolved = tokio::net::lookup_host(e.address.clone()).await;
+                    let resolved = super::dns::Resolver::shared()
+                        .resolve_host_port(&e.address)
+                        .await;
                     match resolved {
-                        Ok(it) => it.collect(),
-                        Err(source) => {
+                        Ok(addrs) => addrs,
+                        Err(dns) => {
                             return Err(StaticError::Resolve {
                                 path: path.to_path_buf(),
                                 service,
                                 address: e.address,
-                                source,
+                                source: std::io::Error::other(dns),
                             });
                         }
                     }

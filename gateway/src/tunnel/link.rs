@@ -473,10 +473,10 @@ impl Tunnel {
     }
 
     async fn dial(&self, link: &Link) -> Result<Connection, String> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&link.target)
+        let addrs: Vec<SocketAddr> = crate::discovery::dns::Resolver::shared()
+            .resolve_host_port(&link.target)
             .await
-            .map_err(|e| format!("cannot resolve {}: {e}", link.target))?
-            .collect();
+            .map_err(|e| format!("cannot resolve {}: {e}", link.target))?;
         let mut last = format!("{} resolved to no address", link.target);
         let name = server_name(&link.cluster);
         for addr in addrs {
