@@ -84,6 +84,28 @@ struct Cli {
           value_parser = parse_duration)]
     drain_timeout: Duration,
 
+    /// Local callers: `plaintext` (TLS from callers is routed by SNI,
+    /// untouched), or `mutual` (callers present a workload certificate of this
+    /// cluster; its identity travels to the destination).
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "MESHFED_OUTBOUND_TLS",
+        default_value = "plaintext"
+    )]
+    outbound_tls: OutboundTls,
+
+    /// A listener of its own for one service port, as opaque TCP:
+    /// `LISTEN=HOST:PORT`, e.g. `15432=db.default:5432` (repeatable). Use it
+    /// for protocols that cannot be detected, such as server-first ones.
+    #[arg(
+        long,
+        value_name = "MAP",
+        env = "MESHFED_TCP_PORT_MAP",
+        value_delimiter = ','
+    )]
+    tcp_port_map: Vec<meshfed_gateway::run::TcpMap>,
+
     /// DNS suffix of in-cluster service names.
     #[arg(
         long,
@@ -115,6 +137,14 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutboundTls {
+    /// Plaintext HTTP and TCP; TLS is passed through by SNI.
+    Plaintext,
+    /// mTLS with workload certificates.
+    Mutual,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -282,6 +312,8 @@ fn main() -> ExitCode {
         admin_token,
         ready_file: cli.ready_file,
         drain_timeout: cli.drain_timeout,
+        outbound_mutual_tls: cli.outbound_tls == OutboundTls::Mutual,
+        tcp_maps: cli.tcp_port_map,
         policy: meshfed_policy::Options {
             domain: cli.domain,
             trust_domain: cli.trust_domain,

@@ -46,6 +46,62 @@ pub struct RunConfig {
     pub ready_file: Option<PathBuf>,
     pub drain_timeout: Duration,
     pub policy: Options,
+    /// Local callers must present workload certificates of this cluster.
+    pub outbound_mutual_tls: bool,
+    /// Port mappings: listen address → service host and port, as opaque TCP.
+    pub tcp_maps: Vec<TcpMap>,
+}
+
+/// A listener of its own for one service port (`--tcp-port-map`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpMap {
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for TcpMap {
+    type Err = String;
+
+    /// `LISTEN=HOST:PORT`, e.g. `127.0.0.1:15432=db.default:5432`; a bare
+    /// port listens on 127.0.0.1.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (listen, target) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: write LISTEN=HOST:PORT, e.g. 15432=db.default:5432"))?;
+        let listen: SocketAddr = match listen.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => listen
+                .parse()
+                .map_err(|_| format!("`{listen}` is not a port or an address"))?,
+        };
+        let (host, port) = target
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{target}`: the target needs a port, e.g. db.default:5432"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{port}` is not a port"))?;
+        if host.is_empty() {
+            return Err(format!("`{target}`: the target needs a host"));
+        }
+        Ok(TcpMap {
+            listen,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+fn local_tls(
+    creds: &Credentials,
+    refusals: &Arc<HandshakeRefusals>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let accept = verify::AcceptClients::Workloads {
+        cluster: creds.cluster.clone(),
+    };
+    let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    store::server_config_accepting(creds, &alpn, refusals.clone(), accept, true)
+        .context("building the outbound listener's TLS config")
 }
 
 fn alpn() -> Vec<Vec<u8>> {
@@ -144,6 +200,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         metrics,
     )?;
     state.spawn_endpoint_follower();
+    if cfg.outbound_mutual_tls {
+        state.local_tls.store(Some(local_tls(&creds, &refusals)?));
+    }
 
     let handler_state = state.clone();
     let handler: StreamHandler = Arc::new(move |peer, send, recv| {
@@ -158,11 +217,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("binding the admin server on TCP {}", cfg.admin_addr))?;
-    let addrs = BTreeMap::from([
-        ("tunnel", tunnel.local_addr()?),
-        ("outbound", outbound.local_addr()?),
-        ("admin", admin_listener.local_addr()?),
+    let mut addrs = BTreeMap::from([
+        ("tunnel".to_string(), tunnel.local_addr()?),
+        ("outbound".to_string(), outbound.local_addr()?),
+        ("admin".to_string(), admin_listener.local_addr()?),
     ]);
+    for map in &cfg.tcp_maps {
+        let l = TcpListener::bind(map.listen).await.with_context(|| {
+            format!(
+                "binding the port mapping {} → {}:{}",
+                map.listen, map.host, map.port
+            )
+        })?;
+        addrs.insert(format!("tcp:{}:{}", map.host, map.port), l.local_addr()?);
+        tokio::spawn(proxy::outbound::serve_mapped(
+            state.clone(),
+            l,
+            map.host.clone(),
+            map.port,
+        ));
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_outbound, stop_rx) = watch::channel(false);
     let outbound_task = tokio::spawn(proxy::outbound::serve(
@@ -180,7 +254,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         },
     ));
     control::watch_dir(state.clone(), cfg.policy_dir.clone(), cfg.policy.clone());
-    spawn_credential_reload(&cfg, tunnel.clone(), refusals.clone());
+    spawn_credential_reload(&cfg, state.clone(), refusals.clone());
 
     if let Some(path) = &cfg.ready_file {
         let json = serde_json::to_vec_pretty(&addrs)?;
@@ -206,7 +280,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_credential_reload(cfg: &RunConfig, tunnel: Arc<Tunnel>, refusals: Arc<HandshakeRefusals>) {
+fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<HandshakeRefusals>) {
+    let tunnel = state.tunnel.clone();
+    let mutual = cfg.outbound_mutual_tls;
     let mut rx = match store::watch(cfg.tls_dir.clone(), Duration::from_secs(1)) {
         Ok((rx, _task)) => rx,
         Err(e) => {
@@ -217,6 +293,14 @@ fn spawn_credential_reload(cfg: &RunConfig, tunnel: Arc<Tunnel>, refusals: Arc<H
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let creds = rx.borrow_and_update().clone();
+            if mutual {
+                match local_tls(&creds, &refusals) {
+                    Ok(c) => state.local_tls.store(Some(c)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reloaded certificates unusable for the outbound listener")
+                    }
+                }
+            }
             match tls(&creds, &refusals).map(|(s, c)| tunnel.set_tls(s, c)) {
                 Ok(Ok(())) => {
                     tracing::info!(id = %creds.id, "certificates reloaded; new handshakes use them")

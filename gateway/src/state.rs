@@ -31,6 +31,9 @@ pub struct Gateway {
     pub tunnel: Arc<Tunnel>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    /// The outbound listener's TLS config when local callers must present
+    /// workload certificates (`--outbound-tls mutual`); `None` for plaintext.
+    pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     draining: AtomicBool,
     announce_seq: AtomicU64,
     announce_tx: watch::Sender<Arc<Announcement>>,
@@ -56,6 +59,7 @@ impl Gateway {
             tunnel,
             upstream: Upstream::new(),
             metrics,
+            local_tls: arc_swap::ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
             announce_seq: AtomicU64::new(0),
             announce_tx,

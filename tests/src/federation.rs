@@ -111,6 +111,8 @@ pub struct GatewayProcess {
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     pub log: PathBuf,
+    /// Everything the ready file listed (port mappings are `tcp:<host>:<port>`).
+    pub ready: ReadyAddrs,
     child: Option<Child>,
 }
 
@@ -205,6 +207,7 @@ impl GatewayProcess {
             outbound: addr("outbound"),
             admin: addr("admin"),
             log,
+            ready: addrs.clone(),
             child: Some(child),
         }
     }
@@ -355,7 +358,8 @@ pub fn write_atomic(path: &Path, text: &str) {
 }
 
 /// An HTTP backend (HTTP/1.1 and HTTP/2) that names itself: every response
-/// carries `x-served-by: <name>`; GET answers `<name>`; POST answers
+/// carries `x-served-by: <name>` and `x-seen-xfcc` (the
+/// `x-forwarded-client-cert` it received); GET answers `<name>`; POST answers
 /// `<name>:<bytes received>` after reading the whole body. Runs until the
 /// returned handle is dropped.
 pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -371,6 +375,12 @@ pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinH
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| async move {
                     let method = req.method().clone();
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
                     let mut body = req.into_body();
                     let mut n = 0usize;
                     while let Some(f) = body.frame().await {
@@ -386,6 +396,7 @@ pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinH
                     Ok::<_, Infallible>(
                         Response::builder()
                             .header("x-served-by", name)
+                            .header("x-seen-xfcc", xfcc)
                             .body(Full::new(Bytes::from(text)))
                             .unwrap_or_default(),
                     )

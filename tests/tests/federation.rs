@@ -356,6 +356,10 @@ async fn tcp_echo() -> SocketAddr {
 
 /// east and west with an exported TCP `echo` service in west.
 async fn tcp_federation() -> (TempDir, GatewayProcess, GatewayProcess) {
+    tcp_federation_with(vec![]).await
+}
+
+async fn tcp_federation_with(east_args: Vec<String>) -> (TempDir, GatewayProcess, GatewayProcess) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let (east_port, west_port) = (free_udp_port(), free_udp_port());
@@ -373,20 +377,39 @@ async fn tcp_federation() -> (TempDir, GatewayProcess, GatewayProcess) {
     let echo = tcp_echo().await;
     let eps = dir.path().join("west.yaml");
     discovery_file(&eps, &[("echo.default", vec![(echo, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>| GatewaySpec {
-        cluster: cluster.into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway(cluster, "gw-0"),
-        policy_dir: policy.clone(),
-        discovery,
-        tunnel_port: port,
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
+    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>, extra_args: Vec<String>| {
+        GatewaySpec {
+            cluster: cluster.into(),
+            id: "gw-0".into(),
+            tls_dir: pki.gateway(cluster, "gw-0"),
+            policy_dir: policy.clone(),
+            discovery,
+            tunnel_port: port,
+            work_dir: dir.path().to_path_buf(),
+            extra_args,
+        }
     };
-    let west = GatewayProcess::start(&spec("west", west_port, Some(eps.clone())));
-    let east = GatewayProcess::start(&spec("east", east_port, None));
+    let west = GatewayProcess::start(&spec("west", west_port, Some(eps.clone()), vec![]));
+    let east = GatewayProcess::start(&spec("east", east_port, None, east_args));
     east.wait_links("west", 1);
     (dir, east, west)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_port_carries_opaque_tcp_to_its_service() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, east, _west) =
+        tcp_federation_with(vec!["--tcp-port-map".into(), "0=echo.default:7".into()]).await;
+    let mapped = east.ready["tcp:echo.default:7"];
+    let mut s = tokio::net::TcpStream::connect(mapped).await.unwrap();
+    // Not HTTP, not TLS: only the mapping knows where this goes.
+    s.write_all(b"\x00\x01binary protocol hello").await.unwrap();
+    let mut back = [0u8; 23];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"\x00\x01binary protocol hello");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,4 +482,116 @@ async fn tls_is_routed_by_sni_as_opaque_tcp() {
         .unwrap()
         .unwrap();
     assert_eq!(back, hello);
+}
+
+/// A TLS client with a workload certificate from `creds` (bundle.pem,
+/// cert.pem, key.pem), or with none.
+fn workload_tls(creds: &std::path::Path, with_cert: bool) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(creds.join("bundle.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = if with_cert {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(creds.join("cert.pem"))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(creds.join("key.pem")).unwrap();
+        builder.with_client_auth_cert(chain, key).unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_callers_workload_identity_reaches_the_destination() {
+    let fed = federation().await;
+    let gw = GatewayProcess::start(&GatewaySpec {
+        cluster: "east".into(),
+        id: "gw-mtls".into(),
+        tls_dir: fed.pki.gateway("east", "gw-mtls"),
+        policy_dir: fed.policy.clone(),
+        discovery: None,
+        tunnel_port: free_udp_port(),
+        work_dir: fed.dir.path().to_path_buf(),
+        extra_args: vec!["--outbound-tls".into(), "mutual".into()],
+    });
+    gw.wait_links("west", 2);
+    let wl = fed.dir.path().join("creds/productpage");
+    certs(&[
+        "workload",
+        "--ca",
+        &fed.dir.path().join("ca/east").to_string_lossy(),
+        "--namespace",
+        "default",
+        "--service-account",
+        "productpage",
+        "--out",
+        &wl.to_string_lossy(),
+    ]);
+    let name = rustls::pki_types::ServerName::try_from("east.cluster.meshfed.internal").unwrap();
+
+    let tcp = tokio::net::TcpStream::connect(gw.outbound).await.unwrap();
+    let tls = workload_tls(&wl, true)
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "ratings")
+        .header(
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/kube-system/sa/forged",
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let xfcc = resp.headers()["x-seen-xfcc"].to_str().unwrap().to_string();
+    assert!(
+        xfcc.contains("URI=spiffe://cluster.local/ns/default/sa/productpage"),
+        "{xfcc}"
+    );
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/meshfed/cluster/west/gateway/gw-"),
+        "{xfcc}"
+    );
+    assert!(
+        !xfcc.contains("forged"),
+        "a caller cannot forge its identity: {xfcc}"
+    );
+
+    // Without a workload certificate, the caller is refused at the handshake.
+    let tcp = tokio::net::TcpStream::connect(gw.outbound).await.unwrap();
+    let refused = match workload_tls(&wl, false).connect(name, tcp).await {
+        Err(_) => true,
+        Ok(tls) => {
+            // TLS 1.3: the client may finish first; the refusal then ends
+            // the connection at the first request.
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get("/")
+                .header("host", "ratings")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            send.send_request(req).await.is_err()
+        }
+    };
+    assert!(refused);
+    meshfed_tests::assert_eventually("the refusal is counted", Duration::from_secs(5), || {
+        gw.metric("meshfed_refusals_total", &["tls-handshake"]) >= 1.0
+    });
 }

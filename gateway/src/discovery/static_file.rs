@@ -14,8 +14,8 @@
 //! The file is re-read when its content changes (checked every second,
 //! through the path, so a Kubernetes ConfigMap's `..data` symlink swap is
 //! seen). A file that does not parse is refused with a logged error and the
-//! previous set stays. Host names are resolved again on every check, so DNS
-//! changes are followed at that cadence.
+//! previous set stays. Host names resolve through [`super::dns`], asked again
+//! when their TTL runs out (between 1 s and 5 min).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

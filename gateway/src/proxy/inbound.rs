@@ -188,6 +188,15 @@ pub async fn serve_stream(
                 if let Ok(v) = head.authority.parse() {
                     h.insert(header::HOST, v);
                 }
+                // The caller's verified identity, as Istio tells workloads
+                // (XFCC); whatever the caller sent under that name is dropped.
+                h.remove(XFCC);
+                if let Some(caller) = &open.caller {
+                    let value = format!("By={};URI={caller}", gateway_id(&state, &active));
+                    if let Ok(v) = http::HeaderValue::from_str(&value) {
+                        h.insert(XFCC, v);
+                    }
+                }
             }
             let tunnel_body = TunnelBody::new(recv, rest, None)
                 .map_err(Into::into)
@@ -243,6 +252,24 @@ pub async fn serve_stream(
             }
         }
     }
+}
+
+/// Istio's header for the caller identity.
+const XFCC: &str = "x-forwarded-client-cert";
+
+fn gateway_id(state: &Gateway, active: &crate::route::Active) -> String {
+    let td = active
+        .snapshot
+        .policy
+        .clusters
+        .get(&state.cluster)
+        .map_or(active.snapshot.policy.trust_domain.as_str(), |c| {
+            c.trust_domain.as_str()
+        });
+    format!(
+        "spiffe://{td}/meshfed/cluster/{}/gateway/{}",
+        state.cluster, state.id
+    )
 }
 
 /// The trust-domain rule: a peer gateway may assert only workload

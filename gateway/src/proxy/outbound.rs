@@ -78,7 +78,10 @@ pub async fn serve(
                 id: None,
                 namespace: "default".into(),
             };
-            handle_connection(state, stream, caller, watcher).await;
+            match state.local_tls.load_full() {
+                None => handle_connection(state, stream, caller, watcher).await,
+                Some(tls) => handle_mutual(state, stream, caller, watcher, tls).await,
+            }
         });
     }
     drop(listener);
@@ -172,6 +175,78 @@ pub fn sni(record: &[u8]) -> Option<String> {
         p += len;
     }
     None
+}
+
+/// Mutual TLS from a local caller: the caller presents a workload
+/// certificate of this cluster (the verifier refuses anything else and
+/// counts it); its SPIFFE ID becomes the caller identity that travels to the
+/// destination. Inside TLS, HTTP/1.1 and HTTP/2 are served (TCP through
+/// CONNECT); TLS passthrough by SNI is a plaintext-mode feature.
+async fn handle_mutual(
+    state: Arc<Gateway>,
+    stream: TcpStream,
+    mut caller: Caller,
+    watcher: hyper_util::server::graceful::Watcher,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            state.metrics.refused("listener", "tls-handshake");
+            tracing::info!(caller = ?caller.addr, error = %e, "local caller refused at the TLS handshake");
+            return;
+        }
+        Err(_) => {
+            state.metrics.refused("listener", "tls-handshake-timeout");
+            return;
+        }
+    };
+    let id = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(crate::identity::verify::peer_identity);
+    match id {
+        Some(Ok(p)) => {
+            if let crate::identity::spiffe::SpiffeId::Workload { namespace, .. } = &p.id {
+                caller.namespace = namespace.clone();
+            }
+            caller.id = Some(p.id.to_string());
+        }
+        _ => {
+            state.metrics.refused("listener", "no-workload-identity");
+            return;
+        }
+    }
+    let caller = Arc::new(caller);
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
+    });
+    let conn = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "outbound mTLS connection ended with an error");
+    }
+}
+
+/// Serves a port mapping: every connection to `listener` is TCP to
+/// `host:port`, with no protocol detection (server-first protocols work).
+pub async fn serve_mapped(state: Arc<Gateway>, listener: TcpListener, host: String, port: u16) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (state, host) = (state.clone(), host.clone());
+        tokio::spawn(async move { tcp_proxy(state, host, port, "default", stream).await });
+    }
 }
 
 async fn handle_connection(
@@ -369,6 +444,7 @@ async fn forward_local(
     if let Some(a) = authority.and_then(|a| a.parse().ok()) {
         parts.headers.insert(header::HOST, a);
     }
+    parts.headers.remove("x-forwarded-client-cert");
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = match format!("http://{addr}{path}").parse::<Uri>() {
         Ok(u) => u,
