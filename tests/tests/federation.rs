@@ -595,3 +595,87 @@ async fn an_mtls_callers_workload_identity_reaches_the_destination() {
         gw.metric("meshfed_refusals_total", &["tls-handshake"]) >= 1.0
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_of_wests_ca_claiming_to_be_an_east_gateway_is_refused_and_counted() {
+    let fed = federation().await;
+    // Forge with rcgen directly (meshfed's own `certs` refuses to): west's
+    // intermediate signs a certificate that says "gateway of east".
+    let west_ca = fed.dir.path().join("ca/west");
+    let ca_pem = std::fs::read_to_string(west_ca.join("ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(west_ca.join("ca.key")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["east.cluster.meshfed.internal".to_string()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/meshfed/cluster/east/gateway/forged"
+            .try_into()
+            .unwrap(),
+    ));
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let creds = fed.dir.path().join("creds/forged");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("cert.pem"), format!("{}{ca_pem}", cert.pem())).unwrap();
+    std::fs::write(creds.join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::copy(west_ca.join("bundle.pem"), creds.join("bundle.pem")).unwrap();
+
+    // The gateway itself refuses to start with it...
+    let out = std::process::Command::new(meshfed_tests::bin("meshfed-gateway"))
+        .args(["--cluster", "east", "--policy-dir"])
+        .arg(&fed.policy)
+        .arg("--tls-dir")
+        .arg(&creds)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cert.pem"));
+
+    // ...and a peer that presents it anyway is refused by west and counted.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(creds.join("bundle.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(creds.join("cert.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(creds.join("key.pem")).unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"meshfed/1".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let conn = endpoint
+        .connect(fed.west[0].tunnel, "west.cluster.meshfed.internal")
+        .unwrap()
+        .await;
+    // TLS 1.3: the client may finish before the server refuses; then the
+    // connection is closed right after.
+    if let Ok(c) = conn {
+        let reason = tokio::time::timeout(Duration::from_secs(5), c.closed())
+            .await
+            .unwrap();
+        assert!(
+            reason.to_string().contains("handshake") || reason.to_string().contains("certificate"),
+            "{reason}"
+        );
+    }
+    meshfed_tests::assert_eventually(
+        "west counts a cluster-mismatch refusal",
+        Duration::from_secs(5),
+        || fed.west[0].metric("meshfed_handshake_refusals_total", &["cluster_mismatch"]) >= 1.0,
+    );
+}
