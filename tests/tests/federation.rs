@@ -16,40 +16,55 @@ use hyper_util::rt::TokioExecutor;
 use meshfed_tests::federation::*;
 use tempfile::TempDir;
 
-/// east (one gateway) and west (two gateways), ratings served in west and
-/// exported, reviews served in west but not exported.
+/// Three clusters: east (one gateway), west (two gateways) and edge (one
+/// gateway, static discovery, as an edge site without Kubernetes). ratings
+/// is served in west and exported; reviews is served in west but not
+/// exported; sensors is served at the edge and exported.
 struct Fed {
     dir: TempDir,
     pki: Pki,
     policy: PathBuf,
     east: GatewayProcess,
     west: Vec<GatewayProcess>,
+    edge: GatewayProcess,
     _backends: Vec<tokio::task::JoinHandle<()>>,
 }
 
 const EXPORTS: &str = "apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
 metadata: {name: ratings, namespace: default}
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: sensors, namespace: default}
 ";
 
 async fn federation() -> Fed {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let (east_port, west_ports) = (free_udp_port(), [free_udp_port(), free_udp_port()]);
+    let (east_port, west_ports, edge_port) = (
+        free_udp_port(),
+        [free_udp_port(), free_udp_port()],
+        free_udp_port(),
+    );
     let policy = dir.path().join("policy");
     std::fs::create_dir_all(&policy).unwrap();
     std::fs::write(
         policy.join("clusters.yaml"),
         format!(
-            "{}{}",
+            "{}{}{}",
             cluster_yaml("east", &[east_port]),
-            cluster_yaml("west", &west_ports)
+            cluster_yaml("west", &west_ports),
+            cluster_yaml("edge", &[edge_port])
         ),
     )
     .unwrap();
     std::fs::write(policy.join("exports.yaml"), EXPORTS).unwrap();
     let (ratings, t1) = http_backend("ratings-west").await;
     let (reviews, t2) = http_backend("reviews-west").await;
+    let (sensors, t3) = http_backend("sensors-edge").await;
+    let edge_eps = dir.path().join("edge-endpoints.yaml");
+    discovery_file(&edge_eps, &[("sensors.default", vec![(sensors, vec![])])]);
     let west_eps = dir.path().join("west-endpoints.yaml");
     discovery_file(
         &west_eps,
@@ -72,15 +87,19 @@ async fn federation() -> Fed {
         GatewayProcess::start(&spec("west", "gw-0", west_ports[0], Some(west_eps.clone()))),
         GatewayProcess::start(&spec("west", "gw-1", west_ports[1], Some(west_eps.clone()))),
     ];
+    let edge = GatewayProcess::start(&spec("edge", "gw-0", edge_port, Some(edge_eps)));
     let east = GatewayProcess::start(&spec("east", "gw-0", east_port, None));
     east.wait_links("west", 2);
+    east.wait_links("edge", 1);
+    edge.wait_links("west", 2);
     Fed {
         dir,
         pki,
         policy,
         east,
         west,
-        _backends: vec![t1, t2],
+        edge,
+        _backends: vec![t1, t2, t3],
     }
 }
 
@@ -112,7 +131,7 @@ async fn get(via: SocketAddr, host: &str, path: &str) -> (u16, String, Option<St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_call_crosses_from_east_to_a_service_in_west() {
+async fn http_calls_cross_between_east_west_and_the_edge_site() {
     let fed = federation().await;
     for authority in [
         "ratings",
@@ -127,6 +146,11 @@ async fn an_http_call_crosses_from_east_to_a_service_in_west() {
             "via {authority}"
         );
     }
+    // The edge site reaches west, and east reaches the edge site.
+    let (status, served, _) = get(fed.edge.outbound, "ratings", "/").await;
+    assert_eq!((status, served.as_str()), (200, "ratings-west"));
+    let (status, served, _) = get(fed.east.outbound, "sensors.default", "/").await;
+    assert_eq!((status, served.as_str()), (200, "sensors-edge"));
     assert!(
         fed.east.metric(
             "meshfed_requests_total",
