@@ -44,3 +44,18 @@ impl Endpoint {
 
 /// Canonical service host → its endpoints in this cluster.
 pub type EndpointSet = BTreeMap<String, Vec<Endpoint>>;
+
+/// The healthy endpoints of `service` that carry every label of `selector`.
+pub fn healthy<'a>(
+    set: &'a EndpointSet,
+    service: &str,
+    selector: &BTreeMap<String, String>,
+) -> Vec<&'a Endpoint> {
+    set.get(service)
+        .map(|eps| {
+            eps.iter()
+                .filter(|e| e.healthy && e.matches(selector))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 
 use super::body::{self, TunnelBody, read_head, refuse, write_frame};
 use super::{HEAD_TIMEOUT, is_grpc, strip_hop_by_hop};
-use crate::discovery::Endpoint;
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
@@ -87,14 +86,7 @@ pub async fn serve_stream(
     let endpoints = state.endpoints.borrow().clone();
     let selector: std::collections::BTreeMap<String, String> =
         open.subset_labels.iter().cloned().collect();
-    let candidates: Vec<&Endpoint> = endpoints
-        .get(&open.service)
-        .map(|eps| {
-            eps.iter()
-                .filter(|e| e.healthy && e.matches(&selector))
-                .collect()
-        })
-        .unwrap_or_default();
+    let candidates = crate::discovery::healthy(&endpoints, &open.service, &selector);
     let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
         let r = Refusal::NoHealthyEndpoint;
         state.metrics.refused("stream", r.reason());

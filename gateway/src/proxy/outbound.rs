@@ -221,6 +221,19 @@ async fn handle_mutual(
             return;
         }
     }
+    serve_http(state, caller, tls_stream, watcher).await;
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (with CONNECT upgrades) on one caller
+/// connection, under the drain watcher.
+async fn serve_http<I>(
+    state: Arc<Gateway>,
+    caller: Caller,
+    io: I,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let caller = Arc::new(caller);
     let svc = service_fn(move |req| {
         let state = state.clone();
@@ -228,10 +241,10 @@ async fn handle_mutual(
         async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
     });
     let conn = auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc)
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "outbound mTLS connection ended with an error");
+        tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
     }
 }
 
@@ -256,20 +269,7 @@ async fn handle_connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     match detect(&stream).await {
-        Detected::Http => {
-            let caller = Arc::new(caller);
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                let caller = caller.clone();
-                async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
-            });
-            let conn = auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
-            }
-        }
+        Detected::Http => serve_http(state, caller, stream, watcher).await,
         Detected::Tls { sni: Some(host) } => {
             // TLS passthrough: the caller talks TLS to the service itself.
             let ns = caller.namespace.clone();
@@ -413,14 +413,7 @@ async fn forward_local(
     req: Request<Incoming>,
     grpc: bool,
 ) -> Response<ProxyBody> {
-    let candidates: Vec<&crate::discovery::Endpoint> = endpoints
-        .get(&target.service)
-        .map(|eps| {
-            eps.iter()
-                .filter(|e| e.healthy && e.matches(&target.selector))
-                .collect()
-        })
-        .unwrap_or_default();
+    let candidates = crate::discovery::healthy(endpoints, &target.service, &target.selector);
     let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
         return error_response(
             Refusal::NoHealthyEndpoint,
@@ -679,14 +672,7 @@ where
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        let candidates: Vec<&crate::discovery::Endpoint> = endpoints
-            .get(&target.service)
-            .map(|eps| {
-                eps.iter()
-                    .filter(|e| e.healthy && e.matches(&target.selector))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let candidates = crate::discovery::healthy(&endpoints, &target.service, &target.selector);
         let Some((addr, _inflight)) = state.upstream.pick(&candidates) else {
             return;
         };
