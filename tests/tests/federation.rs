@@ -703,3 +703,62 @@ async fn a_leaf_of_wests_ca_claiming_to_be_an_east_gateway_is_refused_and_counte
         || fed.west[0].metric("meshfed_handshake_refusals_total", &["cluster_mismatch"]) >= 1.0,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_reload_through_a_secret_volume_swap_without_dropping_links() {
+    #[cfg(unix)]
+    use std::os::unix::fs::symlink;
+    let fed = federation().await;
+    // A Kubernetes Secret volume: the files are symlinks into `..data`,
+    // itself a symlink to a timestamped directory, swapped atomically.
+    let vol = fed.dir.path().join("secret-volume");
+    std::fs::create_dir_all(&vol).unwrap();
+    let first = fed.pki.gateway("east", "gw-vol");
+    let v1 = vol.join("..2026_11_25_v1");
+    std::fs::rename(&first, &v1).unwrap();
+    symlink("..2026_11_25_v1", vol.join("..data")).unwrap();
+    for f in ["bundle.pem", "cert.pem", "key.pem"] {
+        symlink(format!("..data/{f}"), vol.join(f)).unwrap();
+    }
+    let gw = GatewayProcess::start(&GatewaySpec {
+        cluster: "east".into(),
+        id: "gw-vol".into(),
+        tls_dir: vol.clone(),
+        policy_dir: fed.policy.clone(),
+        discovery: None,
+        tunnel_port: free_udp_port(),
+        work_dir: fed.dir.path().to_path_buf(),
+        extra_args: vec![],
+    });
+    gw.wait_links("west", 2);
+    let connects = |gw: &GatewayProcess| -> u64 {
+        let peers: serde_json::Value = serde_json::from_str(&gw.admin_get("/peers")).unwrap();
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["connects"].as_u64().unwrap())
+            .sum()
+    };
+    let before = connects(&gw);
+
+    // Rotate: a new certificate in a new directory, then swap `..data`.
+    let second = fed.pki.gateway("east", "gw-vol-2");
+    let v2 = vol.join("..2026_11_25_v2");
+    std::fs::rename(&second, &v2).unwrap();
+    symlink("..2026_11_25_v2", vol.join("..data_tmp")).unwrap();
+    std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+    meshfed_tests::assert_eventually(
+        "the gateway reloads its certificates",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&gw.log)
+                .unwrap()
+                .contains("certificates reloaded")
+        },
+    );
+    // Established links were not dropped, and calls still cross.
+    assert_eq!(connects(&gw), before);
+    let (status, served, _) = get(gw.outbound, "ratings", "/").await;
+    assert_eq!((status, served.as_str()), (200, "ratings-west"));
+}
