@@ -145,7 +145,9 @@ pub fn decode_stream(stream: &[u8], cuts: &[usize]) -> Decoded {
 /// Property 3 for one frame decoded from `wire`.
 pub fn check_round_trip(f: &Frame, wire: &[u8]) {
     let mut encoded = BytesMut::new();
-    frame::encode(f, &mut encoded);
+    if let Err(e) = frame::encode(f, &mut encoded) {
+        panic!("a decoded {} cannot be encoded again: {e}", describe(f));
+    }
     let bytes = encoded.clone().freeze();
     assert!(
         bytes.first() == wire.first(),
@@ -179,7 +181,12 @@ pub fn check_round_trip(f: &Frame, wire: &[u8]) {
                 encoded.len()
             );
             let mut twice = BytesMut::new();
-            frame::encode(&again, &mut twice);
+            if let Err(e) = frame::encode(&again, &mut twice) {
+                panic!(
+                    "a round-tripped {} cannot be encoded again: {e}",
+                    describe(f)
+                );
+            }
             assert!(
                 twice[..] == bytes[..],
                 "a {} re-encodes to different bytes after a round trip",

@@ -359,7 +359,7 @@ pub fn choose_cluster(
             *e = (*e).max(n);
         }
     }
-    let total: u32 = counts.values().sum();
+    let total: u64 = counts.values().map(|n| u64::from(*n)).sum();
     if total == 0 {
         return None;
     }
@@ -367,7 +367,8 @@ pub fn choose_cluster(
     counts
         .into_iter()
         .find(|(_, n)| {
-            if r < *n {
+            let n = u64::from(*n);
+            if r < n {
                 true
             } else {
                 r -= n;

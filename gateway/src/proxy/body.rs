@@ -168,11 +168,22 @@ pub async fn read_head(recv: &mut RecvStream) -> Result<(Frame, BytesMut), BodyE
     }
 }
 
-/// Writes a head frame.
-pub async fn write_frame(send: &mut SendStream, f: &Frame) -> Result<(), quinn::WriteError> {
+/// Why a frame could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteFrameError {
+    #[error("{0}")]
+    Encode(#[from] frame::FrameError),
+    #[error("peer stream: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// Writes a head frame. A head over the wire limits is refused here, before
+/// anything is sent.
+pub async fn write_frame(send: &mut SendStream, f: &Frame) -> Result<(), WriteFrameError> {
     let mut buf = BytesMut::with_capacity(512);
-    frame::encode(f, &mut buf);
-    send.write_all(&buf).await
+    frame::encode(f, &mut buf)?;
+    send.write_all(&buf).await?;
+    Ok(())
 }
 
 /// Writes an ERROR frame and finishes the stream.
@@ -203,13 +214,14 @@ where
             }
         };
         match f.into_data() {
-            Ok(data) => {
-                if data.is_empty() {
-                    continue;
+            Ok(mut data) => {
+                // DATA frames are at most MAX_DATA_FRAME; split bigger chunks.
+                while !data.is_empty() {
+                    let part = data.split_to(data.len().min(frame::MAX_DATA_FRAME));
+                    let header = frame::data_header(part.len());
+                    send.write_all(&header).await?;
+                    send.write_chunk(part).await?;
                 }
-                let header = frame::data_header(data.len());
-                send.write_all(&header).await?;
-                send.write_chunk(data).await?;
             }
             Err(f) => {
                 if let Ok(trailers) = f.into_trailers() {

@@ -540,11 +540,19 @@ async fn forward_remote(
         tried.push(link.target.clone());
         match link.open().await {
             Ok((mut send, recv, guard)) => {
-                if write_frame(&mut send, &Frame::Open(Box::new(open.clone())))
-                    .await
-                    .is_ok()
-                {
-                    break (send, recv, guard);
+                match write_frame(&mut send, &Frame::Open(Box::new(open.clone()))).await {
+                    Ok(()) => break (send, recv, guard),
+                    Err(body::WriteFrameError::Encode(e)) => {
+                        let _ = send.reset(quinn::VarInt::from_u32(0));
+                        return error_response(
+                            Refusal::BadRequest,
+                            &format!("request head too large to forward: {e}"),
+                            grpc,
+                        );
+                    }
+                    Err(body::WriteFrameError::Write(e)) => {
+                        tracing::debug!(cluster, error = %e, "link failed while opening; trying another");
+                    }
                 }
             }
             Err(e) => {

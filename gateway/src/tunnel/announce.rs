@@ -113,8 +113,8 @@ impl Announcement {
             groups
                 .iter()
                 .filter(|g| selector.iter().all(|(k, v)| g.labels.get(k) == Some(v)))
-                .map(|g| g.healthy)
-                .sum()
+                // A peer's counts are input: saturate, never overflow.
+                .fold(0u32, |n, g| n.saturating_add(g.healthy))
         })
     }
 }
@@ -134,9 +134,9 @@ fn group(endpoints: &[Endpoint]) -> Vec<EndpointGroup> {
                 labels,
                 ..Default::default()
             });
-        g.total += 1;
+        g.total = g.total.saturating_add(1);
         if e.healthy {
-            g.healthy += 1;
+            g.healthy = g.healthy.saturating_add(1);
         }
     }
     // Past the bound, merge the rest into one group of their common labels:

@@ -248,18 +248,35 @@ pub enum FrameError {
     Missing(&'static str),
 }
 
-/// Appends the encoding of `frame` to `out`.
-pub fn encode(frame: &Frame, out: &mut BytesMut) {
+/// Appends the encoding of `frame` to `out`. A frame the decoder would
+/// refuse (a head over [`MAX_HEADER_BLOCK`] or [`MAX_FIELDS`], a payload over
+/// [`MAX_DATA_FRAME`]) is not written: `out` is left as it was and the
+/// caller gets the same error the peer would have raised, so it can answer
+/// the request itself (a 400 for oversized headers) instead of sending
+/// something the peer refuses.
+pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), FrameError> {
     match frame {
-        Frame::Data(b) => {
-            put_frame_header(out, ty::DATA, b.len());
+        Frame::Data(b) | Frame::Announce(b) => {
+            let t = if matches!(frame, Frame::Data(_)) {
+                ty::DATA
+            } else {
+                ty::ANNOUNCE
+            };
+            if b.len() > MAX_DATA_FRAME {
+                return Err(FrameError::TooLarge {
+                    ty: t,
+                    len: b.len(),
+                    limit: MAX_DATA_FRAME,
+                });
+            }
+            put_frame_header(out, t, b.len());
             out.extend_from_slice(b);
+            Ok(())
         }
-        Frame::Announce(b) => {
-            put_frame_header(out, ty::ANNOUNCE, b.len());
-            out.extend_from_slice(b);
+        Frame::Accept => {
+            put_frame_header(out, ty::ACCEPT, 0);
+            Ok(())
         }
-        Frame::Accept => put_frame_header(out, ty::ACCEPT, 0),
         Frame::Open(o) => block(out, ty::OPEN, |f| encode_open(o, f)),
         Frame::Response(r) => block(out, ty::RESPONSE, |f| {
             f.put_u16(tag::STATUS, r.status.as_u16());
@@ -271,6 +288,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             put_frame_header(out, ty::ERROR, 2 + msg.len());
             out.put_u16(e.refusal.code());
             out.extend_from_slice(msg.as_bytes());
+            Ok(())
         }
     }
 }
@@ -290,15 +308,34 @@ fn put_frame_header(out: &mut BytesMut, ty: u8, len: usize) {
     out.put_u32(len as u32);
 }
 
-/// Writes a header-like frame whose length is known only after its fields.
-fn block(out: &mut BytesMut, ty: u8, fields: impl FnOnce(&mut Fields<'_>)) {
+/// Writes a header-like frame whose length is known only after its fields;
+/// takes it back if it breaks a limit.
+fn block(
+    out: &mut BytesMut,
+    ty: u8,
+    fields: impl FnOnce(&mut Fields<'_>),
+) -> Result<(), FrameError> {
     let start = out.len();
     out.put_u8(ty);
     out.put_u32(0);
     let mut f = Fields { out, count: 0 };
     fields(&mut f);
+    let count = f.count;
     let len = out.len() - start - FRAME_HEADER;
+    if count > MAX_FIELDS {
+        out.truncate(start);
+        return Err(FrameError::TooManyFields);
+    }
+    if len > MAX_HEADER_BLOCK {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            ty,
+            len,
+            limit: MAX_HEADER_BLOCK,
+        });
+    }
     out[start + 1..start + FRAME_HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 struct Fields<'a> {
@@ -433,9 +470,12 @@ fn decode_error(mut payload: Bytes) -> Result<Frame, FrameError> {
         return Err(FrameError::Truncated { tag: 0 });
     }
     let code = payload.get_u16();
+    // Invalid UTF-8 is replaced, which can make the text longer; cut it
+    // back so that what we decode is something we could encode.
+    let message = String::from_utf8_lossy(&payload);
     Ok(Frame::Error(StreamError {
         refusal: Refusal::from_code(code),
-        message: String::from_utf8_lossy(&payload).into_owned(),
+        message: truncate_utf8(&message, MAX_HEADER_BLOCK - 2).to_string(),
     }))
 }
 
@@ -572,7 +612,7 @@ fn decode_open(payload: Bytes) -> Result<Open, FrameError> {
         StreamKind::Tcp => None,
         StreamKind::Http => Some(RequestHead {
             method: method.ok_or(FrameError::Missing("method"))?,
-            scheme: scheme.unwrap_or_else(|| "http".into()),
+            scheme: scheme.ok_or(FrameError::Missing("scheme"))?,
             authority: authority.ok_or(FrameError::Missing("authority"))?,
             path: path.ok_or(FrameError::Missing("path"))?,
             headers,

@@ -659,7 +659,9 @@ async fn announce(conn: Connection, mut rx: watch::Receiver<Arc<Announcement>>, 
     loop {
         let a = rx.borrow_and_update().clone();
         buf.clear();
-        frame::encode(&Frame::Announce(a.encode().into()), &mut buf);
+        if let Err(e) = frame::encode(&Frame::Announce(a.encode().into()), &mut buf) {
+            tracing::error!(error = %e, services = a.services.len(), "announcement too large to send; peers will see this gateway as stale");
+        }
         if send.write_all(&buf).await.is_err() {
             return;
         }

@@ -58,7 +58,7 @@ fn all_frames() -> Vec<Frame> {
 fn every_frame_round_trips() {
     let mut buf = BytesMut::new();
     for f in all_frames() {
-        encode(&f, &mut buf);
+        encode(&f, &mut buf).unwrap();
     }
     for want in all_frames() {
         assert_eq!(decode(&mut buf).unwrap(), Some(want));
@@ -71,7 +71,7 @@ fn every_frame_round_trips() {
 fn frames_decode_when_bytes_arrive_one_at_a_time() {
     let mut wire = BytesMut::new();
     for f in all_frames() {
-        encode(&f, &mut wire);
+        encode(&f, &mut wire).unwrap();
     }
     let mut buf = BytesMut::new();
     let mut got = Vec::new();
@@ -87,7 +87,7 @@ fn frames_decode_when_bytes_arrive_one_at_a_time() {
 #[test]
 fn data_header_matches_the_encoder() {
     let mut a = BytesMut::new();
-    encode(&Frame::Data(Bytes::from_static(b"abc")), &mut a);
+    encode(&Frame::Data(Bytes::from_static(b"abc")), &mut a).unwrap();
     let mut b = BytesMut::from(&data_header(3)[..]);
     b.extend_from_slice(b"abc");
     assert_eq!(a, b);
@@ -123,7 +123,8 @@ fn unknown_optional_fields_are_skipped_and_critical_ones_refused() {
             headers: HeaderMap::new(),
         })),
         &mut buf,
-    );
+    )
+    .unwrap();
     // Append an optional field 0x7f to the RESPONSE block and fix its length.
     let mut with_optional = buf.clone();
     with_optional.extend_from_slice(&[0x7f, 0, 1, 42]);
@@ -179,4 +180,66 @@ fn refusals_map_to_statuses_and_round_trip_their_codes() {
     assert_eq!(Refusal::NotExported.http_status(), StatusCode::NOT_FOUND);
     assert_eq!(Refusal::Timeout.http_status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(Refusal::from_code(999), Refusal::Internal);
+}
+
+#[test]
+fn the_encoder_refuses_what_the_decoder_would_refuse_and_writes_nothing() {
+    let mut headers = HeaderMap::new();
+    for i in 0..600 {
+        headers.append(
+            HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+            HeaderValue::from_static("v"),
+        );
+    }
+    let mut buf = BytesMut::from(&b"kept"[..]);
+    let too_many = Frame::Trailers(headers);
+    assert_eq!(encode(&too_many, &mut buf), Err(FrameError::TooManyFields));
+    let mut big = HeaderMap::new();
+    big.insert(
+        "x-big",
+        HeaderValue::from_bytes(&vec![b'a'; 40_000]).unwrap(),
+    );
+    big.insert(
+        "x-big-2",
+        HeaderValue::from_bytes(&vec![b'a'; 40_000]).unwrap(),
+    );
+    assert!(matches!(
+        encode(&Frame::Trailers(big), &mut buf),
+        Err(FrameError::TooLarge { .. })
+    ));
+    let data = Frame::Data(Bytes::from(vec![0u8; MAX_DATA_FRAME + 1]));
+    assert!(matches!(
+        encode(&data, &mut buf),
+        Err(FrameError::TooLarge { .. })
+    ));
+    assert_eq!(&buf[..], b"kept", "nothing was written");
+}
+
+#[test]
+fn an_open_without_a_scheme_is_refused_rather_than_given_one() {
+    let mut open = open_http();
+    let mut buf = BytesMut::new();
+    encode(&Frame::Open(Box::new(open.clone())), &mut buf).unwrap();
+    // Drop the SCHEME field (tag 0x11) by re-encoding by hand.
+    open.http.as_mut().unwrap().scheme.clear();
+    let mut wire = BytesMut::new();
+    encode(&Frame::Open(Box::new(open)), &mut wire).unwrap();
+    let without: Vec<u8> = {
+        let payload = &wire[5..];
+        let mut out = Vec::new();
+        let mut p = 0;
+        while p < payload.len() {
+            let len = u16::from_be_bytes([payload[p + 1], payload[p + 2]]) as usize;
+            if payload[p] != 0x11 {
+                out.extend_from_slice(&payload[p..p + 3 + len]);
+            }
+            p += 3 + len;
+        }
+        out
+    };
+    let mut f = BytesMut::new();
+    f.put_u8(0x01);
+    f.put_u32(without.len() as u32);
+    f.extend_from_slice(&without);
+    assert_eq!(decode(&mut f), Err(FrameError::Missing("scheme")));
 }
