@@ -120,11 +120,18 @@ pub struct Target {
     pub subset: Option<String>,
     /// The subset's labels (empty: every endpoint).
     pub selector: BTreeMap<String, String>,
-    /// Index of the matched HTTP rule, if a VirtualService routed it.
-    pub rule: Option<usize>,
+    /// The routes' host key and the index of the matched HTTP rule, if a
+    /// VirtualService routed it.
+    pub rule: Option<(String, usize)>,
 }
 
 impl Target {
+    /// The HTTP rule that routed this target, in `active`.
+    pub fn http_rule<'a>(&self, active: &'a Active) -> Option<&'a HttpRoute> {
+        let (key, index) = self.rule.as_ref()?;
+        active.snapshot.policy.routes.get(key)?.http.get(*index)
+    }
+
     /// The cluster the subset pins, if it does.
     pub fn pinned_cluster(&self) -> Option<&str> {
         self.selector.get(CLUSTER_LABEL).map(String::as_str)
@@ -157,14 +164,19 @@ pub fn http_target(
 ) -> Option<Target> {
     let (host, port) = split_authority(req.authority, default_port);
     let policy = &active.snapshot.policy;
-    if let Some((_, routes)) = active.snapshot.route_for(host, req.caller_namespace) {
+    if let Some((key, routes)) = active.snapshot.route_for(host, req.caller_namespace) {
         let (index, rule) = routes
             .http
             .iter()
             .enumerate()
             .find(|(_, r)| rule_matches(active, r, req, port))?;
         let dest = pick_weighted(&rule.destinations)?;
-        return Some(target_for(active, dest, port, Some(index)));
+        return Some(target_for(
+            active,
+            dest,
+            port,
+            Some((key.to_string(), index)),
+        ));
     }
     // No VirtualService: the service itself, if anything knows it.
     policy
@@ -216,7 +228,12 @@ pub fn tcp_target(
         })
 }
 
-fn target_for(active: &Active, d: &WeightedDestination, port: u16, rule: Option<usize>) -> Target {
+fn target_for(
+    active: &Active,
+    d: &WeightedDestination,
+    port: u16,
+    rule: Option<(String, usize)>,
+) -> Target {
     let selector = d
         .subset
         .as_ref()

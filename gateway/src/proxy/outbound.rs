@@ -341,16 +341,85 @@ pub async fn handle_http(
         record(&state, &r, &target.service, "", start, grpc);
         return r;
     };
-    let resp = if cluster == state.cluster {
-        forward_local(&state, &target, &endpoints, req, grpc).await
-    } else {
-        forward_remote(
-            &state, &active, &caller, &cluster, &target, &authority, req, grpc,
-        )
-        .await
+    let rule = target.http_rule(&active);
+    // Fault injection, as Istio's: a delay, then maybe an abort, each for
+    // its percentage of requests.
+    if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
+        if let Some(d) = fault.delay.as_ref().filter(|d| hit(d.percent_ppm)) {
+            tokio::time::sleep(Duration::from_millis(d.delay_ms)).await;
+        }
+        if let Some(a) = fault.abort.as_ref().filter(|a| hit(a.percent_ppm)) {
+            let r = fault_response(&a.status, grpc);
+            record(&state, &r, &target.service, &cluster, start, grpc);
+            return r;
+        }
+    }
+    let forward = async {
+        if cluster == state.cluster {
+            forward_local(&state, &target, &endpoints, req, grpc).await
+        } else {
+            forward_remote(
+                &state, &active, &caller, &cluster, &target, &authority, req, grpc,
+            )
+            .await
+        }
+    };
+    // The route timeout bounds the wait for the response head (Istio's
+    // `timeout`); a streaming body may go on after it.
+    let resp = match rule.and_then(|r| r.timeout_ms) {
+        Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), forward).await {
+            Ok(r) => r,
+            Err(_) => error_response(
+                Refusal::Timeout,
+                &format!(
+                    "{} did not answer within the route timeout of {ms} ms",
+                    target.service
+                ),
+                grpc,
+            ),
+        },
+        None => forward.await,
     };
     record(&state, &resp, &target.service, &cluster, start, grpc);
     resp
+}
+
+/// Whether this request falls in a `percent_ppm` share.
+fn hit(percent_ppm: u32) -> bool {
+    percent_ppm >= meshfed_policy::snapshot::PPM
+        || rand::random_range(0..meshfed_policy::snapshot::PPM) < percent_ppm
+}
+
+/// The response of an injected abort, marked as such.
+fn fault_response(
+    status: &meshfed_policy::snapshot::AbortStatus,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    use meshfed_policy::snapshot::AbortStatus;
+    let mut b = Response::builder().header(ERROR_HEADER, "fault-injected");
+    match status {
+        AbortStatus::Http(code) => {
+            b = b.status(*code);
+            if grpc {
+                b = b.header(
+                    "grpc-status",
+                    super::grpc_status_for(
+                        StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    )
+                    .to_string(),
+                );
+            }
+        }
+        AbortStatus::Grpc(code) => {
+            b = b
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", code.to_string())
+                .header("grpc-message", "fault%20injected");
+        }
+    }
+    b.body(body::full(if grpc { "" } else { "fault injected\n" }))
+        .unwrap_or_else(|_| Response::new(body::empty()))
 }
 
 fn subset_note(t: &Target) -> String {
