@@ -35,6 +35,9 @@ pub struct Gateway {
     /// workload certificates (`--outbound-tls mutual`); `None` for plaintext.
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     draining: AtomicBool,
+    /// Requests in flight and retries in flight, for the retry budget.
+    active_requests: Arc<std::sync::atomic::AtomicI64>,
+    active_retries: Arc<std::sync::atomic::AtomicI64>,
     announce_seq: AtomicU64,
     announce_tx: watch::Sender<Arc<Announcement>>,
     announce_lock: Mutex<()>,
@@ -61,6 +64,8 @@ impl Gateway {
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
+            active_requests: Arc::default(),
+            active_retries: Arc::default(),
             announce_seq: AtomicU64::new(0),
             announce_tx,
             announce_lock: Mutex::new(()),
@@ -133,6 +138,23 @@ impl Gateway {
         self.announce_tx.subscribe()
     }
 
+    /// Counts a request in flight until the guard drops.
+    pub fn request_guard(&self) -> Counted {
+        Counted::new(self.active_requests.clone())
+    }
+
+    /// A retry, if the budget allows one: retries in flight stay under 20%
+    /// of requests in flight, with at least 3 always allowed (Envoy's retry
+    /// budget), so that retries cannot multiply an outage.
+    pub fn retry_budget(&self) -> Option<Counted> {
+        let requests = self.active_requests.load(Ordering::Relaxed);
+        let allowed = (requests / 5).max(3);
+        if self.active_retries.load(Ordering::Relaxed) >= allowed {
+            return None;
+        }
+        Some(Counted::new(self.active_retries.clone()))
+    }
+
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -153,5 +175,22 @@ impl Gateway {
                 this.reannounce();
             }
         });
+    }
+}
+
+/// A counted thing in flight; uncounted on drop.
+#[derive(Debug)]
+pub struct Counted(Arc<std::sync::atomic::AtomicI64>);
+
+impl Counted {
+    fn new(c: Arc<std::sync::atomic::AtomicI64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Counted(c)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -129,3 +129,82 @@ async fn an_injected_delay_holds_requests_then_lets_them_through() {
     assert_eq!(status, 200);
     assert!(took >= Duration::from_millis(300), "{took:?}");
 }
+
+/// A backend that answers 503 to its first `failures` requests, then 200.
+async fn flaky_backend(
+    failures: usize,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            let status = if n < failures { 503 } else { 200 };
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(b"flaky")))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_transient_503s_into_a_success_within_the_attempts() {
+    let (backend, seen) = flaky_backend(2).await;
+    let (_dir, gw) = gateway(backend, "    retries: {attempts: 3, retryOn: 5xx}\n").await;
+    let (status, _, _) = get(gw.outbound).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "two failures, then the success"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_the_configured_attempts() {
+    let (backend, seen) = flaky_backend(10).await;
+    let (_dir, gw) = gateway(
+        backend,
+        "    retries: {attempts: 2, retryOn: 'gateway-error,503'}\n",
+    )
+    .await;
+    let (status, _, _) = get(gw.outbound).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "one try and two retries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_outside_retry_on_is_not_retried() {
+    let (backend, seen) = flaky_backend(10).await;
+    let (_dir, gw) = gateway(
+        backend,
+        "    retries: {attempts: 3, retryOn: connect-failure}\n",
+    )
+    .await;
+    let (status, _, _) = get(gw.outbound).await;
+    assert_eq!(status, 503);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

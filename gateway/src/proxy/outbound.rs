@@ -293,6 +293,7 @@ pub async fn handle_http(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
+    let _active = state.request_guard();
     let grpc = is_grpc(req.headers());
     if req.method() == Method::CONNECT {
         return connect(state, caller, req).await;
@@ -354,14 +355,59 @@ pub async fn handle_http(
             return r;
         }
     }
+    let retries = rule.map(|r| &r.retries).filter(|r| r.attempts > 0);
+    let (parts, body) = req.into_parts();
+    // Only a request whose whole body is known can be sent again: today,
+    // a bodiless one (buffering bodies for retries is to come).
+    let replayable = retries.is_some() && http_body::Body::is_end_stream(&body);
+    let head = replayable.then(|| clone_head(&parts));
+    let mut req = Some(Request::from_parts(
+        parts,
+        body.map_err(Into::into).boxed_unsync(),
+    ));
+    let per_try = retries
+        .and_then(|r| r.per_try_timeout_ms)
+        .map(Duration::from_millis);
     let forward = async {
-        if cluster == state.cluster {
-            forward_local(&state, &target, &endpoints, req, grpc).await
-        } else {
-            forward_remote(
-                &state, &active, &caller, &cluster, &target, &authority, req, grpc,
-            )
-            .await
+        let mut attempt: u32 = 0;
+        // The budget slot of the retry in flight, held until it is answered.
+        let mut _retry_slot = None;
+        loop {
+            let Some(this) = req.take() else {
+                break error_response(Refusal::Internal, "no request to send", grpc);
+            };
+            let once = async {
+                if cluster == state.cluster {
+                    forward_local(&state, &target, &endpoints, this, grpc).await
+                } else {
+                    forward_remote(
+                        &state, &active, &caller, &cluster, &target, &authority, this, grpc,
+                    )
+                    .await
+                }
+            };
+            let resp = match per_try {
+                Some(d) => tokio::time::timeout(d, once)
+                    .await
+                    .unwrap_or_else(|_| error_response(Refusal::Timeout, "per-try timeout", grpc)),
+                None => once.await,
+            };
+            let (Some(policy), Some(head)) = (retries, head.as_ref()) else {
+                break resp;
+            };
+            if attempt >= policy.attempts || !retriable(&resp, &policy.retry_on) {
+                break resp;
+            }
+            let Some(slot) = state.retry_budget() else {
+                state.metrics.refused("retry", "budget-exhausted");
+                break resp;
+            };
+            _retry_slot = Some(slot);
+            attempt += 1;
+            let backoff = Duration::from_millis(25u64 << attempt.min(3))
+                .mul_f64(rand::random_range(0.5..=1.0));
+            tokio::time::sleep(backoff).await;
+            req = Some(rebuild(head));
         }
     };
     // The route timeout bounds the wait for the response head (Istio's
@@ -382,6 +428,55 @@ pub async fn handle_http(
     };
     record(&state, &resp, &target.service, &cluster, start, grpc);
     resp
+}
+
+/// The head of a request, to send it again.
+fn clone_head(parts: &http::request::Parts) -> (Method, Uri, http::Version, http::HeaderMap) {
+    (
+        parts.method.clone(),
+        parts.uri.clone(),
+        parts.version,
+        parts.headers.clone(),
+    )
+}
+
+fn rebuild(head: &(Method, Uri, http::Version, http::HeaderMap)) -> Request<ProxyBody> {
+    let mut r = Request::new(body::empty());
+    *r.method_mut() = head.0.clone();
+    *r.uri_mut() = head.1.clone();
+    *r.version_mut() = head.2;
+    *r.headers_mut() = head.3.clone();
+    r
+}
+
+/// Whether a response is worth another try under Istio's `retryOn`.
+fn retriable(resp: &Response<ProxyBody>, retry_on: &[String]) -> bool {
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let grpc = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    retry_on.iter().any(|cond| match cond.as_str() {
+        "5xx" => status >= 500,
+        "gateway-error" => matches!(status, 502..=504),
+        "reset" => reason == "upstream-reset",
+        "connect-failure" => reason == "connect-failed",
+        "refused-stream" => matches!(reason, "overloaded" | "stale-config"),
+        "retriable-4xx" => status == 409,
+        "retriable-status-codes" => false,
+        "cancelled" => grpc == "1",
+        "deadline-exceeded" => grpc == "4",
+        "resource-exhausted" => grpc == "8",
+        "internal" => grpc == "13",
+        "unavailable" => grpc == "14",
+        code => code.parse::<u16>().is_ok_and(|c| c == status),
+    })
 }
 
 /// Whether this request falls in a `percent_ppm` share.
@@ -479,7 +574,7 @@ async fn forward_local(
     state: &Gateway,
     target: &Target,
     endpoints: &crate::discovery::EndpointSet,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let candidates = crate::discovery::healthy(endpoints, &target.service, &target.selector);
@@ -513,7 +608,7 @@ async fn forward_local(
         Err(_) => return error_response(Refusal::BadRequest, "request path is not valid", grpc),
     };
     let h2 = parts.version == http::Version::HTTP_2;
-    let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let req = Request::from_parts(parts, body);
     let result = if h2 {
         state.upstream.h2.request(req).await
     } else {
@@ -555,7 +650,7 @@ async fn forward_remote(
     cluster: &str,
     target: &Target,
     authority: &str,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
