@@ -208,3 +208,48 @@ async fn a_status_outside_retry_on_is_not_retried() {
     assert_eq!(status, 503);
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_post_is_buffered_and_retried_with_its_body() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // 503 twice, then echo the body's length: the retry carries the body.
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let len = req.into_body().collect().await.unwrap().to_bytes().len();
+                        let status = if n < 2 { 503 } else { 200 };
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(len.to_string())))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let (_dir, gw) = gateway(backend, "    retries: {attempts: 3, retryOn: 5xx}\n").await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::post(format!("http://{}/", gw.outbound))
+        .header("host", "ratings")
+        .body(Full::new(Bytes::from(vec![b'p'; 1000])))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"1000");
+    assert_eq!(seen.load(Ordering::SeqCst), 3);
+}

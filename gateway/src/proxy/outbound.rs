@@ -357,14 +357,37 @@ pub async fn handle_http(
     }
     let retries = rule.map(|r| &r.retries).filter(|r| r.attempts > 0);
     let (parts, body) = req.into_parts();
-    // Only a request whose whole body is known can be sent again: today,
-    // a bodiless one (buffering bodies for retries is to come).
-    let replayable = retries.is_some() && http_body::Body::is_end_stream(&body);
-    let head = replayable.then(|| clone_head(&parts));
-    let mut req = Some(Request::from_parts(
-        parts,
-        body.map_err(Into::into).boxed_unsync(),
-    ));
+    // A request can be sent again only if its whole body is known: bodiless
+    // ones, and, when retries are configured, bodies that declare at most
+    // RETRY_BUFFER bytes, which are buffered (as Envoy buffers for retries).
+    // Bigger or unsized bodies stream and are not retried.
+    let small = http_body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|n| n <= RETRY_BUFFER as u64);
+    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) = if retries.is_none() {
+        (body.map_err(Into::into).boxed_unsync(), None)
+    } else if http_body::Body::is_end_stream(&body) {
+        (body::empty(), Some(bytes::Bytes::new()))
+    } else if small {
+        match http_body_util::Limited::new(body, RETRY_BUFFER)
+            .collect()
+            .await
+        {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                (body::full(bytes.clone()), Some(bytes))
+            }
+            Err(e) => {
+                let r = error_response(Refusal::BadRequest, &format!("request body: {e}"), grpc);
+                record(&state, &r, &target.service, &cluster, start, grpc);
+                return r;
+            }
+        }
+    } else {
+        (body.map_err(Into::into).boxed_unsync(), None)
+    };
+    let head = buffered.map(|b| (clone_head(&parts), b));
+    let mut req = Some(Request::from_parts(parts, body));
     let per_try = retries
         .and_then(|r| r.per_try_timeout_ms)
         .map(Duration::from_millis);
@@ -407,7 +430,7 @@ pub async fn handle_http(
             let backoff = Duration::from_millis(25u64 << attempt.min(3))
                 .mul_f64(rand::random_range(0.5..=1.0));
             tokio::time::sleep(backoff).await;
-            req = Some(rebuild(head));
+            req = Some(rebuild(&head.0, head.1.clone()));
         }
     };
     // The route timeout bounds the wait for the response head (Istio's
@@ -440,8 +463,18 @@ fn clone_head(parts: &http::request::Parts) -> (Method, Uri, http::Version, http
     )
 }
 
-fn rebuild(head: &(Method, Uri, http::Version, http::HeaderMap)) -> Request<ProxyBody> {
-    let mut r = Request::new(body::empty());
+/// Largest request body buffered so that it can be retried.
+const RETRY_BUFFER: usize = 64 * 1024;
+
+fn rebuild(
+    head: &(Method, Uri, http::Version, http::HeaderMap),
+    body: bytes::Bytes,
+) -> Request<ProxyBody> {
+    let mut r = Request::new(if body.is_empty() {
+        body::empty()
+    } else {
+        body::full(body)
+    });
     *r.method_mut() = head.0.clone();
     *r.uri_mut() = head.1.clone();
     *r.version_mut() = head.2;
