@@ -363,6 +363,42 @@ pub fn write_atomic(path: &Path, text: &str) {
 /// `<name>:<bytes received>` after reading the whole body. Runs until the
 /// returned handle is dropped.
 pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    serve_fn(move |req: Request<Incoming>| async move {
+        let method = req.method().clone();
+        let xfcc = req
+            .headers()
+            .get("x-forwarded-client-cert")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.map(|f| f.into_data()) {
+                n += d.map(|d| d.len()).unwrap_or(0);
+            }
+        }
+        let text = if method == hyper::Method::POST {
+            format!("{name}:{n}")
+        } else {
+            name.to_string()
+        };
+        Response::builder()
+            .header("x-served-by", name)
+            .header("x-seen-xfcc", xfcc)
+            .body(Full::new(Bytes::from(text)))
+            .unwrap_or_default()
+    })
+    .await
+}
+
+/// Serves `handler` over HTTP/1.1 and HTTP/2 on a loopback port until the
+/// returned handle is dropped or aborted.
+pub async fn serve_fn<F, Fut>(handler: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("binding a backend: {e}"));
@@ -372,34 +408,12 @@ pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinH
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    let method = req.method().clone();
-                    let xfcc = req
-                        .headers()
-                        .get("x-forwarded-client-cert")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let mut body = req.into_body();
-                    let mut n = 0usize;
-                    while let Some(f) = body.frame().await {
-                        if let Ok(d) = f.map(|f| f.into_data()) {
-                            n += d.map(|d| d.len()).unwrap_or(0);
-                        }
-                    }
-                    let text = if method == hyper::Method::POST {
-                        format!("{name}:{n}")
-                    } else {
-                        name.to_string()
-                    };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("x-served-by", name)
-                            .header("x-seen-xfcc", xfcc)
-                            .body(Full::new(Bytes::from(text)))
-                            .unwrap_or_default(),
-                    )
+                let svc = service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)

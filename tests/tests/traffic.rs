@@ -5,39 +5,25 @@
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use meshfed_tests::federation::*;
 
 /// A backend that answers after `delay`.
 async fn slow_backend(delay: Duration) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |_req: Request<hyper::body::Incoming>| async move {
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                            b"slow",
-                        ))))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let (addr, _task) = serve_fn(move |_req| async move {
+        tokio::time::sleep(delay).await;
+        hyper::Response::new(Full::new(Bytes::from_static(b"slow")))
+    })
+    .await;
     addr
 }
 
@@ -130,39 +116,27 @@ async fn an_injected_delay_holds_requests_then_lets_them_through() {
     assert!(took >= Duration::from_millis(300), "{took:?}");
 }
 
-/// A backend that answers 503 to its first `failures` requests, then 200.
-async fn flaky_backend(
-    failures: usize,
-) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let seen = std::sync::Arc::new(AtomicUsize::new(0));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+/// A backend that answers 503 to its first `failures` requests, then 200
+/// with the length of the request body it read; it counts requests.
+async fn flaky_backend(failures: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        let n = counter.fetch_add(1, Ordering::SeqCst);
-                        async move {
-                            let status = if n < failures { 503 } else { 200 };
-                            Ok::<_, Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(Full::new(Bytes::from_static(b"flaky")))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    let (addr, _task) = serve_fn(move |req: Request<hyper::body::Incoming>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let len = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            hyper::Response::builder()
+                .status(if n < failures { 503 } else { 200 })
+                .body(Full::new(Bytes::from(len.to_string())))
+                .unwrap()
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
@@ -173,7 +147,7 @@ async fn retries_turn_transient_503s_into_a_success_within_the_attempts() {
     let (status, _, _) = get(gw.outbound).await;
     assert_eq!(status, 200);
     assert_eq!(
-        seen.load(std::sync::atomic::Ordering::SeqCst),
+        seen.load(Ordering::SeqCst),
         3,
         "two failures, then the success"
     );
@@ -189,11 +163,7 @@ async fn retries_stop_at_the_configured_attempts() {
     .await;
     let (status, _, _) = get(gw.outbound).await;
     assert_eq!(status, 503);
-    assert_eq!(
-        seen.load(std::sync::atomic::Ordering::SeqCst),
-        3,
-        "one try and two retries"
-    );
+    assert_eq!(seen.load(Ordering::SeqCst), 3, "one try and two retries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,41 +176,13 @@ async fn a_status_outside_retry_on_is_not_retried() {
     .await;
     let (status, _, _) = get(gw.outbound).await;
     assert_eq!(status, 503);
-    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_post_is_buffered_and_retried_with_its_body() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    // 503 twice, then echo the body's length: the retry carries the body.
-    let seen = std::sync::Arc::new(AtomicUsize::new(0));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    let counter = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let n = counter.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        let len = req.into_body().collect().await.unwrap().to_bytes().len();
-                        let status = if n < 2 { 503 } else { 200 };
-                        Ok::<_, Infallible>(
-                            hyper::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from(len.to_string())))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    // 503 twice, then the body's length: the retry carries the body.
+    let (backend, seen) = flaky_backend(2).await;
     let (_dir, gw) = gateway(backend, "    retries: {attempts: 3, retryOn: 5xx}\n").await;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = Request::post(format!("http://{}/", gw.outbound))
