@@ -423,3 +423,48 @@ where
     });
     (addr, task)
 }
+
+/// Two clusters for a single-service test: `east` (one gateway, with
+/// `east_args`) and `west` (one gateway) serving `service` (a short name in
+/// `default`, exported) at `backend`. Returns once east's link to west is up.
+pub fn two_clusters(
+    service: &str,
+    backend: SocketAddr,
+    east_args: Vec<String>,
+) -> (tempfile::TempDir, GatewayProcess, GatewayProcess) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let pki = Pki::new(dir.path());
+    let (east_port, west_port) = (free_udp_port(), free_udp_port());
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        policy.join("p.yaml"),
+        format!(
+            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {service}, namespace: default}}\n",
+            cluster_yaml("east", &[east_port]),
+            cluster_yaml("west", &[west_port])
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let eps = dir.path().join("west.yaml");
+    discovery_file(
+        &eps,
+        &[(&format!("{service}.default"), vec![(backend, vec![])])],
+    );
+    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>, extra_args: Vec<String>| {
+        GatewaySpec {
+            cluster: cluster.into(),
+            id: "gw-0".into(),
+            tls_dir: pki.gateway(cluster, "gw-0"),
+            policy_dir: policy.clone(),
+            discovery,
+            tunnel_port: port,
+            work_dir: dir.path().to_path_buf(),
+            extra_args,
+        }
+    };
+    let west = GatewayProcess::start(&spec("west", west_port, Some(eps.clone()), vec![]));
+    let east = GatewayProcess::start(&spec("east", east_port, None, east_args));
+    east.wait_links("west", 1);
+    (dir, east, west)
+}

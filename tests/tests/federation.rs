@@ -384,39 +384,7 @@ async fn tcp_federation() -> (TempDir, GatewayProcess, GatewayProcess) {
 }
 
 async fn tcp_federation_with(east_args: Vec<String>) -> (TempDir, GatewayProcess, GatewayProcess) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let (east_port, west_port) = (free_udp_port(), free_udp_port());
-    let policy = dir.path().join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    std::fs::write(
-        policy.join("p.yaml"),
-        format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: echo, namespace: default}}\n",
-            cluster_yaml("east", &[east_port]),
-            cluster_yaml("west", &[west_port])
-        ),
-    )
-    .unwrap();
-    let echo = tcp_echo().await;
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("echo.default", vec![(echo, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>, extra_args: Vec<String>| {
-        GatewaySpec {
-            cluster: cluster.into(),
-            id: "gw-0".into(),
-            tls_dir: pki.gateway(cluster, "gw-0"),
-            policy_dir: policy.clone(),
-            discovery,
-            tunnel_port: port,
-            work_dir: dir.path().to_path_buf(),
-            extra_args,
-        }
-    };
-    let west = GatewayProcess::start(&spec("west", west_port, Some(eps.clone()), vec![]));
-    let east = GatewayProcess::start(&spec("east", east_port, None, east_args));
-    east.wait_links("west", 1);
-    (dir, east, west)
+    two_clusters("echo", tcp_echo().await, east_args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,37 +133,7 @@ async fn grpc_backend() -> SocketAddr {
 
 /// east and west, with `grpc-echo` served in west and exported.
 async fn setup() -> (tempfile::TempDir, GatewayProcess, GatewayProcess) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let (east_port, west_port) = (free_udp_port(), free_udp_port());
-    let policy = dir.path().join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    std::fs::write(
-        policy.join("p.yaml"),
-        format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: grpc-echo, namespace: default}}\n",
-            cluster_yaml("east", &[east_port]),
-            cluster_yaml("west", &[west_port])
-        ),
-    )
-    .unwrap();
-    let backend = grpc_backend().await;
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("grpc-echo.default", vec![(backend, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<std::path::PathBuf>| GatewaySpec {
-        cluster: cluster.into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway(cluster, "gw-0"),
-        policy_dir: policy.clone(),
-        discovery,
-        tunnel_port: port,
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
-    };
-    let west = GatewayProcess::start(&spec("west", west_port, Some(eps.clone())));
-    let east = GatewayProcess::start(&spec("east", east_port, None));
-    east.wait_links("west", 1);
-    (dir, east, west)
+    two_clusters("grpc-echo", grpc_backend().await, vec![])
 }
 
 async fn client(via: SocketAddr) -> tonic::client::Grpc<tonic::transport::Channel> {
