@@ -19,6 +19,7 @@
 
 pub mod git;
 pub mod pipeline;
+pub mod rollout;
 pub mod server;
 pub mod status;
 pub mod trigger;
