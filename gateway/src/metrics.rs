@@ -55,6 +55,19 @@ pub struct ConfigLabels {
     pub version: String,
 }
 
+/// Requests and TCP streams denied by an AuthorizationPolicy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `namespace/name` of the DENY policy that matched; empty when ALLOW
+    /// policies applied and none matched.
+    pub policy: String,
+    /// `deny-policy` or `no-allow-match`.
+    pub reason: &'static str,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+}
+
 /// Reads one per-link gauge value.
 type LinkGauge = fn(&LinkStatus) -> Option<f64>;
 
@@ -68,6 +81,7 @@ pub struct Metrics {
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
+    pub authz_denied: Family<AuthzLabels, Counter>,
     config: Family<ConfigLabels, Gauge>,
     config_version: Mutex<String>,
     /// Handshake refusals counted by the TLS verifiers, read at scrape time.
@@ -129,6 +143,12 @@ impl Metrics {
             "Connections and streams refused, by stage and reason",
             refusals.clone(),
         );
+        let authz_denied = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "authz_denied",
+            "Requests and TCP streams denied by authorization, by policy and reason",
+            authz_denied.clone(),
+        );
         let config = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -143,6 +163,7 @@ impl Metrics {
             tcp_sent_bytes,
             tcp_received_bytes,
             refusals,
+            authz_denied,
             config,
             config_version: Mutex::new(String::new()),
             handshake_refusals: Mutex::new(None),

@@ -33,14 +33,17 @@ use crate::tunnel::announce::Announcement;
 pub struct Active {
     pub snapshot: Arc<Snapshot>,
     regexes: HashMap<String, Regex>,
+    /// The AuthorizationPolicies, compiled ([`crate::authz`]).
+    pub authz: crate::authz::Authz,
 }
 
 /// Why a snapshot cannot be activated (the gateway NACKs it).
 #[derive(Debug, thiserror::Error)]
-#[error("regex `{pattern}` does not compile: {reason}")]
-pub struct ActivateError {
-    pub pattern: String,
-    pub reason: String,
+pub enum ActivateError {
+    #[error("regex `{pattern}` does not compile: {reason}")]
+    Regex { pattern: String, reason: String },
+    #[error("authorization policy cannot be enforced: {0}")]
+    Authz(#[from] crate::authz::CompileError),
 }
 
 impl Active {
@@ -54,7 +57,7 @@ impl Active {
                     .size_limit(1 << 20)
                     .dfa_size_limit(1 << 20)
                     .build()
-                    .map_err(|e| ActivateError {
+                    .map_err(|e| ActivateError::Regex {
                         pattern: p.clone(),
                         reason: e.to_string(),
                     })?;
@@ -82,7 +85,12 @@ impl Active {
                 }
             }
         }
-        Ok(Active { snapshot, regexes })
+        let authz = crate::authz::Authz::compile(&snapshot.policy)?;
+        Ok(Active {
+            snapshot,
+            regexes,
+            authz,
+        })
     }
 
     pub fn version(&self) -> &str {

@@ -635,10 +635,12 @@ fn authz(
         .as_ref()
         .map(|s| s.match_labels.clone())
         .unwrap_or_default();
-    let scope = if !selector.is_empty() {
-        AuthzScope::Workload
-    } else if r.namespace == opts.root_namespace {
+    // In the root namespace a policy is mesh-wide; with a selector, it
+    // selects matching workloads of every namespace (Istio's semantics).
+    let scope = if r.namespace == opts.root_namespace {
         AuthzScope::Mesh
+    } else if !selector.is_empty() {
+        AuthzScope::Workload
     } else {
         AuthzScope::Namespace
     };

@@ -705,7 +705,8 @@ pub enum AuthzAction {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthzScope {
-    /// In the root namespace without a selector: every workload.
+    /// In the root namespace: every workload of every namespace (those
+    /// whose labels match the selector, when there is one).
     Mesh,
     /// Every workload of the policy's namespace.
     #[default]

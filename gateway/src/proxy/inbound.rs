@@ -87,6 +87,11 @@ pub async fn serve_stream(
     let selector: std::collections::BTreeMap<String, String> =
         open.subset_labels.iter().cloned().collect();
     let candidates = crate::discovery::healthy(&endpoints, &open.service, &selector);
+    // Authorization, before anything is sent upstream (crate::authz).
+    let (candidates, target) = match authorize(&active, &peer, &open, candidates) {
+        Ok(ok) => ok,
+        Err(denied) => return deny(&state, &peer, &open, denied, send, start).await,
+    };
     let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
         let r = Refusal::NoHealthyEndpoint;
         state.metrics.refused("stream", r.reason());
@@ -166,7 +171,8 @@ pub async fn serve_stream(
                 )
                 .await;
             };
-            let uri: Uri = match format!("http://{addr}{}", head.path).parse() {
+            // The normalized path authorization matched (crate::authz).
+            let uri: Uri = match format!("http://{addr}{target}").parse() {
                 Ok(u) => u,
                 Err(_) => {
                     return refuse(&mut send, Refusal::BadRequest, "invalid request path").await;
@@ -245,6 +251,132 @@ pub async fn serve_stream(
         }
     }
 }
+
+/// Why a stream is not served: denied by authorization, or a path that
+/// cannot be authorized.
+enum Denied {
+    Authz(crate::authz::Denial),
+    BadPath(crate::authz::PathError),
+}
+
+/// Evaluates the AuthorizationPolicies for a stream over its candidate
+/// endpoints ([`crate::authz::Authz::filter`]). The principal is the
+/// caller's forwarded workload identity (already checked against the
+/// trust-domain rule), else the source gateway's own. Returns the endpoints
+/// that allow the request and, for HTTP, the normalized request target to
+/// forward.
+fn authorize<'e>(
+    active: &crate::route::Active,
+    peer: &PeerInfo,
+    open: &Open,
+    candidates: Vec<&'e crate::discovery::Endpoint>,
+) -> Result<(Vec<&'e crate::discovery::Endpoint>, String), Denied> {
+    let (target, http) = match &open.http {
+        Some(head) => {
+            let (path, query) =
+                crate::authz::normalize_path(&head.path).map_err(Denied::BadPath)?;
+            (format!("{path}{query}"), Some((head, path)))
+        }
+        None => (String::new(), None),
+    };
+    if active.authz.is_empty() {
+        return Ok((candidates, target));
+    }
+    let principal = open.caller.as_deref().unwrap_or(&peer.id);
+    let req = crate::authz::Request::new(
+        Some(principal),
+        &peer.cluster,
+        http.as_ref().map(|(head, path)| crate::authz::Http {
+            method: head.method.as_str(),
+            path,
+            host: &head.authority,
+            headers: &head.headers,
+        }),
+    );
+    let namespace =
+        crate::authz::service_namespace(&active.snapshot.policy, &open.service).unwrap_or("");
+    let allowed = active
+        .authz
+        .filter(&req, namespace, candidates)
+        .map_err(Denied::Authz)?;
+    Ok((allowed, target))
+}
+
+/// Answers a denied stream: HTTP gets Envoy's RBAC answer (`403`,
+/// `RBAC: access denied`; gRPC: `PERMISSION_DENIED`), TCP an ERROR frame.
+/// Counted and logged with the policy and the reason.
+async fn deny(
+    state: &Gateway,
+    peer: &PeerInfo,
+    open: &Open,
+    denied: Denied,
+    mut send: SendStream,
+    start: Instant,
+) {
+    let denial = match denied {
+        Denied::BadPath(e) => {
+            state.metrics.refused("stream", "bad-request");
+            record(state, peer, open, 400, "bad-request", start);
+            return refuse(&mut send, Refusal::BadRequest, e.to_string()).await;
+        }
+        Denied::Authz(d) => d,
+    };
+    let principal = open.caller.as_deref().unwrap_or(&peer.id);
+    tracing::info!(
+        service = %open.service,
+        source_cluster = %peer.cluster,
+        %principal,
+        policy = %denial.policy,
+        reason = denial.reason.label(),
+        "authorization denied: {denial}"
+    );
+    state
+        .metrics
+        .authz_denied
+        .get_or_create(&crate::metrics::AuthzLabels {
+            policy: denial.policy.clone(),
+            reason: denial.reason.label(),
+            source_cluster: peer.cluster.clone(),
+            destination_cluster: state.cluster.clone(),
+            destination_service: open.service.clone(),
+        })
+        .inc();
+    let r = Refusal::Unauthorized;
+    record(state, peer, open, 403, r.reason(), start);
+    let Some(head) = &open.http else {
+        return refuse(&mut send, r, format!("{RBAC_DENIED}: {denial}")).await;
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        crate::proxy::ERROR_HEADER,
+        http::HeaderValue::from_static("unauthorized"),
+    );
+    let (status, body) = if is_grpc(&head.headers) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", http::HeaderValue::from_static("7"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("RBAC: access denied"),
+        );
+        (http::StatusCode::OK, body::empty())
+    } else {
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        (http::StatusCode::FORBIDDEN, body::full(RBAC_DENIED))
+    };
+    let head = Frame::Response(Box::new(ResponseHead { status, headers }));
+    if write_frame(&mut send, &head).await.is_ok() {
+        let _ = body::pump(body, &mut send).await;
+    }
+}
+
+/// Envoy's RBAC filter's body for a denied request, byte for byte.
+pub const RBAC_DENIED: &str = "RBAC: access denied";
 
 /// Istio's header for the caller identity.
 const XFCC: &str = "x-forwarded-client-cert";

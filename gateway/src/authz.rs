@@ -1,0 +1,867 @@
+//! Authorization: the snapshot's AuthorizationPolicies, compiled once per
+//! snapshot and evaluated for every request a destination gateway serves.
+//!
+//! Semantics are Istio's:
+//! - **Order.** A request is denied if any DENY policy that applies to the
+//!   workload has a matching rule; otherwise, if any ALLOW policy applies,
+//!   it is allowed only when one of them has a matching rule; with no ALLOW
+//!   policy it is allowed. AUDIT policies never block. CUSTOM is refused by
+//!   validation (`unsupported-field`) and never compiled.
+//! - **Scope.** A policy in the root namespace without a selector applies to
+//!   every workload (`mesh`); a namespace's policy without a selector to
+//!   every workload of its namespace; a policy with `selector.matchLabels`
+//!   to the workloads of its namespace whose labels include the selector (in
+//!   the root namespace: of every namespace).
+//! - **The workload** at a destination gateway is the local endpoint that
+//!   would receive the request: its namespace is the destination service's
+//!   (`<name>.<ns>.svc.<domain>`, or a ServiceEntry's namespace), its labels
+//!   are the endpoint's labels from discovery, its port is the endpoint's
+//!   port (Istio's `ports` and `destination.port` are the workload's port,
+//!   not the service port). [`Authz::depends_on_endpoint`] says when every
+//!   endpoint gets the same answer, so that the caller decides once.
+//! - **Rules.** A rule matches when one of its sources matches (or it has
+//!   none), one of its operations matches (or it has none) and every `when`
+//!   condition holds. Inside a source or an operation every non-empty field
+//!   must hold; a field's values are ORed; `notX` holds when no value
+//!   matches (so an absent attribute satisfies `notX` and never `X`, as in
+//!   Envoy's RBAC). Values are Istio patterns: exact, `prefix*`, `*suffix`
+//!   or `*` (which needs the attribute to be present).
+//! - **Principals** are Istio's form, `<td>/ns/<ns>/sa/<sa>` (the SPIFFE ID
+//!   without `spiffe://`). The source namespace and service account come
+//!   from a workload principal; a gateway principal has neither.
+//! - **TCP.** Fields that only HTTP has (`hosts`, `methods`, `paths`,
+//!   `request.headers`) make an ALLOW rule not match and are ignored in a
+//!   DENY rule (which then matches on its other fields), as Istio does: both
+//!   fail closed.
+//! - **Paths** are matched without the query string, after RFC 3986
+//!   normalization ([`normalize_path`]); the request is forwarded with the
+//!   normalized path, as Envoy does in Istio's default `BASE` mode, so the
+//!   path the policy saw is the path the workload gets.
+//!
+//! `when` keys: `source.principal`, `source.namespace`, `source.cluster`
+//! (meshfed's: the calling gateway's verified cluster), `request.headers[..]`
+//! (several values of one header are joined with `,`, as Envoy does),
+//! `destination.port`, and `connection.sni`, which the tunnel does not carry:
+//! it is evaluated as absent (its `values` never match, its `notValues`
+//! always hold). Any other key, a malformed pattern, port or header name, or
+//! an Istio path template (`{*}`, `{**}`) is refused when the snapshot is
+//! compiled ([`CompileError`]), so the gateway NACKs it and keeps the
+//! previous snapshot: a policy it cannot enforce exactly never half-applies.
+//!
+//! This module does not own where the decision is enforced (the inbound
+//! proxy answers `403 RBAC: access denied`, or refuses a TCP stream), who
+//! the caller is (the tunnel's verified peer and the trust-domain rule), or
+//! PeerAuthentication ([`crate::peer_auth`]).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use http::{HeaderMap, HeaderName};
+use meshfed_policy::snapshot::{
+    AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzScope, AuthzSource,
+    ClusterPolicy,
+};
+
+use crate::discovery::Endpoint;
+
+#[cfg(test)]
+mod tests;
+
+/// Why a snapshot's authorization policies cannot be enforced.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "{policy}: `when` key `{key}` is not enforced by this gateway; use source.principal, \
+         source.namespace, source.cluster, request.headers[<name>], destination.port or \
+         connection.sni (a newer syncer may know keys this gateway does not: upgrade it)"
+    )]
+    UnknownKey { policy: String, key: String },
+    #[error("{policy}: {field} value `{value}` is not valid: {why}")]
+    BadValue {
+        policy: String,
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// An Istio string pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    /// `*`: any present value.
+    Any,
+    Exact(Box<str>),
+    /// `foo*`.
+    Prefix(Box<str>),
+    /// `*foo`.
+    Suffix(Box<str>),
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Result<Self, &'static str> {
+        if s.is_empty() {
+            return Err("an empty value matches nothing");
+        }
+        let p = if s == "*" {
+            Pattern::Any
+        } else if let Some(rest) = s.strip_prefix('*') {
+            Pattern::Suffix(rest.into())
+        } else if let Some(rest) = s.strip_suffix('*') {
+            Pattern::Prefix(rest.into())
+        } else {
+            Pattern::Exact(s.into())
+        };
+        match &p {
+            Pattern::Exact(x) | Pattern::Prefix(x) | Pattern::Suffix(x) if x.contains('*') => Err(
+                "a wildcard is only allowed as the whole value, a prefix (`*x`) or a suffix (`x*`)",
+            ),
+            _ => Ok(p),
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(x) => v == &**x,
+            Pattern::Prefix(x) => v.starts_with(&**x),
+            Pattern::Suffix(x) => v.ends_with(&**x),
+        }
+    }
+}
+
+/// Patterns of one field: any may match.
+#[derive(Debug, Clone, Default)]
+struct Patterns(Vec<Pattern>);
+
+impl Patterns {
+    fn compile(
+        values: &[String],
+        policy: &str,
+        field: &'static str,
+        lowercase: bool,
+    ) -> Result<Self, CompileError> {
+        values
+            .iter()
+            .map(|v| {
+                let v: Cow<'_, str> = if lowercase {
+                    Cow::Owned(v.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(v)
+                };
+                Pattern::parse(&v).map_err(|why| CompileError::BadValue {
+                    policy: policy.to_string(),
+                    field,
+                    value: v.to_string(),
+                    why,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Patterns)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a present value matches one pattern.
+    fn any(&self, v: Option<&str>) -> bool {
+        v.is_some_and(|v| self.0.iter().any(|p| p.matches(v)))
+    }
+
+    /// `X` and `notX` of one attribute: each holds when empty.
+    fn holds(&self, not: &Patterns, v: Option<&str>) -> bool {
+        (self.is_empty() || self.any(v)) && (not.is_empty() || !not.any(v))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Source {
+    principals: Patterns,
+    not_principals: Patterns,
+    namespaces: Patterns,
+    not_namespaces: Patterns,
+    /// `(namespace, service account)`.
+    service_accounts: Vec<(String, String)>,
+    not_service_accounts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Operation {
+    hosts: Patterns,
+    not_hosts: Patterns,
+    ports: Vec<u16>,
+    not_ports: Vec<u16>,
+    methods: Patterns,
+    not_methods: Patterns,
+    paths: Patterns,
+    not_paths: Patterns,
+}
+
+impl Operation {
+    fn http_only(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Attribute {
+    Principal,
+    Namespace,
+    Cluster,
+    Header(HeaderName),
+    DestinationPort,
+    Sni,
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    attribute: Attribute,
+    values: Patterns,
+    not_values: Patterns,
+    /// For `destination.port`.
+    ports: Vec<u16>,
+    not_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Rule {
+    from: Vec<Source>,
+    to: Vec<Operation>,
+    when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone)]
+struct Policy {
+    /// `namespace/name`, for metrics and logs.
+    name: String,
+    namespace: String,
+    scope: AuthzScope,
+    selector: Vec<(String, String)>,
+    action: AuthzAction,
+    rules: Vec<Rule>,
+    /// Whether the answer can differ between endpoints of one service: a
+    /// selector, or a port in a rule.
+    per_endpoint: bool,
+}
+
+/// The compiled AuthorizationPolicies of one snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Authz {
+    policies: Vec<Policy>,
+    /// Indices of mesh-scoped policies.
+    mesh: Vec<usize>,
+    /// Namespace → indices of its namespace- and workload-scoped policies.
+    by_namespace: HashMap<String, Vec<usize>>,
+}
+
+/// The caller and the request, as authorization sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// `<td>/ns/<ns>/sa/<sa>` or a gateway's ID, without `spiffe://`.
+    pub principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+    service_account: Option<&'a str>,
+    /// The verified cluster of the calling gateway.
+    pub source_cluster: &'a str,
+    /// `None` for a TCP stream.
+    pub http: Option<Http<'a>>,
+}
+
+impl<'a> Request<'a> {
+    /// `principal` may carry `spiffe://`; it is stripped.
+    pub fn new(
+        principal: Option<&'a str>,
+        source_cluster: &'a str,
+        http: Option<Http<'a>>,
+    ) -> Self {
+        let principal = principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+        let (namespace, service_account) = match principal.map(|p| {
+            let mut it = p.split('/');
+            (
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+            )
+        }) {
+            Some((Some(_td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)) => {
+                (Some(ns), Some(sa))
+            }
+            _ => (None, None),
+        };
+        Request {
+            principal,
+            namespace,
+            service_account,
+            source_cluster,
+            http,
+        }
+    }
+}
+
+/// The HTTP attributes of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Http<'a> {
+    pub method: &'a str,
+    /// Normalized ([`normalize_path`]), without the query.
+    pub path: &'a str,
+    /// The authority (`:authority` / `Host`).
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The workload a request would reach.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload<'a> {
+    pub namespace: &'a str,
+    /// The endpoint's labels; `None` when no endpoint is known (then only
+    /// mesh- and namespace-wide policies apply).
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// The endpoint's port.
+    pub port: Option<u16>,
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// `namespace/name` of the DENY policy that matched; empty for
+    /// [`DenyReason::NoAllowMatch`].
+    pub policy: String,
+    pub reason: DenyReason,
+    /// For logs: which rule matched, or which ALLOW policies were tried.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A DENY policy's rule matched.
+    DenyPolicy,
+    /// ALLOW policies apply to the workload and none matched.
+    NoAllowMatch,
+}
+
+impl DenyReason {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DenyReason::DenyPolicy => "deny-policy",
+            DenyReason::NoAllowMatch => "no-allow-match",
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.reason {
+            DenyReason::DenyPolicy => {
+                write!(f, "denied by DENY policy {} ({})", self.policy, self.detail)
+            }
+            DenyReason::NoAllowMatch => write!(
+                f,
+                "no rule of the ALLOW policies that select the workload matched ({})",
+                self.detail
+            ),
+        }
+    }
+}
+
+impl Authz {
+    /// Compiles every AuthorizationPolicy of `policy`.
+    pub fn compile(policy: &ClusterPolicy) -> Result<Self, CompileError> {
+        let mut out = Authz::default();
+        for p in &policy.authz {
+            let compiled = compile_policy(p)?;
+            let i = out.policies.len();
+            if compiled.scope == AuthzScope::Mesh {
+                out.mesh.push(i);
+            } else {
+                out.by_namespace
+                    .entry(compiled.namespace.clone())
+                    .or_default()
+                    .push(i);
+            }
+            out.policies.push(compiled);
+        }
+        Ok(out)
+    }
+
+    /// Whether there are no policies at all.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    fn in_scope(&self, namespace: &str) -> impl Iterator<Item = &Policy> {
+        self.mesh
+            .iter()
+            .chain(self.by_namespace.get(namespace).into_iter().flatten())
+            .filter_map(|i| self.policies.get(*i))
+    }
+
+    /// Whether the decision for a request to `namespace` can differ between
+    /// its endpoints (a policy with a selector, or with a port).
+    pub fn depends_on_endpoint(&self, namespace: &str) -> bool {
+        self.in_scope(namespace).any(|p| p.per_endpoint)
+    }
+
+    /// Decides a request for a workload, in Istio's order.
+    pub fn decide(&self, req: &Request<'_>, wl: &Workload<'_>) -> Result<(), Denial> {
+        let applies = |p: &&Policy| {
+            let selected = p.selector.is_empty()
+                || wl.labels.is_some_and(|l| {
+                    p.selector
+                        .iter()
+                        .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
+                });
+            selected && (p.scope == AuthzScope::Mesh || p.namespace == wl.namespace)
+        };
+        for p in self
+            .in_scope(wl.namespace)
+            .filter(|p| p.action == AuthzAction::Deny)
+            .filter(applies)
+        {
+            if let Some(i) = p.rules.iter().position(|r| rule_matches(r, true, req, wl)) {
+                return Err(Denial {
+                    policy: p.name.clone(),
+                    reason: DenyReason::DenyPolicy,
+                    detail: format!("rule {i}"),
+                });
+            }
+        }
+        let mut tried: Vec<&str> = Vec::new();
+        for p in self
+            .in_scope(wl.namespace)
+            .filter(|p| p.action == AuthzAction::Allow)
+            .filter(applies)
+        {
+            if p.rules.iter().any(|r| rule_matches(r, false, req, wl)) {
+                return Ok(());
+            }
+            tried.push(&p.name);
+        }
+        if tried.is_empty() {
+            Ok(())
+        } else {
+            Err(Denial {
+                policy: String::new(),
+                reason: DenyReason::NoAllowMatch,
+                detail: format!("tried {}", tried.join(", ")),
+            })
+        }
+    }
+}
+
+impl Authz {
+    /// Decides a request to a service in `namespace` for each of its
+    /// candidate endpoints, and keeps those that allow it, so that a request
+    /// never reaches an endpoint whose policies deny it. When the policies
+    /// in scope cannot tell endpoints apart (no selector, no port), one
+    /// decision serves all. With no candidate, only mesh- and
+    /// namespace-wide policies can apply: a denial is still a denial (403
+    /// rather than 503). Returns the first denial when no endpoint is left.
+    pub fn filter<'e>(
+        &self,
+        req: &Request<'_>,
+        namespace: &str,
+        candidates: Vec<&'e Endpoint>,
+    ) -> Result<Vec<&'e Endpoint>, Denial> {
+        let nowhere = Workload {
+            namespace,
+            labels: None,
+            port: None,
+        };
+        if candidates.is_empty() || !self.depends_on_endpoint(namespace) {
+            return self.decide(req, &nowhere).map(|()| candidates);
+        }
+        let mut first = None;
+        let allowed: Vec<&'e Endpoint> = candidates
+            .into_iter()
+            .filter(|e| {
+                let wl = Workload {
+                    namespace,
+                    labels: Some(&e.labels),
+                    port: Some(e.addr.port()),
+                };
+                match self.decide(req, &wl) {
+                    Ok(()) => true,
+                    Err(d) => {
+                        first.get_or_insert(d);
+                        false
+                    }
+                }
+            })
+            .collect();
+        match first {
+            Some(d) if allowed.is_empty() => Err(d),
+            _ => Ok(allowed),
+        }
+    }
+}
+
+fn compile_policy(p: &AuthzPolicy) -> Result<Policy, CompileError> {
+    let name = format!("{}/{}", p.source.namespace, p.source.name);
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| compile_rule(r, &name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let has_port = rules.iter().any(|r| {
+        r.to.iter()
+            .any(|o| !o.ports.is_empty() || !o.not_ports.is_empty())
+            || r.when
+                .iter()
+                .any(|c| matches!(c.attribute, Attribute::DestinationPort))
+    });
+    Ok(Policy {
+        per_endpoint: !p.selector.is_empty() || has_port,
+        name,
+        namespace: p.namespace.clone(),
+        scope: p.scope,
+        selector: p
+            .selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        action: p.action,
+        rules,
+    })
+}
+
+fn compile_rule(r: &AuthzRule, policy: &str) -> Result<Rule, CompileError> {
+    Ok(Rule {
+        from: r
+            .from
+            .iter()
+            .map(|s| compile_source(s, policy))
+            .collect::<Result<_, _>>()?,
+        to: r
+            .to
+            .iter()
+            .map(|o| compile_operation(o, policy))
+            .collect::<Result<_, _>>()?,
+        when: r
+            .when
+            .iter()
+            .map(|c| compile_condition(c, policy))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn compile_source(s: &AuthzSource, policy: &str) -> Result<Source, CompileError> {
+    let sa = |v: &[String], field: &'static str| -> Result<Vec<(String, String)>, CompileError> {
+        v.iter()
+            .map(|x| match x.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                    Ok((ns.to_string(), sa.to_string()))
+                }
+                _ => Err(CompileError::BadValue {
+                    policy: policy.to_string(),
+                    field,
+                    value: x.clone(),
+                    why: "a service account is `namespace/name`",
+                }),
+            })
+            .collect()
+    };
+    Ok(Source {
+        principals: Patterns::compile(&s.principals, policy, "principals", false)?,
+        not_principals: Patterns::compile(&s.not_principals, policy, "notPrincipals", false)?,
+        namespaces: Patterns::compile(&s.namespaces, policy, "namespaces", false)?,
+        not_namespaces: Patterns::compile(&s.not_namespaces, policy, "notNamespaces", false)?,
+        service_accounts: sa(&s.service_accounts, "serviceAccounts")?,
+        not_service_accounts: sa(&s.not_service_accounts, "notServiceAccounts")?,
+    })
+}
+
+fn compile_operation(o: &AuthzOperation, policy: &str) -> Result<Operation, CompileError> {
+    let paths = |v: &[String], field: &'static str| {
+        if let Some(bad) = v.iter().find(|p| p.contains('{') || p.contains('}')) {
+            return Err(CompileError::BadValue {
+                policy: policy.to_string(),
+                field,
+                value: bad.clone(),
+                why: "Istio path templates ({*}, {**}) are not supported; use a `/prefix*` or \
+                      `*suffix` pattern",
+            });
+        }
+        Patterns::compile(v, policy, field, false)
+    };
+    Ok(Operation {
+        hosts: Patterns::compile(&o.hosts, policy, "hosts", true)?,
+        not_hosts: Patterns::compile(&o.not_hosts, policy, "notHosts", true)?,
+        ports: o.ports.clone(),
+        not_ports: o.not_ports.clone(),
+        methods: Patterns::compile(&o.methods, policy, "methods", false)?,
+        not_methods: Patterns::compile(&o.not_methods, policy, "notMethods", false)?,
+        paths: paths(&o.paths, "paths")?,
+        not_paths: paths(&o.not_paths, "notPaths")?,
+    })
+}
+
+fn compile_condition(c: &AuthzCondition, policy: &str) -> Result<Condition, CompileError> {
+    let bad = |value: &str, why: &'static str| CompileError::BadValue {
+        policy: policy.to_string(),
+        field: "when",
+        value: value.to_string(),
+        why,
+    };
+    let attribute = match c.key.as_str() {
+        "source.principal" => Attribute::Principal,
+        "source.namespace" => Attribute::Namespace,
+        "source.cluster" => Attribute::Cluster,
+        "destination.port" => Attribute::DestinationPort,
+        "connection.sni" => Attribute::Sni,
+        key => match key
+            .strip_prefix("request.headers[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            Some(h) => Attribute::Header(
+                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| bad(key, "not a valid header name"))?,
+            ),
+            None => {
+                return Err(CompileError::UnknownKey {
+                    policy: policy.to_string(),
+                    key: key.to_string(),
+                });
+            }
+        },
+    };
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err(bad(&c.key, "a condition needs values or notValues"));
+    }
+    let (mut ports, mut not_ports) = (Vec::new(), Vec::new());
+    if matches!(attribute, Attribute::DestinationPort) {
+        for (src, dst) in [(&c.values, &mut ports), (&c.not_values, &mut not_ports)] {
+            for v in src {
+                dst.push(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad(v, "destination.port takes ports 1..65535"))?,
+                );
+            }
+        }
+    }
+    let lower = matches!(attribute, Attribute::Sni);
+    Ok(Condition {
+        values: Patterns::compile(&c.values, policy, "when.values", lower)?,
+        not_values: Patterns::compile(&c.not_values, policy, "when.notValues", lower)?,
+        attribute,
+        ports,
+        not_ports,
+    })
+}
+
+/// Whether a rule matches. `deny` says how HTTP-only fields read for a TCP
+/// stream: ignored in a DENY rule, never matching in an ALLOW rule.
+fn rule_matches(r: &Rule, deny: bool, req: &Request<'_>, wl: &Workload<'_>) -> bool {
+    (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, req)))
+        && (r.to.is_empty() || r.to.iter().any(|o| operation_matches(o, deny, req, wl)))
+        && r.when.iter().all(|c| condition_holds(c, deny, req, wl))
+}
+
+fn source_matches(s: &Source, req: &Request<'_>) -> bool {
+    let sa = |list: &[(String, String)]| {
+        req.namespace
+            .zip(req.service_account)
+            .is_some_and(|(n, a)| {
+                list.iter()
+                    .any(|(ln, la)| ln.as_str() == n && la.as_str() == a)
+            })
+    };
+    s.principals.holds(&s.not_principals, req.principal)
+        && s.namespaces.holds(&s.not_namespaces, req.namespace)
+        && (s.service_accounts.is_empty() || sa(&s.service_accounts))
+        && (s.not_service_accounts.is_empty() || !sa(&s.not_service_accounts))
+}
+
+fn ports_hold(ports: &[u16], not_ports: &[u16], port: Option<u16>) -> bool {
+    (ports.is_empty() || port.is_some_and(|p| ports.contains(&p)))
+        && (not_ports.is_empty() || !port.is_some_and(|p| not_ports.contains(&p)))
+}
+
+fn operation_matches(o: &Operation, deny: bool, req: &Request<'_>, wl: &Workload<'_>) -> bool {
+    if !ports_hold(&o.ports, &o.not_ports, wl.port) {
+        return false;
+    }
+    match &req.http {
+        None => !o.http_only() || deny,
+        Some(h) => {
+            let host_ok = |pats: &Patterns| host_matches(pats, h.host);
+            (o.hosts.is_empty() || host_ok(&o.hosts))
+                && (o.not_hosts.is_empty() || !host_ok(&o.not_hosts))
+                && o.methods.holds(&o.not_methods, Some(h.method))
+                && o.paths.holds(&o.not_paths, Some(h.path))
+        }
+    }
+}
+
+/// Hosts match case-insensitively; a pattern without a port also matches
+/// the authority with its port stripped (Istio: "matches any port").
+fn host_matches(pats: &Patterns, authority: &str) -> bool {
+    let lower: Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(authority.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(authority)
+    };
+    let bare = match lower.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(h),
+        _ => None,
+    };
+    pats.any(Some(&lower)) || bare.is_some_and(|b| pats.any(Some(b)))
+}
+
+fn condition_holds(c: &Condition, deny: bool, req: &Request<'_>, wl: &Workload<'_>) -> bool {
+    let holds = |v: Option<&str>| c.values.holds(&c.not_values, v);
+    match &c.attribute {
+        Attribute::Principal => holds(req.principal),
+        Attribute::Namespace => holds(req.namespace),
+        Attribute::Cluster => holds(Some(req.source_cluster)),
+        Attribute::Sni => holds(None),
+        Attribute::DestinationPort => ports_hold(&c.ports, &c.not_ports, wl.port),
+        Attribute::Header(name) => match &req.http {
+            None => deny,
+            Some(h) => {
+                let mut values = h.headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => holds(None),
+                    (Some(one), None) => holds(one.to_str().ok()),
+                    (Some(first), Some(_)) => {
+                        // Envoy joins repeated headers with `,`.
+                        let joined: Vec<&str> = std::iter::once(first)
+                            .chain(h.headers.get_all(name).iter().skip(1))
+                            .map(|v| v.to_str().unwrap_or(""))
+                            .collect();
+                        holds(Some(&joined.join(",")))
+                    }
+                }
+            }
+        },
+    }
+}
+
+/// Why a request path cannot be authorized.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("the request path `{0}` is not an absolute path")]
+    NotAbsolute(String),
+    #[error("the request path has an invalid percent-encoding")]
+    BadEscape,
+}
+
+/// Normalizes a request target's path as Envoy's `normalize_path` does
+/// (Istio's default `BASE`): percent-encoded unreserved characters are
+/// decoded (`%41` → `A`, `%2E` → `.`), then `.` and `..` segments are
+/// removed (RFC 3986 §5.2.4); `..` never climbs above the root. Escaped
+/// slashes (`%2F`) and backslashes stay as they are, as in Istio's default.
+/// Returns the path without the query, and the query (with its `?`).
+/// `*` (an `OPTIONS *` request) is kept as it is.
+pub fn normalize_path(target: &str) -> Result<(Cow<'_, str>, &str), PathError> {
+    let (path, query) = match target.find('?') {
+        Some(i) => (&target[..i], &target[i..]),
+        None => (target, ""),
+    };
+    if path == "*" {
+        return Ok((Cow::Borrowed(path), query));
+    }
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute(target.to_string()));
+    }
+    let needs_decode = path.contains('%');
+    let has_dots = path.split('/').any(|s| s == "." || s == "..");
+    if !needs_decode && !has_dots {
+        return Ok((Cow::Borrowed(path), query));
+    }
+    let decoded: Cow<'_, str> = if needs_decode {
+        Cow::Owned(decode_unreserved(path)?)
+    } else {
+        Cow::Borrowed(path)
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => trailing_slash = i == last,
+            ".." => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut s = String::with_capacity(decoded.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if trailing_slash || s.is_empty() {
+        s.push('/');
+    }
+    Ok((Cow::Owned(s), query))
+}
+
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16);
+            let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) else {
+                return Err(PathError::BadEscape);
+            };
+            let c = (h * 16 + l) as u8;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c as char);
+            } else {
+                // Reserved or non-ASCII: keep the escape, normalized to
+                // upper case.
+                out.push('%');
+                out.push_str(&format!("{c:02X}"));
+            }
+            i += 3;
+        } else {
+            // `path` is a &str, so a multi-byte character stays whole: push
+            // it through its char boundary.
+            let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&path[i..i + ch_len]);
+            i += ch_len;
+        }
+    }
+    Ok(out)
+}
+
+/// The namespace of a destination service: `<name>.<ns>.svc.<domain>`, or
+/// the namespace of the ServiceEntry that declares the host. `None` when
+/// neither (then only mesh-wide policies apply).
+pub fn service_namespace<'a>(policy: &'a ClusterPolicy, service: &'a str) -> Option<&'a str> {
+    let suffix = policy.domain.as_str();
+    if let Some(rest) = service
+        .strip_suffix(suffix)
+        .and_then(|r| r.strip_suffix(".svc."))
+    {
+        let mut parts = rest.split('.');
+        if let (Some(_name), Some(ns), None) = (parts.next(), parts.next(), parts.next()) {
+            return Some(ns);
+        }
+    }
+    policy
+        .service_entries
+        .get(service)
+        .map(|se| se.namespace.as_str())
+}

@@ -1,0 +1,571 @@
+use std::collections::BTreeMap;
+
+use http::{HeaderMap, HeaderValue};
+use meshfed_policy::snapshot::{
+    AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzScope, AuthzSource,
+    ClusterPolicy, SourceRef,
+};
+
+use super::*;
+
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/productpage";
+const EAST_GW: &str = "spiffe://cluster.local/meshfed/cluster/east/gateway/gw-0";
+
+fn policy(
+    ns: &str,
+    name: &str,
+    action: AuthzAction,
+    selector: &[(&str, &str)],
+    rules: Vec<AuthzRule>,
+) -> AuthzPolicy {
+    let scope = if ns == "istio-system" {
+        AuthzScope::Mesh
+    } else if selector.is_empty() {
+        AuthzScope::Namespace
+    } else {
+        AuthzScope::Workload
+    };
+    AuthzPolicy {
+        source: SourceRef {
+            kind: "AuthorizationPolicy".into(),
+            namespace: ns.into(),
+            name: name.into(),
+        },
+        namespace: ns.into(),
+        scope,
+        selector: selector
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        action,
+        rules,
+    }
+}
+
+fn authz(policies: Vec<AuthzPolicy>) -> Authz {
+    let p = ClusterPolicy {
+        cluster: "west".into(),
+        domain: "cluster.local".into(),
+        trust_domain: "cluster.local".into(),
+        authz: policies,
+        ..Default::default()
+    };
+    Authz::compile(&p).unwrap()
+}
+
+fn from_principals(p: &[&str]) -> AuthzSource {
+    AuthzSource {
+        principals: p.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn rule(from: Vec<AuthzSource>, to: Vec<AuthzOperation>) -> AuthzRule {
+    AuthzRule {
+        from,
+        to,
+        when: vec![],
+    }
+}
+
+struct Call {
+    principal: Option<&'static str>,
+    cluster: &'static str,
+    method: &'static str,
+    path: &'static str,
+    host: &'static str,
+    headers: HeaderMap,
+    tcp: bool,
+}
+
+impl Call {
+    fn get(path: &'static str) -> Self {
+        Call {
+            principal: Some(PRODUCTPAGE),
+            cluster: "east",
+            method: "GET",
+            path,
+            host: "reviews.default.svc.cluster.local:9080",
+            headers: HeaderMap::new(),
+            tcp: false,
+        }
+    }
+    fn method(mut self, m: &'static str) -> Self {
+        self.method = m;
+        self
+    }
+    fn principal(mut self, p: Option<&'static str>) -> Self {
+        self.principal = p;
+        self
+    }
+    fn tcp(mut self) -> Self {
+        self.tcp = true;
+        self
+    }
+}
+
+fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
+    l.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn decide_at(
+    a: &Authz,
+    c: &Call,
+    ns: &str,
+    l: Option<&BTreeMap<String, String>>,
+    port: u16,
+) -> Result<(), Denial> {
+    let http = (!c.tcp).then_some(Http {
+        method: c.method,
+        path: c.path,
+        host: c.host,
+        headers: &c.headers,
+    });
+    let req = Request::new(c.principal, c.cluster, http);
+    a.decide(
+        &req,
+        &Workload {
+            namespace: ns,
+            labels: l,
+            port: Some(port),
+        },
+    )
+}
+
+fn decide(a: &Authz, c: &Call) -> Result<(), Denial> {
+    let l = labels(&[("app", "reviews"), ("version", "v1")]);
+    decide_at(a, c, "default", Some(&l), 9080)
+}
+
+#[test]
+fn patterns_are_exact_prefix_suffix_or_any() {
+    let p = |s| Pattern::parse(s).unwrap();
+    assert!(p("/api").matches("/api"));
+    assert!(!p("/api").matches("/api/"));
+    assert!(p("/api/*").matches("/api/v1/x"));
+    assert!(p("/api/*").matches("/api/"));
+    assert!(!p("/api/*").matches("/apix"));
+    assert!(p("*.png").matches("/img/a.png"));
+    assert!(!p("*.png").matches("/img/a.png.txt"));
+    assert!(p("*").matches(""));
+    for bad in ["", "/a*b", "*a*", "**", "/a/*/b"] {
+        assert!(Pattern::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn no_policy_allows_and_an_allow_policy_denies_what_it_does_not_match() {
+    assert!(decide(&authz(vec![]), &Call::get("/")).is_ok());
+    let a = authz(vec![policy(
+        "default",
+        "reviews-viewer",
+        AuthzAction::Allow,
+        &[("app", "reviews")],
+        vec![rule(
+            vec![from_principals(&[
+                "cluster.local/ns/default/sa/productpage",
+            ])],
+            vec![AuthzOperation {
+                methods: strings(&["GET"]),
+                ..Default::default()
+            }],
+        )],
+    )]);
+    assert!(decide(&a, &Call::get("/reviews/1")).is_ok());
+    let post = decide(&a, &Call::get("/reviews/1").method("POST")).unwrap_err();
+    assert_eq!(post.reason, DenyReason::NoAllowMatch);
+    assert!(post.detail.contains("default/reviews-viewer"), "{post}");
+    let stranger = Call::get("/").principal(Some("spiffe://cluster.local/ns/default/sa/other"));
+    assert!(decide(&a, &stranger).is_err());
+    // No identity at all: `principals` cannot match.
+    assert!(decide(&a, &Call::get("/").principal(None)).is_err());
+    // The source gateway's identity is not productpage's.
+    assert!(decide(&a, &Call::get("/").principal(Some(EAST_GW))).is_err());
+}
+
+#[test]
+fn an_allow_policy_with_no_rules_denies_everything() {
+    let a = authz(vec![policy(
+        "default",
+        "deny-all",
+        AuthzAction::Allow,
+        &[],
+        vec![],
+    )]);
+    assert!(decide(&a, &Call::get("/")).is_err());
+}
+
+#[test]
+fn deny_is_evaluated_before_allow_and_wins() {
+    let allow_all = policy(
+        "default",
+        "allow-all",
+        AuthzAction::Allow,
+        &[],
+        vec![AuthzRule::default()],
+    );
+    let deny_admin = policy(
+        "default",
+        "deny-admin",
+        AuthzAction::Deny,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                paths: strings(&["/admin*"]),
+                ..Default::default()
+            }],
+        )],
+    );
+    let a = authz(vec![allow_all, deny_admin]);
+    assert!(decide(&a, &Call::get("/reviews")).is_ok());
+    let d = decide(&a, &Call::get("/admin/users")).unwrap_err();
+    assert_eq!(d.reason, DenyReason::DenyPolicy);
+    assert_eq!(d.policy, "default/deny-admin");
+}
+
+#[test]
+fn audit_policies_never_block() {
+    let a = authz(vec![policy(
+        "default",
+        "audit",
+        AuthzAction::Audit,
+        &[],
+        vec![AuthzRule::default()],
+    )]);
+    assert!(decide(&a, &Call::get("/")).is_ok());
+}
+
+#[test]
+fn scopes_select_by_mesh_namespace_and_workload_labels() {
+    let deny_all = |ns: &str, name: &str, sel: &[(&str, &str)]| {
+        policy(ns, name, AuthzAction::Deny, sel, vec![AuthzRule::default()])
+    };
+    let v1 = labels(&[("app", "reviews"), ("version", "v1")]);
+    let v2 = labels(&[("app", "reviews"), ("version", "v2")]);
+    let c = Call::get("/");
+
+    let a = authz(vec![deny_all("default", "v2-only", &[("version", "v2")])]);
+    assert!(decide_at(&a, &c, "default", Some(&v1), 9080).is_ok());
+    assert!(decide_at(&a, &c, "default", Some(&v2), 9080).is_err());
+    // A selector in another namespace does not select this workload.
+    assert!(decide_at(&a, &c, "other", Some(&v2), 9080).is_ok());
+    // Without a known endpoint, workload policies select nothing.
+    assert!(decide_at(&a, &c, "default", None, 9080).is_ok());
+    assert!(a.depends_on_endpoint("default"));
+    assert!(!a.depends_on_endpoint("other"));
+
+    let a = authz(vec![deny_all("default", "ns", &[])]);
+    assert!(decide_at(&a, &c, "default", None, 9080).is_err());
+    assert!(decide_at(&a, &c, "other", Some(&v1), 9080).is_ok());
+    assert!(!a.depends_on_endpoint("default"));
+
+    let a = authz(vec![deny_all("istio-system", "mesh", &[])]);
+    assert!(decide_at(&a, &c, "default", Some(&v1), 9080).is_err());
+    assert!(decide_at(&a, &c, "anything", None, 9080).is_err());
+
+    // Root namespace with a selector: matching workloads of every namespace.
+    let a = authz(vec![deny_all(
+        "istio-system",
+        "mesh-v2",
+        &[("version", "v2")],
+    )]);
+    assert!(decide_at(&a, &c, "other", Some(&v2), 9080).is_err());
+    assert!(decide_at(&a, &c, "other", Some(&v1), 9080).is_ok());
+}
+
+#[test]
+fn not_fields_hold_when_no_value_matches_including_an_absent_one() {
+    let a = authz(vec![policy(
+        "default",
+        "deny-outsiders",
+        AuthzAction::Deny,
+        &[],
+        vec![rule(
+            vec![AuthzSource {
+                not_namespaces: strings(&["default"]),
+                ..Default::default()
+            }],
+            vec![],
+        )],
+    )]);
+    assert!(decide(&a, &Call::get("/")).is_ok());
+    let foreign = Call::get("/").principal(Some("spiffe://cluster.local/ns/other/sa/x"));
+    assert!(decide(&a, &foreign).is_err());
+    // A gateway principal has no namespace: notNamespaces holds.
+    assert!(decide(&a, &Call::get("/").principal(Some(EAST_GW))).is_err());
+
+    let a = authz(vec![policy(
+        "default",
+        "allow-not-post",
+        AuthzAction::Allow,
+        &[],
+        vec![rule(
+            vec![AuthzSource {
+                not_principals: strings(&["*/sa/blocked"]),
+                ..Default::default()
+            }],
+            vec![AuthzOperation {
+                not_methods: strings(&["POST", "PUT"]),
+                not_paths: strings(&["*.secret"]),
+                ..Default::default()
+            }],
+        )],
+    )]);
+    assert!(decide(&a, &Call::get("/x")).is_ok());
+    assert!(decide(&a, &Call::get("/x").method("PUT")).is_err());
+    assert!(decide(&a, &Call::get("/x.secret")).is_err());
+    let blocked = Call::get("/x").principal(Some("spiffe://cluster.local/ns/default/sa/blocked"));
+    assert!(decide(&a, &blocked).is_err());
+    // `notPrincipals` alone admits a caller with no identity, as in Istio.
+    assert!(decide(&a, &Call::get("/x").principal(None)).is_ok());
+}
+
+#[test]
+fn namespaces_and_service_accounts_come_from_a_workload_principal() {
+    let a = authz(vec![policy(
+        "default",
+        "allow",
+        AuthzAction::Allow,
+        &[],
+        vec![rule(
+            vec![
+                AuthzSource {
+                    namespaces: strings(&["frontend"]),
+                    ..Default::default()
+                },
+                AuthzSource {
+                    service_accounts: strings(&["default/productpage"]),
+                    ..Default::default()
+                },
+            ],
+            vec![],
+        )],
+    )]);
+    assert!(decide(&a, &Call::get("/")).is_ok());
+    let fe = Call::get("/").principal(Some("spiffe://west.example.org/ns/frontend/sa/web"));
+    assert!(decide(&a, &fe).is_ok());
+    let other = Call::get("/").principal(Some("spiffe://cluster.local/ns/default/sa/ratings"));
+    assert!(decide(&a, &other).is_err());
+}
+
+#[test]
+fn ports_hosts_and_paths_match_the_operation() {
+    let a = authz(vec![policy(
+        "default",
+        "allow",
+        AuthzAction::Allow,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                hosts: strings(&["reviews.default.svc.cluster.local", "*.example.com"]),
+                ports: vec![9080],
+                paths: strings(&["/api/*", "/health"]),
+                ..Default::default()
+            }],
+        )],
+    )]);
+    let l = labels(&[("app", "reviews")]);
+    assert!(decide_at(&a, &Call::get("/api/x"), "default", Some(&l), 9080).is_ok());
+    assert!(decide_at(&a, &Call::get("/health"), "default", Some(&l), 9080).is_ok());
+    assert!(decide_at(&a, &Call::get("/healthz"), "default", Some(&l), 9080).is_err());
+    assert!(decide_at(&a, &Call::get("/api/x"), "default", Some(&l), 9090).is_err());
+    let mut c = Call::get("/api/x");
+    c.host = "WWW.Example.COM:443";
+    assert!(decide_at(&a, &c, "default", Some(&l), 9080).is_ok());
+    c.host = "evil.com";
+    assert!(decide_at(&a, &c, "default", Some(&l), 9080).is_err());
+    assert!(a.depends_on_endpoint("default"));
+}
+
+#[test]
+fn when_conditions_on_cluster_headers_principal_and_port() {
+    let cond = |key: &str, values: &[&str], not: &[&str]| AuthzCondition {
+        key: key.into(),
+        values: strings(values),
+        not_values: strings(not),
+    };
+    let a = authz(vec![policy(
+        "default",
+        "allow",
+        AuthzAction::Allow,
+        &[],
+        vec![AuthzRule {
+            from: vec![],
+            to: vec![],
+            when: vec![
+                cond("source.cluster", &["east"], &[]),
+                cond("request.headers[X-Team]", &["blue*"], &["blue-banned"]),
+                cond("source.principal", &["*/sa/productpage"], &[]),
+                cond("source.namespace", &["default"], &[]),
+                cond("destination.port", &[], &["9999"]),
+            ],
+        }],
+    )]);
+    let mut c = Call::get("/");
+    c.headers
+        .insert("x-team", HeaderValue::from_static("blue-1"));
+    assert!(decide(&a, &c).is_ok());
+    c.cluster = "edge";
+    assert!(decide(&a, &c).is_err(), "source.cluster");
+    c.cluster = "east";
+    c.headers
+        .insert("x-team", HeaderValue::from_static("blue-banned"));
+    assert!(decide(&a, &c).is_err(), "notValues");
+    c.headers.remove("x-team");
+    assert!(
+        decide(&a, &c).is_err(),
+        "an absent header never matches values"
+    );
+    c.headers
+        .insert("x-team", HeaderValue::from_static("blue-1"));
+    let l = labels(&[]);
+    assert!(
+        decide_at(&a, &c, "default", Some(&l), 9999).is_err(),
+        "port"
+    );
+    // Repeated headers are joined with `,` before matching.
+    c.headers.append("x-team", HeaderValue::from_static("red"));
+    assert!(decide(&a, &c).is_ok(), "`blue-1,red` starts with blue");
+}
+
+#[test]
+fn http_only_fields_fail_closed_for_tcp_streams() {
+    let http_allow = policy(
+        "default",
+        "allow-get",
+        AuthzAction::Allow,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                methods: strings(&["GET"]),
+                ..Default::default()
+            }],
+        )],
+    );
+    // ALLOW with HTTP-only fields: the rule cannot match a TCP stream.
+    assert!(decide(&authz(vec![http_allow]), &Call::get("/").tcp()).is_err());
+    // DENY with HTTP-only fields: they are ignored, so the rule matches on
+    // the rest (here: productpage).
+    let http_deny = policy(
+        "default",
+        "deny-post",
+        AuthzAction::Deny,
+        &[],
+        vec![AuthzRule {
+            from: vec![from_principals(&[
+                "cluster.local/ns/default/sa/productpage",
+            ])],
+            to: vec![AuthzOperation {
+                methods: strings(&["POST"]),
+                ..Default::default()
+            }],
+            when: vec![AuthzCondition {
+                key: "request.headers[x-a]".into(),
+                values: strings(&["1"]),
+                not_values: vec![],
+            }],
+        }],
+    );
+    let a = authz(vec![http_deny]);
+    assert!(decide(&a, &Call::get("/").tcp()).is_err());
+    assert!(
+        decide(&a, &Call::get("/")).is_ok(),
+        "HTTP GET is not denied"
+    );
+    let other = Call::get("/")
+        .principal(Some("spiffe://cluster.local/ns/default/sa/x"))
+        .tcp();
+    assert!(decide(&a, &other).is_ok());
+}
+
+#[test]
+fn what_cannot_be_enforced_is_refused_at_compile() {
+    let with_when = |key: &str, v: &str| {
+        let p = ClusterPolicy {
+            authz: vec![policy(
+                "default",
+                "p",
+                AuthzAction::Deny,
+                &[],
+                vec![AuthzRule {
+                    from: vec![],
+                    to: vec![],
+                    when: vec![AuthzCondition {
+                        key: key.into(),
+                        values: strings(&[v]),
+                        not_values: vec![],
+                    }],
+                }],
+            )],
+            ..Default::default()
+        };
+        Authz::compile(&p)
+    };
+    let e = with_when("source.ip", "10.0.0.1").unwrap_err();
+    assert!(matches!(e, CompileError::UnknownKey { .. }), "{e}");
+    assert!(e.to_string().contains("default/p"), "{e}");
+    assert!(with_when("destination.port", "http").is_err());
+    assert!(with_when("request.headers[bad header]", "x").is_err());
+    assert!(with_when("source.principal", "a*b").is_err());
+    assert!(with_when("source.cluster", "east").is_ok());
+
+    let template = ClusterPolicy {
+        authz: vec![policy(
+            "default",
+            "t",
+            AuthzAction::Deny,
+            &[],
+            vec![rule(
+                vec![],
+                vec![AuthzOperation {
+                    paths: strings(&["/users/{*}/secret"]),
+                    ..Default::default()
+                }],
+            )],
+        )],
+        ..Default::default()
+    };
+    assert!(Authz::compile(&template).is_err());
+}
+
+#[test]
+fn paths_are_normalized_before_matching() {
+    let n = |p| {
+        let (path, query) = normalize_path(p).unwrap();
+        format!("{path}{query}")
+    };
+    assert_eq!(n("/a/b?x=1"), "/a/b?x=1");
+    assert_eq!(n("/a/./b/../c"), "/a/c");
+    assert_eq!(n("/public/../admin"), "/admin");
+    assert_eq!(n("/../../admin"), "/admin");
+    assert_eq!(n("/%61dmin/%2e%2E/admin/"), "/admin/");
+    assert_eq!(n("/a/.."), "/");
+    assert_eq!(n("/a/b/."), "/a/b/");
+    assert_eq!(n("/a%2fb"), "/a%2Fb", "escaped slashes stay escaped");
+    assert_eq!(n("/caf\u{e9}/x"), "/caf\u{e9}/x");
+    assert_eq!(n("*"), "*");
+    assert!(normalize_path("/a%zz").is_err());
+    assert!(normalize_path("a/b").is_err());
+}
+
+#[test]
+fn service_namespaces_come_from_the_host_or_the_service_entry() {
+    let p = ClusterPolicy {
+        domain: "cluster.local".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        service_namespace(&p, "reviews.shop.svc.cluster.local"),
+        Some("shop")
+    );
+    assert_eq!(service_namespace(&p, "api.example.com"), None);
+}
