@@ -81,6 +81,8 @@ pub struct Metrics {
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
+    /// Connection-pool overflow and outlier ejections (proxy::upstream).
+    pub upstream: crate::proxy::upstream::UpstreamMetrics,
     pub authz_denied: Family<AuthzLabels, Counter>,
     config: Family<ConfigLabels, Gauge>,
     config_version: Mutex<String>,
@@ -149,6 +151,8 @@ impl Metrics {
             "Requests and TCP streams denied by authorization, by policy and reason",
             authz_denied.clone(),
         );
+        let upstream = crate::proxy::upstream::UpstreamMetrics::default();
+        upstream.register(&mut registry);
         let config = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -163,6 +167,7 @@ impl Metrics {
             tcp_sent_bytes,
             tcp_received_bytes,
             refusals,
+            upstream,
             authz_denied,
             config,
             config_version: Mutex::new(String::new()),

@@ -290,9 +290,12 @@ fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<H
             return;
         }
     };
+    // Endpoints under ISTIO_MUTUAL get the gateway's own certificate.
+    state.upstream.set_identity(rx.borrow().clone());
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let creds = rx.borrow_and_update().clone();
+            state.upstream.set_identity(creds.clone());
             if mutual {
                 match local_tls(&creds, &refusals) {
                     Ok(c) => state.local_tls.store(Some(c)),

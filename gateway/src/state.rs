@@ -60,7 +60,7 @@ impl Gateway {
             active: ArcSwap::from_pointee(active),
             endpoints,
             tunnel,
-            upstream: Upstream::new(),
+            upstream: Upstream::with_metrics(metrics.upstream.clone()),
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
@@ -113,7 +113,8 @@ impl Gateway {
     pub fn reannounce(&self) {
         let _serialize = self.announce_lock.lock();
         let active = self.active.load();
-        let endpoints = self.endpoints.borrow().clone();
+        // Endpoints that outlier detection ejected are announced unhealthy.
+        let endpoints = self.upstream.mask_ejected(self.endpoints.borrow().clone());
         let exported = active
             .snapshot
             .policy
@@ -166,12 +167,18 @@ impl Gateway {
         self.reannounce();
     }
 
-    /// Follows the endpoint set and re-announces on every change.
+    /// Follows the endpoint set and outlier ejections, and re-announces on
+    /// every change.
     pub fn spawn_endpoint_follower(self: &Arc<Self>) {
         let this = self.clone();
         let mut rx = self.endpoints.clone();
+        let mut health = self.upstream.health_watch();
         tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { break },
+                    () = this.upstream.health_changed(&mut health) => {}
+                }
                 this.reannounce();
             }
         });

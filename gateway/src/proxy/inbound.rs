@@ -13,7 +13,6 @@ use std::time::Instant;
 use http::{Request, Uri, header};
 use http_body_util::BodyExt;
 use quinn::{RecvStream, SendStream};
-use tokio::net::TcpStream;
 
 use super::body::{self, TunnelBody, read_head, refuse, write_frame};
 use super::{HEAD_TIMEOUT, is_grpc, strip_hop_by_hop};
@@ -55,17 +54,36 @@ pub async fn serve_stream(
     };
     let active = state.active.load_full();
     let refusal = |r: Refusal, msg: String| (r, msg);
-    let checked = if !state.exported_here(&active, &open.service) {
-        Err(refusal(
-            Refusal::NotExported,
-            format!(
-                "{} is not exported from cluster `{}`; add a ServiceExport for it",
-                open.service, state.cluster
-            ),
-        ))
-    } else {
-        Ok(())
-    };
+    let stale = open
+        .source_version
+        .as_deref()
+        .filter(|v| *v != active.version());
+    let checked =
+        if let (false, Some(theirs)) = (state.exported_here(&active, &open.service), stale) {
+            // The caller routed by another snapshot than ours: rather than guess
+            // which is newer, answer with a retriable refusal (the caller's retry
+            // may reach a gateway that has caught up, or this one later).
+            Err(refusal(
+                Refusal::StaleConfig,
+                format!(
+                    "{} is not exported by cluster `{}` at config {}, but the caller routed with \
+                 config {theirs}; retry once both have the same commit",
+                    open.service,
+                    state.cluster,
+                    active.version()
+                ),
+            ))
+        } else if !state.exported_here(&active, &open.service) {
+            Err(refusal(
+                Refusal::NotExported,
+                format!(
+                    "{} is not exported from cluster `{}`; add a ServiceExport for it",
+                    open.service, state.cluster
+                ),
+            ))
+        } else {
+            Ok(())
+        };
     let checked = checked.and_then(|()| match &open.caller {
         None => Ok(()),
         Some(caller) => caller_may_be_asserted(&peer, caller, &active)
@@ -92,7 +110,14 @@ pub async fn serve_stream(
         Ok(ok) => ok,
         Err(denied) => return deny(&state, &peer, &open, denied, send, start).await,
     };
-    let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
+    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
+    let dest = super::upstream::Dest {
+        service: &open.service,
+        subset: open.subset.as_deref(),
+        port: open.port,
+        selector: &selector,
+    };
+    let Some(picked) = state.upstream.choose_from(&active, candidates, &dest) else {
         let r = Refusal::NoHealthyEndpoint;
         state.metrics.refused("stream", r.reason());
         record(
@@ -118,23 +143,16 @@ pub async fn serve_stream(
         )
         .await;
     };
+    let addr = picked.addr;
     match open.kind {
         StreamKind::Tcp => {
-            let Ok(Ok(mut upstream)) =
-                tokio::time::timeout(super::upstream::CONNECT_TIMEOUT, TcpStream::connect(addr))
-                    .await
-            else {
-                state
-                    .metrics
-                    .refused("stream", Refusal::ConnectFailed.reason());
-                return refuse(
-                    &mut send,
-                    Refusal::ConnectFailed,
-                    format!("cannot connect to {addr}"),
-                )
-                .await;
+            let (mut upstream, inflight) = match state.upstream.connect_tcp(picked).await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    state.metrics.refused("stream", e.refusal().reason());
+                    return refuse(&mut send, e.refusal(), e.to_string()).await;
+                }
             };
-            let _ = upstream.set_nodelay(true);
             if write_frame(&mut send, &Frame::Accept).await.is_err() {
                 return;
             }
@@ -204,12 +222,7 @@ pub async fn serve_stream(
             };
             // gRPC needs HTTP/2 to the endpoint; everything else goes as
             // HTTP/1.1, which every HTTP server speaks.
-            let result = if grpc {
-                state.upstream.h2.request(req).await
-            } else {
-                state.upstream.h1.request(req).await
-            };
-            match result {
+            match state.upstream.send(picked, req, grpc).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
@@ -224,14 +237,11 @@ pub async fn serve_stream(
                     if let Err(e) = body::pump(body, &mut send).await {
                         tracing::debug!(error = %e, "response body to peer failed");
                     }
-                    drop(inflight);
                 }
-                Err(e) => {
-                    let r = if e.is_connect() {
-                        Refusal::ConnectFailed
-                    } else {
-                        Refusal::UpstreamReset
-                    };
+                // An overflow is answered as the gateway's own 503 with the
+                // limit's header, which an ERROR frame could not carry.
+                Err(e @ super::upstream::UpstreamError::Overflow { .. }) => {
+                    let r = e.refusal();
                     record(
                         &state,
                         &peer,
@@ -240,12 +250,26 @@ pub async fn serve_stream(
                         r.reason(),
                         start,
                     );
-                    refuse(
-                        &mut send,
-                        r,
-                        format!("endpoint {addr} of {}: {e}", open.service),
-                    )
-                    .await;
+                    let (parts, body) = e.response(grpc).into_parts();
+                    let head = Frame::Response(Box::new(ResponseHead {
+                        status: parts.status,
+                        headers: parts.headers,
+                    }));
+                    if write_frame(&mut send, &head).await.is_ok() {
+                        let _ = body::pump(body, &mut send).await;
+                    }
+                }
+                Err(e) => {
+                    let r = e.refusal();
+                    record(
+                        &state,
+                        &peer,
+                        &open,
+                        r.http_status().as_u16(),
+                        r.reason(),
+                        start,
+                    );
+                    refuse(&mut send, r, e.to_string()).await;
                 }
             }
         }

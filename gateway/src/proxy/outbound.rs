@@ -610,8 +610,16 @@ async fn forward_local(
     req: Request<ProxyBody>,
     grpc: bool,
 ) -> Response<ProxyBody> {
-    let candidates = crate::discovery::healthy(endpoints, &target.service, &target.selector);
-    let Some((addr, inflight)) = state.upstream.pick(&candidates) else {
+    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
+    // TODO(lead): pass the request's `Active` in rather than loading it again.
+    let active = state.active.load_full();
+    let dest = super::upstream::Dest {
+        service: &target.service,
+        subset: target.subset.as_deref(),
+        port: target.port,
+        selector: &target.selector,
+    };
+    let Some(picked) = state.upstream.choose(&active, endpoints, &dest) else {
         return error_response(
             Refusal::NoHealthyEndpoint,
             &format!("no healthy local endpoint for {}", target.service),
@@ -635,43 +643,14 @@ async fn forward_local(
         parts.headers.insert(header::HOST, a);
     }
     parts.headers.remove("x-forwarded-client-cert");
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = match format!("http://{addr}{path}").parse::<Uri>() {
-        Ok(u) => u,
-        Err(_) => return error_response(Refusal::BadRequest, "request path is not valid", grpc),
-    };
     let h2 = parts.version == http::Version::HTTP_2;
     let req = Request::from_parts(parts, body);
-    let result = if h2 {
-        state.upstream.h2.request(req).await
-    } else {
-        state.upstream.h1.request(req).await
-    };
-    match result {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = body
-                .map_frame(move |f| {
-                    let _held = &inflight;
-                    f
-                })
-                .map_err(Into::into)
-                .boxed_unsync();
-            Response::from_parts(parts, body)
+    match state.upstream.send(picked, req, h2).await {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp
         }
-        Err(e) => {
-            let refusal = if e.is_connect() {
-                Refusal::ConnectFailed
-            } else {
-                Refusal::UpstreamReset
-            };
-            error_response(
-                refusal,
-                &format!("local endpoint {addr} of {}: {e}", target.service),
-                grpc,
-            )
-        }
+        Err(e) => e.response(grpc),
     }
 }
 

@@ -1,34 +1,272 @@
-//! Local endpoints: choosing one, and pooled connections to it.
+//! Local endpoints: a DestinationRule's endpoint-level policy, applied where
+//! the endpoints are (the destination gateway, or the source gateway for a
+//! subset in its own cluster).
 //!
-//! The balancer is least-request with the power of two choices: pick two
-//! endpoints at random and send to the one with fewer requests in flight
-//! (Envoy's and Istio's default, `LEAST_REQUEST`). Connections to endpoints
-//! are pooled by hyper's client, one pool for HTTP/1.1 and one for HTTP/2
-//! (gRPC), keyed by endpoint address.
+//! A request names a destination ([`Dest`]: service, subset, port, the
+//! subset's labels). That picks an upstream cluster, as Istio builds one
+//! Envoy cluster per service, subset and port, with its own
+//! - **effective policy** ([`Effective`]): the subset's traffic policy
+//!   (already merged over the top-level one by the policy compiler: a
+//!   subset's `loadBalancer`, `connectionPool`, `outlierDetection` and `tls`
+//!   each replace the top-level one as a whole), then a matching
+//!   `portLevelSettings` entry, which replaces all four, with defaults for
+//!   the parts it leaves out (Istio: port-level settings do not inherit);
+//! - **balancer** state: `ROUND_ROBIN` (a cursor), `RANDOM`, and
+//!   `LEAST_REQUEST` (the default: power of two choices on requests in
+//!   flight per endpoint). `consistentHash` is accepted by validation with a
+//!   not-enforced warning and balanced as `LEAST_REQUEST`;
+//! - **outlier detector** ([`outlier`]): ejected endpoints leave the
+//!   balancer (unless fewer than `minHealthPercent` would remain) and are
+//!   announced to peers as unhealthy ([`Upstream::mask_ejected`]), so that
+//!   source gateways stop choosing a cluster whose endpoints are all ejected;
+//! - **connection pool** ([`pool`]) with the `connectionPool` limits;
+//!   overflow is a fast 503 ([`overflow_response`]);
+//! - **TLS** to endpoints ([`tls`]).
+//!
+//! It does not own the choice of cluster ([`crate::route`]) nor the tunnel.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{HeaderValue, Request, Response, Uri, header};
+use http_body_util::BodyExt;
+use meshfed_policy::snapshot::{
+    ConnectionPool, EndpointTls, LbAlgorithm, OutlierDetection, TrafficPolicy,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
 use super::body::ProxyBody;
-use crate::discovery::Endpoint;
+use super::error_response;
+use crate::discovery::{Endpoint, EndpointSet};
+use crate::identity::store::Credentials;
+use crate::route::Active;
+use crate::tunnel::frame::Refusal;
 
-/// Connection timeout to a local endpoint, unless a DestinationRule says
-/// otherwise (the traffic-policy issue reads `connectTimeout`).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub mod outlier;
+pub mod pool;
+pub mod tls;
 
-/// HTTP clients and the balancer for this cluster's endpoints.
+#[cfg(test)]
+mod tests;
+
+use outlier::{Detector, Outcome, OutlierConfig, Recorded};
+use pool::{ClusterPool, EndpointKey, Lease, Limit, Limits, PoolError};
+
+/// Connection timeout to a local endpoint when no DestinationRule sets
+/// `connectTimeout`.
+pub const CONNECT_TIMEOUT: Duration = pool::DEFAULT_CONNECT_TIMEOUT;
+
+/// The response header that names the limit a request overflowed.
+pub const OVERFLOW_HEADER: &str = "x-meshfed-overflow";
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Dest<'a> {
+    /// Canonical host.
+    pub service: &'a str,
+    pub subset: Option<&'a str>,
+    /// The service port the caller asked for (`portLevelSettings` key).
+    pub port: u16,
+    /// The subset's labels; empty for every endpoint.
+    pub selector: &'a BTreeMap<String, String>,
+}
+
+/// The policy that applies to one request, resolved from the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct Effective<'a> {
+    pub lb: LbAlgorithm,
+    pub limits: Limits,
+    pub outlier: Option<OutlierConfig>,
+    pub tls: Option<&'a EndpointTls>,
+}
+
+impl<'a> Effective<'a> {
+    /// The policy for `dest` in `active`: the subset's (merged) policy, or
+    /// the top-level one, then the port's settings if it has any.
+    pub fn resolve(active: &'a Active, dest: &Dest<'_>) -> Self {
+        let Some(d) = active.snapshot.policy.destinations.get(dest.service) else {
+            return Effective::from_parts(LbAlgorithm::default(), None, None, None);
+        };
+        let tp: &TrafficPolicy = dest
+            .subset
+            .and_then(|s| d.subsets.get(s))
+            .map_or(&d.traffic_policy, |s| &s.traffic_policy);
+        match tp.ports.get(&dest.port) {
+            Some(p) => Effective::from_parts(
+                p.load_balancer
+                    .as_ref()
+                    .map(|l| l.algorithm)
+                    .unwrap_or_default(),
+                p.connection_pool.as_ref(),
+                p.outlier_detection.as_ref(),
+                p.tls.as_ref(),
+            ),
+            None => Effective::from_parts(
+                tp.load_balancer.algorithm,
+                Some(&tp.connection_pool),
+                tp.outlier_detection.as_ref(),
+                tp.tls.as_ref(),
+            ),
+        }
+    }
+
+    fn from_parts(
+        lb: LbAlgorithm,
+        pool: Option<&ConnectionPool>,
+        outlier: Option<&OutlierDetection>,
+        tls: Option<&'a EndpointTls>,
+    ) -> Self {
+        Effective {
+            lb,
+            limits: pool.map(Limits::from).unwrap_or_default(),
+            outlier: outlier.map(OutlierConfig::from),
+            tls,
+        }
+    }
+}
+
+/// One upstream cluster: a service, subset and port.
+#[derive(Debug)]
+struct Cluster {
+    subset: Option<String>,
+    port: u16,
+    rr: AtomicUsize,
+    /// Endpoints ejected, as of the last sweep; 0 skips the detector.
+    ejected: AtomicUsize,
+    /// Whether the detector counts errors for any endpoint.
+    has_state: AtomicBool,
+    detector: Mutex<Detector>,
+    pool: Arc<ClusterPool>,
+}
+
+/// Labels of `meshfed_upstream_overflow_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub service: String,
+    pub limit: &'static str,
+}
+
+/// Labels of `meshfed_outlier_ejections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+/// Labels of `meshfed_outlier_ejected`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+/// This module's metrics; [`crate::metrics::Metrics`] registers them.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamMetrics {
+    pub overflow: Family<OverflowLabels, Counter>,
+    pub ejections: Family<EjectionLabels, Counter>,
+    pub ejected: Family<ServiceLabels, Gauge>,
+}
+
+impl UpstreamMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "upstream_overflow",
+            "Requests refused because a DestinationRule connectionPool limit was reached, by limit",
+            self.overflow.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by reason",
+            self.ejections.clone(),
+        );
+        registry.register(
+            "outlier_ejected",
+            "Endpoints ejected by outlier detection now",
+            self.ejected.clone(),
+        );
+    }
+}
+
+/// Why a request to a local endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{service}: DestinationRule connectionPool limit {} reached", .limit.as_str())]
+    Overflow { service: String, limit: Limit },
+    #[error("endpoint {addr} of {service}: {reason}")]
+    Connect {
+        service: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("endpoint {addr} of {service}: {reason}")]
+    Reset {
+        service: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl UpstreamError {
+    /// The refusal that reports it to the caller or the source gateway.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            UpstreamError::Overflow { .. } => Refusal::Overloaded,
+            UpstreamError::Connect { .. } => Refusal::ConnectFailed,
+            UpstreamError::Reset { .. } => Refusal::UpstreamReset,
+            UpstreamError::Tls(_) => Refusal::ConnectFailed,
+        }
+    }
+
+    /// The response for the caller: for an overflow, a fast 503 that names
+    /// the limit (`x-meshfed-overflow`, and Envoy's `x-envoy-overloaded`).
+    pub fn response(&self, grpc: bool) -> Response<ProxyBody> {
+        match self {
+            UpstreamError::Overflow { limit, .. } => {
+                overflow_response(*limit, &self.to_string(), grpc)
+            }
+            other => error_response(other.refusal(), &other.to_string(), grpc),
+        }
+    }
+}
+
+/// A 503 for a connection-pool overflow.
+pub fn overflow_response(limit: Limit, message: &str, grpc: bool) -> Response<ProxyBody> {
+    let mut r = error_response(Refusal::Overloaded, message, grpc);
+    let h = r.headers_mut();
+    h.insert(OVERFLOW_HEADER, HeaderValue::from_static(limit.as_str()));
+    h.insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r
+}
+
+/// The endpoint chosen for a request, with what sending to it needs.
+#[derive(Debug)]
+pub struct Picked<'a> {
+    pub addr: SocketAddr,
+    pub policy: Effective<'a>,
+    service: &'a str,
+    cluster: Arc<Cluster>,
+    pool_size: usize,
+    inflight: InFlight,
+}
+
+/// Balancers, pools, detectors and TLS for this cluster's endpoints.
 #[derive(Debug)]
 pub struct Upstream {
-    pub h1: Client<HttpConnector, ProxyBody>,
-    pub h2: Client<HttpConnector, ProxyBody>,
     inflight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    clusters: Mutex<HashMap<String, Vec<Arc<Cluster>>>>,
+    tls: tls::TlsCache,
+    metrics: UpstreamMetrics,
+    health: watch::Sender<u64>,
 }
 
 impl Default for Upstream {
@@ -39,21 +277,23 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        Self::with_metrics(UpstreamMetrics::default())
+    }
+
+    pub fn with_metrics(metrics: UpstreamMetrics) -> Self {
         Upstream {
-            h1,
-            h2,
             inflight: Mutex::new(HashMap::new()),
+            clusters: Mutex::new(HashMap::new()),
+            tls: tls::TlsCache::default(),
+            metrics,
+            health: watch::channel(0).0,
         }
+    }
+
+    /// The gateway's own credentials, presented to endpoints under
+    /// `ISTIO_MUTUAL` (call again when they reload).
+    pub fn set_identity(&self, creds: Arc<Credentials>) {
+        self.tls.set_identity(creds);
     }
 
     fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
@@ -64,9 +304,17 @@ impl Upstream {
     }
 
     /// Picks an endpoint among `candidates` (power of two choices on
-    /// requests in flight) and counts a request on it until the guard drops.
+    /// requests in flight), without any DestinationRule: for callers that
+    /// have no destination policy to apply.
     pub fn pick(&self, candidates: &[&Endpoint]) -> Option<(SocketAddr, InFlight)> {
-        let chosen = match candidates.len() {
+        let chosen = self.least_request(candidates)?;
+        let c = self.counter(chosen);
+        c.fetch_add(1, Ordering::Relaxed);
+        Some((chosen, InFlight(c)))
+    }
+
+    fn least_request(&self, candidates: &[&Endpoint]) -> Option<SocketAddr> {
+        Some(match candidates.len() {
             0 => return None,
             1 => candidates[0].addr,
             n => {
@@ -84,11 +332,565 @@ impl Upstream {
                     eb
                 }
             }
-        };
-        let c = self.counter(chosen);
-        c.fetch_add(1, Ordering::Relaxed);
-        Some((chosen, InFlight(c)))
+        })
     }
+
+    fn cluster(&self, dest: &Dest<'_>) -> Arc<Cluster> {
+        let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let list = match map.get_mut(dest.service) {
+            Some(l) => l,
+            None => map.entry(dest.service.to_string()).or_default(),
+        };
+        if let Some(c) = list
+            .iter()
+            .find(|c| c.port == dest.port && c.subset.as_deref() == dest.subset)
+        {
+            return c.clone();
+        }
+        let c = Arc::new(Cluster {
+            subset: dest.subset.map(str::to_string),
+            port: dest.port,
+            rr: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+            has_state: AtomicBool::new(false),
+            detector: Mutex::new(Detector::new(Instant::now())),
+            pool: Arc::default(),
+        });
+        list.push(c.clone());
+        c
+    }
+
+    /// Chooses an endpoint of `dest` in `endpoints` under `active`'s
+    /// policy: healthy, carrying the subset's labels, not ejected, then by
+    /// the load balancer. `None` when there is none.
+    pub fn choose<'a>(
+        &self,
+        active: &'a Active,
+        endpoints: &EndpointSet,
+        dest: &Dest<'a>,
+    ) -> Option<Picked<'a>> {
+        let candidates = crate::discovery::healthy(endpoints, dest.service, dest.selector);
+        self.choose_from(active, candidates, dest)
+    }
+
+    /// [`Upstream::choose`] among `candidates` that the caller already
+    /// narrowed (healthy, matching the subset, allowed by authorization).
+    pub fn choose_from<'a>(
+        &self,
+        active: &'a Active,
+        mut candidates: Vec<&Endpoint>,
+        dest: &Dest<'a>,
+    ) -> Option<Picked<'a>> {
+        let policy = Effective::resolve(active, dest);
+        let cluster = self.cluster(dest);
+        let pool_size = candidates.len();
+        if policy.outlier.is_some() && cluster.ejected.load(Ordering::Relaxed) > 0 {
+            let mut det = cluster.detector.lock().unwrap_or_else(|p| p.into_inner());
+            if det.sweep(Instant::now()) {
+                self.after_health_change(&cluster, &det, dest.service);
+            }
+            let before = candidates.len();
+            let kept: Vec<&Endpoint> = candidates
+                .iter()
+                .copied()
+                .filter(|e| !det.is_ejected(&e.addr))
+                .collect();
+            // Below minHealthPercent, Envoy's panic mode balances over all.
+            let min = policy.outlier.map_or(0, |o| o.min_health_percent) as usize;
+            if kept.len() * 100 >= min * before {
+                candidates = kept;
+            }
+        }
+        let addr = match policy.lb {
+            LbAlgorithm::RoundRobin => {
+                let n = candidates.len();
+                (n > 0).then(|| candidates[cluster.rr.fetch_add(1, Ordering::Relaxed) % n].addr)
+            }
+            LbAlgorithm::Random => {
+                let n = candidates.len();
+                (n > 0).then(|| candidates[rand::random_range(0..n)].addr)
+            }
+            LbAlgorithm::LeastRequest => self.least_request(&candidates),
+        }?;
+        let c = self.counter(addr);
+        c.fetch_add(1, Ordering::Relaxed);
+        Some(Picked {
+            addr,
+            policy,
+            service: dest.service,
+            cluster,
+            pool_size,
+            inflight: InFlight(c),
+        })
+    }
+
+    /// Sends `req` to the picked endpoint: HTTP/2 when `h2` (gRPC), else
+    /// HTTP/1.1; TLS per the policy. The URI is rewritten for the endpoint
+    /// from the request's path and `Host`. The connection (and the count
+    /// of requests in flight) is held until the response body is done.
+    pub async fn send(
+        &self,
+        picked: Picked<'_>,
+        req: Request<ProxyBody>,
+        h2: bool,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let Picked {
+            addr,
+            policy,
+            service,
+            cluster,
+            pool_size,
+            inflight,
+        } = picked;
+        let setup = match policy.tls {
+            Some(t) => self.tls.setup(t, service)?,
+            None => None,
+        };
+        let key = EndpointKey {
+            addr,
+            h2,
+            tls: setup.as_ref().map_or(0, |s| s.id),
+        };
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = if h2 {
+            let authority = parts
+                .headers
+                .remove(header::HOST)
+                .and_then(|h| h.to_str().ok().map(str::to_string))
+                .unwrap_or_else(|| addr.to_string());
+            let scheme = if setup.is_some() { "https" } else { "http" };
+            Uri::builder()
+                .scheme(scheme)
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+        } else {
+            parts.version = http::Version::HTTP_11;
+            Uri::builder().path_and_query(path).build()
+        }
+        .map_err(|e| UpstreamError::Reset {
+            service: service.to_string(),
+            addr,
+            reason: format!("cannot form the request URI: {e}"),
+        })?;
+        if h2 {
+            parts.version = http::Version::HTTP_2;
+        }
+        let req = Request::from_parts(parts, body);
+        let mut lease: Lease = match cluster
+            .pool
+            .acquire(key, &policy.limits, setup.as_ref())
+            .await
+        {
+            Ok(l) => l,
+            Err(PoolError::Overflow(limit)) => {
+                self.metrics
+                    .overflow
+                    .get_or_create(&OverflowLabels {
+                        service: service.to_string(),
+                        limit: limit.as_str(),
+                    })
+                    .inc();
+                return Err(UpstreamError::Overflow {
+                    service: service.to_string(),
+                    limit,
+                });
+            }
+            Err(PoolError::Connect { addr, reason }) => {
+                self.record(
+                    &cluster,
+                    &policy,
+                    service,
+                    addr,
+                    Outcome::LocalFailure,
+                    pool_size,
+                );
+                return Err(UpstreamError::Connect {
+                    service: service.to_string(),
+                    addr,
+                    reason,
+                });
+            }
+        };
+        match lease.send(req).await {
+            Ok(resp) => {
+                self.record(
+                    &cluster,
+                    &policy,
+                    service,
+                    addr,
+                    Outcome::Status(resp.status().as_u16()),
+                    pool_size,
+                );
+                let (parts, body) = resp.into_parts();
+                let held = (lease, inflight);
+                let body = body
+                    .map_frame(move |f| {
+                        let _held = &held;
+                        f
+                    })
+                    .map_err(Into::into)
+                    .boxed_unsync();
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(e) => {
+                self.record(
+                    &cluster,
+                    &policy,
+                    service,
+                    addr,
+                    Outcome::LocalFailure,
+                    pool_size,
+                );
+                Err(UpstreamError::Reset {
+                    service: service.to_string(),
+                    addr,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Connects a TCP stream to the picked endpoint, within
+    /// `tcp.maxConnections` (the slot is held as long as the returned guard).
+    pub async fn connect_tcp(
+        &self,
+        picked: Picked<'_>,
+    ) -> Result<(tokio::net::TcpStream, TcpGuard), UpstreamError> {
+        let Picked {
+            addr,
+            policy,
+            service,
+            cluster,
+            pool_size,
+            inflight,
+        } = picked;
+        let slot = match cluster.pool.tcp_slot(addr, &policy.limits) {
+            Ok(s) => s,
+            Err(limit) => {
+                self.metrics
+                    .overflow
+                    .get_or_create(&OverflowLabels {
+                        service: service.to_string(),
+                        limit: limit.as_str(),
+                    })
+                    .inc();
+                return Err(UpstreamError::Overflow {
+                    service: service.to_string(),
+                    limit,
+                });
+            }
+        };
+        let connected = tokio::time::timeout(
+            policy.limits.connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match connected {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok((
+                    s,
+                    TcpGuard {
+                        _slot: slot,
+                        _inflight: inflight,
+                    },
+                ))
+            }
+            Ok(Err(e)) => {
+                self.record(
+                    &cluster,
+                    &policy,
+                    service,
+                    addr,
+                    Outcome::LocalFailure,
+                    pool_size,
+                );
+                Err(UpstreamError::Connect {
+                    service: service.to_string(),
+                    addr,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                self.record(
+                    &cluster,
+                    &policy,
+                    service,
+                    addr,
+                    Outcome::LocalFailure,
+                    pool_size,
+                );
+                Err(UpstreamError::Connect {
+                    service: service.to_string(),
+                    addr,
+                    reason: format!(
+                        "no connection within the connect timeout of {:?}",
+                        policy.limits.connect_timeout
+                    ),
+                })
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        cluster: &Cluster,
+        policy: &Effective<'_>,
+        service: &str,
+        addr: SocketAddr,
+        outcome: Outcome,
+        pool_size: usize,
+    ) {
+        let Some(cfg) = &policy.outlier else { return };
+        // Successes on a cluster with nothing to reset need no lock.
+        if matches!(outcome, Outcome::Status(s) if s < 500)
+            && cluster.ejected.load(Ordering::Relaxed) == 0
+            && !cluster.has_state.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let mut det = cluster.detector.lock().unwrap_or_else(|p| p.into_inner());
+        let recorded = det.record(cfg, addr, outcome, pool_size, Instant::now());
+        match recorded {
+            Recorded::Ejected(reason, until) => {
+                tracing::info!(
+                    service,
+                    subset = cluster.subset.as_deref().unwrap_or(""),
+                    endpoint = %addr,
+                    reason = reason.as_str(),
+                    for_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    "endpoint ejected by outlier detection"
+                );
+                self.metrics
+                    .ejections
+                    .get_or_create(&EjectionLabels {
+                        service: service.to_string(),
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+                self.after_health_change(cluster, &det, service);
+            }
+            Recorded::Capped(reason) => tracing::debug!(
+                service,
+                endpoint = %addr,
+                reason = reason.as_str(),
+                "not ejected: maxEjectionPercent reached"
+            ),
+            Recorded::Nothing => {}
+        }
+        cluster.has_state.store(det.has_state(), Ordering::Relaxed);
+    }
+
+    fn after_health_change(&self, cluster: &Cluster, det: &Detector, service: &str) {
+        let n = det.ejected_count();
+        cluster.ejected.store(n, Ordering::Relaxed);
+        self.metrics
+            .ejected
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .set(self.ejected_in(service) as i64);
+        self.health.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn ejected_in(&self, service: &str) -> usize {
+        let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(service).map_or(0, |l| {
+            l.iter().map(|c| c.ejected.load(Ordering::Relaxed)).sum()
+        })
+    }
+
+    /// Ends ejections that are over; true if any ended.
+    fn sweep(&self) -> bool {
+        let now = Instant::now();
+        let clusters: Vec<(String, Arc<Cluster>)> = {
+            let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .flat_map(|(s, l)| l.iter().map(move |c| (s.clone(), c.clone())))
+                .filter(|(_, c)| c.ejected.load(Ordering::Relaxed) > 0)
+                .collect()
+        };
+        let mut changed = false;
+        for (service, c) in clusters {
+            let mut det = c.detector.lock().unwrap_or_else(|p| p.into_inner());
+            if det.sweep(now) {
+                det.forget_idle();
+                self.after_health_change(&c, &det, &service);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn next_uneject(&self) -> Option<Instant> {
+        let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .flatten()
+            .filter(|c| c.ejected.load(Ordering::Relaxed) > 0)
+            .filter_map(|c| {
+                c.detector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .next_uneject()
+            })
+            .min()
+    }
+
+    /// A receiver for [`Upstream::health_changed`].
+    pub fn health_watch(&self) -> watch::Receiver<u64> {
+        self.health.subscribe()
+    }
+
+    /// Waits until the set of ejected endpoints changes: an ejection, or
+    /// the end of one (which this also carries out on time, so peers hear
+    /// of a returning endpoint without waiting for a request).
+    pub async fn health_changed(&self, rx: &mut watch::Receiver<u64>) {
+        loop {
+            let wake = self.next_uneject();
+            let sleep = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    return;
+                }
+                () = sleep => {
+                    if self.sweep() {
+                        // Our own bump; mark it seen.
+                        rx.borrow_and_update();
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `addr` of `service` is ejected in any of its clusters.
+    pub fn is_ejected(&self, service: &str, addr: &SocketAddr) -> bool {
+        let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(service).is_some_and(|l| {
+            l.iter().any(|c| {
+                c.ejected.load(Ordering::Relaxed) > 0
+                    && c.detector
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_ejected(addr)
+            })
+        })
+    }
+
+    /// Healthy endpoints of `service` with every label of `selector` that
+    /// outlier detection has not ejected: what this cluster can serve.
+    pub fn healthy_count(
+        &self,
+        endpoints: &EndpointSet,
+        service: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> usize {
+        crate::discovery::healthy(endpoints, service, selector)
+            .into_iter()
+            .filter(|e| !self.is_ejected(service, &e.addr))
+            .count()
+    }
+
+    /// `set` with every ejected endpoint marked unhealthy: what the
+    /// announcement tells peers. The same `Arc` when nothing is ejected.
+    pub fn mask_ejected(&self, set: Arc<EndpointSet>) -> Arc<EndpointSet> {
+        let ejected: Vec<(String, SocketAddr)> = {
+            let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .flat_map(|(s, l)| l.iter().map(move |c| (s, c)))
+                .filter(|(_, c)| c.ejected.load(Ordering::Relaxed) > 0)
+                .flat_map(|(s, c)| {
+                    let det = c.detector.lock().unwrap_or_else(|p| p.into_inner());
+                    det.ejected()
+                        .map(|(a, _)| (s.clone(), a))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        if ejected.is_empty() {
+            return set;
+        }
+        let mut out = (*set).clone();
+        for (service, addr) in ejected {
+            if let Some(eps) = out.get_mut(&service) {
+                for e in eps.iter_mut().filter(|e| e.addr == addr) {
+                    e.healthy = false;
+                }
+            }
+        }
+        Arc::new(out)
+    }
+
+    /// Requests in flight, connections open and requests waiting for one,
+    /// over every cluster of `service`.
+    pub fn pool_stats(&self, service: &str) -> (usize, usize, usize) {
+        let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(service).map_or((0, 0, 0), |l| {
+            l.iter().fold((0, 0, 0), |acc, c| {
+                let (r, n, p) = c.pool.stats();
+                (acc.0 + r, acc.1 + n, acc.2 + p)
+            })
+        })
+    }
+
+    /// Current ejections, for /config_dump: service, subset, port, endpoint
+    /// and milliseconds left.
+    pub fn ejections(&self) -> Vec<Ejection> {
+        let now = Instant::now();
+        let map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (service, list) in map.iter() {
+            for c in list {
+                if c.ejected.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let det = c.detector.lock().unwrap_or_else(|p| p.into_inner());
+                for (addr, until) in det.ejected() {
+                    out.push(Ejection {
+                        service: service.clone(),
+                        subset: c.subset.clone(),
+                        port: c.port,
+                        endpoint: addr,
+                        remaining_ms: until.saturating_duration_since(now).as_millis() as u64,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.service, a.endpoint).cmp(&(&b.service, b.endpoint)));
+        out
+    }
+}
+
+/// An endpoint ejected now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Ejection {
+    pub service: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    pub port: u16,
+    pub endpoint: SocketAddr,
+    pub remaining_ms: u64,
+}
+
+/// Holds a proxied TCP connection's place in its pool.
+#[derive(Debug)]
+pub struct TcpGuard {
+    _slot: pool::ConnSlot,
+    _inflight: InFlight,
 }
 
 /// A request in flight to an endpoint.
@@ -98,38 +900,5 @@ pub struct InFlight(Arc<AtomicUsize>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
-    fn ep(port: u16) -> Endpoint {
-        Endpoint {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            labels: BTreeMap::new(),
-            healthy: true,
-        }
-    }
-
-    #[tokio::test]
-    async fn least_request_avoids_the_busy_endpoint() {
-        let u = Upstream::new();
-        let (a, b) = (ep(1), ep(2));
-        // Keep 10 requests in flight on endpoint 1.
-        let busy: Vec<InFlight> = (0..10).map(|_| u.pick(&[&a]).unwrap().1).collect();
-        for _ in 0..100 {
-            let (addr, _g) = u.pick(&[&a, &b]).unwrap();
-            assert_eq!(addr.port(), 2);
-        }
-        drop(busy);
-        let ports: std::collections::BTreeSet<u16> = (0..100)
-            .map(|_| u.pick(&[&a, &b]).unwrap().0.port())
-            .collect();
-        assert_eq!(ports.len(), 2, "idle endpoints share the load");
-        assert!(u.pick(&[]).is_none());
     }
 }
