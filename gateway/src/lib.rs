@@ -25,6 +25,7 @@ pub mod control;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;
+pub mod peer_auth;
 pub mod proxy;
 pub mod route;
 pub mod run;

@@ -85,8 +85,10 @@ struct Cli {
     drain_timeout: Duration,
 
     /// Local callers: `plaintext` (TLS from callers is routed by SNI,
-    /// untouched), or `mutual` (callers present a workload certificate of this
-    /// cluster; its identity travels to the destination).
+    /// untouched), or `mutual` (TLS callers present a workload certificate of
+    /// this cluster; its identity travels to the destination). Whether
+    /// plaintext callers are also admitted is the destination's
+    /// PeerAuthentication (STRICT, PERMISSIVE, DISABLE); see docs/traffic.md.
     #[arg(
         long,
         value_name = "MODE",

@@ -80,7 +80,15 @@ pub async fn serve(
             };
             match state.local_tls.load_full() {
                 None => handle_connection(state, stream, caller, watcher).await,
-                Some(tls) => handle_mutual(state, stream, caller, watcher, tls).await,
+                // TLS callers present workload certificates; plaintext ones
+                // are admitted per destination by PeerAuthentication
+                // (crate::peer_auth).
+                Some(tls) => match detect(&stream).await {
+                    Detected::Tls { .. } => {
+                        handle_mutual(state, stream, caller, watcher, tls).await
+                    }
+                    _ => handle_connection(state, stream, caller, watcher).await,
+                },
             }
         });
     }
@@ -258,7 +266,11 @@ pub async fn serve_mapped(state: Arc<Gateway>, listener: TcpListener, host: Stri
         };
         let _ = stream.set_nodelay(true);
         let (state, host) = (state.clone(), host.clone());
-        tokio::spawn(async move { tcp_proxy(state, host, port, "default", stream).await });
+        tokio::spawn(async move {
+            if crate::peer_auth::admit_plaintext_tcp(&state, &host, port, "default") {
+                tcp_proxy(state, host, port, "default", stream).await
+            }
+        });
     }
 }
 
@@ -273,7 +285,9 @@ async fn handle_connection(
         Detected::Tls { sni: Some(host) } => {
             // TLS passthrough: the caller talks TLS to the service itself.
             let ns = caller.namespace.clone();
-            tcp_proxy(state, host, 443, &ns, stream).await;
+            if crate::peer_auth::admit_plaintext_tcp(&state, &host, 443, &ns) {
+                tcp_proxy(state, host, 443, &ns, stream).await;
+            }
         }
         Detected::Tls { sni: None } => {
             state.metrics.refused("listener", "tls-without-sni");
@@ -328,6 +342,12 @@ pub async fn handle_http(
         record(&state, &r, "", "", start, grpc);
         return r;
     };
+    let (mtls, t) = (caller.id.is_some(), &target);
+    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port) {
+        let r = r.response(grpc);
+        record(&state, &r, &target.service, "", start, grpc);
+        return r;
+    }
     let remote = state.tunnel.announcements();
     let Some(cluster) = route::choose_cluster(&target, &state.cluster, &endpoints, &remote) else {
         let r = error_response(
@@ -817,8 +837,12 @@ async fn connect(
     // Route before answering, so the caller sees a refusal as a status.
     let active = state.active.load_full();
     let endpoints = state.endpoints.borrow().clone();
-    if route::tcp_target(&active, &host, port, &ns, &endpoints).is_none() {
+    let Some(target) = route::tcp_target(&active, &host, port, &ns, &endpoints) else {
         return error_response(Refusal::NoRoute, &format!("no service `{host}`"), false);
+    };
+    let (mtls, t) = (caller.id.is_some(), &target);
+    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port) {
+        return r.response(false);
     }
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {

@@ -1,0 +1,310 @@
+//! PeerAuthentication at the outbound listener: whether a local caller may
+//! reach a destination in plaintext, with mutual TLS, or both.
+//!
+//! In Istio a PeerAuthentication is the *receiving* workload's policy: it
+//! says what that workload accepts. A local caller of the outbound listener
+//! is on its way to a destination service, so the policy that decides is the
+//! destination's, resolved as Istio resolves it: the workload-level policy
+//! (a `selector` in the destination service's namespace matching the labels
+//! of the destination's endpoints) wins over the namespace's, which wins over
+//! the mesh's (root namespace); UNSET inherits (resolved by the compiler),
+//! and with no policy at all the mode is PERMISSIVE. A `portLevelMtls`
+//! entry applies when it names the port the caller dialed (the service port:
+//! the source gateway does not know the endpoint's port).
+//!
+//! - STRICT: only callers that presented a workload certificate (mutual TLS
+//!   on the outbound listener, `--outbound-tls mutual`) get through;
+//!   plaintext callers are answered `403` with `x-meshfed-error:
+//!   mtls-required` (TCP: the connection is closed) and counted.
+//! - PERMISSIVE: both.
+//! - DISABLE: plaintext only; an mTLS caller gets `403` /
+//!   `mtls-disabled`.
+//!
+//! The destination's labels are those of its endpoints that fit the chosen
+//! subset: local ones from discovery and remote ones from peers'
+//! announcements. When they carry different modes (a workload policy selects
+//! some endpoints only), the strictest wins, so that a caller is never let
+//! through to an endpoint that would refuse it. Two workload policies that
+//! select the same endpoints also resolve to the stricter (Istio picks the
+//! oldest; meshfed fails closed).
+//!
+//! This module does not own TLS itself (the listener in
+//! [`crate::proxy::outbound`] terminates it and verifies the workload
+//! certificate), nor links between gateways, which are always mutual TLS
+//! whatever the policy says, nor authorization ([`crate::authz`]).
+
+use std::collections::BTreeMap;
+
+use http::{HeaderValue, Response, StatusCode, header};
+use meshfed_policy::snapshot::{MtlsMode, MtlsPolicy};
+
+use crate::proxy::ERROR_HEADER;
+use crate::proxy::body::{self, ProxyBody};
+use crate::state::Gateway;
+
+/// The mode that applies to a destination, and which policy level said so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effective {
+    pub mode: MtlsMode,
+    /// `mesh`, `namespace <ns>` or `PeerAuthentication <ns>/<name>`.
+    pub from: String,
+}
+
+/// Resolves the mode for a destination in `namespace` whose endpoints carry
+/// `label_sets`, dialed on `port`.
+pub fn effective<'a>(
+    policy: &MtlsPolicy,
+    namespace: Option<&str>,
+    label_sets: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+    port: u16,
+) -> Effective {
+    let inherited = match namespace.and_then(|ns| policy.namespaces.get(ns)) {
+        Some(m) => Effective {
+            mode: *m,
+            from: format!("namespace {}", namespace.unwrap_or_default()),
+        },
+        None => Effective {
+            mode: policy.mesh,
+            from: "mesh".into(),
+        },
+    };
+    let Some(ns) = namespace else {
+        return inherited;
+    };
+    let workloads: Vec<_> = policy
+        .workloads
+        .iter()
+        .filter(|w| w.namespace == ns)
+        .collect();
+    if workloads.is_empty() {
+        return inherited;
+    }
+    let mut strictest: Option<Effective> = None;
+    for labels in label_sets {
+        let this = workloads
+            .iter()
+            .filter(|w| w.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|w| Effective {
+                mode: w.ports.get(&port).copied().unwrap_or(w.mode),
+                from: format!(
+                    "PeerAuthentication {}/{}",
+                    w.source.namespace, w.source.name
+                ),
+            })
+            .max_by_key(|e| e.mode)
+            .unwrap_or_else(|| inherited.clone());
+        if strictest.as_ref().is_none_or(|s| this.mode > s.mode) {
+            strictest = Some(this);
+        }
+    }
+    strictest.unwrap_or(inherited)
+}
+
+/// A caller refused by PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// `mtls-required` or `mtls-disabled`: the metric and header reason.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refused {
+    /// `403` with the reason header; for gRPC callers a trailers-only
+    /// `UNAUTHENTICATED`.
+    pub fn response(&self, grpc: bool) -> Response<ProxyBody> {
+        let mut b = Response::builder().header(ERROR_HEADER, self.reason);
+        if grpc {
+            let msg = HeaderValue::from_str(&self.message.replace(['%', '\n'], " "))
+                .unwrap_or(HeaderValue::from_static("mutual TLS policy"));
+            b = b
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", "16")
+                .header("grpc-message", msg);
+            return b
+                .body(body::empty())
+                .unwrap_or_else(|_| Response::new(body::empty()));
+        }
+        b.status(StatusCode::FORBIDDEN)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(body::full(format!("{}: {}\n", self.reason, self.message)))
+            .unwrap_or_else(|_| Response::new(body::empty()))
+    }
+}
+
+/// Decides whether a local caller (`mtls`: it presented a workload
+/// certificate) may reach `service` (canonical host) on `port`, through the
+/// endpoints that `selector` picks. Counts a refusal (`listener` stage).
+pub fn admit(
+    state: &Gateway,
+    active: &crate::route::Active,
+    mtls: bool,
+    service: &str,
+    selector: &BTreeMap<String, String>,
+    port: u16,
+) -> Result<(), Refused> {
+    let policy = &active.snapshot.policy;
+    let namespace = crate::authz::service_namespace(policy, service);
+    let needs_labels =
+        namespace.is_some_and(|ns| policy.mtls.workloads.iter().any(|w| w.namespace == ns));
+    let eff = if needs_labels {
+        let local = state.endpoints.borrow().clone();
+        let remote = state.tunnel.announcements();
+        let fits =
+            |l: &&BTreeMap<String, String>| selector.iter().all(|(k, v)| l.get(k) == Some(v));
+        let sets = local
+            .get(service)
+            .into_iter()
+            .flatten()
+            .map(|e| &e.labels)
+            .chain(
+                remote
+                    .iter()
+                    .filter_map(|(_, a)| a.services.get(service))
+                    .flatten()
+                    .map(|g| &g.labels),
+            )
+            .filter(fits);
+        effective(&policy.mtls, namespace, sets, port)
+    } else {
+        effective(&policy.mtls, namespace, std::iter::empty(), port)
+    };
+    let refused = match (eff.mode, mtls) {
+        (MtlsMode::Strict, false) => Some(Refused {
+            reason: "mtls-required",
+            message: format!(
+                "{service} requires mutual TLS (STRICT, from {}); connect to the outbound \
+                 listener with TLS and a workload certificate (the gateway runs with \
+                 --outbound-tls mutual)",
+                eff.from
+            ),
+        }),
+        (MtlsMode::Disable, true) => Some(Refused {
+            reason: "mtls-disabled",
+            message: format!(
+                "{service} accepts plaintext callers only (DISABLE, from {}); call it without TLS",
+                eff.from
+            ),
+        }),
+        _ => None,
+    };
+    match refused {
+        None => Ok(()),
+        Some(r) => {
+            state.metrics.refused("listener", r.reason);
+            tracing::info!(%service, port, reason = r.reason, policy = %eff.from, "local caller refused by PeerAuthentication");
+            Err(r)
+        }
+    }
+}
+
+/// [`admit`] for a plaintext TCP caller of `host:port` (TLS passthrough by
+/// SNI, a port mapping): false, counted and logged, when the destination
+/// requires mutual TLS. A host with no TCP route is left to the proxy,
+/// which refuses it.
+pub fn admit_plaintext_tcp(state: &Gateway, host: &str, port: u16, caller_ns: &str) -> bool {
+    let active = state.active.load_full();
+    let endpoints = state.endpoints.borrow().clone();
+    match crate::route::tcp_target(&active, host, port, caller_ns, &endpoints) {
+        Some(t) => admit(state, &active, false, &t.service, &t.selector, t.port).is_ok(),
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshfed_policy::snapshot::{SourceRef, WorkloadMtls};
+
+    use super::*;
+
+    fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
+        l.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn workload(ns: &str, name: &str, sel: &[(&str, &str)], mode: MtlsMode) -> WorkloadMtls {
+        WorkloadMtls {
+            source: SourceRef {
+                kind: "PeerAuthentication".into(),
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            namespace: ns.into(),
+            selector: labels(sel),
+            mode,
+            ports: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_most_specific_level_wins() {
+        let mut p = MtlsPolicy {
+            mesh: MtlsMode::Strict,
+            ..Default::default()
+        };
+        let v1 = labels(&[("app", "reviews"), ("version", "v1")]);
+        let v2 = labels(&[("app", "reviews"), ("version", "v2")]);
+        assert_eq!(
+            effective(&p, Some("default"), [&v1], 80).mode,
+            MtlsMode::Strict
+        );
+        assert_eq!(effective(&p, None, [&v1], 80).mode, MtlsMode::Strict);
+        p.namespaces.insert("default".into(), MtlsMode::Permissive);
+        let e = effective(&p, Some("default"), [&v1], 80);
+        assert_eq!(e.mode, MtlsMode::Permissive);
+        assert_eq!(e.from, "namespace default");
+        assert_eq!(
+            effective(&p, Some("other"), [&v1], 80).mode,
+            MtlsMode::Strict
+        );
+        let mut w = workload("default", "v1-off", &[("version", "v1")], MtlsMode::Disable);
+        w.ports.insert(9443, MtlsMode::Strict);
+        p.workloads.push(w);
+        let e = effective(&p, Some("default"), [&v1], 80);
+        assert_eq!(e.mode, MtlsMode::Disable);
+        assert_eq!(e.from, "PeerAuthentication default/v1-off");
+        assert_eq!(
+            effective(&p, Some("default"), [&v1], 9443).mode,
+            MtlsMode::Strict
+        );
+        // v2 is not selected: the namespace's mode.
+        assert_eq!(
+            effective(&p, Some("default"), [&v2], 80).mode,
+            MtlsMode::Permissive
+        );
+        // Both kinds of endpoint: the strictest.
+        assert_eq!(
+            effective(&p, Some("default"), [&v1, &v2], 80).mode,
+            MtlsMode::Permissive
+        );
+        // No endpoint known: the namespace's.
+        assert_eq!(
+            effective(&p, Some("default"), std::iter::empty(), 80).mode,
+            MtlsMode::Permissive
+        );
+    }
+
+    #[test]
+    fn nothing_configured_is_permissive() {
+        let p = MtlsPolicy::default();
+        assert_eq!(
+            effective(&p, Some("default"), [], 80).mode,
+            MtlsMode::Permissive
+        );
+    }
+
+    #[test]
+    fn refusals_are_403_with_a_reason_or_grpc_unauthenticated() {
+        let r = Refused {
+            reason: "mtls-required",
+            message: "x requires mutual TLS".into(),
+        };
+        let resp = r.response(false);
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()[ERROR_HEADER], "mtls-required");
+        let resp = r.response(true);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["grpc-status"], "16");
+    }
+}
