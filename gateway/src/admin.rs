@@ -3,9 +3,9 @@
 //! | path | what |
 //! |---|---|
 //! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 once listening with a snapshot applied; 503 while draining |
+//! | `/readyz` | 200 once listening with a snapshot applied (from the policy dir, the syncer or the state dir); 503 while draining |
 //! | `/metrics` | Prometheus text ([`crate::metrics`]) |
-//! | `/config_dump` | the applied snapshot, as JSON, with the local endpoints |
+//! | `/config_dump` | the applied snapshot, as JSON, with where it came from and the local endpoints |
 //! | `/peers` | every link: state, RTT, loss, streams, announcements |
 //!
 //! It binds to localhost by default. On any other address it requires a
@@ -133,6 +133,7 @@ fn handle(
                 "gateway_id": state.id,
                 "applied_version": active.version(),
                 "content_hash": active.snapshot.content_hash,
+                "config_source": state.provenance.dump(),
                 "snapshot": &*active.snapshot,
                 "local_endpoints": endpoints,
             });

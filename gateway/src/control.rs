@@ -1,21 +1,36 @@
-//! Where snapshots come from.
+//! Where snapshots come from, and which one is applied.
 //!
-//! File mode (`--policy-dir DIR`): the gateway reads the policy repository
-//! itself, validates and compiles it for its cluster with the
-//! `meshfed-policy` crate, and applies it by atomic swap; then it checks the
-//! directory every second and does the same on every change. A bad edit is
-//! refused and logged with its diagnostics (FILE:LINE), and the previous
-//! snapshot stays.
+//! Two sources, one at a time:
+//! - file mode (`--policy-dir DIR`): the gateway reads the policy repository
+//!   itself, validates and compiles it for its cluster with the
+//!   `meshfed-policy` crate, and applies it by atomic swap; then it checks
+//!   the directory every second and does the same on every change. A bad
+//!   edit is refused and logged with its diagnostics (FILE:LINE), and the
+//!   previous snapshot stays.
+//! - syncer mode (`--syncer ADDR`, [`syncer`]): the gateway subscribes to
+//!   the syncer's config stream over mTLS, applies each snapshot it is sent
+//!   and ACKs or NACKs it; with `--state-dir` ([`persist`]) it keeps the last
+//!   good snapshot on disk and starts from it, so it serves without a
+//!   syncer (edge sites).
 //!
-//! The syncer client (the config delivery issue) will plug into the same
-//! [`Gateway::apply`].
+//! Either way a snapshot goes through [`Gateway::apply`], and
+//! [`Provenance`] records what was applied, from where and when, for
+//! `/config_dump` and readiness.
+//!
+//! This module does not decide what a snapshot means ([`crate::route`] and
+//! the data path do) nor compile policy (the `meshfed-policy` crate does).
+
+pub mod persist;
+pub mod syncer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use meshfed_policy::fs::{Selection, read_paths};
 use meshfed_policy::{Options, Snapshot, analyze};
+use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::state::Gateway;
 
@@ -94,8 +109,17 @@ pub fn watch_dir(state: Arc<Gateway>, dir: PathBuf, opts: Options) {
                         continue;
                     }
                     let version = snap.version.clone();
-                    match state.apply(Arc::new(snap)) {
-                        Ok(()) => tracing::info!(%version, "policy reloaded from the directory"),
+                    let snap = Arc::new(snap);
+                    match state.apply(snap.clone()) {
+                        Ok(()) => {
+                            state.provenance.applied(
+                                &snap,
+                                Source::File {
+                                    dir: dir.display().to_string(),
+                                },
+                            );
+                            tracing::info!(%version, "policy reloaded from the directory")
+                        }
                         Err(e) => {
                             tracing::error!(%version, error = %e, "policy refused; keeping the previous snapshot")
                         }
@@ -123,4 +147,103 @@ fn fingerprint(dir: &Path) -> u64 {
     }
     io.len().hash(&mut h);
     h.finish()
+}
+
+/// Where the applied snapshot came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// Compiled from `--policy-dir`.
+    File { dir: String },
+    /// Sent by the syncer at `addr`, whose certificate carried `id`.
+    Syncer { addr: String, id: String },
+    /// Read at start from `--state-dir` (the last snapshot applied before).
+    StateDir { path: String },
+}
+
+/// The applied snapshot's version and origin.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub version: String,
+    pub content_hash: String,
+    pub source: Source,
+    /// When it was applied, in milliseconds since the Unix epoch.
+    pub applied_at_unix_ms: u64,
+}
+
+/// The config client's connection to the syncer, for `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncerLink {
+    /// `host:port` given with `--syncer`.
+    pub addr: String,
+    /// The only SPIFFE ID accepted as the syncer.
+    pub accepted_id: String,
+    /// `connecting`, `connected` or `backing_off`.
+    pub state: &'static str,
+    /// The last failure, with its cause (no secrets: addresses and IDs only).
+    pub last_error: Option<String>,
+}
+
+/// What snapshot is applied and from where, plus the syncer link's state.
+/// Readiness waits on it: a gateway is ready once something is applied.
+#[derive(Debug)]
+pub struct Provenance {
+    applied: watch::Sender<Option<Arc<Applied>>>,
+    syncer: Mutex<Option<SyncerLink>>,
+}
+
+impl Default for Provenance {
+    fn default() -> Self {
+        Provenance {
+            applied: watch::channel(None).0,
+            syncer: Mutex::new(None),
+        }
+    }
+}
+
+impl Provenance {
+    /// Records that `snapshot` from `source` is now applied.
+    pub fn applied(&self, snapshot: &Snapshot, source: Source) {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.applied.send_replace(Some(Arc::new(Applied {
+            version: snapshot.version.clone(),
+            content_hash: snapshot.content_hash.clone(),
+            source,
+            applied_at_unix_ms: at,
+        })));
+    }
+
+    /// The applied snapshot's record; `None` until one is applied.
+    pub fn current(&self) -> Option<Arc<Applied>> {
+        self.applied.borrow().clone()
+    }
+
+    /// Follows [`Provenance::current`].
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Applied>>> {
+        self.applied.subscribe()
+    }
+
+    /// Updates the syncer link's state.
+    pub fn set_syncer(&self, link: SyncerLink) {
+        *self.syncer.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+    }
+
+    /// The syncer link's state, in syncer mode.
+    pub fn syncer(&self) -> Option<SyncerLink> {
+        self.syncer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// For `/config_dump`: `{"applied": ..., "syncer": ...}`.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "applied": self.current().as_deref(),
+            "syncer": self.syncer(),
+        })
+    }
 }

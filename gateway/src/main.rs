@@ -48,10 +48,43 @@ struct Cli {
     #[arg(long, value_name = "DIR", env = "MESHFED_TLS_DIR")]
     tls_dir: PathBuf,
 
-    /// Policy repository to load, validate and compile for this cluster, and
-    /// to follow: a bad edit is refused and the previous snapshot stays.
-    #[arg(long, value_name = "DIR", env = "MESHFED_POLICY_DIR")]
-    policy_dir: PathBuf,
+    /// File mode: a policy repository to load, validate and compile for this
+    /// cluster, and to follow: a bad edit is refused and the previous
+    /// snapshot stays. Exclusive with --syncer.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MESHFED_POLICY_DIR",
+        required_unless_present = "syncer",
+        conflicts_with = "syncer"
+    )]
+    policy_dir: Option<PathBuf>,
+
+    /// Syncer mode: the syncer's gRPC address (HOST:PORT, default port
+    /// 15012). The gateway subscribes over mTLS with its certificate from
+    /// --tls-dir, applies each snapshot it is sent and ACKs or NACKs it,
+    /// and reconnects with backoff, keeping its last good snapshot.
+    /// Ready once a snapshot is applied. Exclusive with --policy-dir.
+    #[arg(long, value_name = "HOST:PORT", env = "MESHFED_SYNCER")]
+    syncer: Option<String>,
+
+    /// The only SPIFFE ID accepted as the syncer (default:
+    /// spiffe://<our trust domain>/meshfed/syncer/syncer, as issued by
+    /// `meshfed-gateway certs syncer --id syncer`).
+    #[arg(long, value_name = "SPIFFE_ID", env = "MESHFED_SYNCER_ID", requires = "syncer",
+          value_parser = parse_syncer_id)]
+    syncer_id: Option<meshfed_gateway::identity::SpiffeId>,
+
+    /// Syncer mode: keep the last applied snapshot here (written atomically
+    /// before each ACK) and start from it, so the gateway serves even when
+    /// the syncer is unreachable at start.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MESHFED_STATE_DIR",
+        requires = "syncer"
+    )]
+    state_dir: Option<PathBuf>,
 
     /// Static discovery: a YAML file of this cluster's services and endpoints
     /// (see docs), followed on change.
@@ -163,9 +196,15 @@ Default ports (Istio's):
   15001/tcp  outbound listener (HTTP/1.1, HTTP/2, gRPC, TLS by SNI, CONNECT)
   15020/tcp  admin: /healthz /readyz /metrics /config_dump /peers (localhost)
 
+Policy comes from --policy-dir (file mode) or --syncer (syncer mode, with
+--syncer-id and --state-dir); see docs/delivery.md.
+
 Certificates: meshfed-gateway certs --help
 
 Exit codes: 0 after a clean drain, 1 when the gateway cannot start, 2 for a usage error.";
+
+/// The syncer's gRPC port when --syncer names none (as istiod's 15012).
+const DEFAULT_SYNCER_PORT: u16 = 15012;
 
 /// `-V` prints the crate version; `--version` also names the snapshot schema
 /// this build accepts from the syncer.
@@ -176,6 +215,16 @@ static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
         meshfed_policy::snapshot::SCHEMA
     )
 });
+
+fn parse_syncer_id(s: &str) -> Result<meshfed_gateway::identity::SpiffeId, String> {
+    use meshfed_gateway::identity::SpiffeId;
+    match SpiffeId::parse(s).map_err(|e| e.to_string())? {
+        id @ SpiffeId::Syncer { .. } => Ok(id),
+        other => Err(format!(
+            "`{other}` is not a syncer ID; write spiffe://<trust-domain>/meshfed/syncer/<id>"
+        )),
+    }
+}
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     meshfed_policy::syntax::parse_duration(s)
@@ -307,6 +356,17 @@ fn main() -> ExitCode {
         gateway_id: cli.gateway_id.unwrap_or_else(hostname),
         tls_dir: cli.tls_dir,
         policy_dir: cli.policy_dir,
+        syncer: cli.syncer.map(|a| {
+            if a.rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                a
+            } else {
+                format!("{a}:{}", DEFAULT_SYNCER_PORT)
+            }
+        }),
+        syncer_id: cli.syncer_id,
+        state_dir: cli.state_dir,
         discovery_file: cli.discovery_file,
         tunnel_addr: cli.tunnel_addr,
         outbound_addr: cli.outbound_addr,

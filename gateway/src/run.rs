@@ -1,7 +1,9 @@
 //! Starting and stopping a gateway: bootstrap, listeners, reloads, drain.
 //!
 //! Order: credentials (refuse to start on a bad or mismatched certificate),
-//! the first snapshot (refuse to start on invalid policy), discovery, then
+//! the first snapshot (file mode: refuse to start on invalid policy; syncer
+//! mode: the state directory's, if any, else none and not ready until the
+//! syncer sends one), discovery, then
 //! the QUIC endpoint, the outbound listener and the admin server; then the
 //! ready file, and readiness. On SIGTERM or SIGINT: not ready, announce
 //! `draining` so peers stop opening streams here, let in-flight work finish
@@ -37,7 +39,15 @@ pub struct RunConfig {
     pub cluster: String,
     pub gateway_id: String,
     pub tls_dir: PathBuf,
-    pub policy_dir: PathBuf,
+    /// File mode: the policy repository to compile and follow.
+    pub policy_dir: Option<PathBuf>,
+    /// Syncer mode: the syncer's gRPC address (`host:port`).
+    pub syncer: Option<String>,
+    /// The only SPIFFE ID accepted as the syncer (default: see
+    /// [`control::syncer::default_syncer_id`]).
+    pub syncer_id: Option<SpiffeId>,
+    /// Where the last good snapshot from the syncer is kept.
+    pub state_dir: Option<PathBuf>,
     pub discovery_file: Option<PathBuf>,
     pub tunnel_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
@@ -160,15 +170,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let refusals = Arc::new(HandshakeRefusals::new());
     let (server_tls, client_tls) = tls(&creds, &refusals)?;
 
-    let snapshot = {
-        let (dir, cluster, opts) = (
-            cfg.policy_dir.clone(),
-            cfg.cluster.clone(),
-            cfg.policy.clone(),
-        );
-        tokio::task::spawn_blocking(move || control::load_dir(&dir, &cluster, &opts)).await??
-    };
-    tracing::info!(version = %snapshot.version, "policy loaded");
+    let (snapshot, source) = first_snapshot(&cfg).await?;
+    let snapshot = Arc::new(snapshot);
 
     let endpoints = match &cfg.discovery_file {
         Some(path) => {
@@ -194,11 +197,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let state = Gateway::new(
         cfg.cluster.clone(),
         cfg.gateway_id.clone(),
-        Arc::new(snapshot),
+        snapshot.clone(),
         endpoints,
         tunnel.clone(),
         metrics,
     )?;
+    if let Some(source) = source {
+        state.provenance.applied(&snapshot, source);
+    }
     state.spawn_endpoint_follower();
     if cfg.outbound_mutual_tls {
         state.local_tls.store(Some(local_tls(&creds, &refusals)?));
@@ -253,7 +259,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             token: cfg.admin_token.clone(),
         },
     ));
-    control::watch_dir(state.clone(), cfg.policy_dir.clone(), cfg.policy.clone());
+    if let Some(dir) = &cfg.policy_dir {
+        control::watch_dir(state.clone(), dir.clone(), cfg.policy.clone());
+    }
+    if let Some(addr) = &cfg.syncer {
+        let id = match &cfg.syncer_id {
+            Some(id) => id.clone(),
+            None => control::syncer::default_syncer_id(&creds.trust_domain)?,
+        };
+        let mut settings =
+            control::syncer::SyncerSettings::new(addr.clone(), id, cfg.tls_dir.clone());
+        settings.state_dir = cfg.state_dir.clone();
+        control::syncer::spawn(state.clone(), settings, refusals.clone());
+    }
     spawn_credential_reload(&cfg, state.clone(), refusals.clone());
 
     if let Some(path) = &cfg.ready_file {
@@ -262,8 +280,20 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
-    ready.store(true, Ordering::Relaxed);
-    tracing::info!(cluster = %cfg.cluster, id = %cfg.gateway_id, ?addrs, "gateway ready");
+    // Ready once a snapshot is applied: at once in file mode or from the
+    // state directory, else when the syncer's first one is.
+    let mut applied = state.provenance.subscribe();
+    let ready_when_applied = ready.clone();
+    let (cluster, id) = (cfg.cluster.clone(), cfg.gateway_id.clone());
+    tokio::spawn(async move {
+        if applied.wait_for(Option::is_some).await.is_ok() {
+            ready_when_applied.store(true, Ordering::Relaxed);
+            tracing::info!(%cluster, %id, ?addrs, "gateway ready");
+        }
+    });
+    if state.provenance.current().is_none() {
+        tracing::info!("listening; not ready until the syncer sends a snapshot");
+    }
 
     shutdown_signal().await;
     tracing::info!(deadline = ?cfg.drain_timeout, "draining");
@@ -278,6 +308,56 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     });
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The snapshot to start with, and where it came from (`None`: nothing
+/// yet, a placeholder that routes nothing, not ready).
+async fn first_snapshot(
+    cfg: &RunConfig,
+) -> anyhow::Result<(meshfed_policy::Snapshot, Option<control::Source>)> {
+    if let Some(dir) = &cfg.policy_dir {
+        let (dir2, cluster, opts) = (dir.clone(), cfg.cluster.clone(), cfg.policy.clone());
+        let snap = tokio::task::spawn_blocking(move || control::load_dir(&dir2, &cluster, &opts))
+            .await??;
+        tracing::info!(version = %snap.version, "policy loaded");
+        let source = control::Source::File {
+            dir: dir.display().to_string(),
+        };
+        return Ok((snap, Some(source)));
+    }
+    if cfg.syncer.is_none() {
+        bail!(
+            "no policy source: give --policy-dir DIR (file mode) or --syncer HOST:PORT (syncer mode)"
+        );
+    }
+    if let Some(state_dir) = &cfg.state_dir {
+        let (dir, cluster) = (state_dir.clone(), cfg.cluster.clone());
+        match tokio::task::spawn_blocking(move || control::persist::load(&dir, &cluster)).await? {
+            Ok(Some(snap)) => {
+                tracing::info!(version = %snap.version, dir = %state_dir.display(), "starting from the persisted snapshot; the syncer will send newer ones");
+                let source = control::Source::StateDir {
+                    path: control::persist::path(state_dir).display().to_string(),
+                };
+                return Ok((snap, Some(source)));
+            }
+            Ok(None) => {
+                tracing::info!(dir = %state_dir.display(), "no persisted snapshot yet; waiting for the syncer")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "persisted snapshot unusable; waiting for the syncer")
+            }
+        }
+    }
+    let placeholder = meshfed_policy::Snapshot::new(
+        "",
+        meshfed_policy::snapshot::ClusterPolicy {
+            cluster: cfg.cluster.clone(),
+            domain: cfg.policy.domain.clone(),
+            trust_domain: cfg.policy.trust_domain.clone(),
+            ..Default::default()
+        },
+    );
+    Ok((placeholder, None))
 }
 
 fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<HandshakeRefusals>) {

@@ -34,6 +34,8 @@ pub struct Gateway {
     /// The outbound listener's TLS config when local callers must present
     /// workload certificates (`--outbound-tls mutual`); `None` for plaintext.
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
+    /// What snapshot is applied, from where, and the syncer link's state.
+    pub provenance: crate::control::Provenance,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
     active_requests: Arc<std::sync::atomic::AtomicI64>,
@@ -63,6 +65,7 @@ impl Gateway {
             upstream: Upstream::with_metrics(metrics.upstream.clone()),
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
+            provenance: crate::control::Provenance::default(),
             draining: AtomicBool::new(false),
             active_requests: Arc::default(),
             active_retries: Arc::default(),

@@ -1,0 +1,482 @@
+//! The config client: the gateway's end of `ConfigDelivery.Subscribe`
+//! (protocol: `proto/meshfed/config/v1/config.proto`, docs/delivery.md).
+//!
+//! One task, for the gateway's lifetime, that:
+//! - dials `--syncer` (TCP, then TLS 1.3 with the gateway's own certificate
+//!   from `--tls-dir`, re-read at every attempt so rotated certificates are
+//!   used), verifies the server's chain against the trust bundle, and
+//!   accepts it only if its SPIFFE ID is exactly `--syncer-id`;
+//! - says `Hello{cluster, gateway_id, applied_version, schema}`;
+//! - for every snapshot: decodes it strictly (`Snapshot::decode`: schema,
+//!   unknown fields, content hash), checks that its version is the
+//!   message's and its cluster ours, applies it atomically
+//!   ([`Gateway::apply`]), persists it (`--state-dir`), then ACKs; anything
+//!   that fails is NACKed with the reason, and the previous snapshot stays;
+//! - on any failure (refused, unreachable, stream broken, keep-alive
+//!   timeout) reconnects with exponential backoff and full jitter (100 ms
+//!   doubling to 5 s; reset once a stream is established), and never drops
+//!   the snapshot it enforces.
+//!
+//! It does not choose the first snapshot at start (`run` does, from the
+//! state directory) nor decide readiness (readiness follows
+//! [`super::Provenance`]).
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use meshfed_policy::Snapshot;
+use meshfed_proto::config::v1 as pb;
+use meshfed_proto::config::v1::config_delivery_client::ConfigDeliveryClient;
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use super::{Source, SyncerLink, persist};
+use crate::identity::spiffe::SpiffeId;
+use crate::identity::store::{self, Credentials};
+use crate::identity::verify::{self, ExpectedPeer, HandshakeRefusals};
+use crate::state::Gateway;
+
+/// The largest snapshot accepted from the syncer.
+pub const MAX_SNAPSHOT_BYTES: usize = 256 * 1024 * 1024;
+
+/// How the client reaches and trusts the syncer.
+#[derive(Debug, Clone)]
+pub struct SyncerSettings {
+    /// `host:port` of the syncer's gRPC port, resolved at every attempt.
+    pub addr: String,
+    /// The only identity accepted as the syncer.
+    pub syncer_id: SpiffeId,
+    /// The gateway's credentials directory (`--tls-dir`).
+    pub tls_dir: PathBuf,
+    /// Where the last good snapshot is kept, if anywhere.
+    pub state_dir: Option<PathBuf>,
+    /// HTTP/2 PING interval; a syncer that does not answer within
+    /// `keepalive_timeout` is considered gone.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// How long one attempt may take to connect (TCP + TLS).
+    pub connect_timeout: Duration,
+    /// The first and the largest pause between attempts.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl SyncerSettings {
+    /// Production defaults for the tunables.
+    pub fn new(addr: String, syncer_id: SpiffeId, tls_dir: PathBuf) -> Self {
+        SyncerSettings {
+            addr,
+            syncer_id,
+            tls_dir,
+            state_dir: None,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The syncer ID accepted when `--syncer-id` is not given: the syncer
+/// `syncer` of our own trust domain, as `meshfed-gateway certs syncer --id
+/// syncer` issues it.
+pub fn default_syncer_id(trust_domain: &str) -> Result<SpiffeId, crate::identity::SpiffeError> {
+    SpiffeId::syncer(trust_domain, "syncer")
+}
+
+/// Why one attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot load this gateway's credentials: {0}")]
+    Credentials(#[from] crate::identity::StoreError),
+    #[error("cannot resolve the syncer address `{addr}`: {reason}; hint: --syncer takes host:port")]
+    Resolve { addr: String, reason: String },
+    #[error("cannot connect to the syncer at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("the syncer at {addr} refused the subscription: {code:?}: {message}")]
+    Refused {
+        addr: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("the config stream from {addr} broke: {code:?}: {message}")]
+    Broken {
+        addr: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("the syncer at {addr} ended the config stream")]
+    Ended { addr: String },
+    #[error("the syncer at {addr} broke the protocol: {problem}")]
+    Protocol { addr: String, problem: String },
+}
+
+/// Starts the client; it runs until the runtime stops.
+pub fn spawn(
+    state: Arc<Gateway>,
+    settings: SyncerSettings,
+    refusals: Arc<HandshakeRefusals>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+        loop {
+            set_link(&state, &settings, "connecting", None);
+            let mut established = false;
+            let error = session(&state, &settings, &refusals, &mut established).await;
+            if established {
+                backoff.reset();
+            }
+            let delay = backoff.next();
+            tracing::warn!(error = %error, retry_in = ?delay, "syncer unavailable; keeping the current snapshot");
+            set_link(&state, &settings, "backing_off", Some(error.to_string()));
+            tokio::time::sleep(delay).await;
+        }
+    })
+}
+
+fn set_link(state: &Gateway, s: &SyncerSettings, what: &'static str, error: Option<String>) {
+    let last_error = error.or_else(|| state.provenance.syncer().and_then(|l| l.last_error));
+    state.provenance.set_syncer(SyncerLink {
+        addr: s.addr.clone(),
+        accepted_id: s.syncer_id.to_string(),
+        state: what,
+        last_error,
+    });
+}
+
+/// One connection and stream, until it fails; returns why.
+async fn session(
+    state: &Arc<Gateway>,
+    s: &SyncerSettings,
+    refusals: &Arc<HandshakeRefusals>,
+    established: &mut bool,
+) -> ClientError {
+    let addr = s.addr.clone();
+    let channel = match connect(s, refusals).await {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let mut client =
+        ConfigDeliveryClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
+    let (tx, rx) = mpsc::channel::<pb::GatewayMessage>(4);
+    let applied = state
+        .provenance
+        .current()
+        .map(|a| a.version.clone())
+        .unwrap_or_default();
+    let hello = pb::Hello {
+        cluster: state.cluster.clone(),
+        gateway_id: state.id.clone(),
+        applied_version: applied.clone(),
+        snapshot_schema: meshfed_policy::snapshot::SCHEMA,
+    };
+    let _ = tx
+        .send(pb::GatewayMessage {
+            message: Some(pb::gateway_message::Message::Hello(hello)),
+        })
+        .await;
+    let mut inbound = match client.subscribe(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            return ClientError::Refused {
+                addr,
+                code: status.code(),
+                message: status.message().to_string(),
+            };
+        }
+    };
+    *established = true;
+    set_link(state, s, "connected", None);
+    tracing::info!(syncer = %s.addr, id = %s.syncer_id, applied = %applied, "subscribed to the syncer");
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return ClientError::Ended { addr },
+            Err(status) => {
+                return ClientError::Broken {
+                    addr,
+                    code: status.code(),
+                    message: status.message().to_string(),
+                };
+            }
+        };
+        match msg.message {
+            Some(pb::syncer_message::Message::Snapshot(snap)) => {
+                let version = snap.version.clone();
+                let answer = match receive(state, s, snap).await {
+                    Ok(()) => pb::gateway_message::Message::Ack(pb::Ack { version }),
+                    Err(reason) => {
+                        tracing::error!(%version, %reason, "snapshot refused (NACK); keeping the previous one");
+                        pb::gateway_message::Message::Nack(pb::Nack { version, reason })
+                    }
+                };
+                if tx
+                    .send(pb::GatewayMessage {
+                        message: Some(answer),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return ClientError::Ended { addr };
+                }
+            }
+            Some(pb::syncer_message::Message::Pending(p)) => {
+                tracing::warn!(reason = %p.reason, "the syncer has no snapshot for this cluster yet");
+            }
+            None => {
+                return ClientError::Protocol {
+                    addr,
+                    problem: "an empty SyncerMessage".into(),
+                };
+            }
+        }
+    }
+}
+
+/// Decodes, checks, applies and persists one snapshot; the error is the
+/// NACK reason.
+async fn receive(
+    state: &Arc<Gateway>,
+    s: &SyncerSettings,
+    msg: pb::Snapshot,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let bytes: Arc<[u8]> = msg.canonical.into();
+    let decoded = {
+        let bytes = bytes.clone();
+        tokio::task::spawn_blocking(move || Snapshot::decode(&bytes))
+            .await
+            .map_err(|e| format!("decoding failed: {e}"))?
+            .map_err(|e| e.to_string())?
+    };
+    if decoded.version != msg.version {
+        return Err(format!(
+            "the message says version {} but the snapshot inside is {}",
+            msg.version, decoded.version
+        ));
+    }
+    if decoded.policy.cluster != state.cluster {
+        return Err(format!(
+            "the snapshot is for cluster `{}`, this gateway is in `{}`",
+            decoded.policy.cluster, state.cluster
+        ));
+    }
+    let snap = Arc::new(decoded);
+    state
+        .apply(snap.clone())
+        .map_err(|e| format!("cannot activate: {e}"))?;
+    state.provenance.applied(
+        &snap,
+        Source::Syncer {
+            addr: s.addr.clone(),
+            id: s.syncer_id.to_string(),
+        },
+    );
+    tracing::info!(version = %snap.version, hash = %snap.content_hash, took = ?started.elapsed(), "snapshot applied");
+    if let Some(dir) = &s.state_dir {
+        let dir = dir.clone();
+        let saved = tokio::task::spawn_blocking(move || persist::save(&dir, &bytes)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            // Applied and enforced: an ACK is the truth. A restart without
+            // the syncer would start from an older snapshot, so say so.
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "snapshot applied but not persisted; a restart without the syncer would serve an older one")
+            }
+            Err(e) => tracing::error!(error = %e, "persisting the snapshot failed"),
+        }
+    }
+    Ok(())
+}
+
+/// A channel over one TLS connection to the syncer, whose identity has
+/// been checked.
+async fn connect(
+    s: &SyncerSettings,
+    refusals: &Arc<HandshakeRefusals>,
+) -> Result<tonic::transport::Channel, ClientError> {
+    let connect_err = |reason: String| ClientError::Connect {
+        addr: s.addr.clone(),
+        reason,
+    };
+    let tls_dir = s.tls_dir.clone();
+    let creds = tokio::task::spawn_blocking(move || Credentials::load(&tls_dir))
+        .await
+        .map_err(|e| connect_err(format!("loading credentials failed: {e}")))??;
+    let tls = store::client_config(&creds, &[b"h2".to_vec()], refusals.clone())?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(s.addr.as_str())
+        .await
+        .map_err(|e| ClientError::Resolve {
+            addr: s.addr.clone(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ClientError::Resolve {
+            addr: s.addr.clone(),
+            reason: "no addresses".into(),
+        });
+    }
+    let dialer = Dialer {
+        addrs: Arc::new(addrs),
+        tls: TlsConnector::from(tls),
+        expected: s.syncer_id.clone(),
+        timeout: s.connect_timeout,
+    };
+    let endpoint = Endpoint::from_static("http://syncer.meshfed.internal")
+        .http2_keep_alive_interval(s.keepalive_interval)
+        .keep_alive_timeout(s.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .connect_timeout(s.connect_timeout)
+        .tcp_nodelay(true);
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let dialer = dialer.clone();
+            async move { dialer.dial().await }
+        }))
+        .await
+        .map_err(|e| connect_err(error_chain(&e)))
+}
+
+/// Dials the syncer's addresses in turn: TCP, TLS, identity check.
+#[derive(Clone)]
+struct Dialer {
+    addrs: Arc<Vec<SocketAddr>>,
+    tls: TlsConnector,
+    expected: SpiffeId,
+    timeout: Duration,
+}
+
+impl Dialer {
+    async fn dial(
+        &self,
+    ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, std::io::Error> {
+        let mut problems = Vec::new();
+        for addr in self.addrs.iter() {
+            match tokio::time::timeout(self.timeout, self.dial_one(*addr)).await {
+                Ok(Ok(io)) => return Ok(TokioIo::new(io)),
+                Ok(Err(e)) => problems.push(format!("{addr}: {e}")),
+                Err(_) => problems.push(format!("{addr}: no answer within {:?}", self.timeout)),
+            }
+        }
+        Err(std::io::Error::other(problems.join("; ")))
+    }
+
+    async fn dial_one(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, std::io::Error> {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = ExpectedPeer::Syncer
+            .server_name()
+            .map_err(std::io::Error::other)?;
+        // The verifier checks the chain and that the peer is a syncer.
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| {
+            std::io::Error::other(format!(
+                "TLS handshake failed: {e}; hint: the syncer's certificate must chain to \
+                 our bundle.pem and carry a syncer SPIFFE ID"
+            ))
+        })?;
+        let chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .ok_or_else(|| std::io::Error::other("the syncer presented no certificate"))?;
+        let peer = verify::peer_identity(chain).map_err(std::io::Error::other)?;
+        if peer.id != self.expected {
+            tracing::warn!(%addr, presented = %peer.id, expected = %self.expected, "refused a config server with another identity");
+            return Err(std::io::Error::other(format!(
+                "the server is `{}`, but only `{}` is accepted as the syncer; hint: set \
+                 --syncer-id to the syncer's SPIFFE ID, or check that --syncer points at it",
+                peer.id, self.expected
+            )));
+        }
+        Ok(tls)
+    }
+}
+
+/// An error and its causes, on one line.
+fn error_chain(e: &dyn StdError) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Exponential backoff with full jitter in [d/2, d].
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        let mut b = Backoff::new(min, max);
+        let mut ceiling = min;
+        for _ in 0..12 {
+            let d = b.next();
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+            ceiling = (ceiling * 2).min(max);
+        }
+        assert_eq!(b.current, max);
+        b.reset();
+        assert!(b.next() <= min);
+    }
+
+    #[test]
+    fn the_default_syncer_id_is_the_one_certs_syncer_issues_with_id_syncer() {
+        assert_eq!(
+            default_syncer_id("example.org").unwrap().to_string(),
+            "spiffe://example.org/meshfed/syncer/syncer"
+        );
+    }
+}

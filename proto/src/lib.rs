@@ -1,0 +1,22 @@
+//! meshfed's gRPC protocols, generated from the `.proto` files beside this
+//! crate by `build.rs` (protox + tonic-prost-build; no protoc needed).
+//!
+//! - [`config::v1`]: config delivery, the `ConfigDelivery.Subscribe` stream
+//!   between the syncer and every gateway. The protocol is documented in
+//!   `meshfed/config/v1/config.proto` and docs/delivery.md.
+//!
+//! This crate holds only wire types. The snapshot itself is not a protobuf
+//! message: it travels as the canonical bytes of `meshfed_policy::Snapshot`
+//! (see ARCHITECTURE.md, "the Snapshot schema"), and the syncer and gateway
+//! own what happens on each side of the stream.
+
+#![forbid(unsafe_code)]
+
+/// `meshfed.config.v1`.
+pub mod config {
+    /// Config delivery, version 1.
+    #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("meshfed.config.v1");
+    }
+}
