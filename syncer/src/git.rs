@@ -1,10 +1,699 @@
-//! The Git source. Lands with the Git source issue.
+//! The Git source: a bare mirror of the policy repository in the state
+//! directory, fetched with libgit2 (git2), and the files of one commit read
+//! straight from its object database.
 //!
-//! It will own the local clone of the policy repository: fetching the
-//! configured branch with git2 (inside `spawn_blocking`, since libgit2
-//! blocks), resolving it to a commit SHA, and handing the pipeline that
-//! commit's tree. Credentials come from files or the environment and never
-//! appear in logs, including inside remote URLs.
+//! Every call here blocks (libgit2 does network and disk I/O), so async code
+//! runs them in `spawn_blocking`; each call opens the mirror afresh, so a
+//! status request never waits behind a slow fetch.
+//!
+//! - Remotes: a local path, `file://`, `git://`, smart HTTP(S) (token as
+//!   basic auth or a bearer header) and SSH (key file).
+//! - The tracked ref is fetched with a forced refspec
+//!   (`+refs/heads/main:refs/meshfed/tracked`), so a force-push is simply a
+//!   new head.
+//! - Files are read from the commit's tree, under `--path`, through the same
+//!   [`Selection`] (globs, `*.yaml`/`*.yml`, hidden directories skipped) that
+//!   `meshfed-policy validate` uses on a directory. There is no working copy
+//!   to race with.
+//! - Signed commits: SSH signatures (`gpg.format=ssh`) checked against
+//!   trusted keys. OpenPGP signatures are not supported; configuring an
+//!   OpenPGP key is refused at startup rather than silently ignored.
+//! - Secrets (tokens, URL credentials) never leave this module unredacted:
+//!   every error message goes through [`Redactor`].
 //!
 //! It does not decide when to fetch ([`crate::trigger`]) or what a commit
 //! means ([`crate::pipeline`]).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use git2::{
+    AutotagOption, Cred, CredentialType, ErrorClass, ErrorCode, FetchOptions, ObjectType, Oid,
+    RemoteCallbacks, Repository, Tree,
+};
+use meshfed_policy::fs::Selection;
+
+/// The local ref the tracked remote ref is fetched into.
+pub const TRACKED_REF: &str = "refs/meshfed/tracked";
+
+/// The largest policy file read from a tree; bigger ones are reported (the
+/// policy loader's own limit, checked before the blob is copied).
+pub const MAX_FILE_BYTES: usize = meshfed_policy::yaml::MAX_FILE_BYTES;
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself; only for the place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How an HTTP(S) token is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenStyle {
+    /// Basic auth with the token as password (GitHub, GitLab, Gitea all
+    /// accept it); the user name comes from the URL or `--git-user`.
+    #[default]
+    Basic,
+    /// An `Authorization: Bearer <token>` header (Azure DevOps, proxies).
+    Bearer,
+}
+
+/// Credentials for the remote.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteAuth {
+    /// An HTTP(S) token.
+    pub token: Option<Secret>,
+    pub token_style: TokenStyle,
+    /// The user name for basic auth when the URL has none.
+    pub user: Option<String>,
+    /// A private key file for SSH remotes.
+    pub ssh_key: Option<PathBuf>,
+}
+
+/// What to fetch and read.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The remote URL or local path, as configured (may hold credentials).
+    pub url: String,
+    /// A branch name (`main`) or a full ref (`refs/heads/main`,
+    /// `refs/tags/v1`).
+    pub reference: String,
+    /// Only files under this directory of the repository.
+    pub path: Option<PathBuf>,
+    pub selection: Selection,
+    pub auth: RemoteAuth,
+    /// The bare mirror's directory.
+    pub mirror: PathBuf,
+    /// Trusted signers; `Some` means every applied commit must be signed by
+    /// one of them.
+    pub signers: Option<TrustedSigners>,
+}
+
+impl SourceConfig {
+    /// The full remote ref name.
+    pub fn remote_ref(&self) -> String {
+        if self.reference.starts_with("refs/") {
+            self.reference.clone()
+        } else {
+            format!("refs/heads/{}", self.reference)
+        }
+    }
+}
+
+/// Replaces secrets in text meant for logs, status and errors.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+impl Redactor {
+    /// A redactor for a remote URL and its token.
+    pub fn new(url: &str, auth: &RemoteAuth) -> Self {
+        let mut secrets = Vec::new();
+        if let Some(userinfo) = url_userinfo(url) {
+            secrets.push(userinfo.to_string());
+            if let Some((user, pass)) = userinfo.split_once(':') {
+                secrets.push(pass.to_string());
+                if is_http(url) {
+                    secrets.push(user.to_string());
+                }
+            } else if is_http(url) {
+                // `https://TOKEN@host/...` is the common way to put a token in a URL.
+                secrets.push(userinfo.to_string());
+            }
+        }
+        if let Some(t) = &auth.token {
+            secrets.push(t.expose().to_string());
+        }
+        // Longest first, so a secret that contains another is replaced whole.
+        secrets.retain(|s| s.len() >= 3);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Redactor { secrets }
+    }
+
+    /// `text` with every secret replaced by `***`.
+    pub fn apply(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        out
+    }
+}
+
+/// `url` without credentials: HTTP(S) user info is dropped to `***`, an
+/// SSH password is dropped (the user name stays).
+pub fn redact_url(url: &str) -> String {
+    let Some(userinfo) = url_userinfo(url) else {
+        return url.to_string();
+    };
+    let replacement = match userinfo.split_once(':') {
+        Some((user, _)) if !is_http(url) => format!("{user}:***"),
+        _ if is_http(url) => "***".to_string(),
+        _ => userinfo.to_string(),
+    };
+    url.replacen(&format!("{userinfo}@"), &format!("{replacement}@"), 1)
+}
+
+fn is_http(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// The `user[:password]` part of a `scheme://user[:password]@host/...` URL.
+fn url_userinfo(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let at = authority.rfind('@')?;
+    Some(&authority[..at])
+}
+
+/// Why the Git source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot open or create the Git mirror at {path}: {message}; hint: {hint}")]
+    Mirror {
+        path: String,
+        message: String,
+        hint: &'static str,
+    },
+    #[error("fetching {reference} from {url} failed: {message}; hint: {hint}")]
+    Fetch {
+        url: String,
+        reference: String,
+        message: String,
+        hint: String,
+    },
+    #[error(
+        "{url} has no {reference}; hint: check --branch (a branch name, or a full ref such as refs/tags/v1)"
+    )]
+    NoSuchRef { url: String, reference: String },
+    #[error("reading commit {commit}: {message}")]
+    Read { commit: String, message: String },
+    #[error("cannot read trusted signing keys from {path}: {message}")]
+    Signers { path: String, message: String },
+}
+
+/// A fetch's outcome.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The tracked ref's commit, 40 hex digits.
+    pub commit: String,
+    pub elapsed: Duration,
+}
+
+/// The selected files of one commit.
+#[derive(Debug, Clone, Default)]
+pub struct TreeFiles {
+    /// (path relative to the repository root, bytes), sorted by path.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Files over [`MAX_FILE_BYTES`]: (path, size); not read.
+    pub too_large: Vec<(String, usize)>,
+    /// `--path` does not exist (or is not a directory) at this commit.
+    pub missing_path: bool,
+}
+
+/// The Git source. Cheap to share (`Arc`); methods block.
+#[derive(Debug)]
+pub struct GitSource {
+    cfg: SourceConfig,
+    redactor: Redactor,
+}
+
+impl GitSource {
+    /// Opens the mirror, creating it (bare) on first use.
+    pub fn open(cfg: SourceConfig) -> Result<Self, GitError> {
+        let redactor = Redactor::new(&cfg.url, &cfg.auth);
+        let src = GitSource { cfg, redactor };
+        if !src.cfg.mirror.join("HEAD").exists() {
+            std::fs::create_dir_all(&src.cfg.mirror).map_err(|e| GitError::Mirror {
+                path: src.cfg.mirror.display().to_string(),
+                message: e.to_string(),
+                hint: "check that --state-dir is writable",
+            })?;
+            Repository::init_bare(&src.cfg.mirror).map_err(|e| src.mirror_error(&e))?;
+        }
+        src.repo()?;
+        Ok(src)
+    }
+
+    pub fn config(&self) -> &SourceConfig {
+        &self.cfg
+    }
+
+    /// The remote URL with credentials removed, for logs and status.
+    pub fn display_url(&self) -> String {
+        self.redactor.apply(&redact_url(&self.cfg.url))
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    fn repo(&self) -> Result<Repository, GitError> {
+        Repository::open_bare(&self.cfg.mirror).map_err(|e| self.mirror_error(&e))
+    }
+
+    fn mirror_error(&self, e: &git2::Error) -> GitError {
+        GitError::Mirror {
+            path: self.cfg.mirror.display().to_string(),
+            message: self.redactor.apply(e.message()),
+            hint: "the mirror is a cache: if it is corrupt, stop the syncer, delete it and restart",
+        }
+    }
+
+    /// The commit the tracked ref pointed to at the last successful fetch.
+    pub fn tracked(&self) -> Option<String> {
+        let repo = self.repo().ok()?;
+        let oid = repo.refname_to_id(TRACKED_REF).ok()?;
+        Some(oid.to_string())
+    }
+
+    /// Fetches the tracked ref (forced, so rewritten history is fine) and
+    /// returns its commit.
+    pub fn fetch(&self) -> Result<Fetched, GitError> {
+        let started = Instant::now();
+        let repo = self.repo()?;
+        let reference = self.cfg.remote_ref();
+        let fetch_err = |e: &git2::Error| GitError::Fetch {
+            url: self.display_url(),
+            reference: reference.clone(),
+            message: self.redactor.apply(e.message()),
+            hint: fetch_hint(e, &self.cfg.url),
+        };
+        let mut remote = repo
+            .remote_anonymous(&self.cfg.url)
+            .map_err(|e| fetch_err(&e))?;
+        let mut opts = FetchOptions::new();
+        opts.download_tags(AutotagOption::None);
+        opts.remote_callbacks(self.callbacks());
+        let bearer = match (&self.cfg.auth.token, self.cfg.auth.token_style) {
+            (Some(t), TokenStyle::Bearer) => Some(format!("Authorization: Bearer {}", t.expose())),
+            _ => None,
+        };
+        if let Some(h) = &bearer {
+            opts.custom_headers(&[h.as_str()]);
+        }
+        let refspec = format!("+{reference}:{TRACKED_REF}");
+        remote
+            .fetch(&[refspec.as_str()], Some(&mut opts), None)
+            .map_err(|e| fetch_err(&e))?;
+        // The advertised refs stay readable after the fetch disconnects. A
+        // ref the remote does not have fetches nothing, which must not look
+        // like "no change".
+        let advertised = remote
+            .list()
+            .map_err(|e| fetch_err(&e))?
+            .iter()
+            .any(|h| h.name() == reference);
+        if !advertised {
+            return Err(GitError::NoSuchRef {
+                url: self.display_url(),
+                reference,
+            });
+        }
+        let oid = repo.refname_to_id(TRACKED_REF).map_err(|e| fetch_err(&e))?;
+        Ok(Fetched {
+            commit: oid.to_string(),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    fn callbacks(&self) -> RemoteCallbacks<'_> {
+        let mut cb = RemoteCallbacks::new();
+        let mut attempts = 0u32;
+        cb.credentials(move |_url, user_from_url, allowed| {
+            // libgit2 asks again after a refusal; one try per fetch, or a
+            // wrong token loops forever.
+            attempts += 1;
+            if attempts > 1 {
+                return Err(git2::Error::from_str("the remote refused the credentials"));
+            }
+            let auth = &self.cfg.auth;
+            if allowed.contains(CredentialType::SSH_KEY) {
+                let user = user_from_url.or(auth.user.as_deref()).unwrap_or("git");
+                return match &auth.ssh_key {
+                    Some(key) => Cred::ssh_key(user, None, key, None),
+                    None => Err(git2::Error::from_str(
+                        "the SSH remote needs a key; set --ssh-key",
+                    )),
+                };
+            }
+            if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+                if let Some(token) = &auth.token {
+                    let user = user_from_url
+                        .or(auth.user.as_deref())
+                        .unwrap_or("x-access-token");
+                    return Cred::userpass_plaintext(user, token.expose());
+                }
+                return Err(git2::Error::from_str(
+                    "the remote asks for credentials; set --git-token-file or MESHFED_GIT_TOKEN",
+                ));
+            }
+            if allowed.contains(CredentialType::USERNAME) {
+                return Cred::username(auth.user.as_deref().unwrap_or("git"));
+            }
+            Err(git2::Error::from_str("no usable credential type"))
+        });
+        cb
+    }
+
+    /// The selected files of `commit`.
+    pub fn read_tree(&self, commit: &str) -> Result<TreeFiles, GitError> {
+        let repo = self.repo()?;
+        let read_err = |e: &git2::Error| GitError::Read {
+            commit: commit.to_string(),
+            message: self.redactor.apply(e.message()),
+        };
+        let oid = Oid::from_str(commit).map_err(|e| read_err(&e))?;
+        let tree = repo
+            .find_commit(oid)
+            .and_then(|c| c.tree())
+            .map_err(|e| read_err(&e))?;
+        let mut out = TreeFiles::default();
+        let (root, prefix) = match &self.cfg.path {
+            None => (tree, String::new()),
+            Some(p) => {
+                let p = normalize(p);
+                if p.is_empty() {
+                    (tree, String::new())
+                } else {
+                    match tree.get_path(Path::new(&p)) {
+                        Ok(entry) if entry.kind() == Some(ObjectType::Tree) => {
+                            let sub = repo.find_tree(entry.id()).map_err(|e| read_err(&e))?;
+                            (sub, format!("{p}/"))
+                        }
+                        Ok(_) => {
+                            out.missing_path = true;
+                            return Ok(out);
+                        }
+                        Err(e) if e.code() == ErrorCode::NotFound => {
+                            out.missing_path = true;
+                            return Ok(out);
+                        }
+                        Err(e) => return Err(read_err(&e)),
+                    }
+                }
+            }
+        };
+        collect(&repo, &root, &prefix, "", &self.cfg.selection, &mut out)
+            .map_err(|e| read_err(&e))?;
+        out.files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Whether `descendant` contains `ancestor` (equal counts). Unknown
+    /// commits (not in the mirror) contain nothing.
+    pub fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool, GitError> {
+        if ancestor.eq_ignore_ascii_case(descendant) {
+            return Ok(true);
+        }
+        let (Ok(a), Ok(d)) = (Oid::from_str(ancestor), Oid::from_str(descendant)) else {
+            return Ok(false);
+        };
+        let repo = self.repo()?;
+        if repo.find_commit(a).is_err() || repo.find_commit(d).is_err() {
+            return Ok(false);
+        }
+        repo.graph_descendant_of(d, a).map_err(|e| GitError::Read {
+            commit: descendant.to_string(),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Resolves an abbreviated SHA to the full one, if the mirror has it.
+    pub fn resolve(&self, prefix: &str) -> Option<String> {
+        let repo = self.repo().ok()?;
+        let obj = repo.revparse_single(prefix).ok()?;
+        let commit = obj.peel_to_commit().ok()?;
+        Some(commit.id().to_string())
+    }
+
+    /// Checks `commit`'s signature when signatures are required.
+    pub fn verify_signature(&self, commit: &str) -> Result<Option<String>, SignatureProblem> {
+        let Some(signers) = &self.cfg.signers else {
+            return Ok(None);
+        };
+        let repo = self
+            .repo()
+            .map_err(|e| SignatureProblem::Malformed(e.to_string()))?;
+        let oid = Oid::from_str(commit).map_err(|e| SignatureProblem::Malformed(e.to_string()))?;
+        let (sig, data) = match repo.extract_signature(&oid, None) {
+            Ok(x) => x,
+            Err(e) if e.code() == ErrorCode::NotFound => return Err(SignatureProblem::Unsigned),
+            Err(e) => return Err(SignatureProblem::Malformed(e.message().to_string())),
+        };
+        signers.verify(&sig, &data).map(Some)
+    }
+}
+
+fn normalize(p: &Path) -> String {
+    p.components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Walks `tree` depth-first in name order; `rel` is the path below
+/// `--path` (what the globs match), `prefix` the repository path of `rel`'s
+/// root.
+fn collect(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    prefix: &str,
+    rel: &str,
+    sel: &Selection,
+    out: &mut TreeFiles,
+) -> Result<(), git2::Error> {
+    for entry in tree.iter() {
+        // Non-UTF-8 names cannot be policy files (nor be shown in a diagnostic).
+        let Ok(name) = entry.name() else { continue };
+        // Like `meshfed-policy validate` on a directory: hidden entries are
+        // not policy (`.github/`, `.gitlab-ci.yml`).
+        if name.starts_with('.') {
+            continue;
+        }
+        let child = format!("{rel}{name}");
+        match entry.kind() {
+            Some(ObjectType::Tree) => {
+                let sub = repo.find_tree(entry.id())?;
+                collect(repo, &sub, prefix, &format!("{child}/"), sel, out)?;
+            }
+            // 0o120000 is a symlink: its blob is a path, not a file.
+            Some(ObjectType::Blob) if entry.filemode() != 0o120000 => {
+                if !sel.selects(Path::new(&child)) {
+                    continue;
+                }
+                let blob = repo.find_blob(entry.id())?;
+                let path = format!("{prefix}{child}");
+                if blob.size() > MAX_FILE_BYTES {
+                    out.too_large.push((path, blob.size()));
+                } else {
+                    out.files.push((path, blob.content().to_vec()));
+                }
+            }
+            // Submodules (commits) and symlinks are not followed.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn fetch_hint(e: &git2::Error, url: &str) -> String {
+    let ssh = url.starts_with("ssh://") || (!url.contains("://") && url.contains('@'));
+    match (e.class(), e.code()) {
+        (_, ErrorCode::Auth) | (ErrorClass::Http, _) if e.message().contains("401") => {
+            "the remote refused the credentials; check --git-token-file / MESHFED_GIT_TOKEN and --git-user".into()
+        }
+        (_, ErrorCode::Auth) => {
+            "the remote refused the credentials; check --git-token-file, --git-user or --ssh-key".into()
+        }
+        (ErrorClass::Ssh, _) => {
+            "check --ssh-key, and that the host is in ~/.ssh/known_hosts".into()
+        }
+        (ErrorClass::Net | ErrorClass::Os, _) | (ErrorClass::Http, _) => {
+            "is the remote reachable from here? The syncer keeps serving its last good snapshots meanwhile".into()
+        }
+        (ErrorClass::Repository, _) if !url.contains("://") && !ssh => {
+            "a local remote must be a path to a Git repository".into()
+        }
+        _ => "check --repo and --branch; the syncer keeps serving its last good snapshots meanwhile"
+            .into(),
+    }
+}
+
+/// Why a commit's signature is not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SignatureProblem {
+    #[error("the commit is not signed, and --require-signed is set")]
+    Unsigned,
+    #[error(
+        "the commit has an OpenPGP signature; this syncer verifies SSH signatures only (git config gpg.format ssh)"
+    )]
+    Gpg,
+    #[error("the commit's signature cannot be read: {0}")]
+    Malformed(String),
+    #[error("the commit is signed by {0}, which is not a trusted key (--trusted-keys)")]
+    Untrusted(String),
+    #[error("the commit's signature by {fingerprint} does not verify: {reason}")]
+    Invalid { fingerprint: String, reason: String },
+}
+
+/// The SSH public keys whose signatures are trusted.
+#[derive(Debug, Clone)]
+pub struct TrustedSigners {
+    keys: Vec<ssh_key::PublicKey>,
+}
+
+/// SSH signatures made by git use this namespace.
+const GIT_NAMESPACE: &str = "git";
+
+impl TrustedSigners {
+    /// Reads trusted keys: one per line, OpenSSH public key format
+    /// (`ssh-ed25519 AAAA... comment`) or git's allowed-signers format
+    /// (`principal [options] ssh-ed25519 AAAA...`). `#` comments and blank
+    /// lines are skipped. OpenPGP keys are refused.
+    pub fn load(path: &Path) -> Result<Self, GitError> {
+        let err = |message: String| GitError::Signers {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Self::parse(&text).map_err(err)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.contains("BEGIN PGP") {
+            return Err(
+                "it holds an OpenPGP key; this syncer verifies SSH commit signatures only \
+                        (sign with `git config gpg.format ssh`), so it refuses to start rather \
+                        than accept commits it cannot check"
+                    .into(),
+            );
+        }
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let start = ["ssh-", "ecdsa-", "sk-"]
+                .iter()
+                .filter_map(|p| line.find(p))
+                .min()
+                .ok_or_else(|| format!("line {}: no SSH public key", n + 1))?;
+            let key = ssh_key::PublicKey::from_openssh(&line[start..])
+                .map_err(|e| format!("line {}: {e}", n + 1))?;
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err("no key in the file; --require-signed needs at least one".into());
+        }
+        Ok(TrustedSigners { keys })
+    }
+
+    /// Checks a commit signature over `data`; returns the signer's
+    /// fingerprint.
+    pub fn verify(&self, signature: &[u8], data: &[u8]) -> Result<String, SignatureProblem> {
+        let text = String::from_utf8_lossy(signature);
+        if text.contains("BEGIN PGP SIGNATURE") {
+            return Err(SignatureProblem::Gpg);
+        }
+        let sig = ssh_key::SshSig::from_pem(signature)
+            .map_err(|e| SignatureProblem::Malformed(e.to_string()))?;
+        let fingerprint = ssh_key::PublicKey::from(sig.public_key().clone())
+            .fingerprint(ssh_key::HashAlg::Sha256)
+            .to_string();
+        let Some(key) = self.keys.iter().find(|k| k.key_data() == sig.public_key()) else {
+            return Err(SignatureProblem::Untrusted(fingerprint));
+        };
+        key.verify(GIT_NAMESPACE, data, &sig)
+            .map_err(|e| SignatureProblem::Invalid {
+                fingerprint: fingerprint.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_credentials_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("https://user:s3cret@git.example.com/org/repo.git"),
+            "https://***@git.example.com/org/repo.git"
+        );
+        assert_eq!(
+            redact_url("https://ghp_token@github.com/org/repo"),
+            "https://***@github.com/org/repo"
+        );
+        assert_eq!(
+            redact_url("ssh://git:pw@host/repo"),
+            "ssh://git:***@host/repo"
+        );
+        assert_eq!(redact_url("ssh://git@host/repo"), "ssh://git@host/repo");
+        assert_eq!(redact_url("/srv/git/policy"), "/srv/git/policy");
+    }
+
+    #[test]
+    fn redactor_removes_url_secrets_and_tokens_from_any_text() {
+        let auth = RemoteAuth {
+            token: Some(Secret::new("tok-12345")),
+            ..Default::default()
+        };
+        let r = Redactor::new("https://alice:pa55word@h/r", &auth);
+        let out = r.apply("failed https://alice:pa55word@h/r with tok-12345 and pa55word");
+        assert!(!out.contains("pa55word"), "{out}");
+        assert!(!out.contains("tok-12345"), "{out}");
+        assert!(!out.contains("alice"), "{out}");
+    }
+
+    #[test]
+    fn pgp_keys_are_refused_so_unverifiable_commits_are_never_accepted() {
+        let e = TrustedSigners::parse("-----BEGIN PGP PUBLIC KEY BLOCK-----\nabc\n").unwrap_err();
+        assert!(e.contains("OpenPGP"), "{e}");
+    }
+
+    #[test]
+    fn a_branch_name_tracks_refs_heads() {
+        let cfg = SourceConfig {
+            url: "/x".into(),
+            reference: "main".into(),
+            path: None,
+            selection: Selection::default(),
+            auth: RemoteAuth::default(),
+            mirror: "/m".into(),
+            signers: None,
+        };
+        assert_eq!(cfg.remote_ref(), "refs/heads/main");
+        let tag = SourceConfig {
+            reference: "refs/tags/v1".into(),
+            ..cfg
+        };
+        assert_eq!(tag.remote_ref(), "refs/tags/v1");
+    }
+}

@@ -5,19 +5,23 @@
 //! the `meshfed-policy` crate, pushes it over gRPC to every gateway, and
 //! tracks which gateways have ACKed which commit.
 //!
-//! The crate is a skeleton for now: each module below says what it will own
-//! and which issue brings it. Nothing here fetches, listens or pushes yet.
-//!
 //! Modules, in the order a commit flows through them:
-//! - [`trigger`]: when to look at the remote (webhook, poll);
-//! - [`git`]: fetching and checking out a commit;
-//! - [`pipeline`]: commit tree → validated snapshots, or a rejection;
+//! - [`trigger`]: when to look at the remote (webhook, poll), one sync at a
+//!   time, pushes during a sync coalesced;
+//! - [`git`]: the bare mirror, fetching, reading a commit's files, signatures;
+//! - [`pipeline`]: commit files → validated snapshots, or a rejection;
+//!   persistence of the last good snapshots;
+//! - [`rollout`]: the contract between the pipeline, the config server and
+//!   the status API;
 //! - [`server`]: the gRPC config server that gateways stream from;
-//! - [`status`]: rollout tracking, the status API and its CLI.
+//! - [`status`]: per-commit rollout views, the HTTP listener (webhook,
+//!   status, metrics) and the `status` client;
+//! - [`metrics`]: the syncer's Prometheus metrics.
 
 #![forbid(unsafe_code)]
 
 pub mod git;
+pub mod metrics;
 pub mod pipeline;
 pub mod rollout;
 pub mod server;

@@ -1,11 +1,552 @@
-//! The commit pipeline. Lands with the pipeline issue.
+//! The commit pipeline: fetch → read the commit's tree → (signature) →
+//! `meshfed_policy::analyze` → compile one snapshot per declared cluster,
+//! version = commit SHA → publish all of them at once.
 //!
-//! It will own turning a checked-out commit into one snapshot per declared
-//! cluster, stamped with the commit SHA: load, validate and compile through
-//! the `meshfed-policy` crate. A commit with any error is rejected as a
-//! whole, the last good snapshots stay in force, and the diagnostics are kept
-//! for the status API. The last good snapshots are persisted, so a restarted
-//! syncer serves them before its first fetch.
+//! A commit with any error is rejected as a whole: the last good
+//! [`Published`] stays in force, and the commit, its reason and every
+//! diagnostic (`FILE:LINE:COL`, repository-relative) go to the status API,
+//! the metrics and the log. Accepted snapshots are persisted in the state
+//! directory (`last-good.json`, written atomically), so a restarted syncer
+//! serves them before its first fetch, even with the remote unreachable.
+//!
+//! [`SyncState`] is what the pipeline knows (head, last good, recent
+//! rejections); the status API reads it. Syncs are serialized by the
+//! trigger loop ([`crate::trigger`]); nothing here runs two at once.
 //!
 //! It does not re-implement any policy rule (the `meshfed-policy` crate owns
 //! them all), and it does not deliver snapshots ([`crate::server`]).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use meshfed_policy::yaml::Pos;
+use meshfed_policy::{Code, Diagnostic, Options, Snapshot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::git::{GitError, GitSource, TreeFiles};
+use crate::metrics::Metrics;
+use crate::rollout::{ClusterSnapshot, Published};
+
+/// The file holding the last good snapshots.
+pub const LAST_GOOD_FILE: &str = "last-good.json";
+/// How many rejected commits the status keeps.
+pub const REJECTED_KEPT: usize = 20;
+/// How many accepted commits the status remembers (for per-commit views).
+pub const ACCEPTED_KEPT: usize = 100;
+
+/// A rejected commit, as the status API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejected {
+    pub commit: String,
+    #[serde(serialize_with = "ser_time")]
+    pub at: SystemTime,
+    /// One line: why (errors count, signature, missing path...).
+    pub reason: String,
+    /// Every diagnostic (errors and warnings) of the commit.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// An accepted commit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accepted {
+    pub commit: String,
+    #[serde(serialize_with = "ser_time")]
+    pub at: SystemTime,
+    /// The clusters it has a snapshot for.
+    pub clusters: BTreeSet<String>,
+    /// Warnings the policy had (accepted anyway).
+    pub warnings: usize,
+    /// Restored from the state directory rather than compiled by this process.
+    pub restored: bool,
+}
+
+/// The last fetch.
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchStatus {
+    #[serde(serialize_with = "ser_time")]
+    pub at: SystemTime,
+    pub ok: bool,
+    /// The error, redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the pipeline knows. Readers take a snapshot with [`SyncState::get`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StateView {
+    /// The tracked ref's commit at the last successful fetch.
+    pub head: Option<String>,
+    pub last_good: Option<Accepted>,
+    pub last_fetch: Option<FetchStatus>,
+    /// Newest first.
+    pub rejected: VecDeque<Rejected>,
+    /// Newest first (the last good one included).
+    #[serde(skip)]
+    pub accepted: VecDeque<Accepted>,
+}
+
+impl StateView {
+    pub fn rejection(&self, commit: &str) -> Option<&Rejected> {
+        self.rejected.iter().find(|r| r.commit == commit)
+    }
+
+    pub fn acceptance(&self, commit: &str) -> Option<&Accepted> {
+        self.accepted.iter().find(|a| a.commit == commit)
+    }
+}
+
+/// Shared, locked [`StateView`].
+#[derive(Debug, Default)]
+pub struct SyncState {
+    inner: Mutex<StateView>,
+}
+
+impl SyncState {
+    pub fn get(&self) -> StateView {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StateView> {
+        // Updates are a few field stores; a panic cannot leave one half done.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// The head is the commit already accepted or already rejected.
+    Unchanged(String),
+    Accepted(String),
+    Rejected(String),
+    /// The fetch failed (redacted message); nothing changed.
+    FetchFailed(String),
+}
+
+/// Why the pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{path}: {message}; hint: {hint}")]
+    State {
+        path: String,
+        message: String,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Git(#[from] GitError),
+}
+
+/// The pipeline. Shared (`Arc`) by the trigger loop and `main`.
+#[derive(Debug)]
+pub struct Pipeline {
+    source: Arc<GitSource>,
+    opts: Options,
+    state_dir: PathBuf,
+    publish: watch::Sender<Option<Arc<Published>>>,
+    state: Arc<SyncState>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    commit: String,
+    accepted_at_unix_ms: u64,
+    warnings: usize,
+    /// Cluster → canonical snapshot encoding, stored as a string so the
+    /// bytes come back exactly.
+    clusters: BTreeMap<String, String>,
+}
+
+impl Pipeline {
+    pub fn new(
+        source: Arc<GitSource>,
+        opts: Options,
+        state_dir: PathBuf,
+        publish: watch::Sender<Option<Arc<Published>>>,
+        state: Arc<SyncState>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Pipeline {
+            source,
+            opts,
+            state_dir,
+            publish,
+            state,
+            metrics,
+        }
+    }
+
+    pub fn source(&self) -> &Arc<GitSource> {
+        &self.source
+    }
+
+    pub fn state(&self) -> &Arc<SyncState> {
+        &self.state
+    }
+
+    /// Publishes the persisted last good snapshots, if any. A file that
+    /// exists but cannot be used is an error (serving nothing silently
+    /// would look like an empty mesh); delete it to start fresh.
+    pub fn restore(&self) -> Result<Option<String>, PipelineError> {
+        let path = self.state_dir.join(LAST_GOOD_FILE);
+        let err = |message: String| PipelineError::State {
+            path: path.display().to_string(),
+            message,
+            hint: "the file is the syncer's last good policy; fix or delete it, and the syncer \
+                   compiles the remote's head instead",
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
+        let mut clusters = BTreeMap::new();
+        for (name, enc) in &p.clusters {
+            let snap = Snapshot::decode(enc.as_bytes())
+                .map_err(|e| err(format!("cluster `{name}`: {e}")))?;
+            if snap.version != p.commit {
+                return Err(err(format!(
+                    "cluster `{name}` has version {} but the file says commit {}",
+                    snap.version, p.commit
+                )));
+            }
+            clusters.insert(name.clone(), ClusterSnapshot::new(snap));
+        }
+        let accepted = Accepted {
+            commit: p.commit.clone(),
+            at: UNIX_EPOCH + std::time::Duration::from_millis(p.accepted_at_unix_ms),
+            clusters: clusters.keys().cloned().collect(),
+            warnings: p.warnings,
+            restored: true,
+        };
+        self.publish.send_replace(Some(Arc::new(Published {
+            commit: p.commit.clone(),
+            fetched_at: Instant::now(),
+            clusters,
+        })));
+        let mut st = self.state.lock();
+        st.last_good = Some(accepted.clone());
+        st.accepted.push_front(accepted);
+        Ok(Some(p.commit))
+    }
+
+    /// Fetches the tracked ref and processes its commit if it is new.
+    pub async fn sync(self: &Arc<Self>) -> SyncOutcome {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.sync_blocking()).await {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = format!("the sync task failed: {e}");
+                tracing::error!("{msg}");
+                SyncOutcome::FetchFailed(msg)
+            }
+        }
+    }
+
+    fn sync_blocking(&self) -> SyncOutcome {
+        let started = Instant::now();
+        let fetched = self.source.fetch();
+        self.metrics
+            .fetch_duration
+            .observe(started.elapsed().as_secs_f64());
+        let fetched = match fetched {
+            Ok(f) => f,
+            Err(e) => {
+                self.metrics.fetch_errors.inc();
+                let msg = e.to_string();
+                tracing::warn!(error = %msg, "git fetch failed; still serving the last good snapshots");
+                self.state.lock().last_fetch = Some(FetchStatus {
+                    at: SystemTime::now(),
+                    ok: false,
+                    error: Some(msg.clone()),
+                });
+                return SyncOutcome::FetchFailed(msg);
+            }
+        };
+        let commit = fetched.commit;
+        {
+            let mut st = self.state.lock();
+            st.head = Some(commit.clone());
+            st.last_fetch = Some(FetchStatus {
+                at: SystemTime::now(),
+                ok: true,
+                error: None,
+            });
+            let good = st.last_good.as_ref().is_some_and(|g| g.commit == commit);
+            if good || st.rejection(&commit).is_some() {
+                tracing::debug!(%commit, elapsed_ms = fetched.elapsed.as_millis() as u64, "head unchanged");
+                return SyncOutcome::Unchanged(commit);
+            }
+        }
+        tracing::info!(%commit, fetch_ms = fetched.elapsed.as_millis() as u64, "new head");
+        self.process(&commit, started)
+    }
+
+    /// Reads, checks and compiles `commit`; publishes it or records why not.
+    pub fn process(&self, commit: &str, started: Instant) -> SyncOutcome {
+        match self.compile(commit) {
+            Ok((clusters, warnings)) => {
+                self.accept(commit, clusters, warnings, started);
+                SyncOutcome::Accepted(commit.to_string())
+            }
+            Err((reason, diagnostics)) => {
+                self.reject(commit, reason, diagnostics);
+                SyncOutcome::Rejected(commit.to_string())
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn compile(
+        &self,
+        commit: &str,
+    ) -> Result<(BTreeMap<String, ClusterSnapshot>, Vec<Diagnostic>), (String, Vec<Diagnostic>)>
+    {
+        match self.source.verify_signature(commit) {
+            Ok(Some(signer)) => tracing::info!(%commit, %signer, "commit signature verified"),
+            Ok(None) => {}
+            Err(problem) => return Err((problem.to_string(), Vec::new())),
+        }
+        let tree: TreeFiles = self
+            .source
+            .read_tree(commit)
+            .map_err(|e| (e.to_string(), Vec::new()))?;
+        let cfg = self.source.config();
+        if tree.missing_path {
+            let p = cfg.path.as_deref().unwrap_or(Path::new("")).display();
+            return Err((
+                format!("--path `{p}` is not a directory at this commit"),
+                Vec::new(),
+            ));
+        }
+        let mut extra: Vec<Diagnostic> = tree
+            .too_large
+            .iter()
+            .map(|(path, size)| {
+                Diagnostic::new(
+                    Code::TooLarge,
+                    path,
+                    Pos { line: 1, column: 1 },
+                    format!(
+                        "file is {size} bytes, over the limit of {} bytes",
+                        crate::git::MAX_FILE_BYTES
+                    ),
+                )
+                .with_hint(
+                    "split the file, or leave it out with --exclude if it is not mesh policy",
+                )
+            })
+            .collect();
+        if tree.files.is_empty() && extra.is_empty() {
+            let at = cfg
+                .path
+                .as_deref()
+                .map_or(".".to_string(), |p| p.display().to_string());
+            extra.push(
+                Diagnostic::new(
+                    Code::Io,
+                    &at,
+                    Pos { line: 1, column: 1 },
+                    "no *.yaml or *.yml file here (after --include/--exclude)",
+                )
+                .with_hint("check --path and the globs; an empty policy would remove every route"),
+            );
+        }
+        let mut analysis = meshfed_policy::analyze(tree.files, &self.opts);
+        analysis.diagnostics.extend(extra);
+        analysis.diagnostics.sort();
+        if !analysis.is_valid() {
+            let reason = format!("{} error(s) in the policy", analysis.error_count());
+            return Err((reason, analysis.diagnostics));
+        }
+        let names = analysis.clusters();
+        if names.is_empty() {
+            return Err((
+                "the policy declares no `Cluster` (meshfed.io/v1alpha1), so there is nothing to \
+                 deliver to; declare each cluster whose gateways subscribe"
+                    .into(),
+                analysis.diagnostics,
+            ));
+        }
+        let mut clusters = BTreeMap::new();
+        for name in names {
+            match analysis.compile(&name, commit, &self.opts) {
+                Ok(s) => {
+                    clusters.insert(name, ClusterSnapshot::new(s));
+                }
+                Err(e) => {
+                    return Err((
+                        format!("compiling cluster `{name}`: {e}"),
+                        analysis.diagnostics,
+                    ));
+                }
+            }
+        }
+        Ok((clusters, analysis.diagnostics))
+    }
+
+    fn accept(
+        &self,
+        commit: &str,
+        clusters: BTreeMap<String, ClusterSnapshot>,
+        warnings: Vec<Diagnostic>,
+        started: Instant,
+    ) {
+        for w in &warnings {
+            tracing::info!(%commit, "{w}");
+        }
+        // Persist before publishing: a gateway must never have applied a
+        // commit that a restarted syncer would not serve.
+        let now = SystemTime::now();
+        if let Err(e) = self.persist(commit, &clusters, warnings.len(), now) {
+            tracing::error!(%commit, error = %e, "cannot persist the accepted snapshots; a restart would serve the previous ones");
+        }
+        let names: BTreeSet<String> = clusters.keys().cloned().collect();
+        self.publish.send_replace(Some(Arc::new(Published {
+            commit: commit.to_string(),
+            fetched_at: started,
+            clusters,
+        })));
+        let elapsed = started.elapsed();
+        self.metrics.commit("accepted");
+        self.metrics
+            .pipeline_duration
+            .observe(elapsed.as_secs_f64());
+        self.metrics.last_accepted.set(
+            now.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
+        tracing::info!(
+            %commit,
+            clusters = %names.iter().cloned().collect::<Vec<_>>().join(","),
+            warnings = warnings.len(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "commit accepted and published"
+        );
+        let acc = Accepted {
+            commit: commit.to_string(),
+            at: now,
+            clusters: names,
+            warnings: warnings.len(),
+            restored: false,
+        };
+        let mut st = self.state.lock();
+        st.last_good = Some(acc.clone());
+        st.accepted.retain(|a| a.commit != commit);
+        st.accepted.push_front(acc);
+        st.accepted.truncate(ACCEPTED_KEPT);
+    }
+
+    fn reject(&self, commit: &str, reason: String, diagnostics: Vec<Diagnostic>) {
+        self.metrics.commit("rejected");
+        let errors: Vec<String> = diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| d.to_string())
+            .collect();
+        tracing::warn!(
+            %commit,
+            %reason,
+            diagnostics = %errors.join("\n"),
+            "commit rejected; the last good snapshots stay in force"
+        );
+        let mut st = self.state.lock();
+        st.rejected.retain(|r| r.commit != commit);
+        st.rejected.push_front(Rejected {
+            commit: commit.to_string(),
+            at: SystemTime::now(),
+            reason,
+            diagnostics,
+        });
+        st.rejected.truncate(REJECTED_KEPT);
+    }
+
+    fn persist(
+        &self,
+        commit: &str,
+        clusters: &BTreeMap<String, ClusterSnapshot>,
+        warnings: usize,
+        at: SystemTime,
+    ) -> std::io::Result<()> {
+        let mut encoded = BTreeMap::new();
+        for (name, c) in clusters {
+            let text = std::str::from_utf8(&c.encoded)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            encoded.insert(name.clone(), text.to_string());
+        }
+        let p = Persisted {
+            commit: commit.to_string(),
+            accepted_at_unix_ms: at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            warnings,
+            clusters: encoded,
+        };
+        let bytes = serde_json::to_vec(&p).map_err(std::io::Error::other)?;
+        write_atomic(&self.state_dir.join(LAST_GOOD_FILE), &bytes)
+    }
+}
+
+/// Writes `path` via a temporary file, fsync and rename, so a crash leaves
+/// either the old or the new contents.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        // Makes the rename durable; not every file system supports it.
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+/// `2025-01-02T03:04:05.678Z` (UTC, milliseconds).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_709_210_096_789);
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
+    }
+}

@@ -1,9 +1,271 @@
-//! Fetch triggers. Lands with the webhook and poll issue.
+//! Fetch triggers: the webhook and the poll timer, and the loop that runs
+//! one sync at a time.
 //!
-//! It will own the two reasons to fetch: the webhook (a push notification
-//! whose HMAC signature is checked against a shared secret before anything
-//! else is read) and a poll timer as the fallback. Bursts of pushes coalesce
-//! into one fetch of the newest commit.
+//! - The loop syncs once at startup, then whenever the webhook asks or the
+//!   poll interval (default 30 s) has passed since the last sync.
+//! - Coalescing: a request is a [`tokio::sync::Notify`] permit. A push that
+//!   arrives while no sync runs starts one at once (no debounce timer eating
+//!   the latency budget); any number of pushes during a sync leave a single
+//!   permit, so exactly one follow-up sync fetches the newest head.
+//! - Webhook signatures are checked before the body is looked at: GitHub's
+//!   `X-Hub-Signature-256` (`sha256=` + hex HMAC-SHA256 of the body),
+//!   Gitea's / Forgejo's `X-Gitea-Signature` / `X-Forgejo-Signature` (hex
+//!   HMAC-SHA256), GitLab's `X-Gitlab-Token` (the secret itself). All
+//!   comparisons are constant-time. Every signature header present must
+//!   verify; none present is a refusal.
 //!
 //! It does not own the HTTP listener the webhook route is mounted on
 //! ([`crate::status`]) or the fetch itself ([`crate::git`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use http::HeaderMap;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tokio::sync::{Notify, watch};
+
+use crate::git::Secret;
+use crate::pipeline::{Pipeline, SyncOutcome};
+
+/// The poll interval when none is configured.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Asks the sync loop for a sync; requests made during a sync coalesce.
+#[derive(Debug, Default)]
+pub struct Trigger {
+    notify: Notify,
+    requests: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl Trigger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests a sync of the newest head.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Sync requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Syncs run so far (startup and poll included).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs syncs until `shutdown` turns true: one now, then on each request
+/// or after `poll` without one.
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    trigger: Arc<Trigger>,
+    poll: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        trigger.syncs.fetch_add(1, Ordering::Relaxed);
+        let outcome = pipeline.sync().await;
+        tracing::debug!(?outcome, "sync done");
+        if let SyncOutcome::FetchFailed(_) = outcome {
+            // Logged by the pipeline; the next trigger or poll retries.
+        }
+        tokio::select! {
+            _ = trigger.notify.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The webhook providers whose signatures are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    GitHub,
+    GitLab,
+    Gitea,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::GitHub => "github",
+            Provider::GitLab => "gitlab",
+            Provider::Gitea => "gitea",
+        }
+    }
+}
+
+/// Why a webhook request is refused (all map to 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    #[error(
+        "no signature header (X-Hub-Signature-256, X-Gitea-Signature, X-Forgejo-Signature or X-Gitlab-Token)"
+    )]
+    Missing,
+    #[error("the {} signature does not match", .0.as_str())]
+    Forged(Provider),
+    #[error("the {} signature header is malformed", .0.as_str())]
+    Malformed(Provider),
+}
+
+/// Verifies a webhook request against the shared secret; returns the
+/// provider whose header came first (GitHub, Gitea, GitLab order).
+pub fn verify(secret: &Secret, headers: &HeaderMap, body: &[u8]) -> Result<Provider, WebhookError> {
+    let key = secret.expose().as_bytes();
+    let mut first = None;
+    if let Some(v) = headers.get("x-hub-signature-256") {
+        let p = Provider::GitHub;
+        let hex_sig = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().strip_prefix("sha256="))
+            .ok_or(WebhookError::Malformed(p))?;
+        check_hmac(key, body, hex_sig, p)?;
+        first.get_or_insert(p);
+    }
+    for name in ["x-gitea-signature", "x-forgejo-signature"] {
+        if let Some(v) = headers.get(name) {
+            let p = Provider::Gitea;
+            let hex_sig = v.to_str().map_err(|_| WebhookError::Malformed(p))?;
+            check_hmac(key, body, hex_sig.trim(), p)?;
+            first.get_or_insert(p);
+        }
+    }
+    if let Some(v) = headers.get("x-gitlab-token") {
+        let p = Provider::GitLab;
+        // GitLab sends the secret itself; compare in constant time (only
+        // the length can leak, as with any fixed secret).
+        if !bool::from(v.as_bytes().ct_eq(key)) {
+            return Err(WebhookError::Forged(p));
+        }
+        first.get_or_insert(p);
+    }
+    first.ok_or(WebhookError::Missing)
+}
+
+fn check_hmac(key: &[u8], body: &[u8], hex_sig: &str, p: Provider) -> Result<(), WebhookError> {
+    let sig = hex::decode(hex_sig).map_err(|_| WebhookError::Malformed(p))?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| WebhookError::Malformed(p))?;
+    mac.update(body);
+    // `verify_slice` compares in constant time.
+    mac.verify_slice(&sig).map_err(|_| WebhookError::Forged(p))
+}
+
+/// The `ref` a push event names, if the body is a JSON push event
+/// (GitHub, GitLab and Gitea all use `"ref": "refs/heads/main"`).
+pub fn pushed_ref(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("ref")?.as_str().map(str::to_string)
+}
+
+/// `sha256=<hex>` for a body, as GitHub signs it; for tests and tools.
+pub fn github_signature(secret: &[u8], body: &[u8]) -> String {
+    format!("sha256={}", hmac_hex(secret, body))
+}
+
+/// Hex HMAC-SHA256 of a body, as Gitea signs it.
+pub fn hmac_hex(secret: &[u8], body: &[u8]) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    const BODY: &[u8] = br#"{"ref":"refs/heads/main"}"#;
+
+    #[test]
+    fn github_signature_of_the_body_verifies_and_any_other_is_forged() {
+        let s = Secret::new("hunter2");
+        let good = github_signature(b"hunter2", BODY);
+        assert_eq!(
+            verify(&s, &headers(&[("x-hub-signature-256", &good)]), BODY),
+            Ok(Provider::GitHub)
+        );
+        let other = github_signature(b"wrong", BODY);
+        assert_eq!(
+            verify(&s, &headers(&[("x-hub-signature-256", &other)]), BODY),
+            Err(WebhookError::Forged(Provider::GitHub))
+        );
+        assert_eq!(
+            verify(&s, &headers(&[("x-hub-signature-256", &good)]), b"{}"),
+            Err(WebhookError::Forged(Provider::GitHub))
+        );
+        assert_eq!(
+            verify(&s, &headers(&[("x-hub-signature-256", "sha1=00")]), BODY),
+            Err(WebhookError::Malformed(Provider::GitHub))
+        );
+    }
+
+    #[test]
+    fn gitea_and_gitlab_are_checked_too() {
+        let s = Secret::new("hunter2");
+        let sig = hmac_hex(b"hunter2", BODY);
+        assert_eq!(
+            verify(&s, &headers(&[("x-gitea-signature", &sig)]), BODY),
+            Ok(Provider::Gitea)
+        );
+        assert_eq!(
+            verify(&s, &headers(&[("x-gitea-signature", "00ff")]), BODY),
+            Err(WebhookError::Forged(Provider::Gitea))
+        );
+        assert_eq!(
+            verify(&s, &headers(&[("x-gitlab-token", "hunter2")]), BODY),
+            Ok(Provider::GitLab)
+        );
+        assert_eq!(
+            verify(&s, &headers(&[("x-gitlab-token", "hunter3")]), BODY),
+            Err(WebhookError::Forged(Provider::GitLab))
+        );
+    }
+
+    #[test]
+    fn a_request_without_signature_or_with_one_bad_among_good_ones_is_refused() {
+        let s = Secret::new("k");
+        assert_eq!(
+            verify(&s, &HeaderMap::new(), BODY),
+            Err(WebhookError::Missing)
+        );
+        let good = github_signature(b"k", BODY);
+        assert_eq!(
+            verify(
+                &s,
+                &headers(&[("x-hub-signature-256", &good), ("x-gitlab-token", "nope")]),
+                BODY
+            ),
+            Err(WebhookError::Forged(Provider::GitLab))
+        );
+    }
+
+    #[test]
+    fn pushed_ref_reads_the_push_event() {
+        assert_eq!(pushed_ref(BODY).as_deref(), Some("refs/heads/main"));
+        assert_eq!(pushed_ref(b"zen"), None);
+    }
+}
