@@ -5,7 +5,7 @@
 //! | `/healthz` | 200 while the process runs |
 //! | `/readyz` | 200 once listening with a snapshot applied (from the policy dir, the syncer or the state dir); 503 while draining |
 //! | `/metrics` | Prometheus text ([`crate::metrics`]) |
-//! | `/config_dump` | the applied snapshot, as JSON, with where it came from and the local endpoints |
+//! | `/config_dump` | the applied snapshot, as JSON, with where it came from, the local endpoints and current outlier ejections |
 //! | `/peers` | every link: state, RTT, loss, streams, announcements |
 //!
 //! It binds to localhost by default. On any other address it requires a
@@ -136,6 +136,7 @@ fn handle(
                 "config_source": state.provenance.dump(),
                 "snapshot": &*active.snapshot,
                 "local_endpoints": endpoints,
+                "outlier_ejections": state.upstream.ejections(),
             });
             text(
                 StatusCode::OK,
