@@ -506,3 +506,30 @@ spec:
     assert_eq!(mtls(&mesh.east, &productpage, "GET", "/").await.status, 200);
     assert_eq!(mesh.hits(), 2);
 }
+
+/// A call to a service of the gateway's own cluster: the gateway is both
+/// the source and the destination gateway, and enforces the policy itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_call_through_the_gateway_is_authorized_too() {
+    let policy = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin*]}}]
+";
+    let mesh = Mesh::start(policy).await;
+    // West's own gateway serves reviews from its local endpoint.
+    assert_eq!(plaintext(&mesh.west, "GET", "/reviews").await.status, 200);
+    assert_eq!(mesh.hits(), 1);
+    assert_denied(&plaintext(&mesh.west, "GET", "/admin").await);
+    assert_denied(&plaintext(&mesh.west, "GET", "/x/../admin").await);
+    assert_eq!(mesh.hits(), 1);
+    assert!(
+        mesh.west.metric(
+            "meshfed_authz_denied_total",
+            &["source_cluster=\"west\"", "destination_cluster=\"west\""]
+        ) >= 2.0
+    );
+}

@@ -337,6 +337,7 @@ async fn deny(
     mut send: SendStream,
     start: Instant,
 ) {
+    use crate::authz::RBAC_DENIED;
     let denial = match denied {
         Denied::BadPath(e) => {
             state.metrics.refused("stream", "bad-request");
@@ -398,9 +399,6 @@ async fn deny(
         let _ = body::pump(body, &mut send).await;
     }
 }
-
-/// Envoy's RBAC filter's body for a denied request, byte for byte.
-pub const RBAC_DENIED: &str = "RBAC: access denied";
 
 /// Istio's header for the caller identity.
 const XFCC: &str = "x-forwarded-client-cert";

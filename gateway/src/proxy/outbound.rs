@@ -362,6 +362,19 @@ pub async fn handle_http(
         record(&state, &r, &target.service, "", start, grpc);
         return r;
     };
+    // This gateway is also the destination gateway of a local call.
+    let req = if cluster == state.cluster {
+        let (caller_id, sel) = (caller.id.as_deref(), &target.selector);
+        match crate::authz::enforce_local(&state, &active, caller_id, &target.service, sel, req) {
+            Ok(req) => req,
+            Err(r) => {
+                record(&state, &r, &target.service, &cluster, start, grpc);
+                return r;
+            }
+        }
+    } else {
+        req
+    };
     let rule = target.http_rule(&active);
     // Fault injection, as Istio's: a delay, then maybe an abort, each for
     // its percentage of requests.
@@ -873,6 +886,11 @@ where
         state.metrics.refused("listener", "no-healthy-endpoint");
         return;
     };
+    if cluster == state.cluster
+        && !crate::authz::admit_local_tcp(&state, &active, &target.service, &target.selector)
+    {
+        return;
+    }
     let labels = TcpLabels {
         direction: "outbound",
         destination_service: target.service.clone(),
