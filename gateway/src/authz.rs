@@ -535,6 +535,9 @@ pub const RBAC_DENIED: &str = "RBAC: access denied";
 /// workload policies differ between the endpoints of one subset). The path
 /// is normalized in the request, as on the inbound side. Counts and logs a
 /// denial; returns the response to send instead.
+// Both variants are a whole request or response, moved once per request:
+// boxing the error would save nothing.
+#[allow(clippy::result_large_err)]
 pub fn enforce_local<B>(
     state: &crate::state::Gateway,
     active: &crate::route::Active,
