@@ -283,6 +283,15 @@ struct StatusDoc {
     clusters: BTreeMap<String, ClusterDoc>,
     /// The last good commit's rollout.
     rollout: Option<RolloutView>,
+    triggers: TriggerDoc,
+}
+
+#[derive(Debug, Serialize)]
+struct TriggerDoc {
+    /// Sync requests received (signed webhooks).
+    requests: u64,
+    /// Syncs run (startup, webhook, poll).
+    syncs: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -562,6 +571,10 @@ impl StatusApi {
             pipeline: state,
             clusters,
             rollout,
+            triggers: TriggerDoc {
+                requests: self.trigger.requests(),
+                syncs: self.trigger.syncs(),
+            },
         }
     }
 }

@@ -63,10 +63,25 @@ impl Trigger {
     }
 }
 
+/// Something the loop syncs: the [`Pipeline`] in production.
+pub trait SyncOnce: Send + Sync + 'static {
+    /// Fetches the newest head and processes it.
+    fn sync_once(self: &Arc<Self>) -> impl Future<Output = ()> + Send;
+}
+
+impl SyncOnce for Pipeline {
+    async fn sync_once(self: &Arc<Self>) {
+        let outcome: SyncOutcome = self.sync().await;
+        // Fetch failures are logged by the pipeline; the next trigger or
+        // poll retries.
+        tracing::debug!(?outcome, "sync done");
+    }
+}
+
 /// Runs syncs until `shutdown` turns true: one now, then on each request
 /// or after `poll` without one.
-pub async fn run(
-    pipeline: Arc<Pipeline>,
+pub async fn run<S: SyncOnce>(
+    target: Arc<S>,
     trigger: Arc<Trigger>,
     poll: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -76,11 +91,7 @@ pub async fn run(
             return;
         }
         trigger.syncs.fetch_add(1, Ordering::Relaxed);
-        let outcome = pipeline.sync().await;
-        tracing::debug!(?outcome, "sync done");
-        if let SyncOutcome::FetchFailed(_) = outcome {
-            // Logged by the pipeline; the next trigger or poll retries.
-        }
+        target.sync_once().await;
         tokio::select! {
             _ = trigger.notify.notified() => {}
             _ = tokio::time::sleep(poll) => {}
@@ -261,6 +272,64 @@ mod tests {
             ),
             Err(WebhookError::Forged(Provider::GitLab))
         );
+    }
+
+    /// A sync that blocks until the test lets it finish, counting runs.
+    struct Gate {
+        started: tokio::sync::Semaphore,
+        release: tokio::sync::Semaphore,
+    }
+
+    impl Default for Gate {
+        fn default() -> Self {
+            Gate {
+                started: tokio::sync::Semaphore::new(0),
+                release: tokio::sync::Semaphore::new(0),
+            }
+        }
+    }
+
+    impl SyncOnce for Gate {
+        async fn sync_once(self: &Arc<Self>) {
+            self.started.add_permits(1);
+            if let Ok(p) = self.release.acquire().await {
+                p.forget();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_during_a_sync_coalesce_into_exactly_one_follow_up_sync() {
+        let gate = Arc::new(Gate::default());
+        let trigger = Arc::new(Trigger::new());
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run(
+            gate.clone(),
+            trigger.clone(),
+            Duration::from_secs(3600),
+            stop,
+        ));
+        // The startup sync is running (and held).
+        gate.started.acquire().await.unwrap().forget();
+        for _ in 0..10 {
+            trigger.request();
+        }
+        gate.release.add_permits(1);
+        // Exactly one follow-up starts at once...
+        gate.started.acquire().await.unwrap().forget();
+        assert_eq!(trigger.syncs(), 2);
+        gate.release.add_permits(1);
+        // ...and no third: a new push is needed for that.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(trigger.syncs(), 2);
+        assert_eq!(trigger.requests(), 10);
+        trigger.request();
+        gate.started.acquire().await.unwrap().forget();
+        assert_eq!(trigger.syncs(), 3);
+        gate.release.add_permits(1);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[test]
