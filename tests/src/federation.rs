@@ -122,6 +122,7 @@ pub struct GatewaySpec {
     pub cluster: String,
     pub id: String,
     pub tls_dir: PathBuf,
+    /// Empty: no `--policy-dir` (syncer mode; pass `--syncer` in `extra_args`).
     pub policy_dir: PathBuf,
     pub discovery: Option<PathBuf>,
     pub tunnel_port: u16,
@@ -148,8 +149,6 @@ impl GatewayProcess {
         cmd.args(["--cluster", &spec.cluster, "--gateway-id", &spec.id])
             .arg("--tls-dir")
             .arg(&spec.tls_dir)
-            .arg("--policy-dir")
-            .arg(&spec.policy_dir)
             .args(["--tunnel-addr", &format!("127.0.0.1:{}", spec.tunnel_port)])
             .args([
                 "--outbound-addr",
@@ -164,6 +163,9 @@ impl GatewayProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
+        if !spec.policy_dir.as_os_str().is_empty() {
+            cmd.arg("--policy-dir").arg(&spec.policy_dir);
+        }
         if let Some(d) = &spec.discovery {
             cmd.arg("--discovery-file").arg(d);
         }
