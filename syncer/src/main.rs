@@ -1,35 +1,41 @@
 //! `meshfed-syncer`: the syncer binary.
 //!
-//! Today it only parses and checks its flags, then says plainly that the
-//! syncer is not built and exits with code 2, so that no script, supervisor or
-//! test mistakes it for a running syncer (or a rollout for a finished one).
+//! Parses its settings once (a config file, then environment variables,
+//! then flags), reports every problem together, then runs: Git mirror →
+//! last good snapshots restored → HTTP listener (webhook, status, metrics)
+//! and gRPC config server bound → ready file → sync loop. SIGTERM or SIGINT
+//! stops it cleanly. `meshfed-syncer status` is the rollout client.
 
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use meshfed_policy::syntax::parse_duration;
-use meshfed_syncer::{server, status};
-
-/// Exit code when this build cannot do what was asked: the same code as a
-/// usage error, because a caller that expected a syncer must not carry on.
-const EXIT_NOT_BUILT: u8 = 2;
+use meshfed_syncer::git::{
+    GitSource, RemoteAuth, Secret, SourceConfig, TokenStyle, TrustedSigners,
+};
+use meshfed_syncer::metrics::Metrics;
+use meshfed_syncer::pipeline::{Pipeline, SyncState};
+use meshfed_syncer::rollout::{Published, Rollout};
+use meshfed_syncer::status::{self, ClientConfig, RolloutState, StatusApi, exit};
+use meshfed_syncer::{server, trigger};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// meshfed's syncer: pulls mesh policy from a Git repository, validates the
 /// whole federation, compiles one snapshot per commit and per cluster, pushes
 /// it over gRPC to every gateway, and tracks which gateways applied which
 /// commit.
 ///
-/// NOT BUILT YET: this build checks its flags and exits with code 2. The
-/// options below are the intended interface; each part lands with its own
-/// issue.
-///
-/// Without a subcommand it runs the syncer. Settings come from --config, then
-/// environment variables, then flags (the last wins). Every address accepts
-/// port 0; --ready-file then reports the ports the OS picked.
+/// Without a subcommand it runs the syncer. Settings come from --config (a
+/// YAML map of long flag names to values), then environment variables, then
+/// flags (the last wins). Every address accepts port 0; --ready-file then
+/// reports the ports the OS picked.
 #[derive(Debug, Parser)]
 #[command(name = "meshfed-syncer", version, long_version = LONG_VERSION.as_str())]
 #[command(args_conflicts_with_subcommands = true, after_long_help = AFTER_HELP)]
@@ -53,23 +59,29 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show a rollout: which clusters and gateways applied a commit, rejected
-    /// it, or are pending. With --wait, block until it is live everywhere.
+    /// Show the syncer's state, or a commit's rollout: which clusters and
+    /// gateways applied it, rejected it, or are pending. With --wait, block
+    /// until it is live everywhere. Exit codes: 0 shown / live everywhere,
+    /// 1 NACKed by a gateway or rejected by the syncer, 2 usage error or
+    /// syncer unreachable, 3 --timeout passed with gateways pending.
     Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Read settings from this file; environment variables and flags override it.
+    /// Read settings from this file (YAML: long flag names to values);
+    /// environment variables and flags override it.
     #[arg(long, value_name = "FILE", env = "MESHFED_SYNCER_CONFIG")]
     config: Option<PathBuf>,
 
-    /// The Git remote that holds the mesh policy. Credentials in the URL are
-    /// never logged.
+    /// The Git remote that holds the mesh policy: a local path, file://,
+    /// git://, http(s):// or ssh:// (or user@host:path). Credentials in the
+    /// URL are never logged; prefer --git-token-file.
     #[arg(long, value_name = "URL", env = "MESHFED_REPO")]
     repo: Option<String>,
 
-    /// The branch to follow.
+    /// The branch to follow, or a full ref (refs/tags/prod). Force-pushes
+    /// are followed.
     #[arg(
         long,
         value_name = "NAME",
@@ -83,18 +95,80 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", env = "MESHFED_REPO_PATH")]
     path: Option<PathBuf>,
 
+    /// Only read files matching these globs (relative to --path), e.g.
+    /// `mesh/**`. Repeat or separate with commas. Default: every *.yaml and
+    /// *.yml file; hidden directories are never read.
+    #[arg(
+        long,
+        value_name = "GLOB",
+        env = "MESHFED_INCLUDE",
+        value_delimiter = ','
+    )]
+    include: Vec<String>,
+
+    /// Skip files matching these globs (relative to --path), e.g.
+    /// `charts/**`. Repeat or separate with commas.
+    #[arg(
+        long,
+        value_name = "GLOB",
+        env = "MESHFED_EXCLUDE",
+        value_delimiter = ','
+    )]
+    exclude: Vec<String>,
+
     /// How often to fetch when no webhook arrives, e.g. `30s` or `2m`.
     #[arg(long, value_name = "DURATION", env = "MESHFED_POLL_INTERVAL",
           default_value = "30s", value_parser = parse_duration)]
     poll_interval: Duration,
 
-    /// File holding the webhook's HMAC secret. Without it the webhook is off
-    /// and only polling triggers fetches.
+    /// File holding the webhook's secret (GitHub/Gitea HMAC key, GitLab
+    /// token). Without it POST /hooks/git answers 401 and only polling
+    /// triggers fetches.
     #[arg(long, value_name = "FILE", env = "MESHFED_WEBHOOK_SECRET_FILE")]
     webhook_secret_file: Option<PathBuf>,
 
-    /// Directory for the clone and the last good snapshots, which a restarted
-    /// syncer serves before its first fetch.
+    /// File holding a token for an HTTP(S) remote. The environment
+    /// variable MESHFED_GIT_TOKEN may hold the token itself instead.
+    #[arg(long, value_name = "FILE", env = "MESHFED_GIT_TOKEN_FILE")]
+    git_token_file: Option<PathBuf>,
+
+    /// How the token is sent: `basic` (user name + token as password;
+    /// GitHub, GitLab, Gitea) or `bearer` (an Authorization header).
+    #[arg(
+        long,
+        value_name = "STYLE",
+        env = "MESHFED_GIT_TOKEN_STYLE",
+        default_value = "basic"
+    )]
+    git_token_style: TokenStyleArg,
+
+    /// The user name for basic auth when the URL has none
+    /// (default `x-access-token`), or for SSH (default `git`).
+    #[arg(long, value_name = "NAME", env = "MESHFED_GIT_USER")]
+    git_user: Option<String>,
+
+    /// Private key file for an SSH remote (unencrypted). The host must be in
+    /// ~/.ssh/known_hosts.
+    #[arg(long, value_name = "FILE", env = "MESHFED_SSH_KEY")]
+    ssh_key: Option<PathBuf>,
+
+    /// Accept only commits signed with SSH signatures (git's gpg.format=ssh)
+    /// by a key in --trusted-keys; others are rejected like invalid policy.
+    #[arg(long, env = "MESHFED_REQUIRE_SIGNED", requires = "trusted_keys")]
+    require_signed: bool,
+
+    /// Trusted signing keys: OpenSSH public keys or git allowed-signers
+    /// lines, one per line. OpenPGP keys are refused (not supported).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MESHFED_TRUSTED_KEYS",
+        requires = "require_signed"
+    )]
+    trusted_keys: Option<PathBuf>,
+
+    /// Directory for the Git mirror and the last good snapshots, which a
+    /// restarted syncer serves before its first fetch.
     #[arg(long, value_name = "DIR", env = "MESHFED_STATE_DIR")]
     state_dir: Option<PathBuf>,
 
@@ -104,17 +178,62 @@ struct RunArgs {
           default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, server::DEFAULT_GRPC_PORT)))]
     grpc_addr: SocketAddr,
 
+    /// The syncer's credentials for the config server's mTLS: bundle.pem,
+    /// cert.pem, key.pem (`meshfed-gateway certs syncer`).
+    #[arg(long, value_name = "DIR", env = "MESHFED_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+
+    /// Run without the gRPC config server (no gateway can subscribe): to
+    /// check a repository's commits and serve their status only.
+    #[arg(long, env = "MESHFED_NO_GRPC", conflicts_with = "tls_dir")]
+    no_grpc: bool,
+
     /// TCP address of the HTTP listener: webhook, status API, metrics.
-    /// Localhost by default; bind it elsewhere to receive webhooks, and the
-    /// status API and metrics then require a token or mTLS.
+    /// Localhost by default; bound elsewhere (to receive webhooks), the status
+    /// API and metrics require --http-token-file.
     #[arg(long, value_name = "ADDR", env = "MESHFED_HTTP_ADDR",
           default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, status::DEFAULT_HTTP_PORT)))]
     http_addr: SocketAddr,
 
-    /// Once listening, write the bound addresses to this file as JSON, so that
-    /// tests and scripts can use port 0.
+    /// File holding the bearer token that /status, /rollout and /metrics
+    /// require (the webhook needs its signature instead).
+    #[arg(long, value_name = "FILE", env = "MESHFED_HTTP_TOKEN_FILE")]
+    http_token_file: Option<PathBuf>,
+
+    /// A gateway still counts for rollouts this long after it was last
+    /// seen (a disconnected one counts as pending).
+    #[arg(long, value_name = "DURATION", env = "MESHFED_KNOWN_WINDOW",
+          default_value = "10m", value_parser = parse_duration)]
+    known_window: Duration,
+
+    /// The mesh's DNS suffix for in-cluster service names.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        env = "MESHFED_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    domain: String,
+
+    /// The mesh's shared trust domain.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        env = "MESHFED_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
+
+    /// Once listening, write the bound addresses to this file as JSON
+    /// ({"http": ..., "grpc": ...}), so that tests and scripts can use port 0.
     #[arg(long, value_name = "PATH", env = "MESHFED_READY_FILE")]
     ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TokenStyleArg {
+    Basic,
+    Bearer,
 }
 
 #[derive(Debug, Args)]
@@ -133,10 +252,19 @@ struct StatusArgs {
     #[arg(long, value_name = "SHA")]
     wait: Option<String>,
 
-    /// With --wait: give up after this long, e.g. `2m`, with a non-zero exit
-    /// code.
-    #[arg(long, value_name = "DURATION", requires = "wait", value_parser = parse_duration)]
-    timeout: Option<Duration>,
+    /// With --wait: give up after this long with exit code 3, naming the
+    /// pending gateways.
+    #[arg(long, value_name = "DURATION", requires = "wait",
+          default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// File holding the bearer token of the syncer's status API.
+    #[arg(long, value_name = "FILE", env = "MESHFED_HTTP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -150,9 +278,17 @@ enum LogFormat {
 const AFTER_HELP: &str = "\
 Default ports (Istio's):
   15012/tcp  gRPC config server (mTLS)
-  15014/tcp  HTTP: webhook, status, metrics (localhost)
+  15014/tcp  HTTP: POST /hooks/git (signed), GET /status, /rollout/SHA, /metrics (localhost)
 
-Exit codes: 2 for a usage error, and for now always 2: the syncer is not built yet.";
+Environment: MESHFED_GIT_TOKEN may hold the Git token itself (never logged).
+
+Exit codes of the syncer: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when it
+fails while running, 2 for a usage or configuration error.
+Exit codes of `status`: 0 shown, or with --wait live on every known gateway;
+1 NACKed by a gateway or rejected by the syncer; 2 usage error or syncer
+unreachable; 3 --timeout passed with gateways pending (they are named).
+
+See docs/syncer.md.";
 
 /// `-V` prints the crate version; `--version` also names the snapshot schema
 /// this build writes for gateways.
@@ -165,20 +301,544 @@ static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
 });
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match args_with_config() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("meshfed-syncer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
+    init_logging(cli.log_format);
+    meshfed_gateway::identity::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshfed-syncer: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match cli.command {
-        None => eprintln!(
-            "meshfed-syncer: the syncer is not built yet, so this build cannot serve.\n\
-             Its flags are parsed and checked (see --help), but nothing is fetched, \
-             compiled or pushed: the Git source, the triggers, the pipeline and the \
-             gRPC config server each land with their own issue."
-        ),
-        Some(Command::Status(_)) => eprintln!(
-            "meshfed-syncer status: the status API is not built yet, so this build \
-             cannot report a rollout; it lands with the rollout status issue."
+        Some(Command::Status(a)) => ExitCode::from(runtime.block_on(status_command(a))),
+        None => {
+            let settings = match Settings::check(cli.run) {
+                Ok(s) => s,
+                Err(problems) => {
+                    eprintln!(
+                        "meshfed-syncer: cannot start:\n  - {}",
+                        problems.join("\n  - ")
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("meshfed-syncer: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Everything `run` needs, checked.
+struct Settings {
+    source: SourceConfig,
+    poll: Duration,
+    webhook_secret: Option<Secret>,
+    http_token: Option<Secret>,
+    state_dir: PathBuf,
+    grpc: Option<(SocketAddr, PathBuf)>,
+    http_addr: SocketAddr,
+    known_window: Duration,
+    opts: meshfed_policy::Options,
+    ready_file: Option<PathBuf>,
+}
+
+fn read_secret(path: &Path, what: &str, problems: &mut Vec<String>) -> Option<Secret> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim())),
+        Ok(_) => {
+            problems.push(format!("{what} {} is empty", path.display()));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("cannot read {what} {}: {e}", path.display()));
+            None
+        }
+    }
+}
+
+impl Settings {
+    fn check(a: RunArgs) -> Result<Settings, Vec<String>> {
+        let mut problems = Vec::new();
+        let repo = a.repo.clone().unwrap_or_else(|| {
+            problems.push("--repo is required (the Git remote holding the mesh policy)".into());
+            String::new()
+        });
+        let state_dir = a.state_dir.clone().unwrap_or_else(|| {
+            problems.push(
+                "--state-dir is required (the Git mirror and the last good snapshots live there)"
+                    .into(),
+            );
+            PathBuf::new()
+        });
+        if a.state_dir.is_some()
+            && let Err(e) = std::fs::create_dir_all(&state_dir)
+        {
+            problems.push(format!(
+                "cannot create --state-dir {}: {e}",
+                state_dir.display()
+            ));
+        }
+        let selection = match meshfed_policy::fs::Selection::new(&a.include, &a.exclude) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(format!("--include/--exclude: {e}"));
+                Default::default()
+            }
+        };
+        let token = match (&a.git_token_file, std::env::var("MESHFED_GIT_TOKEN")) {
+            (Some(p), _) => read_secret(p, "--git-token-file", &mut problems),
+            (None, Ok(t)) if !t.trim().is_empty() => Some(Secret::new(t.trim())),
+            _ => None,
+        };
+        if let Some(k) = &a.ssh_key
+            && !k.is_file()
+        {
+            problems.push(format!("--ssh-key {} is not a readable file", k.display()));
+        }
+        let signers = match (&a.trusted_keys, a.require_signed) {
+            (Some(p), true) => match TrustedSigners::load(p) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            },
+            _ => None,
+        };
+        let webhook_secret = a
+            .webhook_secret_file
+            .as_deref()
+            .and_then(|p| read_secret(p, "--webhook-secret-file", &mut problems));
+        let http_token = a
+            .http_token_file
+            .as_deref()
+            .and_then(|p| read_secret(p, "--http-token-file", &mut problems));
+        if !a.http_addr.ip().is_loopback() && http_token.is_none() {
+            problems.push(format!(
+                "--http-addr {} is not a loopback address, so /status and /metrics would be \
+                 exposed: set --http-token-file (the webhook stays public and signed)",
+                a.http_addr
+            ));
+        }
+        let grpc = match (&a.tls_dir, a.no_grpc) {
+            (Some(d), _) => Some((a.grpc_addr, d.clone())),
+            (None, true) => None,
+            (None, false) => {
+                problems.push(
+                    "--tls-dir is required: the config server serves gateways over mTLS with the \
+                     syncer's credentials (`meshfed-gateway certs syncer`); or --no-grpc to run \
+                     without it"
+                        .into(),
+                );
+                None
+            }
+        };
+        if a.poll_interval.is_zero() {
+            problems.push("--poll-interval must be more than 0".into());
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let style = match a.git_token_style {
+            TokenStyleArg::Basic => TokenStyle::Basic,
+            TokenStyleArg::Bearer => TokenStyle::Bearer,
+        };
+        Ok(Settings {
+            source: SourceConfig {
+                url: repo,
+                reference: a.branch,
+                path: a.path,
+                selection,
+                auth: RemoteAuth {
+                    token,
+                    token_style: style,
+                    user: a.git_user,
+                    ssh_key: a.ssh_key,
+                },
+                mirror: state_dir.join("mirror.git"),
+                signers,
+            },
+            poll: a.poll_interval,
+            webhook_secret,
+            http_token,
+            state_dir,
+            grpc,
+            http_addr: a.http_addr,
+            known_window: a.known_window,
+            opts: meshfed_policy::Options {
+                domain: a.domain,
+                trust_domain: a.trust_domain,
+                ..Default::default()
+            },
+            ready_file: a.ready_file,
+        })
+    }
+}
+
+async fn run(s: Settings) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+
+    let source = {
+        let cfg = s.source.clone();
+        tokio::task::spawn_blocking(move || GitSource::open(cfg)).await??
+    };
+    let source = Arc::new(source);
+    tracing::info!(
+        repo = %source.display_url(),
+        reference = %source.config().remote_ref(),
+        path = ?source.config().path,
+        poll = ?s.poll,
+        webhook = s.webhook_secret.is_some(),
+        signatures = source.config().signers.is_some(),
+        "syncer starting"
+    );
+
+    let mut registry = Registry::with_prefix("meshfed");
+    let metrics = Arc::new(Metrics::default());
+    metrics.register(&mut registry);
+    let (publish_tx, publish_rx) = watch::channel::<Option<Arc<Published>>>(None);
+    let state = Arc::new(SyncState::default());
+    let rollout = Rollout::new();
+    let pipeline = Arc::new(Pipeline::new(
+        source.clone(),
+        s.opts.clone(),
+        s.state_dir.clone(),
+        publish_tx,
+        state.clone(),
+        metrics.clone(),
+    ));
+    match pipeline.restore()? {
+        Some(c) => {
+            tracing::info!(commit = %c, "serving the last good snapshots from the state directory until the first fetch")
+        }
+        None => tracing::info!(
+            "no last good snapshots yet; gateways wait for the first accepted commit"
         ),
     }
-    ExitCode::from(EXIT_NOT_BUILT)
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let grpc_bound = match &s.grpc {
+        Some((addr, tls_dir)) => {
+            let creds =
+                meshfed_gateway::identity::Credentials::load(tls_dir).with_context(|| {
+                    format!(
+                        "loading the syncer's credentials from --tls-dir {}",
+                        tls_dir.display()
+                    )
+                })?;
+            tracing::info!(id = %creds.id, "config server identity");
+            let refusals = Arc::new(meshfed_gateway::identity::HandshakeRefusals::new());
+            let tls = server::tls_config(&creds, refusals)?;
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the gRPC config server on {addr}; is the port in use?")
+            })?;
+            let bound = listener.local_addr()?;
+            let config_server = server::ConfigServer::new(rollout.clone(), publish_rx.clone());
+            config_server.register(&mut registry);
+            let mut stop = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = config_server.serve(listener, tls, shutdown).await {
+                    tracing::error!(error = %e, "the config server stopped");
+                }
+            }));
+            Some(bound)
+        }
+        None => {
+            tracing::warn!("--no-grpc: the config server is off; no gateway can subscribe");
+            None
+        }
+    };
+
+    let http_listener = TcpListener::bind(s.http_addr).await.with_context(|| {
+        format!(
+            "binding the HTTP listener on {}; is the port in use?",
+            s.http_addr
+        )
+    })?;
+    let http_bound = http_listener.local_addr()?;
+    let trigger = Arc::new(trigger::Trigger::new());
+    let api = Arc::new(StatusApi {
+        state: state.clone(),
+        rollout: rollout.clone(),
+        source: source.clone(),
+        published: publish_rx.clone(),
+        trigger: trigger.clone(),
+        metrics: metrics.clone(),
+        registry: Arc::new(registry),
+        webhook_secret: s.webhook_secret.clone(),
+        token: s.http_token.clone(),
+        known_window: s.known_window,
+    });
+    tasks.push(tokio::spawn(api.serve(http_listener, shutdown_rx.clone())));
+    tracing::info!(http = %http_bound, grpc = ?grpc_bound, "listening");
+
+    if let Some(path) = &s.ready_file {
+        let doc = serde_json::json!({
+            "http": http_bound.to_string(),
+            "grpc": grpc_bound.map(|a| a.to_string()),
+        });
+        meshfed_syncer::pipeline::write_atomic(path, doc.to_string().as_bytes())
+            .with_context(|| format!("writing --ready-file {}", path.display()))?;
+    }
+
+    let sync_loop = tokio::spawn(trigger::run(
+        pipeline.clone(),
+        trigger,
+        s.poll,
+        shutdown_rx.clone(),
+    ));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    // A sync in progress finishes (it is a blocking libgit2 call); bounded.
+    let deadline = Duration::from_secs(10);
+    let started = Instant::now();
+    let _ = tokio::time::timeout(deadline, sync_loop).await;
+    for t in tasks {
+        let left = deadline.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, t).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn status_command(a: StatusArgs) -> u8 {
+    let mut problems = Vec::new();
+    let token = a
+        .token_file
+        .as_deref()
+        .and_then(|p| read_secret(p, "--token-file", &mut problems));
+    if !problems.is_empty() {
+        eprintln!("meshfed-syncer status: {}", problems.join("; "));
+        return exit::ERROR;
+    }
+    let client = ClientConfig {
+        server: a.server.clone(),
+        token,
+    };
+    let Some(sha) = a.wait else {
+        return match client.status().await {
+            Ok(doc) if a.json => {
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                exit::OK
+            }
+            Ok(doc) => {
+                print!("{}", status::render_status(&doc));
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("meshfed-syncer status: {e}");
+                exit::ERROR
+            }
+        };
+    };
+    if !(4..=40).contains(&sha.len()) || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        eprintln!("meshfed-syncer status: --wait `{sha}` is not a commit SHA (4 to 40 hex digits)");
+        return exit::ERROR;
+    }
+    let deadline = Instant::now() + a.timeout;
+    let mut last = None;
+    let mut last_err = None;
+    loop {
+        match client.rollout(&sha).await {
+            Ok(v) => {
+                let done = match v.state {
+                    RolloutState::Live => Some(exit::OK),
+                    RolloutState::Nacked | RolloutState::Rejected => Some(exit::FAILED),
+                    RolloutState::Pending | RolloutState::Unknown => None,
+                };
+                if let Some(code) = done {
+                    print_view(&v, a.json);
+                    return code;
+                }
+                last = Some(v);
+            }
+            // Auth and usage errors will not fix themselves.
+            Err(e @ (status::ClientError::Url(_) | status::ClientError::Status { .. })) => {
+                eprintln!("meshfed-syncer status: {e}");
+                return exit::ERROR;
+            }
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200).min(deadline - Instant::now())).await;
+    }
+    match (last, last_err) {
+        (Some(v), _) => {
+            print_view(&v, a.json);
+            let pending = v.gateways_in(status::GatewayState::Pending);
+            eprintln!(
+                "meshfed-syncer status: timed out after {:?}: {}",
+                a.timeout,
+                if pending.is_empty() {
+                    v.detail.clone()
+                } else {
+                    format!("pending: {}", pending.join(", "))
+                }
+            );
+            exit::TIMEOUT
+        }
+        (None, Some(e)) => {
+            eprintln!("meshfed-syncer status: {e}");
+            exit::ERROR
+        }
+        (None, None) => exit::TIMEOUT,
+    }
+}
+
+fn print_view(v: &status::RolloutView, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        print!("{}", status::render_rollout(v));
+    }
+}
+
+/// The command line with the config file's settings in front, so that flags
+/// override them; a setting whose environment variable is set is left to
+/// the environment.
+fn args_with_config() -> Result<Vec<OsString>, String> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let flag = argv
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| argv.get(i + 1))
+        .cloned()
+        .or_else(|| {
+            argv.iter()
+                .find_map(|a| a.to_str()?.strip_prefix("--config=").map(OsString::from))
+        })
+        .or_else(|| std::env::var_os("MESHFED_SYNCER_CONFIG"));
+    let Some(path) = flag else {
+        return Ok(argv);
+    };
+    // `status` has its own flags; a config file is for running the syncer.
+    if argv.get(1).is_some_and(|a| a == "status") {
+        return Ok(argv);
+    }
+    let path = PathBuf::from(path);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let map: std::collections::BTreeMap<String, serde_yaml::Value> =
+        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let cmd = Cli::command();
+    let mut front = Vec::new();
+    let mut problems = Vec::new();
+    for (key, value) in map {
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+        else {
+            problems.push(format!(
+                "{}: unknown setting `{key}` (settings are the long flag names)",
+                path.display()
+            ));
+            continue;
+        };
+        if key == "config" {
+            continue;
+        }
+        if arg
+            .get_env()
+            .is_some_and(|env| std::env::var_os(env).is_some())
+        {
+            continue;
+        }
+        let values: Vec<String> = match value {
+            serde_yaml::Value::String(s) => vec![s],
+            serde_yaml::Value::Number(n) => vec![n.to_string()],
+            serde_yaml::Value::Bool(b) => {
+                // A switch is present or absent.
+                if !arg.get_action().takes_values() {
+                    if b {
+                        front.push(OsString::from(format!("--{key}")));
+                    }
+                    continue;
+                }
+                vec![b.to_string()]
+            }
+            serde_yaml::Value::Sequence(items) => items
+                .into_iter()
+                .filter_map(|v| match v {
+                    serde_yaml::Value::String(s) => Some(s),
+                    serde_yaml::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            other => {
+                problems.push(format!(
+                    "{}: `{key}` must be a scalar or a list, not {other:?}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        for v in values {
+            front.push(OsString::from(format!("--{key}")));
+            front.push(OsString::from(v));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    let mut out = vec![argv.first().cloned().unwrap_or_default()];
+    out.extend(front);
+    out.extend(argv.into_iter().skip(1));
+    Ok(out)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 #[cfg(test)]
