@@ -55,6 +55,13 @@ pub struct ConfigLabels {
     pub version: String,
 }
 
+/// Retries and mirrored copies, by service and why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceReasonLabels {
+    pub destination_service: String,
+    pub reason: String,
+}
+
 /// Requests and TCP streams denied by an AuthorizationPolicy.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
@@ -84,6 +91,8 @@ pub struct Metrics {
     /// Connection-pool overflow and outlier ejections (proxy::upstream).
     pub upstream: crate::proxy::upstream::UpstreamMetrics,
     pub authz_denied: Family<AuthzLabels, Counter>,
+    pub retries: Family<ServiceReasonLabels, Counter>,
+    pub mirrors: Family<ServiceReasonLabels, Counter>,
     config: Family<ConfigLabels, Gauge>,
     config_version: Mutex<String>,
     /// Handshake refusals counted by the TLS verifiers, read at scrape time.
@@ -145,6 +154,18 @@ impl Metrics {
             "Connections and streams refused, by stage and reason",
             refusals.clone(),
         );
+        let retries = Family::<ServiceReasonLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries sent by the source gateway, by service and what the failed try answered",
+            retries.clone(),
+        );
+        let mirrors = Family::<ServiceReasonLabels, Counter>::default();
+        registry.register(
+            "mirrored_requests",
+            "Mirrored copies, by mirror service and outcome (sent, failed, dropped)",
+            mirrors.clone(),
+        );
         let authz_denied = Family::<AuthzLabels, Counter>::default();
         registry.register(
             "authz_denied",
@@ -169,6 +190,8 @@ impl Metrics {
             refusals,
             upstream,
             authz_denied,
+            retries,
+            mirrors,
             config,
             config_version: Mutex::new(String::new()),
             handshake_refusals: Mutex::new(None),
@@ -192,6 +215,26 @@ impl Metrics {
                 .set(1);
             *cur = version.to_string();
         }
+    }
+
+    /// Counts a retry of a call to `service`.
+    pub fn retried(&self, service: &str, reason: String) {
+        self.retries
+            .get_or_create(&ServiceReasonLabels {
+                destination_service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a mirrored copy to `service` and what became of it.
+    pub fn mirrored(&self, service: &str, outcome: &str) {
+        self.mirrors
+            .get_or_create(&ServiceReasonLabels {
+                destination_service: service.to_string(),
+                reason: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a refusal.

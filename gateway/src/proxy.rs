@@ -7,6 +7,7 @@
 //!   forwards it to a local endpoint or over the tunnel.
 //! - [`inbound`]: serves a peer's stream: checks the service is exported,
 //!   picks a local endpoint, proxies.
+//! - [`rules`]: a VirtualService rule's edits: headers, rewrite, mirrors.
 //! - [`upstream`]: local endpoints: balancer and pooled clients.
 //! - [`body`]: bodies and trailers across the tunnel.
 //!
@@ -22,6 +23,7 @@ use crate::tunnel::frame::Refusal;
 pub mod body;
 pub mod inbound;
 pub mod outbound;
+pub mod rules;
 pub mod upstream;
 
 use body::ProxyBody;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Method, Uri};
 use meshfed_policy::Snapshot;
 use meshfed_policy::snapshot::{
-    CLUSTER_LABEL, HttpMatch, HttpRoute, StringMatch, WeightedDestination,
+    CLUSTER_LABEL, HttpMatch, HttpRoute, Mirror, StringMatch, WeightedDestination,
 };
 use regex::Regex;
 
@@ -131,6 +131,11 @@ pub struct Target {
     /// The routes' host key and the index of the matched HTTP rule, if a
     /// VirtualService routed it.
     pub rule: Option<(String, usize)>,
+    /// The cluster a pinned subset named, when it had no healthy endpoint
+    /// and the call failed over elsewhere.
+    pub failed_over_from: Option<String>,
+    /// Index of the chosen destination in the rule's `destinations`.
+    pub destination: Option<usize>,
 }
 
 impl Target {
@@ -138,6 +143,11 @@ impl Target {
     pub fn http_rule<'a>(&self, active: &'a Active) -> Option<&'a HttpRoute> {
         let (key, index) = self.rule.as_ref()?;
         active.snapshot.policy.routes.get(key)?.http.get(*index)
+    }
+
+    /// The weighted destination that was picked, in `active`.
+    pub fn weighted_destination<'a>(&self, active: &'a Active) -> Option<&'a WeightedDestination> {
+        self.http_rule(active)?.destinations.get(self.destination?)
     }
 
     /// The cluster the subset pins, if it does.
@@ -179,12 +189,9 @@ pub fn http_target(
             .enumerate()
             .find(|(_, r)| rule_matches(active, r, req, port))?;
         let dest = pick_weighted(&rule.destinations)?;
-        return Some(target_for(
-            active,
-            dest,
-            port,
-            Some((key.to_string(), index)),
-        ));
+        let mut t = target_for(active, dest, port, Some((key.to_string(), index)));
+        t.destination = rule.destinations.iter().position(|d| std::ptr::eq(d, dest));
+        return Some(t);
     }
     // No VirtualService: the service itself, if anything knows it.
     policy
@@ -201,6 +208,8 @@ pub fn http_target(
             subset: None,
             selector: BTreeMap::new(),
             rule: None,
+            failed_over_from: None,
+            destination: None,
         })
 }
 
@@ -233,6 +242,8 @@ pub fn tcp_target(
             subset: None,
             selector: BTreeMap::new(),
             rule: None,
+            failed_over_from: None,
+            destination: None,
         })
 }
 
@@ -262,7 +273,21 @@ fn target_for(
         subset: d.subset.clone(),
         selector,
         rule,
+        failed_over_from: None,
+        destination: None,
     }
+}
+
+/// Where a mirrored copy goes: the mirror's service, subset and port.
+pub fn mirror_target(active: &Active, m: &Mirror, port: u16) -> Target {
+    let d = WeightedDestination {
+        host: m.host.clone(),
+        subset: m.subset.clone(),
+        port: m.port,
+        weight: 100,
+        ..Default::default()
+    };
+    target_for(active, &d, port, None)
 }
 
 /// Picks a destination by weight. Weights sum to 100 (validated); a zero
@@ -355,53 +380,79 @@ fn match_one(active: &Active, m: &HttpMatch, req: &RequestInfo<'_>, port: u16) -
     m.source_labels.is_empty() && m.source_namespace.is_none()
 }
 
-/// Chooses the cluster that serves `target`: the pinned one, or a cluster
-/// with healthy endpoints for it, weighted by how many it has. `remote` holds
-/// peers' announcements by cluster (several gateways of one cluster announce
-/// the same endpoints; the largest count is taken).
+/// Chooses the cluster that serves `target`, given each cluster's healthy
+/// endpoint counts (local ones from discovery, remote ones from peers'
+/// announcements; a peer whose link is down announces nothing), and never
+/// one of `exclude` (clusters a retry of this request already failed on).
+///
+/// - A subset that pins a cluster (`topology.istio.io/cluster`) goes there
+///   while that cluster has a healthy endpoint for it. When it has none (its
+///   gateways unreachable, its endpoints gone or ejected), the call fails
+///   over: the cluster label is dropped from `target`'s selector, and the
+///   rest of the subset's labels choose among the other clusters, as below.
+///   This is the answer to traffic that keeps going to a dead cluster.
+/// - Otherwise the service's DestinationRule `localityLbSetting` decides
+///   (see [`locality`]): by default the local cluster while it has healthy
+///   endpoints, then the nearest clusters by `Cluster.spec.locality`, each
+///   tier weighted by healthy endpoint counts.
+///
+/// Returns `None` when no cluster has a healthy endpoint (and nothing is
+/// pinned).
 pub fn choose_cluster(
-    target: &Target,
+    target: &mut Target,
+    active: &Active,
     local_cluster: &str,
     local: &EndpointSet,
     remote: &[(String, Arc<Announcement>)],
+    exclude: &[String],
 ) -> Option<String> {
-    if let Some(c) = target.pinned_cluster() {
-        return Some(c.to_string());
-    }
-    let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
-    let local_healthy = local.get(&target.service).map_or(0, |eps| {
-        eps.iter()
-            .filter(|e| e.healthy && e.matches(&target.selector))
-            .count() as u32
-    });
-    if local_healthy > 0 {
-        counts.insert(local_cluster, local_healthy);
-    }
-    for (cluster, a) in remote {
-        let n = a.healthy(&target.service, &target.selector);
-        if n > 0 {
-            let e = counts.entry(cluster.as_str()).or_insert(0);
-            *e = (*e).max(n);
+    let healthy = |selector: &BTreeMap<String, String>| {
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        let local_healthy = local.get(&target.service).map_or(0, |eps| {
+            eps.iter()
+                .filter(|e| e.healthy && e.matches(selector))
+                .count() as u32
+        });
+        if local_healthy > 0 {
+            counts.insert(local_cluster.to_string(), local_healthy);
         }
-    }
-    let total: u64 = counts.values().map(|n| u64::from(*n)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut r = rand::random_range(0..total);
-    counts
-        .into_iter()
-        .find(|(_, n)| {
-            let n = u64::from(*n);
-            if r < n {
-                true
-            } else {
-                r -= n;
-                false
+        // A peer's cluster is the one its certificate names, whatever
+        // cluster label it announces: match the label against that.
+        let mut rest = selector.clone();
+        let wanted = rest.remove(CLUSTER_LABEL);
+        for (cluster, a) in remote {
+            if wanted.as_ref().is_some_and(|w| w != cluster) {
+                continue;
             }
-        })
-        .map(|(c, _)| c.to_string())
+            let n = a.healthy(&target.service, &rest);
+            if n > 0 {
+                let e = counts.entry(cluster.clone()).or_insert(0);
+                *e = (*e).max(n);
+            }
+        }
+        counts.retain(|c, _| !exclude.contains(c));
+        counts
+    };
+    if let Some(pinned) = target.pinned_cluster().map(str::to_string) {
+        if healthy(&target.selector).contains_key(&pinned) {
+            return Some(pinned);
+        }
+        let mut rest = target.selector.clone();
+        rest.remove(CLUSTER_LABEL);
+        let counts = healthy(&rest);
+        if counts.is_empty() {
+            // Nowhere to fail over to: go where the policy says, and let
+            // that path report why it fails.
+            return (!exclude.contains(&pinned)).then_some(pinned);
+        }
+        target.selector = rest;
+        target.failed_over_from = Some(pinned);
+        return locality::choose(active, target, local_cluster, counts);
+    }
+    let counts = healthy(&target.selector);
+    locality::choose(active, target, local_cluster, counts)
 }
 
+pub mod locality;
 #[cfg(test)]
 mod tests;

@@ -17,16 +17,6 @@ use crate::validate::federation::vs_applies_to_mesh;
 use crate::validate::fields::GRPC_STATUS;
 use crate::validate::{applies_to, canonical_host, targets};
 
-/// Istio's default retry policy, applied when a route says nothing.
-const DEFAULT_RETRY_ON: &[&str] = &[
-    "connect-failure",
-    "refused-stream",
-    "unavailable",
-    "cancelled",
-    "503",
-];
-const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
-
 /// Compiles the snapshot of `cluster` at `version`.
 pub fn compile(resources: &[Resource], cluster: &str, version: &str, opts: &Options) -> Snapshot {
     let mut sorted: Vec<&Resource> = resources.iter().collect();
@@ -239,14 +229,10 @@ fn http_route(h: &model::HttpRoute, r: &Resource, opts: &Options) -> HttpRoute {
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .collect(),
-                None => DEFAULT_RETRY_ON.iter().map(|s| s.to_string()).collect(),
+                None => RetryPolicy::istio_default().retry_on,
             },
         },
-        None => RetryPolicy {
-            attempts: DEFAULT_RETRY_ATTEMPTS,
-            per_try_timeout_ms: None,
-            retry_on: DEFAULT_RETRY_ON.iter().map(|s| s.to_string()).collect(),
-        },
+        None => RetryPolicy::istio_default(),
     };
     let fault = h.fault.as_ref().map(|f| Fault {
         delay: f.delay.as_ref().and_then(|d| {

@@ -369,6 +369,26 @@ pub struct RetryPolicy {
     pub retry_on: Vec<String>,
 }
 
+impl RetryPolicy {
+    /// Istio's default retry policy, for routes that say nothing: 2 attempts
+    /// on connect-failure, refused-stream, unavailable, cancelled and 503.
+    pub fn istio_default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout_ms: None,
+            retry_on: [
+                "connect-failure",
+                "refused-stream",
+                "unavailable",
+                "cancelled",
+                "503",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {

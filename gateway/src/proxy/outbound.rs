@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
-use super::{ERROR_HEADER, error_response, is_grpc, strip_hop_by_hop};
+use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::route::{self, RequestInfo, Target};
 use crate::state::Gateway;
@@ -333,7 +333,7 @@ pub async fn handle_http(
         scheme: "http",
         caller_namespace: &caller.namespace,
     };
-    let Some(target) = route::http_target(&active, &info, &endpoints, 80) else {
+    let Some(mut target) = route::http_target(&active, &info, &endpoints, 80) else {
         let r = error_response(
             Refusal::NoRoute,
             &format!("no service or route for `{authority}`"),
@@ -343,13 +343,21 @@ pub async fn handle_http(
         return r;
     };
     let (mtls, t) = (caller.id.is_some(), &target);
-    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port) {
+    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
+    {
         let r = r.response(grpc);
         record(&state, &r, &target.service, "", start, grpc);
         return r;
     }
     let remote = state.tunnel.announcements();
-    let Some(cluster) = route::choose_cluster(&target, &state.cluster, &endpoints, &remote) else {
+    let Some(cluster) = route::choose_cluster(
+        &mut target,
+        &active,
+        &state.cluster,
+        &endpoints,
+        &remote,
+        &[],
+    ) else {
         let r = error_response(
             Refusal::NoHealthyEndpoint,
             &format!(
@@ -388,8 +396,24 @@ pub async fn handle_http(
             return r;
         }
     }
-    let retries = rule.map(|r| &r.retries).filter(|r| r.attempts > 0);
-    let (parts, body) = req.into_parts();
+    // A VirtualService rule's retries; without one, Istio's defaults.
+    let retries = match rule {
+        Some(r) => Some(&r.retries).filter(|r| r.attempts > 0),
+        None => Some(&*DEFAULT_RETRIES),
+    };
+    let mirrors: Vec<&meshfed_policy::snapshot::Mirror> = rule
+        .map(|r| r.mirrors.iter().filter(|m| hit(m.percent_ppm)).collect())
+        .unwrap_or_default();
+    let (mut parts, body) = req.into_parts();
+    let mut authority = authority;
+    if let Some(r) = rule {
+        rules::apply_headers(&mut parts.headers, &r.request_headers);
+        let before = authority.clone();
+        rules::rewrite(r, &mut parts.uri, &mut authority);
+        if authority != before {
+            rules::set_authority(&mut parts.uri, &mut parts.headers, &authority);
+        }
+    }
     // A request can be sent again only if its whole body is known: bodiless
     // ones, and, when retries are configured, bodies that declare at most
     // RETRY_BUFFER bytes, which are buffered (as Envoy buffers for retries).
@@ -397,7 +421,9 @@ pub async fn handle_http(
     let small = http_body::Body::size_hint(&body)
         .upper()
         .is_some_and(|n| n <= RETRY_BUFFER as u64);
-    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) = if retries.is_none() {
+    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) = if retries.is_none()
+        && mirrors.is_empty()
+    {
         (body.map_err(Into::into).boxed_unsync(), None)
     } else if http_body::Body::is_end_stream(&body) {
         (body::empty(), Some(bytes::Bytes::new()))
@@ -419,22 +445,53 @@ pub async fn handle_http(
     } else {
         (body.map_err(Into::into).boxed_unsync(), None)
     };
-    let head = buffered.map(|b| (clone_head(&parts), b));
+    if !mirrors.is_empty() {
+        let copy = clone_head(&parts);
+        for m in mirrors {
+            rules::spawn_mirror(
+                &state,
+                &active,
+                &caller,
+                m,
+                &copy,
+                buffered.clone(),
+                &authority,
+                target.port,
+            );
+        }
+    }
+    let destination = target.weighted_destination(&active);
+    if let Some(d) = destination {
+        rules::apply_headers(&mut parts.headers, &d.request_headers);
+    }
+    let head = buffered
+        .filter(|_| retries.is_some())
+        .map(|b| (clone_head(&parts), b));
     let mut req = Some(Request::from_parts(parts, body));
     let per_try = retries
         .and_then(|r| r.per_try_timeout_ms)
         .map(Duration::from_millis);
+    let original = target.clone();
+    let first_cluster = cluster.clone();
+    let mut cluster = cluster;
+    // Clusters a try failed on for want of a working path (a dead link, no
+    // endpoint, a refused connection): retries go elsewhere when they can,
+    // as Istio's default `previous_hosts` retry predicate does per host.
+    let mut failed: Vec<String> = Vec::new();
     let forward = async {
         let mut attempt: u32 = 0;
         // The budget slot of the retry in flight, held until it is answered.
         let mut _retry_slot = None;
         loop {
             let Some(this) = req.take() else {
-                break error_response(Refusal::Internal, "no request to send", grpc);
+                break (
+                    error_response(Refusal::Internal, "no request to send", grpc),
+                    cluster,
+                );
             };
             let once = async {
                 if cluster == state.cluster {
-                    forward_local(&state, &target, &endpoints, this, grpc).await
+                    forward_local(&state, &active, &target, &endpoints, this, grpc).await
                 } else {
                     forward_remote(
                         &state, &active, &caller, &cluster, &target, &authority, this, grpc,
@@ -449,41 +506,93 @@ pub async fn handle_http(
                 None => once.await,
             };
             let (Some(policy), Some(head)) = (retries, head.as_ref()) else {
-                break resp;
+                break (resp, cluster);
             };
             if attempt >= policy.attempts || !retriable(&resp, &policy.retry_on) {
-                break resp;
+                break (resp, cluster);
             }
+            attempt += 1;
+            // Envoy's backoff: 25 ms base, doubling, with full jitter.
+            let backoff = Duration::from_millis(25u64 << (attempt - 1).min(3))
+                .mul_f64(rand::random_range(0.0..=1.0));
+            tokio::time::sleep(backoff).await;
+            // The budget counts retries in flight, not those backing off.
+            _retry_slot = None;
             let Some(slot) = state.retry_budget() else {
                 state.metrics.refused("retry", "budget-exhausted");
-                break resp;
+                break (resp, cluster);
             };
             _retry_slot = Some(slot);
-            attempt += 1;
-            let backoff = Duration::from_millis(25u64 << attempt.min(3))
-                .mul_f64(rand::random_range(0.5..=1.0));
-            tokio::time::sleep(backoff).await;
+            state.metrics.retried(&target.service, retry_reason(&resp));
+            if path_failed(&resp) && !failed.contains(&cluster) {
+                failed.push(cluster.clone());
+            }
+            // Choose again on the state of now: a link that died, or
+            // endpoints that were ejected, since the last try.
+            let mut again = original.clone();
+            let endpoints = state.endpoints.borrow().clone();
+            let remote = state.tunnel.announcements();
+            if let Some(c) = route::choose_cluster(
+                &mut again,
+                &active,
+                &state.cluster,
+                &endpoints,
+                &remote,
+                &failed,
+            ) {
+                target = again;
+                cluster = c;
+            }
             req = Some(rebuild(&head.0, head.1.clone()));
         }
     };
     // The route timeout bounds the wait for the response head (Istio's
     // `timeout`); a streaming body may go on after it.
-    let resp = match rule.and_then(|r| r.timeout_ms) {
+    let service = original.service.clone();
+    let (resp, cluster) = match rule.and_then(|r| r.timeout_ms) {
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), forward).await {
             Ok(r) => r,
-            Err(_) => error_response(
-                Refusal::Timeout,
-                &format!(
-                    "{} did not answer within the route timeout of {ms} ms",
-                    target.service
+            Err(_) => (
+                error_response(
+                    Refusal::Timeout,
+                    &format!("{service} did not answer within the route timeout of {ms} ms"),
+                    grpc,
                 ),
-                grpc,
+                first_cluster,
             ),
         },
         None => forward.await,
     };
-    record(&state, &resp, &target.service, &cluster, start, grpc);
+    let mut resp = resp;
+    if let Some(r) = rule {
+        rules::apply_headers(resp.headers_mut(), &r.response_headers);
+    }
+    if let Some(d) = destination {
+        rules::apply_headers(resp.headers_mut(), &d.response_headers);
+    }
+    record(&state, &resp, &service, &cluster, start, grpc);
     resp
+}
+
+/// Whether a failed try says the path to its cluster is broken (rather than
+/// the service answering badly), so that a retry should go elsewhere.
+fn path_failed(resp: &Response<ProxyBody>) -> bool {
+    matches!(
+        resp.headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        "connect-failed" | "no-healthy-endpoint" | "upstream-reset" | "stale-config"
+    )
+}
+
+/// The label a retry is counted under: our refusal reason, else the status.
+fn retry_reason(resp: &Response<ProxyBody>) -> String {
+    resp.headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| resp.status().as_u16().to_string())
 }
 
 /// The head of a request, to send it again.
@@ -495,6 +604,10 @@ fn clone_head(parts: &http::request::Parts) -> (Method, Uri, http::Version, http
         parts.headers.clone(),
     )
 }
+
+/// Retries for calls no VirtualService rule routed.
+static DEFAULT_RETRIES: std::sync::LazyLock<meshfed_policy::snapshot::RetryPolicy> =
+    std::sync::LazyLock::new(meshfed_policy::snapshot::RetryPolicy::istio_default);
 
 /// Largest request body buffered so that it can be retried.
 const RETRY_BUFFER: usize = 64 * 1024;
@@ -528,12 +641,17 @@ fn retriable(resp: &Response<ProxyBody>, retry_on: &[String]) -> bool {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    // A 503 the gateway gave for its own overflow is not retried (as
+    // Envoy): retrying would only add to the overload.
+    if resp.headers().contains_key("x-envoy-overloaded") {
+        return false;
+    }
     retry_on.iter().any(|cond| match cond.as_str() {
         "5xx" => status >= 500,
         "gateway-error" => matches!(status, 502..=504),
         "reset" => reason == "upstream-reset",
         "connect-failure" => reason == "connect-failed",
-        "refused-stream" => matches!(reason, "overloaded" | "stale-config"),
+        "refused-stream" => reason == "stale-config",
         "retriable-4xx" => status == 409,
         "retriable-status-codes" => false,
         "cancelled" => grpc == "1",
@@ -636,23 +754,22 @@ fn record(
         .observe(start.elapsed().as_secs_f64());
 }
 
-async fn forward_local(
+pub(super) async fn forward_local(
     state: &Gateway,
+    active: &crate::route::Active,
     target: &Target,
     endpoints: &crate::discovery::EndpointSet,
     req: Request<ProxyBody>,
     grpc: bool,
 ) -> Response<ProxyBody> {
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
-    // TODO(lead): pass the request's `Active` in rather than loading it again.
-    let active = state.active.load_full();
     let dest = super::upstream::Dest {
         service: &target.service,
         subset: target.subset.as_deref(),
         port: target.port,
         selector: &target.selector,
     };
-    let Some(picked) = state.upstream.choose(&active, endpoints, &dest) else {
+    let Some(picked) = state.upstream.choose(active, endpoints, &dest) else {
         return error_response(
             Refusal::NoHealthyEndpoint,
             &format!("no healthy local endpoint for {}", target.service),
@@ -688,7 +805,7 @@ async fn forward_local(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn forward_remote(
+pub(super) async fn forward_remote(
     state: &Gateway,
     active: &crate::route::Active,
     caller: &Caller,
@@ -854,7 +971,8 @@ async fn connect(
         return error_response(Refusal::NoRoute, &format!("no service `{host}`"), false);
     };
     let (mtls, t) = (caller.id.is_some(), &target);
-    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port) {
+    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
+    {
         return r.response(false);
     }
     tokio::spawn(async move {
@@ -876,13 +994,20 @@ where
 {
     let active = state.active.load_full();
     let endpoints = state.endpoints.borrow().clone();
-    let Some(target) = route::tcp_target(&active, &host, port, ns, &endpoints) else {
+    let Some(mut target) = route::tcp_target(&active, &host, port, ns, &endpoints) else {
         state.metrics.refused("listener", "no-route");
         tracing::info!(%host, port, "no TCP route; closing");
         return;
     };
     let remote = state.tunnel.announcements();
-    let Some(cluster) = route::choose_cluster(&target, &state.cluster, &endpoints, &remote) else {
+    let Some(cluster) = route::choose_cluster(
+        &mut target,
+        &active,
+        &state.cluster,
+        &endpoints,
+        &remote,
+        &[],
+    ) else {
         state.metrics.refused("listener", "no-healthy-endpoint");
         return;
     };

@@ -167,51 +167,226 @@ fn target(selector: &[(&str, &str)]) -> Target {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         rule: None,
+        failed_over_from: None,
+        destination: None,
     }
+}
+
+fn announce(groups: &[(&str, u32)]) -> Arc<Announcement> {
+    let mut a = Announcement::default();
+    a.services.insert(
+        "reviews.default.svc.cluster.local".into(),
+        groups
+            .iter()
+            .map(|(v, n)| crate::tunnel::announce::EndpointGroup {
+                labels: BTreeMap::from([("version".into(), v.to_string())]),
+                total: *n,
+                healthy: *n,
+            })
+            .collect(),
+    );
+    Arc::new(a)
+}
+
+/// How often each cluster is chosen over `n` tries.
+fn shares(
+    a: &Active,
+    selector: &[(&str, &str)],
+    local: &EndpointSet,
+    remote: &[(String, Arc<Announcement>)],
+    exclude: &[String],
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let mut t = target(selector);
+        let c = choose_cluster(&mut t, a, "east", local, remote, exclude)
+            .unwrap_or_else(|| "none".into());
+        *out.entry(c).or_insert(0) += 1;
+    }
+    out
 }
 
 #[test]
 fn clusters_are_chosen_by_healthy_endpoints_for_the_subset() {
+    let a = active();
     let mut local = EndpointSet::new();
     local.insert(
         "reviews.default.svc.cluster.local".into(),
         vec![ep("v1", true), ep("v2", false)],
     );
-    let mut west = Announcement::default();
-    west.services.insert(
-        "reviews.default.svc.cluster.local".into(),
-        vec![crate::tunnel::announce::EndpointGroup {
-            labels: BTreeMap::from([("version".into(), "v2".into())]),
-            total: 3,
-            healthy: 3,
-        }],
-    );
-    let remote = vec![("west".to_string(), Arc::new(west))];
+    let remote = vec![("west".to_string(), announce(&[("v2", 3)]))];
     // Only west has a healthy v2.
-    for _ in 0..50 {
-        assert_eq!(
-            choose_cluster(&target(&[("version", "v2")]), "east", &local, &remote).as_deref(),
-            Some("west")
-        );
-    }
+    assert_eq!(
+        shares(&a, &[("version", "v2")], &local, &remote, &[], 50),
+        BTreeMap::from([("west".into(), 50)])
+    );
     // v3 nowhere.
     assert_eq!(
-        choose_cluster(&target(&[("version", "v3")]), "east", &local, &remote),
-        None
+        shares(&a, &[("version", "v3")], &local, &remote, &[], 5),
+        BTreeMap::from([("none".into(), 5)])
     );
-    // Any version: east has 1 healthy, west 3: about a quarter stays local.
-    let n = 4000;
-    let east = (0..n)
-        .filter(|_| {
-            choose_cluster(&target(&[]), "east", &local, &remote).as_deref() == Some("east")
-        })
-        .count();
-    assert!((east as f64 / n as f64 - 0.25).abs() < 0.04, "{east}");
-    // A pinned cluster wins whatever the health.
+    // Any version: the local cluster is preferred while it has a healthy
+    // endpoint, even though west has more.
     assert_eq!(
-        choose_cluster(&target(&[(CLUSTER_LABEL, "west")]), "east", &local, &[]).as_deref(),
+        shares(&a, &[], &local, &remote, &[], 50),
+        BTreeMap::from([("east".into(), 50)])
+    );
+    // A retry that failed locally goes to west.
+    assert_eq!(
+        shares(&a, &[], &local, &remote, &["east".into()], 20),
+        BTreeMap::from([("west".into(), 20)])
+    );
+}
+
+#[test]
+fn a_pinned_cluster_without_healthy_endpoints_fails_over_with_the_rest_of_the_subset() {
+    let a = active();
+    let mut local = EndpointSet::new();
+    local.insert(
+        "reviews.default.svc.cluster.local".into(),
+        vec![ep("v1", true), ep("v2", true)],
+    );
+    let west = vec![("west".to_string(), announce(&[("v2", 2)]))];
+    let pinned = [(CLUSTER_LABEL, "west"), ("version", "v2")];
+    // Healthy: the pin holds.
+    assert_eq!(
+        shares(&a, &pinned, &local, &west, &[], 30),
+        BTreeMap::from([("west".into(), 30)])
+    );
+    // West's link down (no announcement): east's v2 serves, and the target
+    // no longer carries west's cluster label.
+    let mut t = target(&pinned);
+    assert_eq!(
+        choose_cluster(&mut t, &a, "east", &local, &[], &[]).as_deref(),
+        Some("east")
+    );
+    assert_eq!(t.failed_over_from.as_deref(), Some("west"));
+    assert_eq!(
+        t.selector,
+        BTreeMap::from([("version".into(), "v2".into())])
+    );
+    // Nowhere to go: the pinned cluster, so that its path reports the error.
+    let mut t = target(&[(CLUSTER_LABEL, "west"), ("version", "v9")]);
+    assert_eq!(
+        choose_cluster(&mut t, &a, "east", &local, &[], &[]).as_deref(),
         Some("west")
     );
+}
+
+const LOCALITY: &str = "
+apiVersion: meshfed.io/v1alpha1
+kind: Cluster
+metadata: {name: east}
+spec: {gateways: ['e:1'], locality: {region: us-east1, zone: a}}
+---
+apiVersion: meshfed.io/v1alpha1
+kind: Cluster
+metadata: {name: east-b}
+spec: {gateways: ['eb:1'], locality: {region: us-east1, zone: b}}
+---
+apiVersion: meshfed.io/v1alpha1
+kind: Cluster
+metadata: {name: west}
+spec: {gateways: ['w:1'], locality: {region: us-west1, zone: a}}
+---
+apiVersion: meshfed.io/v1alpha1
+kind: Cluster
+metadata: {name: europe}
+spec: {gateways: ['eu:1'], locality: {region: europe-west1, zone: a}}
+";
+
+fn locality_active(dr: &str) -> Active {
+    let text = format!("{LOCALITY}---\n{dr}");
+    let a = analyze([("p.yaml", text.as_str())], &Options::default());
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    Active::new(Arc::new(
+        a.compile("east", "v1", &Options::default()).unwrap(),
+    ))
+    .unwrap()
+}
+
+#[test]
+fn remote_clusters_are_tried_in_locality_order() {
+    let everywhere = vec![
+        ("east-b".to_string(), announce(&[("v1", 1)])),
+        ("west".to_string(), announce(&[("v1", 1)])),
+        ("europe".to_string(), announce(&[("v1", 1)])),
+    ];
+    let none = EndpointSet::new();
+    let plain = locality_active(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec: {host: reviews}\n",
+    );
+    // Same region first.
+    assert_eq!(
+        shares(&plain, &[], &none, &everywhere, &[], 20),
+        BTreeMap::from([("east-b".into(), 20)])
+    );
+    // Then any other region (without a failover rule, both are tier 4).
+    let far = shares(&plain, &[], &none, &everywhere, &["east-b".into()], 400);
+    assert_eq!(
+        far.keys().collect::<Vec<_>>(),
+        ["europe", "west"],
+        "{far:?}"
+    );
+    // A failover rule makes us-west1 the next region.
+    let failover = locality_active(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        enabled: true
+        failover: [{from: us-east1, to: us-west1}]
+",
+    );
+    assert_eq!(
+        shares(&failover, &[], &none, &everywhere, &["east-b".into()], 20),
+        BTreeMap::from([("west".into(), 20)])
+    );
+    // Disabled: no preference, by healthy counts.
+    let off = locality_active(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {localityLbSetting: {enabled: false}}}
+",
+    );
+    let spread = shares(&off, &[], &none, &everywhere, &[], 600);
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    assert!(spread.values().all(|n| *n > 120), "{spread:?}");
+}
+
+#[test]
+fn distribute_weights_localities() {
+    let everywhere = vec![
+        ("east-b".to_string(), announce(&[("v1", 1)])),
+        ("west".to_string(), announce(&[("v1", 5)])),
+    ];
+    let a = locality_active(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        enabled: true
+        distribute:
+        - from: us-east1/*
+          to: {'us-east1/*': 80, 'us-west1/*': 20}
+",
+    );
+    let n = 4000;
+    let got = shares(&a, &[], &EndpointSet::new(), &everywhere, &[], n);
+    let east_b = got.get("east-b").copied().unwrap_or(0) as f64 / n as f64;
+    assert!((east_b - 0.8).abs() < 0.04, "{got:?}");
 }
 
 #[test]

@@ -1,0 +1,238 @@
+//! Locality-aware cluster choice: which cluster serves a call, among those
+//! with healthy endpoints for it.
+//!
+//! The service's DestinationRule `trafficPolicy.loadBalancer.localityLbSetting`
+//! decides, with Istio's meanings, where a locality is `Cluster.spec.locality`
+//! written `region/zone/subzone`:
+//! - no setting, or `enabled: true` without `distribute`: priority tiers, as
+//!   Envoy's locality failover. The local cluster first; then clusters in the
+//!   same region and zone; then the same region; then the region that
+//!   `failover` names for ours; then every other cluster. Each call goes to
+//!   the first tier with a healthy endpoint, weighted by healthy endpoint
+//!   counts within it. With `failoverPriority`, tiers instead count how many
+//!   of the listed labels, in order, a cluster shares with ours (its
+//!   `topology.istio.io/cluster`, `topology.istio.io/network`,
+//!   `topology.kubernetes.io/region`, `topology.kubernetes.io/zone` and
+//!   `topology.istio.io/subzone`).
+//! - `distribute`: the first `from` pattern that matches our locality gives
+//!   `to` patterns with weights; each weight is shared by the healthy
+//!   clusters its pattern matches (first matching pattern wins). When none of
+//!   them has a healthy endpoint, the tiers above apply.
+//! - `enabled: false`: no preference; every healthy cluster, weighted by its
+//!   healthy endpoint count.
+//!
+//! It does not decide health (discovery, announcements and outlier
+//! detection do) or which gateway of a cluster carries the call (the tunnel).
+
+use std::collections::BTreeMap;
+
+use meshfed_policy::snapshot::{CLUSTER_LABEL, ClusterInfo, LocalityLb};
+
+use super::{Active, Target};
+
+/// Picks one cluster from `counts` (cluster → healthy endpoints, all > 0).
+pub fn choose(
+    active: &Active,
+    target: &Target,
+    local_cluster: &str,
+    counts: BTreeMap<String, u32>,
+) -> Option<String> {
+    if counts.is_empty() {
+        return None;
+    }
+    let setting = setting(active, target);
+    let clusters = &active.snapshot.policy.clusters;
+    let info = |c: &str| clusters.get(c);
+    match setting {
+        Some(s) if !s.enabled => {
+            return weighted(counts.iter().map(|(c, n)| (c.as_str(), u64::from(*n))));
+        }
+        Some(s) if !s.distribute.is_empty() => {
+            if let Some(c) = distribute(s, info(local_cluster), &counts, &info) {
+                return Some(c);
+            }
+        }
+        _ => {}
+    }
+    let tier = |c: &str| -> u32 {
+        if c == local_cluster {
+            return 0;
+        }
+        match setting {
+            Some(s) if !s.failover_priority.is_empty() => {
+                let ours = labels(local_cluster, info(local_cluster));
+                let theirs = labels(c, info(c));
+                let shared = s
+                    .failover_priority
+                    .iter()
+                    .take_while(|l| {
+                        ours.get(l.as_str())
+                            .is_some_and(|v| theirs.get(l.as_str()) == Some(v))
+                    })
+                    .count();
+                // More shared labels: a nearer tier.
+                1 + (s.failover_priority.len() - shared) as u32
+            }
+            _ => nearness(
+                info(local_cluster).and_then(|i| i.locality.as_ref()),
+                info(c).and_then(|i| i.locality.as_ref()),
+                setting,
+            ),
+        }
+    };
+    let best = counts.keys().map(|c| tier(c)).min()?;
+    weighted(
+        counts
+            .iter()
+            .filter(|(c, _)| tier(c) == best)
+            .map(|(c, n)| (c.as_str(), u64::from(*n))),
+    )
+}
+
+/// The locality setting for `target`: its subset's (compiled with the
+/// DestinationRule's as fallback), then the port's, then the rule's.
+fn setting<'a>(active: &'a Active, target: &Target) -> Option<&'a LocalityLb> {
+    let dest = active.snapshot.policy.destinations.get(&target.service)?;
+    let policy = target
+        .subset
+        .as_ref()
+        .and_then(|s| dest.subsets.get(s))
+        .map_or(&dest.traffic_policy, |s| &s.traffic_policy);
+    policy
+        .ports
+        .get(&target.port)
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|lb| lb.locality.as_ref())
+        .or(policy.load_balancer.locality.as_ref())
+}
+
+/// Tier of a remote cluster by locality: 1 same zone, 2 same region, 3 the
+/// configured failover region, 4 anything else (or unknown).
+fn nearness(
+    ours: Option<&meshfed_policy::snapshot::Locality>,
+    theirs: Option<&meshfed_policy::snapshot::Locality>,
+    setting: Option<&LocalityLb>,
+) -> u32 {
+    let (Some(ours), Some(theirs)) = (ours, theirs) else {
+        return 4;
+    };
+    if ours.region == theirs.region {
+        if !ours.zone.is_empty() && ours.zone == theirs.zone {
+            1
+        } else {
+            2
+        }
+    } else if setting.and_then(|s| s.failover.get(&ours.region)) == Some(&theirs.region) {
+        3
+    } else {
+        4
+    }
+}
+
+/// The labels a cluster stands for, for `failoverPriority`.
+fn labels<'a>(name: &'a str, info: Option<&'a ClusterInfo>) -> BTreeMap<&'static str, &'a str> {
+    let mut m = BTreeMap::from([(CLUSTER_LABEL, name)]);
+    if let Some(i) = info {
+        if let Some(n) = &i.network {
+            m.insert("topology.istio.io/network", n.as_str());
+        }
+        if let Some(l) = &i.locality {
+            m.insert("topology.kubernetes.io/region", l.region.as_str());
+            if !l.zone.is_empty() {
+                m.insert("topology.kubernetes.io/zone", l.zone.as_str());
+            }
+            if !l.subzone.is_empty() {
+                m.insert("topology.istio.io/subzone", l.subzone.as_str());
+            }
+        }
+    }
+    m
+}
+
+/// `region/zone/subzone` of a cluster, empty parts left empty.
+fn locality_path(info: Option<&ClusterInfo>) -> Option<String> {
+    let l = info?.locality.as_ref()?;
+    Some(format!("{}/{}/{}", l.region, l.zone, l.subzone))
+}
+
+/// Istio's locality pattern: `region`, `region/zone`, `region/zone/subzone`,
+/// where any part may be `*`, and a trailing `*` matches the rest.
+fn pattern_matches(pattern: &str, locality: &str) -> bool {
+    let mut parts = locality.split('/');
+    for p in pattern.split('/') {
+        let Some(have) = parts.next() else {
+            return false;
+        };
+        if p == "*" {
+            continue;
+        }
+        if p != have {
+            return false;
+        }
+    }
+    true
+}
+
+fn distribute<'a>(
+    s: &LocalityLb,
+    local: Option<&ClusterInfo>,
+    counts: &BTreeMap<String, u32>,
+    info: &impl Fn(&str) -> Option<&'a ClusterInfo>,
+) -> Option<String> {
+    let ours = locality_path(local)?;
+    let (_, to) = s
+        .distribute
+        .iter()
+        .find(|(from, _)| pattern_matches(from, &ours))?;
+    // Each healthy cluster joins the first `to` pattern that matches it.
+    let mut members: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for c in counts.keys() {
+        let Some(path) = locality_path(info(c)) else {
+            continue;
+        };
+        if let Some((p, _)) = to.iter().find(|(p, _)| pattern_matches(p, &path)) {
+            members.entry(p.as_str()).or_default().push(c.as_str());
+        }
+    }
+    // Weight per cluster, in parts per (weight × clusters), so that integer
+    // shares stay exact.
+    let scale: u64 = members
+        .values()
+        .map(|v| v.len() as u64)
+        .product::<u64>()
+        .max(1);
+    weighted(members.iter().flat_map(|(p, cs)| {
+        let w = u64::from(to.get(*p).copied().unwrap_or(0)) * scale / cs.len() as u64;
+        cs.iter().map(move |c| (*c, w))
+    }))
+}
+
+/// One key, at random, in proportion to its weight.
+fn weighted<'a>(items: impl Iterator<Item = (&'a str, u64)> + Clone) -> Option<String> {
+    let total: u64 = items.clone().map(|(_, w)| w).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = rand::random_range(0..total);
+    for (k, w) in items {
+        if r < w {
+            return Some(k.to_string());
+        }
+        r -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locality_patterns_match_as_istio_documents() {
+        assert!(pattern_matches("us-west1/*", "us-west1/a/"));
+        assert!(pattern_matches("us-west1", "us-west1/a/x"));
+        assert!(pattern_matches("*/a/*", "eu/a/x"));
+        assert!(!pattern_matches("us-west1/b/*", "us-west1/a/"));
+        assert!(!pattern_matches("us-east1/*", "us-west1/a/"));
+    }
+}
