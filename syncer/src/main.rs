@@ -200,6 +200,20 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", env = "MESHFED_HTTP_TOKEN_FILE")]
     http_token_file: Option<PathBuf>,
 
+    /// HTTP/2 keep-alive PING interval on every gateway's config
+    /// connection. With --keepalive-timeout it bounds how long a dead or
+    /// frozen gateway (killed host, SIGSTOP, cut network) still shows as
+    /// connected: at most interval + timeout.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_KEEPALIVE_INTERVAL",
+          default_value = "5s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+
+    /// A gateway connection whose keep-alive PING is not answered within
+    /// this is closed and the gateway marked disconnected.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_KEEPALIVE_TIMEOUT",
+          default_value = "5s", value_parser = parse_duration)]
+    keepalive_timeout: Duration,
+
     /// A gateway still counts for rollouts this long after it was last
     /// seen (a disconnected one counts as pending).
     #[arg(long, value_name = "DURATION", env = "MESHFED_KNOWN_WINDOW",
@@ -356,6 +370,7 @@ struct Settings {
     grpc: Option<(SocketAddr, PathBuf)>,
     http_addr: SocketAddr,
     known_window: Duration,
+    server: server::ServerSettings,
     opts: meshfed_policy::Options,
     ready_file: Option<PathBuf>,
 }
@@ -454,6 +469,16 @@ impl Settings {
         if a.poll_interval.is_zero() {
             problems.push("--poll-interval must be more than 0".into());
         }
+        for (flag, d) in [
+            ("--keepalive-interval", a.keepalive_interval),
+            ("--keepalive-timeout", a.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!(
+                    "{flag} must be more than 0 (it bounds how long a dead gateway looks connected)"
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -483,6 +508,11 @@ impl Settings {
             grpc,
             http_addr: a.http_addr,
             known_window: a.known_window,
+            server: server::ServerSettings {
+                keepalive_interval: a.keepalive_interval,
+                keepalive_timeout: a.keepalive_timeout,
+                ..server::ServerSettings::default()
+            },
             opts: meshfed_policy::Options {
                 domain: a.domain,
                 trust_domain: a.trust_domain,
@@ -553,7 +583,11 @@ async fn run(s: Settings) -> anyhow::Result<()> {
                 format!("binding the gRPC config server on {addr}; is the port in use?")
             })?;
             let bound = listener.local_addr()?;
-            let config_server = server::ConfigServer::new(rollout.clone(), publish_rx.clone());
+            let config_server = server::ConfigServer::with_settings(
+                rollout.clone(),
+                publish_rx.clone(),
+                s.server.clone(),
+            );
             config_server.register(&mut registry);
             let mut stop = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
