@@ -9,15 +9,21 @@
 //!   condition with a deadline scaled by `MESHFED_TEST_PATIENCE`. Tests never
 //!   synchronize with a fixed sleep;
 //! - [`load`] is an open-loop, fixed-rate HTTP/1.1, HTTP/2 and gRPC load
-//!   generator (also the `meshfed-load` binary).
+//!   generator (also the `meshfed-load` binary);
+//! - [`syncer`] runs the real `meshfed-syncer` against a Git repository made
+//!   with the `git` CLI, with lightweight in-process config subscribers;
+//! - [`bench`] is the benchmark harness's scenarios (the `meshfed-bench`
+//!   binary).
 //!
 //! The waiting helpers block the calling thread; async variants come with
 //! the first tests that run the data plane on tokio.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod federation;
 pub mod load;
+pub mod syncer;
 
 use std::ffi::OsStr;
 use std::fmt;

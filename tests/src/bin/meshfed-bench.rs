@@ -1,0 +1,117 @@
+//! `meshfed-bench`: meshfed's benchmark harness. Each scenario starts what
+//! it measures on loopback (the real binaries beside this one, or in
+//! `$MESHFED_BIN_DIR`), prints its table, and writes markdown and JSON
+//! under the results directory. Scenarios live in `meshfed_tests::bench`.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/meshfed-bench propagation
+//! target/release/meshfed-bench --quick          # every scenario, briefly (CI smoke)
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshfed_tests::bench::{self, Context, Section};
+
+/// meshfed's benchmark harness: runs scenarios against the real binaries on
+/// loopback and writes a markdown report and JSON. Numbers are measured,
+/// never asserted.
+#[derive(Debug, Parser)]
+#[command(name = "meshfed-bench")]
+struct Cli {
+    /// Scenarios to run (all when none is named); see --list.
+    scenarios: Vec<String>,
+
+    /// A smoke run: every scenario briefly, numbers not meaningful.
+    #[arg(long)]
+    quick: bool,
+
+    /// Iterations per measured cell (each scenario has a default).
+    #[arg(long, value_name = "N")]
+    iterations: Option<usize>,
+
+    /// Where to write report.md and <scenario>.{md,json}.
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    out: PathBuf,
+
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    meshfed_gateway::identity::install_crypto_provider();
+    let all = bench::scenarios();
+    if cli.list {
+        for s in &all {
+            println!("{:<14} {}", s.name, s.about);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let unknown: Vec<&String> = cli
+        .scenarios
+        .iter()
+        .filter(|n| !all.iter().any(|s| s.name == n.as_str()))
+        .collect();
+    if !unknown.is_empty() {
+        eprintln!(
+            "meshfed-bench: unknown scenario(s) {unknown:?}; known: {}",
+            all.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    for name in ["meshfed-syncer", "meshfed-gateway"] {
+        if let Err(e) = meshfed_tests::locate(name) {
+            eprintln!("meshfed-bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let scratch = match tempfile::Builder::new().prefix("meshfed-bench").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("meshfed-bench: cannot create a scratch directory: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let ctx = Context {
+        quick: cli.quick,
+        iterations: cli.iterations,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let mut sections: Vec<Section> = Vec::new();
+    let mut failed = false;
+    for s in all
+        .iter()
+        .filter(|s| cli.scenarios.is_empty() || cli.scenarios.iter().any(|n| n == s.name))
+    {
+        eprintln!("== {}", s.name);
+        match (s.run)(&ctx) {
+            Ok(section) => {
+                println!("## {}\n\n{}", section.title, section.markdown);
+                sections.push(section);
+            }
+            Err(e) => {
+                eprintln!("meshfed-bench: scenario {} failed: {e:#}", s.name);
+                failed = true;
+            }
+        }
+    }
+    match bench::write_results(&cli.out, cli.quick, &sections) {
+        Ok(path) => eprintln!("report: {}", path.display()),
+        Err(e) => {
+            eprintln!(
+                "meshfed-bench: cannot write results to {}: {e}",
+                cli.out.display()
+            );
+            return ExitCode::from(1);
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
