@@ -1,0 +1,371 @@
+//! `meshfed-demo --tour`: the scripted, non-interactive walk through what
+//! meshfed does, with an expectation per step. Each step measures on the
+//! real traffic and the real processes; the summary table says what was
+//! expected, what was measured, and whether it held. Any failed
+//! expectation makes the demo exit non-zero (after stopping everything).
+//!
+//! Steps: (1) the baseline split; (2) a canary commit: time until every
+//! gateway ACKed, and the new split; (3) an invalid commit: the syncer's
+//! `FILE:LINE` rejection, and not one failed request; (4) both of west's
+//! gateways killed: failover time and errors; (5) west's gateways back.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::federation::{Federation, short};
+use crate::traffic::{Outcome, Summary, Traffic};
+use crate::view::stats_text;
+
+/// How long each measurement window lasts.
+const MEASURE: Duration = Duration::from_secs(4);
+
+/// One step's result.
+#[derive(Debug)]
+pub struct Step {
+    pub name: &'static str,
+    pub expected: String,
+    pub measured: String,
+    pub pass: bool,
+}
+
+/// Runs the tour; `Ok` holds every step's result (some may have failed),
+/// `Err` means the tour could not go on.
+pub fn run(fed: &Federation, traffic: &Traffic) -> anyhow::Result<Vec<Step>> {
+    let east = traffic.client("east").context("no east client")?;
+    let west = traffic.client("west").context("no west client")?;
+    let edge = traffic.client("edge").context("no edge client")?;
+    let mut steps = Vec::new();
+
+    // Let connections come up before anything is judged.
+    std::thread::sleep(Duration::from_millis(800));
+
+    // 1. Baseline.
+    heading("1. baseline: reviews canary 95/5, ratings 70/30 east/west");
+    let (from, to) = measure();
+    let (se, sw, sx) = (
+        east.summary(from, to),
+        west.summary(from, to),
+        edge.summary(from, to),
+    );
+    show(&[("east", &se), ("west", &sw), ("edge", &sx)]);
+    let pass = se.failed() == 0
+        && sw.failed() == 0
+        && sx.failed() == 0
+        && se.share("reviews-v1") >= 85.0
+        && sw.share("reviews-v1.east") >= 85.0
+        && (60.0..=80.0).contains(&sx.share("ratings-v1.east"));
+    steps.push(Step {
+        name: "1 baseline split",
+        expected: "reviews v1 ≥ 85% (east, west), ratings east 70±10%, 0 failed".into(),
+        measured: format!(
+            "v1 {:.1}% / {:.1}%, ratings east {:.1}%, {} failed",
+            se.share("reviews-v1"),
+            sw.share("reviews-v1"),
+            sx.share("ratings-v1.east"),
+            se.failed() + sw.failed() + sx.failed()
+        ),
+        pass,
+    });
+
+    // 2. Canary commit.
+    heading("2. commit a canary: reviews v2 from 5% to 50%");
+    let vs = fed.repo.read("reviews-canary.yaml")?;
+    let canary = vs
+        .replace("weight: 95", "weight: 50")
+        .replace("weight: 5\n", "weight: 50\n");
+    anyhow::ensure!(
+        canary != vs,
+        "reviews-canary.yaml has no 95/5 weights to change"
+    );
+    let t0 = Instant::now();
+    let sha = fed.repo.commit(
+        "reviews: canary v2 at 50%",
+        &[("reviews-canary.yaml", &canary)],
+    )?;
+    let acked = fed
+        .wait_live(&sha, Duration::from_secs(15))
+        .map(|_| t0.elapsed());
+    match &acked {
+        Ok(d) => println!(
+            "   commit {} live on every gateway {:.0} ms after `git commit` (hook → webhook → fetch → validate → gRPC → ACK)",
+            short(&sha),
+            d.as_secs_f64() * 1000.0
+        ),
+        Err(e) => println!("   commit {} not live: {e:#}", short(&sha)),
+    }
+    let status = std::process::Command::new(fed.bins.path("meshfed-syncer"))
+        .args(["status", "--server", &format!("http://{}", fed.syncer_http)])
+        .args(["--wait", &sha, "--timeout", "10s"])
+        .output()
+        .context("running meshfed-syncer status --wait")?;
+    println!(
+        "   $ meshfed-syncer status --wait {}   (exit {})",
+        short(&sha),
+        status.status.code().unwrap_or(-1)
+    );
+    for l in String::from_utf8_lossy(&status.stdout).lines() {
+        println!("   {l}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (from, to) = measure();
+    let (se, sw) = (east.summary(from, to), west.summary(from, to));
+    show(&[("east", &se), ("west", &sw)]);
+    let near = |x: f64, want: f64| (x - want).abs() <= 10.0;
+    let ack_ms = acked.as_ref().map(|d| d.as_secs_f64() * 1000.0).ok();
+    let pass = ack_ms.is_some_and(|ms| ms <= 2000.0)
+        && status.status.success()
+        && near(se.share("reviews-v2"), 50.0)
+        && near(sw.share("reviews-v2"), 50.0)
+        && se.failed() + sw.failed() == 0;
+    steps.push(Step {
+        name: "2 canary commit",
+        expected: "all 4 gateways ACK ≤ 2 s; v2 50±10% (east, west); 0 failed".into(),
+        measured: format!(
+            "ACKed in {}; v2 {:.1}% / {:.1}%; {} failed",
+            ack_ms.map_or("never".into(), |m| format!("{m:.0} ms")),
+            se.share("reviews-v2"),
+            sw.share("reviews-v2"),
+            se.failed() + sw.failed()
+        ),
+        pass,
+    });
+
+    // 3. Invalid commit.
+    heading("3. commit an invalid policy: weights that sum to 90");
+    let good = sha.clone();
+    let bad_text = canary.replacen("weight: 50", "weight: 40", 1);
+    let t_bad = Instant::now();
+    let bad = fed.repo.commit(
+        "reviews: weights that do not add up",
+        &[("reviews-canary.yaml", &bad_text)],
+    )?;
+    let r = fed.wait_decided(&bad, Duration::from_secs(15))?;
+    let diag = r["diagnostics"]
+        .as_array()
+        .and_then(|d| d.first())
+        .and_then(|d| d.as_str())
+        .unwrap_or("")
+        .to_string();
+    println!(
+        "   syncer: commit {} {}",
+        short(&bad),
+        r["state"].as_str().unwrap_or("?")
+    );
+    for d in r["diagnostics"].as_array().into_iter().flatten() {
+        println!("   {}", d.as_str().unwrap_or(""));
+    }
+    // Traffic keeps flowing on the last good commit.
+    std::thread::sleep(Duration::from_secs(2));
+    let to = Instant::now() - Duration::from_millis(300);
+    let all: Vec<Summary> = [east, west, edge]
+        .iter()
+        .map(|c| c.summary(t_bad, to))
+        .collect();
+    let sent: usize = all.iter().map(|s| s.sent).sum();
+    let failed: usize = all.iter().map(Summary::failed).sum();
+    let still_good = fed
+        .gateways
+        .iter()
+        .all(|g| fed.applied(g).as_deref() == Some(good.as_str()));
+    println!(
+        "   traffic since the commit: {sent} requests, {failed} failed; every gateway still on {}: {still_good}",
+        short(&good)
+    );
+    let place = diag.split(": ").next().unwrap_or("").to_string();
+    let pass = r["state"] == "rejected"
+        && place.starts_with("reviews-canary.yaml:")
+        && failed == 0
+        && sent > 0
+        && still_good;
+    steps.push(Step {
+        name: "3 invalid commit",
+        expected: "rejected at FILE:LINE, gateways keep the canary, 0 failed".into(),
+        measured: format!(
+            "{} at {place}; {failed} of {sent} failed",
+            r["state"].as_str().unwrap_or("?")
+        ),
+        pass,
+    });
+    // Put the good policy back, as an operator would (`git revert`).
+    let fixed = fed.repo.commit(
+        "reviews: restore the canary",
+        &[("reviews-canary.yaml", &canary)],
+    )?;
+    fed.wait_live(&fixed, Duration::from_secs(15))?;
+    println!("   restored the canary in {} (live)", short(&fixed));
+
+    // 4. Kill west's gateways.
+    heading("4. kill both of west's gateways (SIGKILL, no drain)");
+    // West's own workloads lose their gateways with them; the question is
+    // what happens to everyone else's calls to west.
+    west.pause();
+    let t_kill = Instant::now();
+    for g in fed.gateway("west") {
+        fed.kill_gateway(g);
+    }
+    std::thread::sleep(MEASURE);
+    let end = Instant::now() - Duration::from_millis(300);
+    let before = t_kill - Duration::from_secs(2);
+    let records = edge.records(before, end);
+    let affected_until = records
+        .iter()
+        .filter(|r| match &r.outcome {
+            Outcome::Failed(_) => true,
+            Outcome::Ok(by) => {
+                r.latency > Duration::from_millis(250)
+                    || (by.ends_with(".west") && r.sent >= t_kill)
+            }
+        })
+        .map(|r| r.sent + r.latency)
+        .max();
+    let failover = affected_until
+        .map(|t| t.saturating_duration_since(t_kill))
+        .unwrap_or_default();
+    let errors = records
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
+        .count();
+    let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in &records {
+        if let Outcome::Failed(why) = &r.outcome {
+            *reasons.entry(why.as_str()).or_default() += 1;
+        }
+    }
+    let after = edge.summary(
+        (t_kill + failover + Duration::from_millis(50)).min(end),
+        end,
+    );
+    let se = east.summary(before, end);
+    println!(
+        "   edge → ratings: failover in {:.0} ms, {errors} of {} requests failed",
+        failover.as_secs_f64() * 1000.0,
+        records.len()
+    );
+    for (why, n) in &reasons {
+        println!("   edge → ratings failed during the failover: {n} × {why}");
+    }
+    show(&[("east", &se), ("edge", &after)]);
+    // A hard kill fails the calls that were on the dead links until the
+    // links are declared dead; the bound is on how long that lasts, and on
+    // nothing failing afterwards.
+    let pass = failover <= Duration::from_secs(3)
+        && after.sent > 0
+        && after.failed() == 0
+        && after.share("ratings-v1.east") >= 99.9
+        && se.failed() == 0;
+    steps.push(Step {
+        name: "4 west gateways killed",
+        expected: "failover ≤ 3 s, then ratings 100% east, 0 failed; east unaffected".into(),
+        measured: format!(
+            "failover {:.0} ms, {errors} failed; then east {:.1}%, {} failed",
+            failover.as_secs_f64() * 1000.0,
+            after.share("ratings-v1.east"),
+            after.failed(),
+        ),
+        pass,
+    });
+
+    // 5. Bring them back.
+    heading("5. bring west's gateways back");
+    let t_back = Instant::now();
+    for g in fed.gateway("west") {
+        fed.start_gateway(g)?;
+    }
+    for g in fed.gateway("west") {
+        fed.wait_gateway_ready(g)?;
+    }
+    fed.wait_links(Duration::from_secs(20))?;
+    let back = t_back.elapsed();
+    west.resume();
+    let head = fed.repo.head()?;
+    let on_head = fed
+        .gateway("west")
+        .iter()
+        .all(|g| fed.applied(g).as_deref() == Some(head.as_str()));
+    println!(
+        "   west/w1 and west/w2 ready and linked in {:.0} ms, on {}: {on_head}",
+        back.as_secs_f64() * 1000.0,
+        short(&head)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (from, to) = measure();
+    let (sw, sx) = (west.summary(from, to), edge.summary(from, to));
+    show(&[("west", &sw), ("edge", &sx)]);
+    let pass = on_head
+        && (60.0..=80.0).contains(&sx.share("ratings-v1.east"))
+        && sw.failed() == 0
+        && sw.sent > 0
+        && sx.failed() == 0;
+    steps.push(Step {
+        name: "5 west back",
+        expected: "west on HEAD; ratings east 70±10% again; west's clients 0 failed".into(),
+        measured: format!(
+            "back in {:.0} ms; ratings east {:.1}%; west {} of {} failed",
+            back.as_secs_f64() * 1000.0,
+            sx.share("ratings-v1.east"),
+            sw.failed(),
+            sw.sent
+        ),
+        pass,
+    });
+    Ok(steps)
+}
+
+/// Waits one measurement window; returns it, ending a little in the past
+/// so that the window's requests have finished.
+fn measure() -> (Instant, Instant) {
+    let from = Instant::now();
+    std::thread::sleep(MEASURE + Duration::from_millis(300));
+    (from, from + MEASURE)
+}
+
+fn heading(text: &str) {
+    println!("\n== {text}");
+}
+
+fn show(rows: &[(&str, &Summary)]) {
+    for (name, s) in rows {
+        println!("   {name:<5} {}", stats_text(s));
+        println!("         split: {}", s.split_text());
+        for (why, n) in &s.failures {
+            println!("         failed: {n} × {why}");
+        }
+    }
+}
+
+/// The summary table.
+pub fn table(steps: &[Step]) -> String {
+    let w0 = steps
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(4);
+    let w1 = steps
+        .iter()
+        .map(|s| s.expected.chars().count())
+        .max()
+        .unwrap_or(8);
+    let w2 = steps
+        .iter()
+        .map(|s| s.measured.chars().count())
+        .max()
+        .unwrap_or(8);
+    let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(s.chars().count())));
+    let mut out = format!(
+        "{}  {}  {}  RESULT\n",
+        pad("STEP", w0),
+        pad("EXPECTED", w1),
+        pad("MEASURED", w2)
+    );
+    for s in steps {
+        out.push_str(&format!(
+            "{}  {}  {}  {}\n",
+            pad(s.name, w0),
+            pad(&s.expected, w1),
+            pad(&s.measured, w2),
+            if s.pass { "pass" } else { "FAIL" }
+        ));
+    }
+    out
+}
