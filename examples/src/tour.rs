@@ -153,7 +153,7 @@ pub fn run(fed: &Federation, traffic: &Traffic) -> anyhow::Result<Vec<Step>> {
         r["state"].as_str().unwrap_or("?")
     );
     for d in r["diagnostics"].as_array().into_iter().flatten() {
-        println!("   {}", d.as_str().unwrap_or(""));
+        println!("   {}", d.as_str().unwrap_or("").replace('\n', "\n   "));
     }
     // Traffic keeps flowing on the last good commit.
     std::thread::sleep(Duration::from_secs(2));
