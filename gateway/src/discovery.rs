@@ -12,6 +12,9 @@
 //! - [`dns`]: the shared resolver behind those names and peer gateway
 //!   addresses: `host:port` and SRV, TTL-paced refresh, and a grace period
 //!   that keeps a failing name's last addresses.
+//! - [`service_entry`]: the endpoints ServiceEntries declare in policy
+//!   (STATIC addresses, or names resolved through [`dns`]), merged into the
+//!   set so that their hosts are served like local services.
 //! - Kubernetes: planned (the Kubernetes issue), behind the same
 //!   [`EndpointSet`] channel.
 //!
@@ -23,6 +26,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 pub mod dns;
+pub mod service_entry;
 pub mod static_file;
 
 pub use meshfed_policy::snapshot::CLUSTER_LABEL;

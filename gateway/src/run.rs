@@ -173,7 +173,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (snapshot, source) = first_snapshot(&cfg).await?;
     let snapshot = Arc::new(snapshot);
 
-    let endpoints = match &cfg.discovery_file {
+    let discovered = match &cfg.discovery_file {
         Some(path) => {
             static_file::watch(path.clone(), cfg.cluster.clone(), cfg.policy.domain.clone())
                 .await
@@ -181,6 +181,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         None => watch::channel(Arc::new(EndpointSet::new())).1,
     };
+    // ServiceEntry endpoints join discovery's before the first request, so
+    // an edge gateway serves its external hosts from the start.
+    let (declared, unresolved) = crate::discovery::service_entry::endpoints(
+        &snapshot.policy,
+        &cfg.cluster,
+        crate::discovery::dns::Resolver::shared(),
+    )
+    .await;
+    for e in &unresolved {
+        tracing::warn!(error = %e, "ServiceEntry endpoint does not resolve at startup; retrying");
+    }
+    let merged = crate::discovery::service_entry::merge(&discovered.borrow(), declared);
+    let (merged_tx, endpoints) = watch::channel(Arc::new(merged));
 
     let tunnel = Tunnel::bind(
         cfg.tunnel_addr,
@@ -205,6 +218,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(source) = source {
         state.provenance.applied(&snapshot, source);
     }
+    crate::discovery::service_entry::spawn(state.clone(), discovered, merged_tx);
     state.spawn_endpoint_follower();
     if cfg.outbound_mutual_tls {
         state.local_tls.store(Some(local_tls(&creds, &refusals)?));

@@ -43,6 +43,8 @@ pub struct Gateway {
     announce_seq: AtomicU64,
     announce_tx: watch::Sender<Arc<Announcement>>,
     announce_lock: Mutex<()>,
+    /// Bumped after every applied snapshot.
+    applied: watch::Sender<u64>,
 }
 
 impl Gateway {
@@ -72,6 +74,7 @@ impl Gateway {
             announce_seq: AtomicU64::new(0),
             announce_tx,
             announce_lock: Mutex::new(()),
+            applied: watch::channel(0).0,
         });
         g.after_apply();
         Ok(g)
@@ -99,6 +102,13 @@ impl Gateway {
         self.tunnel.reconcile(&targets);
         self.metrics.set_config(&active.snapshot.version);
         self.reannounce();
+        self.applied.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes after every applied snapshot (for what derives from the
+    /// snapshot, such as ServiceEntry endpoints).
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Whether `service` is exported from this cluster.

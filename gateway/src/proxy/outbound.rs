@@ -1023,7 +1023,9 @@ where
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        let candidates = crate::discovery::healthy(&endpoints, &target.service, &target.selector);
+        let mut candidates =
+            crate::discovery::healthy(&endpoints, &target.service, &target.selector);
+        candidates.retain(|e| crate::discovery::service_entry::for_port(e, target.port));
         let Some((addr, _inflight)) = state.upstream.pick(&candidates) else {
             return;
         };

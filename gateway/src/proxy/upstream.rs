@@ -369,7 +369,9 @@ impl Upstream {
         endpoints: &EndpointSet,
         dest: &Dest<'a>,
     ) -> Option<Picked<'a>> {
-        let candidates = crate::discovery::healthy(endpoints, dest.service, dest.selector);
+        let mut candidates = crate::discovery::healthy(endpoints, dest.service, dest.selector);
+        // A multi-port ServiceEntry's endpoints each serve one port.
+        candidates.retain(|e| crate::discovery::service_entry::for_port(e, dest.port));
         self.choose_from(active, candidates, dest)
     }
 
