@@ -39,16 +39,10 @@ impl Bins {
             .context("the demo's executable has no directory")?
             .to_path_buf();
         let bins = Bins { dir };
-        let missing: Vec<String> = [
-            "meshfed-gateway",
-            "meshfed-syncer",
-            "meshfed-policy",
-            "meshfed-backend",
-        ]
-        .iter()
-        .filter(|b| !bins.path(b).is_file())
-        .map(|b| b.to_string())
-        .collect();
+        if !bins.missing().is_empty() {
+            bins.build_with_cargo()?;
+        }
+        let missing = bins.missing();
         if !missing.is_empty() {
             bail!(
                 "{} not found in {} (the demo runs the binaries built beside it); \
@@ -59,6 +53,54 @@ impl Bins {
             );
         }
         Ok(bins)
+    }
+
+    fn missing(&self) -> Vec<String> {
+        [
+            "meshfed-gateway",
+            "meshfed-syncer",
+            "meshfed-policy",
+            "meshfed-backend",
+        ]
+        .iter()
+        .filter(|b| !self.path(b).is_file())
+        .map(|b| b.to_string())
+        .collect()
+    }
+
+    /// Under `cargo run` (which builds only this package), builds the
+    /// workspace's other binaries into the same profile directory, so that
+    /// `cargo run --release --bin meshfed-demo` is the whole set-up.
+    fn build_with_cargo(&self) -> anyhow::Result<()> {
+        let (Some(cargo), Some(manifest)) = (
+            std::env::var_os("CARGO"),
+            std::env::var_os("CARGO_MANIFEST_DIR"),
+        ) else {
+            return Ok(());
+        };
+        if std::env::var("CARGO_PKG_NAME").as_deref() != Ok("meshfed-examples") {
+            return Ok(());
+        }
+        let profile = match self.dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev".to_string(),
+            Some(p) => p.to_string(),
+            None => return Ok(()),
+        };
+        let workspace = Path::new(&manifest).join("..").join("Cargo.toml");
+        println!(
+            "meshfed-demo: building the gateway, syncer, policy and backend binaries \
+             (cargo build --profile {profile} --workspace --bins)..."
+        );
+        let status = Command::new(cargo)
+            .args(["build", "--profile", &profile, "--workspace", "--bins"])
+            .arg("--manifest-path")
+            .arg(&workspace)
+            .status()
+            .context("running cargo build for the other binaries")?;
+        if !status.success() {
+            bail!("cargo build --profile {profile} --workspace --bins failed ({status})");
+        }
+        Ok(())
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
