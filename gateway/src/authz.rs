@@ -41,9 +41,11 @@
 //! `when` keys: `source.principal`, `source.namespace`, `source.cluster`
 //! (meshfed's: the calling gateway's verified cluster), `request.headers[..]`
 //! (several values of one header are joined with `,`, as Envoy does),
-//! `destination.port`, and `connection.sni`, which the tunnel does not carry:
-//! it is evaluated as absent (its `values` never match, its `notValues`
-//! always hold). Any other key, a malformed pattern, port or header name, or
+//! `destination.port`, and `connection.sni`: the server name of a TCP
+//! stream the source gateway routed by its TLS ClientHello (TLS
+//! passthrough), carried in the stream head; for HTTP, CONNECT and mapped
+//! ports it is absent (its `values` never match, its `notValues` always
+//! hold). Any other key, a malformed pattern, port or header name, or
 //! an Istio path template (`{*}`, `{**}`) is refused when the snapshot is
 //! compiled ([`CompileError`]), so the gateway NACKs it and keeps the
 //! previous snapshot: a policy it cannot enforce exactly never half-applies.
@@ -271,6 +273,8 @@ pub struct Request<'a> {
     pub source_cluster: &'a str,
     /// `None` for a TCP stream.
     pub http: Option<Http<'a>>,
+    /// The server name of a TLS stream routed by SNI (`connection.sni`).
+    pub sni: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -303,7 +307,14 @@ impl<'a> Request<'a> {
             service_account,
             source_cluster,
             http,
+            sni: None,
         }
+    }
+
+    /// The request with `connection.sni` known.
+    pub fn with_sni(mut self, sni: Option<&'a str>) -> Self {
+        self.sni = sni;
+        self
     }
 }
 
@@ -630,13 +641,17 @@ pub fn enforce_local<B>(
 }
 
 /// [`enforce_local`] for a TCP connection forwarded to an endpoint of this
-/// cluster (no caller identity travels with TCP; HTTP-only fields read as
-/// for TCP). False when denied, counted and logged.
+/// cluster: the principal is the caller's workload identity when it came in
+/// over mutual TLS (else none), `connection.sni` the server name it asked
+/// for when routed by SNI; HTTP-only fields read as for TCP. False when
+/// denied, counted and logged.
 pub fn admit_local_tcp(
     state: &crate::state::Gateway,
     active: &crate::route::Active,
     service: &str,
     selector: &BTreeMap<String, String>,
+    caller: Option<&str>,
+    sni: Option<&str>,
 ) -> bool {
     if active.authz.is_empty() {
         return true;
@@ -644,7 +659,7 @@ pub fn admit_local_tcp(
     let endpoints = state.endpoints.borrow().clone();
     let candidates = crate::discovery::healthy(&endpoints, service, selector);
     let n = candidates.len();
-    let r = Request::new(None, &state.cluster, None);
+    let r = Request::new(caller, &state.cluster, None).with_sni(sni);
     let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
     let (policy, reason) = match active.authz.filter(&r, namespace, candidates) {
         Ok(allowed) if allowed.len() == n => return true,
@@ -886,7 +901,7 @@ fn condition_holds(c: &Condition, deny: bool, req: &Request<'_>, wl: &Workload<'
         Attribute::Principal => holds(req.principal),
         Attribute::Namespace => holds(req.namespace),
         Attribute::Cluster => holds(Some(req.source_cluster)),
-        Attribute::Sni => holds(None),
+        Attribute::Sni => holds(req.sni),
         Attribute::DestinationPort => ports_hold(&c.ports, &c.not_ports, wl.port),
         Attribute::Header(name) => match &req.http {
             None => deny,

@@ -223,6 +223,7 @@ fn example_open() -> Open {
         subset_labels: vec![("version".into(), "v2".into())],
         caller: Some("spiffe://cluster.local/ns/default/sa/reviews".into()),
         source_version: Some("3f2c9e1".into()),
+        sni: None,
         http: Some(RequestHead {
             method: Method::POST,
             scheme: "http".into(),
@@ -264,6 +265,7 @@ fn example_open_tcp() -> Open {
         subset_labels: vec![],
         caller: None,
         source_version: Some("3f2c9e1".into()),
+        sni: None,
         http: None,
     }
 }
@@ -342,6 +344,12 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
         MIDDLE,
         &one(Frame::Open(Box::new(example_open_tcp()))),
     );
+    // A TCP stream of TLS routed by SNI, with the caller's identity: the
+    // optional SNI field (0x08) that older peers skip.
+    let mut tls = example_open_tcp();
+    tls.sni = Some("db.example.com".into());
+    tls.caller = Some("spiffe://cluster.local/ns/default/sa/reviews".into());
+    add("open-tcp-sni", MIDDLE, &one(Frame::Open(Box::new(tls))));
     let mut minimal = example_open();
     minimal.subset = None;
     minimal.subset_labels.clear();
@@ -733,6 +741,7 @@ fn tag_name(tag: u8) -> &'static str {
         0x05 => "SUBSET_LABEL",
         0x06 => "CALLER",
         0x07 => "SOURCE_VERSION",
+        0x08 => "SNI",
         0x10 => "METHOD",
         0x11 => "SCHEME",
         0x12 => "AUTHORITY",

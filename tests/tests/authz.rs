@@ -379,6 +379,7 @@ async fn rogue_stream(west: &GatewayProcess, creds: &Path, caller: &str) -> Fram
         subset_labels: vec![],
         caller: Some(caller.into()),
         source_version: None,
+        sni: None,
         http: Some(frame::RequestHead {
             method: http::Method::GET,
             scheme: "http".into(),
@@ -532,4 +533,196 @@ spec:
             &["source_cluster=\"west\"", "destination_cluster=\"west\""]
         ) >= 2.0
     );
+}
+
+/// `CONNECT reviews:80` through east over mutual TLS with the workload
+/// certificate in `creds`, then a GET inside the tunnel: what came back
+/// through the tunnel (empty when the stream was refused).
+async fn connect_over_mtls(east: &GatewayProcess, creds: &Path) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(creds.join("bundle.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(creds.join("cert.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(creds.join("key.pem")).unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("east.cluster.meshfed.internal").unwrap();
+    let tcp = tokio::net::TcpStream::connect(east.outbound).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"CONNECT reviews:80 HTTP/1.1\r\nhost: reviews:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut b))
+            .await
+            .expect("CONNECT not answered within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before the CONNECT answer");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT answered {head}");
+    let _ = tls
+        .write_all(b"GET /reviews HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+        .await
+        .expect("the tunnel neither answered nor closed within 10 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_callers_workload_identity_travels_so_principals_apply_to_tcp() {
+    let policy = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-productpage-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/productpage]}}]
+";
+    let mesh = Mesh::start(policy).await;
+    // A caller whose identity the policy does not name: west refuses the
+    // stream, and nothing reaches reviews.
+    let ratings = mesh.workload("ratings");
+    let refused = connect_over_mtls(&mesh.east, &ratings).await;
+    assert!(
+        !refused.contains("reviews"),
+        "ratings reached reviews over TCP: {refused}"
+    );
+    assert_eq!(mesh.hits(), 0);
+    // productpage's identity crossed the tunnel with the TCP stream: it is
+    // the principal at west, not east's gateway.
+    let productpage = mesh.workload("productpage");
+    let through = connect_over_mtls(&mesh.east, &productpage).await;
+    assert!(
+        through.starts_with("HTTP/1.1 200") && through.ends_with("reviews"),
+        "productpage over TCP: {through}"
+    );
+    assert_eq!(mesh.hits(), 1);
+    assert!(
+        mesh.west.metric(
+            "meshfed_authz_denied_total",
+            &["reason=\"no-allow-match\"", "source_cluster=\"east\""]
+        ) >= 1.0
+    );
+}
+
+/// A TLS ClientHello for `server_name`, as rustls writes it.
+fn client_hello(server_name: &str) -> Vec<u8> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_sni_conditions_match_the_server_name_a_tls_caller_asked_for() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw TCP backend that counts the bytes it receives.
+    let received = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let count = received.clone();
+    let _task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    count.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    // East in plaintext mode routes TLS by SNI; both names below route to
+    // `echo.default`, but only the full one is allowed.
+    let (dir, east, west) = two_clusters("echo", backend, vec![]);
+    std::fs::write(
+        dir.path().join("policy/sni.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: echo-by-full-name, namespace: default}
+spec:
+  action: ALLOW
+  rules:
+  - when: [{key: connection.sni, values: [echo.default.svc.cluster.local]}]
+",
+    )
+    .unwrap();
+    meshfed_tests::wait_for(
+        "west applies the SNI policy",
+        Duration::from_secs(20),
+        || {
+            let dump = west.admin_get("/config_dump");
+            if dump.contains("echo-by-full-name") {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        },
+    )
+    .unwrap();
+    let send_hello = |name: &'static str| {
+        let outbound = east.outbound;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(outbound).await.unwrap();
+            s.write_all(&client_hello(name)).await.unwrap();
+            s
+        }
+    };
+    // The short name is not the allowed SNI: the stream is refused at west
+    // and east closes the caller's connection.
+    let mut denied = send_hello("echo.default").await;
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), denied.read_to_end(&mut sink))
+        .await
+        .expect("a denied TLS stream was not closed within 10 s")
+        .ok();
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        0,
+        "denied bytes reached the backend"
+    );
+    // The full name is allowed: the ClientHello reaches the backend.
+    let _allowed = send_hello("echo.default.svc.cluster.local").await;
+    meshfed_tests::wait_for(
+        "the ClientHello reaches echo",
+        Duration::from_secs(10),
+        || {
+            if received.load(Ordering::SeqCst) > 0 {
+                Ok(())
+            } else {
+                Err("nothing received")
+            }
+        },
+    )
+    .unwrap();
+    assert!(west.metric("meshfed_authz_denied_total", &["reason=\"no-allow-match\""]) >= 1.0);
 }

@@ -316,7 +316,8 @@ fn authorize<'e>(
             host: &head.authority,
             headers: &head.headers,
         }),
-    );
+    )
+    .with_sni(open.sni.as_deref().filter(|_| open.kind == StreamKind::Tcp));
     let namespace =
         crate::authz::service_namespace(&active.snapshot.policy, &open.service).unwrap_or("");
     let allowed = active

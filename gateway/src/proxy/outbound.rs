@@ -286,7 +286,11 @@ async fn handle_connection(
             // TLS passthrough: the caller talks TLS to the service itself.
             let ns = caller.namespace.clone();
             if crate::peer_auth::admit_plaintext_tcp(&state, &host, 443, &ns) {
-                tcp_proxy(state, host, 443, &ns, stream).await;
+                let origin = TcpOrigin {
+                    caller: None,
+                    sni: Some(host.clone()),
+                };
+                tcp_proxy_from(state, host, 443, &ns, origin, stream).await;
             }
         }
         Detected::Tls { sni: None } => {
@@ -831,6 +835,7 @@ pub(super) async fn forward_remote(
             .collect(),
         caller: caller.id.clone(),
         source_version: Some(active.version().to_string()),
+        sni: None,
         http: Some(RequestHead {
             method: parts.method.clone(),
             scheme: "http".into(),
@@ -977,7 +982,15 @@ async fn connect(
     }
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(upgraded) => tcp_proxy(state, host, port, &ns, TokioIo::new(upgraded)).await,
+            Ok(upgraded) => {
+                // A caller that came in over mutual TLS keeps its identity
+                // for the destination's authorization, as HTTP does.
+                let origin = TcpOrigin {
+                    caller: caller.id.clone(),
+                    sni: None,
+                };
+                tcp_proxy_from(state, host, port, &ns, origin, TokioIo::new(upgraded)).await
+            }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
@@ -987,9 +1000,37 @@ async fn connect(
         .unwrap_or_else(|_| Response::new(body::empty()))
 }
 
-/// Proxies a TCP connection to `host:port`, locally or over the tunnel.
-pub async fn tcp_proxy<S>(state: Arc<Gateway>, host: String, port: u16, ns: &str, mut client: S)
+/// What the listener knows of a TCP caller, for authorization where the
+/// endpoints are.
+#[derive(Debug, Clone, Default)]
+pub struct TcpOrigin {
+    /// The caller's SPIFFE ID, when it came in over mutual TLS (a CONNECT
+    /// inside it); it travels in the OPEN frame as HTTP callers' does.
+    pub caller: Option<String>,
+    /// The server name of the caller's TLS ClientHello, when the stream was
+    /// routed by SNI (`connection.sni`).
+    pub sni: Option<String>,
+}
+
+/// Proxies a TCP connection to `host:port`, locally or over the tunnel,
+/// for a caller the listener knows nothing about.
+pub async fn tcp_proxy<S>(state: Arc<Gateway>, host: String, port: u16, ns: &str, client: S)
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    tcp_proxy_from(state, host, port, ns, TcpOrigin::default(), client).await
+}
+
+/// Proxies a TCP connection to `host:port`, locally or over the tunnel;
+/// `origin`'s identity and SNI reach the destination's authorization.
+pub async fn tcp_proxy_from<S>(
+    state: Arc<Gateway>,
+    host: String,
+    port: u16,
+    ns: &str,
+    origin: TcpOrigin,
+    mut client: S,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let active = state.active.load_full();
@@ -1012,7 +1053,14 @@ where
         return;
     };
     if cluster == state.cluster
-        && !crate::authz::admit_local_tcp(&state, &active, &target.service, &target.selector)
+        && !crate::authz::admit_local_tcp(
+            &state,
+            &active,
+            &target.service,
+            &target.selector,
+            origin.caller.as_deref(),
+            origin.sni.as_deref(),
+        )
     {
         return;
     }
@@ -1057,8 +1105,9 @@ where
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            caller: None,
+            caller: origin.caller.clone(),
             source_version: Some(active.version().to_string()),
+            sni: origin.sni.clone(),
             http: None,
         };
         if write_frame(&mut send, &Frame::Open(Box::new(open)))

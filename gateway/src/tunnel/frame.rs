@@ -52,6 +52,7 @@ mod tag {
     pub(super) const SUBSET_LABEL: u8 = 0x05;
     pub(super) const CALLER: u8 = 0x06;
     pub(super) const SOURCE_VERSION: u8 = 0x07;
+    pub(super) const SNI: u8 = 0x08;
     pub(super) const METHOD: u8 = 0x10;
     pub(super) const SCHEME: u8 = 0x11;
     pub(super) const AUTHORITY: u8 = 0x12;
@@ -87,6 +88,10 @@ pub struct Open {
     pub caller: Option<String>,
     /// The snapshot version the source routed with.
     pub source_version: Option<String>,
+    /// For a TCP stream of TLS the source routed by SNI: the server name the
+    /// caller's ClientHello asked for (AuthorizationPolicy
+    /// `connection.sni`). Optional tag 0x08: older peers skip it.
+    pub sni: Option<String>,
     /// For [`StreamKind::Http`].
     pub http: Option<RequestHead>,
 }
@@ -399,6 +404,9 @@ fn encode_open(o: &Open, f: &mut Fields<'_>) {
     if let Some(v) = &o.source_version {
         f.put(tag::SOURCE_VERSION, v.as_bytes());
     }
+    if let Some(s) = &o.sni {
+        f.put(tag::SNI, s.as_bytes());
+    }
     if let Some(h) = &o.http {
         f.put(tag::METHOD, h.method.as_str().as_bytes());
         f.put(tag::SCHEME, h.scheme.as_bytes());
@@ -565,6 +573,7 @@ fn decode_open(payload: Bytes) -> Result<Open, FrameError> {
     let mut subset_labels = Vec::new();
     let mut caller = None;
     let mut source_version = None;
+    let mut sni = None;
     let mut method = None;
     let mut scheme = None;
     let mut authority = None;
@@ -594,6 +603,7 @@ fn decode_open(payload: Bytes) -> Result<Open, FrameError> {
             }
             tag::CALLER => caller = Some(utf8(t, v)?),
             tag::SOURCE_VERSION => source_version = Some(utf8(t, v)?),
+            tag::SNI => sni = Some(utf8(t, v)?),
             tag::METHOD => {
                 method = Some(Method::from_bytes(&v).map_err(|_| FrameError::Malformed {
                     tag: t,
@@ -626,6 +636,7 @@ fn decode_open(payload: Bytes) -> Result<Open, FrameError> {
         subset_labels,
         caller,
         source_version,
+        sni,
         http,
     })
 }

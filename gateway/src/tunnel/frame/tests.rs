@@ -13,6 +13,7 @@ fn open_http() -> Open {
         subset_labels: vec![("version".into(), "v2".into())],
         caller: Some("spiffe://cluster.local/ns/default/sa/productpage".into()),
         source_version: Some("abc123".into()),
+        sni: None,
         http: Some(RequestHead {
             method: Method::POST,
             scheme: "http".into(),
@@ -36,6 +37,12 @@ fn all_frames() -> Vec<Frame> {
             subset_labels: vec![],
             caller: None,
             source_version: None,
+            ..open_http()
+        })),
+        Frame::Open(Box::new(Open {
+            kind: StreamKind::Tcp,
+            http: None,
+            sni: Some("db.example.com".into()),
             ..open_http()
         })),
         Frame::Response(Box::new(ResponseHead {
@@ -242,4 +249,32 @@ fn an_open_without_a_scheme_is_refused_rather_than_given_one() {
     f.put_u32(without.len() as u32);
     f.extend_from_slice(&without);
     assert_eq!(decode(&mut f), Err(FrameError::Missing("scheme")));
+}
+
+#[test]
+fn sni_is_an_optional_field_older_opens_decode_without_it() {
+    let tcp = Open {
+        kind: StreamKind::Tcp,
+        http: None,
+        sni: None,
+        ..open_http()
+    };
+    let mut old = BytesMut::new();
+    encode(&Frame::Open(Box::new(tcp.clone())), &mut old).unwrap();
+    // An OPEN as a peer without the SNI field writes it: no tag 0x08.
+    assert!(!old[5..].windows(3).any(|w| w == [tag::SNI, 0, 14]));
+    let Ok(Some(Frame::Open(o))) = decode(&mut old) else {
+        panic!("an OPEN without SNI does not decode");
+    };
+    assert_eq!(o.sni, None);
+    let with = Open {
+        sni: Some("db.example.com".into()),
+        ..tcp
+    };
+    let mut buf = BytesMut::new();
+    encode(&Frame::Open(Box::new(with.clone())), &mut buf).unwrap();
+    // The field is tag 0x08, below MUST_UNDERSTAND: older peers skip it.
+    assert!(tag::SNI < tag::MUST_UNDERSTAND);
+    assert!(buf[5..].windows(3).any(|w| w == [tag::SNI, 0, 14]));
+    assert_eq!(decode(&mut buf), Ok(Some(Frame::Open(Box::new(with)))));
 }
