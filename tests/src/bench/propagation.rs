@@ -67,6 +67,7 @@ pub fn run(ctx: &Context) -> anyhow::Result<Section> {
             (cluster, id, creds)
         })
         .collect();
+    let reals: Vec<PathBuf> = CLUSTERS.iter().map(|c| pki.gateway(c, "gw-0")).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -76,7 +77,7 @@ pub fn run(ctx: &Context) -> anyhow::Result<Section> {
         let cell_dir = dir.join(format!("repo-{resources}"));
         cells.extend(run_repo(
             &rt,
-            &pki,
+            &reals,
             &syncer_tls,
             &lights,
             &cell_dir,
@@ -106,7 +107,7 @@ struct Cell {
 #[allow(clippy::too_many_arguments)]
 fn run_repo(
     rt: &tokio::runtime::Runtime,
-    pki: &Pki,
+    reals: &[PathBuf],
     syncer_tls: &Path,
     lights: &[(String, String, PathBuf)],
     dir: &Path,
@@ -140,7 +141,7 @@ fn run_repo(
             gateways.push(GatewayProcess::start(&GatewaySpec {
                 cluster: cluster.into(),
                 id: "gw-0".into(),
-                tls_dir: pki.gateway(cluster, "gw-0"),
+                tls_dir: reals[i].clone(),
                 policy_dir: PathBuf::new(),
                 discovery: None,
                 tunnel_port: ports[i],
@@ -211,7 +212,7 @@ fn run_repo(
             let deadline = Instant::now() + Duration::from_secs(60);
             while lights_acked.len() < light_target {
                 let left = deadline.saturating_duration_since(Instant::now());
-                match rt.block_on(tokio::time::timeout(left, ack_rx.recv())) {
+                match rt.block_on(async { tokio::time::timeout(left, ack_rx.recv()).await }) {
                     Ok(Some((who, v))) if v == sha => {
                         lights_acked.insert(who);
                     }
@@ -653,7 +654,7 @@ mod tests {
                 files
                     .into_iter()
                     .map(|(p, t)| (p, t.into_bytes()))
-                    .collect(),
+                    .collect::<Vec<(String, Vec<u8>)>>(),
                 &meshfed_policy::Options::default(),
             );
             assert!(a.is_valid(), "{:?}", a.diagnostics);
