@@ -10,11 +10,20 @@
 //! endpoints for it, weighted by their healthy endpoint counts (local
 //! endpoints from discovery, remote ones from peers' announcements).
 //!
+//! `sourceNamespace` and `sourceLabels` are matched against the caller
+//! ([`Source`]): its namespace is the one of its workload certificate (a
+//! caller that presented none has no namespace, so a rule that requires one
+//! does not match it); its labels are those of the local endpoints at the
+//! caller's IP address in discovery ([`source_labels`]). A caller that is
+//! not in discovery (an edge process, a NATed client) has no labels, and a
+//! rule with `sourceLabels` does not match it.
+//!
 //! It does not own the policy rules (the `meshfed-policy` crate compiles
 //! them), retries, outlier detection and locality failover (the
 //! traffic-policy issue), or moving bytes ([`crate::proxy`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, Method, Uri};
@@ -35,6 +44,9 @@ pub struct Active {
     regexes: HashMap<String, Regex>,
     /// The AuthorizationPolicies, compiled ([`crate::authz`]).
     pub authz: crate::authz::Authz,
+    /// Whether any HTTP rule matches on `sourceLabels` (only then is the
+    /// caller looked up in discovery).
+    uses_source_labels: bool,
 }
 
 /// Why a snapshot cannot be activated (the gateway NACKs it).
@@ -86,11 +98,24 @@ impl Active {
             }
         }
         let authz = crate::authz::Authz::compile(&snapshot.policy)?;
+        let uses_source_labels = snapshot
+            .policy
+            .routes
+            .values()
+            .flat_map(|r| &r.http)
+            .flat_map(|r| &r.matches)
+            .any(|m| !m.source_labels.is_empty());
         Ok(Active {
             snapshot,
             regexes,
             authz,
+            uses_source_labels,
         })
+    }
+
+    /// Whether any HTTP rule matches on `sourceLabels`.
+    pub fn uses_source_labels(&self) -> bool {
+        self.uses_source_labels
     }
 
     pub fn version(&self) -> &str {
@@ -116,6 +141,53 @@ pub struct RequestInfo<'a> {
     pub scheme: &'a str,
     /// The namespace short names resolve in (the caller's, if known).
     pub caller_namespace: &'a str,
+}
+
+/// Who is calling, for `sourceNamespace` and `sourceLabels` matches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Source<'a> {
+    /// The namespace of the caller's workload certificate; `None` for a
+    /// caller that presented none.
+    pub namespace: Option<&'a str>,
+    /// The caller's workload labels ([`source_labels`]); `None` when the
+    /// caller is not in discovery.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// The workload labels of the caller at `ip`: the labels of the local
+/// endpoints at that IP address in discovery (of services in `namespace`,
+/// when the caller's namespace is known). When several endpoints share the
+/// address (host networking, one process serving several services), only
+/// the labels they all carry count, so a `sourceLabels` rule never matches
+/// on a label one of them lacks. `None` when no endpoint has that address.
+pub fn source_labels(
+    local: &EndpointSet,
+    ip: IpAddr,
+    namespace: Option<&str>,
+) -> Option<BTreeMap<String, String>> {
+    let in_namespace = |service: &str| {
+        namespace.is_none_or(|ns| {
+            let mut parts = service.split('.');
+            parts.next();
+            parts.next() == Some(ns)
+        })
+    };
+    let mut common: Option<BTreeMap<String, String>> = None;
+    for (service, eps) in local {
+        if !in_namespace(service) {
+            continue;
+        }
+        for e in eps.iter().filter(|e| e.addr.ip() == ip) {
+            common = Some(match common {
+                None => e.labels.clone(),
+                Some(mut c) => {
+                    c.retain(|k, v| e.labels.get(k) == Some(v));
+                    c
+                }
+            });
+        }
+    }
+    common
 }
 
 /// Where a call goes: a service, optionally a subset, and the labels that
@@ -173,10 +245,24 @@ pub fn split_authority(authority: &str, default_port: u16) -> (&str, u16) {
     }
 }
 
-/// Routes an HTTP request. `None` means no service of that name is known.
+/// Routes an HTTP request from a caller nothing is known about (rules that
+/// match on the source never match). `None` means no service of that name
+/// is known.
 pub fn http_target(
     active: &Active,
     req: &RequestInfo<'_>,
+    local: &EndpointSet,
+    default_port: u16,
+) -> Option<Target> {
+    http_target_from(active, req, &Source::default(), local, default_port)
+}
+
+/// Routes an HTTP request from `source`. `None` means no service of that
+/// name is known.
+pub fn http_target_from(
+    active: &Active,
+    req: &RequestInfo<'_>,
+    source: &Source<'_>,
     local: &EndpointSet,
     default_port: u16,
 ) -> Option<Target> {
@@ -187,7 +273,7 @@ pub fn http_target(
             .http
             .iter()
             .enumerate()
-            .find(|(_, r)| rule_matches(active, r, req, port))?;
+            .find(|(_, r)| rule_matches(active, r, req, source, port))?;
         let dest = pick_weighted(&rule.destinations)?;
         let mut t = target_for(active, dest, port, Some((key.to_string(), index)));
         t.destination = rule.destinations.iter().position(|d| std::ptr::eq(d, dest));
@@ -227,7 +313,9 @@ pub fn tcp_target(
         && let Some(rule) = routes
             .tcp
             .iter()
-            .find(|r| r.ports.is_empty() || r.ports.contains(&port))
+            // The caller of a TCP connection is not looked up: a rule that
+            // needs its labels does not match, as for an unknown HTTP caller.
+            .find(|r| (r.ports.is_empty() || r.ports.contains(&port)) && r.source_labels.is_empty())
     {
         let dest = pick_weighted(&rule.destinations)?;
         return Some(target_for(active, dest, port, None));
@@ -308,11 +396,27 @@ pub fn pick_weighted(dests: &[WeightedDestination]) -> Option<&WeightedDestinati
     })
 }
 
-fn rule_matches(active: &Active, rule: &HttpRoute, req: &RequestInfo<'_>, port: u16) -> bool {
-    rule.matches.is_empty() || rule.matches.iter().any(|m| match_one(active, m, req, port))
+fn rule_matches(
+    active: &Active,
+    rule: &HttpRoute,
+    req: &RequestInfo<'_>,
+    source: &Source<'_>,
+    port: u16,
+) -> bool {
+    rule.matches.is_empty()
+        || rule
+            .matches
+            .iter()
+            .any(|m| match_one(active, m, req, source, port))
 }
 
-fn match_one(active: &Active, m: &HttpMatch, req: &RequestInfo<'_>, port: u16) -> bool {
+fn match_one(
+    active: &Active,
+    m: &HttpMatch,
+    req: &RequestInfo<'_>,
+    source: &Source<'_>,
+    port: u16,
+) -> bool {
     let path = req.uri.path();
     if let Some(u) = &m.uri {
         let ok = if m.ignore_uri_case {
@@ -374,10 +478,17 @@ fn match_one(active: &Active, m: &HttpMatch, req: &RequestInfo<'_>, port: u16) -
             }
         }
     }
-    // sourceLabels and sourceNamespace need the caller's workload identity;
-    // the traffic-policy issue evaluates them. Until then a rule that
-    // requires them does not match, rather than matching everyone.
-    m.source_labels.is_empty() && m.source_namespace.is_none()
+    // The caller: its certificate's namespace, its endpoints' labels. A
+    // caller without them does not match a rule that requires them.
+    if let Some(ns) = &m.source_namespace
+        && source.namespace != Some(ns.as_str())
+    {
+        return false;
+    }
+    m.source_labels.is_empty()
+        || source
+            .labels
+            .is_some_and(|l| m.source_labels.iter().all(|(k, v)| l.get(k) == Some(v)))
 }
 
 /// Chooses the cluster that serves `target`, given each cluster's healthy

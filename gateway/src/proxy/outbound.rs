@@ -337,7 +337,17 @@ pub async fn handle_http(
         scheme: "http",
         caller_namespace: &caller.namespace,
     };
-    let Some(mut target) = route::http_target(&active, &info, &endpoints, 80) else {
+    // The caller, for sourceNamespace and sourceLabels matches.
+    let source_namespace = caller.id.as_ref().map(|_| caller.namespace.as_str());
+    let labels = caller
+        .addr
+        .filter(|_| active.uses_source_labels())
+        .and_then(|a| route::source_labels(&endpoints, a.ip(), source_namespace));
+    let source = route::Source {
+        namespace: source_namespace,
+        labels: labels.as_ref(),
+    };
+    let Some(mut target) = route::http_target_from(&active, &info, &source, &endpoints, 80) else {
         let r = error_response(
             Refusal::NoRoute,
             &format!("no service or route for `{authority}`"),

@@ -396,3 +396,141 @@ fn authorities_split_into_host_and_port() {
     assert_eq!(split_authority("[::1]:8080", 80), ("::1", 8080));
     assert_eq!(split_authority("::1", 80), ("::1", 80));
 }
+
+const SOURCE_POLICY: &str = "
+apiVersion: meshfed.io/v1alpha1
+kind: Cluster
+metadata: {name: east}
+spec: {gateways: ['e:1']}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{sourceNamespace: frontend}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{sourceLabels: {app: productpage, version: v1}}]
+    route: [{destination: {host: reviews, subset: v3}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+";
+
+fn source_active() -> Active {
+    let a = analyze([("p.yaml", SOURCE_POLICY)], &Options::default());
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    Active::new(Arc::new(
+        a.compile("east", "v1", &Options::default()).unwrap(),
+    ))
+    .unwrap()
+}
+
+fn subset_for(active: &Active, source: &Source<'_>) -> Option<String> {
+    let (method, uri, h) = (Method::GET, Uri::from_static("/"), HeaderMap::new());
+    let req = RequestInfo {
+        method: &method,
+        uri: &uri,
+        authority: "reviews",
+        headers: &h,
+        scheme: "http",
+        caller_namespace: "default",
+    };
+    http_target_from(active, &req, source, &EndpointSet::new(), 80)
+        .unwrap()
+        .subset
+}
+
+fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
+    l.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn source_namespace_matches_only_a_caller_with_that_certificate_namespace() {
+    let a = source_active();
+    let from = |ns| Source {
+        namespace: ns,
+        labels: None,
+    };
+    assert_eq!(
+        subset_for(&a, &from(Some("frontend"))).as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        subset_for(&a, &from(Some("default"))).as_deref(),
+        Some("v1")
+    );
+    // A caller without a workload certificate has no namespace.
+    assert_eq!(subset_for(&a, &from(None)).as_deref(), Some("v1"));
+    // `http_target` knows no caller: the rules on the source never match.
+    assert!(a.uses_source_labels());
+}
+
+#[test]
+fn source_labels_need_every_label_on_the_caller() {
+    let a = source_active();
+    let pp = labels(&[("app", "productpage"), ("version", "v1"), ("x", "y")]);
+    let other = labels(&[("app", "productpage"), ("version", "v2")]);
+    let with = |l| Source {
+        namespace: None,
+        labels: l,
+    };
+    assert_eq!(subset_for(&a, &with(Some(&pp))).as_deref(), Some("v3"));
+    assert_eq!(subset_for(&a, &with(Some(&other))).as_deref(), Some("v1"));
+    // A caller not in discovery has no labels.
+    assert_eq!(subset_for(&a, &with(None)).as_deref(), Some("v1"));
+}
+
+#[test]
+fn a_callers_labels_are_those_its_address_carries_in_discovery() {
+    let ep = |addr: &str, l: &[(&str, &str)]| Endpoint {
+        addr: addr.parse::<SocketAddr>().unwrap(),
+        labels: labels(l),
+        healthy: true,
+    };
+    let set = EndpointSet::from([
+        (
+            "productpage.default.svc.cluster.local".to_string(),
+            vec![ep(
+                "10.0.0.5:9080",
+                &[("app", "productpage"), ("version", "v1")],
+            )],
+        ),
+        (
+            "metrics.default.svc.cluster.local".to_string(),
+            vec![ep(
+                "10.0.0.5:9090",
+                &[("app", "productpage"), ("version", "v2")],
+            )],
+        ),
+        (
+            "other.shop.svc.cluster.local".to_string(),
+            vec![ep("10.0.0.6:80", &[("app", "cart")])],
+        ),
+    ]);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // Two endpoints share 10.0.0.5: only the labels both carry count.
+    assert_eq!(
+        source_labels(&set, ip("10.0.0.5"), None),
+        Some(labels(&[("app", "productpage")]))
+    );
+    assert_eq!(
+        source_labels(&set, ip("10.0.0.6"), Some("shop")),
+        Some(labels(&[("app", "cart")]))
+    );
+    // With the caller's namespace known, other namespaces' endpoints are
+    // not the caller.
+    assert_eq!(source_labels(&set, ip("10.0.0.6"), Some("default")), None);
+    assert_eq!(source_labels(&set, ip("10.9.9.9"), None), None);
+}
