@@ -15,7 +15,8 @@
 //! - [`route`]: picking a destination for a call from the snapshot;
 //! - [`discovery`]: local endpoints (static file, DNS, Kubernetes);
 //! - [`control`]: the config client that receives snapshots from the syncer;
-//! - [`admin`]: health, readiness, metrics and the config dump.
+//! - [`admin`]: health, readiness, metrics and the config dump;
+//! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
 
 #![forbid(unsafe_code)]
 
@@ -30,4 +31,5 @@ pub mod proxy;
 pub mod route;
 pub mod run;
 pub mod state;
+pub mod trace;
 pub mod tunnel;

@@ -164,6 +164,20 @@ struct Cli {
     #[arg(long, value_name = "PATH", env = "MESHFED_READY_FILE")]
     ready_file: Option<PathBuf>,
 
+    /// Distributed tracing: send spans over OTLP/gRPC to this collector
+    /// (http://HOST:PORT, usually port 4317). Off when unset: no spans, no
+    /// exporter, and trace headers pass through the gateway untouched.
+    #[arg(long, value_name = "URL", env = "MESHFED_OTLP_ENDPOINT",
+          value_parser = meshfed_gateway::trace::parse_endpoint)]
+    otlp_endpoint: Option<String>,
+
+    /// Percentage of requests that arrive without a sampling decision
+    /// whose trace is recorded (0 to 100). A caller's decision (traceparent
+    /// flags, B3) is always followed. 1–5 in production; 100 in tests.
+    #[arg(long, value_name = "PERCENT", env = "MESHFED_TRACE_SAMPLING",
+          default_value = "1", value_parser = meshfed_gateway::trace::parse_sampling)]
+    trace_sampling: f64,
+
     /// Log format on stderr; verbosity follows RUST_LOG.
     #[arg(
         long,
@@ -200,6 +214,9 @@ Policy comes from --policy-dir (file mode) or --syncer (syncer mode, with
 --syncer-id and --state-dir); see docs/delivery.md.
 
 Certificates: meshfed-gateway certs --help
+
+Tracing: --otlp-endpoint http://collector:4317 [--trace-sampling 1]; W3C
+traceparent and B3 are propagated; see docs/observability.md.
 
 Exit codes: 0 after a clean drain, 1 when the gateway cannot start, 2 for a usage error.";
 
@@ -376,6 +393,10 @@ fn main() -> ExitCode {
         drain_timeout: cli.drain_timeout,
         outbound_mutual_tls: cli.outbound_tls == OutboundTls::Mutual,
         tcp_maps: cli.tcp_port_map,
+        tracing: meshfed_gateway::trace::Settings {
+            otlp_endpoint: cli.otlp_endpoint,
+            sampling_percent: cli.trace_sampling,
+        },
         policy: meshfed_policy::Options {
             domain: cli.domain,
             trust_domain: cli.trust_domain,

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub authz_denied: Family<AuthzLabels, Counter>,
     pub retries: Family<ServiceReasonLabels, Counter>,
     pub mirrors: Family<ServiceReasonLabels, Counter>,
+    /// The span pipeline (crate::trace).
+    pub trace: crate::trace::TraceMetrics,
     config: Family<ConfigLabels, Gauge>,
     config_version: Mutex<String>,
     /// Handshake refusals counted by the TLS verifiers, read at scrape time.
@@ -174,6 +176,8 @@ impl Metrics {
         );
         let upstream = crate::proxy::upstream::UpstreamMetrics::default();
         upstream.register(&mut registry);
+        let trace = crate::trace::TraceMetrics::default();
+        trace.register(&mut registry);
         let config = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -192,6 +196,7 @@ impl Metrics {
             authz_denied,
             retries,
             mirrors,
+            trace,
             config,
             config_version: Mutex::new(String::new()),
             handshake_refusals: Mutex::new(None),

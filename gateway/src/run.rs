@@ -60,6 +60,8 @@ pub struct RunConfig {
     pub outbound_mutual_tls: bool,
     /// Port mappings: listen address → service host and port, as opaque TCP.
     pub tcp_maps: Vec<TcpMap>,
+    /// Distributed tracing: OTLP endpoint (off when unset) and sampling.
+    pub tracing: crate::trace::Settings,
 }
 
 /// A listener of its own for one service port (`--tcp-port-map`).
@@ -220,6 +222,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     crate::discovery::service_entry::spawn(state.clone(), discovered, merged_tx);
     state.spawn_endpoint_follower();
+    let trace_metrics = state.metrics.trace.clone();
+    if let Some(t) =
+        crate::trace::Tracing::start(&cfg.tracing, &cfg.cluster, &cfg.gateway_id, trace_metrics)?
+    {
+        let _ = state.trace.set(t);
+    }
     if cfg.outbound_mutual_tls {
         state.local_tls.store(Some(local_tls(&creds, &refusals)?));
     }
@@ -320,6 +328,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tokio::join!(tunnel.shutdown(cfg.drain_timeout), async {
         let _ = outbound_task.await;
     });
+    // The spans of the drained requests, too.
+    if let Some(t) = state.trace.get() {
+        t.shutdown(cfg.drain_timeout).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

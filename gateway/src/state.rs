@@ -36,6 +36,9 @@ pub struct Gateway {
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// What snapshot is applied, from where, and the syncer link's state.
     pub provenance: crate::control::Provenance,
+    /// Distributed tracing, set once at start when `--otlp-endpoint` is
+    /// given; empty means off (crate::trace).
+    pub trace: std::sync::OnceLock<Arc<crate::trace::Tracing>>,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
     active_requests: Arc<std::sync::atomic::AtomicI64>,
@@ -68,6 +71,7 @@ impl Gateway {
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
             provenance: crate::control::Provenance::default(),
+            trace: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             active_requests: Arc::default(),
             active_retries: Arc::default(),

@@ -23,8 +23,21 @@ use crate::state::Gateway;
 use crate::tunnel::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 use crate::tunnel::link::PeerInfo;
 
-/// Serves one stream from a peer.
+/// Serves one stream from a peer; with tracing on, an HTTP stream is one
+/// gateway hop of its trace (crate::trace).
 pub async fn serve_stream(
+    state: Arc<Gateway>,
+    peer: Arc<PeerInfo>,
+    send: SendStream,
+    recv: RecvStream,
+) {
+    if state.trace.get().is_some() {
+        return crate::trace::in_stream(serve(state, peer, send, recv)).await;
+    }
+    serve(state, peer, send, recv).await
+}
+
+async fn serve(
     state: Arc<Gateway>,
     peer: Arc<PeerInfo>,
     mut send: SendStream,
@@ -52,6 +65,9 @@ pub async fn serve_stream(
             return refuse(&mut send, Refusal::BadRequest, "no stream head in time").await;
         }
     };
+    if let Some(t) = state.trace.get() {
+        crate::trace::start_inbound(t, &peer.cluster, &open);
+    }
     let active = state.active.load_full();
     let refusal = |r: Refusal, msg: String| (r, msg);
     let stale = open
@@ -144,6 +160,7 @@ pub async fn serve_stream(
         .await;
     };
     let addr = picked.addr;
+    crate::trace::upstream(addr);
     match open.kind {
         StreamKind::Tcp => {
             let (mut upstream, inflight) = match state.upstream.connect_tcp(picked).await {
@@ -206,6 +223,7 @@ pub async fn serve_stream(
                 }
                 // The caller's verified identity, as Istio tells workloads
                 // (XFCC); whatever the caller sent under that name is dropped.
+                crate::trace::inject(h);
                 h.remove(XFCC);
                 if let Some(caller) = &open.caller {
                     let value = format!("By={};URI={caller}", gateway_id(&state, &active));
@@ -445,6 +463,7 @@ fn caller_may_be_asserted(
 }
 
 fn record(state: &Gateway, peer: &PeerInfo, open: &Open, code: u16, reason: &str, start: Instant) {
+    crate::trace::response(code, reason, "", None);
     state
         .metrics
         .requests

@@ -304,8 +304,23 @@ async fn handle_connection(
     }
 }
 
-/// Handles one HTTP request from a local caller.
+/// Handles one HTTP request from a local caller; with tracing on, as one
+/// gateway hop of its trace (crate::trace).
 pub async fn handle_http(
+    state: Arc<Gateway>,
+    caller: Arc<Caller>,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    if let Some(t) = state.trace.get()
+        && req.method() != Method::CONNECT
+        && let Some(hop) = t.outbound(&mut req)
+    {
+        return crate::trace::in_hop(hop, route_and_forward(state, caller, req)).await;
+    }
+    route_and_forward(state, caller, req).await
+}
+
+async fn route_and_forward(
     state: Arc<Gateway>,
     caller: Arc<Caller>,
     req: Request<Incoming>,
@@ -356,6 +371,7 @@ pub async fn handle_http(
         record(&state, &r, "", "", start, grpc);
         return r;
     };
+    crate::trace::route(&target, &active);
     let (mtls, t) = (caller.id.is_some(), &target);
     if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
     {
@@ -526,6 +542,7 @@ pub async fn handle_http(
                 break (resp, cluster);
             }
             attempt += 1;
+            crate::trace::retry();
             // Envoy's backoff: 25 ms base, doubling, with full jitter.
             let backoff = Duration::from_millis(25u64 << (attempt - 1).min(3))
                 .mul_f64(rand::random_range(0.0..=1.0));
@@ -745,6 +762,7 @@ fn record(
     } else {
         String::new()
     };
+    crate::trace::response(resp.status().as_u16(), &reason, &grpc_status, Some(cluster));
     state
         .metrics
         .requests
