@@ -15,8 +15,8 @@
 //! - [`service_entry`]: the endpoints ServiceEntries declare in policy
 //!   (STATIC addresses, or names resolved through [`dns`]), merged into the
 //!   set so that their hosts are served like local services.
-//! - Kubernetes: planned (the Kubernetes issue), behind the same
-//!   [`EndpointSet`] channel.
+//! - [`kube`]: Services, EndpointSlices and Pods from the API server
+//!   (kube-rs watchers), and optionally in-cluster ServiceExports.
 //!
 //! It does not own remote endpoints: those are summarized by peer gateways
 //! in announcements ([`crate::tunnel::announce`]). It never needs another
@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 pub mod dns;
+pub mod kube;
 pub mod service_entry;
 pub mod static_file;
 

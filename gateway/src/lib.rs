@@ -15,6 +15,8 @@
 //! - [`route`]: picking a destination for a call from the snapshot;
 //! - [`discovery`]: local endpoints (static file, DNS, Kubernetes);
 //! - [`control`]: the config client that receives snapshots from the syncer;
+//! - [`mirror`]: mirror Services that make remote services reachable in
+//!   a cluster under ordinary names;
 //! - [`admin`]: health, readiness, metrics and the config dump;
 //! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
 
@@ -26,6 +28,7 @@ pub mod control;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;
+pub mod mirror;
 pub mod peer_auth;
 pub mod proxy;
 pub mod route;

@@ -91,6 +91,45 @@ struct Cli {
     #[arg(long, value_name = "FILE", env = "MESHFED_DISCOVERY_FILE")]
     discovery_file: Option<PathBuf>,
 
+    /// Kubernetes discovery: Services, EndpointSlices and Pods from the API
+    /// server (in-cluster service account, or KUBECONFIG), followed with
+    /// watches. Exclusive with --discovery-file. See docs/kubernetes.md.
+    #[arg(long, value_name = "BOOL", env = "MESHFED_KUBERNETES", action = clap::ArgAction::Set,
+          num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          conflicts_with = "discovery_file")]
+    kubernetes: bool,
+
+    /// Kubernetes discovery with this kubeconfig file (implies --kubernetes).
+    #[arg(long, value_name = "FILE", env = "MESHFED_KUBECONFIG",
+          conflicts_with = "discovery_file")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Namespaces Kubernetes discovery watches (repeatable or
+    /// comma-separated; default: all).
+    #[arg(long, value_name = "NS", env = "MESHFED_KUBE_NAMESPACES", value_delimiter = ',')]
+    kube_namespace: Vec<String>,
+
+    /// Also require a ServiceExport object (multicluster.x-k8s.io/v1alpha1)
+    /// in this cluster for each service Git exports from it; Git still
+    /// decides what may be exported.
+    #[arg(long, value_name = "BOOL", env = "MESHFED_KUBE_SERVICE_EXPORTS",
+          action = clap::ArgAction::Set, num_args = 0..=1, default_value = "false",
+          default_missing_value = "true")]
+    kube_service_exports: bool,
+
+    /// Create mirror Services (`<svc>-<cluster>`, `<svc>-clusterset`) for
+    /// remote exports, pointing at this gateway's outbound Service
+    /// NAME.NAMESPACE (its ready pods). Needs Kubernetes discovery.
+    #[arg(long, value_name = "NAME.NAMESPACE", env = "MESHFED_MIRROR_SERVICES",
+          value_parser = parse_service_ref)]
+    mirror_services: Option<(String, String)>,
+
+    /// Ports of a mirror Service when this cluster has no Service of the
+    /// same name to copy them from (comma-separated).
+    #[arg(long, value_name = "PORTS", env = "MESHFED_MIRROR_PORTS", value_delimiter = ',',
+          default_value = "80")]
+    mirror_ports: Vec<u16>,
+
     /// UDP address of the QUIC tunnel that peer gateways connect to.
     #[arg(long, value_name = "ADDR", env = "MESHFED_TUNNEL_ADDR",
           default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, tunnel::DEFAULT_PORT)))]
@@ -243,6 +282,17 @@ fn parse_syncer_id(s: &str) -> Result<meshfed_gateway::identity::SpiffeId, Strin
     }
 }
 
+fn parse_service_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once('.') {
+        Some((name, ns)) if !name.is_empty() && !ns.is_empty() && !ns.contains('.') => {
+            Ok((name.to_string(), ns.to_string()))
+        }
+        _ => Err(format!(
+            "`{s}` is not NAME.NAMESPACE, e.g. meshfed-gateway.meshfed-system"
+        )),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     meshfed_policy::syntax::parse_duration(s)
 }
@@ -368,7 +418,26 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let kube_wanted = cli.kubernetes || cli.kubeconfig.is_some();
+    if !kube_wanted
+        && (!cli.kube_namespace.is_empty()
+            || cli.kube_service_exports
+            || cli.mirror_services.is_some())
+    {
+        eprintln!(
+            "meshfed-gateway: --kube-namespace, --kube-service-exports and --mirror-services need Kubernetes discovery; add --kubernetes (in a pod) or --kubeconfig FILE"
+        );
+        return ExitCode::from(2);
+    }
+    let kube = kube_wanted.then(|| meshfed_gateway::discovery::kube::KubeSettings {
+        kubeconfig: cli.kubeconfig,
+        namespaces: cli.kube_namespace,
+        service_exports: cli.kube_service_exports,
+        mirror_target: cli.mirror_services,
+        mirror_ports: cli.mirror_ports,
+    });
     let cfg = RunConfig {
+        kube,
         cluster: cli.cluster,
         gateway_id: cli.gateway_id.unwrap_or_else(hostname),
         tls_dir: cli.tls_dir,

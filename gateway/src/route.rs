@@ -297,6 +297,8 @@ pub fn http_target_from(
             failed_over_from: None,
             destination: None,
         })
+        // A mirror Service's name (`ratings-west`), after every real name.
+        .or_else(|| crate::mirror::http_target(active, req, local, default_port))
 }
 
 /// Routes a TCP connection to `host:port` (from SNI, CONNECT or a port
@@ -333,6 +335,7 @@ pub fn tcp_target(
             failed_over_from: None,
             destination: None,
         })
+        .or_else(|| crate::mirror::tcp_target(active, host, port, caller_namespace, local))
 }
 
 fn target_for(

@@ -60,6 +60,8 @@ pub struct RunConfig {
     pub outbound_mutual_tls: bool,
     /// Port mappings: listen address → service host and port, as opaque TCP.
     pub tcp_maps: Vec<TcpMap>,
+    /// Kubernetes discovery (and mirror Services), when enabled.
+    pub kube: Option<crate::discovery::kube::KubeSettings>,
     /// Distributed tracing: OTLP endpoint (off when unset) and sampling.
     pub tracing: crate::trace::Settings,
 }
@@ -175,13 +177,24 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (snapshot, source) = first_snapshot(&cfg).await?;
     let snapshot = Arc::new(snapshot);
 
+    let kube = match &cfg.kube {
+        Some(k) => Some(
+            crate::discovery::kube::watch(k, cfg.cluster.clone(), cfg.policy.domain.clone())
+                .await
+                .context("starting Kubernetes discovery")?,
+        ),
+        None => None,
+    };
     let discovered = match &cfg.discovery_file {
         Some(path) => {
             static_file::watch(path.clone(), cfg.cluster.clone(), cfg.policy.domain.clone())
                 .await
                 .with_context(|| format!("loading discovery file {}", path.display()))?
         }
-        None => watch::channel(Arc::new(EndpointSet::new())).1,
+        None => match &kube {
+            Some(k) => k.endpoints.clone(),
+            None => watch::channel(Arc::new(EndpointSet::new())).1,
+        },
     };
     // ServiceEntry endpoints join discovery's before the first request, so
     // an edge gateway serves its external hosts from the start.
@@ -293,6 +306,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             control::syncer::SyncerSettings::new(addr.clone(), id, cfg.tls_dir.clone());
         settings.state_dir = cfg.state_dir.clone();
         control::syncer::spawn(state.clone(), settings, refusals.clone());
+    }
+    if let (Some(k), Some(settings)) = (&kube, &cfg.kube) {
+        crate::mirror::attach(&state, k, settings, addrs["outbound"].port());
     }
     spawn_credential_reload(&cfg, state.clone(), refusals.clone());
 

@@ -36,6 +36,11 @@ pub struct Gateway {
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// What snapshot is applied, from where, and the syncer link's state.
     pub provenance: crate::control::Provenance,
+    /// With `--kube-service-exports`: the services that have a ServiceExport
+    /// object in this cluster. A service is exported from here only if Git
+    /// exports it and it is in this set (Git wins; see docs/kubernetes.md).
+    /// `None`: Git alone decides.
+    pub export_gate: arc_swap::ArcSwapOption<std::collections::BTreeSet<String>>,
     /// Distributed tracing, set once at start when `--otlp-endpoint` is
     /// given; empty means off (crate::trace).
     pub trace: std::sync::OnceLock<Arc<crate::trace::Tracing>>,
@@ -71,6 +76,7 @@ impl Gateway {
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
             provenance: crate::control::Provenance::default(),
+            export_gate: arc_swap::ArcSwapOption::empty(),
             trace: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             active_requests: Arc::default(),
@@ -123,6 +129,16 @@ impl Gateway {
             .exports
             .get(service)
             .is_some_and(|c| c.contains(&self.cluster))
+            && self.export_gate_allows(service)
+    }
+
+    /// Whether the in-cluster ServiceExports (if they are consulted) allow
+    /// exporting `service`.
+    fn export_gate_allows(&self, service: &str) -> bool {
+        self.export_gate
+            .load()
+            .as_ref()
+            .is_none_or(|g| g.contains(service))
     }
 
     /// Recomputes and publishes the announcement (on a snapshot change, an
@@ -138,6 +154,7 @@ impl Gateway {
             .exports
             .iter()
             .filter(|(_, clusters)| clusters.contains(&self.cluster))
+            .filter(|(host, _)| self.export_gate_allows(host))
             .map(|(host, _)| host.as_str());
         let seq = self.announce_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let a = Announcement::build(

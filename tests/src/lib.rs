@@ -12,6 +12,8 @@
 //!   generator (also the `meshfed-load` binary);
 //! - [`syncer`] runs the real `meshfed-syncer` against a Git repository made
 //!   with the `git` CLI, with lightweight in-process config subscribers;
+//! - [`fake_kube`] is a fake Kubernetes API server at the HTTP level (the
+//!   suite's one fake: no real API server can run here);
 //! - [`bench`] is the benchmark harness's scenarios (the `meshfed-bench`
 //!   binary).
 //!
@@ -21,6 +23,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod fake_kube;
+pub mod kube;
 pub mod federation;
 pub mod load;
 pub mod syncer;

@@ -1,0 +1,703 @@
+//! Kubernetes discovery: this cluster's endpoints from the API server, with
+//! kube-rs runtime watchers.
+//!
+//! It watches, in every namespace or only those of `--kube-namespace`:
+//! - Services: one [`EndpointSet`] entry per Service, `name.ns.svc.<domain>`.
+//!   ExternalName Services and the mirror Services this gateway writes
+//!   ([`crate::mirror`], labelled [`MIRROR_OF_LABEL`]) are skipped: a mirror
+//!   points back at the gateway and would loop.
+//! - EndpointSlices (label `kubernetes.io/service-name`): the endpoints, IPv4
+//!   and IPv6 (FQDN slices are skipped). A Service with more than one TCP
+//!   port gets one endpoint per port, labelled
+//!   [`service_entry::PORT_LABEL`](super::service_entry::PORT_LABEL) with the
+//!   service port, so the balancer picks endpoints of the requested port.
+//! - Pods, metadata only: the labels of each endpoint's `targetRef` pod
+//!   (`version`, `app`...) become the endpoint's labels, so DestinationRule
+//!   subsets select them. The zone of the slice endpoint becomes
+//!   `topology.kubernetes.io/zone`. Every endpoint carries
+//!   `topology.istio.io/cluster`.
+//! - ServiceExports (`multicluster.x-k8s.io/v1alpha1`), only with
+//!   `--kube-service-exports`: see [`KubeDiscovery::exports`].
+//!
+//! Endpoint conditions, per service port, as Envoy and Istio use them:
+//! `ready` endpoints are healthy. An endpoint that is `terminating` but still
+//! `serving` is healthy only while the port has no ready endpoint at all
+//! (graceful shutdown of the last pods keeps traffic flowing); otherwise it
+//! is listed unhealthy. Everything else is listed unhealthy (announced to
+//! peers as such, never picked).
+//!
+//! Resilience. Each watcher resumes from its last resourceVersion after a
+//! dropped connection or an API-server restart, relists on `410 Gone`, and
+//! backs off exponentially on errors (kube-runtime's default backoff, up to
+//! about 30 s). A relist never empties the set: the objects of a relist are
+//! buffered and replace the previous ones only when the relist completes
+//! (`InitDone`), so endpoints never drop to zero in between (the failure of
+//! istio#45992). While the API server is unreachable, the last known set
+//! keeps serving.
+//!
+//! It does not own routing, the mirror Services (see [`crate::mirror`],
+//! which reads the same stores), or other clusters' endpoints (peers
+//! announce those).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+
+use super::service_entry::PORT_LABEL;
+use super::{CLUSTER_LABEL, Endpoint, EndpointSet};
+
+/// The label every mirror Service carries: the service it mirrors.
+pub const MIRROR_OF_LABEL: &str = "meshfed.io/mirror-of";
+/// The label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The zone label endpoints get from their slice.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// How long the first full list of every kind may take before the gateway
+/// refuses to start.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Changes arriving within this window are published together.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Pod labels never copied to endpoints: unique per pod or per rollout,
+/// they would split every announcement group.
+const NOISY_POD_LABELS: &[&str] = &["pod-template-hash", "controller-revision-hash"];
+
+/// How to reach the API server and what to watch, parsed once.
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config`, then the
+    /// in-cluster service account (kube's `Config::infer`).
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// Also require in-cluster ServiceExport objects for local exports.
+    pub service_exports: bool,
+    /// Create mirror Services pointing at this gateway Service
+    /// (`name.namespace`), see [`crate::mirror`].
+    pub mirror_target: Option<(String, String)>,
+    /// Ports of mirror Services when no same-named local Service gives them.
+    pub mirror_ports: Vec<u16>,
+}
+
+/// Why Kubernetes discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error(
+        "cannot read kubeconfig {path}: {source}; check the path, or drop --kubeconfig to use the in-cluster service account"
+    )]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: {0}; give --kubeconfig FILE, set KUBECONFIG, or run in a pod with a service account"
+    )]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error(
+        "the first list from the API server at {server} did not complete within {timeout:?} (still waiting for: {waiting}); last error: {last_error}. Check that the server is reachable and that the service account may list and watch services, endpointslices and pods (kubectl auth can-i watch endpointslices --as=system:serviceaccount:NS:SA)"
+    )]
+    Sync {
+        server: String,
+        timeout: Duration,
+        waiting: String,
+        last_error: String,
+    },
+}
+
+/// One watcher's objects.
+#[derive(Debug)]
+struct Map<T> {
+    objs: BTreeMap<(String, String), T>,
+    /// Objects of a relist in progress; they replace `objs` at `InitDone`.
+    relist: Option<BTreeMap<(String, String), T>>,
+    synced: bool,
+}
+
+impl<T> Default for Map<T> {
+    fn default() -> Self {
+        Map {
+            objs: BTreeMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T: PartialEq> Map<T> {
+    /// Applies one watcher event; whether the visible objects changed.
+    fn apply(&mut self, ev: Event<((String, String), T)>) -> bool {
+        match ev {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply((k, v)) => {
+                self.relist.get_or_insert_with(BTreeMap::new).insert(k, v);
+                false
+            }
+            Event::InitDone => {
+                let fresh = self.relist.take().unwrap_or_default();
+                let changed = fresh != self.objs || !self.synced;
+                self.objs = fresh;
+                self.synced = true;
+                changed
+            }
+            Event::Apply((k, v)) => {
+                let changed = self.objs.get(&k) != Some(&v);
+                self.objs.insert(k, v);
+                changed
+            }
+            Event::Delete((k, _)) => self.objs.remove(&k).is_some(),
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.objs.values()
+    }
+}
+
+/// Everything the watchers hold, one [`Map`] per watcher (a kind in one
+/// namespace, or in all).
+#[derive(Debug, Default)]
+pub struct Stores {
+    services: Vec<Map<Service>>,
+    slices: Vec<Map<EndpointSlice>>,
+    pods: Vec<Map<BTreeMap<String, String>>>,
+    exports: Vec<Map<()>>,
+}
+
+impl Stores {
+    /// Every Service the watchers hold.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().flat_map(Map::values)
+    }
+
+    /// Every EndpointSlice the watchers hold.
+    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices.iter().flat_map(Map::values)
+    }
+
+    fn pod_labels(&self, ns: &str, name: &str) -> Option<&BTreeMap<String, String>> {
+        let key = (ns.to_string(), name.to_string());
+        self.pods.iter().find_map(|m| m.objs.get(&key))
+    }
+
+    fn unsynced(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.services.iter().any(|m| !m.synced) {
+            out.push("services");
+        }
+        if self.slices.iter().any(|m| !m.synced) {
+            out.push("endpointslices");
+        }
+        if self.pods.iter().any(|m| !m.synced) {
+            out.push("pods");
+        }
+        if self.exports.iter().any(|m| !m.synced) {
+            out.push("serviceexports");
+        }
+        out
+    }
+}
+
+/// The watchers' shared state: the stores, a change signal, and the last
+/// error (for startup messages).
+#[derive(Debug)]
+pub struct Shared {
+    stores: Mutex<Stores>,
+    changed: Notify,
+    /// Bumped after every change of the stores, for other readers
+    /// ([`crate::mirror`]).
+    version: watch::Sender<u64>,
+    last_error: Mutex<String>,
+}
+
+impl Shared {
+    /// Runs `f` on the stores under their lock.
+    pub fn with<R>(&self, f: impl FnOnce(&Stores) -> R) -> R {
+        f(&self.stores.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Notified after every change of the stores.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// A running Kubernetes discovery.
+pub struct KubeDiscovery {
+    /// The endpoint set, published on every change once every kind is
+    /// listed.
+    pub endpoints: watch::Receiver<Arc<EndpointSet>>,
+    /// With `--kube-service-exports`: the canonical hosts of the
+    /// ServiceExport objects in this cluster. A service is exported from
+    /// this cluster when Git exports it *and* it is in this set (Git wins:
+    /// an in-cluster ServiceExport that Git lacks has no effect).
+    pub exports: Option<watch::Receiver<Arc<BTreeSet<String>>>>,
+    /// The client, for writers ([`crate::mirror`]).
+    pub client: Client,
+    /// The watchers' stores.
+    pub shared: Arc<Shared>,
+}
+
+impl Debug for KubeDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeDiscovery")
+            .field("endpoints", &self.endpoints)
+            .field("exports", &self.exports)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a client from `settings`.
+pub async fn client(settings: &KubeSettings) -> Result<Client, KubeError> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+fn key_of<K: Resource>(o: &K) -> (String, String) {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// The ServiceExport kind, read without a generated type.
+pub fn service_export_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", "ServiceExport"),
+        "serviceexports",
+    )
+}
+
+/// Starts the watchers and waits (up to [`SYNC_TIMEOUT`]) until every kind
+/// has been listed once, so the gateway never starts with a partial set.
+pub async fn watch(
+    settings: &KubeSettings,
+    cluster: String,
+    domain: String,
+) -> Result<KubeDiscovery, KubeError> {
+    let client = client(settings).await?;
+    let shared = Arc::new(Shared {
+        stores: Mutex::new(Stores::default()),
+        changed: Notify::new(),
+        version: watch::channel(0).0,
+        last_error: Mutex::new("none yet".into()),
+    });
+    let mut namespaces: Vec<Option<String>> =
+        settings.namespaces.iter().cloned().map(Some).collect();
+    if let Some((_, ns)) = &settings.mirror_target
+        && !namespaces.is_empty()
+        && !namespaces.contains(&Some(ns.clone()))
+    {
+        // The gateway's own Service gives the mirrors their endpoints.
+        namespaces.push(Some(ns.clone()));
+    }
+    if namespaces.is_empty() {
+        namespaces.push(None);
+    }
+    for ns in &namespaces {
+        let services: Api<Service> = api(&client, ns);
+        let slices: Api<EndpointSlice> = api(&client, ns);
+        // Metadata only: the labels are all discovery needs from a pod.
+        let pods: Api<PartialObjectMeta<Pod>> = api(&client, ns);
+        let i = shared.with_mut(|s| {
+            s.services.push(Map::default());
+            s.slices.push(Map::default());
+            s.pods.push(Map::default());
+            s.services.len() - 1
+        });
+        let label = ns.as_deref().unwrap_or("all namespaces").to_string();
+        spawn_follow(
+            shared.clone(),
+            format!("services in {label}"),
+            watcher::watcher(services, watcher::Config::default()),
+            move |s: &mut Stores| &mut s.services[i],
+            Some,
+        );
+        spawn_follow(
+            shared.clone(),
+            format!("endpointslices in {label}"),
+            watcher::watcher(slices, watcher::Config::default()),
+            move |s: &mut Stores| &mut s.slices[i],
+            Some,
+        );
+        spawn_follow(
+            shared.clone(),
+            format!("pods in {label}"),
+            watcher::watcher(pods, watcher::Config::default()),
+            move |s: &mut Stores| &mut s.pods[i],
+            |p: PartialObjectMeta<Pod>| Some(p.metadata.labels.unwrap_or_default()),
+        );
+        if settings.service_exports {
+            let ar = service_export_resource();
+            let exports: Api<DynamicObject> = match ns {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+                None => Api::all_with(client.clone(), &ar),
+            };
+            let j = shared.with_mut(|s| {
+                s.exports.push(Map::default());
+                s.exports.len() - 1
+            });
+            spawn_follow(
+                shared.clone(),
+                format!("serviceexports in {label} (is the MCS ServiceExport CRD installed?)"),
+                watcher::watcher(exports, watcher::Config::default()),
+                move |s: &mut Stores| &mut s.exports[j],
+                |_| Some(()),
+            );
+        }
+    }
+
+    // The first full list of every kind, within the deadline.
+    let mut version = shared.subscribe();
+    let synced = tokio::time::timeout(SYNC_TIMEOUT, async {
+        loop {
+            if shared.with(|s| s.unsynced().is_empty()) {
+                return;
+            }
+            if version.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    if synced.is_err() {
+        return Err(KubeError::Sync {
+            server: client_url(settings),
+            timeout: SYNC_TIMEOUT,
+            waiting: shared.with(|s| s.unsynced().join(", ")),
+            last_error: shared
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        });
+    }
+    let first = shared.with(|s| endpoint_set(s, &cluster, &domain));
+    tracing::info!(
+        services = first.len(),
+        endpoints = first.values().map(Vec::len).sum::<usize>(),
+        "Kubernetes discovery synced"
+    );
+    let (tx, endpoints) = watch::channel(Arc::new(first));
+    let (exports_tx, exports) = if settings.service_exports {
+        let set = shared.with(|s| export_hosts(s, &domain));
+        let (tx, rx) = watch::channel(Arc::new(set));
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let publisher = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            publisher.changed.notified().await;
+            tokio::time::sleep(DEBOUNCE).await;
+            if tx.is_closed() {
+                return;
+            }
+            let set = publisher.with(|s| endpoint_set(s, &cluster, &domain));
+            tx.send_if_modified(|cur| {
+                if **cur == set {
+                    false
+                } else {
+                    tracing::debug!(services = set.len(), "Kubernetes endpoints changed");
+                    *cur = Arc::new(set);
+                    true
+                }
+            });
+            if let Some(etx) = &exports_tx {
+                let hosts = publisher.with(|s| export_hosts(s, &domain));
+                etx.send_if_modified(|cur| {
+                    if **cur == hosts {
+                        false
+                    } else {
+                        *cur = Arc::new(hosts);
+                        true
+                    }
+                });
+            }
+        }
+    });
+    Ok(KubeDiscovery {
+        endpoints,
+        exports,
+        client,
+        shared,
+    })
+}
+
+fn client_url(settings: &KubeSettings) -> String {
+    match &settings.kubeconfig {
+        Some(p) => format!("of kubeconfig {}", p.display()),
+        None => "inferred (KUBECONFIG or in-cluster)".into(),
+    }
+}
+
+impl Shared {
+    fn with_mut<R>(&self, f: impl FnOnce(&mut Stores) -> R) -> R {
+        f(&mut self.stores.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Follows one watcher into its [`Map`], with backoff, logging the first
+/// error of a streak (with what was being watched) and the recovery.
+fn spawn_follow<K, T, S, Sel, Conv>(
+    shared: Arc<Shared>,
+    what: String,
+    stream: S,
+    select: Sel,
+    convert: Conv,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    T: PartialEq + Send + 'static,
+    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    Sel: Fn(&mut Stores) -> &mut Map<T> + Send + 'static,
+    Conv: Fn(K) -> Option<T> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = Box::pin(stream.default_backoff());
+        let mut failing = false;
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let msg = format!("watching {what}: {e}");
+                    if !failing {
+                        tracing::warn!(error = %msg, "Kubernetes watch failed; keeping the last known endpoints and retrying with backoff");
+                        failing = true;
+                    } else {
+                        tracing::debug!(error = %msg, "Kubernetes watch still failing");
+                    }
+                    *shared
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = msg;
+                    continue;
+                }
+            };
+            if failing && matches!(ev, Event::InitDone | Event::Apply(_) | Event::Delete(_)) {
+                tracing::info!(watch = %what, "Kubernetes watch recovered");
+                failing = false;
+            }
+            let ev = match ev {
+                Event::Init => Event::Init,
+                Event::InitDone => Event::InitDone,
+                Event::InitApply(o) => match convert_keyed(o, &convert) {
+                    Some(kv) => Event::InitApply(kv),
+                    None => continue,
+                },
+                Event::Apply(o) => match convert_keyed(o, &convert) {
+                    Some(kv) => Event::Apply(kv),
+                    None => continue,
+                },
+                Event::Delete(o) => match convert_keyed(o, &convert) {
+                    Some(kv) => Event::Delete(kv),
+                    None => continue,
+                },
+            };
+            let changed = shared.with_mut(|s| select(s).apply(ev));
+            if changed {
+                shared.version.send_modify(|v| *v += 1);
+                shared.changed.notify_one();
+            }
+        }
+    });
+}
+
+fn convert_keyed<K: Resource, T>(
+    o: K,
+    convert: &impl Fn(K) -> Option<T>,
+) -> Option<((String, String), T)> {
+    let k = key_of(&o);
+    convert(o).map(|v| (k, v))
+}
+
+/// The canonical hosts of the ServiceExports in the stores.
+pub fn export_hosts(s: &Stores, domain: &str) -> BTreeSet<String> {
+    s.exports
+        .iter()
+        .flat_map(|m| m.objs.keys())
+        .map(|(ns, name)| format!("{name}.{ns}.svc.{domain}"))
+        .collect()
+}
+
+/// Whether a Service is one of ours (a mirror), never discovered.
+pub fn is_mirror(svc: &Service) -> bool {
+    svc.labels().contains_key(MIRROR_OF_LABEL)
+}
+
+/// The endpoint set of the stores: see the module docs for the rules.
+pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
+    // Slices by (namespace, service name).
+    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for sl in s.slices() {
+        if let Some(svc) = sl.labels().get(SERVICE_NAME_LABEL) {
+            slices
+                .entry((sl.namespace().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(sl);
+        }
+    }
+    let mut set = EndpointSet::new();
+    for svc in s.services() {
+        if is_mirror(svc) {
+            continue;
+        }
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let (ns, name) = key_of(svc);
+        let host = format!("{name}.{ns}.svc.{domain}");
+        let ports: Vec<_> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .collect();
+        let multi = ports.len() > 1;
+        let mut eps = Vec::new();
+        let service_slices = slices.get(&(ns.clone(), name.clone()));
+        for sp in &ports {
+            let mut candidates: BTreeMap<SocketAddr, (State, BTreeMap<String, String>)> =
+                BTreeMap::new();
+            for sl in service_slices.into_iter().flatten() {
+                if !matches!(sl.address_type.as_str(), "IPv4" | "IPv6") {
+                    continue;
+                }
+                // The slice port of this service port: by name (a
+                // single-port Service's port may be unnamed).
+                let Some(port) = sl
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| {
+                        p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or("")
+                            && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                    })
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                for e in &sl.endpoints {
+                    let state = State::of(e.conditions.as_ref());
+                    let mut labels = BTreeMap::new();
+                    if let Some(tr) = &e.target_ref
+                        && tr.kind.as_deref() == Some("Pod")
+                        && let Some(pod) = tr.name.as_deref()
+                        && let Some(pl) = s.pod_labels(tr.namespace.as_deref().unwrap_or(&ns), pod)
+                    {
+                        for (k, v) in pl {
+                            if !NOISY_POD_LABELS.contains(&k.as_str()) {
+                                labels.insert(k.clone(), v.clone());
+                            }
+                        }
+                    }
+                    if let Some(zone) = &e.zone {
+                        labels.insert(ZONE_LABEL.into(), zone.clone());
+                    }
+                    labels.insert(CLUSTER_LABEL.into(), cluster.into());
+                    if multi {
+                        labels.insert(PORT_LABEL.into(), sp.port.to_string());
+                    }
+                    for a in &e.addresses {
+                        let Ok(ip) = a.parse::<IpAddr>() else {
+                            continue;
+                        };
+                        let addr = SocketAddr::new(ip, port);
+                        // The same address in two slices (during a slice
+                        // split): the better state wins.
+                        let entry = candidates.entry(addr).or_insert((state, labels.clone()));
+                        if state > entry.0 {
+                            *entry = (state, labels.clone());
+                        }
+                    }
+                }
+            }
+            let any_ready = candidates.values().any(|(st, _)| *st == State::Ready);
+            for (addr, (state, labels)) in candidates {
+                let healthy = match state {
+                    State::Ready => true,
+                    State::TerminatingServing => !any_ready,
+                    State::NotReady => false,
+                };
+                eps.push(Endpoint {
+                    addr,
+                    labels,
+                    healthy,
+                });
+            }
+        }
+        set.insert(host, eps);
+    }
+    set
+}
+
+/// An endpoint's conditions, ordered worst to best.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum State {
+    NotReady,
+    TerminatingServing,
+    Ready,
+}
+
+impl State {
+    /// The API's defaults: a missing `ready` is true; a missing `serving`
+    /// is `ready`; a missing `terminating` is false.
+    fn of(c: Option<&k8s_openapi::api::discovery::v1::EndpointConditions>) -> Self {
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        if ready && !terminating {
+            State::Ready
+        } else if serving && terminating {
+            State::TerminatingServing
+        } else {
+            State::NotReady
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
