@@ -51,9 +51,12 @@ pub enum PolicyError {
 }
 
 /// Loads, validates and compiles `dir` for `cluster`. The version is
-/// `file-<content hash prefix>`.
+/// `file-<digest prefix>` of the directory's policy files, the same for every
+/// cluster's gateway that reads the same files (as a commit SHA is), so that
+/// gateways can tell whether they run the same policy.
 pub fn load_dir(dir: &Path, cluster: &str, opts: &Options) -> Result<Snapshot, PolicyError> {
     let (files, io) = read_paths(&[dir.to_path_buf()], &Selection::default());
+    let digest = meshfed_policy::fs::digest_files(dir, &files);
     let mut a = analyze(files, opts);
     a.diagnostics.extend(io);
     if !a.is_valid() {
@@ -75,12 +78,7 @@ pub fn load_dir(dir: &Path, cluster: &str, opts: &Options) -> Result<Snapshot, P
             dir: dir.display().to_string(),
             reason: e.to_string(),
         })?;
-    let short = snap
-        .content_hash
-        .trim_start_matches("sha256:")
-        .chars()
-        .take(12)
-        .collect::<String>();
+    let short: String = digest.chars().take(12).collect();
     let mut snap = snap;
     snap.version = format!("file-{short}");
     Ok(snap)

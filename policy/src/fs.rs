@@ -63,6 +63,32 @@ impl Selection {
 /// A file read from disk: its display name and bytes.
 pub type SourceFile = (String, Vec<u8>);
 
+/// A digest of a set of policy files (names relative to `root`, and
+/// contents), independent of the order they were read in: the same files
+/// give the same hex digest on every gateway that reads them, whichever
+/// cluster it compiles for. File-mode gateways use it as their version, as
+/// synced ones use the commit SHA.
+pub fn digest_files(root: &Path, files: &[SourceFile]) -> String {
+    use sha2::{Digest, Sha256};
+    let prefix = root.display().to_string();
+    let mut named: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| {
+            let rel = n.strip_prefix(prefix.as_str()).unwrap_or(n);
+            (rel.trim_start_matches('/'), b.as_slice())
+        })
+        .collect();
+    named.sort();
+    let mut h = Sha256::new();
+    for (n, b) in named {
+        h.update((n.len() as u64).to_le_bytes());
+        h.update(n.as_bytes());
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Reads every selected file under each path, sorted by name within a path.
 /// A path that is a file is read whatever its name. Unreadable paths become
 /// `io` diagnostics; the rest is still read.

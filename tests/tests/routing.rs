@@ -352,9 +352,25 @@ async fn serial_killing_every_west_endpoint_fails_over_to_east_without_a_failed_
         .collect();
     let report = load.await.unwrap();
     eprintln!("{report}");
+    let diagnostics: Vec<String> = s
+        .east
+        .admin_get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("meshfed_retries") || l.starts_with("meshfed_refusals"))
+        .map(str::to_string)
+        .chain(
+            std::fs::read_to_string(&s.east.log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("not retried") || l.contains("WARN"))
+                .map(str::to_string),
+        )
+        .collect();
     assert_eq!(
-        report.failed, 0,
-        "no call failed across the failover: {report}"
+        report.failed,
+        0,
+        "no call failed across the failover: {report}\n{}",
+        diagnostics.join("\n")
     );
     // Once west is back, the split is restored.
     let mut restored = BTreeMap::new();

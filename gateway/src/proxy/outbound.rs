@@ -539,6 +539,14 @@ async fn route_and_forward(
                 break (resp, cluster);
             };
             if attempt >= policy.attempts || !retriable(&resp, &policy.retry_on) {
+                if resp.status().is_server_error() {
+                    tracing::debug!(
+                        status = resp.status().as_u16(),
+                        reason = retry_reason(&resp),
+                        attempt,
+                        "not retried"
+                    );
+                }
                 break (resp, cluster);
             }
             attempt += 1;
@@ -613,7 +621,11 @@ fn path_failed(resp: &Response<ProxyBody>) -> bool {
             .get(ERROR_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
-        "connect-failed" | "no-healthy-endpoint" | "upstream-reset" | "stale-config"
+        "connect-failed"
+            | "no-healthy-endpoint"
+            | "upstream-reset"
+            | "upstream-timeout"
+            | "stale-config"
     )
 }
 

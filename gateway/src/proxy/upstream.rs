@@ -127,7 +127,7 @@ impl<'a> Effective<'a> {
         Effective {
             lb,
             limits: pool.map(Limits::from).unwrap_or_default(),
-            outlier: outlier.map(OutlierConfig::from),
+            outlier: Some(outlier.map_or(OutlierConfig::FAILURE_ACCRUAL, OutlierConfig::from)),
             tls,
         }
     }

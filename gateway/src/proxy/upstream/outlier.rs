@@ -41,6 +41,9 @@ pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
 pub struct OutlierConfig {
     pub consecutive_5xx: Option<u32>,
     pub consecutive_gateway: Option<u32>,
+    /// Consecutive local-origin failures (connect failures, resets) alone:
+    /// only the default [`OutlierConfig::FAILURE_ACCRUAL`] sets it.
+    pub consecutive_local: Option<u32>,
     pub interval: Duration,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
@@ -52,6 +55,7 @@ impl From<&OutlierDetection> for OutlierConfig {
         OutlierConfig {
             consecutive_5xx: o.consecutive_5xx_errors,
             consecutive_gateway: o.consecutive_gateway_errors,
+            consecutive_local: None,
             // A zero interval would make the sweep spin; 1 ms is Istio's minimum.
             interval: Duration::from_millis(o.interval_ms.max(1)),
             base_ejection: Duration::from_millis(o.base_ejection_time_ms.max(1)),
@@ -59,6 +63,27 @@ impl From<&OutlierDetection> for OutlierConfig {
             min_health_percent: o.min_health_percent.min(100),
         }
     }
+}
+
+impl OutlierConfig {
+    /// What applies when no DestinationRule configures outlier detection:
+    /// an endpoint that refuses or resets 5 requests in a row is taken out
+    /// for 2 s (growing with repeats), whatever the share of the pool that
+    /// means, so that a dead endpoint (or every endpoint of a dead cluster)
+    /// stops receiving first tries at once and peers are told. Answers with
+    /// a status, 5xx or not, never count: that needs an explicit policy.
+    /// This is Linkerd's default failure accrual more than Envoy's (which
+    /// has none); Kubernetes readiness does the same job in Istio, and
+    /// static and DNS discovery have no readiness.
+    pub const FAILURE_ACCRUAL: OutlierConfig = OutlierConfig {
+        consecutive_5xx: None,
+        consecutive_gateway: None,
+        consecutive_local: Some(5),
+        interval: Duration::from_millis(500),
+        base_ejection: Duration::from_secs(2),
+        max_ejection_percent: 100,
+        min_health_percent: 0,
+    };
 }
 
 /// What a request to an endpoint came to.
@@ -76,6 +101,7 @@ pub enum Outcome {
 pub enum EjectReason {
     Consecutive5xx,
     ConsecutiveGatewayFailure,
+    ConsecutiveLocalOriginFailure,
 }
 
 impl EjectReason {
@@ -83,6 +109,7 @@ impl EjectReason {
         match self {
             EjectReason::Consecutive5xx => "consecutive_5xx",
             EjectReason::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+            EjectReason::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
         }
     }
 }
@@ -102,6 +129,7 @@ pub enum Recorded {
 struct Host {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
+    consecutive_local: u32,
     /// Ejections counted for the growing ejection time.
     multiplier: u32,
     /// Ejected until then.
@@ -144,20 +172,30 @@ impl Detector {
             return Recorded::Nothing;
         }
         let code = match outcome {
-            Outcome::Status(s) => s,
-            Outcome::LocalFailure => 503,
+            Outcome::Status(s) => {
+                host.consecutive_local = 0;
+                s
+            }
+            Outcome::LocalFailure => {
+                host.consecutive_local += 1;
+                503
+            }
         };
         if !(500..600).contains(&code) {
             host.consecutive_5xx = 0;
             host.consecutive_gateway = 0;
             return Recorded::Nothing;
         }
-        let mut reason = None;
+        let mut reason = cfg
+            .consecutive_local
+            .filter(|n| host.consecutive_local >= *n)
+            .map(|_| EjectReason::ConsecutiveLocalOriginFailure);
         if matches!(code, 502..=504) {
             host.consecutive_gateway += 1;
-            if cfg
-                .consecutive_gateway
-                .is_some_and(|n| host.consecutive_gateway >= n)
+            if reason.is_none()
+                && cfg
+                    .consecutive_gateway
+                    .is_some_and(|n| host.consecutive_gateway >= n)
             {
                 reason = Some(EjectReason::ConsecutiveGatewayFailure);
             }
@@ -178,6 +216,7 @@ impl Detector {
         // Envoy resets the counters once a threshold is reached, ejected or not.
         host.consecutive_5xx = 0;
         host.consecutive_gateway = 0;
+        host.consecutive_local = 0;
         let allowed =
             (ejected as u64 + 1) * 100 <= u64::from(cfg.max_ejection_percent) * pool_size as u64;
         if !allowed {
@@ -223,6 +262,7 @@ impl Detector {
                 h.in_service_since = Some(now);
                 h.consecutive_5xx = 0;
                 h.consecutive_gateway = 0;
+                h.consecutive_local = 0;
                 changed = true;
             }
         }
@@ -260,7 +300,10 @@ impl Detector {
     /// success changes nothing and need not be recorded.
     pub fn has_state(&self) -> bool {
         self.hosts.values().any(|h| {
-            h.ejected_until.is_some() || h.consecutive_5xx > 0 || h.consecutive_gateway > 0
+            h.ejected_until.is_some()
+                || h.consecutive_5xx > 0
+                || h.consecutive_gateway > 0
+                || h.consecutive_local > 0
         })
     }
 
@@ -284,6 +327,7 @@ mod tests {
         OutlierConfig {
             consecutive_5xx: Some(3),
             consecutive_gateway: None,
+            consecutive_local: None,
             interval: Duration::from_millis(100),
             base_ejection: Duration::from_secs(1),
             max_ejection_percent: 100,
@@ -314,6 +358,43 @@ mod tests {
         );
         assert!(d.is_ejected(&addr(1)));
         assert_eq!(d.ejected_count(), 1);
+    }
+
+    #[test]
+    fn the_default_failure_accrual_ejects_on_local_failures_only() {
+        let c = OutlierConfig::FAILURE_ACCRUAL;
+        let t0 = Instant::now();
+        let mut d = Detector::new(t0);
+        // Answers never count, 5xx or not.
+        for _ in 0..20 {
+            assert_eq!(
+                d.record(&c, addr(1), Outcome::Status(503), 1, t0),
+                Recorded::Nothing
+            );
+        }
+        // A success between failures resets the count.
+        for _ in 0..4 {
+            assert_eq!(
+                d.record(&c, addr(1), Outcome::LocalFailure, 1, t0),
+                Recorded::Nothing
+            );
+        }
+        assert_eq!(
+            d.record(&c, addr(1), Outcome::Status(200), 1, t0),
+            Recorded::Nothing
+        );
+        for _ in 0..4 {
+            assert_eq!(
+                d.record(&c, addr(1), Outcome::LocalFailure, 1, t0),
+                Recorded::Nothing
+            );
+        }
+        // The fifth in a row ejects, even the whole pool.
+        assert!(matches!(
+            d.record(&c, addr(1), Outcome::LocalFailure, 1, t0),
+            Recorded::Ejected(EjectReason::ConsecutiveLocalOriginFailure, _)
+        ));
+        assert!(d.is_ejected(&addr(1)));
     }
 
     #[test]

@@ -96,7 +96,7 @@ fn port_level_settings_replace_every_part_with_defaults_for_the_rest() {
     assert_eq!(p.lb, LbAlgorithm::Random);
     // Not inherited from the destination level (Istio's documented rule).
     assert_eq!(p.limits, Limits::default());
-    assert!(p.outlier.is_none());
+    assert_eq!(p.outlier, Some(OutlierConfig::FAILURE_ACCRUAL));
     // No DestinationRule at all: Istio's defaults.
     let other = Effective::resolve(
         &a,
@@ -106,7 +106,8 @@ fn port_level_settings_replace_every_part_with_defaults_for_the_rest() {
         },
     );
     assert_eq!(other.lb, LbAlgorithm::LeastRequest);
-    assert!(other.outlier.is_none() && other.tls.is_none());
+    assert_eq!(other.outlier, Some(OutlierConfig::FAILURE_ACCRUAL));
+    assert!(other.tls.is_none());
 }
 
 #[test]
