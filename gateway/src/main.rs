@@ -100,13 +100,22 @@ struct Cli {
     kubernetes: bool,
 
     /// Kubernetes discovery with this kubeconfig file (implies --kubernetes).
-    #[arg(long, value_name = "FILE", env = "MESHFED_KUBECONFIG",
-          conflicts_with = "discovery_file")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MESHFED_KUBECONFIG",
+        conflicts_with = "discovery_file"
+    )]
     kubeconfig: Option<PathBuf>,
 
     /// Namespaces Kubernetes discovery watches (repeatable or
     /// comma-separated; default: all).
-    #[arg(long, value_name = "NS", env = "MESHFED_KUBE_NAMESPACES", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "MESHFED_KUBE_NAMESPACES",
+        value_delimiter = ','
+    )]
     kube_namespace: Vec<String>,
 
     /// Also require a ServiceExport object (multicluster.x-k8s.io/v1alpha1)
@@ -126,8 +135,13 @@ struct Cli {
 
     /// Ports of a mirror Service when this cluster has no Service of the
     /// same name to copy them from (comma-separated).
-    #[arg(long, value_name = "PORTS", env = "MESHFED_MIRROR_PORTS", value_delimiter = ',',
-          default_value = "80")]
+    #[arg(
+        long,
+        value_name = "PORTS",
+        env = "MESHFED_MIRROR_PORTS",
+        value_delimiter = ',',
+        default_value = "80"
+    )]
     mirror_ports: Vec<u16>,
 
     /// UDP address of the QUIC tunnel that peer gateways connect to.
@@ -429,7 +443,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let kube = kube_wanted.then(|| meshfed_gateway::discovery::kube::KubeSettings {
+    let kube = kube_wanted.then_some(meshfed_gateway::discovery::kube::KubeSettings {
         kubeconfig: cli.kubeconfig,
         namespaces: cli.kube_namespace,
         service_exports: cli.kube_service_exports,
