@@ -1,0 +1,386 @@
+//! deploy/ is checked against the binaries it deploys: every Kustomize
+//! overlay is rendered offline (`kubectl kustomize`, the kustomize v2.0.3
+//! of Debian's kubectl 1.20 in CI) and every object must deserialize into its
+//! k8s-openapi type; every flag, environment variable and config-file key
+//! the manifests and the systemd unit pass must exist in the real binary's
+//! `--help`; and the operational invariants hold (gateway replicas ≥ 2 with
+//! a PodDisruptionBudget and a UDP 15443 LoadBalancer, Secrets mounted
+//! 0400, probes on /readyz and /healthz, non-root read-only containers
+//! without capabilities, RBAC writing only Services and EndpointSlices).
+//! Without kubectl (or systemd-analyze) those parts are skipped with a
+//! message; .ci/run installs kubectl.
+
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use meshfed_tests::bin;
+use serde_yaml::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// What a binary accepts: its long flags and environment variables.
+#[derive(Debug)]
+struct Accepts {
+    flags: BTreeSet<String>,
+    env: BTreeSet<String>,
+}
+
+fn accepts(binary: &str) -> Accepts {
+    let out = Command::new(bin(binary)).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{binary} --help failed");
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut flags = BTreeSet::new();
+    let mut env = BTreeSet::new();
+    for word in help.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']') {
+        if let Some(f) = word.strip_prefix("--") {
+            let f: String = f
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            if !f.is_empty() {
+                flags.insert(f);
+            }
+        }
+    }
+    for part in help.split("[env: ").skip(1) {
+        if let Some((name, _)) = part.split_once('=') {
+            env.insert(name.to_string());
+        }
+    }
+    assert!(flags.contains("config"), "{binary}: no --config in help");
+    Accepts { flags, env }
+}
+
+fn kubectl() -> Option<PathBuf> {
+    let out = Command::new("sh")
+        .args(["-c", "command -v kubectl"])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+fn render(kubectl: &Path, overlay: &str) -> Vec<Value> {
+    let dir = repo().join("deploy/overlays").join(overlay);
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Deserializes an object into its k8s-openapi type, by kind.
+fn typed(obj: &Value) -> String {
+    let kind = obj["kind"].as_str().unwrap_or("").to_string();
+    let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let v = obj.clone();
+    let r = match kind.as_str() {
+        "Namespace" => serde_yaml::from_value::<Namespace>(v).map(|_| ()),
+        "ServiceAccount" => serde_yaml::from_value::<ServiceAccount>(v).map(|_| ()),
+        "ClusterRole" => serde_yaml::from_value::<ClusterRole>(v).map(|_| ()),
+        "ClusterRoleBinding" => serde_yaml::from_value::<ClusterRoleBinding>(v).map(|_| ()),
+        "Deployment" => serde_yaml::from_value::<Deployment>(v).map(|_| ()),
+        "Service" => serde_yaml::from_value::<Service>(v).map(|_| ()),
+        "PodDisruptionBudget" => serde_yaml::from_value::<PodDisruptionBudget>(v).map(|_| ()),
+        "ConfigMap" => serde_yaml::from_value::<ConfigMap>(v).map(|_| ()),
+        other => panic!("{other} {name}: a kind this test does not know; add it"),
+    };
+    if let Err(e) = r {
+        panic!("{kind} {name} does not deserialize into its k8s-openapi type: {e}");
+    }
+    format!("{kind}/{name}")
+}
+
+fn config_keys(text: &str) -> Vec<String> {
+    let map: serde_yaml::Mapping = serde_yaml::from_str(text).unwrap();
+    map.keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Flags, env vars and the --config file's keys of one container.
+fn check_container(c: &Container, objects: &[Value], where_: &str) {
+    let command = c.command.clone().unwrap_or_default();
+    let binary = Path::new(command.first().expect("command"))
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let accepts = accepts(&binary);
+    let args = c.args.clone().unwrap_or_default();
+    for a in &args {
+        if let Some(flag) = a.strip_prefix("--") {
+            let flag = flag.split('=').next().unwrap();
+            assert!(
+                accepts.flags.contains(flag),
+                "{where_}: {binary} has no --{flag} (its --help lists {:?})",
+                accepts.flags
+            );
+        }
+    }
+    for e in c.env.iter().flatten() {
+        if e.name.starts_with("MESHFED_") {
+            assert!(
+                accepts.env.contains(&e.name),
+                "{where_}: {binary} reads no {}",
+                e.name
+            );
+        }
+    }
+    // The --config file, from the ConfigMap mounted at its directory.
+    let i = args.iter().position(|a| a == "--config").expect("--config");
+    let path = Path::new(&args[i + 1]);
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| path.starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("{where_}: nothing mounted at {}", path.display()));
+    let key = path.file_name().unwrap().to_string_lossy().to_string();
+    let deployment = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "Deployment" && where_.ends_with(o["metadata"]["name"].as_str().unwrap())
+        })
+        .unwrap();
+    let cm_name = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str() == Some(mount.name.as_str()))
+        .and_then(|v| v["configMap"]["name"].as_str())
+        .unwrap_or_else(|| panic!("{where_}: {} is not a ConfigMap volume", mount.name));
+    let cm = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == cm_name)
+        .unwrap_or_else(|| panic!("{where_}: ConfigMap {cm_name} is not rendered"));
+    let text = cm["data"][key.as_str()]
+        .as_str()
+        .unwrap_or_else(|| panic!("ConfigMap {cm_name} has no {key}"));
+    for k in config_keys(text) {
+        assert!(
+            accepts.flags.contains(&k),
+            "{where_}: config key `{k}` in {cm_name}/{key} is not a {binary} setting"
+        );
+    }
+    // Hardening.
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{where_}");
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{where_}");
+    let drop = sc
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.drop.clone())
+        .unwrap_or_default();
+    assert_eq!(drop, ["ALL"], "{where_}: capabilities drop ALL");
+    let res = c.resources.as_ref().expect("resources");
+    assert!(
+        res.requests
+            .as_ref()
+            .is_some_and(|r| r.contains_key("memory")),
+        "{where_}: memory request"
+    );
+}
+
+fn check_overlay(kubectl: &Path, overlay: &str) {
+    let objects = render(kubectl, overlay);
+    let names: Vec<String> = objects.iter().map(typed).collect();
+    eprintln!("{overlay}: {names:?}");
+    for o in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        let d: Deployment = serde_yaml::from_value(o.clone()).unwrap();
+        let name = d.metadata.name.clone().unwrap();
+        let spec = d.spec.as_ref().unwrap();
+        let pod = spec.template.spec.as_ref().unwrap();
+        let psc = pod.security_context.as_ref().expect("pod securityContext");
+        assert_eq!(
+            psc.run_as_non_root,
+            Some(true),
+            "{overlay}/{name}: runAsNonRoot"
+        );
+        for v in pod.volumes.iter().flatten() {
+            if let Some(s) = &v.secret {
+                assert_eq!(
+                    s.default_mode,
+                    Some(0o400),
+                    "{overlay}/{name}: secret {} mode 0400",
+                    v.name
+                );
+            }
+        }
+        for c in &pod.containers {
+            check_container(c, &objects, &format!("{overlay}/{name}"));
+            let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+                p.as_ref()
+                    .and_then(|p| p.http_get.as_ref())
+                    .and_then(|h| h.path.clone())
+                    .unwrap_or_default()
+            };
+            if name == "meshfed-gateway" {
+                assert!(
+                    spec.replicas.unwrap_or(1) >= 2,
+                    "{overlay}: gateway replicas ≥ 2"
+                );
+                assert_eq!(path(&c.readiness_probe), "/readyz", "{overlay}");
+                assert_eq!(path(&c.liveness_probe), "/healthz", "{overlay}");
+            } else {
+                assert_eq!(path(&c.liveness_probe), "/healthz", "{overlay}/{name}");
+            }
+        }
+    }
+    assert!(
+        objects.iter().any(|o| o["kind"] == "PodDisruptionBudget"),
+        "{overlay}: the gateway has a PodDisruptionBudget"
+    );
+    let lb = objects.iter().any(|o| {
+        o["kind"] == "Service"
+            && o["spec"]["type"] == "LoadBalancer"
+            && o["spec"]["ports"].as_sequence().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["port"].as_u64() == Some(15443) && p["protocol"] == "UDP")
+            })
+    });
+    assert!(lb, "{overlay}: a UDP 15443 LoadBalancer Service");
+    // RBAC: read-only except Services and EndpointSlices; never secrets.
+    for o in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        let role: ClusterRole = serde_yaml::from_value(o.clone()).unwrap();
+        for rule in role.rules.iter().flatten() {
+            let resources = rule.resources.clone().unwrap_or_default();
+            assert!(
+                !resources.iter().any(|r| r == "*" || r == "secrets"),
+                "{overlay}: {resources:?}"
+            );
+            let writes = rule
+                .verbs
+                .iter()
+                .any(|v| !matches!(v.as_str(), "get" | "list" | "watch"));
+            if writes {
+                assert!(
+                    resources
+                        .iter()
+                        .all(|r| r == "services" || r == "endpointslices"),
+                    "{overlay}: writes beyond mirror Services: {resources:?} {:?}",
+                    rule.verbs
+                );
+                assert!(
+                    !rule.verbs.iter().any(|v| v == "*"),
+                    "{overlay}: wildcard verbs"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_overlay_renders_into_typed_objects_with_flags_the_binaries_accept() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!(
+            "SKIPPED: kubectl not found; install Debian's kubernetes-client (as .ci/run does) to render deploy/overlays"
+        );
+        return;
+    };
+    for overlay in ["east", "west", "edge-gateway"] {
+        check_overlay(&kubectl, overlay);
+    }
+}
+
+#[test]
+fn the_edge_systemd_unit_passes_only_flags_and_settings_the_gateway_accepts() {
+    let dir = repo().join("deploy/systemd");
+    let unit = std::fs::read_to_string(dir.join("meshfed-gateway.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let accepts = accepts("meshfed-gateway");
+    for word in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        let flag = word.trim_start_matches("--").split('=').next().unwrap();
+        assert!(
+            accepts.flags.contains(flag),
+            "ExecStart passes --{flag}, which meshfed-gateway lacks"
+        );
+    }
+    for key in config_keys(&std::fs::read_to_string(dir.join("gateway.yaml")).unwrap()) {
+        assert!(
+            accepts.flags.contains(&key),
+            "gateway.yaml key `{key}` is not a gateway setting"
+        );
+    }
+    for want in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "StateDirectory=",
+        "DynamicUser=yes",
+    ] {
+        assert!(
+            unit.lines().any(|l| l.starts_with(want)),
+            "the unit lacks {want}"
+        );
+    }
+    // The static discovery file the unit's config names parses as one.
+    let endpoints = std::fs::read_to_string(dir.join("endpoints.yaml")).unwrap();
+    let v: Value = serde_yaml::from_str(&endpoints).unwrap();
+    assert!(v["services"].as_mapping().is_some_and(|m| !m.is_empty()));
+
+    let analyze = Command::new("sh")
+        .args(["-c", "command -v systemd-analyze"])
+        .output()
+        .unwrap();
+    if analyze.stdout.is_empty() {
+        eprintln!("SKIPPED: systemd-analyze not found; the unit was not verified");
+        return;
+    }
+    // Verify a copy whose ExecStart names the binary as built.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("meshfed-gateway.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/meshfed-gateway",
+            &bin("meshfed-gateway").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Only lines about our unit count (the host's own units may be noisy).
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("meshfed-gateway.service"))
+        .collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
