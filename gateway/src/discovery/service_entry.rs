@@ -80,6 +80,13 @@ pub async fn endpoints(
     (set, errors)
 }
 
+/// An address to resolve, with its port names and labels.
+type Listed<'a> = (
+    &'a str,
+    &'a BTreeMap<String, u16>,
+    &'a BTreeMap<String, String>,
+);
+
 async fn entry_endpoints(
     host: &str,
     entry: &ServiceEntry,
@@ -87,24 +94,23 @@ async fn entry_endpoints(
     resolver: &Resolver,
     errors: &mut Vec<String>,
 ) -> Vec<Endpoint> {
-    let listed: Vec<(&str, &BTreeMap<String, u16>, &BTreeMap<String, String>)> =
-        if entry.endpoints.is_empty() {
-            match entry.resolution {
-                // Validation requires endpoints for STATIC.
-                Resolution::Static => Vec::new(),
-                _ => {
-                    static NONE: BTreeMap<String, u16> = BTreeMap::new();
-                    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
-                    vec![(host, &NONE, &NO_LABELS)]
-                }
+    let listed: Vec<Listed<'_>> = if entry.endpoints.is_empty() {
+        match entry.resolution {
+            // Validation requires endpoints for STATIC.
+            Resolution::Static => Vec::new(),
+            _ => {
+                static NONE: BTreeMap<String, u16> = BTreeMap::new();
+                static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+                vec![(host, &NONE, &NO_LABELS)]
             }
-        } else {
-            entry
-                .endpoints
-                .iter()
-                .map(|e| (e.address.as_str(), &e.ports, &e.labels))
-                .collect()
-        };
+        }
+    } else {
+        entry
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), &e.ports, &e.labels))
+            .collect()
+    };
     let multi = entry.ports.len() > 1;
     let mut out = Vec::new();
     for (address, ports, labels) in listed {
