@@ -557,13 +557,8 @@ async fn route_and_forward(
             tokio::time::sleep(backoff).await;
             // The budget counts retries in flight, not those backing off.
             _retry_slot = None;
-            let Some(slot) = state.retry_budget() else {
-                state.metrics.refused("retry", "budget-exhausted");
-                break (resp, cluster);
-            };
-            _retry_slot = Some(slot);
-            state.metrics.retried(&target.service, retry_reason(&resp));
-            if path_failed(&resp) && !failed.contains(&cluster) {
+            let broken = path_failed(&resp);
+            if broken && !failed.contains(&cluster) {
                 failed.push(cluster.clone());
             }
             // Choose again on the state of now: a link that died, or
@@ -571,14 +566,29 @@ async fn route_and_forward(
             let mut again = original.clone();
             let endpoints = state.endpoints.borrow().clone();
             let remote = state.tunnel.announcements();
-            if let Some(c) = route::choose_cluster(
+            let next = route::choose_cluster(
                 &mut again,
                 &active,
                 &state.cluster,
                 &endpoints,
                 &remote,
                 &failed,
-            ) {
+            );
+            // The budget keeps retries from multiplying the load on what
+            // fails. A retry that leaves a broken path for another cluster
+            // adds nothing there (the call moves, as it would have if the
+            // failure had been known), so it needs no slot: when a peer
+            // dies, every call in flight to it fails over, not only 20%.
+            let moves = broken && next.as_ref().is_some_and(|c| *c != cluster);
+            if !moves {
+                let Some(slot) = state.retry_budget() else {
+                    state.metrics.refused("retry", "budget-exhausted");
+                    break (resp, cluster);
+                };
+                _retry_slot = Some(slot);
+            }
+            state.metrics.retried(&target.service, retry_reason(&resp));
+            if let Some(c) = next {
                 target = again;
                 cluster = c;
             }
