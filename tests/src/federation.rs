@@ -114,6 +114,27 @@ pub struct GatewayProcess {
     /// Everything the ready file listed (port mappings are `tcp:<host>:<port>`).
     pub ready: ReadyAddrs,
     child: Option<Child>,
+    /// Sent as `Authorization: Bearer` on admin requests (an admin
+    /// address off loopback requires one).
+    admin_token: Option<String>,
+}
+
+/// Where and how a gateway process runs, beyond its [`GatewaySpec`]: the
+/// default is loopback in the test's own network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// A command the gateway runs under, e.g. `["ip", "netns", "exec",
+    /// "ns1"]`; it must `exec` the gateway so that the child's pid is the
+    /// gateway's (signals go to it).
+    pub prefix: Vec<String>,
+    /// The tunnel's bind address (default `127.0.0.1`).
+    pub tunnel_host: Option<String>,
+    /// The outbound and admin listeners' bind address (default
+    /// `127.0.0.1`). Off loopback the admin API needs `admin_token`.
+    pub local_host: Option<String>,
+    /// Written to a file for `--admin-token-file` and sent by
+    /// [`GatewayProcess::admin_get`].
+    pub admin_token: Option<String>,
 }
 
 /// How to start a gateway.
@@ -136,6 +157,12 @@ type ReadyAddrs = BTreeMap<String, SocketAddr>;
 impl GatewayProcess {
     /// Starts a gateway and waits until it is ready.
     pub fn start(spec: &GatewaySpec) -> Self {
+        Self::start_with(spec, &Launch::default())
+    }
+
+    /// Starts a gateway as `launch` says (e.g. inside a network namespace)
+    /// and waits until it is ready.
+    pub fn start_with(spec: &GatewaySpec, launch: &Launch) -> Self {
         let ready = spec
             .work_dir
             .join(format!("{}-{}.ready", spec.cluster, spec.id));
@@ -145,16 +172,28 @@ impl GatewayProcess {
         let _ = std::fs::remove_file(&ready);
         let log_file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let mut cmd = Command::new(bin("meshfed-gateway"));
+        let mut cmd = match launch.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("meshfed-gateway"));
+                c
+            }
+            None => Command::new(bin("meshfed-gateway")),
+        };
+        let tunnel_host = launch.tunnel_host.as_deref().unwrap_or("127.0.0.1");
+        let local_host = launch.local_host.as_deref().unwrap_or("127.0.0.1");
         cmd.args(["--cluster", &spec.cluster, "--gateway-id", &spec.id])
             .arg("--tls-dir")
             .arg(&spec.tls_dir)
-            .args(["--tunnel-addr", &format!("127.0.0.1:{}", spec.tunnel_port)])
+            .args([
+                "--tunnel-addr",
+                &format!("{tunnel_host}:{}", spec.tunnel_port),
+            ])
             .args([
                 "--outbound-addr",
-                "127.0.0.1:0",
+                &format!("{local_host}:0"),
                 "--admin-addr",
-                "127.0.0.1:0",
+                &format!("{local_host}:0"),
             ])
             .arg("--ready-file")
             .arg(&ready)
@@ -168,6 +207,14 @@ impl GatewayProcess {
         }
         if let Some(d) = &spec.discovery {
             cmd.arg("--discovery-file").arg(d);
+        }
+        if let Some(token) = &launch.admin_token {
+            let file = spec
+                .work_dir
+                .join(format!("{}-{}.admin-token", spec.cluster, spec.id));
+            std::fs::write(&file, token)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+            cmd.arg("--admin-token-file").arg(file);
         }
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("MESHFED_") && key != "MESHFED_BIN_DIR" {
@@ -211,6 +258,7 @@ impl GatewayProcess {
             log,
             ready: addrs.clone(),
             child: Some(child),
+            admin_token: launch.admin_token.clone(),
         }
     }
 
@@ -220,7 +268,12 @@ impl GatewayProcess {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
+        let auth = self
+            .admin_token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n{auth}\r\n");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out.split_once("\r\n\r\n")
@@ -365,7 +418,15 @@ pub fn write_atomic(path: &Path, text: &str) {
 /// `<name>:<bytes received>` after reading the whole body. Runs until the
 /// returned handle is dropped.
 pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    serve_fn(move |req: Request<Incoming>| async move {
+    http_backend_on("127.0.0.1:0", name).await
+}
+
+/// [`http_backend`] listening on `bind` (e.g. a network namespace's LAN).
+pub async fn http_backend_on(
+    bind: &str,
+    name: &'static str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    serve_fn_on(bind, move |req: Request<Incoming>| async move {
         let method = req.method().clone();
         let xfcc = req
             .headers()
@@ -401,7 +462,19 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    serve_fn_on("127.0.0.1:0", handler).await
+}
+
+/// [`serve_fn`] listening on `bind`.
+pub async fn serve_fn_on<F, Fut>(
+    bind: &str,
+    handler: F,
+) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(bind)
         .await
         .unwrap_or_else(|e| panic!("binding a backend: {e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));

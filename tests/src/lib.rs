@@ -27,6 +27,8 @@ pub mod fake_kube;
 pub mod kube;
 pub mod federation;
 pub mod load;
+pub mod netns;
+pub mod probe;
 pub mod syncer;
 
 use std::ffi::OsStr;

@@ -136,6 +136,10 @@ pub struct SyncerSpec {
     pub extra_args: Vec<String>,
     /// `RUST_LOG` for the syncer.
     pub rust_log: String,
+    /// The gRPC listener's address (default `127.0.0.1:0`): a fixed port
+    /// lets a restarted syncer come back where its gateways look for it,
+    /// a bridge address lets gateways in network namespaces reach it.
+    pub grpc_addr: String,
 }
 
 impl SyncerSpec {
@@ -147,6 +151,7 @@ impl SyncerSpec {
             webhook_secret: "webhook-s3cret".into(),
             extra_args: Vec::new(),
             rust_log: "info".into(),
+            grpc_addr: "127.0.0.1:0".into(),
         }
     }
 }
@@ -193,7 +198,8 @@ impl SyncerProcess {
             .arg(w.join("syncer-state"))
             .arg("--tls-dir")
             .arg(&spec.tls_dir)
-            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", &spec.grpc_addr])
+            .args(["--http-addr", "127.0.0.1:0"])
             .args(["--poll-interval", "1h"])
             .arg("--webhook-secret-file")
             .arg(&secret_file)

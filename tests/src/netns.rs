@@ -1,0 +1,226 @@
+//! Network namespaces for partition tests: one namespace per cluster, each
+//! with two veth links to the test's own namespace.
+//!
+//! ```text
+//!  test namespace                                 namespace of cluster i
+//!  ───────────────                                ──────────────────────
+//!  bridge mfpbr 10.213.0.1/24 ── mfpw<i> ═══ wan0 10.213.0.(10+i)   tunnel, syncer
+//!  mfpl<i> 10.214.i.1/24      ══════════════ lan0 10.214.i.2        outbound, admin
+//! ```
+//!
+//! The **WAN** link joins every cluster (and the syncer, which listens on
+//! the bridge address) on one bridge: tunnels and config delivery cross
+//! it. The **LAN** link is the cluster's own network: its local clients and
+//! backends (run by the test in its namespace, bound to `10.214.i.1`)
+//! and the admin API. [`Net::cut`] takes a cluster's WAN port down (the
+//! peer sees no carrier and every datagram is dropped, a black hole as a
+//! real partition is); its LAN stays, so its local traffic can go on.
+//!
+//! Everything is created with the `ip` command and removed on drop, panics
+//! included. Namespaces and links from a run that was killed are removed by
+//! the next one (they carry the `mfp` prefix). Only one [`Net`] exists at a
+//! time per process (a lock); across processes the tests that use it run in
+//! nextest's `serial` group.
+//!
+//! This module owns the topology only; the gateways run in it through
+//! [`crate::federation::Launch`].
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const BRIDGE: &str = "mfpbr";
+
+/// Why a topology cannot be built here.
+#[derive(Debug)]
+pub struct Unsupported(pub String);
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Runs `ip ARGS`; its stderr on failure.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn ip_ns(ns: &str, args: &[&str]) -> Result<(), String> {
+    let mut all = vec!["netns", "exec", ns, "ip"];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// Removes what a killed run left behind.
+fn sweep() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next()
+                && name.starts_with("mfp-")
+            {
+                let _ = ip(&["netns", "delete", name]);
+            }
+        }
+    }
+    let _ = ip(&["link", "delete", BRIDGE]);
+    for i in 0..16 {
+        let _ = ip(&["link", "delete", &format!("mfpw{i}")]);
+        let _ = ip(&["link", "delete", &format!("mfpl{i}")]);
+    }
+}
+
+/// One cluster's namespace.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub cluster: String,
+    /// The namespace's name (for `ip netns exec`).
+    pub ns: String,
+    /// The cluster's WAN address (its tunnel binds here).
+    pub wan: IpAddr,
+    /// The cluster's LAN address (outbound and admin bind here).
+    pub lan: IpAddr,
+    /// The test's address on that LAN (local backends bind here).
+    pub lan_host: IpAddr,
+    wan_port: String,
+}
+
+impl Site {
+    /// `ip netns exec <ns>`, the prefix that runs a command inside.
+    pub fn prefix(&self) -> Vec<String> {
+        ["ip", "netns", "exec", &self.ns]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+/// The topology; removed on drop.
+#[derive(Debug)]
+pub struct Net {
+    pub sites: Vec<Site>,
+    /// The test namespace's address on the WAN bridge (the syncer binds
+    /// here).
+    pub bridge: IpAddr,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Net {
+    /// One namespace per cluster, linked as the module docs draw.
+    ///
+    /// # Errors
+    ///
+    /// [`Unsupported`] when this process is not root or `ip netns` does
+    /// not work here; the message says which.
+    pub fn new(clusters: &[&str]) -> Result<Net, Unsupported> {
+        let lock = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if uid != "0" {
+            return Err(Unsupported(format!(
+                "network namespaces need root (uid is {uid:?})"
+            )));
+        }
+        sweep();
+        let mut net = Net {
+            sites: Vec::new(),
+            bridge: IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1)),
+            _lock: lock,
+        };
+        net.build(clusters).map_err(Unsupported)?;
+        Ok(net)
+    }
+
+    fn build(&mut self, clusters: &[&str]) -> Result<(), String> {
+        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["addr", "add", "10.213.0.1/24", "dev", BRIDGE])?;
+        ip(&["link", "set", BRIDGE, "up"])?;
+        for (i, cluster) in clusters.iter().enumerate() {
+            let ns = format!("mfp-{}-{cluster}", std::process::id());
+            ip(&["netns", "add", &ns])?;
+            let (w, l) = (format!("mfpw{i}"), format!("mfpl{i}"));
+            let wan = Ipv4Addr::new(10, 213, 0, 10 + i as u8);
+            let lan = Ipv4Addr::new(10, 214, i as u8, 2);
+            let lan_host = Ipv4Addr::new(10, 214, i as u8, 1);
+            self.sites.push(Site {
+                cluster: cluster.to_string(),
+                ns: ns.clone(),
+                wan: wan.into(),
+                lan: lan.into(),
+                lan_host: lan_host.into(),
+                wan_port: w.clone(),
+            });
+            ip(&[
+                "link", "add", &w, "type", "veth", "peer", "name", "wan0", "netns", &ns,
+            ])?;
+            ip(&[
+                "link", "add", &l, "type", "veth", "peer", "name", "lan0", "netns", &ns,
+            ])?;
+            ip(&["link", "set", &w, "master", BRIDGE])?;
+            ip(&["link", "set", &w, "up"])?;
+            ip(&["addr", "add", &format!("{lan_host}/24"), "dev", &l])?;
+            ip(&["link", "set", &l, "up"])?;
+            ip_ns(&ns, &["link", "set", "lo", "up"])?;
+            ip_ns(&ns, &["addr", "add", &format!("{wan}/24"), "dev", "wan0"])?;
+            ip_ns(&ns, &["link", "set", "wan0", "up"])?;
+            ip_ns(&ns, &["addr", "add", &format!("{lan}/24"), "dev", "lan0"])?;
+            ip_ns(&ns, &["link", "set", "lan0", "up"])?;
+        }
+        Ok(())
+    }
+
+    pub fn site(&self, cluster: &str) -> &Site {
+        self.sites
+            .iter()
+            .find(|s| s.cluster == cluster)
+            .unwrap_or_else(|| panic!("no site {cluster}"))
+    }
+
+    /// Partitions `cluster` from the WAN: its bridge port goes down.
+    ///
+    /// # Panics
+    ///
+    /// If `ip` fails.
+    pub fn cut(&self, cluster: &str) {
+        let port = &self.site(cluster).wan_port;
+        ip(&["link", "set", port, "down"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Heals the partition of `cluster`.
+    ///
+    /// # Panics
+    ///
+    /// If `ip` fails.
+    pub fn restore(&self, cluster: &str) {
+        let port = &self.site(cluster).wan_port;
+        ip(&["link", "set", port, "up"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its ends of the veth pairs, and with
+        // them the pairs.
+        for s in &self.sites {
+            let _ = ip(&["netns", "delete", &s.ns]);
+        }
+        let _ = ip(&["link", "delete", BRIDGE]);
+    }
+}
