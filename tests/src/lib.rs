@@ -10,6 +10,8 @@
 //!   synchronize with a fixed sleep;
 //! - [`load`] is an open-loop, fixed-rate HTTP/1.1, HTTP/2 and gRPC load
 //!   generator (also the `meshfed-load` binary);
+//! - [`relay`] is a user-space link impairment relay (UDP and TCP: loss,
+//!   delay, jitter, reordering, outages), since `tc netem` is unavailable;
 //! - [`syncer`] runs the real `meshfed-syncer` against a Git repository made
 //!   with the `git` CLI, with lightweight in-process config subscribers;
 //! - [`fake_kube`] is a fake Kubernetes API server at the HTTP level (the
@@ -27,6 +29,7 @@ pub mod fake_kube;
 pub mod kube;
 pub mod federation;
 pub mod load;
+pub mod relay;
 pub mod netns;
 pub mod probe;
 pub mod syncer;
