@@ -29,9 +29,9 @@ pub mod fake_kube;
 pub mod kube;
 pub mod federation;
 pub mod load;
-pub mod relay;
 pub mod netns;
 pub mod probe;
+pub mod relay;
 pub mod syncer;
 
 use std::ffi::OsStr;
