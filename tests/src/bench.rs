@@ -15,7 +15,11 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+pub mod dataplane;
+pub mod lossy;
 pub mod propagation;
+pub mod rig;
+pub mod validation;
 
 /// What every scenario gets.
 #[derive(Debug, Clone)]
@@ -41,12 +45,47 @@ pub struct Scenario {
 
 /// Every scenario, in the order a full run takes them.
 pub fn scenarios() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "propagation",
-        about: "webhook-triggered commit → every gateway ACKed, at 1, 10 and 100 subscribers, \
-                with repos of 10 and 1,000 resources (issue 8, scenario 6)",
-        run: propagation::run,
-    }]
+    vec![
+        Scenario {
+            name: "hop",
+            about: "added latency over direct: meshfed vs an HAProxy mTLS pair, HTTP/1.1 1 KB \
+                    and gRPC at 200/1,000/2,000 req/s (scenario 1)",
+            run: dataplane::hop,
+        },
+        Scenario {
+            name: "cost",
+            about: "CPU s per 1,000 requests per process, RSS idle, RSS at 10,000 open streams \
+                    (scenario 2)",
+            run: dataplane::cost,
+        },
+        Scenario {
+            name: "capacity",
+            about: "closed-loop maximum req/s, meshfed vs HAProxy pair (scenario 3)",
+            run: dataplane::capacity,
+        },
+        Scenario {
+            name: "bulk",
+            about: "single-stream TCP throughput, meshfed link vs TLS 1.3 HAProxy pair (scenario 4)",
+            run: dataplane::bulk,
+        },
+        Scenario {
+            name: "lossy",
+            about: "100 concurrent requests over 1%/20 ms and 5%/200 ms links: QUIC vs h2 over \
+                    TLS/TCP (scenario 5)",
+            run: lossy::run,
+        },
+        Scenario {
+            name: "propagation",
+            about: "webhook-triggered commit → every gateway ACKed, at 1, 10 and 100 subscribers, \
+                    with repos of 10 and 1,000 resources (issue 8, scenario 6)",
+            run: propagation::run,
+        },
+        Scenario {
+            name: "validation",
+            about: "meshfed-policy validate on 10,000 resources (scenario 7)",
+            run: validation::run,
+        },
+    ]
 }
 
 /// One scenario's results.
