@@ -36,6 +36,13 @@ use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
 /// treated as opaque TCP.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long an HTTP/1 caller has to send a whole request head, from the
+/// moment the connection waits for one (so also how long a kept-alive
+/// connection may sit idle). hyper applies its own 30 s default only with
+/// a timer, which the listener did not set: a slowloris client could hold
+/// a connection and its task forever. 30 s is hyper's documented default.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Who called, as far as the listener knows.
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
@@ -243,16 +250,29 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let caller = Arc::new(caller);
+    let state_metrics = state.clone();
+    let state_metrics = &state_metrics.metrics;
     let svc = service_fn(move |req| {
         let state = state.clone();
         let caller = caller.clone();
         async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
     });
-    let conn = auto::Builder::new(TokioExecutor::new())
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+        let timed_out = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
+            state_metrics.refused("listener", "header-timeout");
+        }
+        tracing::debug!(error = %e, timed_out, "outbound HTTP connection ended with an error");
     }
 }
 
