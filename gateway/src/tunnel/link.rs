@@ -454,9 +454,17 @@ impl Tunnel {
                         attempt = 0;
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(cluster = %link.cluster, target = %link.target, error = %e, "dial failed");
-                    set_error(&link, e);
+                Err(DialError { message, answered }) => {
+                    tracing::debug!(cluster = %link.cluster, target = %link.target, error = %message, answered, "dial failed");
+                    set_error(&link, message);
+                    // Silence costs the peer nothing (a few Initial
+                    // packets), so only a peer that answered and refused
+                    // pushes the backoff up; an unreachable one is probed
+                    // continuously, and its return is noticed within
+                    // `PROBE_EVERY` (an outage must not end in a 5 s sleep).
+                    if !answered {
+                        attempt = 0;
+                    }
                 }
             }
             if *stop.borrow() {
@@ -472,23 +480,24 @@ impl Tunnel {
         link.conn.store(None);
     }
 
-    async fn dial(&self, link: &Link) -> Result<Connection, String> {
+    async fn dial(&self, link: &Link) -> Result<Connection, DialError> {
         let addrs: Vec<SocketAddr> = crate::discovery::dns::Resolver::shared()
             .resolve_host_port(&link.target)
             .await
-            .map_err(|e| format!("cannot resolve {}: {e}", link.target))?;
+            .map_err(|e| DialError::answered(format!("cannot resolve {}: {e}", link.target)))?;
         let mut last = format!("{} resolved to no address", link.target);
+        let mut answered = true;
         let name = server_name(&link.cluster);
         for addr in addrs {
             let client = (**self.client.load()).clone();
-            let connecting = match self.endpoint.connect_with(client, addr, &name) {
+            let connecting = match self.endpoint.connect_with(client.clone(), addr, &name) {
                 Ok(c) => c,
                 Err(e) => {
                     last = format!("{addr}: {e}");
                     continue;
                 }
             };
-            match tokio::time::timeout(self.settings.handshake_timeout, connecting).await {
+            match self.handshake(client, addr, &name, connecting).await {
                 Ok(Ok(conn)) => match (self.identify)(&conn) {
                     Ok(peer) if peer.cluster == link.cluster => return Ok(conn),
                     Ok(peer) => {
@@ -504,7 +513,8 @@ impl Tunnel {
                     }
                 },
                 Ok(Err(e)) => last = format!("{addr}: handshake failed: {e}"),
-                Err(_) => {
+                Err(()) => {
+                    answered = false;
                     last = format!(
                         "no gateway of cluster `{}` answered on {addr} (UDP) within {:?}; is UDP allowed?",
                         link.cluster, self.settings.handshake_timeout
@@ -512,7 +522,52 @@ impl Tunnel {
                 }
             }
         }
-        Err(last)
+        Err(DialError {
+            message: last,
+            answered,
+        })
+    }
+
+    /// The handshake of `first`, with a fresh attempt beside it every
+    /// [`PROBE_EVERY`] while none has finished, for at most the handshake
+    /// timeout. `Err(())`: nothing answered.
+    ///
+    /// Why: quinn retransmits a handshake's Initial on its probe timeout,
+    /// about 1 s and then doubling, and an unanswered handshake dies at the
+    /// idle timeout (800 ms) anyway. After an outage the link would come
+    /// back only at the next retransmission or redial, often seconds after
+    /// the path; overlapping attempts put an Initial on the wire at least
+    /// every `PROBE_EVERY`. An attempt that gets an answer (a refusal, a
+    /// handshake error) ends the race at once.
+    async fn handshake(
+        &self,
+        client: quinn::ClientConfig,
+        addr: SocketAddr,
+        name: &str,
+        first: quinn::Connecting,
+    ) -> Result<Result<Connection, quinn::ConnectionError>, ()> {
+        let deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
+        let mut attempts = tokio::task::JoinSet::new();
+        attempts.spawn(first);
+        loop {
+            let next = (tokio::time::Instant::now() + PROBE_EVERY).min(deadline);
+            tokio::select! {
+                done = attempts.join_next(), if !attempts.is_empty() => match done {
+                    Some(Ok(Ok(conn))) => return Ok(Ok(conn)),
+                    // Unanswered: the attempt idled out. Others go on.
+                    Some(Ok(Err(quinn::ConnectionError::TimedOut))) | Some(Err(_)) | None => {}
+                    Some(Ok(Err(e))) => return Ok(Err(e)),
+                },
+                _ = tokio::time::sleep_until(next) => {
+                    if next >= deadline {
+                        return Err(());
+                    }
+                    if let Ok(c) = self.endpoint.connect_with(client.clone(), addr, name) {
+                        attempts.spawn(c);
+                    }
+                }
+            }
+        }
     }
 
     /// Accepts peers' connections and serves their streams until the
@@ -636,6 +691,28 @@ impl Drop for Serving {
 fn set_error(link: &Link, e: String) {
     if let Ok(mut g) = link.last_error.lock() {
         *g = Some(e);
+    }
+}
+
+/// While a handshake goes unanswered, a new attempt starts this often (see
+/// [`Tunnel::handshake`]): the bound on noticing that an unreachable peer is
+/// back, less the handshake's round trip.
+const PROBE_EVERY: Duration = Duration::from_millis(700);
+
+/// Why a dial failed, and whether anything answered (a refusal backs off,
+/// silence does not).
+#[derive(Debug)]
+struct DialError {
+    message: String,
+    answered: bool,
+}
+
+impl DialError {
+    fn answered(message: String) -> Self {
+        DialError {
+            message,
+            answered: true,
+        }
     }
 }
 
