@@ -132,6 +132,13 @@ impl Rollout {
         self.update(cluster, gateway_id, |r| r.connected = false);
     }
 
+    /// One gateway's record.
+    pub fn get(&self, cluster: &str, gateway_id: &str) -> Option<GatewayRecord> {
+        self.lock()
+            .get(&(cluster.to_string(), gateway_id.to_string()))
+            .cloned()
+    }
+
     /// Every gateway ever seen, in (cluster, id) order.
     pub fn gateways(&self) -> Vec<GatewayRecord> {
         self.lock().values().cloned().collect()

@@ -483,9 +483,37 @@ impl ConfigDelivery for ConfigServer {
                 peer.id, hello.cluster, peer.cluster
             )));
         }
-        if hello.gateway_id.is_empty() {
+        if hello.gateway_id.is_empty()
+            || hello.gateway_id.len() > 253
+            || !hello
+                .gateway_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
             shared.metrics.refuse("protocol");
-            return Err(Status::invalid_argument("Hello.gateway_id is empty"));
+            return Err(Status::invalid_argument(
+                "Hello.gateway_id must be 1 to 253 characters of letters, digits, `-`, `.` and `_`",
+            ));
+        }
+        // Replicas may share one certificate (a Kubernetes Secret), so the
+        // id in the Hello names the replica; but a gateway cannot take over
+        // the record of a connected gateway that holds another certificate,
+        // which would let it ACK on that gateway's behalf.
+        let identity = peer.id.to_string();
+        if let Some(r) = shared.rollout.get(&hello.cluster, &hello.gateway_id)
+            && r.connected
+            && r.identity != identity
+        {
+            shared.metrics.refuse("gateway_id_taken");
+            tracing::warn!(
+                peer = ?conn.addr, identity = %identity, holder = %r.identity, gateway_id = %hello.gateway_id,
+                "refused a config stream: the gateway id is held by a connected gateway with another certificate"
+            );
+            return Err(Status::permission_denied(format!(
+                "gateway id `{}` in cluster `{}` is held by a connected gateway certified as {}; \
+                 {identity} cannot speak for it (give each gateway its own --gateway-id)",
+                hello.gateway_id, hello.cluster, r.identity
+            )));
         }
 
         let stream_no = shared.next_stream.fetch_add(1, Ordering::Relaxed);

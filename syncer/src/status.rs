@@ -224,7 +224,16 @@ pub fn compute_rollout(
         }
     }
     let nacked = view.gateways_in(GatewayState::Nacked);
-    let pending = view.gateways_in(GatewayState::Pending);
+    let mut pending = view.gateways_in(GatewayState::Pending);
+    // A targeted cluster with no known gateway is not live: nothing there
+    // is known to run the commit (after a syncer restart, until its
+    // gateways reconnect; or a cluster whose gateways are all gone).
+    pending.extend(
+        view.clusters
+            .iter()
+            .filter(|(_, g)| g.is_empty())
+            .map(|(c, _)| format!("{c} (no known gateway)")),
+    );
     let total: usize = view.clusters.values().map(Vec::len).sum();
     let targets = acc.clusters.iter().cloned().collect::<Vec<_>>().join(", ");
     (view.state, view.detail) = if !nacked.is_empty() {
@@ -240,11 +249,6 @@ pub fn compute_rollout(
                 pending.len(),
                 pending.join(", ")
             ),
-        )
-    } else if total == 0 {
-        (
-            RolloutState::Live,
-            format!("no known gateway in {targets} (none connected within the known window)"),
         )
     } else {
         (

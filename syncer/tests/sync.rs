@@ -295,7 +295,7 @@ fn eventually_status(
 }
 
 #[test]
-fn status_wait_exits_0_for_an_accepted_commit_1_for_a_rejected_one_and_3_on_timeout() {
+fn status_wait_exits_3_at_timeout_while_no_gateway_is_known_and_2_on_bad_input_or_no_syncer() {
     let s = setup();
     let c1 = s.repo.commit("one", &[("clusters.yaml", &clusters())]);
     let syncer = s.start(&["--poll-interval", HOUR]);
@@ -312,10 +312,12 @@ fn status_wait_exits_0_for_an_accepted_commit_1_for_a_rejected_one_and_3_on_time
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    // No gateway is known (no config server here), so it is live at once.
-    let (code, out) = run(&["--wait", &c1[..10]]);
-    assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("LIVE"), "{out}");
+    // No gateway is known (no config server here): nothing is known to run
+    // the commit, so it stays pending and the wait times out naming the
+    // clusters (exit 0 with real gateways: tests/tests/syncer_e2e.rs).
+    let (code, out) = run(&["--wait", &c1[..10], "--timeout", "600ms"]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("no known gateway"), "{out}");
     // A commit the syncer never saw: pending until the timeout, exit 3.
     let (code, out) = run(&[
         "--wait",

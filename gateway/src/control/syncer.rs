@@ -13,7 +13,7 @@
 //!   ([`Gateway::apply`]), persists it (`--state-dir`), then ACKs; anything
 //!   that fails is NACKed with the reason, and the previous snapshot stays;
 //! - on any failure (refused, unreachable, stream broken, keep-alive
-//!   timeout) reconnects with exponential backoff and full jitter (100 ms
+//!   timeout) reconnects with exponential backoff and equal jitter (100 ms
 //!   doubling to 5 s; reset once a stream is established), and never drops
 //!   the snapshot it enforces.
 //!

@@ -420,19 +420,6 @@ async fn route_and_forward(
         record(&state, &r, &target.service, "", start, grpc);
         return r;
     };
-    // This gateway is also the destination gateway of a local call.
-    let req = if cluster == state.cluster {
-        let (caller_id, sel) = (caller.id.as_deref(), &target.selector);
-        match crate::authz::enforce_local(&state, &active, caller_id, &target.service, sel, req) {
-            Ok(req) => req,
-            Err(r) => {
-                record(&state, &r, &target.service, &cluster, start, grpc);
-                return r;
-            }
-        }
-    } else {
-        req
-    };
     let rule = target.http_rule(&active);
     // Fault injection, as Istio's: a delay, then maybe an abort, each for
     // its percentage of requests.
@@ -541,7 +528,16 @@ async fn route_and_forward(
             };
             let once = async {
                 if cluster == state.cluster {
-                    forward_local(&state, &active, &target, &endpoints, this, grpc).await
+                    forward_local(
+                        &state,
+                        &active,
+                        caller.id.as_deref(),
+                        &target,
+                        &endpoints,
+                        this,
+                        grpc,
+                    )
+                    .await
                 } else {
                     forward_remote(
                         &state, &active, &caller, &cluster, &target, &authority, this, grpc,
@@ -599,7 +595,8 @@ async fn route_and_forward(
             // adds nothing there (the call moves, as it would have if the
             // failure had been known), so it needs no slot: when a peer
             // dies, every call in flight to it fails over, not only 20%.
-            let moves = broken && next.as_ref().is_some_and(|c| *c != cluster);
+            let moves =
+                exempt_move(&resp, &head.0.0) && next.as_ref().is_some_and(|c| *c != cluster);
             if !moves {
                 let Some(slot) = state.retry_budget() else {
                     state.metrics.refused("retry", "budget-exhausted");
@@ -657,6 +654,33 @@ fn path_failed(resp: &Response<ProxyBody>) -> bool {
             | "upstream-timeout"
             | "stale-config"
     )
+}
+
+/// Whether a retry that moves to another cluster may skip the retry
+/// budget: only when the failed try cannot have reached a backend (no
+/// connection, no endpoint, a refusal for stale config), or when it died
+/// with its link and repeating it is harmless (an idempotent method). A
+/// per-try timeout never qualifies: the slow try may still be running.
+fn exempt_move(resp: &Response<ProxyBody>, method: &Method) -> bool {
+    let reason = gateway_reason(resp);
+    matches!(
+        reason,
+        "connect-failed" | "no-healthy-endpoint" | "stale-config"
+    ) || (reason == "upstream-reset"
+        && matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        ))
+}
+
+/// The gateway's own reason for an answer it made (the error header; a
+/// backend's copy of that header is removed where responses enter a
+/// gateway), or "" for an answer from a backend.
+fn gateway_reason(resp: &Response<ProxyBody>) -> &str {
+    resp.headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 /// The label a retry is counted under: our refusal reason, else the status.
@@ -789,12 +813,7 @@ fn record(
     start: Instant,
     grpc: bool,
 ) {
-    let reason = resp
-        .headers()
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let reason = gateway_reason(resp).to_string();
     let grpc_status = if grpc {
         resp.headers()
             .get("grpc-status")
@@ -828,14 +847,29 @@ fn record(
         .observe(start.elapsed().as_secs_f64());
 }
 
+/// Sends a request to an endpoint in this cluster. This gateway is then also
+/// the call's destination gateway, so AuthorizationPolicy is enforced here,
+/// on every try (a retry or a mirrored copy that lands here included).
 pub(super) async fn forward_local(
     state: &Gateway,
     active: &crate::route::Active,
+    caller: Option<&str>,
     target: &Target,
     endpoints: &crate::discovery::EndpointSet,
     req: Request<ProxyBody>,
     grpc: bool,
 ) -> Response<ProxyBody> {
+    let req = match crate::authz::enforce_local(
+        state,
+        active,
+        caller,
+        &target.service,
+        &target.selector,
+        req,
+    ) {
+        Ok(req) => req,
+        Err(denied) => return denied,
+    };
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
     let dest = super::upstream::Dest {
         service: &target.service,
@@ -939,7 +973,7 @@ pub(super) async fn forward_remote(
             );
         };
         tried.push(link.target.clone());
-        match link.open().await {
+        match open_stream(&link).await {
             Ok((mut send, recv, guard)) => {
                 match write_frame(&mut send, &Frame::Open(Box::new(open.clone()))).await {
                     Ok(()) => break (send, recv, guard),
@@ -980,7 +1014,7 @@ pub(super) async fn forward_remote(
             .into_iter()
             .filter(|l| l.available(state.tunnel.settings().announce_stale))
             .find(|l| !tried.contains(&l.target))
-        && let Ok((mut send2, mut recv2, guard2)) = link.open().await
+        && let Ok((mut send2, mut recv2, guard2)) = open_stream(&link).await
         && write_frame(&mut send2, &Frame::Open(Box::new(open.clone())))
             .await
             .is_ok()
@@ -989,6 +1023,29 @@ pub(super) async fn forward_remote(
         return remote_response(cluster, read_head(&mut recv2).await, recv2, guard2, grpc);
     }
     remote_response(cluster, head, recv, guard, grpc)
+}
+
+/// How long opening a stream on a link may take. A link that is up but
+/// whose peer grants no stream credit (every stream slot busy) would
+/// otherwise hold the call forever; past this the link counts as failed and
+/// the call moves on (another link, or a retry elsewhere).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn open_stream(
+    link: &Arc<crate::tunnel::link::Link>,
+) -> Result<
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        crate::tunnel::link::StreamGuard,
+    ),
+    String,
+> {
+    match tokio::time::timeout(OPEN_TIMEOUT, link.open()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no stream credit within {OPEN_TIMEOUT:?}")),
+    }
 }
 
 fn remote_response(
@@ -1162,7 +1219,7 @@ pub async fn tcp_proxy_from<S>(
         let Some(link) = state.tunnel.pick(&cluster) else {
             return;
         };
-        let Ok((mut send, mut recv, _guard)) = link.open().await else {
+        let Ok((mut send, mut recv, _guard)) = open_stream(&link).await else {
             return;
         };
         let open = Open {
@@ -1186,7 +1243,15 @@ pub async fn tcp_proxy_from<S>(
         {
             return;
         }
-        match read_head(&mut recv).await {
+        let head = tokio::time::timeout(super::HEAD_TIMEOUT, read_head(&mut recv))
+            .await
+            .unwrap_or_else(|_| {
+                Err(body::BodyError::Read(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer to a TCP stream in time",
+                )))
+            });
+        match head {
             Ok((Frame::Accept, rest)) => {
                 if !rest.is_empty() && client.write_all(&rest).await.is_err() {
                     return;

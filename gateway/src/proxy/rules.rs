@@ -168,7 +168,16 @@ pub fn spawn_mirror(
         };
         let copy = async {
             let resp: http::Response<ProxyBody> = if cluster == state.cluster {
-                forward_local(&state, &active, &target, &endpoints, req, grpc).await
+                forward_local(
+                    &state,
+                    &active,
+                    caller.id.as_deref(),
+                    &target,
+                    &endpoints,
+                    req,
+                    grpc,
+                )
+                .await
             } else {
                 forward_remote(
                     &state, &active, &caller, &cluster, &target, &shadow, req, grpc,

@@ -529,7 +529,10 @@ impl Upstream {
                     Outcome::Status(resp.status().as_u16()),
                     pool_size,
                 );
-                let (parts, body) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
+                // Only a gateway may name a gateway's reason: a backend's
+                // copy of the header would steer retries and metric labels.
+                parts.headers.remove(crate::proxy::ERROR_HEADER);
                 let held = (lease, inflight);
                 let body = body
                     .map_frame(move |f| {

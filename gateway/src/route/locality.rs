@@ -194,15 +194,12 @@ fn distribute<'a>(
             members.entry(p.as_str()).or_default().push(c.as_str());
         }
     }
-    // Weight per cluster, in parts per (weight × clusters), so that integer
-    // shares stay exact.
-    let scale: u64 = members
-        .values()
-        .map(|v| v.len() as u64)
-        .product::<u64>()
-        .max(1);
+    // A pattern's weight is shared by its clusters: scale every weight by a
+    // common multiple of the member counts (bounded: a share need not be
+    // exact beyond a millionth) so that integer shares stay fair.
+    let scale: u64 = 1_000_000;
     weighted(members.iter().flat_map(|(p, cs)| {
-        let w = u64::from(to.get(*p).copied().unwrap_or(0)) * scale / cs.len() as u64;
+        let w = u64::from(to.get(*p).copied().unwrap_or(0)) * scale / cs.len().max(1) as u64;
         cs.iter().map(move |c| (*c, w))
     }))
 }
