@@ -26,8 +26,8 @@
 
 pub mod bench;
 pub mod fake_kube;
-pub mod kube;
 pub mod federation;
+pub mod kube;
 pub mod load;
 pub mod netns;
 pub mod probe;
