@@ -240,6 +240,10 @@ impl Credentials {
             cluster,
             trust_domain,
         } = me;
+        // Last, so that a wrong certificate is reported as such first.
+        if !dir.as_os_str().is_empty() {
+            refuse_world_readable(&dir.join(KEY_FILE), &key_path)?;
+        }
         Ok(Credentials {
             anchors,
             chain,
@@ -471,6 +475,35 @@ impl FileSet {
             key: read(KEY_FILE).await?,
         })
     }
+}
+
+/// A private key any local user can read is refused (the mode of the file
+/// a symlink leads to, as in a Secret volume): it is as good as leaked.
+#[cfg(unix)]
+fn refuse_world_readable(path: &Path, shown: &str) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| read_error(path, source))?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        return Err(StoreError::Invalid {
+            path: shown.to_owned(),
+            problem: format!(
+                "the private key is readable by every user (mode {:04o})",
+                mode & 0o7777
+            ),
+            hint: "chmod 600 it (`meshfed-gateway certs` writes keys 0600; on Kubernetes set \
+                   defaultMode: 0400 on the Secret volume)"
+                .to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn refuse_world_readable(_path: &Path, _shown: &str) -> Result<(), StoreError> {
+    Ok(())
 }
 
 fn read_error(path: &Path, source: std::io::Error) -> StoreError {
