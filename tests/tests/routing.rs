@@ -664,3 +664,71 @@ spec:
     // 1,000 connections: ±5 points is over 3.5 standard deviations.
     assert!((a_share - 0.75).abs() < 0.05, "{counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_fault_injection_hits_its_percentages_within_2_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("vs.yaml"),
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    fault:
+      abort: {httpStatus: 418, percentage: {value: 30}}
+      delay: {fixedDelay: 50ms, percentage: {value: 50}}
+",
+    )
+    .unwrap();
+    let (backend, seen) = recording_backend("reviews").await;
+    let eps = dir.path().join("eps.yaml");
+    discovery_file(&eps, &[("reviews.default", vec![(backend, vec![])])]);
+    let gw = GatewayProcess::start(&GatewaySpec {
+        cluster: "east".into(),
+        id: "gw-0".into(),
+        tls_dir: pki.gateway("east", "gw-0"),
+        policy_dir: policy,
+        discovery: Some(eps),
+        tunnel_port: free_udp_port(),
+        work_dir: dir.path().to_path_buf(),
+        extra_args: vec![],
+    });
+    let mut spec = LoadSpec::new(gw.outbound, "reviews", Protocol::Http2);
+    spec.rate = 2_000;
+    spec.duration = Duration::from_millis(u64::from(SAMPLE) * 1000 / 2_000);
+    spec.connections = 16;
+    spec.timeout = Duration::from_secs(5);
+    let r = load::run(spec).await;
+    eprintln!("{r}");
+    let total = r.sent as f64;
+    let aborted = r.status.get(&418).copied().unwrap_or(0) as f64;
+    let ok = r.status.get(&200).copied().unwrap_or(0);
+    assert_eq!(r.sent, r.ok + r.failed, "{r}");
+    assert_eq!(
+        aborted as u64 + ok,
+        r.sent,
+        "only 200s and injected 418s: {r}"
+    );
+    assert!(
+        (100.0 * aborted / total - 30.0).abs() <= 2.0,
+        "aborted {:.2}% of {total} requests, expected 30% ± 2",
+        100.0 * aborted / total
+    );
+    // An aborted request never reaches the backend.
+    assert_eq!(seen.lock().unwrap().len() as u64, ok);
+    // Delays by their effect: a delayed request takes at least its 50 ms
+    // (open-loop over HTTP/2, so a delay holds no other request up).
+    let delayed = r.latency.count_between(50_000, u64::MAX) as f64;
+    let answered = r.latency.len() as f64;
+    assert!(
+        (100.0 * delayed / answered - 50.0).abs() <= 2.0,
+        "{:.2}% of {answered} answers took 50 ms or more, expected 50% ± 2",
+        100.0 * delayed / answered
+    );
+}
