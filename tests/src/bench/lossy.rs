@@ -23,6 +23,14 @@ use crate::federation::Pki;
 use crate::load::{self, LoadSpec, Protocol};
 use crate::relay::Impairment;
 
+/// A system under test: its name, the address callers use, and a reader of
+/// its CPU time.
+type System<'a> = (
+    &'static str,
+    std::net::SocketAddr,
+    Box<dyn Fn() -> u64 + 'a>,
+);
+
 const SEED: u64 = 0x6d65_7368;
 
 /// Runs the scenario.
@@ -67,7 +75,7 @@ pub fn run(ctx: &Context) -> anyhow::Result<Section> {
         } else {
             None
         };
-        let mut systems: Vec<(&str, std::net::SocketAddr, Box<dyn Fn() -> u64 + '_>)> = Vec::new();
+        let mut systems: Vec<System<'_>> = Vec::new();
         systems.push((
             "meshfed (QUIC)",
             meshfed.a.outbound,
