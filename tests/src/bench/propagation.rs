@@ -674,7 +674,7 @@ mod tests {
             )
         };
         let before = Histogram::scrape(&text([1, 1, 1], 0.005));
-        let after = Histogram::scrape(&text([1, 99, 101], 2.005));
+        let after = Histogram::scrape(&text([1, 100, 101], 2.005));
         let d = after.minus(&before);
         assert_eq!(d.count, 100.0);
         assert_eq!(d.quantile_bound_ms(0.5), Some(100.0));
