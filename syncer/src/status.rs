@@ -224,17 +224,21 @@ pub fn compute_rollout(
         }
     }
     let nacked = view.gateways_in(GatewayState::Nacked);
-    let mut pending = view.gateways_in(GatewayState::Pending);
-    // A targeted cluster with no known gateway is not live: nothing there
-    // is known to run the commit (after a syncer restart, until its
-    // gateways reconnect; or a cluster whose gateways are all gone).
-    pending.extend(
-        view.clusters
-            .iter()
-            .filter(|(_, g)| g.is_empty())
-            .map(|(c, _)| format!("{c} (no known gateway)")),
-    );
+    let pending = view.gateways_in(GatewayState::Pending);
     let total: usize = view.clusters.values().map(Vec::len).sum();
+    // Clusters with no known gateway count as live, as the contract says
+    // (every *known* gateway has applied it); they are named in the detail.
+    let unknown: Vec<&str> = view
+        .clusters
+        .iter()
+        .filter(|(_, g)| g.is_empty())
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let unknown = if unknown.is_empty() {
+        String::new()
+    } else {
+        format!("; no known gateway in {}", unknown.join(", "))
+    };
     let targets = acc.clusters.iter().cloned().collect::<Vec<_>>().join(", ");
     (view.state, view.detail) = if !nacked.is_empty() {
         (
@@ -253,7 +257,7 @@ pub fn compute_rollout(
     } else {
         (
             RolloutState::Live,
-            format!("applied by all {total} known gateway(s) of {targets}"),
+            format!("applied by all {total} known gateway(s) of {targets}{unknown}"),
         )
     };
     view

@@ -313,7 +313,12 @@ impl HaproxyPair {
             Ok(path)
         };
         let (a_pem, b_pem) = (pem("east")?, pem("west")?);
-        let ca = pki.gateway("east", "haproxy").join("bundle.pem");
+        // The trust bundle that came with east's credentials, issued above.
+        let ca = pki
+            .dir
+            .join("creds")
+            .join("east-haproxy")
+            .join("bundle.pem");
         let port = || -> anyhow::Result<u16> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
