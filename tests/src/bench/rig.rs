@@ -274,6 +274,22 @@ pub fn haproxy_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A `maxconn` haproxy can honour under this process's open-files limit
+/// (it needs about two descriptors per connection and refuses to start when
+/// it cannot raise the limit it computes), at most 30,000.
+fn haproxy_maxconn() -> u64 {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(1024);
+    (soft.saturating_sub(200) / 2).clamp(100, 30_000)
+}
+
 pub const HAPROXY_MISSING: &str =
     "haproxy is not installed (`apt-get install -y haproxy`); the HAProxy baseline is skipped";
 
@@ -336,8 +352,11 @@ impl HaproxyPair {
         let b_http_dial = relay_http
             .as_ref()
             .map_or(b_http, |r| r.local_addr().port());
-        let common = "global\n  nbthread 1\n  maxconn 30000\n  tune.ssl.default-dh-param 2048\n\
-                      defaults\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n";
+        let common = format!(
+            "global\n  nbthread 1\n  maxconn {}\n  tune.ssl.default-dh-param 2048\n\
+                      defaults\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n",
+            haproxy_maxconn()
+        );
         let a_cfg = format!(
             "{common}\
 frontend a_http\n  mode http\n  bind 127.0.0.1:{a_http}\n  default_backend to_b\n\
