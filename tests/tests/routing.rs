@@ -86,6 +86,27 @@ fn config_version(gw: &GatewayProcess) -> String {
         .to_string()
 }
 
+/// The one gateway of cluster `east` in a single-cluster test: policy from
+/// `policy`, static discovery from `eps`.
+fn east_gateway(
+    dir: &tempfile::TempDir,
+    pki: &Pki,
+    policy: PathBuf,
+    eps: PathBuf,
+    extra_args: Vec<String>,
+) -> GatewayProcess {
+    GatewayProcess::start(&GatewaySpec {
+        cluster: "east".into(),
+        id: "gw-0".into(),
+        tls_dir: pki.gateway("east", "gw-0"),
+        policy_dir: policy,
+        discovery: Some(eps),
+        tunnel_port: free_udp_port(),
+        work_dir: dir.path().to_path_buf(),
+        extra_args,
+    })
+}
+
 /// One cluster, `east`, with reviews v1 and v2 and the seed's policy.
 const SEED_DR: &str = "apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -138,16 +159,7 @@ async fn serial_the_seed_scenario_mobile_to_v2_then_80_20_then_95_5_with_interna
             vec![(v1, vec![("version", "v1")]), (v2, vec![("version", "v2")])],
         )],
     );
-    let gw = GatewayProcess::start(&GatewaySpec {
-        cluster: "east".into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway("east", "gw-0"),
-        policy_dir: policy.clone(),
-        discovery: Some(eps),
-        tunnel_port: free_udp_port(),
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
-    });
+    let gw = east_gateway(&dir, &pki, policy.clone(), eps, vec![]);
     let mobile = [(
         "user-agent",
         "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0) Mobile/15E148",
@@ -482,16 +494,7 @@ spec:
             ("reviews-shadow.default", vec![(mirror, vec![])]),
         ],
     );
-    let gw = GatewayProcess::start(&GatewaySpec {
-        cluster: "east".into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway("east", "gw-0"),
-        policy_dir: policy,
-        discovery: Some(eps),
-        tunnel_port: free_udp_port(),
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
-    });
+    let gw = east_gateway(&dir, &pki, policy, eps, vec![]);
     let r = sample(gw.outbound, "reviews", &[]).await;
     // The caller only ever sees the primary.
     assert_share(&r, "primary", 100.0);
@@ -548,16 +551,7 @@ spec:
     let (backend, seen) = recording_backend("reviews").await;
     let eps = dir.path().join("eps.yaml");
     discovery_file(&eps, &[("reviews.default", vec![(backend, vec![])])]);
-    let gw = GatewayProcess::start(&GatewaySpec {
-        cluster: "east".into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway("east", "gw-0"),
-        policy_dir: policy,
-        discovery: Some(eps),
-        tunnel_port: free_udp_port(),
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
-    });
+    let gw = east_gateway(&dir, &pki, policy, eps, vec![]);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let req = hyper::Request::get(format!("http://{}/v1/items?page=2", gw.outbound))
@@ -632,16 +626,13 @@ spec:
             vec![(a, vec![("pool", "a")]), (b, vec![("pool", "b")])],
         )],
     );
-    let gw = GatewayProcess::start(&GatewaySpec {
-        cluster: "east".into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway("east", "gw-0"),
-        policy_dir: policy,
-        discovery: Some(eps),
-        tunnel_port: free_udp_port(),
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec!["--tcp-port-map".into(), "0=db.default:5432".into()],
-    });
+    let gw = east_gateway(
+        &dir,
+        &pki,
+        policy,
+        eps,
+        vec!["--tcp-port-map".into(), "0=db.default:5432".into()],
+    );
     let mapped = *gw
         .ready
         .iter()
@@ -689,16 +680,7 @@ spec:
     let (backend, seen) = recording_backend("reviews").await;
     let eps = dir.path().join("eps.yaml");
     discovery_file(&eps, &[("reviews.default", vec![(backend, vec![])])]);
-    let gw = GatewayProcess::start(&GatewaySpec {
-        cluster: "east".into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway("east", "gw-0"),
-        policy_dir: policy,
-        discovery: Some(eps),
-        tunnel_port: free_udp_port(),
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
-    });
+    let gw = east_gateway(&dir, &pki, policy, eps, vec![]);
     let mut spec = LoadSpec::new(gw.outbound, "reviews", Protocol::Http2);
     spec.rate = 2_000;
     spec.duration = Duration::from_millis(u64::from(SAMPLE) * 1000 / 2_000);
