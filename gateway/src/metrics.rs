@@ -96,6 +96,8 @@ pub struct Metrics {
     /// The span pipeline (crate::trace).
     pub trace: crate::trace::TraceMetrics,
     config: Family<ConfigLabels, Gauge>,
+    /// Live tokio tasks, sampled when `/metrics` is scraped.
+    runtime_alive_tasks: Gauge,
     config_version: Mutex<String>,
     /// Handshake refusals counted by the TLS verifiers, read at scrape time.
     handshake_refusals: Mutex<Option<RefusalReader>>,
@@ -184,6 +186,12 @@ impl Metrics {
             "The applied snapshot version (value 1)",
             config.clone(),
         );
+        let runtime_alive_tasks = Gauge::default();
+        registry.register(
+            "runtime_alive_tasks",
+            "Tokio tasks alive in the gateway's runtime, sampled at scrape time",
+            runtime_alive_tasks.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -198,6 +206,7 @@ impl Metrics {
             mirrors,
             trace,
             config,
+            runtime_alive_tasks,
             config_version: Mutex::new(String::new()),
             handshake_refusals: Mutex::new(None),
         }
@@ -261,6 +270,13 @@ impl Metrics {
 
     /// The text exposition (OpenMetrics), with per-peer link gauges.
     pub fn encode(&self, links: &[LinkStatus]) -> String {
+        // Scrapes are served on the gateway's runtime; outside one (a unit
+        // test) the gauge keeps its last value.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let n = rt.metrics().num_alive_tasks();
+            self.runtime_alive_tasks
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -319,5 +335,34 @@ impl Metrics {
         }
         s.push_str("# EOF\n");
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    fn alive_tasks(text: &str) -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("meshfed_runtime_alive_tasks "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Scrapes are served on the runtime they count (current-thread here,
+    /// so counts are exact).
+    #[tokio::test]
+    async fn the_alive_tasks_gauge_follows_the_runtime_at_scrape_time() {
+        let m = Metrics::new();
+        let before = alive_tasks(&m.encode(&[])).unwrap_or(-1);
+        assert!(before >= 0, "gauge missing:\n{}", m.encode(&[]));
+        let parked: Vec<_> = (0..5)
+            .map(|_| tokio::spawn(std::future::pending::<()>()))
+            .collect();
+        assert_eq!(alive_tasks(&m.encode(&[])), Some(before + 5));
+        for t in parked {
+            t.abort();
+            let _ = t.await;
+        }
+        assert_eq!(alive_tasks(&m.encode(&[])), Some(before));
     }
 }
