@@ -101,6 +101,9 @@ pub struct Metrics {
     config_version: Mutex<String>,
     /// Handshake refusals counted by the TLS verifiers, read at scrape time.
     handshake_refusals: Mutex<Option<RefusalReader>>,
+    /// Datagrams on the tunnel port no connection gets (tunnel::socket),
+    /// read at scrape time.
+    datagram_drops: Mutex<Option<RefusalReader>>,
 }
 
 /// Reads refusal counters kept elsewhere (by the TLS verifiers).
@@ -209,6 +212,7 @@ impl Metrics {
             runtime_alive_tasks,
             config_version: Mutex::new(String::new()),
             handshake_refusals: Mutex::new(None),
+            datagram_drops: Mutex::new(None),
         }
     }
 
@@ -268,6 +272,13 @@ impl Metrics {
         }
     }
 
+    /// Sets where the tunnel port's dropped datagrams are read from.
+    pub fn set_datagram_drops(&self, read: RefusalReader) {
+        if let Ok(mut g) = self.datagram_drops.lock() {
+            *g = Some(read);
+        }
+    }
+
     /// The text exposition (OpenMetrics), with per-peer link gauges.
     pub fn encode(&self, links: &[LinkStatus]) -> String {
         // Scrapes are served on the gateway's runtime; outside one (a unit
@@ -295,6 +306,21 @@ impl Metrics {
                 let _ = writeln!(
                     s,
                     "meshfed_handshake_refusals_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        if let Ok(g) = self.datagram_drops.lock()
+            && let Some(read) = g.as_ref()
+        {
+            let _ = writeln!(
+                s,
+                "# HELP meshfed_udp_datagrams_dropped Datagrams on the tunnel's UDP port that no connection gets, by reason."
+            );
+            let _ = writeln!(s, "# TYPE meshfed_udp_datagrams_dropped counter");
+            for (reason, n) in (read.0)() {
+                let _ = writeln!(
+                    s,
+                    "meshfed_udp_datagrams_dropped_total{{reason=\"{reason}\"}} {n}"
                 );
             }
         }

@@ -222,6 +222,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let r = refusals.clone();
     metrics.set_handshake_refusals(RefusalReader(Box::new(move || r.snapshot())));
+    let d = tunnel.datagram_drops();
+    metrics.set_datagram_drops(RefusalReader(Box::new(move || d.snapshot())));
     let state = Gateway::new(
         cfg.cluster.clone(),
         cfg.gateway_id.clone(),

@@ -13,6 +13,7 @@
 pub mod announce;
 pub mod frame;
 pub mod link;
+pub mod socket;
 
 /// The UDP port the tunnel listens on by default, as Istio's east-west
 /// gateway does for cross-network traffic.

@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 
 use super::announce::Announcement;
 use super::frame::{self, Frame};
+use super::socket::{ClassifyingSocket, DatagramDrops};
 
 /// Timing and sizing of links.
 #[derive(Debug, Clone)]
@@ -255,6 +256,8 @@ pub struct Tunnel {
     /// When the last peer stream arrived, for draining.
     last_stream: Mutex<Option<Instant>>,
     draining: AtomicBool,
+    /// Datagrams on the tunnel port that no connection gets.
+    datagram_drops: Arc<DatagramDrops>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -297,7 +300,21 @@ impl Tunnel {
         identify: Identify,
     ) -> std::io::Result<Arc<Self>> {
         let (server, client) = quinn_configs(server, client, &settings)?;
-        let endpoint = Endpoint::server(server, addr)?;
+        // Connection IDs are keyed so that the socket can tell ours from
+        // garbage (tunnel::socket). The key is fresh per process, as quinn's
+        // stateless-reset key is: a restarted gateway knows neither its old
+        // IDs nor their reset tokens, so nothing is lost.
+        let cid_key: u64 = rand::random();
+        let datagram_drops = Arc::new(DatagramDrops::default());
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, std::net::UdpSocket::bind(addr)?)?;
+        let socket = ClassifyingSocket::new(socket, cid_key, datagram_drops.clone());
+        let endpoint = Endpoint::new_with_abstract_socket(
+            super::socket::endpoint_config(cid_key),
+            Some(server),
+            Arc::new(socket),
+            runtime,
+        )?;
         Ok(Arc::new(Tunnel {
             endpoint,
             settings,
@@ -308,7 +325,13 @@ impl Tunnel {
             serving: Arc::new(AtomicI64::new(0)),
             last_stream: Mutex::new(None),
             draining: AtomicBool::new(false),
+            datagram_drops,
         }))
+    }
+
+    /// The counts of datagrams on the tunnel port that no connection gets.
+    pub fn datagram_drops(&self) -> Arc<DatagramDrops> {
+        self.datagram_drops.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
