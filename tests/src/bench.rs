@@ -2,7 +2,8 @@
 //! which starts what it measures itself (real binaries on loopback) and
 //! returns a [`Section`]: a markdown table for people and JSON for tools.
 //! [`write_results`] puts them under the results directory (`bench-results/`
-//! by default, ignored by Git).
+//! by default, ignored by Git), with an SVG plot drawn from the JSON where
+//! the scenario has one ([`plot`]).
 //!
 //! Adding a scenario: write `fn run(&Context) -> anyhow::Result<Section>` in
 //! a module of its own under `bench/`, and list it in [`scenarios`]. A
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub mod dataplane;
 pub mod lossy;
+pub mod plot;
 pub mod propagation;
 pub mod rig;
 pub mod validation;
@@ -205,8 +207,11 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores{mem}, {}", std::env::consts::OS)
 }
 
-/// Writes every section to `dir`: `<scenario>.md` and `<scenario>.json`,
-/// and `report.md` with all of them; returns the report's path.
+/// Writes every section to `dir`: `<scenario>.md`, `<scenario>.json` and,
+/// where the scenario has a plot, `<scenario>.svg` (embedded in both
+/// markdown files), and `report.md` with all of them; returns the report's
+/// path. A plot that cannot be drawn is a warning, on stderr and in the
+/// report, never an error: the numbers are written regardless.
 pub fn write_results(dir: &Path, quick: bool, sections: &[Section]) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let mut report = format!(
@@ -224,10 +229,19 @@ pub fn write_results(dir: &Path, quick: bool, sections: &[Section]) -> std::io::
         }
     );
     for s in sections {
-        std::fs::write(dir.join(format!("{}.md", s.scenario)), &s.markdown)?;
         let json = serde_json::to_vec_pretty(&s.json).map_err(std::io::Error::other)?;
         std::fs::write(dir.join(format!("{}.json", s.scenario)), json)?;
-        let _ = write!(report, "## {}\n\n{}\n", s.title, s.markdown);
+        let plot = match plot::write(dir, s) {
+            Ok(Some(_)) => format!("\n![{}]({}.svg)\n", s.title, s.scenario),
+            Ok(None) => String::new(),
+            Err(e) => {
+                eprintln!("meshfed-bench: warning: no plot for {}: {e:#}", s.scenario);
+                format!("\n*No plot: {e:#}.*\n")
+            }
+        };
+        let markdown = format!("{}{plot}", s.markdown);
+        std::fs::write(dir.join(format!("{}.md", s.scenario)), &markdown)?;
+        let _ = write!(report, "## {}\n\n{markdown}\n", s.title);
     }
     let path = dir.join("report.md");
     std::fs::write(&path, report)?;
