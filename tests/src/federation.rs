@@ -83,10 +83,14 @@ impl Pki {
         ca
     }
 
-    /// Credentials for a gateway.
+    /// Credentials for a gateway, issued on the first call for this
+    /// (cluster, id) and reused afterwards, like [`Pki::cluster_ca`].
     pub fn gateway(&self, cluster: &str, id: &str) -> PathBuf {
         let ca = self.cluster_ca(cluster);
         let out = self.dir.join("creds").join(format!("{cluster}-{id}"));
+        if out.join("key.pem").exists() {
+            return out;
+        }
         certs(&[
             "gateway",
             "--ca",

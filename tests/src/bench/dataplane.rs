@@ -307,8 +307,10 @@ pub fn cost(ctx: &Context) -> anyhow::Result<Section> {
     // 10,000 open streams on one link.
     let limit = rig::nofile_limit();
     let want: usize = if ctx.quick { 200 } else { 10_000 };
-    // This process holds one socket per stream, plus slack.
-    let streams = want.min(limit.saturating_sub(200) as usize);
+    // This process holds two sockets per stream (the caller's end and the
+    // in-process sink's accepted end), plus slack: past the limit the sink
+    // cannot accept, /proc cannot be read, and the row would be garbage.
+    let streams = want.min((limit.saturating_sub(300) / 2) as usize);
     let mut st = Table::new(&[
         "system",
         "streams",

@@ -88,13 +88,22 @@ fn main() -> ExitCode {
         .filter(|s| cli.scenarios.is_empty() || cli.scenarios.iter().any(|n| n == s.name))
     {
         eprintln!("== {}", s.name);
-        match (s.run)(&ctx) {
-            Ok(section) => {
+        // A scenario that panics (a harness assertion, a process that would
+        // not start) is reported like one that failed, and the others run.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (s.run)(&ctx))) {
+            Ok(Ok(section)) => {
                 println!("## {}\n\n{}", section.title, section.markdown);
                 sections.push(section);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 eprintln!("meshfed-bench: scenario {} failed: {e:#}", s.name);
+                failed = true;
+            }
+            Err(_) => {
+                eprintln!(
+                    "meshfed-bench: scenario {} panicked (message above); going on with the rest",
+                    s.name
+                );
                 failed = true;
             }
         }
