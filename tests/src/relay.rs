@@ -116,6 +116,9 @@ pub struct RelayStats {
     pub lost: u64,
     /// Datagrams dropped because of an outage (UDP only).
     pub outage_dropped: u64,
+    /// UDP flows opened: one per client address, plus one per client after
+    /// each [`Relay::rebind`].
+    pub flows: u64,
 }
 
 /// A running relay; dropping it stops it.
@@ -143,6 +146,10 @@ struct Shared {
     forwarded: AtomicU64,
     lost: AtomicU64,
     outage_dropped: AtomicU64,
+    flows: AtomicU64,
+    /// Bumped by [`Relay::rebind`]; the UDP loop drops its flows when it
+    /// sees a new value.
+    generation: AtomicU64,
 }
 
 impl Shared {
@@ -201,6 +208,8 @@ impl Relay {
             forwarded: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             outage_dropped: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -246,12 +255,21 @@ impl Relay {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = impairment;
     }
 
+    /// A NAT rebinding (UDP): every flow's upstream socket is closed, and
+    /// the next datagram from each client opens a new one, so the upstream
+    /// sees the same peer arrive from a new source port. Replies to the old
+    /// port are lost, as behind a NAT whose mapping changed.
+    pub fn rebind(&self) {
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> RelayStats {
         RelayStats {
             forwarded: self.shared.forwarded.load(Ordering::Relaxed),
             lost: self.shared.lost.load(Ordering::Relaxed),
             outage_dropped: self.shared.outage_dropped.load(Ordering::Relaxed),
+            flows: self.shared.flows.load(Ordering::Relaxed),
         }
     }
 }
@@ -409,7 +427,8 @@ async fn udp_main(
     local
         .run_until(async move {
             let seed = shared.impairment().seed;
-            let mut flows: HashMap<SocketAddr, UdpDirection> = HashMap::new();
+            let mut flows: HashMap<SocketAddr, UdpFlow> = HashMap::new();
+            let mut generation = shared.generation.load(Ordering::SeqCst);
             let mut buf = vec![0u8; 65536];
             loop {
                 let (n, client) = tokio::select! {
@@ -420,10 +439,16 @@ async fn udp_main(
                         Err(_) => continue,
                     },
                 };
+                let now = shared.generation.load(Ordering::SeqCst);
+                if now != generation {
+                    generation = now;
+                    // Dropping a flow aborts its reply reader, which closes
+                    // the old upstream socket.
+                    flows.clear();
+                }
                 if !flows.contains_key(&client) {
-                    match udp_flow(&socket, client, upstream, &shared, seed, flows.len() as u64)
-                        .await
-                    {
+                    let flow = shared.flows.load(Ordering::Relaxed);
+                    match udp_flow(&socket, client, upstream, &shared, seed, flow).await {
                         Ok(dir) => {
                             flows.insert(client, dir);
                         }
@@ -433,16 +458,28 @@ async fn udp_main(
                         }
                     }
                 }
-                if let Some(dir) = flows.get_mut(&client) {
-                    dir.offer(&shared, buf[..n].to_vec());
+                if let Some(flow) = flows.get_mut(&client) {
+                    flow.forward.offer(&shared, buf[..n].to_vec());
                 }
             }
         })
         .await;
 }
 
-/// Opens the upstream socket of a new client and starts both directions;
-/// returns the client → upstream direction.
+/// One client's flow: its direction toward the upstream, and the task that
+/// reads the upstream's replies (which owns the upstream socket).
+struct UdpFlow {
+    forward: UdpDirection,
+    replies: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.replies.abort();
+    }
+}
+
+/// Opens the upstream socket of a new client and starts both directions.
 async fn udp_flow(
     socket: &Arc<UdpSocket>,
     client: SocketAddr,
@@ -450,7 +487,7 @@ async fn udp_flow(
     shared: &Arc<Shared>,
     seed: u64,
     flow: u64,
-) -> io::Result<UdpDirection> {
+) -> io::Result<UdpFlow> {
     let bind: SocketAddr = if upstream.is_ipv4() {
         "0.0.0.0:0".parse().map_err(io::Error::other)?
     } else {
@@ -476,8 +513,9 @@ async fn udp_flow(
             })
         })
     };
+    shared.flows.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::clone(shared);
-    tokio::task::spawn_local(async move {
+    let replies = tokio::task::spawn_local(async move {
         let mut buf = vec![0u8; 65536];
         loop {
             match up.recv(&mut buf).await {
@@ -486,7 +524,7 @@ async fn udp_flow(
             }
         }
     });
-    Ok(forward)
+    Ok(UdpFlow { forward, replies })
 }
 
 // ---------------------------------------------------------------- TCP ----

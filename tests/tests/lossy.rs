@@ -1,8 +1,9 @@
 //! Lossy and intermittent links: east reaches west's gateway only through
 //! the user-space impairment relay (`meshfed_tests::relay`, fixed seed),
 //! since `tc netem` is unavailable here. Real gateways, real QUIC. And a
-//! NAT rebinding: a peer (the test double of `support/peer.rs`) whose
-//! source address changes under an open stream.
+//! NAT rebinding: the relay moving east's link to a new source port under
+//! an open stream, and a peer (the test double of `support/peer.rs`) whose
+//! own socket moves.
 //!
 //! Runs in nextest's `serial` group: it measures deadlines.
 
@@ -120,6 +121,72 @@ async fn serial_after_a_10s_outage_the_link_is_back_within_1s_of_reachability() 
     let back = back.expect("the link did not come back within 10 s");
     eprintln!("link back {back:?} after the path returned");
     assert!(back <= Duration::from_secs(1), "link back after {back:?}");
+}
+
+/// A NAT rebinding between two real gateways: the relay on east's path to
+/// west closes its upstream socket in the middle of a request, so west
+/// sees east's link arrive from a new source port (replies to the old one
+/// are lost, as behind a NAT whose mapping changed). West validates the
+/// new path and the open stream finishes: the backend gets the whole body,
+/// and the link never goes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_an_open_stream_between_real_gateways_survives_a_nat_rebinding() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = linked(Impairment::seeded(5)).await;
+    assert_eq!(l.relay.stats().flows, 1);
+    let mut caller = tokio::net::TcpStream::connect(l.east.outbound)
+        .await
+        .unwrap();
+    caller
+        .write_all(b"POST / HTTP/1.1\r\nhost: ratings\r\ncontent-length: 2000\r\n\r\n")
+        .await
+        .unwrap();
+    caller.write_all(&[b'a'; 1000]).await.unwrap();
+    // The first half is on its way (or across); the request is open
+    // either way, since west's backend answers only after the whole body.
+    let forwarded = l.relay.stats().forwarded;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while l.relay.stats().forwarded < forwarded + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    l.relay.rebind();
+    caller.write_all(&[b'b'; 1000]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = caller.read(&mut chunk).await.unwrap();
+            answer.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if n == 0 || text.contains("ratings-west:") && text.ends_with(char::is_numeric) {
+                return;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer).to_string();
+    assert!(read.is_ok(), "no whole answer within 10 s: {text:?}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("ratings-west:2000"), "{text}");
+    assert_eq!(
+        l.relay.stats().flows,
+        2,
+        "the second half crossed from a new source port"
+    );
+    assert_eq!(l.east.links_up("west"), 1, "the link stayed up");
+    // And new calls keep going over the moved link.
+    let p = Prober::start(
+        l.east.outbound,
+        "ratings",
+        Duration::from_millis(20),
+        Duration::from_secs(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = p.stop().await;
+    assert!(
+        !samples.is_empty() && samples.iter().all(|s| s.ok()),
+        "{samples:?}"
+    );
 }
 
 /// A NAT rebinding, as the destination sees it: the source's address
