@@ -12,7 +12,8 @@
 //!   Gitea's / Forgejo's `X-Gitea-Signature` / `X-Forgejo-Signature` (hex
 //!   HMAC-SHA256), GitLab's `X-Gitlab-Token` (the secret itself). All
 //!   comparisons are constant-time. Every signature header present must
-//!   verify; none present is a refusal.
+//!   verify; none present is a refusal. The parsing and verification live
+//!   in [`webhook`], a light module the fuzz target compiles on its own.
 //!
 //! It does not own the HTTP listener the webhook route is mounted on
 //! ([`crate::status`]) or the fetch itself ([`crate::git`]).
@@ -21,14 +22,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderMap;
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, watch};
 
 use crate::git::Secret;
 use crate::pipeline::{Pipeline, SyncOutcome};
+
+pub mod webhook;
+
+pub use webhook::{Provider, WebhookError, github_signature, hmac_hex, pushed_ref};
 
 /// The poll interval when none is configured.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
@@ -100,101 +102,11 @@ pub async fn run<S: SyncOnce>(
     }
 }
 
-/// The webhook providers whose signatures are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Provider {
-    GitHub,
-    GitLab,
-    Gitea,
-}
-
-impl Provider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::GitHub => "github",
-            Provider::GitLab => "gitlab",
-            Provider::Gitea => "gitea",
-        }
-    }
-}
-
-/// Why a webhook request is refused (all map to 401).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WebhookError {
-    #[error(
-        "no signature header (X-Hub-Signature-256, X-Gitea-Signature, X-Forgejo-Signature or X-Gitlab-Token)"
-    )]
-    Missing,
-    #[error("the {} signature does not match", .0.as_str())]
-    Forged(Provider),
-    #[error("the {} signature header is malformed", .0.as_str())]
-    Malformed(Provider),
-}
-
 /// Verifies a webhook request against the shared secret; returns the
-/// provider whose header came first (GitHub, Gitea, GitLab order).
+/// provider whose header came first (GitHub, Gitea, GitLab order). The
+/// rules are in [`webhook::verify`].
 pub fn verify(secret: &Secret, headers: &HeaderMap, body: &[u8]) -> Result<Provider, WebhookError> {
-    let key = secret.expose().as_bytes();
-    let mut first = None;
-    if let Some(v) = headers.get("x-hub-signature-256") {
-        let p = Provider::GitHub;
-        let hex_sig = v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().strip_prefix("sha256="))
-            .ok_or(WebhookError::Malformed(p))?;
-        check_hmac(key, body, hex_sig, p)?;
-        first.get_or_insert(p);
-    }
-    for name in ["x-gitea-signature", "x-forgejo-signature"] {
-        if let Some(v) = headers.get(name) {
-            let p = Provider::Gitea;
-            let hex_sig = v.to_str().map_err(|_| WebhookError::Malformed(p))?;
-            check_hmac(key, body, hex_sig.trim(), p)?;
-            first.get_or_insert(p);
-        }
-    }
-    if let Some(v) = headers.get("x-gitlab-token") {
-        let p = Provider::GitLab;
-        // GitLab sends the secret itself; compare in constant time (only
-        // the length can leak, as with any fixed secret).
-        if !bool::from(v.as_bytes().ct_eq(key)) {
-            return Err(WebhookError::Forged(p));
-        }
-        first.get_or_insert(p);
-    }
-    first.ok_or(WebhookError::Missing)
-}
-
-fn check_hmac(key: &[u8], body: &[u8], hex_sig: &str, p: Provider) -> Result<(), WebhookError> {
-    let sig = hex::decode(hex_sig).map_err(|_| WebhookError::Malformed(p))?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| WebhookError::Malformed(p))?;
-    mac.update(body);
-    // `verify_slice` compares in constant time.
-    mac.verify_slice(&sig).map_err(|_| WebhookError::Forged(p))
-}
-
-/// The `ref` a push event names, if the body is a JSON push event
-/// (GitHub, GitLab and Gitea all use `"ref": "refs/heads/main"`).
-pub fn pushed_ref(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("ref")?.as_str().map(str::to_string)
-}
-
-/// `sha256=<hex>` for a body, as GitHub signs it; for tests and tools.
-pub fn github_signature(secret: &[u8], body: &[u8]) -> String {
-    format!("sha256={}", hmac_hex(secret, body))
-}
-
-/// Hex HMAC-SHA256 of a body, as Gitea signs it.
-pub fn hmac_hex(secret: &[u8], body: &[u8]) -> String {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => return String::new(),
-    };
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    webhook::verify(secret.expose().as_bytes(), headers, body)
 }
 
 #[cfg(test)]
