@@ -446,21 +446,22 @@ async fn udp_main(
                     // the old upstream socket.
                     flows.clear();
                 }
-                if !flows.contains_key(&client) {
-                    let flow = shared.flows.load(Ordering::Relaxed);
-                    match udp_flow(&socket, client, upstream, &shared, seed, flow).await {
-                        Ok(dir) => {
-                            flows.insert(client, dir);
-                        }
-                        Err(e) => {
-                            eprintln!("relay: cannot open an upstream socket for {client}: {e}");
-                            continue;
+                let flow = match flows.entry(client) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let id = shared.flows.load(Ordering::Relaxed);
+                        match udp_flow(&socket, client, upstream, &shared, seed, id).await {
+                            Ok(flow) => e.insert(flow),
+                            Err(e) => {
+                                eprintln!(
+                                    "relay: cannot open an upstream socket for {client}: {e}"
+                                );
+                                continue;
+                            }
                         }
                     }
-                }
-                if let Some(flow) = flows.get_mut(&client) {
-                    flow.forward.offer(&shared, buf[..n].to_vec());
-                }
+                };
+                flow.forward.offer(&shared, buf[..n].to_vec());
             }
         })
         .await;
