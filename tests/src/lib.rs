@@ -16,6 +16,8 @@
 //!   with the `git` CLI, with lightweight in-process config subscribers;
 //! - [`fake_kube`] is a fake Kubernetes API server at the HTTP level (the
 //!   suite's one fake: no real API server can run here);
+//! - [`soak`] is the soak's echo backend, stream fleet and `/proc`
+//!   readings;
 //! - [`bench`] is the benchmark harness's scenarios (the `meshfed-bench`
 //!   binary).
 //!
@@ -32,6 +34,7 @@ pub mod load;
 pub mod netns;
 pub mod probe;
 pub mod relay;
+pub mod soak;
 pub mod syncer;
 
 use std::ffi::OsStr;
