@@ -170,6 +170,18 @@ struct Cli {
           value_parser = parse_duration)]
     drain_timeout: Duration,
 
+    /// How long a caller connection of the outbound listener may go without
+    /// a request. HTTP/1: from when it waits for a request head until the
+    /// head is complete (slowloris), which also bounds a kept-alive
+    /// connection's idle time. HTTP/2: with no request in flight; it is then
+    /// closed with GOAWAY (and dropped up to 5 s later if the caller does not
+    /// answer). Counted in meshfed_refusals_total{stage="listener"} as
+    /// `header-timeout`, or `idle-timeout` for an HTTP/2 connection that had
+    /// served requests.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_HEADER_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    header_timeout: Duration,
+
     /// Local callers: `plaintext` (TLS from callers is routed by SNI,
     /// untouched), or `mutual` (TLS callers present a workload certificate of
     /// this cluster; its identity travels to the destination). Whether
@@ -474,6 +486,7 @@ fn main() -> ExitCode {
         admin_token,
         ready_file: cli.ready_file,
         drain_timeout: cli.drain_timeout,
+        header_timeout: cli.header_timeout,
         outbound_mutual_tls: cli.outbound_tls == OutboundTls::Mutual,
         tcp_maps: cli.tcp_port_map,
         tracing: meshfed_gateway::trace::Settings {

@@ -55,6 +55,9 @@ pub struct RunConfig {
     pub admin_token: Option<String>,
     pub ready_file: Option<PathBuf>,
     pub drain_timeout: Duration,
+    /// How long a caller connection of the outbound listener may go without
+    /// a request head (HTTP/1) or a request in flight (HTTP/2).
+    pub header_timeout: Duration,
     pub policy: Options,
     /// Local callers must present workload certificates of this cluster.
     pub outbound_mutual_tls: bool,
@@ -287,6 +290,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         outbound,
         stop_rx,
         cfg.drain_timeout,
+        cfg.header_timeout,
     ));
     tokio::spawn(admin::serve(
         state.clone(),

@@ -388,6 +388,138 @@ async fn a_slowloris_caller_is_cut_at_the_header_read_timeout_and_counted() {
     });
 }
 
+/// HTTP/2's answer to slowloris: a caller that sends the connection
+/// preface and an empty SETTINGS, then nothing, has no request in flight;
+/// at the header timeout (`--header-timeout 1s` here) the gateway sends
+/// GOAWAY, and since the caller does not answer the GOAWAY's PING, drops
+/// the connection at most the timeout later (5 s with the default 30 s).
+/// The listener counts it as `header-timeout`, as it does HTTP/1's. The
+/// same for a caller that stalls inside a request's header block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_that_sends_the_preface_and_stalls_gets_goaway_and_is_cut_at_the_header_timeout()
+ {
+    let (backend, _b) = http_backend("ratings-west").await;
+    let (_dir, east, _west) = two_clusters(
+        "ratings",
+        backend,
+        vec!["--header-timeout".into(), "1s".into()],
+    );
+    // The preface and an empty SETTINGS; then, on a second connection, the
+    // same and a request's HEADERS without END_HEADERS (its CONTINUATION
+    // never comes): h2 has no request until the header block is complete.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let open_headers: &[u8] = b"\0\0\x01\x01\x01\0\0\0\x01\x82";
+    for (n, extra) in [&[][..], open_headers].into_iter().enumerate() {
+        let before = east.metric("meshfed_refusals_total", &["listener", "header-timeout"]);
+        let mut s = TcpStream::connect(east.outbound).unwrap();
+        s.write_all(&[PREFACE, extra].concat()).unwrap();
+        let started = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        // Read frames until the gateway closes: 9-byte headers, type at [3].
+        let mut bytes = Vec::new();
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("not closed after {:?}: {e}", started.elapsed()),
+            }
+        }
+        let closed_after = started.elapsed();
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at + 9 <= bytes.len() {
+            let len = usize::from(bytes[at]) << 16
+                | usize::from(bytes[at + 1]) << 8
+                | usize::from(bytes[at + 2]);
+            types.push(bytes[at + 3]);
+            at += 9 + len;
+        }
+        eprintln!(
+            "stalled HTTP/2 caller #{n} closed after {closed_after:?}; frame types {types:?}"
+        );
+        assert!(
+            types.contains(&0x7),
+            "no GOAWAY before the close: {types:?}"
+        );
+        assert!(
+            closed_after >= Duration::from_millis(900) && closed_after <= Duration::from_secs(6),
+            "closed after {closed_after:?}; timeout 1 s, then at most 1 s for the GOAWAY"
+        );
+        meshfed_tests::assert_eventually("the listener counts it", Duration::from_secs(5), || {
+            east.metric("meshfed_refusals_total", &["listener", "header-timeout"]) >= before + 1.0
+        });
+    }
+    assert_eq!(call(&east), (200, "ratings-west".into()));
+}
+
+/// The header timeout bounds only HTTP/2 connections with nothing in
+/// flight: with `--header-timeout 1s`, a request that takes 3 s at the
+/// backend completes on its live connection, and a second one follows on
+/// it. Once idle, the connection is closed with GOAWAY (the client answers
+/// its PING, so it ends cleanly) and counted as `idle-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_with_a_long_request_in_flight_is_not_cut_and_is_closed_once_idle() {
+    let (backend, _b) = serve_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        hyper::Response::builder()
+            .header("x-served-by", "ratings-west")
+            .body(http_body_util::Full::new(bytes::Bytes::from("ok")))
+            .unwrap()
+    })
+    .await;
+    let (_dir, east, _west) = two_clusters(
+        "ratings",
+        backend,
+        vec!["--header-timeout".into(), "1s".into()],
+    );
+    let idle_before = east.metric("meshfed_refusals_total", &["listener", "idle-timeout"]);
+    let header_before = east.metric("meshfed_refusals_total", &["listener", "header-timeout"]);
+    let tcp = tokio::net::TcpStream::connect(east.outbound).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::spawn(conn);
+    for path in ["/slow", "/"] {
+        let started = Instant::now();
+        let req = hyper::Request::get(format!("http://ratings.default:9080{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["x-served-by"], "ratings-west");
+        let took = started.elapsed();
+        eprintln!("{path} answered after {took:?} on the same connection");
+        assert!(path != "/slow" || took >= Duration::from_millis(2900));
+    }
+    let idle_from = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut conn)
+        .await
+        .expect("the idle connection was never closed")
+        .unwrap();
+    let closed_after = idle_from.elapsed();
+    eprintln!("idle HTTP/2 connection closed after {closed_after:?}: {ended:?}");
+    assert!(ended.is_ok(), "not a clean GOAWAY close: {ended:?}");
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after <= Duration::from_secs(6),
+        "closed after {closed_after:?} idle; timeout 1 s"
+    );
+    meshfed_tests::assert_eventually("the listener counts it", Duration::from_secs(5), || {
+        east.metric("meshfed_refusals_total", &["listener", "idle-timeout"]) >= idle_before + 1.0
+    });
+    assert_eq!(
+        east.metric("meshfed_refusals_total", &["listener", "header-timeout"]),
+        header_before,
+        "an idle connection is not a header timeout"
+    );
+}
+
 /// 0-RTT: the tunnel's TLS issues no session tickets (docs/tunnel.md), so
 /// no peer can ever send a request as early data, idempotent or not. A
 /// client that wants 0-RTT (resumption on, early data on) connects twice:

@@ -10,10 +10,18 @@
 //!
 //! Each HTTP request loads the active snapshot once, routes, and goes either
 //! to a local endpoint or over a link to the chosen cluster's gateway.
+//!
+//! A caller connection with no request in flight is bounded by the header
+//! timeout (`--header-timeout`, 30 s): HTTP/1 by hyper's header-read timer,
+//! HTTP/2 (and a connection that has not yet said which it speaks) by
+//! [`idle`], which closes it with GOAWAY, as Envoy's idle timeout does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode, Uri, header};
@@ -22,8 +30,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
@@ -36,12 +45,19 @@ use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
 /// treated as opaque TCP.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long an HTTP/1 caller has to send a whole request head, from the
-/// moment the connection waits for one (so also how long a kept-alive
-/// connection may sit idle). hyper applies its own 30 s default only with
-/// a timer, which the listener did not set: a slowloris client could hold
-/// a connection and its task forever. 30 s is hyper's documented default.
+/// The default header timeout (`--header-timeout`). HTTP/1: how long a
+/// caller has to send a whole request head, from the moment the connection
+/// waits for one (so also how long a kept-alive connection may sit idle);
+/// hyper applies its own 30 s default only with a timer, which the listener
+/// did not set: a slowloris client could hold a connection and its task
+/// forever. HTTP/2: how long a connection may have no request in flight
+/// ([`idle`]). 30 s is hyper's documented default.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After an idle HTTP/2 connection is sent GOAWAY, how long a caller that
+/// does not answer it (h2 waits for the PING it sends with the GOAWAY) may
+/// keep the connection, at most; less when the header timeout is shorter.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 /// Who called, as far as the listener knows.
 #[derive(Debug, Clone, Default)]
@@ -56,14 +72,19 @@ pub struct Caller {
 /// Serves the outbound listener until `stop` turns true; then stops
 /// accepting, asks every HTTP connection to close gracefully (HTTP/1.1 after
 /// its current response, HTTP/2 with GOAWAY) and waits for them, at most
-/// `drain`.
+/// `drain`. `header_timeout` bounds connections with no request in flight
+/// (`--header-timeout`, [`HEADER_READ_TIMEOUT`] by default).
 pub async fn serve(
     state: Arc<Gateway>,
     listener: TcpListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     drain: Duration,
+    header_timeout: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Each connection holds a receiver: a send asks them all to close
+    // gracefully, and `closed` resolves when every one has (hyper-util's
+    // GracefulShutdown, whose signal serve_http needs beside its own).
+    let (graceful, _) = watch::channel(());
     loop {
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -77,7 +98,10 @@ pub async fn serve(
             _ = stop.changed() => break,
         };
         let state = state.clone();
-        let watcher = graceful.watcher();
+        let watcher = Watcher {
+            drain: graceful.subscribe(),
+            header_timeout,
+        };
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let caller = Caller {
@@ -100,7 +124,8 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let _ = graceful.send(());
+    if tokio::time::timeout(drain, graceful.closed())
         .await
         .is_err()
     {
@@ -201,7 +226,7 @@ async fn handle_mutual(
     state: Arc<Gateway>,
     stream: TcpStream,
     mut caller: Caller,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
     tls: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -239,40 +264,295 @@ async fn handle_mutual(
     serve_http(state, caller, tls_stream, watcher).await;
 }
 
+/// What a caller connection gets from the listener: the drain signal and
+/// the header timeout.
+#[derive(Debug)]
+struct Watcher {
+    drain: watch::Receiver<()>,
+    header_timeout: Duration,
+}
+
 /// Serves HTTP/1.1 and HTTP/2 (with CONNECT upgrades) on one caller
-/// connection, under the drain watcher.
-async fn serve_http<I>(
-    state: Arc<Gateway>,
-    caller: Caller,
-    io: I,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
+/// connection, under the drain signal and the header timeout.
+async fn serve_http<I>(state: Arc<Gateway>, caller: Caller, io: I, watcher: Watcher)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Watcher {
+        mut drain,
+        header_timeout,
+    } = watcher;
+    let addr = caller.addr;
     let caller = Arc::new(caller);
-    let state_metrics = state.clone();
-    let state_metrics = &state_metrics.metrics;
-    let svc = service_fn(move |req| {
-        let state = state.clone();
-        let caller = caller.clone();
-        async move { Ok::<_, Infallible>(handle_http(state, caller, req).await) }
-    });
+    let metrics = state.clone();
+    let metrics = &metrics.metrics;
+    let activity = Arc::new(Activity::new());
+    let io = Sniff {
+        io,
+        matched: 0,
+        activity: activity.clone(),
+    };
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |mut req: Request<Incoming>| {
+            let state = state.clone();
+            let caller = caller.clone();
+            let in_flight = InFlight::new(&activity);
+            let h2 = req.version() == http::Version::HTTP_2;
+            if h2 && req.method() == Method::CONNECT {
+                // The tunnel outlives the response; connect() holds this.
+                req.extensions_mut().insert(in_flight.clone());
+            }
+            async move {
+                let resp = handle_http(state, caller, req).await;
+                // HTTP/1 is not timed by `idle`: no need to hold its body.
+                Ok::<_, Infallible>(if h2 {
+                    resp.map(|b| Held::boxed(b, in_flight))
+                } else {
+                    resp
+                })
+            }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+        .header_read_timeout(header_timeout);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let idle_close = idle(&activity, header_timeout);
+    tokio::pin!(idle_close);
+    // After GOAWAY: how long with nothing in flight before the connection is
+    // dropped, for a caller that does not answer the GOAWAY's PING.
+    let hard_close = idle(&activity, header_timeout.min(GOAWAY_GRACE));
+    tokio::pin!(hard_close);
+    let (mut draining, mut idle_closed) = (false, false);
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle_close, if !idle_closed => {
+                idle_closed = true;
+                let reason = if activity.served.load(Ordering::Relaxed) {
+                    "idle-timeout"
+                } else {
+                    "header-timeout"
+                };
+                metrics.refused("listener", reason);
+                tracing::debug!(caller = ?addr, reason, "closing an idle HTTP/2 caller connection with GOAWAY");
+                // The grace runs from the GOAWAY.
+                activity.stamp_idle();
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut hard_close, if idle_closed => break Ok(()),
+        }
+    };
+    if let Err(e) = result {
         let timed_out = e
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_timeout);
         if timed_out {
-            state_metrics.refused("listener", "header-timeout");
+            metrics.refused("listener", "header-timeout");
         }
         tracing::debug!(error = %e, timed_out, "outbound HTTP connection ended with an error");
+    }
+}
+
+/// The HTTP/2 connection preface, by which [`Sniff`] tells the protocol.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a caller connection has spoken and has in flight, for [`idle`].
+#[derive(Debug)]
+struct Activity {
+    /// [`UNKNOWN`], [`HTTP2`] or [`HTTP1`], from the first bytes.
+    protocol: AtomicU8,
+    /// Requests whose response has not ended (and CONNECT tunnels).
+    in_flight: AtomicUsize,
+    /// When `in_flight` last fell to 0: nanoseconds since `start`.
+    idle_since: AtomicU64,
+    /// Whether any request arrived.
+    served: AtomicBool,
+    start: Instant,
+}
+
+const UNKNOWN: u8 = 0;
+const HTTP2: u8 = 1;
+const HTTP1: u8 = 2;
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            protocol: AtomicU8::new(UNKNOWN),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            served: AtomicBool::new(false),
+            start: Instant::now(),
+        }
+    }
+
+    /// Marks now as the start of an idle period (if nothing is in flight).
+    fn stamp_idle(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.idle_since.fetch_max(nanos, Ordering::AcqRel);
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.start + Duration::from_nanos(self.idle_since.load(Ordering::Acquire))
+    }
+}
+
+/// One request in flight on a caller connection; clones count too.
+#[derive(Debug)]
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.served.store(true, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
+
+impl Clone for InFlight {
+    fn clone(&self) -> Self {
+        InFlight::new(&self.0)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Stamp, then leave: whoever sees in_flight at 0 sees the stamp of
+        // the last request to end (or a later one).
+        self.0.stamp_idle();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resolves once the connection has had nothing in flight for `timeout`,
+/// while it speaks HTTP/2 or has not yet said what it speaks. Never for
+/// HTTP/1, which hyper's header-read timer bounds. A timer per connection,
+/// re-armed at most once per `timeout` while requests are in flight;
+/// nothing per request but two atomics and a clock read.
+async fn idle(activity: &Activity, timeout: Duration) {
+    loop {
+        if activity.protocol.load(Ordering::Relaxed) == HTTP1 {
+            return std::future::pending().await;
+        }
+        let now = Instant::now();
+        if activity.in_flight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep_until((now + timeout).into()).await;
+            continue;
+        }
+        let deadline = activity.idle_since() + timeout;
+        if deadline <= now {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// A response body that keeps its request counted in flight until it ends.
+struct Held {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl Held {
+    fn boxed(body: ProxyBody, in_flight: InFlight) -> ProxyBody {
+        http_body_util::BodyExt::boxed_unsync(Held {
+            body,
+            _in_flight: in_flight,
+        })
+    }
+}
+
+impl http_body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The caller connection's bytes, with a look at the first ones: the
+/// HTTP/2 preface or not.
+struct Sniff<I> {
+    io: I,
+    /// Preface bytes seen so far; past the preface's length once decided.
+    matched: usize,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Sniff<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        if this.matched < H2_PREFACE.len() {
+            let new = &buf.filled()[before..];
+            let want = &H2_PREFACE[this.matched..];
+            let n = new.len().min(want.len());
+            if new[..n] != want[..n] {
+                this.matched = usize::MAX;
+                this.activity.protocol.store(HTTP1, Ordering::Relaxed);
+            } else {
+                this.matched += n;
+                if this.matched == H2_PREFACE.len() {
+                    this.activity.protocol.store(HTTP2, Ordering::Relaxed);
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sniff<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -298,7 +578,7 @@ async fn handle_connection(
     state: Arc<Gateway>,
     stream: TcpStream,
     caller: Caller,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
 ) {
     match detect(&stream).await {
         Detected::Http => serve_http(state, caller, stream, watcher).await,
@@ -1089,8 +1369,11 @@ fn remote_response(
 async fn connect(
     state: Arc<Gateway>,
     caller: Arc<Caller>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    // An HTTP/2 caller connection counts the tunnel in flight while it
+    // lasts (serve_http's idle bound).
+    let in_flight = req.extensions_mut().remove::<InFlight>();
     let Some(authority) = req.uri().authority().cloned() else {
         return error_response(Refusal::BadRequest, "CONNECT needs host:port", false);
     };
@@ -1108,6 +1391,7 @@ async fn connect(
         return r.response(false);
     }
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 // A caller that came in over mutual TLS keeps its identity
