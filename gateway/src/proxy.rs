@@ -24,6 +24,7 @@ pub mod body;
 pub mod inbound;
 pub mod outbound;
 pub mod rules;
+pub mod splice;
 pub mod upstream;
 
 use body::ProxyBody;

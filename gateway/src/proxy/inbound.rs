@@ -31,10 +31,14 @@ pub async fn serve_stream(
     send: SendStream,
     recv: RecvStream,
 ) {
-    if state.trace.get().is_some() {
-        return crate::trace::in_stream(serve(state, peer, send, recv)).await;
+    let traced = state.trace.get().is_some();
+    // One future, awaited in either branch, so that it is not laid out twice.
+    let serve = serve(state, peer, send, recv);
+    if traced {
+        crate::trace::in_stream(serve).await
+    } else {
+        serve.await
     }
-    serve(state, peer, send, recv).await
 }
 
 async fn serve(
@@ -124,7 +128,7 @@ async fn serve(
     // Authorization, before anything is sent upstream (crate::authz).
     let (candidates, target) = match authorize(&active, &peer, &open, candidates) {
         Ok(ok) => ok,
-        Err(denied) => return deny(&state, &peer, &open, denied, send, start).await,
+        Err(denied) => return Box::pin(deny(&state, &peer, &open, denied, send, start)).await,
     };
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
     let dest = super::upstream::Dest {
@@ -177,14 +181,16 @@ async fn serve(
             if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
                 return;
             }
+            // The head's read buffer must not live as long as the stream.
+            let already = rest.len() as u64;
+            drop(rest);
             let labels = TcpLabels {
                 direction: "inbound",
                 destination_service: open.service.clone(),
                 destination_cluster: state.cluster.clone(),
             };
             state.metrics.tcp_connections.get_or_create(&labels).inc();
-            let (to_peer, from_peer) =
-                super::outbound::splice(upstream, send, recv, rest.len() as u64).await;
+            let (to_peer, from_peer) = super::splice::splice(upstream, send, recv, already).await;
             state
                 .metrics
                 .tcp_received_bytes
@@ -197,99 +203,124 @@ async fn serve(
                 .inc_by(from_peer);
             drop(inflight);
         }
+        // Boxed: the HTTP exchange is most of this function's future, and
+        // a TCP stream, which holds that future for as long as it is open,
+        // should not carry it (docs/benchmarks.md: RSS per open stream).
         StreamKind::Http => {
-            let Some(head) = open.http.clone() else {
-                return refuse(
-                    &mut send,
-                    Refusal::BadRequest,
-                    "HTTP stream without a request head",
-                )
-                .await;
-            };
-            // The normalized path authorization matched (crate::authz).
-            let uri: Uri = match format!("http://{addr}{target}").parse() {
-                Ok(u) => u,
-                Err(_) => {
-                    return refuse(&mut send, Refusal::BadRequest, "invalid request path").await;
-                }
-            };
-            let grpc = is_grpc(&head.headers);
-            let mut req = Request::builder().method(head.method).uri(uri);
-            if let Some(h) = req.headers_mut() {
-                *h = head.headers;
-                strip_hop_by_hop(h);
-                if let Ok(v) = head.authority.parse() {
-                    h.insert(header::HOST, v);
-                }
-                // The caller's verified identity, as Istio tells workloads
-                // (XFCC); whatever the caller sent under that name is dropped.
-                crate::trace::inject(h);
-                h.remove(XFCC);
-                if let Some(caller) = &open.caller {
-                    let value = format!("By={};URI={caller}", gateway_id(&state, &active));
-                    if let Ok(v) = http::HeaderValue::from_str(&value) {
-                        h.insert(XFCC, v);
-                    }
-                }
+            let http = serve_http(
+                &state, &peer, &open, &active, picked, target, send, recv, rest, start,
+            );
+            Box::pin(http).await
+        }
+    }
+}
+
+/// The HTTP half of [`serve`]: the request to `picked`, and its answer back
+/// to the peer.
+#[allow(clippy::too_many_arguments)]
+async fn serve_http(
+    state: &Gateway,
+    peer: &PeerInfo,
+    open: &Open,
+    active: &crate::route::Active,
+    picked: super::upstream::Picked<'_>,
+    target: String,
+    mut send: SendStream,
+    recv: RecvStream,
+    rest: bytes::BytesMut,
+    start: Instant,
+) {
+    let addr = picked.addr;
+    let Some(head) = open.http.clone() else {
+        return refuse(
+            &mut send,
+            Refusal::BadRequest,
+            "HTTP stream without a request head",
+        )
+        .await;
+    };
+    // The normalized path authorization matched (crate::authz).
+    let uri: Uri = match format!("http://{addr}{target}").parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return refuse(&mut send, Refusal::BadRequest, "invalid request path").await;
+        }
+    };
+    let grpc = is_grpc(&head.headers);
+    let mut req = Request::builder().method(head.method).uri(uri);
+    if let Some(h) = req.headers_mut() {
+        *h = head.headers;
+        strip_hop_by_hop(h);
+        if let Ok(v) = head.authority.parse() {
+            h.insert(header::HOST, v);
+        }
+        // The caller's verified identity, as Istio tells workloads
+        // (XFCC); whatever the caller sent under that name is dropped.
+        crate::trace::inject(h);
+        h.remove(XFCC);
+        if let Some(caller) = &open.caller {
+            let value = format!("By={};URI={caller}", gateway_id(state, active));
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                h.insert(XFCC, v);
             }
-            let tunnel_body = TunnelBody::new(recv, rest, None)
-                .map_err(Into::into)
-                .boxed_unsync();
-            let Ok(req) = req.body(tunnel_body) else {
-                return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
-            };
-            // gRPC needs HTTP/2 to the endpoint; everything else goes as
-            // HTTP/1.1, which every HTTP server speaks.
-            match state.upstream.send(picked, req, grpc).await {
-                Ok(resp) => {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    record(&state, &peer, &open, parts.status.as_u16(), "", start);
-                    let head = Frame::Response(Box::new(ResponseHead {
-                        status: parts.status,
-                        headers: parts.headers,
-                    }));
-                    if write_frame(&mut send, &head).await.is_err() {
-                        return;
-                    }
-                    if let Err(e) = body::pump(body, &mut send).await {
-                        tracing::debug!(error = %e, "response body to peer failed");
-                    }
-                }
-                // An overflow is answered as the gateway's own 503 with the
-                // limit's header, which an ERROR frame could not carry.
-                Err(e @ super::upstream::UpstreamError::Overflow { .. }) => {
-                    let r = e.refusal();
-                    record(
-                        &state,
-                        &peer,
-                        &open,
-                        r.http_status().as_u16(),
-                        r.reason(),
-                        start,
-                    );
-                    let (parts, body) = e.response(grpc).into_parts();
-                    let head = Frame::Response(Box::new(ResponseHead {
-                        status: parts.status,
-                        headers: parts.headers,
-                    }));
-                    if write_frame(&mut send, &head).await.is_ok() {
-                        let _ = body::pump(body, &mut send).await;
-                    }
-                }
-                Err(e) => {
-                    let r = e.refusal();
-                    record(
-                        &state,
-                        &peer,
-                        &open,
-                        r.http_status().as_u16(),
-                        r.reason(),
-                        start,
-                    );
-                    refuse(&mut send, r, e.to_string()).await;
-                }
+        }
+    }
+    let tunnel_body = TunnelBody::new(recv, rest, None)
+        .map_err(Into::into)
+        .boxed_unsync();
+    let Ok(req) = req.body(tunnel_body) else {
+        return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
+    };
+    // gRPC needs HTTP/2 to the endpoint; everything else goes as
+    // HTTP/1.1, which every HTTP server speaks.
+    match state.upstream.send(picked, req, grpc).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            record(state, peer, open, parts.status.as_u16(), "", start);
+            let head = Frame::Response(Box::new(ResponseHead {
+                status: parts.status,
+                headers: parts.headers,
+            }));
+            if write_frame(&mut send, &head).await.is_err() {
+                return;
             }
+            if let Err(e) = body::pump(body, &mut send).await {
+                tracing::debug!(error = %e, "response body to peer failed");
+            }
+        }
+        // An overflow is answered as the gateway's own 503 with the
+        // limit's header, which an ERROR frame could not carry.
+        Err(e @ super::upstream::UpstreamError::Overflow { .. }) => {
+            let r = e.refusal();
+            record(
+                state,
+                peer,
+                open,
+                r.http_status().as_u16(),
+                r.reason(),
+                start,
+            );
+            let (parts, body) = e.response(grpc).into_parts();
+            let head = Frame::Response(Box::new(ResponseHead {
+                status: parts.status,
+                headers: parts.headers,
+            }));
+            if write_frame(&mut send, &head).await.is_ok() {
+                let _ = body::pump(body, &mut send).await;
+            }
+        }
+        Err(e) => {
+            let r = e.refusal();
+            record(
+                state,
+                peer,
+                open,
+                r.http_status().as_u16(),
+                r.reason(),
+                start,
+            );
+            refuse(&mut send, r, e.to_string()).await;
         }
     }
 }

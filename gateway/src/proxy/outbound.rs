@@ -1540,7 +1540,10 @@ pub async fn tcp_proxy_from<S>(
                 if !rest.is_empty() && client.write_all(&rest).await.is_err() {
                     return;
                 }
-                splice(client, send, recv, rest.len() as u64).await
+                // The head's read buffer must not live as long as the stream.
+                let already = rest.len() as u64;
+                drop(rest);
+                super::splice::splice(client, send, recv, already).await
             }
             Ok((Frame::Error(e), _)) => {
                 tracing::info!(%host, refusal = e.refusal.reason(), message = %e.message, "peer refused TCP stream");
@@ -1560,32 +1563,6 @@ pub async fn tcp_proxy_from<S>(
         .tcp_received_bytes
         .get_or_create(&labels)
         .inc_by(received);
-}
-
-/// Copies both ways between a TCP-like stream and a QUIC stream pair until
-/// both directions end. Returns (bytes to the peer, bytes from the peer).
-pub async fn splice<S>(
-    io: S,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    already: u64,
-) -> (u64, u64)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (mut r, mut w) = tokio::io::split(io);
-    let up = async {
-        let n = tokio::io::copy(&mut r, &mut send).await.unwrap_or(0);
-        let _ = send.finish();
-        n
-    };
-    let down = async {
-        let n = tokio::io::copy(&mut recv, &mut w).await.unwrap_or(0);
-        let _ = w.shutdown().await;
-        n
-    };
-    let (a, b) = tokio::join!(up, down);
-    (a, b + already)
 }
 
 #[cfg(test)]
