@@ -182,6 +182,21 @@ struct Cli {
           value_parser = parse_duration)]
     header_timeout: Duration,
 
+    /// Threads that run the data plane. The default, 1, is the cheapest per
+    /// request: every task of a call (caller connection, QUIC stream, link
+    /// driver, upstream connection) runs on one thread, with no cross-thread
+    /// wake-ups, which cost more CPU than the proxying itself on small
+    /// machines (docs/benchmarks.md). One thread serves about 12,000 small
+    /// HTTP/1.1 req/s on this project's 2-core benchmark box; give a busy
+    /// gateway more (0 means one per CPU).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "MESHFED_WORKER_THREADS",
+        default_value_t = 1
+    )]
+    worker_threads: usize,
+
     /// Local callers: `plaintext` (TLS from callers is routed by SNI,
     /// untouched), or `mutual` (TLS callers present a workload certificate of
     /// this cluster; its identity travels to the destination). Whether
@@ -462,6 +477,7 @@ fn main() -> ExitCode {
         mirror_target: cli.mirror_services,
         mirror_ports: cli.mirror_ports,
     });
+    let worker_threads = cli.worker_threads;
     let cfg = RunConfig {
         kube,
         cluster: cli.cluster,
@@ -499,10 +515,11 @@ fn main() -> ExitCode {
             ..Default::default()
         },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        runtime.worker_threads(worker_threads);
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("meshfed-gateway: cannot start the runtime: {e}");
