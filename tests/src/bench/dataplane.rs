@@ -305,8 +305,13 @@ pub fn cost(ctx: &Context) -> anyhow::Result<Section> {
     md.push_str(&cpu_table.markdown());
 
     // 10,000 open streams on one link.
-    let limit = rig::nofile_limit();
     let want: usize = if ctx.quick { 200 } else { 10_000 };
+    // Raise the soft limit as far as needed (processes started later
+    // inherit it); where the hard limit is lower, run as many as it allows.
+    let limit = crate::soak::raise_nofile(2 * want as u64 + 300).unwrap_or_else(|e| {
+        eprintln!("cost: {e}; opening fewer streams");
+        rig::nofile_limit()
+    });
     // This process holds two sockets per stream (the caller's end and the
     // in-process sink's accepted end), plus slack: past the limit the sink
     // cannot accept, /proc cannot be read, and the row would be garbage.
