@@ -8,8 +8,9 @@
 //! and a small one toward the peer:
 //!
 //! - **peer → caller**: QUIC hands out the chunks it has already buffered
-//!   ([`quinn::RecvStream::read_chunks`]); they are written as they are, in
-//!   one vectored write, with no buffer of ours and no copy.
+//!   ([`quinn::RecvStream::read_chunk`]); they are written as they are, as
+//!   many as are ready in one vectored write, with no copy, and an idle
+//!   stream waits holding nothing of ours.
 //! - **caller → peer**: each read goes into a fresh buffer that is handed
 //!   to QUIC whole ([`quinn::SendStream::write_chunk`], no copy). The buffer
 //!   starts at [`MIN_READ`] and adapts: a read that fills it doubles the next
@@ -83,36 +84,51 @@ where
     }
 }
 
-/// Peer → caller, as QUIC buffered the data: every chunk it holds (up to
-/// [`CHUNKS`]) goes out in one vectored write, since chunks are the size of
-/// QUIC frames (about a datagram each) and a write per chunk would cost a
-/// system call per 1.2 KB. Returns the bytes written.
+/// Peer → caller, as QUIC buffered the data: it waits for one chunk with
+/// nothing of ours held, then takes whatever else QUIC already holds (up
+/// to [`CHUNKS`]) into the same vectored write, since chunks are the size
+/// of QUIC frames (about a datagram each) and a write per chunk would cost
+/// a system call per 1.2 KB. Returns the bytes written.
 async fn from_peer<W>(recv: &mut quinn::RecvStream, w: &mut W) -> u64
 where
     W: AsyncWrite + Unpin,
 {
-    let mut chunks: [Bytes; CHUNKS] = Default::default();
     let mut total = 0u64;
     loop {
-        let n = match recv.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => n,
+        let first = match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
             Ok(None) | Err(_) => return total,
         };
-        let mut pending = &mut chunks[..n];
+        let mut batch = Vec::with_capacity(CHUNKS);
+        batch.push(first);
+        // An end or an error is seen again by the next wait.
+        while batch.len() < CHUNKS {
+            match ready_now(recv.read_chunk(usize::MAX, true)) {
+                Some(Ok(Some(chunk))) => batch.push(chunk.bytes),
+                _ => break,
+            }
+        }
+        let mut pending = &mut batch[..];
         while !pending.is_empty() {
-            let written = {
-                let mut slices = [IoSlice::new(&[]); CHUNKS];
-                for (slice, chunk) in slices.iter_mut().zip(pending.iter()) {
-                    *slice = IoSlice::new(chunk);
-                }
-                match w.write_vectored(&slices[..pending.len()]).await {
-                    Ok(0) | Err(_) => return total,
-                    Ok(written) => written,
-                }
+            let slices: Vec<IoSlice<'_>> = pending.iter().map(|c| IoSlice::new(c)).collect();
+            let written = match w.write_vectored(&slices).await {
+                Ok(0) | Err(_) => return total,
+                Ok(written) => written,
             };
+            drop(slices);
             total += written as u64;
             pending = advance(pending, written);
         }
+    }
+}
+
+/// `fut`'s output if it is ready without waiting.
+fn ready_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
