@@ -35,6 +35,9 @@ pub const DEFAULT_PORT: u16 = 15020;
 pub struct AdminSettings {
     /// When set, requests other than probes need `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// A client's time to send an HTTP/1 request head, which also bounds a
+    /// kept-alive connection's idle time (`--header-timeout`).
+    pub header_timeout: std::time::Duration,
 }
 
 /// Serves the admin API until the task is dropped.
@@ -50,14 +53,18 @@ pub async fn serve(
             continue;
         };
         let (state, ready, settings) = (state.clone(), ready.clone(), settings.clone());
+        let header_timeout = settings.header_timeout;
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (state, ready, settings) = (state.clone(), ready.clone(), settings.clone());
                 async move { Ok::<_, Infallible>(handle(&state, &ready, &settings, req)) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -931,13 +931,17 @@ pub enum PathError {
     NotAbsolute(String),
     #[error("the request path has an invalid percent-encoding")]
     BadEscape,
+    #[error("the request path has an encoded NUL (%00)")]
+    Nul,
 }
 
 /// Normalizes a request target's path as Envoy's `normalize_path` does
 /// (Istio's default `BASE`): percent-encoded unreserved characters are
 /// decoded (`%41` → `A`, `%2E` → `.`), then `.` and `..` segments are
-/// removed (RFC 3986 §5.2.4); `..` never climbs above the root. Escaped
-/// slashes (`%2F`) and backslashes stay as they are, as in Istio's default.
+/// removed (RFC 3986 §5.2.4); `..` never climbs above the root. A
+/// backslash is a slash (`/a\..\admin` is `/admin`), as Envoy's
+/// normalization treats it. Escaped slashes and backslashes (`%2F`, `%5C`)
+/// stay escaped, and `%00` is refused, as in Istio's default (`BASE`).
 /// Returns the path without the query, and the query (with its `?`).
 /// `*` (an `OPTIONS *` request) is kept as it is.
 pub fn normalize_path(target: &str) -> Result<(Cow<'_, str>, &str), PathError> {
@@ -948,19 +952,23 @@ pub fn normalize_path(target: &str) -> Result<(Cow<'_, str>, &str), PathError> {
     if path == "*" {
         return Ok((Cow::Borrowed(path), query));
     }
-    if !path.starts_with('/') {
+    if !path.starts_with(['/', '\\']) {
         return Err(PathError::NotAbsolute(target.to_string()));
     }
     let needs_decode = path.contains('%');
+    let backslashes = path.contains('\\');
     let has_dots = path.split('/').any(|s| s == "." || s == "..");
-    if !needs_decode && !has_dots {
+    if !needs_decode && !has_dots && !backslashes {
         return Ok((Cow::Borrowed(path), query));
     }
-    let decoded: Cow<'_, str> = if needs_decode {
+    let mut decoded: Cow<'_, str> = if needs_decode {
         Cow::Owned(decode_unreserved(path)?)
     } else {
         Cow::Borrowed(path)
     };
+    if backslashes {
+        decoded = Cow::Owned(decoded.replace('\\', "/"));
+    }
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
@@ -1003,6 +1011,9 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                 return Err(PathError::BadEscape);
             };
             let c = (h * 16 + l) as u8;
+            if c == 0 {
+                return Err(PathError::Nul);
+            }
             if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                 out.push(c as char);
             } else {

@@ -177,7 +177,8 @@ struct Cli {
     /// closed with GOAWAY (and dropped up to 5 s later if the caller does not
     /// answer). Counted in meshfed_refusals_total{stage="listener"} as
     /// `header-timeout`, or `idle-timeout` for an HTTP/2 connection that had
-    /// served requests.
+    /// served requests. The admin listener bounds its HTTP/1 clients the
+    /// same way.
     #[arg(long, value_name = "DURATION", env = "MESHFED_HEADER_TIMEOUT", default_value = "30s",
           value_parser = parse_duration)]
     header_timeout: Duration,

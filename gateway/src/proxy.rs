@@ -37,6 +37,33 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// itself answered (like linkerd's `l5d-proxy-error`).
 pub const ERROR_HEADER: &str = "x-meshfed-error";
 
+/// Envoy's header for the caller's verified client certificate. Only a
+/// destination gateway sets it, from the identity it verified; a value from
+/// anyone else is dropped on arrival.
+pub(crate) const XFCC: &str = "x-forwarded-client-cert";
+
+/// The XFCC a destination gateway sets for a caller whose workload identity
+/// it verified (or accepted from a source gateway under the trust-domain
+/// rule): `By=<this gateway's SPIFFE ID>;URI=<the caller's>`, as Istio
+/// tells workloads. Set before authorization, as Envoy's connection manager
+/// does, so a `when` on the header sees it.
+pub(crate) fn xfcc(
+    state: &crate::state::Gateway,
+    active: &crate::route::Active,
+    caller: &str,
+) -> Option<http::HeaderValue> {
+    let policy = &active.snapshot.policy;
+    let td = policy
+        .clusters
+        .get(&state.cluster)
+        .map_or(policy.trust_domain.as_str(), |c| c.trust_domain.as_str());
+    let by = format!(
+        "spiffe://{td}/meshfed/cluster/{}/gateway/{}",
+        state.cluster, state.id
+    );
+    http::HeaderValue::from_str(&format!("By={by};URI={caller}")).ok()
+}
+
 /// How long a peer has to send a stream's head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 

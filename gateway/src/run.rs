@@ -298,6 +298,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ready.clone(),
         AdminSettings {
             token: cfg.admin_token.clone(),
+            header_timeout: cfg.header_timeout,
         },
     ));
     if let Some(dir) = &cfg.policy_dir {

@@ -220,6 +220,14 @@ struct RunArgs {
           default_value = "10m", value_parser = parse_duration)]
     known_window: Duration,
 
+    /// How long a client of the HTTP listener (webhook, /status, /metrics)
+    /// may take to send a request head, and a webhook its body; also how
+    /// long a kept-alive connection may sit idle. A slow or stalled client
+    /// is then disconnected (the webhook answers 408 to a stalled body).
+    #[arg(long, value_name = "DURATION", env = "MESHFED_HEADER_TIMEOUT",
+          default_value = "10s", value_parser = parse_duration)]
+    header_timeout: Duration,
+
     /// The mesh's DNS suffix for in-cluster service names.
     #[arg(
         long,
@@ -370,6 +378,7 @@ struct Settings {
     grpc: Option<(SocketAddr, PathBuf)>,
     http_addr: SocketAddr,
     known_window: Duration,
+    header_timeout: Duration,
     server: server::ServerSettings,
     opts: meshfed_policy::Options,
     ready_file: Option<PathBuf>,
@@ -508,6 +517,7 @@ impl Settings {
             grpc,
             http_addr: a.http_addr,
             known_window: a.known_window,
+            header_timeout: a.header_timeout,
             server: server::ServerSettings {
                 keepalive_interval: a.keepalive_interval,
                 keepalive_timeout: a.keepalive_timeout,
@@ -625,6 +635,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         webhook_secret: s.webhook_secret.clone(),
         token: s.http_token.clone(),
         known_window: s.known_window,
+        header_timeout: s.header_timeout,
     });
     tasks.push(tokio::spawn(api.serve(http_listener, shutdown_rx.clone())));
     tracing::info!(http = %http_bound, grpc = ?grpc_bound, "listening");

@@ -276,6 +276,9 @@ pub struct StatusApi {
     pub webhook_secret: Option<Secret>,
     pub token: Option<Secret>,
     pub known_window: Duration,
+    /// Bounds a request head, a webhook body and a kept-alive idle
+    /// connection (`--header-timeout`).
+    pub header_timeout: Duration,
 }
 
 /// `/status`.
@@ -356,12 +359,16 @@ impl StatusApi {
                 _ = shutdown.changed() => return,
             };
             let api = self.clone();
+            let api_timeout = self.header_timeout;
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let api = api.clone();
                     async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
                 });
+                let timeout = api_timeout;
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(timeout)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await
                 {
@@ -456,12 +463,21 @@ impl StatusApi {
             );
         };
         let headers = req.headers().clone();
-        let body = match Limited::new(req.into_body(), MAX_WEBHOOK_BODY)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
+        let read = Limited::new(req.into_body(), MAX_WEBHOOK_BODY).collect();
+        let body = match tokio::time::timeout(self.header_timeout, read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Err(_) => {
+                self.metrics.webhook("unknown", "bad_request");
+                tracing::info!(%peer, "webhook body not received in time; dropped");
+                return text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the body did not arrive within {:?} (--header-timeout)",
+                        self.header_timeout
+                    ),
+                );
+            }
+            Ok(Err(e)) => {
                 self.metrics.webhook("unknown", "bad_request");
                 return text(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -367,6 +367,54 @@ fn status_and_metrics_need_the_bearer_token_when_one_is_set_but_the_webhook_only
     assert_eq!(syncer.get("/metrics").0, 200);
 }
 
+/// Reads until the syncer closes the connection; returns what it sent and
+/// when it closed, or panics after `limit`.
+fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> (String, Instant) {
+    use std::io::Read;
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the syncer kept a stalled client past {limit:?}: {e}"),
+    }
+    (String::from_utf8_lossy(&out).into_owned(), Instant::now())
+}
+
+#[test]
+fn a_stalled_http_client_is_cut_at_the_header_timeout_and_the_listener_keeps_serving() {
+    use std::io::Write;
+    let s = setup();
+    s.repo.commit("one", &[("clusters.yaml", &clusters())]);
+    let syncer = s.start(&["--poll-interval", HOUR, "--header-timeout", "1s"]);
+    let t0 = Instant::now();
+    // Slowloris: half a request head, then nothing.
+    let mut head = std::net::TcpStream::connect(syncer.http).unwrap();
+    head.write_all(b"POST /hooks/git HTTP/1.1\r\nHost: s\r\nX-Hub-Sig")
+        .unwrap();
+    // A webhook whose body stalls: announced 100 bytes, sends 2.
+    let mut body = std::net::TcpStream::connect(syncer.http).unwrap();
+    body.write_all(b"POST /hooks/git HTTP/1.1\r\nHost: s\r\nContent-Length: 100\r\n\r\n{\"")
+        .unwrap();
+    // An idle kept-alive connection, after one request.
+    let mut idle = std::net::TcpStream::connect(syncer.http).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: s\r\n\r\n")
+        .unwrap();
+
+    let (_, closed) = read_until_closed(&mut head, Duration::from_secs(10));
+    let took = closed - t0;
+    assert!(took >= Duration::from_millis(900), "cut early: {took:?}");
+    let (answer, closed) = read_until_closed(&mut body, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--header-timeout"), "{answer}");
+    let took = closed - t0;
+    assert!(took >= Duration::from_millis(900), "cut early: {took:?}");
+    let (answer, _) = read_until_closed(&mut idle, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Nothing of that hurt the listener.
+    assert_eq!(syncer.get("/healthz").0, 200);
+}
+
 #[test]
 fn an_exposed_http_listener_without_a_token_refuses_to_start() {
     let s = setup();

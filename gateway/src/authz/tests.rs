@@ -551,6 +551,11 @@ fn paths_are_normalized_before_matching() {
     assert_eq!(n("/a/.."), "/");
     assert_eq!(n("/a/b/."), "/a/b/");
     assert_eq!(n("/a%2fb"), "/a%2Fb", "escaped slashes stay escaped");
+    assert_eq!(n("/public\\..\\admin"), "/admin", "a backslash is a slash");
+    assert_eq!(n("\\da"), "/da", "Istio's example");
+    assert_eq!(n("/a\\b?q=\\"), "/a/b?q=\\", "the query is left alone");
+    assert_eq!(n("/a%5cb"), "/a%5Cb", "escaped backslashes stay escaped");
+    assert_eq!(normalize_path("/a%00b"), Err(PathError::Nul));
     assert_eq!(n("/caf\u{e9}/x"), "/caf\u{e9}/x");
     assert_eq!(n("*"), "*");
     assert!(normalize_path("/a%zz").is_err());

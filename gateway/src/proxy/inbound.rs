@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use quinn::{RecvStream, SendStream};
 
 use super::body::{self, TunnelBody, read_head, refuse, write_frame};
-use super::{HEAD_TIMEOUT, is_grpc, strip_hop_by_hop};
+use super::{HEAD_TIMEOUT, XFCC, is_grpc, strip_hop_by_hop};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
@@ -48,7 +48,7 @@ async fn serve(
     mut recv: RecvStream,
 ) {
     let start = Instant::now();
-    let (open, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut recv)).await {
+    let (mut open, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut recv)).await {
         Ok(Ok((Frame::Open(open), rest))) => (open, rest),
         Ok(Ok(_)) => {
             state.metrics.refused("stream", "bad-request");
@@ -69,6 +69,12 @@ async fn serve(
             return refuse(&mut send, Refusal::BadRequest, "no stream head in time").await;
         }
     };
+    // XFCC is ours to set, from the verified caller (below); a source
+    // gateway that passed one on (an older release did not drop it) must
+    // not have authorization or the endpoint see it.
+    if let Some(head) = open.http.as_mut() {
+        head.headers.remove(XFCC);
+    }
     if let Some(t) = state.trace.get() {
         crate::trace::start_inbound(t, &peer.cluster, &open);
     }
@@ -109,6 +115,13 @@ async fn serve(
         Some(caller) => caller_may_be_asserted(&peer, caller, &active)
             .map_err(|msg| (Refusal::Unauthorized, msg)),
     });
+    // The caller's verified identity, as Istio tells workloads (XFCC; what
+    // the source sent under that name was dropped on arrival).
+    if let (Ok(()), Some(caller), Some(head)) = (&checked, &open.caller, open.http.as_mut())
+        && let Some(v) = super::xfcc(&state, &active, caller)
+    {
+        head.headers.insert(XFCC, v);
+    }
     if let Err((r, msg)) = checked {
         state.metrics.refused("stream", r.reason());
         record(
@@ -208,7 +221,7 @@ async fn serve(
         // should not carry it (docs/benchmarks.md: RSS per open stream).
         StreamKind::Http => {
             let http = serve_http(
-                &state, &peer, &open, &active, picked, target, send, recv, rest, start,
+                &state, &peer, &open, picked, target, send, recv, rest, start,
             );
             Box::pin(http).await
         }
@@ -222,7 +235,6 @@ async fn serve_http(
     state: &Gateway,
     peer: &PeerInfo,
     open: &Open,
-    active: &crate::route::Active,
     picked: super::upstream::Picked<'_>,
     target: String,
     mut send: SendStream,
@@ -254,16 +266,7 @@ async fn serve_http(
         if let Ok(v) = head.authority.parse() {
             h.insert(header::HOST, v);
         }
-        // The caller's verified identity, as Istio tells workloads
-        // (XFCC); whatever the caller sent under that name is dropped.
         crate::trace::inject(h);
-        h.remove(XFCC);
-        if let Some(caller) = &open.caller {
-            let value = format!("By={};URI={caller}", gateway_id(state, active));
-            if let Ok(v) = http::HeaderValue::from_str(&value) {
-                h.insert(XFCC, v);
-            }
-        }
     }
     let tunnel_body = TunnelBody::new(recv, rest, None)
         .map_err(Into::into)
@@ -448,24 +451,6 @@ async fn deny(
     if write_frame(&mut send, &head).await.is_ok() {
         let _ = body::pump(body, &mut send).await;
     }
-}
-
-/// Istio's header for the caller identity.
-const XFCC: &str = "x-forwarded-client-cert";
-
-fn gateway_id(state: &Gateway, active: &crate::route::Active) -> String {
-    let td = active
-        .snapshot
-        .policy
-        .clusters
-        .get(&state.cluster)
-        .map_or(active.snapshot.policy.trust_domain.as_str(), |c| {
-            c.trust_domain.as_str()
-        });
-    format!(
-        "spiffe://{td}/meshfed/cluster/{}/gateway/{}",
-        state.cluster, state.id
-    )
 }
 
 /// The trust-domain rule: a peer gateway may assert only workload

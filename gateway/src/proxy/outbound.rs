@@ -623,10 +623,15 @@ pub async fn handle_http(
 async fn route_and_forward(
     state: Arc<Gateway>,
     caller: Arc<Caller>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let _active = state.request_guard();
+    // A local caller cannot vouch for a client certificate: whatever it
+    // sent as XFCC is dropped before routing and authorization see it
+    // (Envoy's SANITIZE). The destination sets XFCC from the verified
+    // identity alone (super::xfcc).
+    req.headers_mut().remove(super::XFCC);
     let grpc = is_grpc(req.headers());
     if req.method() == Method::CONNECT {
         return connect(state, caller, req).await;
@@ -1136,9 +1141,12 @@ pub(super) async fn forward_local(
     caller: Option<&str>,
     target: &Target,
     endpoints: &crate::discovery::EndpointSet,
-    req: Request<ProxyBody>,
+    mut req: Request<ProxyBody>,
     grpc: bool,
 ) -> Response<ProxyBody> {
+    if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
+        req.headers_mut().insert(super::XFCC, v);
+    }
     let req = match crate::authz::enforce_local(
         state,
         active,
@@ -1180,7 +1188,6 @@ pub(super) async fn forward_local(
     if let Some(a) = authority.and_then(|a| a.parse().ok()) {
         parts.headers.insert(header::HOST, a);
     }
-    parts.headers.remove("x-forwarded-client-cert");
     let h2 = parts.version == http::Version::HTTP_2;
     let req = Request::from_parts(parts, body);
     match state.upstream.send(picked, req, h2).await {
