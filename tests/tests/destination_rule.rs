@@ -253,6 +253,93 @@ async fn pool_overflow_answers_a_fast_503_naming_the_limit_while_the_backend_hol
     assert_eq!(waiting.await.unwrap().0, 200);
 }
 
+/// A GET of `path` for ratings through `via`: the status.
+async fn status_of(via: SocketAddr, path: &str) -> u16 {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{via}{path}"))
+        .header("host", "ratings")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("no answer within 20 s")
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A call the source gives up on (its route timeout) while the endpoint
+/// hangs must not keep the destination's only pooled connection: the
+/// destination gateway stops waiting when the source stops reading, so the
+/// next call gets the connection instead of waiting behind a dead one.
+/// Across clusters (east → west) and locally (west → its own endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_to_a_hung_endpoint_frees_its_pool_slot() {
+    let (backend, _task) = serve_fn(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/hang" {
+            std::future::pending::<()>().await;
+        }
+        hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (east_port, west_port) = (free_udp_port(), free_udp_port());
+    let policy_dir = dir.path().join("policy");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    std::fs::write(
+        policy_dir.join("mesh.yaml"),
+        format!(
+            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n---\n{}---\n{}",
+            cluster_yaml("east", &[east_port]),
+            cluster_yaml("west", &[west_port]),
+            dr("    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n"),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - timeout: 500ms\n    retries: {attempts: 0}\n    route: [{destination: {host: ratings}}]\n",
+        ),
+    )
+    .unwrap();
+    let eps = dir.path().join("west.yaml");
+    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
+    let spec = |cluster: &str, port: u16, discovery: Option<std::path::PathBuf>| GatewaySpec {
+        cluster: cluster.into(),
+        id: "gw-0".into(),
+        tls_dir: pki.gateway(cluster, "gw-0"),
+        policy_dir: policy_dir.clone(),
+        discovery,
+        tunnel_port: port,
+        work_dir: dir.path().to_path_buf(),
+        extra_args: vec![],
+    };
+    let west = GatewayProcess::start(&spec("west", west_port, Some(eps)));
+    let east = GatewayProcess::start(&spec("east", east_port, None));
+    east.wait_links("west", 1);
+
+    for (via, name) in [
+        (east.outbound, "east → west"),
+        (west.outbound, "west → west"),
+    ] {
+        for round in 0..3 {
+            assert_eq!(status_of(via, "/hang").await, 504, "{name}, round {round}");
+            let t = Instant::now();
+            assert_eq!(
+                status_of(via, "/ok").await,
+                200,
+                "{name}, round {round}: the hung call still holds the only connection"
+            );
+            assert!(
+                t.elapsed() < Duration::from_millis(450),
+                "{name}: {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    let cancelled = west.metric(
+        "meshfed_requests_total",
+        &["response_code=\"499\"", "reason=\"source-cancelled\""],
+    );
+    assert_eq!(cancelled, 3.0, "west counts each call east gave up on");
+}
+
 /// Workload credentials for a backend: `ratings` in `default`, with the
 /// service's DNS name, issued by east's CA.
 fn backend_creds(dir: &Path, pki: &Pki) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {

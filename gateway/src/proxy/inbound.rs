@@ -275,8 +275,21 @@ async fn serve_http(
         return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
     };
     // gRPC needs HTTP/2 to the endpoint; everything else goes as
-    // HTTP/1.1, which every HTTP server speaks.
-    match state.upstream.send(picked, req, grpc).await {
+    // HTTP/1.1, which every HTTP server speaks. If the source gives up first
+    // (its route timeout, its caller gone, the link down), it stops reading
+    // the stream: stop waiting for the endpoint too, which closes that
+    // request's connection and frees its pool slot rather than hold it for a
+    // hung endpoint (counted as 499, nginx's "client closed request").
+    let stopped = send.stopped();
+    let answer = tokio::select! {
+        biased;
+        answer = state.upstream.send(picked, req, grpc) => answer,
+        _ = stopped => {
+            record(state, peer, open, 499, "source-cancelled", start);
+            return;
+        }
+    };
+    match answer {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);

@@ -359,6 +359,7 @@ impl ClusterPool {
             key,
             conn,
             max_per_connection: limits.max_requests_per_connection,
+            abandoned: false,
             _request: request,
         }
     }
@@ -414,6 +415,10 @@ pub struct Lease {
     key: EndpointKey,
     conn: Conn,
     max_per_connection: Option<u32>,
+    /// A request is on the connection and its response head has not come
+    /// back: the sender gave up mid-request. HTTP/1 cannot take another
+    /// request on that connection, so it is closed rather than given back.
+    abandoned: bool,
     _request: RequestSlot,
 }
 
@@ -422,7 +427,12 @@ impl Lease {
     /// (origin-form for HTTP/1.1, absolute for HTTP/2).
     pub async fn send(&mut self, req: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
         match &mut self.conn {
-            Conn::H1(Some(idle)) => Ok(idle.tx.send_request(req).await?),
+            Conn::H1(Some(idle)) => {
+                self.abandoned = true;
+                let resp = idle.tx.send_request(req).await;
+                self.abandoned = false;
+                Ok(resp?)
+            }
             Conn::H2(tx) => Ok(tx.send_request(req).await?),
             Conn::H1(None) => Err(SendError::Released),
         }
@@ -446,7 +456,7 @@ impl Drop for Lease {
         };
         let Some(mut idle) = slot.take() else { return };
         let retire = self.max_per_connection.is_some_and(|m| idle.served >= m);
-        if retire || idle.tx.is_closed() {
+        if retire || self.abandoned || idle.tx.is_closed() {
             // Dropping the sender closes the connection; its task's slot
             // then frees the count and wakes a waiter.
             return;
