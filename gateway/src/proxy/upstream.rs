@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,14 @@ pub const CONNECT_TIMEOUT: Duration = pool::DEFAULT_CONNECT_TIMEOUT;
 
 /// The response header that names the limit a request overflowed.
 pub const OVERFLOW_HEADER: &str = "x-meshfed-overflow";
+
+/// How often [`Upstream`]'s maps are swept for entries nobody uses.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// An upstream cluster unused this long, with nothing in flight and nothing
+/// ejected, is dropped with its pool (idle connections close) and its
+/// detector; the next request starts it afresh.
+const CLUSTER_IDLE: Duration = Duration::from_secs(600);
 
 /// Where a request goes.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +146,8 @@ impl<'a> Effective<'a> {
 struct Cluster {
     subset: Option<String>,
     port: u16,
+    /// When a request last chose it, in ms since [`Upstream::epoch`].
+    last_used: AtomicU64,
     rr: AtomicUsize,
     /// Endpoints ejected, as of the last sweep; 0 skips the detector.
     ejected: AtomicUsize,
@@ -260,6 +270,13 @@ pub struct Picked<'a> {
 }
 
 /// Balancers, pools, detectors and TLS for this cluster's endpoints.
+///
+/// Both maps are keyed by what callers and peers ask for (endpoint
+/// addresses that come and go with discovery; a peer's port), so they are
+/// swept every [`PRUNE_EVERY`] from the request path: an endpoint counter
+/// nobody holds is zero and goes, and so does a cluster unused for
+/// [`CLUSTER_IDLE`]. A subset name the snapshot does not define shares the
+/// service's cluster, so peers cannot mint clusters by naming subsets.
 #[derive(Debug)]
 pub struct Upstream {
     inflight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
@@ -267,6 +284,9 @@ pub struct Upstream {
     tls: tls::TlsCache,
     metrics: UpstreamMetrics,
     health: watch::Sender<u64>,
+    epoch: Instant,
+    /// When the next sweep is due, in ms since `epoch`.
+    next_prune: AtomicU64,
 }
 
 impl Default for Upstream {
@@ -287,7 +307,53 @@ impl Upstream {
             tls: tls::TlsCache::default(),
             metrics,
             health: watch::channel(0).0,
+            epoch: Instant::now(),
+            next_prune: AtomicU64::new(PRUNE_EVERY.as_millis() as u64),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Sweeps the maps when a sweep is due; one caller does it.
+    fn maybe_prune(&self, now: u64) {
+        let due = self.next_prune.load(Ordering::Relaxed);
+        if now < due {
+            return;
+        }
+        let next = now + PRUNE_EVERY.as_millis() as u64;
+        if self
+            .next_prune
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.prune(now);
+        }
+    }
+
+    /// Drops the endpoint counters nobody holds (so zero) and the clusters
+    /// unused for [`CLUSTER_IDLE`] with nothing in flight or ejected.
+    /// Returns how many of each are left.
+    fn prune(&self, now: u64) -> (usize, usize) {
+        let counters = match self.inflight.lock() {
+            Ok(mut m) => {
+                m.retain(|_, c| Arc::strong_count(c) > 1);
+                m.len()
+            }
+            Err(_) => 0,
+        };
+        let idle = CLUSTER_IDLE.as_millis() as u64;
+        let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        for list in map.values_mut() {
+            list.retain(|c| {
+                Arc::strong_count(c) > 1
+                    || c.ejected.load(Ordering::Relaxed) > 0
+                    || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle
+            });
+        }
+        map.retain(|_, list| !list.is_empty());
+        (counters, map.values().map(Vec::len).sum())
     }
 
     /// The gateway's own credentials, presented to endpoints under
@@ -335,7 +401,9 @@ impl Upstream {
         })
     }
 
-    fn cluster(&self, dest: &Dest<'_>) -> Arc<Cluster> {
+    /// The cluster of `dest`, made on first use. `subset` is the subset
+    /// name if the snapshot defines it for the service, else `None`.
+    fn cluster(&self, dest: &Dest<'_>, subset: Option<&str>, now: u64) -> Arc<Cluster> {
         let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let list = match map.get_mut(dest.service) {
             Some(l) => l,
@@ -343,13 +411,15 @@ impl Upstream {
         };
         if let Some(c) = list
             .iter()
-            .find(|c| c.port == dest.port && c.subset.as_deref() == dest.subset)
+            .find(|c| c.port == dest.port && c.subset.as_deref() == subset)
         {
+            c.last_used.store(now, Ordering::Relaxed);
             return c.clone();
         }
         let c = Arc::new(Cluster {
-            subset: dest.subset.map(str::to_string),
+            subset: subset.map(str::to_string),
             port: dest.port,
+            last_used: AtomicU64::new(now),
             rr: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
             has_state: AtomicBool::new(false),
@@ -384,7 +454,17 @@ impl Upstream {
         dest: &Dest<'a>,
     ) -> Option<Picked<'a>> {
         let policy = Effective::resolve(active, dest);
-        let cluster = self.cluster(dest);
+        let subset = dest.subset.filter(|s| {
+            active
+                .snapshot
+                .policy
+                .destinations
+                .get(dest.service)
+                .is_some_and(|d| d.subsets.contains_key(*s))
+        });
+        let now = self.now_ms();
+        self.maybe_prune(now);
+        let cluster = self.cluster(dest, subset, now);
         let pool_size = candidates.len();
         if policy.outlier.is_some() && cluster.ejected.load(Ordering::Relaxed) > 0 {
             let mut det = cluster.detector.lock().unwrap_or_else(|p| p.into_inner());

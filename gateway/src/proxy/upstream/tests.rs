@@ -182,6 +182,42 @@ fn subset_labels_select_endpoints() {
 }
 
 #[test]
+fn unused_clusters_and_counters_are_swept_and_unknown_subsets_share_the_services_cluster() {
+    let a = active(DR);
+    let u = Upstream::new();
+    let eps = set(vec![ep(1, "v1"), ep(2, "v2")]);
+    let all = BTreeMap::new();
+    // A peer naming subsets this snapshot does not define gets the
+    // service's own cluster, not one per name.
+    for i in 0..100 {
+        let name = format!("made-up-{i}");
+        drop(u.choose(&a, &eps, &dest(Some(&name), 9080, &all)).unwrap());
+    }
+    // A defined subset has its own; every port its own.
+    let v1 = BTreeMap::from([("version".to_string(), "v1".to_string())]);
+    let held = u.choose(&a, &eps, &dest(Some("v1"), 9080, &v1)).unwrap();
+    for port in 1..=50 {
+        drop(u.choose(&a, &eps, &dest(None, port, &all)).unwrap());
+    }
+    let now = u.now_ms();
+    // Counters nobody holds go at once (the held request keeps its own);
+    // clusters stay while recently used.
+    assert_eq!(u.prune(now), (1, 52));
+    let later = now + CLUSTER_IDLE.as_millis() as u64;
+    assert_eq!(u.prune(later), (1, 1), "only the cluster in use stays");
+    drop(held);
+    assert_eq!(u.prune(later), (0, 0));
+    // A swept cluster comes back on demand.
+    assert_eq!(
+        u.choose(&a, &eps, &dest(Some("v1"), 9080, &v1))
+            .unwrap()
+            .addr
+            .port(),
+        1
+    );
+}
+
+#[test]
 fn an_ejected_endpoint_leaves_the_balancer_and_the_announcement() {
     let a = active(DR);
     let u = Upstream::new();
