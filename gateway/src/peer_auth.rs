@@ -198,19 +198,6 @@ pub fn admit(
     }
 }
 
-/// [`admit`] for a plaintext TCP caller of `host:port` (TLS passthrough by
-/// SNI, a port mapping): false, counted and logged, when the destination
-/// requires mutual TLS. A host with no TCP route is left to the proxy,
-/// which refuses it.
-pub fn admit_plaintext_tcp(state: &Gateway, host: &str, port: u16, caller_ns: &str) -> bool {
-    let active = state.active.load_full();
-    let endpoints = state.endpoints.borrow().clone();
-    match crate::route::tcp_target(&active, host, port, caller_ns, &endpoints) {
-        Some(t) => admit(state, &active, false, &t.service, &t.selector, t.port).is_ok(),
-        None => true,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use meshfed_policy::snapshot::{SourceRef, WorkloadMtls};

@@ -139,7 +139,10 @@ async fn dns_resolution_reaches_the_address_the_endpoint_name_resolves_to() {
     let (backend, _task) = http_backend("external-by-name").await;
     let dir = tempfile::tempdir().unwrap();
     // `localhost` resolves to 127.0.0.1 through the gateway's resolver
-    // (/etc/hosts), as a real external name would through DNS.
+    // (/etc/hosts), as a real external name would through DNS; the
+    // resolver also answers ::1 for it (RFC 6761), where nothing listens,
+    // so a try that lands there is retried on the other address (the
+    // default retry policy passes over endpoints that failed).
     let gw = edge_gateway(
         dir.path(),
         &service_entry(&format!(

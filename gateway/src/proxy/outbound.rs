@@ -567,8 +567,8 @@ pub async fn serve_mapped(state: Arc<Gateway>, listener: TcpListener, host: Stri
         let _ = stream.set_nodelay(true);
         let (state, host) = (state.clone(), host.clone());
         tokio::spawn(async move {
-            if crate::peer_auth::admit_plaintext_tcp(&state, &host, port, "default") {
-                tcp_proxy(state, host, port, "default", stream).await
+            if let Some(route) = route_tcp_or_close(&state, &host, port, "default") {
+                tcp_proxy(state, route, TcpOrigin::default(), stream).await
             }
         });
     }
@@ -584,13 +584,12 @@ async fn handle_connection(
         Detected::Http => serve_http(state, caller, stream, watcher).await,
         Detected::Tls { sni: Some(host) } => {
             // TLS passthrough: the caller talks TLS to the service itself.
-            let ns = caller.namespace.clone();
-            if crate::peer_auth::admit_plaintext_tcp(&state, &host, 443, &ns) {
+            if let Some(route) = route_tcp_or_close(&state, &host, 443, &caller.namespace) {
                 let origin = TcpOrigin {
                     caller: None,
-                    sni: Some(host.clone()),
+                    sni: Some(host),
                 };
-                tcp_proxy_from(state, host, 443, &ns, origin, stream).await;
+                tcp_proxy(state, route, origin, stream).await;
             }
         }
         Detected::Tls { sni: None } => {
@@ -800,6 +799,8 @@ async fn route_and_forward(
     // endpoint, a refused connection): retries go elsewhere when they can,
     // as Istio's default `previous_hosts` retry predicate does per host.
     let mut failed: Vec<String> = Vec::new();
+    // The same within this cluster, per endpoint.
+    let mut failed_endpoints: Vec<SocketAddr> = Vec::new();
     let forward = async {
         let mut attempt: u32 = 0;
         // The budget slot of the retry in flight, held until it is answered.
@@ -821,6 +822,7 @@ async fn route_and_forward(
                         &endpoints,
                         this,
                         grpc,
+                        &mut failed_endpoints,
                     )
                     .await
                 } else {
@@ -1135,6 +1137,9 @@ fn record(
 /// Sends a request to an endpoint in this cluster. This gateway is then also
 /// the call's destination gateway, so AuthorizationPolicy is enforced here,
 /// on every try (a retry or a mirrored copy that lands here included).
+/// Endpoints in `failed` are passed over while another is left; one that
+/// this try cannot connect to, or that resets it, is added.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward_local(
     state: &Gateway,
     active: &crate::route::Active,
@@ -1143,6 +1148,7 @@ pub(super) async fn forward_local(
     endpoints: &crate::discovery::EndpointSet,
     mut req: Request<ProxyBody>,
     grpc: bool,
+    failed: &mut Vec<SocketAddr>,
 ) -> Response<ProxyBody> {
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
         req.headers_mut().insert(super::XFCC, v);
@@ -1165,7 +1171,10 @@ pub(super) async fn forward_local(
         port: target.port,
         selector: &target.selector,
     };
-    let Some(picked) = state.upstream.choose(active, endpoints, &dest) else {
+    let Some(picked) = state
+        .upstream
+        .choose_avoiding(active, endpoints, &dest, failed)
+    else {
         return error_response(
             Refusal::NoHealthyEndpoint,
             &format!("no healthy local endpoint for {}", target.service),
@@ -1190,12 +1199,23 @@ pub(super) async fn forward_local(
     }
     let h2 = parts.version == http::Version::HTTP_2;
     let req = Request::from_parts(parts, body);
+    let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
             resp
         }
-        Err(e) => e.response(grpc),
+        Err(e) => {
+            if matches!(
+                e,
+                super::upstream::UpstreamError::Connect { .. }
+                    | super::upstream::UpstreamError::Reset { .. }
+            ) && !failed.contains(&addr)
+            {
+                failed.push(addr);
+            }
+            e.response(grpc)
+        }
     }
 }
 
@@ -1385,18 +1405,15 @@ async fn connect(
         return error_response(Refusal::BadRequest, "CONNECT needs host:port", false);
     };
     let (host, port) = route::split_authority(authority.as_str(), 443);
-    let (host, ns) = (host.to_string(), caller.namespace.clone());
     // Route before answering, so the caller sees a refusal as a status.
-    let active = state.active.load_full();
-    let endpoints = state.endpoints.borrow().clone();
-    let Some(target) = route::tcp_target(&active, &host, port, &ns, &endpoints) else {
-        return error_response(Refusal::NoRoute, &format!("no service `{host}`"), false);
+    let mtls = caller.id.is_some();
+    let route = match TcpRoute::new(&state, host, port, &caller.namespace, mtls) {
+        Ok(r) => r,
+        Err(TcpRefused::NoRoute) => {
+            return error_response(Refusal::NoRoute, &format!("no service `{host}`"), false);
+        }
+        Err(TcpRefused::PeerAuth(r)) => return r.response(false),
     };
-    let (mtls, t) = (caller.id.is_some(), &target);
-    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
-    {
-        return r.response(false);
-    }
     tokio::spawn(async move {
         let _in_flight = in_flight;
         match hyper::upgrade::on(req).await {
@@ -1407,7 +1424,7 @@ async fn connect(
                     caller: caller.id.clone(),
                     sni: None,
                 };
-                tcp_proxy_from(state, host, port, &ns, origin, TokioIo::new(upgraded)).await
+                tcp_proxy(state, route, origin, TokioIo::new(upgraded)).await
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -1430,34 +1447,89 @@ pub struct TcpOrigin {
     pub sni: Option<String>,
 }
 
-/// Proxies a TCP connection to `host:port`, locally or over the tunnel,
-/// for a caller the listener knows nothing about.
-pub async fn tcp_proxy<S>(state: Arc<Gateway>, host: String, port: u16, ns: &str, client: S)
+/// A TCP stream's route, decided once, from one snapshot and one view of
+/// the endpoints: the PeerAuthentication check, the cluster, authorization
+/// and the endpoint all use the same (a config swap in between cannot admit
+/// a caller for one destination and send it to another).
+pub struct TcpRoute {
+    active: Arc<route::Active>,
+    endpoints: Arc<crate::discovery::EndpointSet>,
+    target: Target,
+    host: String,
+}
+
+/// Why a TCP stream has no route.
+#[derive(Debug)]
+pub enum TcpRefused {
+    /// No service or TCP route for the host (not counted here).
+    NoRoute,
+    /// PeerAuthentication refused the caller (counted and logged).
+    PeerAuth(crate::peer_auth::Refused),
+}
+
+impl std::fmt::Debug for TcpRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpRoute")
+            .field("host", &self.host)
+            .field("target", &self.target)
+            .field("config", &self.active.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpRoute {
+    /// Routes a stream for `host:port` from a caller in `ns` (`mtls`: it
+    /// came in over mutual TLS) and applies PeerAuthentication.
+    pub fn new(
+        state: &Gateway,
+        host: &str,
+        port: u16,
+        ns: &str,
+        mtls: bool,
+    ) -> Result<Self, TcpRefused> {
+        let active = state.active.load_full();
+        let endpoints = state.endpoints.borrow().clone();
+        let target =
+            route::tcp_target(&active, host, port, ns, &endpoints).ok_or(TcpRefused::NoRoute)?;
+        let t = &target;
+        crate::peer_auth::admit(state, &active, mtls, &t.service, &t.selector, t.port)
+            .map_err(TcpRefused::PeerAuth)?;
+        Ok(TcpRoute {
+            active,
+            endpoints,
+            target,
+            host: host.to_string(),
+        })
+    }
+}
+
+/// [`TcpRoute::new`] for a plaintext TCP caller (TLS passthrough by SNI, a
+/// port mapping), which can only be closed: `None`, counted and logged,
+/// when there is no route or PeerAuthentication refuses it.
+fn route_tcp_or_close(state: &Gateway, host: &str, port: u16, ns: &str) -> Option<TcpRoute> {
+    match TcpRoute::new(state, host, port, ns, false) {
+        Ok(r) => Some(r),
+        Err(TcpRefused::NoRoute) => {
+            state.metrics.refused("listener", "no-route");
+            tracing::info!(%host, port, "no TCP route; closing");
+            None
+        }
+        Err(TcpRefused::PeerAuth(_)) => None,
+    }
+}
+
+/// Proxies a routed TCP connection, locally or over the tunnel; `origin`'s
+/// identity and SNI reach the destination's authorization.
+pub async fn tcp_proxy<S>(state: Arc<Gateway>, route: TcpRoute, origin: TcpOrigin, mut client: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    tcp_proxy_from(state, host, port, ns, TcpOrigin::default(), client).await
-}
-
-/// Proxies a TCP connection to `host:port`, locally or over the tunnel;
-/// `origin`'s identity and SNI reach the destination's authorization.
-pub async fn tcp_proxy_from<S>(
-    state: Arc<Gateway>,
-    host: String,
-    port: u16,
-    ns: &str,
-    origin: TcpOrigin,
-    mut client: S,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let active = state.active.load_full();
-    let endpoints = state.endpoints.borrow().clone();
-    let Some(mut target) = route::tcp_target(&active, &host, port, ns, &endpoints) else {
-        state.metrics.refused("listener", "no-route");
-        tracing::info!(%host, port, "no TCP route; closing");
-        return;
-    };
+    let TcpRoute {
+        active,
+        endpoints,
+        mut target,
+        host,
+    } = route;
     let remote = state.tunnel.announcements();
     let Some(cluster) = route::choose_cluster(
         &mut target,

@@ -176,6 +176,7 @@ pub fn spawn_mirror(
                     &endpoints,
                     req,
                     grpc,
+                    &mut Vec::new(),
                 )
                 .await
             } else {

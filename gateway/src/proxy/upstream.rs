@@ -439,9 +439,26 @@ impl Upstream {
         endpoints: &EndpointSet,
         dest: &Dest<'a>,
     ) -> Option<Picked<'a>> {
+        self.choose_avoiding(active, endpoints, dest, &[])
+    }
+
+    /// [`Upstream::choose`] for a retry: endpoints in `avoid` (where earlier
+    /// tries of the request failed to connect or were reset) are passed
+    /// over while any other is left, as Istio's default `previous_hosts`
+    /// retry predicate does.
+    pub fn choose_avoiding<'a>(
+        &self,
+        active: &'a Active,
+        endpoints: &EndpointSet,
+        dest: &Dest<'a>,
+        avoid: &[SocketAddr],
+    ) -> Option<Picked<'a>> {
         let mut candidates = crate::discovery::healthy(endpoints, dest.service, dest.selector);
         // A multi-port ServiceEntry's endpoints each serve one port.
         candidates.retain(|e| crate::discovery::service_entry::for_port(e, dest.port));
+        if !avoid.is_empty() && candidates.iter().any(|e| !avoid.contains(&e.addr)) {
+            candidates.retain(|e| !avoid.contains(&e.addr));
+        }
         self.choose_from(active, candidates, dest)
     }
 

@@ -182,6 +182,30 @@ fn subset_labels_select_endpoints() {
 }
 
 #[test]
+fn a_retry_passes_over_endpoints_that_failed_while_another_is_left() {
+    let a = active(DR);
+    let u = Upstream::new();
+    let eps = set(vec![ep(1, "v1"), ep(2, "v1"), ep(3, "v1")]);
+    let all = BTreeMap::new();
+    let bad = [
+        SocketAddr::from(([127, 0, 0, 1], 1)),
+        SocketAddr::from(([127, 0, 0, 1], 2)),
+    ];
+    for _ in 0..50 {
+        let p = u
+            .choose_avoiding(&a, &eps, &dest(None, 80, &all), &bad)
+            .unwrap();
+        assert_eq!(p.addr.port(), 3);
+    }
+    // With every endpoint failed, any may be tried again.
+    let all_bad = [bad[0], bad[1], SocketAddr::from(([127, 0, 0, 1], 3))];
+    assert!(
+        u.choose_avoiding(&a, &eps, &dest(None, 80, &all), &all_bad)
+            .is_some()
+    );
+}
+
+#[test]
 fn unused_clusters_and_counters_are_swept_and_unknown_subsets_share_the_services_cluster() {
     let a = active(DR);
     let u = Upstream::new();
