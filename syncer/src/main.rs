@@ -556,7 +556,18 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     metrics.register(&mut registry);
     let (publish_tx, publish_rx) = watch::channel::<Option<Arc<Published>>>(None);
     let state = Arc::new(SyncState::default());
-    let rollout = Rollout::new();
+    let (rollout, problem) = Rollout::persistent(&s.state_dir);
+    if let Some(p) = problem {
+        tracing::warn!("{p}");
+    }
+    let known = rollout.gateways().len();
+    if known > 0 {
+        tracing::info!(
+            gateways = known,
+            "gateway records restored; they count as pending until they reconnect"
+        );
+    }
+    let saver = tokio::spawn(rollout.clone().keep_saved());
     let pipeline = Arc::new(Pipeline::new(
         source.clone(),
         s.opts.clone(),
@@ -666,6 +677,10 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     for t in tasks {
         let left = deadline.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, t).await;
+    }
+    saver.abort();
+    if let Err(e) = rollout.save() {
+        tracing::warn!(error = %e, "cannot save the gateway records");
     }
     tracing::info!("stopped");
     Ok(())

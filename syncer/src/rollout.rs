@@ -9,13 +9,22 @@
 //!
 //! `Rollout` is the single source of truth for "which gateway applied what":
 //! the server writes it, the status API and `status --wait` read it.
+//!
+//! It outlives a restart of the syncer ([`Rollout::persistent`]): every
+//! connect, ACK, NACK and disconnect is written to `gateways.json` in the
+//! state directory, so a restarted syncer still knows which gateways a
+//! rollout waits for before they reconnect, and `status --wait` does not
+//! answer "all applied" for want of anyone to ask.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshfed_policy::Snapshot;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 /// One accepted commit, compiled for every cluster of the federation.
 #[derive(Debug, Clone)]
@@ -47,7 +56,7 @@ impl ClusterSnapshot {
 }
 
 /// What the syncer knows about one gateway.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GatewayRecord {
     pub cluster: String,
     pub gateway_id: String,
@@ -70,11 +79,119 @@ pub struct GatewayRecord {
 #[derive(Debug, Clone, Default)]
 pub struct Rollout {
     inner: Arc<Mutex<BTreeMap<(String, String), GatewayRecord>>>,
+    store: Option<Arc<Store>>,
 }
 
+/// Where the records are kept across restarts, and the signal that they
+/// changed.
+#[derive(Debug)]
+struct Store {
+    path: PathBuf,
+    changed: Notify,
+}
+
+/// The file's form.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    gateways: Vec<GatewayRecord>,
+}
+
+/// The records file in a state directory.
+pub const RECORDS_FILE: &str = "gateways.json";
+
 impl Rollout {
+    /// Tracking in memory only.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tracking kept in `state_dir/gateways.json`, starting from what it
+    /// holds. A gateway that was connected when the syncer stopped counts
+    /// as last seen now, so it stays known (as pending) for the known
+    /// window while it reconnects. An unreadable file is reported and
+    /// replaced: the records rebuild as gateways reconnect.
+    pub fn persistent(state_dir: &Path) -> (Self, Option<String>) {
+        let path = state_dir.join(RECORDS_FILE);
+        let (records, problem) = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
+                Ok(saved) => (saved.gateways, None),
+                Err(e) => (
+                    Vec::new(),
+                    Some(format!(
+                        "{}: unreadable ({e}); starting with no known gateways",
+                        path.display()
+                    )),
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), None),
+            Err(e) => (
+                Vec::new(),
+                Some(format!(
+                    "{}: {e}; starting with no known gateways",
+                    path.display()
+                )),
+            ),
+        };
+        let now = SystemTime::now();
+        let map = records
+            .into_iter()
+            .map(|mut r| {
+                if r.connected {
+                    r.last_seen = now;
+                }
+                r.connected = false;
+                ((r.cluster.clone(), r.gateway_id.clone()), r)
+            })
+            .collect();
+        let rollout = Rollout {
+            inner: Arc::new(Mutex::new(map)),
+            store: Some(Arc::new(Store {
+                path,
+                changed: Notify::new(),
+            })),
+        };
+        (rollout, problem)
+    }
+
+    /// Writes the records whenever they change, a burst of changes at
+    /// once, until the task is dropped; a final [`Rollout::save`] at
+    /// shutdown catches the last ones. Returns at once without a store.
+    pub async fn keep_saved(self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        loop {
+            store.changed.notified().await;
+            // Let a burst (a commit's ACKs from every gateway) land first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.save()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %store.path.display(), error = %e, "cannot save the gateway records; a restart would forget them")
+                }
+                Err(e) => tracing::warn!(error = %e, "saving the gateway records failed"),
+            }
+        }
+    }
+
+    /// Writes the records now (atomically: a crash leaves the old file or
+    /// the new one).
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let saved = Saved {
+            gateways: self.gateways(),
+        };
+        let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
+        crate::pipeline::write_atomic(&store.path, &bytes)
+    }
+
+    fn changed(&self) {
+        if let Some(store) = &self.store {
+            store.changed.notify_one();
+        }
     }
 
     /// A gateway said hello on a verified stream.
@@ -107,6 +224,8 @@ impl Rollout {
         if applied.is_some() {
             r.applied = applied;
         }
+        drop(m);
+        self.changed();
     }
 
     pub fn acked(&self, cluster: &str, gateway_id: &str, version: &str) {
@@ -115,12 +234,14 @@ impl Rollout {
             r.acked_at = Some(SystemTime::now());
             r.nack = None;
         });
+        self.changed();
     }
 
     pub fn nacked(&self, cluster: &str, gateway_id: &str, version: &str, reason: &str) {
         self.update(cluster, gateway_id, |r| {
             r.nack = Some((version.to_string(), reason.to_string()));
         });
+        self.changed();
     }
 
     /// Any sign of life (keep-alive) from a connected gateway.
@@ -130,6 +251,7 @@ impl Rollout {
 
     pub fn disconnected(&self, cluster: &str, gateway_id: &str) {
         self.update(cluster, gateway_id, |r| r.connected = false);
+        self.changed();
     }
 
     /// One gateway's record.
@@ -158,5 +280,58 @@ impl Rollout {
         // A panic while holding this lock cannot leave a record half-written
         // in a way that matters: every update is a few field stores.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn records_survive_a_restart_and_a_gateway_connected_at_the_stop_stays_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, problem) = Rollout::persistent(dir.path());
+        assert_eq!(problem, None);
+        r.connected("east", "gw-0", "spiffe://x/east/gw-0", None, None);
+        r.acked("east", "gw-0", "c1");
+        r.connected(
+            "west",
+            "gw-0",
+            "spiffe://x/west/gw-0",
+            None,
+            Some("c0".into()),
+        );
+        r.nacked("west", "gw-0", "c1", "bad.yaml:3: nope");
+        r.disconnected("west", "gw-0");
+        let west_seen = r.get("west", "gw-0").unwrap().last_seen;
+        r.save().unwrap();
+
+        let (back, problem) = Rollout::persistent(dir.path());
+        assert_eq!(problem, None);
+        let east = back.get("east", "gw-0").unwrap();
+        assert!(!east.connected, "nobody is connected to a fresh syncer");
+        assert_eq!(east.applied.as_deref(), Some("c1"));
+        assert!(east.last_seen.elapsed().unwrap() < Duration::from_secs(5));
+        let west = back.get("west", "gw-0").unwrap();
+        assert_eq!(west.applied.as_deref(), Some("c0"));
+        assert_eq!(west.nack.as_ref().unwrap().1, "bad.yaml:3: nope");
+        assert_eq!(
+            west.last_seen, west_seen,
+            "a disconnected one keeps its age"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_records_file_is_reported_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RECORDS_FILE), b"{not json").unwrap();
+        let (r, problem) = Rollout::persistent(dir.path());
+        assert!(problem.unwrap().contains(RECORDS_FILE));
+        assert!(r.gateways().is_empty());
+        r.connected("east", "gw-0", "id", None, None);
+        r.save().unwrap();
+        assert_eq!(Rollout::persistent(dir.path()).0.gateways().len(), 1);
     }
 }

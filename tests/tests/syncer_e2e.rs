@@ -1,7 +1,8 @@
-//! Commit → syncer → three real gateways in three clusters, end to end:
-//! the real `meshfed-syncer` (Git repo made with the `git` CLI, webhook,
-//! gRPC over mTLS) and three real `meshfed-gateway` processes in syncer
-//! mode; `meshfed-syncer status --wait` is the judge.
+//! Commit → syncer → three real gateways in three clusters, end to end, and
+//! through a restart of the syncer: the real `meshfed-syncer` (Git repo
+//! made with the `git` CLI, webhook, gRPC over mTLS) and three real
+//! `meshfed-gateway` processes in syncer mode; `meshfed-syncer status
+//! --wait` is the judge.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -63,6 +64,10 @@ fn http(addr: &str, req: &str) -> (u16, String) {
 }
 
 fn status_wait(http_addr: &str, sha: &str) -> (Option<i32>, String) {
+    status_wait_for(http_addr, sha, "30s")
+}
+
+fn status_wait_for(http_addr: &str, sha: &str, timeout: &str) -> (Option<i32>, String) {
     let out = Command::new(bin("meshfed-syncer"))
         .args([
             "status",
@@ -71,7 +76,7 @@ fn status_wait(http_addr: &str, sha: &str) -> (Option<i32>, String) {
             "--wait",
             sha,
             "--timeout",
-            "30s",
+            timeout,
         ])
         .output()
         .unwrap();
@@ -113,46 +118,51 @@ fn a_commit_reaches_three_gateways_in_three_clusters_and_status_wait_returns_0()
     let c1 = commit(&repo, "clusters", &[("clusters.yaml", &cl)]);
 
     std::fs::write(tmp.path().join("secret"), "s3cret").unwrap();
-    let ready = tmp.path().join("syncer.ready");
-    let log = std::fs::File::create(tmp.path().join("syncer.log")).unwrap();
-    let mut syncer = Command::new(bin("meshfed-syncer"))
-        .args([
-            "--repo",
-            &repo.to_string_lossy(),
-            "--state-dir",
-            &tmp.path().join("state").to_string_lossy(),
-        ])
-        .args(["--tls-dir", &syncer_creds.to_string_lossy()])
-        .args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--poll-interval",
-            "1h",
-        ])
-        .args([
-            "--webhook-secret-file",
-            &tmp.path().join("secret").to_string_lossy(),
-        ])
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let doc: serde_json::Value = eventually("syncer ready", Duration::from_secs(20), || {
-        serde_json::from_str::<serde_json::Value>(
-            &std::fs::read_to_string(&ready).map_err(|e| e.to_string())?,
+    // A fixed gRPC port: the gateways find a restarted syncer where they
+    // left it.
+    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let start_syncer = |run: u32| {
+        let ready = tmp.path().join(format!("syncer-{run}.ready"));
+        let log = std::fs::File::create(tmp.path().join(format!("syncer-{run}.log"))).unwrap();
+        let child = Command::new(bin("meshfed-syncer"))
+            .args([
+                "--repo",
+                &repo.to_string_lossy(),
+                "--state-dir",
+                &tmp.path().join("state").to_string_lossy(),
+            ])
+            .args(["--tls-dir", &syncer_creds.to_string_lossy()])
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--http-addr", "127.0.0.1:0", "--poll-interval", "1h"])
+            .args([
+                "--webhook-secret-file",
+                &tmp.path().join("secret").to_string_lossy(),
+            ])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let doc: serde_json::Value = eventually("syncer ready", Duration::from_secs(20), || {
+            serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(&ready).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())
+        });
+        (
+            child,
+            doc["http"].as_str().unwrap().to_string(),
+            doc["grpc"].as_str().unwrap().to_string(),
         )
-        .map_err(|e| e.to_string())
-    });
-    let (http_addr, grpc) = (
-        doc["http"].as_str().unwrap().to_string(),
-        doc["grpc"].as_str().unwrap().to_string(),
-    );
+    };
+    let (mut syncer, http_addr, grpc) = start_syncer(1);
 
-    let gateways: Vec<GatewayProcess> = clusters
+    let mut gateways: Vec<GatewayProcess> = clusters
         .iter()
         .zip(&ports)
         .map(|(c, p)| {
@@ -236,9 +246,48 @@ fn a_commit_reaches_three_gateways_in_three_clusters_and_status_wait_returns_0()
     for g in &gateways {
         assert!(g.admin_get("/config_dump").contains(&c2));
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &syncer.id().to_string()])
-        .status();
-    let status = syncer.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+
+    // The syncer restarts while edge's gateway is down. It still knows
+    // edge's gateway (its records are kept in the state directory), so a
+    // rollout is not "applied everywhere" until edge is back: `--wait`
+    // times out (3) naming it, instead of answering 0 for want of anyone
+    // to ask.
+    let stop = |syncer: &mut std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-TERM", &syncer.id().to_string()])
+            .status();
+        assert_eq!(syncer.wait().unwrap().code(), Some(0));
+    };
+    stop(&mut syncer);
+    let mut edge = gateways.pop().unwrap();
+    assert_eq!(edge.cluster, "edge");
+    edge.kill();
+    let (mut syncer, http_addr, _) = start_syncer(2);
+    let (code, out) = status_wait_for(&http_addr, &c2, "3s");
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("edge") && l.contains("gw-0") && l.contains("pending")),
+        "edge's gateway is waited for:\n{out}"
+    );
+    // Edge comes back, on its persisted snapshot, and reconnects.
+    drop(edge);
+    let _edge = GatewayProcess::start(&GatewaySpec {
+        cluster: "edge".into(),
+        id: "gw-0".into(),
+        tls_dir: pki.gateway("edge", "gw-0"),
+        policy_dir: Default::default(),
+        discovery: None,
+        tunnel_port: ports[2],
+        work_dir: tmp.path().to_path_buf(),
+        extra_args: vec![
+            "--syncer".into(),
+            format!("127.0.0.1:{grpc_port}"),
+            "--state-dir".into(),
+            tmp.path().join("gw-edge").to_string_lossy().into(),
+        ],
+    });
+    let (code, out) = status_wait(&http_addr, &c2);
+    assert_eq!(code, Some(0), "{out}");
+    stop(&mut syncer);
 }
