@@ -15,57 +15,19 @@
 //!
 //! See docs/fuzzing.md.
 
-use std::panic;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
-/// The files directly in `policy/fuzz/<dir>`, sorted; none if the directory
-/// does not exist.
+#[path = "support/fuzz_replay.rs"]
+mod fuzz_replay;
+
+use fuzz_replay::{assert_no_failures, replay};
+
+/// The files directly in `policy/fuzz/<dir>`, sorted.
 fn inputs(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(dir);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.is_file())
-        .collect();
-    files.sort();
-    files
-}
-
-/// Runs `check` on every file and returns one line per failure.
-fn replay(files: &[PathBuf], check: fn(&[u8])) -> Vec<String> {
-    let mut failures = Vec::new();
-    for file in files {
-        let bytes = match std::fs::read(file) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                failures.push(format!("{}: cannot read: {e}", file.display()));
-                continue;
-            }
-        };
-        if let Err(payload) = panic::catch_unwind(|| check(&bytes)) {
-            let message = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("(non-string panic)");
-            failures.push(format!("{}: {message}", file.display()));
-        }
-    }
-    failures
-}
-
-fn assert_no_failures(what: &str, count: usize, failures: &[String]) {
-    assert!(
-        failures.is_empty(),
-        "{} of {count} {what} input(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    fuzz_replay::inputs(&fuzz_replay::fuzz_dir(env!("CARGO_MANIFEST_DIR")), dir)
 }
 
 #[test]

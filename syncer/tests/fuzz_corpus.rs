@@ -24,8 +24,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::panic;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 // `checks.rs` reaches the module under test as `super::webhook`.
 use meshfed_syncer::trigger::webhook;
@@ -33,57 +32,18 @@ use meshfed_syncer::trigger::webhook;
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
+#[path = "../../policy/tests/support/fuzz_replay.rs"]
+mod fuzz_replay;
+
+use fuzz_replay::{assert_no_failures, replay};
+
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+    fuzz_replay::fuzz_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The files directly in `syncer/fuzz/<dir>`, sorted; none if the directory
-/// does not exist.
+/// The files directly in `syncer/fuzz/<dir>`, sorted.
 fn inputs(dir: &str) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(fuzz_dir().join(dir)) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.is_file())
-        .collect();
-    files.sort();
-    files
-}
-
-/// Runs `check` on every file and returns one line per failure.
-fn replay(files: &[PathBuf], check: fn(&[u8])) -> Vec<String> {
-    let mut failures = Vec::new();
-    for file in files {
-        let bytes = match std::fs::read(file) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                failures.push(format!("{}: cannot read: {e}", file.display()));
-                continue;
-            }
-        };
-        if let Err(payload) = panic::catch_unwind(|| check(&bytes)) {
-            failures.push(format!("{}: {}", file.display(), panic_text(&*payload)));
-        }
-    }
-    failures
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
-    payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("(non-string panic)")
-}
-
-fn assert_no_failures(what: &str, count: usize, failures: &[String]) {
-    assert!(
-        failures.is_empty(),
-        "{} of {count} {what} input(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    fuzz_replay::inputs(&fuzz_dir(), dir)
 }
 
 #[test]
