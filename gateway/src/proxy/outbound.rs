@@ -1494,32 +1494,34 @@ fn route_tcp_or_close(state: &Gateway, host: &str, port: u16, ns: &str) -> Optio
 
 /// Proxies a routed TCP connection, locally or over the tunnel; `origin`'s
 /// identity and SNI reach the destination's authorization.
-pub async fn tcp_proxy<S>(state: Arc<Gateway>, route: TcpRoute, origin: TcpOrigin, mut client: S)
-where
+pub async fn tcp_proxy<S>(
+    state: Arc<Gateway>,
+    mut route: TcpRoute,
+    origin: TcpOrigin,
+    mut client: S,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    // Borrowed, not moved out: an async fn keeps its arguments in the
+    // future, so moved-out fields would be stored twice for as long as the
+    // stream is open (docs/benchmarks.md: RSS per open stream).
     let TcpRoute {
         active,
         endpoints,
-        mut target,
+        target,
         host,
-    } = route;
+    } = &mut route;
     let remote = state.tunnel.announcements();
-    let Some(cluster) = route::choose_cluster(
-        &mut target,
-        &active,
-        &state.cluster,
-        &endpoints,
-        &remote,
-        &[],
-    ) else {
+    let Some(cluster) =
+        route::choose_cluster(target, active, &state.cluster, endpoints, &remote, &[])
+    else {
         state.metrics.refused("listener", "no-healthy-endpoint");
         return;
     };
     if cluster == state.cluster
         && !crate::authz::admit_local_tcp(
             &state,
-            &active,
+            active,
             &target.service,
             &target.selector,
             origin.caller.as_deref(),
@@ -1536,7 +1538,7 @@ where
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
         let mut candidates =
-            crate::discovery::healthy(&endpoints, &target.service, &target.selector);
+            crate::discovery::healthy(endpoints, &target.service, &target.selector);
         candidates.retain(|e| crate::discovery::service_entry::for_port(e, target.port));
         let Some((addr, _inflight)) = state.upstream.pick(&candidates) else {
             return;
