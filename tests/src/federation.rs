@@ -511,6 +511,17 @@ pub fn two_clusters(
     backend: SocketAddr,
     east_args: Vec<String>,
 ) -> (tempfile::TempDir, GatewayProcess, GatewayProcess) {
+    two_clusters_with_policy(service, backend, east_args, "")
+}
+
+/// [`two_clusters`] with more policy for both gateways: `policy` is YAML
+/// documents, added after the clusters and the export.
+pub fn two_clusters_with_policy(
+    service: &str,
+    backend: SocketAddr,
+    east_args: Vec<String>,
+    policy_yaml: &str,
+) -> (tempfile::TempDir, GatewayProcess, GatewayProcess) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let pki = Pki::new(dir.path());
     let (east_port, west_port) = (free_udp_port(), free_udp_port());
@@ -519,7 +530,7 @@ pub fn two_clusters(
     std::fs::write(
         policy.join("p.yaml"),
         format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {service}, namespace: default}}\n",
+            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {service}, namespace: default}}\n---\n{policy_yaml}",
             cluster_yaml("east", &[east_port]),
             cluster_yaml("west", &[west_port])
         ),

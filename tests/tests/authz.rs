@@ -508,11 +508,8 @@ spec:
     assert_eq!(mesh.hits(), 2);
 }
 
-/// A call to a service of the gateway's own cluster: the gateway is both
-/// the source and the destination gateway, and enforces the policy itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_call_through_the_gateway_is_authorized_too() {
-    let policy = "apiVersion: security.istio.io/v1
+/// Denies every path under `/admin`, for every workload.
+const DENY_ADMIN: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-admin, namespace: default}
 spec:
@@ -520,7 +517,12 @@ spec:
   rules:
   - to: [{operation: {paths: [/admin*]}}]
 ";
-    let mesh = Mesh::start(policy).await;
+
+/// A call to a service of the gateway's own cluster: the gateway is both
+/// the source and the destination gateway, and enforces the policy itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_call_through_the_gateway_is_authorized_too() {
+    let mesh = Mesh::start(DENY_ADMIN).await;
     // West's own gateway serves reviews from its local endpoint.
     assert_eq!(plaintext(&mesh.west, "GET", "/reviews").await.status, 200);
     assert_eq!(mesh.hits(), 1);
@@ -566,15 +568,7 @@ async fn raw(gateway: &GatewayProcess, request_line: &str, headers: &str) -> u16
 /// around a path rule; an encoded NUL is refused outright.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backslash_paths_are_normalized_before_path_rules() {
-    let policy = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: default}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {paths: [/admin*]}}]
-";
-    let mesh = Mesh::start(policy).await;
+    let mesh = Mesh::start(DENY_ADMIN).await;
     for gw in [&mesh.west, &mesh.east] {
         assert_eq!(raw(gw, "GET /reviews", "").await, 200);
         assert_eq!(raw(gw, "GET /public\\..\\admin", "").await, 403);

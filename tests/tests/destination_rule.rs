@@ -282,37 +282,12 @@ async fn an_abandoned_call_to_a_hung_endpoint_frees_its_pool_slot() {
         hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let (east_port, west_port) = (free_udp_port(), free_udp_port());
-    let policy_dir = dir.path().join("policy");
-    std::fs::create_dir_all(&policy_dir).unwrap();
-    std::fs::write(
-        policy_dir.join("mesh.yaml"),
-        format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n---\n{}---\n{}",
-            cluster_yaml("east", &[east_port]),
-            cluster_yaml("west", &[west_port]),
-            dr("    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n"),
-            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - timeout: 500ms\n    retries: {attempts: 0}\n    route: [{destination: {host: ratings}}]\n",
-        ),
-    )
-    .unwrap();
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<std::path::PathBuf>| GatewaySpec {
-        cluster: cluster.into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway(cluster, "gw-0"),
-        policy_dir: policy_dir.clone(),
-        discovery,
-        tunnel_port: port,
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
-    };
-    let west = GatewayProcess::start(&spec("west", west_port, Some(eps)));
-    let east = GatewayProcess::start(&spec("east", east_port, None));
-    east.wait_links("west", 1);
+    let policy = format!(
+        "{}---\n{}",
+        dr("    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - timeout: 500ms\n    retries: {attempts: 0}\n    route: [{destination: {host: ratings}}]\n",
+    );
+    let (_dir, east, west) = two_clusters_with_policy("ratings", backend, vec![], &policy);
 
     for (via, name) in [
         (east.outbound, "east → west"),
