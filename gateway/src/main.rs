@@ -183,6 +183,15 @@ struct Cli {
           value_parser = parse_duration)]
     header_timeout: Duration,
 
+    /// The tunnel links' congestion controller. `cubic` (the default) reads
+    /// every loss as congestion; `bbr` paces by measured bandwidth and RTT
+    /// and keeps its rate through random loss, for lossy edge links
+    /// (radio, satellite). quinn calls its BBR experimental; see
+    /// docs/benchmarks.md, "Lossy link", for what each gave here.
+    #[arg(long, value_enum, value_name = "CC", env = "MESHFED_CONGESTION_CONTROL",
+          default_value_t = CongestionControl::Cubic)]
+    congestion_control: CongestionControl,
+
     /// Threads that run the data plane. The default, 1, is the cheapest per
     /// request: every task of a call (caller connection, QUIC stream, link
     /// driver, upstream connection) runs on one thread, with no cross-thread
@@ -275,6 +284,14 @@ enum OutboundTls {
     Plaintext,
     /// mTLS with workload certificates.
     Mutual,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CongestionControl {
+    /// CUBIC: every loss is congestion.
+    Cubic,
+    /// BBR: paced by measured bandwidth and RTT; for lossy links.
+    Bbr,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -509,6 +526,10 @@ fn main() -> ExitCode {
         tracing: meshfed_gateway::trace::Settings {
             otlp_endpoint: cli.otlp_endpoint,
             sampling_percent: cli.trace_sampling,
+        },
+        congestion: match cli.congestion_control {
+            CongestionControl::Cubic => meshfed_gateway::tunnel::link::Congestion::Cubic,
+            CongestionControl::Bbr => meshfed_gateway::tunnel::link::Congestion::Bbr,
         },
         policy: meshfed_policy::Options {
             domain: cli.domain,

@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub kube: Option<crate::discovery::kube::KubeSettings>,
     /// Distributed tracing: OTLP endpoint (off when unset) and sampling.
     pub tracing: crate::trace::Settings,
+    /// The tunnel links' congestion controller.
+    pub congestion: crate::tunnel::link::Congestion,
 }
 
 /// A listener of its own for one service port (`--tcp-port-map`).
@@ -218,7 +220,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         server_tls,
         client_tls,
         &cfg.cluster,
-        LinkSettings::default(),
+        LinkSettings {
+            congestion: cfg.congestion,
+            ..LinkSettings::default()
+        },
         identify(),
     )
     .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;

@@ -106,6 +106,8 @@ fn help_documents_the_istio_style_default_ports_and_common_flags() {
         "--ready-file",
         "--config",
         "--log-format",
+        "--congestion-control",
+        "[default: cubic]",
     ] {
         assert!(out.stdout.contains(text), "--help lacks {text}:\n{out}");
     }

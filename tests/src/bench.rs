@@ -33,6 +33,9 @@ pub struct Context {
     pub iterations: Option<usize>,
     /// Where scenarios may keep scratch files (a temporary directory).
     pub scratch: PathBuf,
+    /// Extra flags for every meshfed gateway the scenarios start
+    /// (`--gateway-arg`), to compare settings.
+    pub gateway_args: Vec<String>,
 }
 
 /// A benchmark scenario.

@@ -56,6 +56,21 @@ pub struct LinkSettings {
     pub announce_stale: Duration,
     /// Concurrent streams a peer may open on one link.
     pub max_streams: u32,
+    /// The links' congestion controller.
+    pub congestion: Congestion,
+}
+
+/// A link's congestion controller (`--congestion-control`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: every loss is read as
+    /// congestion, which suits links where loss means a full queue.
+    #[default]
+    Cubic,
+    /// BBR (quinn's implementation, which quinn calls experimental): paced
+    /// by the measured bandwidth and RTT, so random loss on a lossy radio
+    /// or satellite link does not shrink the window.
+    Bbr,
 }
 
 impl Default for LinkSettings {
@@ -73,6 +88,7 @@ impl Default for LinkSettings {
             announce_every: Duration::from_secs(5),
             announce_stale: Duration::from_secs(16),
             max_streams: 16_384,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -92,6 +108,9 @@ pub fn transport_config(s: &LinkSettings) -> TransportConfig {
         .send_window(16 << 20)
         .keep_alive_interval(Some(s.keep_alive))
         .max_idle_timeout(s.idle_timeout.try_into().ok());
+    if s.congestion == Congestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     t
 }
 

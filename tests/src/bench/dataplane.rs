@@ -46,7 +46,13 @@ impl Paths {
         std::fs::create_dir_all(&dir)?;
         let pki = Pki::new(&dir);
         let backend = Backend::start()?;
-        let meshfed = MeshfedPair::start(&dir.join("meshfed"), &pki, &backend, None)?;
+        let meshfed = MeshfedPair::start(
+            &dir.join("meshfed"),
+            &pki,
+            &backend,
+            None,
+            &ctx.gateway_args,
+        )?;
         let haproxy = if rig::haproxy_available() {
             Some(HaproxyPair::start(
                 &dir.join("haproxy"),

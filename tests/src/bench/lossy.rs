@@ -25,11 +25,7 @@ use crate::relay::Impairment;
 
 /// A system under test: its name, the address callers use, and a reader of
 /// its CPU time.
-type System<'a> = (
-    &'static str,
-    std::net::SocketAddr,
-    Box<dyn Fn() -> u64 + 'a>,
-);
+type System<'a> = (String, std::net::SocketAddr, Box<dyn Fn() -> u64 + 'a>);
 
 const SEED: u64 = 0x6d65_7368;
 
@@ -63,8 +59,13 @@ pub fn run(ctx: &Context) -> anyhow::Result<Section> {
     for (k, &(loss, rtt_ms)) in links.iter().enumerate() {
         let imp = Impairment::lossy(loss, Duration::from_millis(rtt_ms), SEED);
         let link = format!("{:.0}% loss, {rtt_ms} ms RTT", loss * 100.0);
-        let meshfed =
-            MeshfedPair::start(&dir.join(format!("meshfed-{k}")), &pki, &backend, Some(imp))?;
+        let meshfed = MeshfedPair::start(
+            &dir.join(format!("meshfed-{k}")),
+            &pki,
+            &backend,
+            Some(imp),
+            &ctx.gateway_args,
+        )?;
         let haproxy = if have_haproxy {
             Some(HaproxyPair::start(
                 &dir.join(format!("haproxy-{k}")),
@@ -76,14 +77,19 @@ pub fn run(ctx: &Context) -> anyhow::Result<Section> {
             None
         };
         let mut systems: Vec<System<'_>> = Vec::new();
+        let label = if ctx.gateway_args.is_empty() {
+            "meshfed (QUIC)".to_string()
+        } else {
+            format!("meshfed (QUIC, {})", ctx.gateway_args.join(" "))
+        };
         systems.push((
-            "meshfed (QUIC)",
+            label,
             meshfed.a.outbound,
             Box::new(|| meshfed.relay.as_ref().map_or(0, |r| r.stats().lost)),
         ));
         if let Some(h) = &haproxy {
             systems.push((
-                "haproxy (h2 over TLS/TCP)",
+                "haproxy (h2 over TLS/TCP)".to_string(),
                 h.http,
                 Box::new(|| h.relay.as_ref().map_or(0, |r| r.stats().lost)),
             ));

@@ -192,6 +192,7 @@ impl MeshfedPair {
         pki: &Pki,
         backend: &Backend,
         impairment: Option<Impairment>,
+        gateway_args: &[String],
     ) -> anyhow::Result<MeshfedPair> {
         std::fs::create_dir_all(dir)?;
         let (a_port, b_port) = (free_udp_port(), free_udp_port());
@@ -234,16 +235,13 @@ impl MeshfedPair {
                 extra_args: extra,
             }
         };
-        let b = GatewayProcess::start(&spec("west", b_port, Some(eps), vec![]));
-        let a = GatewayProcess::start(&spec(
-            "east",
-            a_port,
-            None,
-            vec![
-                "--tcp-port-map".into(),
-                format!("0=sink.default:{}", backend.sink.port()),
-            ],
-        ));
+        let b = GatewayProcess::start(&spec("west", b_port, Some(eps), gateway_args.to_vec()));
+        let mut a_args = vec![
+            "--tcp-port-map".into(),
+            format!("0=sink.default:{}", backend.sink.port()),
+        ];
+        a_args.extend_from_slice(gateway_args);
+        let a = GatewayProcess::start(&spec("east", a_port, None, a_args));
         a.wait_links("west", 1);
         let key = format!("tcp:sink.default:{}", backend.sink.port());
         let a_sink = *a

@@ -39,6 +39,12 @@ struct Cli {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+
+    /// A flag for every meshfed gateway the scenarios start, to compare
+    /// settings (repeat it; e.g. `--gateway-arg=--congestion-control
+    /// --gateway-arg=bbr`). Rows name the flags they ran with.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    gateway_arg: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
         quick: cli.quick,
         iterations: cli.iterations,
         scratch: scratch.path().to_path_buf(),
+        gateway_args: cli.gateway_arg.clone(),
     };
     let mut sections: Vec<Section> = Vec::new();
     let mut failed = false;
