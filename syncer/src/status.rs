@@ -359,16 +359,15 @@ impl StatusApi {
                 _ = shutdown.changed() => return,
             };
             let api = self.clone();
-            let api_timeout = self.header_timeout;
+            let header_timeout = self.header_timeout;
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let api = api.clone();
                     async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
                 });
-                let timeout = api_timeout;
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(timeout)
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await
                 {
