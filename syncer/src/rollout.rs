@@ -88,6 +88,9 @@ pub struct Rollout {
 struct Store {
     path: PathBuf,
     changed: Notify,
+    /// One writer at a time (the background saver and the final save at
+    /// shutdown share the temporary file).
+    writing: Mutex<()>,
 }
 
 /// The file's form.
@@ -148,6 +151,7 @@ impl Rollout {
             store: Some(Arc::new(Store {
                 path,
                 changed: Notify::new(),
+                writing: Mutex::new(()),
             })),
         };
         (rollout, problem)
@@ -181,6 +185,7 @@ impl Rollout {
         let Some(store) = &self.store else {
             return Ok(());
         };
+        let _one_writer = store.writing.lock().unwrap_or_else(|e| e.into_inner());
         let saved = Saved {
             gateways: self.gateways(),
         };
