@@ -305,27 +305,6 @@ async fn serve_http(
                 tracing::debug!(error = %e, "response body to peer failed");
             }
         }
-        // An overflow is answered as the gateway's own 503 with the
-        // limit's header, which an ERROR frame could not carry.
-        Err(e @ super::upstream::UpstreamError::Overflow { .. }) => {
-            let r = e.refusal();
-            record(
-                state,
-                peer,
-                open,
-                r.http_status().as_u16(),
-                r.reason(),
-                start,
-            );
-            let (parts, body) = e.response(grpc).into_parts();
-            let head = Frame::Response(Box::new(ResponseHead {
-                status: parts.status,
-                headers: parts.headers,
-            }));
-            if write_frame(&mut send, &head).await.is_ok() {
-                let _ = body::pump(body, &mut send).await;
-            }
-        }
         Err(e) => {
             let r = e.refusal();
             record(
@@ -336,7 +315,19 @@ async fn serve_http(
                 r.reason(),
                 start,
             );
-            refuse(&mut send, r, e.to_string()).await;
+            // An overflow is answered as the gateway's own 503 with the
+            // limit's header, which an ERROR frame could not carry.
+            if !matches!(e, super::upstream::UpstreamError::Overflow { .. }) {
+                return refuse(&mut send, r, e.to_string()).await;
+            }
+            let (parts, body) = e.response(grpc).into_parts();
+            let head = Frame::Response(Box::new(ResponseHead {
+                status: parts.status,
+                headers: parts.headers,
+            }));
+            if write_frame(&mut send, &head).await.is_ok() {
+                let _ = body::pump(body, &mut send).await;
+            }
         }
     }
 }
