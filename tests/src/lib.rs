@@ -18,6 +18,7 @@
 //!   suite's one fake: no real API server can run here);
 //! - [`soak`] is the soak's echo backend, stream fleet and `/proc`
 //!   readings;
+//! - [`cgroup`] runs a binary under a memory limit (the shipped ones);
 //! - [`bench`] is the benchmark harness's scenarios (the `meshfed-bench`
 //!   binary).
 //!
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod cgroup;
 pub mod fake_kube;
 pub mod federation;
 pub mod kube;
