@@ -5,6 +5,11 @@
 //! serde (unknown fields refused), foreign manifests are skipped with a
 //! warning, and every failure becomes a [`Diagnostic`] placed with the
 //! document's position index. A bad document never stops the others.
+//!
+//! A Kubernetes `v1` `List` (what `kubectl get … -o yaml` prints) is
+//! unpacked as `kubectl apply` does: each of its `items` loads as if it
+//! were a document of its own, with positions inside the List. A List
+//! inside a List is an error, so nothing in it can go unenforced.
 
 use std::sync::Arc;
 
@@ -40,16 +45,93 @@ pub fn load_file(file: &str, bytes: &[u8], out: &mut Loaded) {
     }
     let file: Arc<str> = Arc::from(file);
     for doc in loaded.documents {
-        let before = out.diagnostics.len();
-        match load_document(&file, doc, &mut out.diagnostics) {
-            Some(r) => out.resources.push(r),
-            None => {
-                if diag::has_errors(&out.diagnostics[before..]) {
-                    out.incomplete = true;
-                }
+        if is_list(&doc.value) {
+            for (i, item) in list_items(&file, doc, &mut out.diagnostics)
+                .into_iter()
+                .enumerate()
+            {
+                load_one(&file, item, Some(i), out);
+            }
+        } else {
+            load_one(&file, doc, None, out);
+        }
+    }
+}
+
+/// Loads one document, or one item of a List (`item`: its index).
+fn load_one(file: &Arc<str>, doc: Document, item: Option<usize>, out: &mut Loaded) {
+    let before = out.diagnostics.len();
+    match load_document(file, doc, item, &mut out.diagnostics) {
+        Some(r) => out.resources.push(r),
+        None => {
+            if diag::has_errors(&out.diagnostics[before..]) {
+                out.incomplete = true;
             }
         }
     }
+}
+
+/// Whether a document is a Kubernetes `v1` `List`: what `kubectl get … -o
+/// yaml` prints for several objects. `kubectl apply` unpacks it, so its
+/// items are policy like any other document (an AuthorizationPolicy in a
+/// List must be enforced, not skipped).
+fn is_list(value: &Value) -> bool {
+    str_field(value, "kind") == Some("List") && str_field(value, "apiVersion") == Some("v1")
+}
+
+/// The items of a `List` as documents of their own, each with its slice of
+/// the position index, so that diagnostics point into the List. A List's
+/// only fields are `apiVersion`, `kind`, `metadata` and `items`.
+fn list_items(file: &str, doc: Document, diags: &mut Vec<Diagnostic>) -> Vec<Document> {
+    let Document {
+        index,
+        value,
+        positions,
+    } = doc;
+    let Value::Mapping(mut map) = value else {
+        return Vec::new();
+    };
+    for key in map.keys() {
+        let name = key.as_str().unwrap_or_default();
+        if !matches!(name, "apiVersion" | "kind" | "metadata" | "items") {
+            let mut path = String::new();
+            yaml::push_key(&mut path, name);
+            let mut d = Diagnostic::new(
+                Code::UnknownField,
+                file,
+                positions.lookup(&path),
+                format!("unknown field `{name}` in a List"),
+            )
+            .with_hint("a List holds `apiVersion: v1`, `kind: List`, `metadata` and `items`");
+            d.field_path = path;
+            diags.push(d);
+        }
+    }
+    let items = match map.remove("items") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Sequence(items)) => items,
+        Some(_) => {
+            let mut d = Diagnostic::new(
+                Code::InvalidType,
+                file,
+                positions.lookup("items"),
+                "a List's `items` must be a sequence of resources",
+            );
+            d.field_path = "items".into();
+            diags.push(d);
+            return Vec::new();
+        }
+    };
+    let split = positions.split_sequence("items", items.len());
+    items
+        .into_iter()
+        .zip(split)
+        .map(|(value, positions)| Document {
+            index,
+            value,
+            positions,
+        })
+        .collect()
 }
 
 fn yaml_diagnostic(file: &str, err: &YamlError) -> Diagnostic {
@@ -76,14 +158,31 @@ fn str_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
     v.get(key).and_then(Value::as_str)
 }
 
-fn load_document(file: &Arc<str>, doc: Document, diags: &mut Vec<Diagnostic>) -> Option<Resource> {
+fn load_document(
+    file: &Arc<str>,
+    doc: Document,
+    item: Option<usize>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Resource> {
     let Document {
         index,
         value,
         positions,
     } = doc;
     let at = |path: &str| positions.lookup(path);
+    let what = match item {
+        Some(i) => format!("item {i} of the List in document {}", index + 1),
+        None => format!("document {}", index + 1),
+    };
     if value.is_null() {
+        if item.is_some() {
+            diags.push(Diagnostic::new(
+                Code::NotAResource,
+                file,
+                positions.start,
+                format!("{what} is empty"),
+            ));
+        }
         return None; // an empty document, e.g. a trailing `---`
     }
     if !value.is_mapping() {
@@ -91,7 +190,7 @@ fn load_document(file: &Arc<str>, doc: Document, diags: &mut Vec<Diagnostic>) ->
             Code::NotAResource,
             file,
             positions.start,
-            format!("document {} is not a mapping", index + 1),
+            format!("{what} is not a mapping"),
         ));
         return None;
     }
@@ -108,12 +207,23 @@ fn load_document(file: &Arc<str>, doc: Document, diags: &mut Vec<Diagnostic>) ->
             Code::NotAResource,
             file,
             at(missing),
-            format!("document {} has no string `{missing}`", index + 1),
+            format!("{what} has no string `{missing}`"),
         );
         d.field_path = missing.to_string();
         diags.push(d);
         return None;
     };
+    if item.is_some() && kind == "List" && api_version == "v1" {
+        // kubectl unpacks one level; a List in a List is refused rather
+        // than skipped, so that nothing inside it goes unenforced.
+        diags.push(Diagnostic::new(
+            Code::NotAResource,
+            file,
+            at("kind"),
+            "a List inside a List is not supported; put its items in the outer List",
+        ));
+        return None;
+    }
     let (group, version) = api_version
         .rsplit_once('/')
         .unwrap_or(("", api_version.as_str()));

@@ -82,6 +82,40 @@ impl Positions {
     fn insert(&mut self, path: String, pos: Pos) {
         self.map.entry(path).or_insert(pos);
     }
+
+    /// Splits the index of a document whose top-level `field` is a sequence
+    /// into one index per item, as if each item were a document of its own
+    /// (`items[2].spec.hosts[0]` becomes `spec.hosts[0]` of item 2). Used for
+    /// `kind: List`. One pass over the index, whatever the number of items.
+    pub fn split_sequence(&self, field: &str, count: usize) -> Vec<Positions> {
+        let mut out: Vec<Positions> = (0..count)
+            .map(|i| {
+                let mut p = String::from(field);
+                push_index(&mut p, i);
+                Positions {
+                    map: HashMap::new(),
+                    start: self.lookup(&p),
+                }
+            })
+            .collect();
+        let prefix = format!("{field}[");
+        for (path, pos) in &self.map {
+            let Some(rest) = path.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((index, inner)) = rest.split_once(']') else {
+                continue;
+            };
+            let Some(item) = index.parse::<usize>().ok().and_then(|i| out.get_mut(i)) else {
+                continue;
+            };
+            let inner = inner.strip_prefix('.').unwrap_or(inner);
+            if !inner.is_empty() {
+                item.map.insert(inner.to_string(), *pos);
+            }
+        }
+        out
+    }
 }
 
 /// The parent of a field path, if it has one.
