@@ -7,6 +7,10 @@
 //!   it is allowed only when one of them has a matching rule; with no ALLOW
 //!   policy it is allowed. AUDIT policies never block. CUSTOM is refused by
 //!   validation (`unsupported-field`) and never compiled.
+//! - **Dry run.** A policy with `istio.io/dry-run: "true"` takes no part in
+//!   the decision; [`Authz::dry_run`] evaluates it on its own and
+//!   [`count_dry_run`] counts what it would have decided
+//!   (`meshfed_authz_dry_run_total{policy, action, decision}`).
 //! - **Scope.** A policy in the root namespace without a selector applies to
 //!   every workload (`mesh`); a namespace's policy without a selector to
 //!   every workload of its namespace; a policy with `selector.matchLabels`
@@ -250,6 +254,8 @@ struct Policy {
     /// Whether the answer can differ between endpoints of one service: a
     /// selector, or a port in a rule.
     per_endpoint: bool,
+    /// `istio.io/dry-run`: evaluated by [`Authz::dry_run`], never enforced.
+    dry_run: bool,
 }
 
 /// The compiled AuthorizationPolicies of one snapshot.
@@ -260,6 +266,32 @@ pub struct Authz {
     mesh: Vec<usize>,
     /// Namespace → indices of its namespace- and workload-scoped policies.
     by_namespace: HashMap<String, Vec<usize>>,
+    /// Whether some policy is in dry-run mode.
+    has_dry_run: bool,
+}
+
+/// What a dry-run policy would have decided for a request, had it been
+/// enforced ([`Authz::dry_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DryRun<'a> {
+    /// `namespace/name`.
+    pub policy: &'a str,
+    pub action: AuthzAction,
+    /// For DENY: a rule matched. For ALLOW: no rule matched (on its own,
+    /// this policy would have refused the request).
+    pub would_deny: bool,
+}
+
+impl DryRun<'_> {
+    /// The metric labels: `ALLOW`/`DENY`, and `allow`/`deny`.
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        let action = match self.action {
+            AuthzAction::Allow => "ALLOW",
+            AuthzAction::Deny => "DENY",
+            AuthzAction::Audit => "AUDIT",
+        };
+        (action, if self.would_deny { "deny" } else { "allow" })
+    }
 }
 
 /// The caller and the request, as authorization sees them.
@@ -390,6 +422,7 @@ impl Authz {
         let mut out = Authz::default();
         for p in &policy.authz {
             let compiled = compile_policy(p)?;
+            out.has_dry_run |= compiled.dry_run;
             let i = out.policies.len();
             if compiled.scope == AuthzScope::Mesh {
                 out.mesh.push(i);
@@ -409,30 +442,85 @@ impl Authz {
         self.policies.is_empty()
     }
 
+    /// The enforced policies that may apply to a workload of `namespace`.
     fn in_scope(&self, namespace: &str) -> impl Iterator<Item = &Policy> {
+        self.scoped(namespace).filter(|p| !p.dry_run)
+    }
+
+    /// Every policy, enforced or dry-run, that may apply in `namespace`.
+    fn scoped(&self, namespace: &str) -> impl Iterator<Item = &Policy> {
         self.mesh
             .iter()
             .chain(self.by_namespace.get(namespace).into_iter().flatten())
             .filter_map(|i| self.policies.get(*i))
     }
 
+    /// Evaluates the dry-run policies (`istio.io/dry-run: "true"`) that
+    /// apply to a request to a service in `namespace`, as Istio's shadow
+    /// rules do: they never change the decision, they are only reported to
+    /// `f`, once per policy. A policy that tells endpoints apart (selector,
+    /// port) is evaluated on each candidate it selects, and would deny when
+    /// it would deny any of them (the enforced decision is as strict,
+    /// [`Authz::filter`]); AUDIT policies are not reported.
+    pub fn dry_run(
+        &self,
+        req: &Request<'_>,
+        namespace: &str,
+        candidates: &[&Endpoint],
+        mut f: impl FnMut(DryRun<'_>),
+    ) {
+        if !self.has_dry_run {
+            return;
+        }
+        for p in self
+            .scoped(namespace)
+            .filter(|p| p.dry_run && p.action != AuthzAction::Audit)
+        {
+            let one = |wl: &Workload<'_>| -> Option<bool> {
+                if !applies(p, wl) {
+                    return None;
+                }
+                let deny = p.action == AuthzAction::Deny;
+                let matched = p.rules.iter().any(|r| rule_matches(r, deny, req, wl));
+                Some(matched == deny)
+            };
+            let verdict = if p.per_endpoint && !candidates.is_empty() {
+                candidates
+                    .iter()
+                    .filter_map(|e| {
+                        one(&Workload {
+                            namespace,
+                            labels: Some(&e.labels),
+                            port: Some(e.addr.port()),
+                        })
+                    })
+                    .reduce(|a, b| a || b)
+            } else {
+                one(&Workload {
+                    namespace,
+                    labels: None,
+                    port: None,
+                })
+            };
+            if let Some(would_deny) = verdict {
+                f(DryRun {
+                    policy: &p.name,
+                    action: p.action,
+                    would_deny,
+                });
+            }
+        }
+    }
+
     /// Whether the decision for a request to `namespace` can differ between
-    /// its endpoints (a policy with a selector, or with a port).
+    /// its endpoints (an enforced policy with a selector, or with a port).
     pub fn depends_on_endpoint(&self, namespace: &str) -> bool {
         self.in_scope(namespace).any(|p| p.per_endpoint)
     }
 
     /// Decides a request for a workload, in Istio's order.
     pub fn decide(&self, req: &Request<'_>, wl: &Workload<'_>) -> Result<(), Denial> {
-        let applies = |p: &&Policy| {
-            let selected = p.selector.is_empty()
-                || wl.labels.is_some_and(|l| {
-                    p.selector
-                        .iter()
-                        .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
-                });
-            selected && (p.scope == AuthzScope::Mesh || p.namespace == wl.namespace)
-        };
+        let applies = |p: &&Policy| applies(p, wl);
         for p in self
             .in_scope(wl.namespace)
             .filter(|p| p.action == AuthzAction::Deny)
@@ -467,6 +555,46 @@ impl Authz {
             })
         }
     }
+}
+
+/// Whether a policy selects a workload.
+fn applies(p: &Policy, wl: &Workload<'_>) -> bool {
+    let selected = p.selector.is_empty()
+        || wl.labels.is_some_and(|l| {
+            p.selector
+                .iter()
+                .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
+        });
+    selected && (p.scope == AuthzScope::Mesh || p.namespace == wl.namespace)
+}
+
+/// Counts (and logs at debug level) what the dry-run policies would have
+/// decided for a request ([`Authz::dry_run`]), in
+/// `meshfed_authz_dry_run_total{policy, action, decision}`.
+pub fn count_dry_run(
+    metrics: &crate::metrics::Metrics,
+    authz: &Authz,
+    req: &Request<'_>,
+    namespace: &str,
+    candidates: &[&Endpoint],
+) {
+    authz.dry_run(req, namespace, candidates, |d| {
+        let (action, decision) = d.labels();
+        tracing::debug!(
+            policy = d.policy,
+            action,
+            decision,
+            "dry-run authorization policy"
+        );
+        metrics
+            .authz_dry_run
+            .get_or_create(&crate::metrics::DryRunLabels {
+                policy: d.policy.to_string(),
+                action,
+                decision,
+            })
+            .inc();
+    });
 }
 
 impl Authz {
@@ -611,6 +739,7 @@ pub fn enforce_local<B>(
         }),
     );
     let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
+    count_dry_run(&state.metrics, &active.authz, &r, namespace, &candidates);
     let n = candidates.len();
     let denial = match active.authz.filter(&r, namespace, candidates) {
         Ok(allowed) if allowed.len() == n => None,
@@ -661,6 +790,7 @@ pub fn admit_local_tcp(
     let n = candidates.len();
     let r = Request::new(caller, &state.cluster, None).with_sni(sni);
     let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
+    count_dry_run(&state.metrics, &active.authz, &r, namespace, &candidates);
     let (policy, reason) = match active.authz.filter(&r, namespace, candidates) {
         Ok(allowed) if allowed.len() == n => return true,
         Ok(_) => (String::new(), DenyReason::NoAllowMatch),
@@ -707,6 +837,7 @@ fn compile_policy(p: &AuthzPolicy) -> Result<Policy, CompileError> {
             .collect(),
         action: p.action,
         rules,
+        dry_run: p.dry_run,
     })
 }
 

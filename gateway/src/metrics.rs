@@ -75,6 +75,18 @@ pub struct AuthzLabels {
     pub destination_service: String,
 }
 
+/// What dry-run AuthorizationPolicies (`istio.io/dry-run: "true"`) would
+/// have decided (crate::authz::count_dry_run).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// `namespace/name` of the dry-run policy.
+    pub policy: String,
+    /// `ALLOW` or `DENY`.
+    pub action: &'static str,
+    /// `allow` or `deny`: what the policy alone would have decided.
+    pub decision: &'static str,
+}
+
 /// Reads one per-link gauge value.
 type LinkGauge = fn(&LinkStatus) -> Option<f64>;
 
@@ -91,6 +103,7 @@ pub struct Metrics {
     /// Connection-pool overflow and outlier ejections (proxy::upstream).
     pub upstream: crate::proxy::upstream::UpstreamMetrics,
     pub authz_denied: Family<AuthzLabels, Counter>,
+    pub authz_dry_run: Family<DryRunLabels, Counter>,
     pub retries: Family<ServiceReasonLabels, Counter>,
     pub mirrors: Family<ServiceReasonLabels, Counter>,
     /// The span pipeline (crate::trace).
@@ -179,6 +192,12 @@ impl Metrics {
             "Requests and TCP streams denied by authorization, by policy and reason",
             authz_denied.clone(),
         );
+        let authz_dry_run = Family::<DryRunLabels, Counter>::default();
+        registry.register(
+            "authz_dry_run",
+            "Requests and TCP streams evaluated by dry-run AuthorizationPolicies (never enforced), by policy, action and the decision it would have made",
+            authz_dry_run.clone(),
+        );
         let upstream = crate::proxy::upstream::UpstreamMetrics::default();
         upstream.register(&mut registry);
         let trace = crate::trace::TraceMetrics::default();
@@ -205,6 +224,7 @@ impl Metrics {
             refusals,
             upstream,
             authz_denied,
+            authz_dry_run,
             retries,
             mirrors,
             trace,

@@ -15,7 +15,7 @@ use crate::snapshot::*;
 use crate::syntax::parse_duration;
 use crate::validate::federation::vs_applies_to_mesh;
 use crate::validate::fields::GRPC_STATUS;
-use crate::validate::{applies_to, canonical_host, targets};
+use crate::validate::{DRY_RUN_ANNOTATION, applies_to, canonical_host, targets};
 
 /// Compiles the snapshot of `cluster` at `version`.
 pub fn compile(resources: &[Resource], cluster: &str, version: &str, opts: &Options) -> Snapshot {
@@ -636,6 +636,10 @@ fn authz(
             .collect::<Vec<u16>>()
     };
     Some(AuthzPolicy {
+        dry_run: r
+            .annotations
+            .get(DRY_RUN_ANNOTATION)
+            .is_some_and(|v| v == "true"),
         source,
         namespace: r.namespace.clone(),
         scope,
@@ -646,7 +650,7 @@ fn authz(
             .iter()
             .map(|rule| AuthzRule {
                 from: rule
-                    .from
+                    .sources()
                     .iter()
                     .map(|f| AuthzSource {
                         principals: f.source.principals.clone(),
@@ -658,7 +662,7 @@ fn authz(
                     })
                     .collect(),
                 to: rule
-                    .to
+                    .operations()
                     .iter()
                     .map(|t| AuthzOperation {
                         hosts: t.operation.hosts.clone(),
@@ -672,7 +676,7 @@ fn authz(
                     })
                     .collect(),
                 when: rule
-                    .when
+                    .conditions()
                     .iter()
                     .map(|w| AuthzCondition {
                         key: w.key.clone(),

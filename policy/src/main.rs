@@ -342,12 +342,17 @@ fn print_summary(out: &mut impl Write, s: &meshfed_policy::Snapshot) -> std::io:
     for a in &p.authz {
         writeln!(
             out,
-            "  {:?} {}/{} ({:?}, {} rule(s))",
+            "  {:?} {}/{} ({:?}, {} rule(s)){}",
             a.action,
             a.namespace,
             a.source.name,
             a.scope,
-            a.rules.len()
+            a.rules.len(),
+            if a.dry_run {
+                " dry-run: counted, not enforced"
+            } else {
+                ""
+            }
         )?;
     }
     Ok(())

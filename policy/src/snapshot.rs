@@ -747,6 +747,17 @@ pub struct AuthzPolicy {
     /// Any rule matching applies the action. ALLOW with no rules matches
     /// nothing (so it denies all, as in Istio).
     pub rules: Vec<AuthzRule>,
+    /// `istio.io/dry-run: "true"`: never enforced; gateways evaluate it and
+    /// count what it would have decided. Omitted when false, so snapshots
+    /// without dry-run policies encode as before (and a gateway that does
+    /// not know the field refuses a snapshot that has one, rather than
+    /// enforcing a dry-run DENY).
+    #[serde(skip_serializing_if = "is_false", default)]
+    pub dry_run: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,6 +23,10 @@ pub mod fields;
 /// The annotation that limits a resource to some clusters.
 pub const CLUSTERS_ANNOTATION: &str = "meshfed.io/clusters";
 
+/// Istio's annotation that puts an AuthorizationPolicy in dry-run mode:
+/// evaluated and counted, never enforced. `"true"` or `"false"`.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
 /// Validates a set of loaded resources. Returns every diagnostic found.
 ///
 /// `check_references` is false when some document failed to load: subset

@@ -80,7 +80,9 @@ fn a_deny_inside_a_kubectl_list_is_compiled_and_enforced() {
     );
     // Origins point into the List, at the item.
     assert_eq!(
-        s.origins.get("AuthorizationPolicy default/deny-admin").map(String::as_str),
+        s.origins
+            .get("AuthorizationPolicy default/deny-admin")
+            .map(String::as_str),
         Some("f0.yaml:9")
     );
 }
@@ -123,21 +125,41 @@ items:
     let a = files(&[nested]);
     assert!(!a.is_valid());
     let e = errors(&a);
-    assert!(e.iter().any(|d| d.starts_with("f0.yaml:5:") && d.contains("List inside a List")), "{e:#?}");
+    assert!(
+        e.iter()
+            .any(|d| d.starts_with("f0.yaml:5:") && d.contains("List inside a List")),
+        "{e:#?}"
+    );
 
     let not_a_sequence = "apiVersion: v1\nkind: List\nitems: {a: b}\n";
     let a = files(&[not_a_sequence]);
-    assert!(errors(&a).iter().any(|d| d.starts_with("f0.yaml:3:")), "{:#?}", a.diagnostics);
+    assert!(
+        errors(&a).iter().any(|d| d.starts_with("f0.yaml:3:")),
+        "{:#?}",
+        a.diagnostics
+    );
 
     let item_not_a_mapping = "apiVersion: v1\nkind: List\nitems:\n- just a string\n- null\n";
     let a = files(&[item_not_a_mapping]);
     let e = errors(&a);
-    assert!(e.iter().any(|d| d.starts_with("f0.yaml:4:3:") && d.contains("item 0 of the List")), "{e:#?}");
-    assert!(e.iter().any(|d| d.starts_with("f0.yaml:5:") && d.contains("item 1")), "{e:#?}");
+    assert!(
+        e.iter()
+            .any(|d| d.starts_with("f0.yaml:4:3:") && d.contains("item 0 of the List")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|d| d.starts_with("f0.yaml:5:") && d.contains("item 1")),
+        "{e:#?}"
+    );
 
     let stray = "apiVersion: v1\nkind: List\nitems: []\nspec: {}\n";
     let a = files(&[stray]);
-    assert!(errors(&a).iter().any(|d| d.starts_with("f0.yaml:4:1:")), "{:#?}", a.diagnostics);
+    assert!(
+        errors(&a).iter().any(|d| d.starts_with("f0.yaml:4:1:")),
+        "{:#?}",
+        a.diagnostics
+    );
 }
 
 #[test]
@@ -153,5 +175,131 @@ fn a_huge_list_of_aliases_stays_bounded() {
     y.push_str("items: [*a29]\n");
     let a = files(&[&y]);
     assert!(!a.is_valid());
-    assert!(a.diagnostics.iter().any(|d| d.code == Code::YamlLimit), "{:#?}", a.diagnostics);
+    assert!(
+        a.diagnostics.iter().any(|d| d.code == Code::YamlLimit),
+        "{:#?}",
+        a.diagnostics
+    );
+}
+
+fn policy_with(annotations: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-path-headers
+  namespace: foo
+  annotations:
+{annotations}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: [\"/headers\"]
+"
+    )
+}
+
+#[test]
+fn a_dry_run_policy_compiles_marked_dry_run_and_others_do_not() {
+    let a = files(&[&policy_with("    \"istio.io/dry-run\": \"true\"")]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("any", "v1", &Options::default()).unwrap();
+    assert!(s.policy.authz[0].dry_run, "{:#?}", s.policy.authz);
+    assert_eq!(s.policy.authz[0].action, AuthzAction::Deny);
+    // The flag survives the wire.
+    let back = Snapshot::decode(&s.encode()).unwrap();
+    assert!(back.policy.authz[0].dry_run);
+
+    for enforced in ["    istio.io/dry-run: \"false\"", "    other: x"] {
+        let a = files(&[&policy_with(enforced)]);
+        assert!(a.is_valid(), "{:#?}", a.diagnostics);
+        let s = a.compile("any", "v1", &Options::default()).unwrap();
+        assert!(!s.policy.authz[0].dry_run, "{enforced}");
+        // An enforced policy encodes exactly as before the flag existed.
+        assert!(!String::from_utf8(s.encode()).unwrap().contains("dry_run"));
+    }
+}
+
+#[test]
+fn a_bad_dry_run_value_is_an_error_at_its_line() {
+    for bad in ["\"True\"", "\"yes\"", "\"\"", "\"1\""] {
+        let a = files(&[&policy_with(&format!("    istio.io/dry-run: {bad}"))]);
+        let e = errors(&a);
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with("f0.yaml:7:5: error[invalid-value]")
+                    && d.contains("istio.io/dry-run")),
+            "{bad}: {e:#?}"
+        );
+    }
+}
+
+fn allow_get_with(rule_head: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-get
+  namespace: foo
+spec:
+  action: ALLOW
+  rules:
+{rule_head}
+    to:
+    - operation:
+        methods: [\"GET\"]
+"
+    )
+}
+
+#[test]
+fn an_empty_from_to_or_when_list_is_an_error_at_its_line() {
+    for (head, field) in [
+        ("  - from: []", "from"),
+        (
+            "  - from:\n    - source: {namespaces: [bar]}\n    when: []",
+            "when",
+        ),
+    ] {
+        let a = files(&[&allow_get_with(head)]);
+        let e = errors(&a);
+        let line = 9 + head.lines().count() - 1;
+        let at = format!("f0.yaml:{line}:");
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with(&at) && d.contains(&format!("`{field}` must not be empty"))),
+            "{head}: {e:#?}"
+        );
+        assert!(a.compile("any", "v1", &Options::default()).is_err());
+    }
+    let empty_to = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all-to, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {namespaces: [bar]}
+    to: []
+";
+    let e = errors(&files(&[empty_to]));
+    assert!(
+        e.iter()
+            .any(|d| d.starts_with("f0.yaml:9:5:") && d.contains("`to` must not be empty")),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn an_absent_or_null_from_still_means_any_source() {
+    for head in ["  - from:", "  - from: null", "  - when: ~\n    from:"] {
+        let a = files(&[&allow_get_with(head)]);
+        assert!(a.is_valid(), "{head}: {:#?}", a.diagnostics);
+        let s = a.compile("any", "v1", &Options::default()).unwrap();
+        let r = &s.policy.authz[0].rules[0];
+        assert!(r.from.is_empty() && r.when.is_empty(), "{head}: {r:#?}");
+        assert_eq!(r.to.len(), 1);
+    }
 }

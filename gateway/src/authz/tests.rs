@@ -39,6 +39,7 @@ fn policy(
             .collect(),
         action,
         rules,
+        dry_run: false,
     }
 }
 
@@ -573,4 +574,165 @@ fn service_namespaces_come_from_the_host_or_the_service_entry() {
         Some("shop")
     );
     assert_eq!(service_namespace(&p, "api.example.com"), None);
+}
+
+fn dry_run(mut p: AuthzPolicy) -> AuthzPolicy {
+    p.dry_run = true;
+    p
+}
+
+fn deny_paths(ns: &str, name: &str, paths: &[&str]) -> AuthzPolicy {
+    policy(
+        ns,
+        name,
+        AuthzAction::Deny,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                paths: strings(paths),
+                ..Default::default()
+            }],
+        )],
+    )
+}
+
+/// Every dry-run verdict for a call to `default`, as (policy, action, decision).
+fn shadow(
+    a: &Authz,
+    c: &Call,
+    candidates: &[&Endpoint],
+) -> Vec<(String, &'static str, &'static str)> {
+    let http = (!c.tcp).then_some(Http {
+        method: c.method,
+        path: c.path,
+        host: c.host,
+        headers: &c.headers,
+    });
+    let req = Request::new(c.principal, c.cluster, http);
+    let mut out = Vec::new();
+    a.dry_run(&req, "default", candidates, |d| {
+        let (action, decision) = d.labels();
+        out.push((d.policy.to_string(), action, decision));
+    });
+    out
+}
+
+#[test]
+fn a_dry_run_deny_never_denies_but_reports_what_it_would_have_done() {
+    let a = authz(vec![dry_run(deny_paths(
+        "default",
+        "deny-headers",
+        &["/headers"],
+    ))]);
+    assert!(decide(&a, &Call::get("/headers")).is_ok());
+    assert_eq!(
+        shadow(&a, &Call::get("/headers"), &[]),
+        vec![("default/deny-headers".to_string(), "DENY", "deny")]
+    );
+    assert_eq!(
+        shadow(&a, &Call::get("/ip"), &[]),
+        vec![("default/deny-headers".to_string(), "DENY", "allow")]
+    );
+    // The same policy enforced denies: the flag is the only difference.
+    let enforced = authz(vec![deny_paths("default", "deny-headers", &["/headers"])]);
+    assert!(decide(&enforced, &Call::get("/headers")).is_err());
+    assert!(shadow(&enforced, &Call::get("/headers"), &[]).is_empty());
+}
+
+#[test]
+fn a_dry_run_allow_does_not_turn_on_allow_semantics_for_the_workload() {
+    // An enforced ALLOW policy makes everything it does not match denied;
+    // a dry-run one must not.
+    let allow_get = |dry: bool| {
+        let mut p = policy(
+            "default",
+            "allow-get",
+            AuthzAction::Allow,
+            &[],
+            vec![rule(
+                vec![],
+                vec![AuthzOperation {
+                    methods: strings(&["GET"]),
+                    ..Default::default()
+                }],
+            )],
+        );
+        p.dry_run = dry;
+        p
+    };
+    let a = authz(vec![allow_get(true)]);
+    assert!(decide(&a, &Call::get("/x").method("POST")).is_ok());
+    assert_eq!(
+        shadow(&a, &Call::get("/x").method("POST"), &[]),
+        vec![("default/allow-get".to_string(), "ALLOW", "deny")]
+    );
+    assert_eq!(
+        shadow(&a, &Call::get("/x"), &[]),
+        vec![("default/allow-get".to_string(), "ALLOW", "allow")]
+    );
+    assert!(
+        decide(
+            &authz(vec![allow_get(false)]),
+            &Call::get("/x").method("POST")
+        )
+        .is_err()
+    );
+    // An endpoint-specific dry-run policy neither makes the enforced
+    // decision per endpoint nor applies where its selector selects nothing.
+    let mut sel = dry_run(deny_paths("default", "deny-v2", &["/x"]));
+    sel.selector = labels(&[("version", "v2")]);
+    sel.scope = AuthzScope::Workload;
+    let a = authz(vec![sel]);
+    assert!(!a.depends_on_endpoint("default"));
+    let v1 = Endpoint {
+        addr: "10.0.0.1:9080".parse().unwrap(),
+        labels: labels(&[("version", "v1")]),
+        healthy: true,
+    };
+    let v2 = Endpoint {
+        addr: "10.0.0.2:9080".parse().unwrap(),
+        labels: labels(&[("version", "v2")]),
+        healthy: true,
+    };
+    assert!(shadow(&a, &Call::get("/x"), &[&v1]).is_empty());
+    assert_eq!(
+        shadow(&a, &Call::get("/x"), &[&v1, &v2]),
+        vec![("default/deny-v2".to_string(), "DENY", "deny")]
+    );
+}
+
+#[test]
+fn dry_run_verdicts_are_counted_per_policy_action_and_decision() {
+    let a = authz(vec![
+        dry_run(deny_paths("default", "deny-headers", &["/headers"])),
+        deny_paths("default", "deny-admin", &["/admin"]),
+    ]);
+    let metrics = crate::metrics::Metrics::new();
+    let headers = HeaderMap::new();
+    for path in ["/headers", "/headers", "/ip", "/admin"] {
+        let req = Request::new(
+            Some(PRODUCTPAGE),
+            "east",
+            Some(Http {
+                method: "GET",
+                path,
+                host: "reviews",
+                headers: &headers,
+            }),
+        );
+        count_dry_run(&metrics, &a, &req, "default", &[]);
+    }
+    let text = metrics.encode(&[]);
+    let line = |decision: &str| {
+        format!(
+            "meshfed_authz_dry_run_total{{policy=\"default/deny-headers\",action=\"DENY\",decision=\"{decision}\"}}"
+        )
+    };
+    assert!(text.contains(&format!("{} 2", line("deny"))), "{text}");
+    assert!(text.contains(&format!("{} 2", line("allow"))), "{text}");
+    assert!(
+        !text.contains("policy=\"default/deny-admin\",action"),
+        "{text}"
+    );
 }

@@ -139,7 +139,7 @@ async fn serve(
         open.subset_labels.iter().cloned().collect();
     let candidates = crate::discovery::healthy(&endpoints, &open.service, &selector);
     // Authorization, before anything is sent upstream (crate::authz).
-    let (candidates, target) = match authorize(&active, &peer, &open, candidates) {
+    let (candidates, target) = match authorize(&state, &active, &peer, &open, candidates) {
         Ok(ok) => ok,
         Err(denied) => return Box::pin(deny(&state, &peer, &open, denied, send, start)).await,
     };
@@ -346,6 +346,7 @@ enum Denied {
 /// that allow the request and, for HTTP, the normalized request target to
 /// forward.
 fn authorize<'e>(
+    state: &Gateway,
     active: &crate::route::Active,
     peer: &PeerInfo,
     open: &Open,
@@ -376,6 +377,7 @@ fn authorize<'e>(
     .with_sni(open.sni.as_deref().filter(|_| open.kind == StreamKind::Tcp));
     let namespace =
         crate::authz::service_namespace(&active.snapshot.policy, &open.service).unwrap_or("");
+    crate::authz::count_dry_run(&state.metrics, &active.authz, &req, namespace, &candidates);
     let allowed = active
         .authz
         .filter(&req, namespace, candidates)

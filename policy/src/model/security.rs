@@ -62,15 +62,35 @@ pub struct AuthorizationPolicySpec {
     pub provider: Option<Value>,
 }
 
+/// An absent `from`, `to` or `when` (or `null`) matches anything; an empty
+/// list (`from: []`) is refused by validation, as Istio does, rather than
+/// read as "any source". Hence `Option`: the two must stay apart.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
-    pub from: Vec<RuleFrom>,
+    pub from: Option<Vec<RuleFrom>>,
     #[serde(default)]
-    pub to: Vec<RuleTo>,
+    pub to: Option<Vec<RuleTo>>,
     #[serde(default)]
-    pub when: Vec<Condition>,
+    pub when: Option<Vec<Condition>>,
+}
+
+impl Rule {
+    /// The sources; none means any.
+    pub fn sources(&self) -> &[RuleFrom] {
+        self.from.as_deref().unwrap_or_default()
+    }
+
+    /// The operations; none means any.
+    pub fn operations(&self) -> &[RuleTo] {
+        self.to.as_deref().unwrap_or_default()
+    }
+
+    /// The conditions; none means none to hold.
+    pub fn conditions(&self) -> &[Condition] {
+        self.when.as_deref().unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -366,7 +366,7 @@ fn cluster_references(
             }
             Spec::AuthorizationPolicy(ap) => {
                 for (i, rule) in ap.rules.iter().enumerate() {
-                    for (j, w) in rule.when.iter().enumerate() {
+                    for (j, w) in rule.conditions().iter().enumerate() {
                         if w.key == "source.cluster" {
                             for v in w.values.iter().chain(&w.not_values) {
                                 if v != "*" && !known(v) {

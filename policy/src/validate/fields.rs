@@ -8,7 +8,7 @@ use crate::diag::{Code, Diagnostic};
 use crate::model::*;
 use crate::syntax;
 
-use super::{CLUSTERS_ANNOTATION, diag};
+use super::{CLUSTERS_ANNOTATION, DRY_RUN_ANNOTATION, diag};
 
 /// Istio's retryOn conditions that meshfed enforces, HTTP and gRPC.
 pub const RETRY_ON: &[&str] = &[
@@ -1194,6 +1194,19 @@ fn peer_authentication(c: &mut Check<'_>, s: &PeerAuthenticationSpec, opts: &Opt
 }
 
 fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
+    if let Some(v) = c.r.annotations.get(DRY_RUN_ANNOTATION)
+        && v != "true"
+        && v != "false"
+    {
+        // A typo must not enforce (or silently not enforce) a policy meant
+        // to be tried out first.
+        c.report_hint(
+            Code::InvalidValue,
+            "metadata.annotations[\"istio.io/dry-run\"]",
+            format!("`istio.io/dry-run` is `{v}`; it takes \"true\" or \"false\""),
+            "quote it: `istio.io/dry-run: \"true\"`",
+        );
+    }
     if let Some(sel) = &s.selector {
         c.labels("spec.selector.matchLabels", &sel.match_labels);
     }
@@ -1218,7 +1231,24 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
     }
     for (i, rule) in s.rules.iter().enumerate() {
         let rp = format!("spec.rules[{i}]");
-        for (j, f) in rule.from.iter().enumerate() {
+        for (field, empty) in [
+            ("from", rule.from.as_ref().is_some_and(Vec::is_empty)),
+            ("to", rule.to.as_ref().is_some_and(Vec::is_empty)),
+            ("when", rule.when.as_ref().is_some_and(Vec::is_empty)),
+        ] {
+            if empty {
+                // Istio refuses it; read as absent it would mean "any
+                // source" (or operation), the opposite of what an empty
+                // list of allowed sources says.
+                c.report_hint(
+                    Code::InvalidValue,
+                    &format!("{rp}.{field}"),
+                    format!("`{field}` must not be empty (`{field}: []` would otherwise read as \"any\")"),
+                    &format!("remove `{field}` to match any, or list at least one entry"),
+                );
+            }
+        }
+        for (j, f) in rule.sources().iter().enumerate() {
             let sp = format!("{rp}.from[{j}].source");
             let src = &f.source;
             for (field, v) in [
@@ -1285,7 +1315,7 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                 }
             }
         }
-        for (j, t) in rule.to.iter().enumerate() {
+        for (j, t) in rule.operations().iter().enumerate() {
             let op = format!("{rp}.to[{j}].operation");
             let o = &t.operation;
             let all = [
@@ -1341,7 +1371,7 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                 }
             }
         }
-        for (j, w) in rule.when.iter().enumerate() {
+        for (j, w) in rule.conditions().iter().enumerate() {
             let wp = format!("{rp}.when[{j}]");
             condition(c, &wp, w);
         }
