@@ -37,6 +37,12 @@
 //!   `request.headers`) make an ALLOW rule not match and are ignored in a
 //!   DENY rule (which then matches on its other fields), as Istio does: both
 //!   fail closed.
+//! - **Hosts** match the authority as written (case-insensitively, with or
+//!   without its port) and the service it names, resolved as the router
+//!   resolves it ([`Authz::canonical_authority`]); an exact `hosts` value is
+//!   resolved the same way from the policy's namespace. So `ratings.`,
+//!   `ratings.default`, `ratings.default.svc` and a trailing dot on the full
+//!   name cannot slip past a DENY on `ratings.default.svc.cluster.local`.
 //! - **Paths** are matched without the query string, after RFC 3986
 //!   normalization ([`normalize_path`]); the request is forwarded with the
 //!   normalized path, as Envoy does in Istio's default `BASE` mode, so the
@@ -268,6 +274,14 @@ pub struct Authz {
     by_namespace: HashMap<String, Vec<usize>>,
     /// Whether some policy is in dry-run mode.
     has_dry_run: bool,
+    /// Whether some rule matches `hosts`/`notHosts` (then the request's
+    /// authority is resolved to its service, [`Authz::canonical_authority`]).
+    has_hosts: bool,
+    /// The in-cluster DNS suffix.
+    domain: String,
+    /// The services the snapshot names (routes, exports, destination rules,
+    /// service entries): what an authority may resolve to.
+    known: std::collections::HashSet<String>,
 }
 
 /// What a dry-run policy would have decided for a request, had it been
@@ -307,6 +321,11 @@ pub struct Request<'a> {
     pub http: Option<Http<'a>>,
     /// The server name of a TLS stream routed by SNI (`connection.sni`).
     pub sni: Option<&'a str>,
+    /// The destination service (canonical host), when the caller knows it:
+    /// an authority may resolve to it even if the snapshot does not name it.
+    pub service: Option<&'a str>,
+    /// The authority resolved to its service (set by [`Authz`] itself).
+    canonical_host: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -340,7 +359,15 @@ impl<'a> Request<'a> {
             source_cluster,
             http,
             sni: None,
+            service: None,
+            canonical_host: None,
         }
+    }
+
+    /// The request with its destination service known.
+    pub fn with_service(mut self, service: &'a str) -> Self {
+        self.service = Some(service);
+        self
     }
 
     /// The request with `connection.sni` known.
@@ -419,10 +446,26 @@ impl std::fmt::Display for Denial {
 impl Authz {
     /// Compiles every AuthorizationPolicy of `policy`.
     pub fn compile(policy: &ClusterPolicy) -> Result<Self, CompileError> {
-        let mut out = Authz::default();
+        let mut out = Authz {
+            domain: policy.domain.clone(),
+            ..Authz::default()
+        };
+        out.known = policy
+            .routes
+            .keys()
+            .filter(|h| !h.starts_with('*'))
+            .chain(policy.exports.keys())
+            .chain(policy.destinations.keys())
+            .chain(policy.service_entries.keys())
+            .cloned()
+            .collect();
         for p in &policy.authz {
-            let compiled = compile_policy(p)?;
+            let compiled = compile_policy(p, &policy.domain)?;
             out.has_dry_run |= compiled.dry_run;
+            out.has_hosts |= compiled.rules.iter().any(|r| {
+                r.to.iter()
+                    .any(|o| !o.hosts.is_empty() || !o.not_hosts.is_empty())
+            });
             let i = out.policies.len();
             if compiled.scope == AuthzScope::Mesh {
                 out.mesh.push(i);
@@ -435,6 +478,21 @@ impl Authz {
             out.policies.push(compiled);
         }
         Ok(out)
+    }
+
+    /// The service a request's authority names, resolved as the router
+    /// resolves it ([`meshfed_policy::snapshot::host_candidates`]): the
+    /// first candidate that is a service the snapshot knows, or the
+    /// request's destination service. Short names resolve in the caller's
+    /// namespace (from its principal), else in the workload's. `None` for
+    /// a TCP stream, or an authority that names no known service (then
+    /// `hosts` match the authority as written only).
+    pub fn canonical_authority(&self, req: &Request<'_>, namespace: &str) -> Option<String> {
+        let http = req.http.as_ref()?;
+        let ns = req.namespace.unwrap_or(namespace);
+        meshfed_policy::snapshot::host_candidates(&self.domain, http.host, ns)
+            .into_iter()
+            .find(|h| self.known.contains(h) || req.service == Some(h.as_str()))
     }
 
     /// Whether there are no policies at all.
@@ -472,6 +530,14 @@ impl Authz {
         if !self.has_dry_run {
             return;
         }
+        let canonical = self
+            .has_hosts
+            .then(|| self.canonical_authority(req, namespace))
+            .flatten();
+        let req = &Request {
+            canonical_host: canonical.as_deref(),
+            ..*req
+        };
         for p in self
             .scoped(namespace)
             .filter(|p| p.dry_run && p.action != AuthzAction::Audit)
@@ -520,6 +586,18 @@ impl Authz {
 
     /// Decides a request for a workload, in Istio's order.
     pub fn decide(&self, req: &Request<'_>, wl: &Workload<'_>) -> Result<(), Denial> {
+        if self.has_hosts && req.canonical_host.is_none() && req.http.is_some() {
+            let canonical = self.canonical_authority(req, wl.namespace);
+            let req = Request {
+                canonical_host: canonical.as_deref(),
+                ..*req
+            };
+            return self.decide_resolved(&req, wl);
+        }
+        self.decide_resolved(req, wl)
+    }
+
+    fn decide_resolved(&self, req: &Request<'_>, wl: &Workload<'_>) -> Result<(), Denial> {
         let applies = |p: &&Policy| applies(p, wl);
         for p in self
             .in_scope(wl.namespace)
@@ -616,8 +694,18 @@ impl Authz {
             labels: None,
             port: None,
         };
+        // Resolve the authority once for every candidate.
+        let canonical = self
+            .has_hosts
+            .then(|| self.canonical_authority(req, namespace))
+            .flatten();
+        let resolved = Request {
+            canonical_host: canonical.as_deref(),
+            ..*req
+        };
+        let req = &resolved;
         if candidates.is_empty() || !self.depends_on_endpoint(namespace) {
-            return self.decide(req, &nowhere).map(|()| candidates);
+            return self.decide_resolved(req, &nowhere).map(|()| candidates);
         }
         let mut first = None;
         let allowed: Vec<&'e Endpoint> = candidates
@@ -628,7 +716,7 @@ impl Authz {
                     labels: Some(&e.labels),
                     port: Some(e.addr.port()),
                 };
-                match self.decide(req, &wl) {
+                match self.decide_resolved(req, &wl) {
                     Ok(()) => true,
                     Err(d) => {
                         first.get_or_insert(d);
@@ -737,7 +825,8 @@ pub fn enforce_local<B>(
             host,
             headers: req.headers(),
         }),
-    );
+    )
+    .with_service(service);
     let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
     count_dry_run(&state.metrics, &active.authz, &r, namespace, &candidates);
     let n = candidates.len();
@@ -788,7 +877,9 @@ pub fn admit_local_tcp(
     let endpoints = state.endpoints.borrow().clone();
     let candidates = crate::discovery::healthy(&endpoints, service, selector);
     let n = candidates.len();
-    let r = Request::new(caller, &state.cluster, None).with_sni(sni);
+    let r = Request::new(caller, &state.cluster, None)
+        .with_sni(sni)
+        .with_service(service);
     let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
     count_dry_run(&state.metrics, &active.authz, &r, namespace, &candidates);
     let (policy, reason) = match active.authz.filter(&r, namespace, candidates) {
@@ -811,12 +902,12 @@ pub fn admit_local_tcp(
     false
 }
 
-fn compile_policy(p: &AuthzPolicy) -> Result<Policy, CompileError> {
+fn compile_policy(p: &AuthzPolicy, domain: &str) -> Result<Policy, CompileError> {
     let name = format!("{}/{}", p.source.namespace, p.source.name);
     let rules = p
         .rules
         .iter()
-        .map(|r| compile_rule(r, &name))
+        .map(|r| compile_rule(r, &name, &p.namespace, domain))
         .collect::<Result<Vec<_>, _>>()?;
     let has_port = rules.iter().any(|r| {
         r.to.iter()
@@ -841,7 +932,12 @@ fn compile_policy(p: &AuthzPolicy) -> Result<Policy, CompileError> {
     })
 }
 
-fn compile_rule(r: &AuthzRule, policy: &str) -> Result<Rule, CompileError> {
+fn compile_rule(
+    r: &AuthzRule,
+    policy: &str,
+    namespace: &str,
+    domain: &str,
+) -> Result<Rule, CompileError> {
     Ok(Rule {
         from: r
             .from
@@ -851,7 +947,7 @@ fn compile_rule(r: &AuthzRule, policy: &str) -> Result<Rule, CompileError> {
         to: r
             .to
             .iter()
-            .map(|o| compile_operation(o, policy))
+            .map(|o| compile_operation(o, policy, namespace, domain))
             .collect::<Result<_, _>>()?,
         when: r
             .when
@@ -887,7 +983,51 @@ fn compile_source(s: &AuthzSource, policy: &str) -> Result<Source, CompileError>
     })
 }
 
-fn compile_operation(o: &AuthzOperation, policy: &str) -> Result<Operation, CompileError> {
+/// Host patterns, plus the canonical service name of each exact one
+/// (`ratings`, `ratings.default`, `ratings.default.svc`, a trailing dot →
+/// `ratings.default.svc.<domain>`, a port kept), read as the router reads
+/// a name from the policy's namespace, so that a `hosts` value and a request
+/// authority meet in one spelling.
+fn host_patterns(
+    values: &[String],
+    policy: &str,
+    field: &'static str,
+    namespace: &str,
+    domain: &str,
+) -> Result<Patterns, CompileError> {
+    let mut pats = Patterns::compile(values, policy, field, true)?;
+    let mut extra = Vec::new();
+    for p in &pats.0 {
+        let Pattern::Exact(x) = p else { continue };
+        let (host, port) = match x.rsplit_once(':') {
+            Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+            _ => (&**x, None),
+        };
+        let Some(canonical) = meshfed_policy::snapshot::host_candidates(domain, host, namespace)
+            .into_iter()
+            .next()
+        else {
+            continue;
+        };
+        let canonical = match port {
+            Some(port) => format!("{canonical}:{port}"),
+            None => canonical,
+        };
+        let p = Pattern::Exact(canonical.into());
+        if !pats.0.contains(&p) && !extra.contains(&p) {
+            extra.push(p);
+        }
+    }
+    pats.0.extend(extra);
+    Ok(pats)
+}
+
+fn compile_operation(
+    o: &AuthzOperation,
+    policy: &str,
+    namespace: &str,
+    domain: &str,
+) -> Result<Operation, CompileError> {
     let paths = |v: &[String], field: &'static str| {
         if let Some(bad) = v.iter().find(|p| p.contains('{') || p.contains('}')) {
             return Err(CompileError::BadValue {
@@ -901,8 +1041,8 @@ fn compile_operation(o: &AuthzOperation, policy: &str) -> Result<Operation, Comp
         Patterns::compile(v, policy, field, false)
     };
     Ok(Operation {
-        hosts: Patterns::compile(&o.hosts, policy, "hosts", true)?,
-        not_hosts: Patterns::compile(&o.not_hosts, policy, "notHosts", true)?,
+        hosts: host_patterns(&o.hosts, policy, "hosts", namespace, domain)?,
+        not_hosts: host_patterns(&o.not_hosts, policy, "notHosts", namespace, domain)?,
         ports: o.ports.clone(),
         not_ports: o.not_ports.clone(),
         methods: Patterns::compile(&o.methods, policy, "methods", false)?,
@@ -1002,7 +1142,12 @@ fn operation_matches(o: &Operation, deny: bool, req: &Request<'_>, wl: &Workload
     match &req.http {
         None => !o.http_only() || deny,
         Some(h) => {
-            let host_ok = |pats: &Patterns| host_matches(pats, h.host);
+            let host_ok = |pats: &Patterns| {
+                host_matches(pats, h.host)
+                    || req
+                        .canonical_host
+                        .is_some_and(|c| canonical_matches(pats, c, h.host))
+            };
             (o.hosts.is_empty() || host_ok(&o.hosts))
                 && (o.not_hosts.is_empty() || !host_ok(&o.not_hosts))
                 && o.methods.holds(&o.not_methods, Some(h.method))
@@ -1024,6 +1169,21 @@ fn host_matches(pats: &Patterns, authority: &str) -> bool {
         _ => None,
     };
     pats.any(Some(&lower)) || bare.is_some_and(|b| pats.any(Some(b)))
+}
+
+/// Whether a pattern matches the service an authority resolved to, with
+/// the authority's port (`ratings.default.svc.cluster.local:9080`) or
+/// without it.
+fn canonical_matches(pats: &Patterns, canonical: &str, authority: &str) -> bool {
+    if pats.any(Some(canonical)) {
+        return true;
+    }
+    match authority.rsplit_once(':') {
+        Some((_, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            pats.any(Some(&format!("{canonical}:{p}")))
+        }
+        _ => false,
+    }
 }
 
 fn condition_holds(c: &Condition, deny: bool, req: &Request<'_>, wl: &Workload<'_>) -> bool {

@@ -194,27 +194,38 @@ pub struct ClusterPolicy {
 impl ClusterPolicy {
     /// The canonical hosts a request authority may mean, most specific first.
     pub fn host_candidates(&self, authority: &str, caller_namespace: &str) -> Vec<String> {
-        let host = strip_port(authority)
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        let local = format!(".svc.{}", self.domain);
-        if let Some(base) = host.strip_suffix(".svc.clusterset.local") {
-            return vec![format!("{base}{local}")];
-        }
-        if host.ends_with(&local) {
-            return vec![host];
-        }
-        let dots = host.matches('.').count();
-        let mut out = Vec::with_capacity(2);
-        match dots {
-            0 => out.push(format!("{host}.{caller_namespace}{local}")),
-            1 => out.push(format!("{host}{local}")),
-            2 if host.ends_with(".svc") => out.push(format!("{host}.{}", self.domain)),
-            _ => {}
-        }
-        out.push(host);
-        out
+        host_candidates(&self.domain, authority, caller_namespace)
     }
+}
+
+/// The canonical hosts a request authority may mean for a caller in
+/// `caller_namespace`, most specific first, with `domain` the in-cluster DNS
+/// suffix: the port and a trailing dot are dropped, `name` is
+/// `name.<caller ns>.svc.<domain>`, `name.ns` and `name.ns.svc` are
+/// `name.ns.svc.<domain>` (then the name as written), and
+/// `…svc.clusterset.local` is `…svc.<domain>`. The gateway's router and its
+/// authorization (`hosts`) both resolve names with it.
+pub fn host_candidates(domain: &str, authority: &str, caller_namespace: &str) -> Vec<String> {
+    let host = strip_port(authority)
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let local = format!(".svc.{domain}");
+    if let Some(base) = host.strip_suffix(".svc.clusterset.local") {
+        return vec![format!("{base}{local}")];
+    }
+    if host.ends_with(&local) {
+        return vec![host];
+    }
+    let dots = host.matches('.').count();
+    let mut out = Vec::with_capacity(2);
+    match dots {
+        0 => out.push(format!("{host}.{caller_namespace}{local}")),
+        1 => out.push(format!("{host}{local}")),
+        2 if host.ends_with(".svc") => out.push(format!("{host}.{domain}")),
+        _ => {}
+    }
+    out.push(host);
+    out
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

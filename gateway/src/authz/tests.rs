@@ -736,3 +736,169 @@ fn dry_run_verdicts_are_counted_per_policy_action_and_decision() {
         "{text}"
     );
 }
+
+/// An Authz whose snapshot knows `ratings.default` (exported).
+fn authz_knowing_ratings(policies: Vec<AuthzPolicy>) -> Authz {
+    let mut p = ClusterPolicy {
+        cluster: "west".into(),
+        domain: "cluster.local".into(),
+        trust_domain: "cluster.local".into(),
+        authz: policies,
+        ..Default::default()
+    };
+    p.exports.insert(
+        "ratings.default.svc.cluster.local".into(),
+        ["west".to_string()].into(),
+    );
+    Authz::compile(&p).unwrap()
+}
+
+fn deny_hosts(hosts: &[&str]) -> AuthzPolicy {
+    policy(
+        "default",
+        "deny-ratings",
+        AuthzAction::Deny,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                hosts: strings(hosts),
+                ..Default::default()
+            }],
+        )],
+    )
+}
+
+/// Names the router resolves to ratings.default.svc.cluster.local for a
+/// caller in `default` (issue 21, item 15).
+const RATINGS_ALIASES: &[&str] = &[
+    "ratings",
+    "ratings.",
+    "ratings:9080",
+    "ratings.:9080",
+    "ratings.default",
+    "ratings.default:9080",
+    "ratings.default.svc",
+    "ratings.default.svc:9080",
+    "ratings.default.svc.cluster.local",
+    "ratings.default.svc.cluster.local.",
+    "ratings.default.svc.cluster.local.:9080",
+    "RATINGS.Default.SVC.cluster.local",
+    "ratings.default.svc.clusterset.local",
+];
+
+#[test]
+fn a_hosts_deny_covers_every_name_the_router_resolves_to_the_service() {
+    for written in [
+        "ratings.default.svc.cluster.local",
+        "ratings",
+        "ratings.default",
+        "ratings.default.svc.cluster.local.",
+    ] {
+        let a = authz_knowing_ratings(vec![deny_hosts(&[written])]);
+        for host in RATINGS_ALIASES {
+            let mut c = Call::get("/");
+            c.host = host;
+            assert!(
+                decide(&a, &c).is_err(),
+                "DENY hosts [{written}] let Host: {host} through"
+            );
+        }
+        // Another service is not denied.
+        let mut c = Call::get("/");
+        c.host = "reviews.default.svc.cluster.local";
+        assert!(decide(&a, &c).is_ok(), "{written}");
+    }
+    // With a port in the policy, only that port.
+    let a = authz_knowing_ratings(vec![deny_hosts(&[
+        "ratings.default.svc.cluster.local:9080",
+    ])]);
+    for (host, denied) in [
+        ("ratings.:9080", true),
+        ("ratings.default:9080", true),
+        ("ratings.default.svc.cluster.local.:9080", true),
+        ("ratings.default:9090", false),
+    ] {
+        let mut c = Call::get("/");
+        c.host = host;
+        assert_eq!(decide(&a, &c).is_err(), denied, "{host}");
+    }
+}
+
+#[test]
+fn a_not_hosts_allow_and_deny_resolve_names_too() {
+    // ALLOW everything but ratings: every ratings alias is refused.
+    let allow_but_ratings = policy(
+        "default",
+        "allow-but-ratings",
+        AuthzAction::Allow,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                not_hosts: strings(&["ratings.default.svc.cluster.local"]),
+                ..Default::default()
+            }],
+        )],
+    );
+    let a = authz_knowing_ratings(vec![allow_but_ratings]);
+    for host in RATINGS_ALIASES {
+        let mut c = Call::get("/");
+        c.host = host;
+        assert!(decide(&a, &c).is_err(), "{host}");
+    }
+    // DENY everything that is not ratings: an unknown name that merely
+    // looks like a service is still denied (it names no known service).
+    let deny_but_ratings = policy(
+        "default",
+        "deny-but-ratings",
+        AuthzAction::Deny,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                not_hosts: strings(&["*.svc.cluster.local"]),
+                ..Default::default()
+            }],
+        )],
+    );
+    let a = authz_knowing_ratings(vec![deny_but_ratings]);
+    for (host, denied) in [
+        ("ratings.default", false),
+        ("ratings.", false),
+        ("example.com", true),
+        ("evil.default", true),
+    ] {
+        let mut c = Call::get("/");
+        c.host = host;
+        assert_eq!(decide(&a, &c).is_err(), denied, "{host}");
+    }
+}
+
+#[test]
+fn the_destination_service_resolves_names_the_snapshot_does_not_list() {
+    // A service known only from local endpoints: the caller passes it.
+    let a = authz(vec![deny_hosts(&["payments.default.svc.cluster.local"])]);
+    let headers = HeaderMap::new();
+    let req = |host: &'static str| {
+        Request::new(
+            Some(PRODUCTPAGE),
+            "east",
+            Some(Http {
+                method: "GET",
+                path: "/",
+                host,
+                headers: &headers,
+            }),
+        )
+    };
+    let wl = Workload {
+        namespace: "default",
+        labels: None,
+        port: None,
+    };
+    assert!(a.decide(&req("payments.default"), &wl).is_ok());
+    let r = req("payments.default").with_service("payments.default.svc.cluster.local");
+    assert!(a.decide(&r, &wl).is_err());
+    assert!(a.filter(&r, "default", vec![]).is_err());
+}
