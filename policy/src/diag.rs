@@ -74,6 +74,7 @@ codes! {
     NotAResource = "not-a-resource", Error, "A document is not a mapping with `apiVersion` and `kind`.";
     UnknownKind = "unknown-kind", Error, "A kind or version inside a mesh API group (networking.istio.io, security.istio.io, multicluster.x-k8s.io, meshfed.io) that meshfed does not know.";
     Foreign = "foreign-resource", Warning, "A manifest outside the mesh API groups (a Deployment, a ConfigMap...) is skipped.";
+    ProxyKind = "istio-proxy-kind", Warning, "An Istio kind that Istio's own proxies enforce (Gateway, Sidecar, EnvoyFilter, WorkloadEntry, WorkloadGroup, ProxyConfig, RequestAuthentication, Telemetry, WasmPlugin), or a VirtualService bound only to Istio gateways (no `mesh`), is skipped: meshfed does not apply it. `meshfed-policy validate --strict-kinds` makes it an error.";
     UnknownField = "unknown-field", Error, "A field that the kind does not have; usually a typo or a wrong indentation.";
     InvalidType = "invalid-type", Error, "A field has the wrong type, an unknown enum value, or is missing while required.";
     MissingField = "missing-field", Error, "A required field is absent or empty.";

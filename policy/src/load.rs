@@ -2,7 +2,8 @@
 //!
 //! Pure: the caller hands over (name, bytes) pairs. Each document is
 //! dispatched on `apiVersion` and `kind`; mesh kinds are deserialized with
-//! serde (unknown fields refused), foreign manifests are skipped with a
+//! serde (unknown fields refused), foreign manifests and kinds that Istio's
+//! own proxies enforce ([`crate::model::PROXY_KINDS`]) are skipped with a
 //! warning, and every failure becomes a [`Diagnostic`] placed with the
 //! document's position index. A bad document never stops the others.
 //!
@@ -17,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::diag::{self, Code, Diagnostic};
-use crate::model::{Kind, MESH_GROUPS, Manifest, Origin, Resource, Spec};
+use crate::model::{Kind, MESH_GROUPS, Manifest, Origin, PROXY_KINDS, Resource, Spec};
 use crate::yaml::{self, Document, Pos, Positions, YamlError};
 
 /// Default namespace for namespaced resources that do not name one, as
@@ -227,6 +228,26 @@ fn load_document(
     let (group, version) = api_version
         .rsplit_once('/')
         .unwrap_or(("", api_version.as_str()));
+    if PROXY_KINDS
+        .iter()
+        .any(|(g, kinds)| *g == group && kinds.contains(&kind.as_str()))
+    {
+        let name = value
+            .get("metadata")
+            .and_then(|m| str_field(m, "name"))
+            .unwrap_or("<unnamed>");
+        let mut d = Diagnostic::new(
+            Code::ProxyKind,
+            file,
+            at("kind"),
+            format!(
+                "skipping {kind} {name} ({api_version}): enforced by Istio's proxies; meshfed does not apply it"
+            ),
+        );
+        d.field_path = "kind".into();
+        diags.push(d);
+        return None;
+    }
     let Some((_, versions, kinds)) = MESH_GROUPS.iter().find(|(g, _, _)| *g == group) else {
         let name = value
             .get("metadata")

@@ -29,7 +29,7 @@ enum Command {
     /// Check every *.yaml and *.yml under each PATH, recursively, and report
     /// every problem as FILE:LINE:COL: error[CODE]: message (at field.path).
     #[command(
-        after_help = "Examples:\n  meshfed-policy validate policy/\n  meshfed-policy validate . --exclude 'charts/**' --format json\n  meshfed-policy validate -q changed.yaml other.yaml   (as a pre-commit hook; see the README)"
+        after_help = "Examples:\n  meshfed-policy validate policy/\n  meshfed-policy validate policy/ --strict-kinds   (refuse Gateway, Sidecar, EnvoyFilter...)\n  meshfed-policy validate . --exclude 'charts/**' --format json\n  meshfed-policy validate -q changed.yaml other.yaml   (as a pre-commit hook; see the README)"
     )]
     Validate {
         #[command(flatten)]
@@ -40,6 +40,12 @@ enum Command {
         /// Treat warnings as errors (exit 1).
         #[arg(long)]
         deny_warnings: bool,
+        /// Treat kinds that Istio's proxies enforce and meshfed skips
+        /// (Gateway, Sidecar, EnvoyFilter, RequestAuthentication...,
+        /// VirtualServices bound only to Istio gateways) as errors
+        /// (`istio-proxy-kind`), for repositories meant for meshfed alone.
+        #[arg(long)]
+        strict_kinds: bool,
         /// Print only errors, and no summary line.
         #[arg(long, short)]
         quiet: bool,
@@ -158,9 +164,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             input,
             format,
             deny_warnings,
+            strict_kinds,
             quiet,
         } => {
-            let (a, _, io_failed) = load(&input)?;
+            let (mut a, _, io_failed) = load(&input)?;
+            if strict_kinds {
+                for d in &mut a.diagnostics {
+                    if d.code == Code::ProxyKind {
+                        d.severity = Severity::Error;
+                    }
+                }
+            }
             let failed = !a.is_valid() || (deny_warnings && a.warning_count() > 0);
             match format {
                 Format::Json => {

@@ -172,6 +172,27 @@ pub const MESH_GROUPS: &[(&str, &[&str], &[Kind])] = &[
     ("meshfed.io", &["v1alpha1"], &[Kind::Cluster]),
 ];
 
+/// Istio kinds that Istio's own proxies (sidecars, ingress and egress
+/// gateways) enforce and meshfed does not: by API group. A repository shared
+/// with Istio holds them; they are skipped with an `istio-proxy-kind`
+/// warning, never an error, in any version.
+pub const PROXY_KINDS: &[(&str, &[&str])] = &[
+    (
+        "networking.istio.io",
+        &[
+            "Gateway",
+            "Sidecar",
+            "EnvoyFilter",
+            "WorkloadEntry",
+            "WorkloadGroup",
+            "ProxyConfig",
+        ],
+    ),
+    ("security.istio.io", &["RequestAuthentication"]),
+    ("telemetry.istio.io", &["Telemetry"]),
+    ("extensions.istio.io", &["WasmPlugin"]),
+];
+
 /// The typed content of a resource.
 // Resources are loaded once and read many times; boxing the large variants
 // would add an indirection to every read for a one-off memory saving.

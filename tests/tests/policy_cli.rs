@@ -509,6 +509,47 @@ fn deny_warnings_turns_a_foreign_manifest_warning_into_exit_1() {
 }
 
 #[test]
+fn istio_proxy_kinds_warn_and_strict_kinds_turns_them_into_exit_1() {
+    let repo = tempdir();
+    write(repo.path(), "ratings.yaml", VALID_ROUTE);
+    let gw = write(
+        repo.path(),
+        "gateway.yaml",
+        &[
+            "apiVersion: networking.istio.io/v1",
+            "kind: Gateway",
+            "metadata: {name: bookinfo-gateway}",
+            "spec:",
+            "  selector: {istio: ingressgateway}",
+            "  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ['*']}]",
+        ],
+    );
+    let deploy = write(repo.path(), "deployment.yaml", DEPLOYMENT);
+    let lenient = policy([OsStr::new("validate"), repo.path().as_os_str()]);
+    let strict = policy([
+        OsStr::new("validate"),
+        repo.path().as_os_str(),
+        OsStr::new("--strict-kinds"),
+    ]);
+    let warning = format!(
+        "{}:2:1: warning[istio-proxy-kind]: skipping Gateway bookinfo-gateway (networking.istio.io/v1): enforced by Istio's proxies; meshfed does not apply it",
+        gw.display()
+    );
+    assert_eq!(lenient.code, Some(0), "{lenient}");
+    assert!(lenient.stdout.contains(&warning), "{lenient}");
+    assert_eq!(strict.code, Some(1), "{strict}");
+    assert!(
+        strict
+            .stdout
+            .contains(&format!("{}:2:1: error[istio-proxy-kind]", gw.display())),
+        "{strict}"
+    );
+    // A Kubernetes kind stays a warning: --strict-kinds is about Istio's.
+    let foreign = format!("{}:2:1: warning[foreign-resource]", deploy.display());
+    assert!(strict.stdout.contains(&foreign), "{strict}");
+}
+
+#[test]
 fn quiet_prints_errors_but_no_warnings_or_summary() {
     let repo = tempdir();
     write(repo.path(), "reviews.yaml", TYPO_IN_WEIGHT);

@@ -410,10 +410,15 @@ fn virtual_service(c: &mut Check<'_>, s: &VirtualServiceSpec) {
         c.host(&format!("spec.hosts[{i}]"), h, true);
     }
     if !s.gateways.is_empty() && !s.gateways.iter().any(|g| g == "mesh") {
-        c.not_enforced(
+        c.report_hint(
+            Code::ProxyKind,
             "spec.gateways",
-            "gateways",
-            "this VirtualService binds only to ingress/egress gateways, not to mesh traffic, so meshfed skips it; add `mesh` to apply it east-west",
+            format!(
+                "skipping VirtualService {}: bound only to Istio gateways ({}), enforced by Istio's proxies; meshfed does not apply it",
+                c.r.name,
+                s.gateways.join(", ")
+            ),
+            "add `mesh` to `gateways` to apply it east-west",
         );
     }
     if !s.export_to.is_empty() {

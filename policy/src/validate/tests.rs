@@ -407,7 +407,7 @@ fn unknown_kinds_and_versions_in_mesh_groups_are_errors() {
     };
     rule(
         Code::UnknownKind,
-        &[&k("networking.istio.io/v1", "EnvoyFilter")],
+        &[&k("networking.istio.io/v1", "EnvoyFiltr")],
         &[&k("multicluster.x-k8s.io/v1alpha1", "ServiceExport")],
     );
     rule(
@@ -483,7 +483,40 @@ fn fields_meshfed_ignores_that_do_not_affect_security_are_warnings() {
         "hosts: [reviews]",
         "hosts: [reviews]\n  gateways: [istio-system/ingress]",
     );
-    rule(Code::NotEnforced, &[&ingress, DR], &[&vs(ROUTE_V1), DR]);
+    rule(Code::ProxyKind, &[&ingress, DR], &[&vs(ROUTE_V1), DR]);
+}
+
+#[test]
+fn kinds_that_istios_proxies_enforce_are_skipped_with_a_warning_naming_them() {
+    let k = |api: &str, kind: &str| {
+        format!(
+            "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: x}}\nspec: {{anything: [goes]}}\n"
+        )
+    };
+    for (api, kind) in [
+        ("networking.istio.io/v1", "Gateway"),
+        ("networking.istio.io/v1alpha3", "Sidecar"),
+        ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+        ("networking.istio.io/v1beta1", "WorkloadEntry"),
+        ("networking.istio.io/v1", "WorkloadGroup"),
+        ("networking.istio.io/v1beta1", "ProxyConfig"),
+        ("security.istio.io/v1", "RequestAuthentication"),
+        ("telemetry.istio.io/v1", "Telemetry"),
+        ("extensions.istio.io/v1alpha1", "WasmPlugin"),
+    ] {
+        let doc = k(api, kind);
+        rule(Code::ProxyKind, &[&doc, DR], &[DR]);
+        let a = run(&[&doc]);
+        let d = &a.diagnostics[0];
+        assert_eq!((d.line, d.code), (2, Code::ProxyKind), "{d}");
+        assert!(
+            d.message.contains(kind)
+                && d.message
+                    .contains("enforced by Istio's proxies; meshfed does not apply it"),
+            "{d}"
+        );
+        assert!(a.resources.is_empty());
+    }
 }
 
 #[test]
