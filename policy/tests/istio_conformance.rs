@@ -1,0 +1,373 @@
+//! Istio conformance: every `valid` and `invalid` case of the shared corpus
+//! (`../shared/istio-conformance/`, README there) run through `analyze` as a
+//! repository of its own. A `valid` case must have no error; an `invalid`
+//! one an error at (or next to) a line Istio objects to, or any error when
+//! the case names no line. Exceptions are named by case ID with their
+//! reason, as in docs/policy.md ("Conformance exceptions"): `deliberate`
+//! differences, and `not yet` gaps that issue 15 parts 3-4 close. The list
+//! is a ratchet: a case outside it that fails, or a case in it that now
+//! passes, fails the test (remove it from the list and the docs).
+//!
+//! The corpus lives beside the workspace (`<workspace>/../shared/…`); the
+//! test fails, saying where it looked, when it is missing.
+
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use meshfed_policy::fs::{Selection, read_paths};
+use meshfed_policy::{Options, Severity, analyze};
+
+/// Case ID → why meshfed's verdict differs from Istio's.
+const EXCEPTIONS: &[(&str, &str)] = &[
+    (
+        "analyzers/destinationrule-simple-destination-credentialname-selector",
+        "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
+    ),
+    (
+        "analyzers/destinationrule-simple-port-credentialname-selector",
+        "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
+    ),
+    (
+        "apidocs/networking_v1alpha3_destination_rule_L1236_DestinationRule",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "apidocs/networking_v1alpha3_destination_rule_L1254_DestinationRule",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "apidocs/networking_v1alpha3_destination_rule_L98_DestinationRule",
+        "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
+    ),
+    (
+        "apidocs/networking_v1alpha3_service_entry_L261_ServiceEntry",
+        "deliberate: unix-socket ServiceEntry endpoints refused: a gateway in another process cannot reach them",
+    ),
+    (
+        "apidocs/networking_v1alpha3_service_entry_L381_ServiceEntry",
+        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
+    ),
+    (
+        "apidocs/networking_v1alpha3_service_entry_L67_ServiceEntry",
+        "not yet: protocol names: case and every Istio protocol (issue 15 part 3)",
+    ),
+    (
+        "apidocs/networking_v1alpha3_virtual_service_L537_VirtualService",
+        "not yet: delegate VirtualService without hosts (issue 15 part 3)",
+    ),
+    (
+        "apidocs/networking_v1alpha3_virtual_service_L556_VirtualService",
+        "not yet: delegate VirtualService without hosts (issue 15 part 3)",
+    ),
+    (
+        "apidocs/security_v1beta1_authorization_policy_L344_AuthorizationPolicy",
+        "deliberate: `action: CUSTOM` refused (unsupported-field): no external authorizer; fails closed",
+    ),
+    (
+        "apidocs/security_v1beta1_authorization_policy_L63_AuthorizationPolicy",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/http__allow-full-rule-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/http__allow-path-in",
+        "not yet: path templates `{*}`/`{**}` (issue 15 part 3)",
+    ),
+    (
+        "authz-builder/http__custom-simple-http-in",
+        "deliberate: `action: CUSTOM` refused (unsupported-field): no external authorizer; fails closed",
+    ),
+    (
+        "authz-builder/http__multiple-policies-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/http__single-policy-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/http__trust-domains-in",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "authz-builder/tcp__allow-both-http-tcp-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/tcp__allow-only-http-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/tcp__audit-both-http-tcp-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "authz-builder/tcp__custom-both-http-tcp-in",
+        "deliberate: `action: CUSTOM` refused (unsupported-field): no external authorizer; fails closed",
+    ),
+    (
+        "authz-builder/tcp__custom-only-http-in",
+        "deliberate: `action: CUSTOM` refused (unsupported-field): no external authorizer; fails closed",
+    ),
+    (
+        "authz-builder/tcp__deny-both-http-tcp-in",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "crd-invalid/authz-invalid-01-service-account-and-namespace",
+        "not yet: `serviceAccounts` together with `namespaces` not refused yet (issue 15 part 4)",
+    ),
+    (
+        "crd-invalid/authz-invalid-02-service-account-and-namespace-principal",
+        "not yet: `serviceAccounts` together with `namespaces` not refused yet (issue 15 part 4)",
+    ),
+    (
+        "crd-invalid/destinationrule-invalid-01-bookinfo-ratings",
+        "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
+    ),
+    (
+        "crd-invalid/destinationrule-invalid-03-bookinfo-ratings",
+        "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
+    ),
+    (
+        "crd-invalid/peerauth-invalid-04-empty-port-level",
+        "not yet: an empty `portLevelMtls` entry is not refused yet (issue 15 part 4)",
+    ),
+    (
+        "crd-invalid/serviceentry-invalid-08-duplicate-ports-number",
+        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
+    ),
+    (
+        "crd-valid/authz-valid-01-full",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/authz-valid-02-service-account-and-namespace-principal-split",
+        "not yet: short `serviceAccounts` form (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/destinationrule-valid-01-bookinfo-ratings",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/destinationrule-valid-02-bookinfo-ratings",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/destinationrule-valid-03-bookinfo-ratings",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/destinationrule-valid-04-bookinfo-ratings-http2-ping",
+        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/peerauth-valid-01-full",
+        "not yet: quoted port key (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/serviceentry-valid-03-empty-selector",
+        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/serviceentry-valid-04-partial-wildcard",
+        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
+    ),
+    (
+        "crd-valid/serviceentry-valid-05-none-cidr",
+        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
+    ),
+    (
+        "derived/ap-condition-value-empty-plain-header",
+        "not yet: an empty condition value is not refused yet (issue 15 part 4)",
+    ),
+    (
+        "derived/ap-when-pseudo-header-authority",
+        "not yet: pseudo-headers in conditions and header edits (issue 15 part 3)",
+    ),
+    (
+        "derived/serviceentry-invalid-03-bad-selector-key+ports",
+        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
+    ),
+    (
+        "derived/serviceentry-invalid-04-selector-and-endpoints+ports",
+        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
+    ),
+    (
+        "derived/serviceentry-invalid-06-bad-cidr-resolution+ports",
+        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
+    ),
+    (
+        "derived/serviceentry-invalid-11-none-with-endpoints+ports",
+        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
+    ),
+    (
+        "derived/serviceentry-invalid-12-dns-rr-with-multiple-endpoints+ports",
+        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
+    ),
+    (
+        "derived/vs-set-authority-header",
+        "not yet: pseudo-headers in conditions and header edits (issue 15 part 3)",
+    ),
+    (
+        "istio.io/authz-jwt_1_require-jwt",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "istio.io/authz-jwt_2_require-jwt-groups",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
+    ),
+    (
+        "robustness/merge-key",
+        "not yet: YAML merge keys (issue 15 part 3)",
+    ),
+    (
+        "robustness/peerauth-exported-quoted-port",
+        "not yet: quoted port key (issue 15 part 3)",
+    ),
+    (
+        "robustness/utf8-bom",
+        "not yet: UTF-8 BOM (issue 15 part 3)",
+    ),
+    (
+        "samples/external__github",
+        "not yet: protocol names: case and every Istio protocol (issue 15 part 3)",
+    ),
+];
+
+fn corpus() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-conformance/cases");
+    assert!(
+        dir.is_dir(),
+        "the Istio conformance corpus is missing: looked in {}; clone it beside the workspace \
+         (…/shared/istio-conformance)",
+        dir.display()
+    );
+    dir
+}
+
+/// Whether meshfed agrees with Istio on one case; `Err` says how not.
+fn check(dir: &Path, case: &serde_json::Value) -> Result<(), String> {
+    let (files, io) = read_paths(&[dir.to_path_buf()], &Selection::default());
+    assert!(io.is_empty(), "{}: {io:?}", dir.display());
+    let a = analyze(files, &Options::default());
+    let errors: Vec<_> = a
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .collect();
+    let summary = || {
+        errors
+            .iter()
+            .take(3)
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    match case["expect"].as_str() {
+        Some("valid") if errors.is_empty() => Ok(()),
+        Some("valid") => Err(format!("refused: {}", summary())),
+        Some("invalid") => {
+            let bad = case["bad"].as_object().cloned().unwrap_or_default();
+            let at_a_bad_line = bad.iter().any(|(file, lines)| {
+                let lines: Vec<u64> = lines
+                    .as_array()
+                    .map(|l| l.iter().filter_map(|x| x.as_u64()).collect())
+                    .unwrap_or_default();
+                errors.iter().any(|d| {
+                    d.file.ends_with(file.as_str())
+                        && lines.iter().any(|l| (d.line as u64).abs_diff(*l) <= 1)
+                })
+            });
+            if !errors.is_empty() && (bad.is_empty() || at_a_bad_line) {
+                Ok(())
+            } else if errors.is_empty() {
+                Err("accepted".into())
+            } else {
+                Err(format!("not at {bad:?}: {}", summary()))
+            }
+        }
+        other => panic!("{}: unexpected expect {other:?}", dir.display()),
+    }
+}
+
+#[test]
+fn istio_conformance_corpus_matches_istio_apart_from_named_exceptions() {
+    let root = corpus();
+    let exceptions: BTreeMap<&str, &str> = EXCEPTIONS.iter().copied().collect();
+    let mut counts: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let mut unexpected = Vec::new();
+    let mut fixed = Vec::new();
+    let mut seen = 0;
+    let mut groups: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    groups.sort();
+    for group in groups {
+        let mut cases: Vec<PathBuf> = std::fs::read_dir(&group)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("CASE.json").is_file())
+            .collect();
+        cases.sort();
+        for dir in cases {
+            let case: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("CASE.json")).unwrap()).unwrap();
+            let expect = match case["expect"].as_str() {
+                Some("valid") => "valid",
+                Some("invalid") => "invalid",
+                _ => continue,
+            };
+            let id = format!(
+                "{}/{}",
+                group.file_name().unwrap().to_string_lossy(),
+                dir.file_name().unwrap().to_string_lossy()
+            );
+            seen += 1;
+            let result = check(&dir, &case);
+            let entry = counts.entry(expect).or_default();
+            entry.1 += 1;
+            if result.is_ok() {
+                entry.0 += 1;
+            }
+            match (result, exceptions.contains_key(id.as_str())) {
+                (Ok(()), true) => fixed.push(id),
+                (Err(why), false) => unexpected.push(format!("{id} ({expect}): {why}")),
+                _ => {}
+            }
+        }
+    }
+    let (va, vn) = counts.get("valid").copied().unwrap_or_default();
+    let (ic, inn) = counts.get("invalid").copied().unwrap_or_default();
+    println!(
+        "valid accepted {va}/{vn}, invalid caught {ic}/{inn} ({} named exceptions)",
+        EXCEPTIONS.len()
+    );
+    assert!(
+        seen > 100,
+        "only {seen} cases found under {}",
+        root.display()
+    );
+    assert!(
+        unexpected.is_empty(),
+        "cases that disagree with Istio and are not named exceptions:\n{}",
+        unexpected.join("\n")
+    );
+    assert!(
+        fixed.is_empty(),
+        "named exceptions that now agree with Istio; remove them from EXCEPTIONS and from \
+         docs/policy.md: {fixed:?}"
+    );
+    let missing: Vec<&&str> = exceptions
+        .keys()
+        .filter(|id| !root.join(id).join("CASE.json").is_file())
+        .collect();
+    assert!(missing.is_empty(), "exceptions naming no case: {missing:?}");
+}
