@@ -804,3 +804,105 @@ spec:
     .unwrap();
     assert!(west.metric("meshfed_authz_denied_total", &["reason=\"no-allow-match\""]) >= 1.0);
 }
+
+/// One HTTP/1.1 GET with `Host: host` written to `gateway`'s outbound
+/// listener; returns the status code.
+async fn get_as(gateway: &GatewayProcess, host: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gateway.outbound)
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("no answer in 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"))
+}
+
+/// Issue 15's silent holes and issue 21's host aliases, through real
+/// gateways: policies that arrive as `kubectl get -o yaml` prints them (a
+/// `kind: List`) are enforced; a dry-run DENY is counted at west and never
+/// denies; a DENY on `hosts` holds for every name east's router sends to
+/// the service (`reviews.`, `reviews.default`, `reviews.default.svc`, the
+/// full name with a trailing dot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_a_dry_run_deny_and_host_aliases_are_enforced_as_istio_means_them() {
+    let policy = "apiVersion: v1
+kind: List
+metadata: {resourceVersion: \"\"}
+items:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-admin, namespace: default}
+  spec:
+    action: DENY
+    rules:
+    - to: [{operation: {paths: [/admin*]}}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata:
+    name: try-deny-headers
+    namespace: default
+    annotations: {istio.io/dry-run: \"true\"}
+  spec:
+    action: DENY
+    rules:
+    - to: [{operation: {paths: [/headers]}}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-secret-by-host, namespace: default}
+  spec:
+    action: DENY
+    rules:
+    - to: [{operation: {hosts: [reviews.default.svc.cluster.local], paths: [/secret]}}]
+";
+    let mesh = Mesh::start(policy).await;
+    assert_denied(&plaintext(&mesh.east, "GET", "/admin").await);
+    assert_eq!(mesh.hits(), 0, "the List's DENY must be enforced");
+    assert_eq!(plaintext(&mesh.east, "GET", "/headers").await.status, 200);
+    assert_eq!(plaintext(&mesh.east, "GET", "/headers").await.status, 200);
+    assert_eq!(plaintext(&mesh.east, "GET", "/ip").await.status, 200);
+    assert_eq!(mesh.hits(), 3, "a dry-run DENY never denies");
+    let counted = |decision: &str| {
+        mesh.west.metric(
+            "meshfed_authz_dry_run_total",
+            &[
+                "policy=\"default/try-deny-headers\"",
+                "action=\"DENY\"",
+                &format!("decision=\"{decision}\""),
+            ],
+        )
+    };
+    assert_eq!(counted("deny"), 2.0);
+    assert!(counted("allow") >= 1.0);
+    let aliases = [
+        "reviews",
+        "reviews.",
+        "reviews.default",
+        "reviews.default.svc",
+        "reviews.default.svc.cluster.local",
+        "reviews.default.svc.cluster.local.",
+    ];
+    for host in aliases {
+        assert_eq!(
+            get_as(&mesh.east, host, "/secret").await,
+            403,
+            "Host: {host}"
+        );
+    }
+    assert_eq!(mesh.hits(), 3, "no alias reached reviews' /secret");
+    for host in aliases {
+        assert_eq!(get_as(&mesh.east, host, "/ok").await, 200, "Host: {host}");
+    }
+    assert_eq!(mesh.hits(), 3 + aliases.len());
+}
