@@ -228,8 +228,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     )
     .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;
     let metrics = Arc::new(Metrics::new());
-    let r = refusals.clone();
-    metrics.set_handshake_refusals(RefusalReader(Box::new(move || r.snapshot())));
+    let (r, a) = (refusals.clone(), tunnel.admission_refusals());
+    metrics.set_handshake_refusals(RefusalReader(Box::new(move || {
+        let mut all = r.snapshot();
+        all.extend(a.snapshot());
+        all
+    })));
     let d = tunnel.datagram_drops();
     metrics.set_datagram_drops(RefusalReader(Box::new(move || d.snapshot())));
     let state = Gateway::new(
