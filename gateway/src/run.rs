@@ -46,6 +46,9 @@ pub struct RunConfig {
     /// The only SPIFFE ID accepted as the syncer (default: see
     /// [`control::syncer::default_syncer_id`]).
     pub syncer_id: Option<SpiffeId>,
+    /// The cluster whose intermediate CA must have issued the syncer's
+    /// certificate; required in syncer mode.
+    pub syncer_issuer: Option<String>,
     /// Where the last good snapshot from the syncer is kept.
     pub state_dir: Option<PathBuf>,
     pub discovery_file: Option<PathBuf>,
@@ -176,6 +179,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             cfg.cluster
         );
     }
+    let syncer_issuer = match (&cfg.syncer, &cfg.syncer_issuer) {
+        (Some(_), None) => bail!(
+            "syncer mode needs --syncer-issuer CLUSTER: the cluster whose intermediate CA issued \
+             the syncer's certificate (`certs syncer --ca <that cluster's CA dir>`); a syncer \
+             issued by any other cluster's CA is refused (docs/identity.md)"
+        ),
+        (_, issuer) => issuer.clone(),
+    };
     let refusals = Arc::new(HandshakeRefusals::new());
     let (server_tls, client_tls) = tls(&creds, &refusals)?;
 
@@ -313,13 +324,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(dir) = &cfg.policy_dir {
         control::watch_dir(state.clone(), dir.clone(), cfg.policy.clone());
     }
-    if let Some(addr) = &cfg.syncer {
+    if let (Some(addr), Some(issuer)) = (&cfg.syncer, syncer_issuer) {
         let id = match &cfg.syncer_id {
             Some(id) => id.clone(),
             None => control::syncer::default_syncer_id(&creds.trust_domain)?,
         };
-        let mut settings =
-            control::syncer::SyncerSettings::new(addr.clone(), id, cfg.tls_dir.clone());
+        let mut settings = control::syncer::SyncerSettings::new(
+            addr.clone(),
+            id,
+            issuer,
+            cfg.tls_dir.clone(),
+        );
         settings.state_dir = cfg.state_dir.clone();
         control::syncer::spawn(state.clone(), settings, refusals.clone());
     }

@@ -515,6 +515,7 @@ fn refusal_counters_list_every_reason_for_metrics() {
             ("not_yet_valid", 0),
             ("cluster_mismatch", 0),
             ("wrong_peer", 1),
+            ("wrong_issuer", 0),
             ("bad_identity", 0),
             ("other", 0),
         ]

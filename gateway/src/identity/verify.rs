@@ -53,6 +53,9 @@ pub enum RefusalReason {
     ClusterMismatch,
     /// A valid identity, but not the cluster or role this side expected.
     WrongPeer,
+    /// The syncer's certificate was issued by another cluster's CA than the
+    /// designated one (`--syncer-issuer`).
+    WrongIssuer,
     /// No SPIFFE ID, a garbled one, or an issuer that is no cluster CA.
     BadIdentity,
     /// Anything else (bad signature, wrong key usage, bad encoding...).
@@ -61,12 +64,13 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason, in the order [`HandshakeRefusals::snapshot`] lists them.
-    pub const ALL: [RefusalReason; 7] = [
+    pub const ALL: [RefusalReason; 8] = [
         RefusalReason::UnknownCa,
         RefusalReason::Expired,
         RefusalReason::NotYetValid,
         RefusalReason::ClusterMismatch,
         RefusalReason::WrongPeer,
+        RefusalReason::WrongIssuer,
         RefusalReason::BadIdentity,
         RefusalReason::Other,
     ];
@@ -79,6 +83,7 @@ impl RefusalReason {
             RefusalReason::NotYetValid => "not_yet_valid",
             RefusalReason::ClusterMismatch => "cluster_mismatch",
             RefusalReason::WrongPeer => "wrong_peer",
+            RefusalReason::WrongIssuer => "wrong_issuer",
             RefusalReason::BadIdentity => "bad_identity",
             RefusalReason::Other => "other",
         }
