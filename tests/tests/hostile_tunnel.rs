@@ -360,3 +360,66 @@ async fn a_gateway_of_an_undeclared_cluster_is_refused_and_a_cluster_removed_fro
         "east still reaches west through a removed link"
     );
 }
+
+/// Issue 21, item 17: a gateway started with a workload's or the syncer's
+/// certificate refuses to start and says why (before, it reported ready
+/// while every peer refused its links).
+#[test]
+fn a_gateway_refuses_to_start_with_a_workload_or_syncer_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let ca = pki.cluster_ca("east");
+    let workload = dir.path().join("creds/workload");
+    certs(&[
+        "workload",
+        "--ca",
+        &ca.to_string_lossy(),
+        "--namespace",
+        "default",
+        "--service-account",
+        "productpage",
+        "--out",
+        &workload.to_string_lossy(),
+    ]);
+    let syncer = meshfed_tests::syncer::syncer_creds(&pki, "east", "syncer");
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("p.yaml"),
+        cluster_yaml("east", &[free_udp_port()]),
+    )
+    .unwrap();
+    for (creds, kind) in [(workload, "workload"), (syncer, "syncer")] {
+        let ready = dir.path().join(format!("{kind}.ready"));
+        let out = meshfed_tests::run_within(
+            std::process::Command::new(meshfed_tests::bin("meshfed-gateway"))
+                .args(["--cluster", "east", "--gateway-id", "gw-0"])
+                .arg("--tls-dir")
+                .arg(&creds)
+                .arg("--policy-dir")
+                .arg(&policy)
+                .args([
+                    "--tunnel-addr",
+                    "127.0.0.1:0",
+                    "--outbound-addr",
+                    "127.0.0.1:0",
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                ])
+                .arg("--ready-file")
+                .arg(&ready),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(
+            out.stderr.contains(&format!("is a {kind} certificate"))
+                && out.stderr.contains("certs gateway"),
+            "{out}"
+        );
+        assert!(
+            !ready.exists(),
+            "it wrote its ready file with a {kind} certificate"
+        );
+    }
+}
