@@ -242,8 +242,8 @@ async fn serial_an_initial_flood_costs_kilobytes_and_the_links_survive() {
         assert_eq!(
             cg.oom_kills(),
             0,
-            "the gateway was OOM-killed by the flood (peak {}); log:\n{}",
-            Mib(peak),
+            "the gateway was OOM-killed by the flood (cgroup peak {}); log:\n{}",
+            Mib(cg.peak()),
             east.log_tail()
         );
         assert!(alive(&east), "the gateway died: {}", east.log_tail());
