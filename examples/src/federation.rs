@@ -48,6 +48,10 @@ pub const SERVICES: &[(&str, &str, &str)] = &[
     ("edge", "details", "v1"),
 ];
 
+/// The cluster whose intermediate issues the syncer's certificate; every
+/// gateway accepts only a syncer issued there (`--syncer-issuer`).
+pub const SYNCER_ISSUER: &str = "east";
+
 /// Workload identities the traffic clients present: (cluster, service
 /// account). Certificates are issued by that cluster's CA, as the outbound
 /// listener requires.
@@ -236,6 +240,7 @@ impl Federation {
             .arg("--tls-dir")
             .arg(self.work.join(format!("creds/{}-{}", g.cluster, g.id)))
             .args(["--syncer", &self.syncer_grpc.to_string()])
+            .args(["--syncer-issuer", SYNCER_ISSUER])
             .arg("--state-dir")
             .arg(self.work.join(format!("state/{}-{}", g.cluster, g.id)))
             .arg("--discovery-file")
@@ -442,7 +447,7 @@ fn pki(bins: &Bins, work: &Path) -> anyhow::Result<()> {
         &[
             "syncer",
             "--ca",
-            &p("ca/east"),
+            &p(&format!("ca/{SYNCER_ISSUER}")),
             "--id",
             "syncer",
             "--out",

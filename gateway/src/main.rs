@@ -65,8 +65,26 @@ struct Cli {
     /// --tls-dir, applies each snapshot it is sent and ACKs or NACKs it,
     /// and reconnects with backoff, keeping its last good snapshot.
     /// Ready once a snapshot is applied. Exclusive with --policy-dir.
-    #[arg(long, value_name = "HOST:PORT", env = "MESHFED_SYNCER")]
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "MESHFED_SYNCER",
+        requires = "syncer_issuer"
+    )]
     syncer: Option<String>,
+
+    /// Syncer mode, required: the cluster whose intermediate CA issued the
+    /// syncer's certificate (`certs syncer --ca <that cluster's CA>`). A
+    /// syncer certificate issued by any other cluster's CA is refused, so
+    /// holding one cluster's (or edge site's) CA does not let anyone push
+    /// policy to every cluster. See docs/identity.md.
+    #[arg(
+        long,
+        value_name = "CLUSTER",
+        env = "MESHFED_SYNCER_ISSUER",
+        requires = "syncer"
+    )]
+    syncer_issuer: Option<String>,
 
     /// The only SPIFFE ID accepted as the syncer (default:
     /// spiffe://<our trust domain>/meshfed/syncer/syncer, as issued by
@@ -309,7 +327,7 @@ Default ports (Istio's):
   15020/tcp  admin: /healthz /readyz /metrics /config_dump /peers (localhost)
 
 Policy comes from --policy-dir (file mode) or --syncer (syncer mode, with
---syncer-id and --state-dir); see docs/delivery.md.
+--syncer-issuer, --syncer-id and --state-dir); see docs/delivery.md.
 
 Certificates: meshfed-gateway certs --help
 
@@ -512,6 +530,7 @@ fn main() -> ExitCode {
             }
         }),
         syncer_id: cli.syncer_id,
+        syncer_issuer: cli.syncer_issuer,
         state_dir: cli.state_dir,
         discovery_file: cli.discovery_file,
         tunnel_addr: cli.tunnel_addr,

@@ -319,7 +319,7 @@ impl Metrics {
         {
             let _ = writeln!(
                 s,
-                "# HELP meshfed_handshake_refusals Peer TLS handshakes refused by the verifier, by reason."
+                "# HELP meshfed_handshake_refusals Peer handshakes refused (by the TLS verifiers or the tunnel's admission), by reason."
             );
             let _ = writeln!(s, "# TYPE meshfed_handshake_refusals counter");
             for (reason, n) in (read.0)() {

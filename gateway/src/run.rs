@@ -1,6 +1,7 @@
 //! Starting and stopping a gateway: bootstrap, listeners, reloads, drain.
 //!
-//! Order: credentials (refuse to start on a bad or mismatched certificate),
+//! Order: credentials (refuse to start on a bad or mismatched certificate,
+//! or one that is not a gateway's),
 //! the first snapshot (file mode: refuse to start on invalid policy; syncer
 //! mode: the state directory's, if any, else none and not ready until the
 //! syncer sends one), discovery, then
@@ -11,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub struct RunConfig {
     /// The only SPIFFE ID accepted as the syncer (default: see
     /// [`control::syncer::default_syncer_id`]).
     pub syncer_id: Option<SpiffeId>,
+    /// The cluster whose intermediate CA must have issued the syncer's
+    /// certificate; required in syncer mode.
+    pub syncer_issuer: Option<String>,
     /// Where the last good snapshot from the syncer is kept.
     pub state_dir: Option<PathBuf>,
     pub discovery_file: Option<PathBuf>,
@@ -176,6 +180,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             cfg.cluster
         );
     }
+    require_gateway_certificate(&creds, &cfg.tls_dir)?;
+    let syncer_issuer = match (&cfg.syncer, &cfg.syncer_issuer) {
+        (Some(_), None) => bail!(
+            "syncer mode needs --syncer-issuer CLUSTER: the cluster whose intermediate CA issued \
+             the syncer's certificate (`certs syncer --ca <that cluster's CA dir>`); a syncer \
+             issued by any other cluster's CA is refused (docs/identity.md)"
+        ),
+        (_, issuer) => issuer.clone(),
+    };
     let refusals = Arc::new(HandshakeRefusals::new());
     let (server_tls, client_tls) = tls(&creds, &refusals)?;
 
@@ -228,8 +241,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     )
     .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;
     let metrics = Arc::new(Metrics::new());
-    let r = refusals.clone();
-    metrics.set_handshake_refusals(RefusalReader(Box::new(move || r.snapshot())));
+    let (r, a) = (refusals.clone(), tunnel.admission_refusals());
+    metrics.set_handshake_refusals(RefusalReader(Box::new(move || {
+        let mut all = r.snapshot();
+        all.extend(a.snapshot());
+        all
+    })));
     let d = tunnel.datagram_drops();
     metrics.set_datagram_drops(RefusalReader(Box::new(move || d.snapshot())));
     let state = Gateway::new(
@@ -309,13 +326,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(dir) = &cfg.policy_dir {
         control::watch_dir(state.clone(), dir.clone(), cfg.policy.clone());
     }
-    if let Some(addr) = &cfg.syncer {
+    if let (Some(addr), Some(issuer)) = (&cfg.syncer, syncer_issuer) {
         let id = match &cfg.syncer_id {
             Some(id) => id.clone(),
             None => control::syncer::default_syncer_id(&creds.trust_domain)?,
         };
         let mut settings =
-            control::syncer::SyncerSettings::new(addr.clone(), id, cfg.tls_dir.clone());
+            control::syncer::SyncerSettings::new(addr.clone(), id, issuer, cfg.tls_dir.clone());
         settings.state_dir = cfg.state_dir.clone();
         control::syncer::spawn(state.clone(), settings, refusals.clone());
     }
@@ -414,9 +431,30 @@ async fn first_snapshot(
     Ok((placeholder, None))
 }
 
+/// Only a gateway certificate may run a gateway: peers refuse any other on
+/// the tunnel, so with a workload's or the syncer's the gateway would report
+/// ready while its links never come up.
+fn require_gateway_certificate(creds: &Credentials, dir: &Path) -> anyhow::Result<()> {
+    if matches!(creds.id, SpiffeId::Gateway { .. }) {
+        return Ok(());
+    }
+    bail!(
+        "the certificate in {} is a {} certificate ({}), not a gateway's; peers refuse it on the \
+         tunnel, so no link would come up; issue one with `meshfed-gateway certs gateway --ca \
+         <{} CA dir> --cluster {} --id <gateway id> --out {}`",
+        dir.display(),
+        creds.id.kind(),
+        creds.id,
+        creds.cluster,
+        creds.cluster,
+        dir.display()
+    )
+}
+
 fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<HandshakeRefusals>) {
     let tunnel = state.tunnel.clone();
     let mutual = cfg.outbound_mutual_tls;
+    let tls_dir = cfg.tls_dir.clone();
     let mut rx = match store::watch(cfg.tls_dir.clone(), Duration::from_secs(1)) {
         Ok((rx, _task)) => rx,
         Err(e) => {
@@ -429,6 +467,10 @@ fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<H
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let creds = rx.borrow_and_update().clone();
+            if let Err(e) = require_gateway_certificate(&creds, &tls_dir) {
+                tracing::error!(error = %e, "reloaded certificates unusable; keeping the previous ones");
+                continue;
+            }
             state.upstream.set_identity(creds.clone());
             if mutual {
                 match local_tls(&creds, &refusals) {

@@ -205,7 +205,12 @@ impl World {
         if !creds.exists() {
             self.pki.gateway("east", id);
         }
-        let mut extra_args = vec!["--syncer".to_string(), syncer.to_string()];
+        let mut extra_args = vec![
+            "--syncer".to_string(),
+            syncer.to_string(),
+            "--syncer-issuer".to_string(),
+            "east".to_string(),
+        ];
         extra_args.extend(extra.iter().map(|s| s.to_string()));
         GatewayProcess::start(&GatewaySpec {
             cluster: "east".into(),
@@ -675,6 +680,79 @@ fn a_gateway_accepts_config_only_from_the_configured_syncer_id_and_keeps_its_las
         a,
         "it never applied the untrusted syncer's {}",
         sha(2)
+    );
+    assert_eq!(
+        w.record("gw-1").unwrap().applied.as_deref(),
+        Some(a.as_str())
+    );
+    assert_eq!(gw.admin_get("/readyz").trim(), "ready");
+}
+
+/// Issue 21, item 7: a syncer certificate with the right SPIFFE ID, minted
+/// by another cluster's CA (`certs syncer --ca ca/west`, which whoever holds
+/// west's or an edge site's intermediate can do), is refused by a gateway
+/// whose `--syncer-issuer` is east; the gateway keeps its last good
+/// snapshot, says why, and counts the refusal.
+#[test]
+fn a_syncer_certificate_minted_by_another_clusters_ca_is_refused_and_the_last_good_kept() {
+    let rt = runtime();
+    let w = World::new();
+    let server = w.server(&rt, "127.0.0.1:0".parse().unwrap());
+    let state = w.dir.join("state-gw-1");
+    let state_arg = state.to_string_lossy().to_string();
+    let a = sha(1);
+    w.publish(&a);
+    let mut gw = w.gateway("gw-1", server.addr, &["--state-dir", &state_arg]);
+    w.wait_acked("gw-1", &a);
+    gw.kill();
+    drop(server);
+
+    // The forger: same ID `syncer`, issued by west's intermediate.
+    let forged = w.dir.join("creds/syncer-forged-by-west");
+    certs(&[
+        "syncer",
+        "--ca",
+        &w.pki.cluster_ca("west").to_string_lossy(),
+        "--id",
+        "syncer",
+        "--out",
+        &forged.to_string_lossy(),
+    ]);
+    let rogue = Server::start(
+        &rt,
+        &forged,
+        "127.0.0.1:0".parse().unwrap(),
+        w.rollout.clone(),
+        w.publish.subscribe(),
+    );
+    w.publish(&sha(2));
+    let gw = w.gateway("gw-1", rogue.addr, &["--state-dir", &state_arg]);
+    wait_dump_version(&gw, &a, "state_dir");
+    let d = eventually(
+        "the gateway reports refusing the forged syncer",
+        Duration::from_secs(20),
+        || {
+            let d = dump(&gw);
+            let err = d["config_source"]["syncer"]["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if err.contains("issued by the CA of cluster `west`") {
+                Ok(d)
+            } else {
+                Err(d["config_source"].to_string())
+            }
+        },
+    );
+    assert_eq!(
+        d["applied_version"],
+        a,
+        "it never applied the forged syncer's {}",
+        sha(2)
+    );
+    assert!(
+        gw.metric("meshfed_handshake_refusals_total", &["wrong_issuer"]) >= 1.0,
+        "the refusal is counted as wrong_issuer"
     );
     assert_eq!(
         w.record("gw-1").unwrap().applied.as_deref(),

@@ -99,6 +99,8 @@ async fn serial_a_partitioned_cluster_fails_over_within_1s_serves_locally_and_re
                 extra_args: vec![
                     "--syncer".into(),
                     syncer.grpc.to_string(),
+                    "--syncer-issuer".into(),
+                    "east".into(),
                     "--state-dir".into(),
                     dir.path()
                         .join(format!("state-{cluster}"))

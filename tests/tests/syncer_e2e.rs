@@ -178,6 +178,8 @@ fn a_commit_reaches_three_gateways_in_three_clusters_and_status_wait_returns_0()
                 extra_args: vec![
                     "--syncer".into(),
                     grpc.clone(),
+                    "--syncer-issuer".into(),
+                    "east".into(),
                     "--state-dir".into(),
                     tmp.path().join(format!("gw-{c}")).to_string_lossy().into(),
                 ],
@@ -283,6 +285,8 @@ fn a_commit_reaches_three_gateways_in_three_clusters_and_status_wait_returns_0()
         extra_args: vec![
             "--syncer".into(),
             format!("127.0.0.1:{grpc_port}"),
+            "--syncer-issuer".into(),
+            "east".into(),
             "--state-dir".into(),
             tmp.path().join("gw-edge").to_string_lossy().into(),
         ],

@@ -135,6 +135,8 @@ impl World {
                     extra_args: vec![
                         "--syncer".into(),
                         syncer.grpc.to_string(),
+                        "--syncer-issuer".into(),
+                        "east".into(),
                         "--state-dir".into(),
                         dir.path()
                             .join(format!("state-{c}"))

@@ -5,7 +5,9 @@
 //! - dials `--syncer` (TCP, then TLS 1.3 with the gateway's own certificate
 //!   from `--tls-dir`, re-read at every attempt so rotated certificates are
 //!   used), verifies the server's chain against the trust bundle, and
-//!   accepts it only if its SPIFFE ID is exactly `--syncer-id`;
+//!   accepts it only if its SPIFFE ID is exactly `--syncer-id` and its
+//!   certificate was issued by the intermediate CA of `--syncer-issuer`
+//!   (refusals counted as `wrong_peer` and `wrong_issuer`);
 //! - says `Hello{cluster, gateway_id, applied_version, schema}`;
 //! - for every snapshot: decodes it strictly (`Snapshot::decode`: schema,
 //!   unknown fields, content hash), checks that its version is the
@@ -41,7 +43,7 @@ use tonic::transport::Endpoint;
 use super::{Source, SyncerLink, persist};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
-use crate::identity::verify::{self, ExpectedPeer, HandshakeRefusals};
+use crate::identity::verify::{self, ExpectedPeer, HandshakeRefusals, RefusalReason};
 use crate::state::Gateway;
 
 /// The largest snapshot accepted from the syncer.
@@ -54,6 +56,10 @@ pub struct SyncerSettings {
     pub addr: String,
     /// The only identity accepted as the syncer.
     pub syncer_id: SpiffeId,
+    /// The cluster whose intermediate CA must have issued the syncer's
+    /// certificate (`--syncer-issuer`). The syncer's SPIFFE ID names no
+    /// cluster, so without this any cluster's CA could mint it.
+    pub syncer_issuer: String,
     /// The gateway's credentials directory (`--tls-dir`).
     pub tls_dir: PathBuf,
     /// Where the last good snapshot is kept, if anywhere.
@@ -71,10 +77,11 @@ pub struct SyncerSettings {
 
 impl SyncerSettings {
     /// Production defaults for the tunables.
-    pub fn new(addr: String, syncer_id: SpiffeId, tls_dir: PathBuf) -> Self {
+    pub fn new(addr: String, syncer_id: SpiffeId, syncer_issuer: String, tls_dir: PathBuf) -> Self {
         SyncerSettings {
             addr,
             syncer_id,
+            syncer_issuer,
             tls_dir,
             state_dir: None,
             keepalive_interval: Duration::from_secs(5),
@@ -330,6 +337,8 @@ async fn connect(
         addrs: Arc::new(addrs),
         tls: TlsConnector::from(tls),
         expected: s.syncer_id.clone(),
+        issuer: s.syncer_issuer.clone(),
+        refusals: refusals.clone(),
         timeout: s.connect_timeout,
     };
     let endpoint = Endpoint::from_static("http://syncer.meshfed.internal")
@@ -353,6 +362,8 @@ struct Dialer {
     addrs: Arc<Vec<SocketAddr>>,
     tls: TlsConnector,
     expected: SpiffeId,
+    issuer: String,
+    refusals: Arc<HandshakeRefusals>,
     timeout: Duration,
 }
 
@@ -394,11 +405,23 @@ impl Dialer {
             .ok_or_else(|| std::io::Error::other("the syncer presented no certificate"))?;
         let peer = verify::peer_identity(chain).map_err(std::io::Error::other)?;
         if peer.id != self.expected {
+            self.refusals.record(RefusalReason::WrongPeer);
             tracing::warn!(%addr, presented = %peer.id, expected = %self.expected, "refused a config server with another identity");
             return Err(std::io::Error::other(format!(
                 "the server is `{}`, but only `{}` is accepted as the syncer; hint: set \
                  --syncer-id to the syncer's SPIFFE ID, or check that --syncer points at it",
                 peer.id, self.expected
+            )));
+        }
+        if peer.cluster != self.issuer {
+            self.refusals.record(RefusalReason::WrongIssuer);
+            tracing::warn!(%addr, presented = %peer.id, issuer = %peer.cluster, designated = %self.issuer, "refused a syncer issued by another cluster's CA");
+            return Err(std::io::Error::other(format!(
+                "the server is `{}` but its certificate was issued by the CA of cluster `{}`, \
+                 and only a syncer issued by the CA of `{}` (--syncer-issuer) is accepted; \
+                 hint: reissue the syncer's certificate with `certs syncer --ca <{} CA dir>`, \
+                 or fix --syncer-issuer",
+                peer.id, peer.cluster, self.issuer, self.issuer
             )));
         }
         Ok(tls)

@@ -112,6 +112,29 @@ fn a_peer_under_a_foreign_anchor_is_refused_as_unknown_ca() {
 }
 
 #[test]
+fn a_peer_under_a_foreign_anchor_with_our_anchors_name_is_refused_as_unknown_ca() {
+    // Both anchors carry the same name, as two default-named ones do:
+    // webpki finds ours by name and sees a bad signature.
+    let fed = Federation::new("meshfed root");
+    let foreign = Federation::new("meshfed root");
+    let east = fed.gateway_creds("east", "gw-0");
+
+    let (as_client, as_server, refusals) = refused_both_ways(
+        &east,
+        &foreign.gateway("west", "gw-9"),
+        "west.cluster.meshfed.internal",
+    );
+
+    for e in [as_client, as_server] {
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+    }
+    only(&refusals, RefusalReason::UnknownCa, 2);
+}
+
+#[test]
 fn a_leaf_of_wests_intermediate_claiming_cluster_east_is_refused_as_cluster_mismatch() {
     let fed = Federation::new("root");
     let honest = fed.gateway_creds("west", "gw-0");
@@ -515,6 +538,7 @@ fn refusal_counters_list_every_reason_for_metrics() {
             ("not_yet_valid", 0),
             ("cluster_mismatch", 0),
             ("wrong_peer", 1),
+            ("wrong_issuer", 0),
             ("bad_identity", 0),
             ("other", 0),
         ]

@@ -53,6 +53,9 @@ pub enum RefusalReason {
     ClusterMismatch,
     /// A valid identity, but not the cluster or role this side expected.
     WrongPeer,
+    /// The syncer's certificate was issued by another cluster's CA than the
+    /// designated one (`--syncer-issuer`).
+    WrongIssuer,
     /// No SPIFFE ID, a garbled one, or an issuer that is no cluster CA.
     BadIdentity,
     /// Anything else (bad signature, wrong key usage, bad encoding...).
@@ -61,12 +64,13 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason, in the order [`HandshakeRefusals::snapshot`] lists them.
-    pub const ALL: [RefusalReason; 7] = [
+    pub const ALL: [RefusalReason; 8] = [
         RefusalReason::UnknownCa,
         RefusalReason::Expired,
         RefusalReason::NotYetValid,
         RefusalReason::ClusterMismatch,
         RefusalReason::WrongPeer,
+        RefusalReason::WrongIssuer,
         RefusalReason::BadIdentity,
         RefusalReason::Other,
     ];
@@ -79,6 +83,7 @@ impl RefusalReason {
             RefusalReason::NotYetValid => "not_yet_valid",
             RefusalReason::ClusterMismatch => "cluster_mismatch",
             RefusalReason::WrongPeer => "wrong_peer",
+            RefusalReason::WrongIssuer => "wrong_issuer",
             RefusalReason::BadIdentity => "bad_identity",
             RefusalReason::Other => "other",
         }
@@ -454,7 +459,28 @@ impl TrustBundle {
     ) -> Result<PeerIdentity, IdentityError> {
         self.anchors
             .verify(role, end_entity, intermediates, now, &self.provider)
-            .map_err(|source| classify(source, 1 + intermediates.len()))?;
+            .map_err(|source| {
+                let presented = 1 + intermediates.len();
+                // An anchor of ours and a foreign one with the same name
+                // (both default-named, say): webpki finds ours by name and
+                // reports its signature as bad. If the leaf is sound under
+                // the intermediate it came with, the break is above that
+                // intermediate: a CA we do not trust.
+                let foreign_anchor =
+                    matches!(
+                        source,
+                        rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+                    ) && self.signed_by_first_intermediate(role, end_entity, intermediates, now);
+                if foreign_anchor {
+                    // Told as such, so the peer gets the unknown_ca alert.
+                    IdentityError::UnknownCa {
+                        source: CertificateError::UnknownIssuer.into(),
+                        presented,
+                    }
+                } else {
+                    classify(source, presented)
+                }
+            })?;
         let issuer = intermediates
             .first()
             .ok_or(IdentityError::MissingIntermediate)?;
@@ -468,6 +494,28 @@ impl TrustBundle {
             .verify(role, end_entity, &[], now, &self.provider)
             .map_err(not_issued)?;
         bind(end_entity, issuer)
+    }
+}
+
+impl TrustBundle {
+    /// Whether the leaf verifies with the first intermediate presented as
+    /// its only anchor.
+    fn signed_by_first_intermediate(
+        &self,
+        role: PeerRole,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
+        let Some(issuer) = intermediates.first() else {
+            return false;
+        };
+        let mut only = RootCertStore::empty();
+        if only.add(issuer.clone().into_owned()).is_err() {
+            return false;
+        }
+        Anchors::new(only, &self.provider)
+            .is_ok_and(|a| a.verify(role, end_entity, &[], now, &self.provider).is_ok())
     }
 }
 

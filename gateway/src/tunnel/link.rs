@@ -18,11 +18,11 @@
 //! rustls configs and an identification function, from
 //! [`crate::identity`]), nor what streams carry ([`crate::proxy`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,8 +54,16 @@ pub struct LinkSettings {
     pub announce_every: Duration,
     /// A link without an announcement for this long is unavailable.
     pub announce_stale: Duration,
-    /// Concurrent streams a peer may open on one link.
+    /// Concurrent streams a peer may open on one link, once its
+    /// certificate has been checked (before that: none, see
+    /// [`server_transport`]).
     pub max_streams: u32,
+    /// Handshakes in flight above which a client whose address is not yet
+    /// validated gets a stateless Retry (it must echo a token, so a spoofed
+    /// source costs nothing).
+    pub retry_above: usize,
+    /// Handshakes in flight at most; more are refused at once.
+    pub max_handshakes: usize,
     /// The links' congestion controller.
     pub congestion: Congestion,
 }
@@ -88,22 +96,28 @@ impl Default for LinkSettings {
             announce_every: Duration::from_secs(5),
             announce_stale: Duration::from_secs(16),
             max_streams: 16_384,
+            retry_above: 16,
+            max_handshakes: 128,
             congestion: Congestion::Cubic,
         }
     }
 }
 
-/// The transport settings of every link.
+/// The transport settings shared by both ends of a link.
 ///
 /// quinn's defaults suit about 100 Mbit/s × 100 ms. Links between sites can
 /// be 1 Gbit/s × 100 ms (12.5 MB in flight), so the connection windows are
 /// raised to 16 MiB; a single stream may use 8 MiB. Buffers are allocated as
 /// data arrives, so idle streams cost no window memory.
-pub fn transport_config(s: &LinkSettings) -> TransportConfig {
+///
+/// Stream limits are not set here: quinn allocates the state of every stream
+/// a peer may open when the connection is created, before any certificate is
+/// seen (about 75 bytes per allowed stream: 1.2 MB per connection at 16,384),
+/// so each side sets its own in [`server_transport`] and
+/// [`client_transport`].
+fn base_transport(s: &LinkSettings) -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(s.max_streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(8))
-        .stream_receive_window(VarInt::from_u32(8 << 20))
+    t.stream_receive_window(VarInt::from_u32(8 << 20))
         .receive_window(VarInt::from_u32(16 << 20))
         .send_window(16 << 20)
         .keep_alive_interval(Some(s.keep_alive))
@@ -112,6 +126,89 @@ pub fn transport_config(s: &LinkSettings) -> TransportConfig {
         t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
     t
+}
+
+/// The dialed side's transport: a peer may open no stream at all until its
+/// certificate has been checked and its cluster found in the snapshot
+/// ([`Tunnel::serve`] then raises the limit to
+/// [`LinkSettings::max_streams`]), so a handshake that never completes costs
+/// kilobytes, not the state of 16,384 streams. Dialers never open
+/// unidirectional streams.
+pub fn server_transport(s: &LinkSettings) -> TransportConfig {
+    let mut t = base_transport(s);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// The dialer's transport: the dialed side opens only the control stream
+/// (unidirectional), never a bidirectional one.
+pub fn client_transport(s: &LinkSettings) -> TransportConfig {
+    let mut t = base_transport(s);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(2));
+    t
+}
+
+/// Why the tunnel turned a peer away (beyond the TLS verifiers' own
+/// refusals), counted for `meshfed_handshake_refusals_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Too many handshakes in flight ([`LinkSettings::max_handshakes`]):
+    /// refused at once.
+    HandshakeLimit,
+    /// Many handshakes in flight and the client's address not validated: a
+    /// stateless Retry was sent instead of any state kept.
+    AddressValidation,
+    /// A verified gateway of a cluster the snapshot does not declare.
+    UndeclaredCluster,
+    /// The certificate is valid but not a gateway's, or unreadable (the
+    /// verifier refuses those first; this is the tunnel's own check).
+    NotAGateway,
+}
+
+impl Admission {
+    const ALL: [Admission; 4] = [
+        Admission::HandshakeLimit,
+        Admission::AddressValidation,
+        Admission::UndeclaredCluster,
+        Admission::NotAGateway,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admission::HandshakeLimit => "handshake_limit",
+            Admission::AddressValidation => "address_validation",
+            Admission::UndeclaredCluster => "undeclared_cluster",
+            Admission::NotAGateway => "not_a_gateway",
+        }
+    }
+}
+
+/// The tunnel's admission refusals by reason.
+#[derive(Debug, Default)]
+pub struct AdmissionRefusals {
+    counts: [AtomicU64; Admission::ALL.len()],
+}
+
+impl AdmissionRefusals {
+    fn record(&self, a: Admission) {
+        self.counts[a as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count for one reason.
+    pub fn count(&self, a: Admission) -> u64 {
+        self.counts[a as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every reason with its count, for metrics (`reason` label).
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        Admission::ALL
+            .iter()
+            .map(|a| (a.as_str(), self.count(*a)))
+            .collect()
+    }
 }
 
 /// Who is on the other end of a link, from its verified certificate.
@@ -277,6 +374,11 @@ pub struct Tunnel {
     draining: AtomicBool,
     /// Datagrams on the tunnel port that no connection gets.
     datagram_drops: Arc<DatagramDrops>,
+    /// The clusters of the applied snapshot: only their gateways are served.
+    declared: watch::Sender<Arc<BTreeSet<String>>>,
+    /// Peers' handshakes in flight.
+    handshakes: Arc<AtomicUsize>,
+    admission: Arc<AdmissionRefusals>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -294,15 +396,21 @@ fn quinn_configs(
     client: Arc<rustls::ClientConfig>,
     settings: &LinkSettings,
 ) -> std::io::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    let transport = Arc::new(transport_config(settings));
     let server = QuicServerConfig::try_from(server)
         .map_err(|e| std::io::Error::other(format!("server TLS config unusable for QUIC: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
-    server.transport_config(transport.clone());
+    server
+        .transport_config(Arc::new(server_transport(settings)))
+        // Connection attempts waiting for `Tunnel::serve` to decide; it
+        // decides at once, so these only bound a burst. A client's first
+        // flight is a few datagrams (no 0-RTT: resumption is off).
+        .max_incoming(1024)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(2 << 20);
     let client = QuicClientConfig::try_from(client)
         .map_err(|e| std::io::Error::other(format!("client TLS config unusable for QUIC: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client));
-    client.transport_config(transport);
+    client.transport_config(Arc::new(client_transport(settings)));
     Ok((server, client))
 }
 
@@ -345,7 +453,20 @@ impl Tunnel {
             last_stream: Mutex::new(None),
             draining: AtomicBool::new(false),
             datagram_drops,
+            declared: watch::channel(Arc::new(BTreeSet::new())).0,
+            handshakes: Arc::new(AtomicUsize::new(0)),
+            admission: Arc::new(AdmissionRefusals::default()),
         }))
+    }
+
+    /// Peers turned away by the tunnel (not by the TLS verifiers), by reason.
+    pub fn admission_refusals(&self) -> Arc<AdmissionRefusals> {
+        self.admission.clone()
+    }
+
+    /// Peers' handshakes in flight now.
+    pub fn handshakes_in_flight(&self) -> usize {
+        self.handshakes.load(Ordering::Relaxed)
     }
 
     /// The counts of datagrams on the tunnel port that no connection gets.
@@ -374,10 +495,20 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Makes the set of links match `targets`: cluster → gateway addresses.
-    /// The local cluster is skipped. New targets are dialed at once; removed
-    /// ones are closed.
+    /// Makes the set of links match `targets`: cluster → gateway addresses,
+    /// every cluster of the snapshot. The local cluster is skipped. New
+    /// targets are dialed at once; removed ones are closed. Only gateways of
+    /// these clusters are served from now on: the connections of gateways of
+    /// a cluster that left are closed.
     pub fn reconcile(self: &Arc<Self>, targets: &BTreeMap<String, Vec<String>>) {
+        let declared: BTreeSet<String> = targets.keys().cloned().collect();
+        self.declared.send_if_modified(|cur| {
+            let changed = **cur != declared;
+            if changed {
+                *cur = Arc::new(declared);
+            }
+            changed
+        });
         let want: BTreeMap<(String, String), ()> = targets
             .iter()
             .filter(|(c, _)| **c != self.local_cluster)
@@ -615,6 +746,19 @@ impl Tunnel {
     /// Accepts peers' connections and serves their streams until the
     /// endpoint closes. On each connection it announces what this gateway
     /// can serve, from `announcements`.
+    ///
+    /// Admission, cheapest refusal first, so that an unauthenticated flood of
+    /// Initials costs kilobytes per handshake and a bounded total:
+    /// - more than [`LinkSettings::max_handshakes`] handshakes in flight: the
+    ///   attempt is refused (a small CONNECTION_REFUSED, no state);
+    /// - more than [`LinkSettings::retry_above`]: a client whose address is
+    ///   not validated gets a stateless Retry, so spoofed sources never
+    ///   cost a connection;
+    /// - the handshake (the TLS verifier checks the chain), bounded by the
+    ///   handshake timeout, with no stream allowed ([`server_transport`]);
+    /// - the peer must be a gateway of a cluster the snapshot declares;
+    ///   only then may it open [`LinkSettings::max_streams`] streams. Its
+    ///   connection is closed as soon as a snapshot drops its cluster.
     pub fn serve(
         self: &Arc<Self>,
         handler: StreamHandler,
@@ -623,61 +767,124 @@ impl Tunnel {
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(incoming) = this.endpoint.accept().await {
-                let this = this.clone();
-                let handler = handler.clone();
-                let announcements = announcements.clone();
-                tokio::spawn(async move {
-                    let remote = incoming.remote_address();
-                    let conn = match tokio::time::timeout(this.settings.handshake_timeout, incoming)
-                        .await
-                    {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "refused a peer at the handshake");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%remote, "peer handshake timed out");
-                            return;
-                        }
-                    };
-                    let peer = match (this.identify)(&conn) {
-                        Ok(p) => Arc::new(p),
-                        Err(e) => {
-                            tracing::warn!(%remote, error = %e, "refused a peer after the handshake");
-                            conn.close(VarInt::from_u32(1), b"identity");
-                            return;
-                        }
-                    };
-                    tracing::info!(%remote, cluster = %peer.cluster, id = %peer.id, "peer connected");
-                    let announcer = tokio::spawn(announce(
-                        conn.clone(),
-                        announcements,
-                        this.settings.announce_every,
-                    ));
-                    loop {
-                        match conn.accept_bi().await {
-                            Ok((send, recv)) => {
-                                let guard = Serving::new(this.serving.clone());
-                                if let Ok(mut t) = this.last_stream.lock() {
-                                    *t = Some(Instant::now());
-                                }
-                                let fut = handler(peer.clone(), send, recv);
-                                tokio::spawn(async move {
-                                    fut.await;
-                                    drop(guard);
-                                });
-                            }
-                            Err(e) => {
-                                tracing::info!(%remote, cluster = %peer.cluster, reason = %e, "peer disconnected");
-                                break;
-                            }
-                        }
-                    }
-                    announcer.abort();
-                });
+                let Some(handshake) = this.admit(incoming) else {
+                    continue;
+                };
+                tokio::spawn(this.clone().serve_connection(
+                    handshake,
+                    handler.clone(),
+                    announcements.clone(),
+                ));
             }
         })
+    }
+
+    /// Decides, from the load alone, whether to start a handshake.
+    fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Connecting, HandshakeSlot)> {
+        let in_flight = self.handshakes.load(Ordering::Relaxed);
+        let remote = incoming.remote_address();
+        if in_flight >= self.settings.retry_above && !incoming.remote_address_validated() {
+            self.admission.record(Admission::AddressValidation);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            return None;
+        }
+        if in_flight >= self.settings.max_handshakes {
+            self.admission.record(Admission::HandshakeLimit);
+            tracing::debug!(%remote, in_flight, "too many handshakes in flight; refused a peer");
+            incoming.refuse();
+            return None;
+        }
+        match incoming.accept() {
+            Ok(connecting) => Some((connecting, HandshakeSlot::new(self.handshakes.clone()))),
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "refused a peer at the handshake");
+                None
+            }
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        (connecting, slot): (quinn::Connecting, HandshakeSlot),
+        handler: StreamHandler,
+        announcements: watch::Receiver<Arc<Announcement>>,
+    ) {
+        let remote = connecting.remote_address();
+        let conn = match tokio::time::timeout(self.settings.handshake_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            // Debug only: anyone can start handshakes, so these lines are
+            // an attacker's to multiply; certificate refusals are logged
+            // (and counted) by the verifier.
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "refused a peer at the handshake");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "peer handshake timed out");
+                return;
+            }
+        };
+        drop(slot);
+        let peer = match (self.identify)(&conn) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                self.admission.record(Admission::NotAGateway);
+                tracing::warn!(%remote, error = %e, "refused a peer after the handshake");
+                conn.close(VarInt::from_u32(1), b"identity");
+                return;
+            }
+        };
+        let mut declared = self.declared.subscribe();
+        if !declared.borrow_and_update().contains(&peer.cluster) {
+            self.admission.record(Admission::UndeclaredCluster);
+            tracing::warn!(%remote, cluster = %peer.cluster, id = %peer.id, "refused a gateway of a cluster the snapshot does not declare");
+            conn.close(VarInt::from_u32(3), b"undeclared cluster");
+            return;
+        }
+        // Verified and declared: now it may open streams.
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.settings.max_streams));
+        tracing::info!(%remote, cluster = %peer.cluster, id = %peer.id, "peer connected");
+        let announcer = tokio::spawn(announce(
+            conn.clone(),
+            announcements,
+            self.settings.announce_every,
+        ));
+        loop {
+            tokio::select! {
+                accepted = conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let guard = Serving::new(self.serving.clone());
+                        if let Ok(mut t) = self.last_stream.lock() {
+                            *t = Some(Instant::now());
+                        }
+                        let fut = handler(peer.clone(), send, recv);
+                        tokio::spawn(async move {
+                            fut.await;
+                            drop(guard);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::info!(%remote, cluster = %peer.cluster, reason = %e, "peer disconnected");
+                        break;
+                    }
+                },
+                changed = declared.changed() => {
+                    // The tunnel holds the sender while this task runs.
+                    if changed.is_err() {
+                        break;
+                    }
+                    if !declared.borrow_and_update().contains(&peer.cluster) {
+                        self.admission.record(Admission::UndeclaredCluster);
+                        tracing::warn!(%remote, cluster = %peer.cluster, id = %peer.id, "the snapshot no longer declares the peer's cluster; closing its connection");
+                        conn.close(VarInt::from_u32(3), b"undeclared cluster");
+                        break;
+                    }
+                }
+            }
+        }
+        announcer.abort();
     }
 
     /// Streams being served for peers right now.
@@ -712,6 +919,22 @@ impl Tunnel {
         }
         self.endpoint.close(VarInt::from_u32(0), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Counts a handshake in flight until dropped.
+struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl HandshakeSlot {
+    fn new(c: Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        HandshakeSlot(c)
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

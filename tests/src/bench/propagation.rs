@@ -149,6 +149,8 @@ fn run_repo(
                 extra_args: vec![
                     "--syncer".into(),
                     syncer.grpc.to_string(),
+                    "--syncer-issuer".into(),
+                    "east".into(),
                     "--state-dir".into(),
                     dir.join(format!("state-{cluster}"))
                         .to_string_lossy()
