@@ -251,11 +251,21 @@ async fn serve_http(
         )
         .await;
     };
-    // The normalized path authorization matched (crate::authz).
-    let uri: Uri = match format!("http://{addr}{target}").parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return refuse(&mut send, Refusal::BadRequest, "invalid request path").await;
+    // The normalized path authorization matched (crate::authz), and
+    // exactly that: a target the URI parser would alter (it drops a
+    // fragment, for one) is refused rather than forwarded as something
+    // authorization did not see.
+    let uri: Uri = match format!("http://{addr}{target}").parse::<Uri>() {
+        Ok(u) if u.path_and_query().map(|p| p.as_str()) == Some(target.as_str()) => u,
+        _ => {
+            state.metrics.refused("stream", "bad-request");
+            record(state, peer, open, 400, "bad-request", start);
+            return refuse(
+                &mut send,
+                Refusal::BadRequest,
+                format!("request path `{target}` cannot be forwarded as it was authorized"),
+            )
+            .await;
         }
     };
     let grpc = is_grpc(&head.headers);
@@ -336,7 +346,7 @@ async fn serve_http(
 /// cannot be authorized.
 enum Denied {
     Authz(crate::authz::Denial),
-    BadPath(crate::authz::PathError),
+    BadPath(String),
 }
 
 /// Evaluates the AuthorizationPolicies for a stream over its candidate
@@ -353,8 +363,17 @@ fn authorize<'e>(
 ) -> Result<(Vec<&'e crate::discovery::Endpoint>, String), Denied> {
     let (target, http) = match &open.http {
         Some(head) => {
-            let (path, query) =
-                crate::authz::normalize_path(&head.path).map_err(Denied::BadPath)?;
+            // A fragment never travels in a request (RFC 9110 §7.1): one
+            // from a peer is refused, not authorized on `/admin#x` and then
+            // forwarded as `/admin` (the URI parser drops it).
+            if head.path.contains('#') {
+                return Err(Denied::BadPath(format!(
+                    "request path `{}` has a fragment (`#`), which is never sent to a server",
+                    head.path.escape_debug()
+                )));
+            }
+            let (path, query) = crate::authz::normalize_path(&head.path)
+                .map_err(|e| Denied::BadPath(e.to_string()))?;
             (format!("{path}{query}"), Some((head, path)))
         }
         None => (String::new(), None),
@@ -399,7 +418,7 @@ async fn deny(
         Denied::BadPath(e) => {
             state.metrics.refused("stream", "bad-request");
             record(state, peer, open, 400, "bad-request", start);
-            return refuse(&mut send, Refusal::BadRequest, e.to_string()).await;
+            return refuse(&mut send, Refusal::BadRequest, e).await;
         }
         Denied::Authz(d) => d,
     };

@@ -1,0 +1,274 @@
+//! Hostile callers and peers against the data path (issue 21): what a
+//! caller or a peer sends must be authorized as it is forwarded, must never
+//! get a healthy endpoint blamed, and must not mint upstream state. Real
+//! gateway processes (east, west) with an HTTP/1.1-only backend behind west
+//! that records every request and connection it sees; peers are the test
+//! double of `support/peer.rs`; callers are raw TCP or hyper.
+
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/peer.rs"]
+mod peer;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshfed_gateway::tunnel::frame::{ALPN, Frame, Refusal};
+use meshfed_tests::federation::*;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVICE: &str = "reviews.default.svc.cluster.local";
+
+/// What the backend saw: request targets and accepted connections.
+#[derive(Debug, Default)]
+struct Seen {
+    targets: Vec<String>,
+    connections: usize,
+}
+
+/// An HTTP/1.1-only backend (it does not understand HTTP/2, as many
+/// services do not). GET answers `reviews`; POST reads the whole body.
+async fn h1_backend() -> (
+    SocketAddr,
+    Arc<Mutex<Seen>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            record.lock().unwrap().connections += 1;
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let target = req
+                            .uri()
+                            .path_and_query()
+                            .map_or("", |p| p.as_str())
+                            .to_string();
+                        record.lock().unwrap().targets.push(target);
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .header("x-served-by", "reviews")
+                                .body(Full::new(Bytes::from_static(b"reviews")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+/// East and west, each one gateway; `reviews.default` (exported) runs in
+/// west behind [`h1_backend`]. `policy` is added as it is.
+struct Mesh {
+    dir: TempDir,
+    east: GatewayProcess,
+    west: GatewayProcess,
+    seen: Arc<Mutex<Seen>>,
+    _backend: tokio::task::JoinHandle<()>,
+}
+
+impl Mesh {
+    async fn start(policy: &str) -> Mesh {
+        let (backend, seen, task) = h1_backend().await;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let (east_port, west_port) = (free_udp_port(), free_udp_port());
+        let repo = dir.path().join("policy");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(
+            repo.join("mesh.yaml"),
+            format!(
+                "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: reviews, namespace: default}}\n---\n{policy}",
+                cluster_yaml("east", &[east_port]),
+                cluster_yaml("west", &[west_port]),
+            ),
+        )
+        .unwrap();
+        let eps = dir.path().join("west-endpoints.yaml");
+        discovery_file(
+            &eps,
+            &[("reviews.default", vec![(backend, vec![("app", "reviews")])])],
+        );
+        let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>| GatewaySpec {
+            cluster: cluster.into(),
+            id: "gw-0".into(),
+            tls_dir: pki.gateway(cluster, "gw-0"),
+            policy_dir: repo.clone(),
+            discovery,
+            tunnel_port: port,
+            work_dir: dir.path().to_path_buf(),
+            extra_args: vec![],
+        };
+        let west = GatewayProcess::start(&spec("west", west_port, Some(eps)));
+        let east = GatewayProcess::start(&spec("east", east_port, None));
+        east.wait_links("west", 1);
+        Mesh {
+            dir,
+            east,
+            west,
+            seen,
+            _backend: task,
+        }
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.seen.lock().unwrap().targets.clone()
+    }
+
+}
+
+/// What a raw caller got back: status (0 if nothing) and the gateway's
+/// reason header.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    reason: String,
+}
+
+/// Writes `bytes` to `gw`'s outbound listener; with `half_close`, then
+/// shuts down its sending side; reads whatever comes back.
+async fn raw(gw: &GatewayProcess, bytes: &[u8], half_close: bool) -> Raw {
+    let mut s = tokio::net::TcpStream::connect(gw.outbound).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("no answer in 10 s");
+    let text = String::from_utf8_lossy(&out);
+    Raw {
+        status: text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        reason: text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-meshfed-error: "))
+            .unwrap_or("")
+            .to_string(),
+    }
+}
+
+/// An OPEN for `reviews` with `path`, from a peer double holding a real
+/// certificate of east; the first frame west answers.
+async fn peer_get(mesh: &Mesh, path: &str) -> Frame {
+    let pki = Pki {
+        dir: mesh.dir.path().to_path_buf(),
+    };
+    let endpoint = peer::client(
+        peer::creds_from_dir(&pki.gateway("east", "probe")),
+        ALPN,
+        false,
+    );
+    let conn = peer::connect(&endpoint, mesh.west.tunnel, "west")
+        .await
+        .unwrap();
+    let Frame::Open(mut open) = peer::get_open(SERVICE, "reviews") else {
+        unreachable!()
+    };
+    if let Some(head) = open.http.as_mut() {
+        head.path = path.into();
+    }
+    let answer = peer::exchange(&conn, &peer::encode(&Frame::Open(open))).await;
+    conn.close(0u32.into(), b"done");
+    answer
+}
+
+/// DENY on exactly `/admin`, everything else allowed.
+const DENY_ADMIN_EXACT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-all, namespace: default}
+spec:
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin]}}]
+";
+
+/// A peer's PATH `/admin#x` was authorized as `/admin#x` (no DENY matches)
+/// and forwarded as `/admin` (the URI parser drops the fragment); a
+/// fragment is now refused, so what is authorized is what is forwarded. A
+/// local caller's fragment is dropped by the parser before authorization
+/// sees the path, so it meets the DENY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_in_a_peers_path_is_refused_and_never_reaches_a_denied_path() {
+    let mesh = Mesh::start(DENY_ADMIN_EXACT).await;
+    for path in ["/admin#x", "/admin#/../x", "/ok#/../admin"] {
+        match peer_get(&mesh, path).await {
+            Frame::Error(e) => {
+                assert_eq!(e.refusal, Refusal::BadRequest, "{path}: {e:?}");
+                assert!(e.message.contains("fragment"), "{path}: {}", e.message);
+            }
+            other => panic!("{path}: expected a refusal, got {other:?}"),
+        }
+    }
+    match peer_get(&mesh, "/admin").await {
+        Frame::Response(head) => assert_eq!(head.status, 403),
+        other => panic!("expected the DENY, got {other:?}"),
+    }
+    match peer_get(&mesh, "/reviews?x=1").await {
+        Frame::Response(head) => assert_eq!(head.status, 200),
+        other => panic!("expected a response, got {other:?}"),
+    }
+    assert_eq!(
+        mesh.targets(),
+        vec!["/reviews?x=1".to_string()],
+        "only the allowed call reached the backend"
+    );
+    assert!(
+        mesh.west
+            .metric("meshfed_refusals_total", &["stream", "bad-request"])
+            >= 3.0
+    );
+    // Local callers, on both gateways (west serves reviews itself, east
+    // sends it over the link).
+    for gw in [&mesh.west, &mesh.east] {
+        for target in ["/admin#x", "/admin#/../x"] {
+            let r = raw(
+                gw,
+                format!("GET {target} HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+                false,
+            )
+            .await;
+            assert!(
+                matches!(r.status, 400 | 403),
+                "{} {target}: {r:?}",
+                gw.cluster
+            );
+        }
+    }
+    assert_eq!(mesh.targets().len(), 1, "{:?}", mesh.targets());
+}
