@@ -139,6 +139,10 @@ impl Mesh {
         self.seen.lock().unwrap().targets.clone()
     }
 
+    /// Endpoints west's outlier detection has ejected, ever.
+    fn ejections(&self) -> f64 {
+        self.west.metric("meshfed_outlier_ejections_total", &[])
+    }
 }
 
 /// What a raw caller got back: status (0 if nothing) and the gateway's
@@ -174,6 +178,16 @@ async fn raw(gw: &GatewayProcess, bytes: &[u8], half_close: bool) -> Raw {
             .unwrap_or("")
             .to_string(),
     }
+}
+
+/// A GET for `/` with `Host: host`, on its own connection.
+async fn get(gw: &GatewayProcess, host: &str) -> Raw {
+    raw(
+        gw,
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        false,
+    )
+    .await
 }
 
 /// An OPEN for `reviews` with `path`, from a peer double holding a real
@@ -271,4 +285,71 @@ async fn a_fragment_in_a_peers_path_is_refused_and_never_reaches_a_denied_path()
         }
     }
     assert_eq!(mesh.targets().len(), 1, "{:?}", mesh.targets());
+}
+
+/// Callers that break their own request bodies (bad chunked framing) or
+/// abandon them (an upload that stops early) got 502 `upstream-reset`, and
+/// five of them ejected the endpoint from every cluster. They are the
+/// caller's fault: 400 `bad-request` (499 `source-cancelled` for an
+/// abandoned one, which its caller rarely reads), never counted against the
+/// endpoint, whether the caller is local to the endpoint's gateway or
+/// behind a peer gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_break_or_abandon_their_bodies_never_get_the_endpoint_ejected() {
+    let mesh = Mesh::start("").await;
+    assert_eq!(get(&mesh.west, "reviews").await.status, 200);
+    let malformed = b"POST /upload HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\nworld\r\n0\r\n\r\n";
+    let mut stops_early =
+        b"POST /upload HTTP/1.1\r\nHost: reviews\r\nContent-Length: 100000\r\n\r\n".to_vec();
+    stops_early.extend_from_slice(&[b'x'; 2000]);
+    for gw in [&mesh.west, &mesh.east] {
+        for _ in 0..6 {
+            let r = raw(gw, malformed, false).await;
+            assert_eq!(r.status, 400, "{}: {r:?}", gw.cluster);
+            assert_eq!(r.reason, "bad-request", "{}: {r:?}", gw.cluster);
+        }
+        for _ in 0..6 {
+            // The caller stops sending but still reads: it hears it was
+            // the one to stop (or nothing), never that the endpoint failed.
+            let r = raw(gw, &stops_early, true).await;
+            assert!(
+                matches!(r.status, 0 | 400 | 499),
+                "{}: {r:?}",
+                gw.cluster
+            );
+            // One that hangs up outright.
+            let mut s = tokio::net::TcpStream::connect(gw.outbound).await.unwrap();
+            s.write_all(&stops_early).await.unwrap();
+            drop(s);
+        }
+    }
+    // Every request above reached the backend as far as its body went.
+    assert!(
+        mesh.targets().len() >= 12,
+        "the bodies did reach the endpoint: {:?}",
+        mesh.targets().len()
+    );
+    assert_eq!(mesh.ejections(), 0.0, "west ejected its endpoint");
+    assert!(
+        !mesh.west.admin_get("/config_dump").contains("remaining_ms"),
+        "an ejection is listed: {}",
+        mesh.west.admin_get("/config_dump")
+    );
+    // Nothing was announced unhealthy: both clusters' callers are served.
+    for gw in [&mesh.west, &mesh.east] {
+        for _ in 0..3 {
+            assert_eq!(get(gw, "reviews").await.status, 200, "{}", gw.cluster);
+        }
+    }
+    assert!(
+        mesh.west.metric(
+            "meshfed_requests_total",
+            &["direction=\"inbound\"", "response_code=\"502\""]
+        ) == 0.0
+            && mesh.west.metric(
+                "meshfed_requests_total",
+                &["direction=\"outbound\"", "response_code=\"502\""]
+            ) == 0.0,
+        "no caller's fault is recorded as a bad gateway"
+    );
 }

@@ -317,14 +317,11 @@ async fn serve_http(
         }
         Err(e) => {
             let r = e.refusal();
-            record(
-                state,
-                peer,
-                open,
-                r.http_status().as_u16(),
-                r.reason(),
-                start,
-            );
+            let (code, reason) = e.recorded();
+            record(state, peer, open, code, reason, start);
+            if let super::upstream::UpstreamError::Caller { .. } = e {
+                state.metrics.refused("stream", reason);
+            }
             // An overflow is answered as the gateway's own 503 with the
             // limit's header, which an ERROR frame could not carry.
             if !matches!(e, super::upstream::UpstreamError::Overflow { .. }) {

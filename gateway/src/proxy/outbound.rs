@@ -732,7 +732,8 @@ async fn route_and_forward(
                 (body::full(bytes.clone()), Some(bytes))
             }
             Err(e) => {
-                let r = error_response(Refusal::BadRequest, &format!("request body: {e}"), grpc);
+                let fault = body::CallerFault::of(&*e);
+                let r = super::caller_fault_response(fault, &format!("request body: {e}"), grpc);
                 record(&state, &r, &target.service, &cluster, start, grpc);
                 return r;
             }
@@ -1277,7 +1278,7 @@ pub(super) async fn forward_remote(
         }
     };
     tokio::spawn(async move {
-        if let Err(e) = body::pump(body, &mut send).await {
+        if let Err(e) = body::pump_request(body, &mut send).await {
             tracing::debug!(error = %e, "request body to peer failed");
         }
     });

@@ -43,7 +43,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::body::ProxyBody;
+use super::body::{CallerFault, ProxyBody, Watched};
 use super::error_response;
 use crate::discovery::{Endpoint, EndpointSet};
 use crate::identity::store::Credentials;
@@ -224,6 +224,14 @@ pub enum UpstreamError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The caller failed its own request body (malformed, or it went
+    /// away): not the endpoint's fault, and never counted against it.
+    #[error("request to {service}: the caller's body failed: {reason}")]
+    Caller {
+        service: String,
+        fault: CallerFault,
+        reason: String,
+    },
 }
 
 impl UpstreamError {
@@ -234,6 +242,19 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => Refusal::ConnectFailed,
             UpstreamError::Reset { .. } => Refusal::UpstreamReset,
             UpstreamError::Tls(_) => Refusal::ConnectFailed,
+            UpstreamError::Caller { .. } => Refusal::BadRequest,
+        }
+    }
+
+    /// The status and reason this error is recorded under: the refusal's,
+    /// except a caller that went away (`499 source-cancelled`).
+    pub fn recorded(&self) -> (u16, &'static str) {
+        match self {
+            UpstreamError::Caller { fault, .. } => (fault.status().as_u16(), fault.reason()),
+            other => {
+                let r = other.refusal();
+                (r.http_status().as_u16(), r.reason())
+            }
         }
     }
 
@@ -243,6 +264,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Overflow { limit, .. } => {
                 overflow_response(*limit, &self.to_string(), grpc)
+            }
+            UpstreamError::Caller { fault, .. } => {
+                super::caller_fault_response(*fault, &self.to_string(), grpc)
             }
             other => error_response(other.refusal(), &other.to_string(), grpc),
         }
@@ -551,6 +575,9 @@ impl Upstream {
             tls: setup.as_ref().map_or(0, |s| s.id),
         };
         let (mut parts, body) = req.into_parts();
+        // Whether the caller fails its own body decides whose fault a
+        // failed request is.
+        let (body, caller_fault) = Watched::new(body);
         let path = parts
             .uri
             .path_and_query()
@@ -618,14 +645,16 @@ impl Upstream {
         };
         match lease.send(req).await {
             Ok(resp) => {
-                self.record(
-                    &cluster,
-                    &policy,
-                    service,
-                    addr,
-                    Outcome::Status(resp.status().as_u16()),
-                    pool_size,
-                );
+                if caller_fault.get().is_none() {
+                    self.record(
+                        &cluster,
+                        &policy,
+                        service,
+                        addr,
+                        Outcome::Status(resp.status().as_u16()),
+                        pool_size,
+                    );
+                }
                 let (mut parts, body) = resp.into_parts();
                 // Only a gateway may name a gateway's reason: a backend's
                 // copy of the header would steer retries and metric labels.
@@ -641,6 +670,16 @@ impl Upstream {
                 Ok(Response::from_parts(parts, body))
             }
             Err(e) => {
+                // A request whose caller broke or abandoned its body fails
+                // at the endpoint too; that says nothing of the endpoint
+                // (Envoy: a downstream error is never an upstream failure).
+                if let Some(fault) = caller_fault.get() {
+                    return Err(UpstreamError::Caller {
+                        service: service.to_string(),
+                        fault: *fault,
+                        reason: super::error_chain(&e),
+                    });
+                }
                 self.record(
                     &cluster,
                     &policy,
