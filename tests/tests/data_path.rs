@@ -353,3 +353,45 @@ async fn callers_that_break_or_abandon_their_bodies_never_get_the_endpoint_eject
         "no caller's fault is recorded as a bad gateway"
     );
 }
+
+/// An HTTP/2 caller (prior knowledge, as gRPC clients and `curl
+/// --http2-prior-knowledge` are) of a local HTTP/1.1-only service got 502
+/// `http2 error` (the gateway spoke HTTP/2 to the endpoint), and the
+/// failures ejected it. The gateway speaks the endpoint's protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_of_a_local_http1_service_is_served_and_ejects_nothing() {
+    let mesh = Mesh::start("").await;
+    for gw in [&mesh.west, &mesh.east] {
+        let tcp = tokio::net::TcpStream::connect(gw.outbound).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for i in 0..7 {
+            let req = Request::builder()
+                .uri(format!("http://reviews/x{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+                .await
+                .expect("no answer in 10 s")
+                .unwrap();
+            let status = resp.status();
+            let reason = resp.headers().get("x-meshfed-error").cloned();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(status, 200, "{}: {reason:?} {body:?}", gw.cluster);
+            assert_eq!(&body[..], b"reviews");
+        }
+        // A body travels too.
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://reviews/post")
+            .body(Full::new(Bytes::from_static(b"{\"stars\": 5}")))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{}", gw.cluster);
+    }
+    assert_eq!(mesh.targets().len(), 16, "{:?}", mesh.targets());
+    assert_eq!(mesh.ejections(), 0.0);
+}

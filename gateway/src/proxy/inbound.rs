@@ -220,8 +220,13 @@ async fn serve(
         // a TCP stream, which holds that future for as long as it is open,
         // should not carry it (docs/benchmarks.md: RSS per open stream).
         StreamKind::Http => {
+            // The endpoint's protocol (upstream::speaks_h2), from the
+            // snapshot this stream was checked with.
+            let h2 = open.http.as_ref().is_some_and(|h| {
+                super::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
+            });
             let http = serve_http(
-                &state, &peer, &open, picked, target, send, recv, rest, start,
+                &state, &peer, &open, picked, target, h2, send, recv, rest, start,
             );
             Box::pin(http).await
         }
@@ -237,6 +242,7 @@ async fn serve_http(
     open: &Open,
     picked: super::upstream::Picked<'_>,
     target: String,
+    h2: bool,
     mut send: SendStream,
     recv: RecvStream,
     rest: bytes::BytesMut,
@@ -285,7 +291,8 @@ async fn serve_http(
         return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
     };
     // gRPC needs HTTP/2 to the endpoint; everything else goes as
-    // HTTP/1.1, which every HTTP server speaks. If the source gives up first
+    // HTTP/1.1, which every HTTP server speaks, unless the service declares
+    // the port HTTP/2 (upstream::speaks_h2). If the source gives up first
     // (its route timeout, its caller gone, the link down), it stops reading
     // the stream: stop waiting for the endpoint too, which closes that
     // request's connection and frees its pool slot rather than hold it for a
@@ -293,7 +300,7 @@ async fn serve_http(
     let stopped = send.stopped();
     let answer = tokio::select! {
         biased;
-        answer = state.upstream.send(picked, req, grpc) => answer,
+        answer = state.upstream.send(picked, req, h2) => answer,
         _ = stopped => {
             record(state, peer, open, 499, "source-cancelled", start);
             return;

@@ -1172,7 +1172,9 @@ pub(super) async fn forward_local(
     if let Some(a) = authority.and_then(|a| a.parse().ok()) {
         parts.headers.insert(header::HOST, a);
     }
-    let h2 = parts.version == http::Version::HTTP_2;
+    // The endpoint's protocol, not the caller's (an HTTP/2 caller of an
+    // HTTP/1.1 service is translated, as on the peer path).
+    let h2 = super::upstream::speaks_h2(active, &target.service, target.port, grpc);
     let req = Request::from_parts(parts, body);
     let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {

@@ -141,6 +141,28 @@ impl<'a> Effective<'a> {
     }
 }
 
+/// Whether a request to an endpoint of `service` on service port `port`
+/// goes as HTTP/2: for gRPC, and for a port a ServiceEntry declares as
+/// HTTP/2 or gRPC (its `protocol`, or Istio's `<protocol>-` port name
+/// prefix); otherwise HTTP/1.1, which every HTTP server speaks. Never the
+/// caller's own protocol: an HTTP/2 caller of an HTTP/1.1-only service is
+/// translated, as Envoy does, on both the local and the peer path.
+pub fn speaks_h2(active: &Active, service: &str, port: u16, grpc: bool) -> bool {
+    if grpc {
+        return true;
+    }
+    let Some(entry) = active.snapshot.policy.service_entries.get(service) else {
+        return false;
+    };
+    entry.ports.iter().any(|p| {
+        let named = p.name.split('-').next().unwrap_or("");
+        p.number == port
+            && [p.protocol.as_str(), named]
+                .iter()
+                .any(|proto| ["HTTP2", "GRPC", "GRPC-WEB"].iter().any(|h| h.eq_ignore_ascii_case(proto)))
+    })
+}
+
 /// One upstream cluster: a service, subset and port.
 #[derive(Debug)]
 struct Cluster {
