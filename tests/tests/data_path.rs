@@ -139,6 +139,10 @@ impl Mesh {
         self.seen.lock().unwrap().targets.clone()
     }
 
+    fn connections(&self) -> usize {
+        self.seen.lock().unwrap().connections
+    }
+
     /// Endpoints west's outlier detection has ejected, ever.
     fn ejections(&self) -> f64 {
         self.west.metric("meshfed_outlier_ejections_total", &[])
@@ -394,4 +398,27 @@ async fn an_http2_caller_of_a_local_http1_service_is_served_and_ejects_nothing()
     }
     assert_eq!(mesh.targets().len(), 16, "{:?}", mesh.targets());
     assert_eq!(mesh.ejections(), 0.0);
+}
+
+/// Each `Host:` port a caller chose made a new upstream cluster with its
+/// own pool and a backend connection of its own, never retired. The port
+/// is the caller's to choose; pools are keyed by the ports the snapshot
+/// declares, so any number of ports share one pool (here: sequential
+/// calls, one connection, give or take one being returned as the next call
+/// starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_chosen_host_ports_share_one_upstream_pool() {
+    let mesh = Mesh::start("").await;
+    for i in 0..30u16 {
+        for gw in [&mesh.west, &mesh.east] {
+            let r = get(gw, &format!("reviews:{}", 20_000 + i)).await;
+            assert_eq!(r.status, 200, "{}: {r:?}", gw.cluster);
+        }
+    }
+    assert_eq!(mesh.targets().len(), 60);
+    assert!(
+        mesh.connections() <= 4,
+        "60 calls on 30 ports opened {} backend connections",
+        mesh.connections()
+    );
 }

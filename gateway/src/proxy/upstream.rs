@@ -163,6 +163,26 @@ pub fn speaks_h2(active: &Active, service: &str, port: u16, grpc: bool) -> bool 
     })
 }
 
+/// The port an upstream cluster is keyed by: `dest.port` when the snapshot
+/// gives it a policy or endpoints of its own (`portLevelSettings`, a
+/// ServiceEntry port), else 0. The port is the caller's to choose (`Host:
+/// ratings:1234`), so keying by it as given would let callers mint a
+/// cluster, a pool and an endpoint connection per port.
+fn cluster_port(active: &Active, dest: &Dest<'_>) -> u16 {
+    let policy = &active.snapshot.policy;
+    let by_rule = policy.destinations.get(dest.service).is_some_and(|d| {
+        d.traffic_policy.ports.contains_key(&dest.port)
+            || d.subsets
+                .values()
+                .any(|s| s.traffic_policy.ports.contains_key(&dest.port))
+    });
+    let by_entry = policy
+        .service_entries
+        .get(dest.service)
+        .is_some_and(|e| e.ports.iter().any(|p| p.number == dest.port));
+    if by_rule || by_entry { dest.port } else { 0 }
+}
+
 /// One upstream cluster: a service, subset and port.
 #[derive(Debug)]
 struct Cluster {
@@ -448,8 +468,9 @@ impl Upstream {
     }
 
     /// The cluster of `dest`, made on first use. `subset` is the subset
-    /// name if the snapshot defines it for the service, else `None`.
-    fn cluster(&self, dest: &Dest<'_>, subset: Option<&str>, now: u64) -> Arc<Cluster> {
+    /// name if the snapshot defines it for the service, else `None`; `port`
+    /// is [`cluster_port`].
+    fn cluster(&self, dest: &Dest<'_>, subset: Option<&str>, port: u16, now: u64) -> Arc<Cluster> {
         let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let list = match map.get_mut(dest.service) {
             Some(l) => l,
@@ -457,14 +478,14 @@ impl Upstream {
         };
         if let Some(c) = list
             .iter()
-            .find(|c| c.port == dest.port && c.subset.as_deref() == subset)
+            .find(|c| c.port == port && c.subset.as_deref() == subset)
         {
             c.last_used.store(now, Ordering::Relaxed);
             return c.clone();
         }
         let c = Arc::new(Cluster {
             subset: subset.map(str::to_string),
-            port: dest.port,
+            port,
             last_used: AtomicU64::new(now),
             rr: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
@@ -527,7 +548,7 @@ impl Upstream {
         });
         let now = self.now_ms();
         self.maybe_prune(now);
-        let cluster = self.cluster(dest, subset, now);
+        let cluster = self.cluster(dest, subset, cluster_port(active, dest), now);
         let pool_size = candidates.len();
         if policy.outlier.is_some() && cluster.ejected.load(Ordering::Relaxed) > 0 {
             let mut det = cluster.detector.lock().unwrap_or_else(|p| p.into_inner());
