@@ -37,11 +37,7 @@ struct Seen {
 
 /// An HTTP/1.1-only backend (it does not understand HTTP/2, as many
 /// services do not). GET answers `reviews`; POST reads the whole body.
-async fn h1_backend() -> (
-    SocketAddr,
-    Arc<Mutex<Seen>>,
-    tokio::task::JoinHandle<()>,
-) {
+async fn h1_backend() -> (SocketAddr, Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -316,11 +312,7 @@ async fn callers_that_break_or_abandon_their_bodies_never_get_the_endpoint_eject
             // The caller stops sending but still reads: it hears it was
             // the one to stop (or nothing), never that the endpoint failed.
             let r = raw(gw, &stops_early, true).await;
-            assert!(
-                matches!(r.status, 0 | 400 | 499),
-                "{}: {r:?}",
-                gw.cluster
-            );
+            assert!(matches!(r.status, 0 | 400 | 499), "{}: {r:?}", gw.cluster);
             // One that hangs up outright.
             let mut s = tokio::net::TcpStream::connect(gw.outbound).await.unwrap();
             s.write_all(&stops_early).await.unwrap();

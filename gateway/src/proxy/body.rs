@@ -346,7 +346,7 @@ impl std::fmt::Debug for Watched {
 
 impl Watched {
     /// `body`, watched; the cell is set at the body's first error.
-    pub fn new(body: ProxyBody) -> (ProxyBody, std::sync::Arc<std::sync::OnceLock<CallerFault>>) {
+    pub fn wrap(body: ProxyBody) -> (ProxyBody, std::sync::Arc<std::sync::OnceLock<CallerFault>>) {
         let fault = std::sync::Arc::new(std::sync::OnceLock::new());
         let watched = Watched {
             body,
@@ -444,7 +444,7 @@ mod tests {
             Err(hyper_body_error(std::io::ErrorKind::InvalidInput)),
         ]))
         .boxed_unsync();
-        let (mut body, fault) = Watched::new(failing);
+        let (mut body, fault) = Watched::wrap(failing);
         assert!(body.frame().await.is_some_and(|f| f.is_ok()));
         assert_eq!(fault.get(), None);
         assert!(body.frame().await.is_some_and(|f| f.is_err()));

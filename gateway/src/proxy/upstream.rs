@@ -157,9 +157,11 @@ pub fn speaks_h2(active: &Active, service: &str, port: u16, grpc: bool) -> bool 
     entry.ports.iter().any(|p| {
         let named = p.name.split('-').next().unwrap_or("");
         p.number == port
-            && [p.protocol.as_str(), named]
-                .iter()
-                .any(|proto| ["HTTP2", "GRPC", "GRPC-WEB"].iter().any(|h| h.eq_ignore_ascii_case(proto)))
+            && [p.protocol.as_str(), named].iter().any(|proto| {
+                ["HTTP2", "GRPC", "GRPC-WEB"]
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(proto))
+            })
     })
 }
 
@@ -620,7 +622,7 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         // Whether the caller fails its own body decides whose fault a
         // failed request is.
-        let (body, caller_fault) = Watched::new(body);
+        let (body, caller_fault) = Watched::wrap(body);
         let path = parts
             .uri
             .path_and_query()

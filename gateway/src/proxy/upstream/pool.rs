@@ -169,13 +169,13 @@ impl Usage {
 
     /// When the connection became idle; `None` while a lease holds it.
     fn idle_since(&self) -> Option<Instant> {
-        (self.leases.load(Ordering::Acquire) == 0).then(|| {
-            self.base + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
-        })
+        (self.leases.load(Ordering::Acquire) == 0)
+            .then(|| self.base + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)))
     }
 
     fn expired(&self, timeout: Duration) -> bool {
-        self.idle_since().is_some_and(|t| t + timeout <= Instant::now())
+        self.idle_since()
+            .is_some_and(|t| t + timeout <= Instant::now())
     }
 
     fn hold(self: &Arc<Self>) -> Busy {

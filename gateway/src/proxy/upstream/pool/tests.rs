@@ -23,10 +23,7 @@ fn key(h2: bool) -> EndpointKey {
 /// A connection as `connect` makes one, over an in-memory pipe to a hyper
 /// server (so a paused clock is exact); the server's task ends when the
 /// pool closes the connection.
-async fn open(
-    pool: &Arc<ClusterPool>,
-    h2: bool,
-) -> (Conn, tokio::task::JoinHandle<()>) {
+async fn open(pool: &Arc<ClusterPool>, h2: bool) -> (Conn, tokio::task::JoinHandle<()>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
@@ -75,7 +72,12 @@ async fn an_idle_http1_connection_closes_at_the_idle_timeout_without_another_req
         ..Limits::default()
     };
     let (conn, served) = open(&pool, false).await;
-    let mut lease = pool.lease(key(false), conn, pool.count_request(&limits).unwrap(), &limits);
+    let mut lease = pool.lease(
+        key(false),
+        conn,
+        pool.count_request(&limits).unwrap(),
+        &limits,
+    );
     // A request in flight for longer than the idle timeout keeps it open.
     tokio::time::sleep(IDLE * 2).await;
     get(&mut lease, false).await;
@@ -98,13 +100,25 @@ async fn a_used_connection_is_timed_from_its_last_request() {
     let pool = Arc::new(ClusterPool::default());
     let limits = Limits::default();
     let (conn, served) = open(&pool, false).await;
-    let mut lease = pool.lease(key(false), conn, pool.count_request(&limits).unwrap(), &limits);
+    let mut lease = pool.lease(
+        key(false),
+        conn,
+        pool.count_request(&limits).unwrap(),
+        &limits,
+    );
     get(&mut lease, false).await;
     drop(lease);
     for _ in 0..3 {
         tokio::time::sleep(IDLE - Duration::from_secs(10)).await;
         // Taken from the pool again, as a request would.
-        let Some(idle) = pool.lock().endpoints.get_mut(&key(false)).unwrap().idle.pop() else {
+        let Some(idle) = pool
+            .lock()
+            .endpoints
+            .get_mut(&key(false))
+            .unwrap()
+            .idle
+            .pop()
+        else {
             panic!("the connection was closed while in use");
         };
         let mut lease = pool.lease(
@@ -142,7 +156,12 @@ async fn an_idle_http2_connection_closes_at_the_idle_timeout() {
             served: 1,
             usage: usage.clone(),
         });
-    let mut lease = pool.lease(key(true), conn, pool.count_request(&limits).unwrap(), &limits);
+    let mut lease = pool.lease(
+        key(true),
+        conn,
+        pool.count_request(&limits).unwrap(),
+        &limits,
+    );
     get(&mut lease, true).await;
     drop(lease);
     tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
