@@ -155,6 +155,45 @@ pub fn error_response(refusal: Refusal, message: &str, grpc: bool) -> Response<P
         .unwrap_or_else(|_| Response::new(body::empty()))
 }
 
+/// The answer for a caller that failed its own request body
+/// ([`body::CallerFault`]): `400 bad-request` for a malformed body, `499
+/// source-cancelled` for one it abandoned (recorded as such; the caller is
+/// usually gone). gRPC callers get INTERNAL or CANCELLED.
+pub fn caller_fault_response(
+    fault: body::CallerFault,
+    message: &str,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let mut r = error_response(Refusal::BadRequest, message, grpc);
+    if fault == body::CallerFault::Aborted {
+        r.headers_mut()
+            .insert(ERROR_HEADER, HeaderValue::from_static(fault.reason()));
+        if grpc {
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from_static("1"));
+        } else {
+            *r.status_mut() = fault.status();
+        }
+    }
+    r
+}
+
+/// An error and its causes, `: `-joined (hyper's own message for a failed
+/// request names only the outermost).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let more = c.to_string();
+        if !s.contains(&more) {
+            s.push_str(": ");
+            s.push_str(&more);
+        }
+        next = c.source();
+    }
+    s
+}
+
 /// gRPC's percent-encoding of `grpc-message`.
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

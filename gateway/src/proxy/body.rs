@@ -199,7 +199,27 @@ pub async fn refuse(send: &mut SendStream, refusal: Refusal, message: impl Into<
 /// Writes `body` as DATA frames and trailers, then finishes the stream. A
 /// body error becomes an ERROR frame (so the peer sees a failure, not a
 /// clean end), and the stream is reset if the peer went away.
-pub async fn pump<B>(mut body: B, send: &mut SendStream) -> Result<(), BoxError>
+pub async fn pump<B>(body: B, send: &mut SendStream) -> Result<(), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pump_inner(body, send, false).await
+}
+
+/// [`pump`] for a caller's request body: when the caller fails it, the
+/// destination must not blame its endpoint. A malformed body becomes an
+/// ERROR frame with [`Refusal::BadRequest`]; a caller that went away resets
+/// the stream (the destination sees its source cancel).
+pub async fn pump_request<B>(body: B, send: &mut SendStream) -> Result<(), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pump_inner(body, send, true).await
+}
+
+async fn pump_inner<B>(mut body: B, send: &mut SendStream, request: bool) -> Result<(), BoxError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -209,7 +229,15 @@ where
             Ok(f) => f,
             Err(e) => {
                 let e: BoxError = e.into();
-                refuse(send, Refusal::UpstreamReset, e.to_string()).await;
+                match (request, CallerFault::of(&*e)) {
+                    (false, _) => refuse(send, Refusal::UpstreamReset, e.to_string()).await,
+                    (true, CallerFault::Malformed) => {
+                        refuse(send, Refusal::BadRequest, format!("request body: {e}")).await
+                    }
+                    (true, CallerFault::Aborted) => {
+                        let _ = send.reset(quinn::VarInt::from_u32(0));
+                    }
+                }
                 return Err(e);
             }
         };
@@ -232,4 +260,194 @@ where
     }
     send.finish()?;
     Ok(())
+}
+
+/// How a caller (a local one, or the remote one behind a peer's stream)
+/// failed its own request body. Neither is the endpoint's fault: it is
+/// answered as the caller's (`400 bad-request`, `499 source-cancelled`, as
+/// Envoy and nginx do) and never counts toward outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerFault {
+    /// The body broke the protocol: bad chunked framing, a malformed
+    /// tunnel frame, more than a limit allows.
+    Malformed,
+    /// The caller stopped sending: it closed or reset its connection or
+    /// stream before the body was complete.
+    Aborted,
+}
+
+impl CallerFault {
+    /// Classifies a body error by its cause chain.
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> CallerFault {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(e) = next {
+            if let Some(b) = e.downcast_ref::<BodyError>() {
+                return match b {
+                    BodyError::Read(_) => CallerFault::Aborted,
+                    BodyError::Refused(se) if se.refusal == Refusal::BadRequest => {
+                        CallerFault::Malformed
+                    }
+                    BodyError::Refused(_) => CallerFault::Aborted,
+                    BodyError::Frame(_) | BodyError::Unexpected => CallerFault::Malformed,
+                };
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return match io.kind() {
+                    // hyper's decoder: bad chunk sizes, extensions, trailers.
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+                        CallerFault::Malformed
+                    }
+                    _ => CallerFault::Aborted,
+                };
+            }
+            if e.is::<http_body_util::LengthLimitError>() {
+                return CallerFault::Malformed;
+            }
+            next = e.source();
+        }
+        CallerFault::Aborted
+    }
+
+    /// The status recorded (and answered, if the caller still listens).
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            CallerFault::Malformed => http::StatusCode::BAD_REQUEST,
+            // nginx's "client closed request"; Envoy records the same.
+            CallerFault::Aborted => {
+                http::StatusCode::from_u16(499).unwrap_or(http::StatusCode::BAD_REQUEST)
+            }
+        }
+    }
+
+    /// The token in `x-meshfed-error` and in metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CallerFault::Malformed => Refusal::BadRequest.reason(),
+            CallerFault::Aborted => "source-cancelled",
+        }
+    }
+}
+
+/// A caller's request body that remembers whether, and how, it failed:
+/// what lets [`crate::proxy::upstream`] tell a caller's fault from an
+/// endpoint's when a request to the endpoint fails.
+pub struct Watched {
+    body: ProxyBody,
+    fault: std::sync::Arc<std::sync::OnceLock<CallerFault>>,
+}
+
+impl std::fmt::Debug for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("fault", &self.fault.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watched {
+    /// `body`, watched; the cell is set at the body's first error.
+    pub fn wrap(body: ProxyBody) -> (ProxyBody, std::sync::Arc<std::sync::OnceLock<CallerFault>>) {
+        let fault = std::sync::Arc::new(std::sync::OnceLock::new());
+        let watched = Watched {
+            body,
+            fault: fault.clone(),
+        };
+        (watched.boxed_unsync(), fault)
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
+        let r = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if let Some(Err(e)) = &r {
+            let _ = self.fault.set(CallerFault::of(&**e));
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hyper_body_error(kind: std::io::ErrorKind) -> BoxError {
+        // What hyper's server hands a service for a broken request body: a
+        // body error caused by its decoder's io::Error.
+        struct E(std::io::Error);
+        impl std::fmt::Debug for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "body error")
+            }
+        }
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "error reading a body from connection")
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        Box::new(E(std::io::Error::new(kind, "x")))
+    }
+
+    #[test]
+    fn a_callers_body_errors_are_told_apart_by_cause() {
+        use std::io::ErrorKind::*;
+        assert_eq!(
+            CallerFault::of(&*hyper_body_error(InvalidInput)),
+            CallerFault::Malformed,
+            "bad chunk size"
+        );
+        assert_eq!(
+            CallerFault::of(&*hyper_body_error(InvalidData)),
+            CallerFault::Malformed
+        );
+        assert_eq!(
+            CallerFault::of(&*hyper_body_error(UnexpectedEof)),
+            CallerFault::Aborted,
+            "upload stopped early"
+        );
+        let reset: BoxError = Box::new(BodyError::Read(std::io::Error::new(
+            ConnectionReset,
+            "stream reset by peer",
+        )));
+        assert_eq!(CallerFault::of(&*reset), CallerFault::Aborted);
+        let refused: BoxError = Box::new(BodyError::Refused(frame::StreamError {
+            refusal: Refusal::BadRequest,
+            message: "request body: bad chunk".into(),
+        }));
+        assert_eq!(CallerFault::of(&*refused), CallerFault::Malformed);
+        assert_eq!(CallerFault::Aborted.status().as_u16(), 499);
+        assert_eq!(CallerFault::Malformed.reason(), "bad-request");
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_records_its_first_error() {
+        let failing = http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+            Ok(BodyFrame::data(Bytes::from_static(b"abc"))),
+            Err(hyper_body_error(std::io::ErrorKind::InvalidInput)),
+        ]))
+        .boxed_unsync();
+        let (mut body, fault) = Watched::wrap(failing);
+        assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        assert_eq!(fault.get(), None);
+        assert!(body.frame().await.is_some_and(|f| f.is_err()));
+        assert_eq!(fault.get(), Some(&CallerFault::Malformed));
+    }
 }

@@ -220,8 +220,13 @@ async fn serve(
         // a TCP stream, which holds that future for as long as it is open,
         // should not carry it (docs/benchmarks.md: RSS per open stream).
         StreamKind::Http => {
+            // The endpoint's protocol (upstream::speaks_h2), from the
+            // snapshot this stream was checked with.
+            let h2 = open.http.as_ref().is_some_and(|h| {
+                super::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
+            });
             let http = serve_http(
-                &state, &peer, &open, picked, target, send, recv, rest, start,
+                &state, &peer, &open, picked, target, h2, send, recv, rest, start,
             );
             Box::pin(http).await
         }
@@ -237,6 +242,7 @@ async fn serve_http(
     open: &Open,
     picked: super::upstream::Picked<'_>,
     target: String,
+    h2: bool,
     mut send: SendStream,
     recv: RecvStream,
     rest: bytes::BytesMut,
@@ -251,11 +257,21 @@ async fn serve_http(
         )
         .await;
     };
-    // The normalized path authorization matched (crate::authz).
-    let uri: Uri = match format!("http://{addr}{target}").parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return refuse(&mut send, Refusal::BadRequest, "invalid request path").await;
+    // The normalized path authorization matched (crate::authz), and
+    // exactly that: a target the URI parser would alter (it drops a
+    // fragment, for one) is refused rather than forwarded as something
+    // authorization did not see.
+    let uri: Uri = match format!("http://{addr}{target}").parse::<Uri>() {
+        Ok(u) if u.path_and_query().map(|p| p.as_str()) == Some(target.as_str()) => u,
+        _ => {
+            state.metrics.refused("stream", "bad-request");
+            record(state, peer, open, 400, "bad-request", start);
+            return refuse(
+                &mut send,
+                Refusal::BadRequest,
+                format!("request path `{target}` cannot be forwarded as it was authorized"),
+            )
+            .await;
         }
     };
     let grpc = is_grpc(&head.headers);
@@ -275,7 +291,8 @@ async fn serve_http(
         return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
     };
     // gRPC needs HTTP/2 to the endpoint; everything else goes as
-    // HTTP/1.1, which every HTTP server speaks. If the source gives up first
+    // HTTP/1.1, which every HTTP server speaks, unless the service declares
+    // the port HTTP/2 (upstream::speaks_h2). If the source gives up first
     // (its route timeout, its caller gone, the link down), it stops reading
     // the stream: stop waiting for the endpoint too, which closes that
     // request's connection and frees its pool slot rather than hold it for a
@@ -283,7 +300,7 @@ async fn serve_http(
     let stopped = send.stopped();
     let answer = tokio::select! {
         biased;
-        answer = state.upstream.send(picked, req, grpc) => answer,
+        answer = state.upstream.send(picked, req, h2) => answer,
         _ = stopped => {
             record(state, peer, open, 499, "source-cancelled", start);
             return;
@@ -307,14 +324,11 @@ async fn serve_http(
         }
         Err(e) => {
             let r = e.refusal();
-            record(
-                state,
-                peer,
-                open,
-                r.http_status().as_u16(),
-                r.reason(),
-                start,
-            );
+            let (code, reason) = e.recorded();
+            record(state, peer, open, code, reason, start);
+            if let super::upstream::UpstreamError::Caller { .. } = e {
+                state.metrics.refused("stream", reason);
+            }
             // An overflow is answered as the gateway's own 503 with the
             // limit's header, which an ERROR frame could not carry.
             if !matches!(e, super::upstream::UpstreamError::Overflow { .. }) {
@@ -336,7 +350,7 @@ async fn serve_http(
 /// cannot be authorized.
 enum Denied {
     Authz(crate::authz::Denial),
-    BadPath(crate::authz::PathError),
+    BadPath(String),
 }
 
 /// Evaluates the AuthorizationPolicies for a stream over its candidate
@@ -354,8 +368,17 @@ fn authorize<'e>(
 ) -> Result<(Vec<&'e crate::discovery::Endpoint>, String), Denied> {
     let (target, http) = match &open.http {
         Some(head) => {
-            let (path, query) =
-                crate::authz::normalize_path(&head.path).map_err(Denied::BadPath)?;
+            // A fragment never travels in a request (RFC 9110 §7.1): one
+            // from a peer is refused, not authorized on `/admin#x` and then
+            // forwarded as `/admin` (the URI parser drops it).
+            if head.path.contains('#') {
+                return Err(Denied::BadPath(format!(
+                    "request path `{}` has a fragment (`#`), which is never sent to a server",
+                    head.path.escape_debug()
+                )));
+            }
+            let (path, query) = crate::authz::normalize_path(&head.path)
+                .map_err(|e| Denied::BadPath(e.to_string()))?;
             (format!("{path}{query}"), Some((head, path)))
         }
         None => (String::new(), None),
@@ -401,7 +424,7 @@ async fn deny(
         Denied::BadPath(e) => {
             state.metrics.refused("stream", "bad-request");
             record(state, peer, open, 400, "bad-request", start);
-            return refuse(&mut send, Refusal::BadRequest, e.to_string()).await;
+            return refuse(&mut send, Refusal::BadRequest, e).await;
         }
         Denied::Authz(d) => d,
     };

@@ -732,7 +732,8 @@ async fn route_and_forward(
                 (body::full(bytes.clone()), Some(bytes))
             }
             Err(e) => {
-                let r = error_response(Refusal::BadRequest, &format!("request body: {e}"), grpc);
+                let fault = body::CallerFault::of(&*e);
+                let r = super::caller_fault_response(fault, &format!("request body: {e}"), grpc);
                 record(&state, &r, &target.service, &cluster, start, grpc);
                 return r;
             }
@@ -762,6 +763,11 @@ async fn route_and_forward(
     let head = buffered
         .filter(|_| retries.is_some())
         .map(|b| (clone_head(&parts), b));
+    // A bodiless idempotent request whose link dies before its answer may
+    // be replayed once in another cluster, policy or not (LinkDied).
+    let replay_head = (is_idempotent(&parts.method) && http_body::Body::is_end_stream(&body))
+        .then(|| clone_head(&parts));
+    let mut replayed = false;
     let mut req = Some(Request::from_parts(parts, body));
     let per_try = retries
         .and_then(|r| r.per_try_timeout_ms)
@@ -812,6 +818,42 @@ async fn route_and_forward(
                     .unwrap_or_else(|_| error_response(Refusal::Timeout, "per-try timeout", grpc)),
                 None => once.await,
             };
+            // A peer killed under load: calls on its link fail until the
+            // link is declared dead (under a second). A bodiless idempotent
+            // one that died with its link, and that no retry policy would
+            // try again, goes once to the next cluster that can serve it
+            // (within the route timeout, which bounds this whole loop).
+            let policy_retries = retries.is_some_and(|p| {
+                head.is_some() && attempt < p.attempts && retriable(&resp, &p.retry_on)
+            });
+            if !replayed
+                && !policy_retries
+                && let Some(h) = replay_head.as_ref()
+                && resp.extensions().get::<LinkDied>().is_some()
+            {
+                if !failed.contains(&cluster) {
+                    failed.push(cluster.clone());
+                }
+                let mut again = original.clone();
+                let endpoints = state.endpoints.borrow().clone();
+                let remote = state.tunnel.announcements();
+                if let Some(next) = route::choose_cluster(
+                    &mut again,
+                    &active,
+                    &state.cluster,
+                    &endpoints,
+                    &remote,
+                    &failed,
+                ) {
+                    replayed = true;
+                    crate::trace::retry();
+                    state.metrics.retried(&target.service, "link-died".into());
+                    target = again;
+                    cluster = next;
+                    req = Some(rebuild(h, bytes::Bytes::new()));
+                    continue;
+                }
+            }
             let (Some(policy), Some(head)) = (retries, head.as_ref()) else {
                 break (resp, cluster);
             };
@@ -899,6 +941,22 @@ async fn route_and_forward(
     }
     record(&state, &resp, &service, &cluster, start, grpc);
     resp
+}
+
+/// Marks a gateway's answer for a request to another cluster that never
+/// reached a peer's answer because the link failed (it died, or no link was
+/// left to open a stream on), after any replay on another link of that
+/// cluster: a bodiless idempotent request may then go to another cluster.
+#[derive(Debug, Clone, Copy)]
+struct LinkDied;
+
+/// Methods that are safe to send twice (RFC 9110 §9.2.2) and that a
+/// bodiless request uses.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 /// Whether a failed try says the path to its cluster is broken (rather than
@@ -1171,7 +1229,9 @@ pub(super) async fn forward_local(
     if let Some(a) = authority.and_then(|a| a.parse().ok()) {
         parts.headers.insert(header::HOST, a);
     }
-    let h2 = parts.version == http::Version::HTTP_2;
+    // The endpoint's protocol, not the caller's (an HTTP/2 caller of an
+    // HTTP/1.1 service is translated, as on the peer path).
+    let h2 = super::upstream::speaks_h2(active, &target.service, target.port, grpc);
     let req = Request::from_parts(parts, body);
     let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {
@@ -1244,7 +1304,7 @@ pub(super) async fn forward_remote(
             .filter(|l| !tried.contains(&l.target))
             .min_by_key(|l| l.open_streams())
         else {
-            return error_response(
+            let mut r = error_response(
                 Refusal::NoHealthyEndpoint,
                 &format!(
                     "no available link to cluster `{cluster}` (tried {})",
@@ -1252,6 +1312,8 @@ pub(super) async fn forward_remote(
                 ),
                 grpc,
             );
+            r.extensions_mut().insert(LinkDied);
+            return r;
         };
         tried.push(link.target.clone());
         match open_stream(&link).await {
@@ -1277,15 +1339,16 @@ pub(super) async fn forward_remote(
         }
     };
     tokio::spawn(async move {
-        if let Err(e) = body::pump(body, &mut send).await {
+        if let Err(e) = body::pump_request(body, &mut send).await {
             tracing::debug!(error = %e, "request body to peer failed");
         }
     });
     let head = read_head(&mut recv).await;
     // A link that died before answering (a peer killed, not yet detected):
     // a bodiless idempotent request is replayed on another link once, so
-    // callers do not see the failover. Retries by policy are the
-    // traffic-policy issue's.
+    // callers do not see the failover. With no other link, the answer is
+    // marked LinkDied, and route_and_forward may replay it in another
+    // cluster.
     if head.is_err()
         && replayable
         && tried.len() < 2
@@ -1358,11 +1421,15 @@ fn remote_response(
             &format!("gateway of `{cluster}` answered out of protocol"),
             grpc,
         ),
-        Err(e) => error_response(
-            Refusal::UpstreamReset,
-            &format!("gateway of `{cluster}`: {e}"),
-            grpc,
-        ),
+        Err(e) => {
+            let mut r = error_response(
+                Refusal::UpstreamReset,
+                &format!("gateway of `{cluster}`: {e}"),
+                grpc,
+            );
+            r.extensions_mut().insert(LinkDied);
+            r
+        }
     }
 }
 

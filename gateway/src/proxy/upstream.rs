@@ -43,7 +43,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::body::ProxyBody;
+use super::body::{CallerFault, ProxyBody, Watched};
 use super::error_response;
 use crate::discovery::{Endpoint, EndpointSet};
 use crate::identity::store::Credentials;
@@ -141,6 +141,50 @@ impl<'a> Effective<'a> {
     }
 }
 
+/// Whether a request to an endpoint of `service` on service port `port`
+/// goes as HTTP/2: for gRPC, and for a port a ServiceEntry declares as
+/// HTTP/2 or gRPC (its `protocol`, or Istio's `<protocol>-` port name
+/// prefix); otherwise HTTP/1.1, which every HTTP server speaks. Never the
+/// caller's own protocol: an HTTP/2 caller of an HTTP/1.1-only service is
+/// translated, as Envoy does, on both the local and the peer path.
+pub fn speaks_h2(active: &Active, service: &str, port: u16, grpc: bool) -> bool {
+    if grpc {
+        return true;
+    }
+    let Some(entry) = active.snapshot.policy.service_entries.get(service) else {
+        return false;
+    };
+    entry.ports.iter().any(|p| {
+        let named = p.name.split('-').next().unwrap_or("");
+        p.number == port
+            && [p.protocol.as_str(), named].iter().any(|proto| {
+                ["HTTP2", "GRPC", "GRPC-WEB"]
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(proto))
+            })
+    })
+}
+
+/// The port an upstream cluster is keyed by: `dest.port` when the snapshot
+/// gives it a policy or endpoints of its own (`portLevelSettings`, a
+/// ServiceEntry port), else 0. The port is the caller's to choose (`Host:
+/// ratings:1234`), so keying by it as given would let callers mint a
+/// cluster, a pool and an endpoint connection per port.
+fn cluster_port(active: &Active, dest: &Dest<'_>) -> u16 {
+    let policy = &active.snapshot.policy;
+    let by_rule = policy.destinations.get(dest.service).is_some_and(|d| {
+        d.traffic_policy.ports.contains_key(&dest.port)
+            || d.subsets
+                .values()
+                .any(|s| s.traffic_policy.ports.contains_key(&dest.port))
+    });
+    let by_entry = policy
+        .service_entries
+        .get(dest.service)
+        .is_some_and(|e| e.ports.iter().any(|p| p.number == dest.port));
+    if by_rule || by_entry { dest.port } else { 0 }
+}
+
 /// One upstream cluster: a service, subset and port.
 #[derive(Debug)]
 struct Cluster {
@@ -224,6 +268,14 @@ pub enum UpstreamError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The caller failed its own request body (malformed, or it went
+    /// away): not the endpoint's fault, and never counted against it.
+    #[error("request to {service}: the caller's body failed: {reason}")]
+    Caller {
+        service: String,
+        fault: CallerFault,
+        reason: String,
+    },
 }
 
 impl UpstreamError {
@@ -234,6 +286,19 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => Refusal::ConnectFailed,
             UpstreamError::Reset { .. } => Refusal::UpstreamReset,
             UpstreamError::Tls(_) => Refusal::ConnectFailed,
+            UpstreamError::Caller { .. } => Refusal::BadRequest,
+        }
+    }
+
+    /// The status and reason this error is recorded under: the refusal's,
+    /// except a caller that went away (`499 source-cancelled`).
+    pub fn recorded(&self) -> (u16, &'static str) {
+        match self {
+            UpstreamError::Caller { fault, .. } => (fault.status().as_u16(), fault.reason()),
+            other => {
+                let r = other.refusal();
+                (r.http_status().as_u16(), r.reason())
+            }
         }
     }
 
@@ -243,6 +308,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Overflow { limit, .. } => {
                 overflow_response(*limit, &self.to_string(), grpc)
+            }
+            UpstreamError::Caller { fault, .. } => {
+                super::caller_fault_response(*fault, &self.to_string(), grpc)
             }
             other => error_response(other.refusal(), &other.to_string(), grpc),
         }
@@ -402,8 +470,9 @@ impl Upstream {
     }
 
     /// The cluster of `dest`, made on first use. `subset` is the subset
-    /// name if the snapshot defines it for the service, else `None`.
-    fn cluster(&self, dest: &Dest<'_>, subset: Option<&str>, now: u64) -> Arc<Cluster> {
+    /// name if the snapshot defines it for the service, else `None`; `port`
+    /// is [`cluster_port`].
+    fn cluster(&self, dest: &Dest<'_>, subset: Option<&str>, port: u16, now: u64) -> Arc<Cluster> {
         let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let list = match map.get_mut(dest.service) {
             Some(l) => l,
@@ -411,14 +480,14 @@ impl Upstream {
         };
         if let Some(c) = list
             .iter()
-            .find(|c| c.port == dest.port && c.subset.as_deref() == subset)
+            .find(|c| c.port == port && c.subset.as_deref() == subset)
         {
             c.last_used.store(now, Ordering::Relaxed);
             return c.clone();
         }
         let c = Arc::new(Cluster {
             subset: subset.map(str::to_string),
-            port: dest.port,
+            port,
             last_used: AtomicU64::new(now),
             rr: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
@@ -481,7 +550,7 @@ impl Upstream {
         });
         let now = self.now_ms();
         self.maybe_prune(now);
-        let cluster = self.cluster(dest, subset, now);
+        let cluster = self.cluster(dest, subset, cluster_port(active, dest), now);
         let pool_size = candidates.len();
         if policy.outlier.is_some() && cluster.ejected.load(Ordering::Relaxed) > 0 {
             let mut det = cluster.detector.lock().unwrap_or_else(|p| p.into_inner());
@@ -551,6 +620,9 @@ impl Upstream {
             tls: setup.as_ref().map_or(0, |s| s.id),
         };
         let (mut parts, body) = req.into_parts();
+        // Whether the caller fails its own body decides whose fault a
+        // failed request is.
+        let (body, caller_fault) = Watched::wrap(body);
         let path = parts
             .uri
             .path_and_query()
@@ -618,14 +690,16 @@ impl Upstream {
         };
         match lease.send(req).await {
             Ok(resp) => {
-                self.record(
-                    &cluster,
-                    &policy,
-                    service,
-                    addr,
-                    Outcome::Status(resp.status().as_u16()),
-                    pool_size,
-                );
+                if caller_fault.get().is_none() {
+                    self.record(
+                        &cluster,
+                        &policy,
+                        service,
+                        addr,
+                        Outcome::Status(resp.status().as_u16()),
+                        pool_size,
+                    );
+                }
                 let (mut parts, body) = resp.into_parts();
                 // Only a gateway may name a gateway's reason: a backend's
                 // copy of the header would steer retries and metric labels.
@@ -641,6 +715,16 @@ impl Upstream {
                 Ok(Response::from_parts(parts, body))
             }
             Err(e) => {
+                // A request whose caller broke or abandoned its body fails
+                // at the endpoint too; that says nothing of the endpoint
+                // (Envoy: a downstream error is never an upstream failure).
+                if let Some(fault) = caller_fault.get() {
+                    return Err(UpstreamError::Caller {
+                        service: service.to_string(),
+                        fault: *fault,
+                        reason: super::error_chain(&e),
+                    });
+                }
                 self.record(
                     &cluster,
                     &policy,

@@ -24,7 +24,10 @@
 //!   many requests is closed after its last response (HTTP/1.1) or takes no
 //!   new stream and closes when its streams end (HTTP/2).
 //! - `tcp.connectTimeout` bounds connecting (and the TLS handshake);
-//!   `http.idleTimeout` (default 1 h as Envoy; we use 90 s unless set) retires idle connections.
+//!   `http.idleTimeout` (default 1 h as Envoy; we use 90 s unless set)
+//!   closes a connection that no request has used for that long: its own
+//!   task times it ([`Usage`]), so an idle connection closes whether or not
+//!   another request ever comes.
 //!
 //! A waiting request waits until a connection frees or its caller gives up
 //! (the route timeout); overflow never waits. Every connection's task owns
@@ -33,9 +36,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -46,6 +51,9 @@ use tokio::sync::oneshot;
 
 use super::tls::TlsSetup;
 use crate::proxy::body::ProxyBody;
+
+#[cfg(test)]
+mod tests;
 
 /// Connect timeout unless `tcp.connectTimeout` says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -128,13 +136,65 @@ pub struct EndpointKey {
 struct Idle {
     tx: http1::SendRequest<ProxyBody>,
     served: u32,
-    since: Instant,
+    usage: Arc<Usage>,
 }
 
 #[derive(Debug)]
 struct Shared {
     tx: http2::SendRequest<ProxyBody>,
     served: u32,
+    usage: Arc<Usage>,
+}
+
+/// One connection's use, shared by its task and the leases on it: the
+/// task closes the connection once no lease has held it for the idle
+/// timeout.
+#[derive(Debug)]
+struct Usage {
+    leases: AtomicUsize,
+    /// When the last lease ended (or the connection opened), in ms since
+    /// `base`.
+    idle_since_ms: AtomicU64,
+    base: Instant,
+}
+
+impl Usage {
+    fn new() -> Arc<Self> {
+        Arc::new(Usage {
+            leases: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            base: Instant::now(),
+        })
+    }
+
+    /// When the connection became idle; `None` while a lease holds it.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.leases.load(Ordering::Acquire) == 0)
+            .then(|| self.base + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)))
+    }
+
+    fn expired(&self, timeout: Duration) -> bool {
+        self.idle_since()
+            .is_some_and(|t| t + timeout <= Instant::now())
+    }
+
+    fn hold(self: &Arc<Self>) -> Busy {
+        self.leases.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+}
+
+/// A lease's hold on a connection's [`Usage`].
+#[derive(Debug)]
+struct Busy(Arc<Usage>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Stamp, then leave: whoever sees no lease sees this stamp.
+        self.0.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        self.0.leases.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug)]
@@ -203,7 +263,7 @@ pub struct ClusterPool {
 
 enum Step {
     H1(Idle),
-    H2(http2::SendRequest<ProxyBody>),
+    H2((http2::SendRequest<ProxyBody>, Arc<Usage>)),
     Connect(ConnSlot),
     Wait(oneshot::Receiver<Grant>),
 }
@@ -247,7 +307,7 @@ impl ClusterPool {
                     if let Some(i) = ep.shared.iter().position(|_| true) {
                         let s = &mut ep.shared[i];
                         s.served += 1;
-                        let tx = s.tx.clone();
+                        let tx = (s.tx.clone(), s.usage.clone());
                         if limits
                             .max_requests_per_connection
                             .is_some_and(|m| s.served >= m)
@@ -259,7 +319,7 @@ impl ClusterPool {
                     }
                 } else {
                     while let Some(idle) = ep.idle.pop() {
-                        if !idle.tx.is_closed() && idle.since.elapsed() < limits.idle_timeout {
+                        if !idle.tx.is_closed() && !idle.usage.expired(limits.idle_timeout) {
                             found = Some(Step::H1(idle));
                             break;
                         }
@@ -301,14 +361,14 @@ impl ClusterPool {
                         return Ok(self.lease(key, Conn::H1(Some(idle)), request, limits));
                     }
                 }
-                Step::H2(mut tx) => {
+                Step::H2((mut tx, usage)) => {
                     if tx.ready().await.is_ok() {
-                        return Ok(self.lease(key, Conn::H2(tx), request, limits));
+                        return Ok(self.lease(key, Conn::H2(tx, usage), request, limits));
                     }
                 }
                 Step::Connect(slot) => {
                     let conn = connect(key, limits, tls, slot).await?;
-                    if let Conn::H2(tx) = &conn {
+                    if let Conn::H2(tx, usage) = &conn {
                         let mut st = self.lock();
                         if let Some(ep) = st.endpoints.get_mut(&key) {
                             let retire = limits.max_requests_per_connection.is_some_and(|m| m <= 1);
@@ -316,6 +376,7 @@ impl ClusterPool {
                                 ep.shared.push(Shared {
                                     tx: tx.clone(),
                                     served: 1,
+                                    usage: usage.clone(),
                                 });
                             }
                             ep.wake_all();
@@ -354,12 +415,17 @@ impl ClusterPool {
         request: RequestSlot,
         limits: &Limits,
     ) -> Lease {
+        let busy = match &conn {
+            Conn::H1(idle) => idle.as_ref().map(|i| i.usage.hold()),
+            Conn::H2(_, usage) => Some(usage.hold()),
+        };
         Lease {
             pool: self.clone(),
             key,
             conn,
             max_per_connection: limits.max_requests_per_connection,
             abandoned: false,
+            _busy: busy,
             _request: request,
         }
     }
@@ -403,7 +469,7 @@ impl ClusterPool {
 #[derive(Debug)]
 enum Conn {
     H1(Option<Idle>),
-    H2(http2::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>, Arc<Usage>),
 }
 
 /// One request's hold on a connection; the connection goes back to the
@@ -419,6 +485,9 @@ pub struct Lease {
     /// back: the sender gave up mid-request. HTTP/1 cannot take another
     /// request on that connection, so it is closed rather than given back.
     abandoned: bool,
+    /// Keeps the connection from being retired as idle; released after
+    /// the connection is given back (fields drop in order).
+    _busy: Option<Busy>,
     _request: RequestSlot,
 }
 
@@ -433,7 +502,7 @@ impl Lease {
                 self.abandoned = false;
                 Ok(resp?)
             }
-            Conn::H2(tx) => Ok(tx.send_request(req).await?),
+            Conn::H2(tx, _) => Ok(tx.send_request(req).await?),
             Conn::H1(None) => Err(SendError::Released),
         }
     }
@@ -454,14 +523,13 @@ impl Drop for Lease {
         let Conn::H1(slot) = &mut self.conn else {
             return;
         };
-        let Some(mut idle) = slot.take() else { return };
+        let Some(idle) = slot.take() else { return };
         let retire = self.max_per_connection.is_some_and(|m| idle.served >= m);
         if retire || self.abandoned || idle.tx.is_closed() {
             // Dropping the sender closes the connection; its task's slot
             // then frees the count and wakes a waiter.
             return;
         }
-        idle.since = Instant::now();
         self.pool.give_back(self.key, idle);
     }
 }
@@ -480,6 +548,9 @@ impl Drop for ConnSlot {
         let mut woke = false;
         if let Some(ep) = st.endpoints.get_mut(&self.key) {
             ep.open = ep.open.saturating_sub(1);
+            // This connection's own entry, if it was idle or shared.
+            ep.idle.retain(|i| !i.tx.is_closed());
+            ep.shared.retain(|s| !s.tx.is_closed());
             woke = ep.wake_one();
             if ep.unused() {
                 st.endpoints.remove(&self.key);
@@ -524,19 +595,20 @@ async fn connect(
 ) -> Result<Conn, PoolError> {
     let addr = key.addr;
     let fail = |reason: String| PoolError::Connect { addr, reason };
+    let idle = limits.idle_timeout;
     let work = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         match tls {
-            None => handshake(TokioIo::new(tcp), key.h2, slot).await,
+            None => handshake(TokioIo::new(tcp), key.h2, slot, idle).await,
             Some(t) => {
                 let io = t
                     .connect(tcp, key.h2, addr)
                     .await
                     .map_err(|e| fail(e.to_string()))?;
-                handshake(TokioIo::new(io), key.h2, slot).await
+                handshake(TokioIo::new(io), key.h2, slot, idle).await
             }
         }
     };
@@ -549,7 +621,12 @@ async fn connect(
     }
 }
 
-async fn handshake<I>(io: I, h2: bool, slot: ConnSlot) -> Result<Conn, PoolError>
+async fn handshake<I>(
+    io: I,
+    h2: bool,
+    slot: ConnSlot,
+    idle_timeout: Duration,
+) -> Result<Conn, PoolError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -558,30 +635,56 @@ where
         addr,
         reason: format!("HTTP handshake: {e}"),
     };
+    let usage = Usage::new();
     if h2 {
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await
             .map_err(fail)?;
+        let watched = usage.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HTTP/2 connection to endpoint ended");
-            }
+            drive(conn, &watched, idle_timeout, addr, "HTTP/2").await;
         });
-        Ok(Conn::H2(tx))
+        Ok(Conn::H2(tx, usage))
     } else {
         let (tx, conn) = http1::Builder::new().handshake(io).await.map_err(fail)?;
+        let watched = usage.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection to endpoint ended");
-            }
+            drive(conn, &watched, idle_timeout, addr, "HTTP/1.1").await;
         });
         Ok(Conn::H1(Some(Idle {
             tx,
             served: 1,
-            since: Instant::now(),
+            usage,
         })))
+    }
+}
+
+/// Runs an endpoint connection until it ends, or until no lease has held it
+/// for `idle_timeout` (then dropping it closes the socket). The timer is
+/// re-armed at most once per `idle_timeout` while the connection is in use.
+async fn drive<C>(conn: C, usage: &Usage, idle_timeout: Duration, addr: SocketAddr, proto: &str)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    loop {
+        let wake = usage.idle_since().unwrap_or_else(Instant::now) + idle_timeout;
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "{proto} connection to endpoint ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(wake) => {
+                if usage.expired(idle_timeout) {
+                    tracing::debug!(%addr, ?idle_timeout, "closing an idle {proto} connection to endpoint");
+                    return;
+                }
+            }
+        }
     }
 }

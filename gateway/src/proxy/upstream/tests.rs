@@ -217,7 +217,8 @@ fn unused_clusters_and_counters_are_swept_and_unknown_subsets_share_the_services
         let name = format!("made-up-{i}");
         drop(u.choose(&a, &eps, &dest(Some(&name), 9080, &all)).unwrap());
     }
-    // A defined subset has its own; every port its own.
+    // A defined subset has its own; so has a port with settings of its own
+    // (9080); every other port shares one.
     let v1 = BTreeMap::from([("version".to_string(), "v1".to_string())]);
     let held = u.choose(&a, &eps, &dest(Some("v1"), 9080, &v1)).unwrap();
     for port in 1..=50 {
@@ -226,7 +227,7 @@ fn unused_clusters_and_counters_are_swept_and_unknown_subsets_share_the_services
     let now = u.now_ms();
     // Counters nobody holds go at once (the held request keeps its own);
     // clusters stay while recently used.
-    assert_eq!(u.prune(now), (1, 52));
+    assert_eq!(u.prune(now), (1, 3));
     let later = now + CLUSTER_IDLE.as_millis() as u64;
     assert_eq!(u.prune(later), (1, 1), "only the cluster in use stays");
     drop(held);
@@ -239,6 +240,30 @@ fn unused_clusters_and_counters_are_swept_and_unknown_subsets_share_the_services
             .port(),
         1
     );
+}
+
+/// The port is the caller's to choose (`Host: ratings:1234`) or a peer's
+/// (its OPEN frame): 1,000 ports make no more clusters, pools and
+/// endpoint connections than the snapshot declares ports for.
+#[test]
+fn caller_chosen_ports_share_the_services_cluster_unless_declared() {
+    let a = active(DR);
+    let u = Upstream::new();
+    let eps = set(vec![ep(1, "v1"), ep(2, "v2")]);
+    let all = BTreeMap::new();
+    for port in (1..=1000u16).chain([9080]) {
+        drop(u.choose(&a, &eps, &dest(None, port, &all)).unwrap());
+    }
+    let clusters = u.clusters.lock().unwrap();
+    let ports: Vec<u16> = clusters[HOST].iter().map(|c| c.port).collect();
+    // 9080 has portLevelSettings: its own cluster, with its policy.
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    assert!(ports.contains(&0) && ports.contains(&9080), "{ports:?}");
+    drop(clusters);
+    let p = u.choose(&a, &eps, &dest(None, 9080, &all)).unwrap();
+    assert_eq!(p.policy.lb, LbAlgorithm::Random);
+    let p = u.choose(&a, &eps, &dest(None, 1234, &all)).unwrap();
+    assert_eq!(p.policy.lb, LbAlgorithm::RoundRobin);
 }
 
 #[test]
