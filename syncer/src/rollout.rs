@@ -307,7 +307,7 @@ impl Rollout {
                 .collect();
             let mut held = mine.len();
             for k in &mine {
-                if m.get(k).is_some_and(|r| forgotten(r)) {
+                if m.get(k).is_some_and(forgotten) {
                     m.remove(k);
                     dropped.push(k.1.clone());
                     held -= 1;

@@ -138,9 +138,10 @@ fn serial_a_360_mb_blob_after_a_good_commit_is_refused_under_the_syncer_limit_an
         spec.prefix = cg.prefix();
         let s = SyncerProcess::start(&spec);
         let (tx, mut acks) = mpsc::unbounded_channel();
-        let sub = rt.block_on(async {
+        let sub = {
+            let _rt = rt.enter();
             spawn_light_subscriber(s.grpc, gw.clone(), "east".into(), "gw-1".into(), tx)
-        });
+        };
         wait_ack(&rt, &mut acks, "east/gw-1", &good);
         sub.abort();
         running.push((name, cg, spec, s));
@@ -194,9 +195,10 @@ fn serial_a_360_mb_blob_after_a_good_commit_is_refused_under_the_syncer_limit_an
             // A gateway subscribing now still gets the last good commit.
             let (tx, mut acks) = mpsc::unbounded_channel();
             let who = format!("gw-{round}");
-            let sub = rt.block_on(async {
+            let sub = {
+                let _rt = rt.enter();
                 spawn_light_subscriber(s.grpc, gw.clone(), "east".into(), who.clone(), tx)
-            });
+            };
             wait_ack(&rt, &mut acks, &format!("east/{who}"), &good);
             sub.abort();
         }
@@ -226,7 +228,7 @@ fn alias_bomb(name: &str) -> String {
         let p = format!("*a{}", i - 1);
         s.push_str(&format!(
             "  a{i}: &a{i} [{}]\n",
-            vec![p.as_str(); 10].join(", ")
+            [p.as_str(); 10].join(", ")
         ));
     }
     s.push_str("  a5: [*a4, *a4, *a4, *a4]\n");
