@@ -11,7 +11,9 @@
 //! - the subscription rules: the peer must be a gateway, and the cluster its
 //!   `Hello` claims must be the cluster of its verified certificate chain;
 //!   otherwise the call ends with `PERMISSION_DENIED` naming both, and the
-//!   refusal is counted;
+//!   refusal is counted; the (cluster, id) record must belong to the
+//!   certificate's SPIFFE ID, and a certificate holds a bounded number of
+//!   ids ([`Rollout::admit`]);
 //! - delivery: each stream task follows the pipeline's `watch` of
 //!   [`Published`] on its own, sends the gateway's cluster snapshot (unless
 //!   the gateway already applied that commit), then every newer one. A
