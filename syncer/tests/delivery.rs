@@ -95,6 +95,7 @@ impl Server {
         bind: SocketAddr,
         rollout: Rollout,
         rx: watch::Receiver<Option<Arc<Published>>>,
+        max_ids_per_identity: usize,
     ) -> Self {
         let creds = Credentials::load(creds).unwrap();
         let refusals = Arc::new(HandshakeRefusals::new());
@@ -102,6 +103,10 @@ impl Server {
         let settings = ServerSettings {
             keepalive_interval: Duration::from_millis(500),
             keepalive_timeout: Duration::from_secs(2),
+            admission: meshfed_syncer::rollout::Admission {
+                max_ids_per_identity,
+                ..Default::default()
+            },
             ..ServerSettings::default()
         };
         let server = ConfigServer::with_settings(rollout, rx, settings);
@@ -185,12 +190,23 @@ impl World {
     }
 
     fn server(&self, rt: &Runtime, bind: SocketAddr) -> Server {
+        self.server_with(
+            rt,
+            bind,
+            meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY,
+        )
+    }
+
+    /// A server that lets one certificate hold `max_ids_per_identity`
+    /// gateway ids (load tests share one certificate between subscribers).
+    fn server_with(&self, rt: &Runtime, bind: SocketAddr, max_ids_per_identity: usize) -> Server {
         Server::start(
             rt,
             &self.syncer_creds,
             bind,
             self.rollout.clone(),
             self.publish.subscribe(),
+            max_ids_per_identity,
         )
     }
 
@@ -688,7 +704,8 @@ fn serial_a_hundred_subscribers_all_get_a_publication_and_a_reader_that_stalls_d
     const N: usize = 100;
     let rt = runtime();
     let w = World::new();
-    let server = w.server(&rt, "127.0.0.1:0".parse().unwrap());
+    // The subscribers share one certificate, each with its own id.
+    let server = w.server_with(&rt, "127.0.0.1:0".parse().unwrap(), N + 1);
     let creds = w.pki.gateway("east", "load");
     let a = sha(1);
     w.publish(&a);
