@@ -68,7 +68,7 @@ codes! {
     TooLarge = "file-too-large", Error, "A file is larger than the loader's limit (8 MiB).";
     NotText = "not-text", Error, "A file is not UTF-8 text, or holds NUL bytes (a binary file?).";
     YamlSyntax = "yaml-syntax", Error, "A document is not valid YAML.";
-    YamlLimit = "yaml-limit", Error, "A document nests deeper than 64 levels, or expands to more than 2,000,000 nodes through aliases, counting 32 bytes of text as a node (an alias bomb).";
+    YamlLimit = "yaml-limit", Error, "A document nests deeper than 64 levels, or a commit's files together expand to more than 600,000 nodes through aliases, counting 32 bytes of text as a node (an alias bomb).";
     DuplicateKey = "duplicate-key", Error, "A mapping has the same key twice; YAML forbids it and tools disagree on which wins.";
     // Schema
     NotAResource = "not-a-resource", Error, "A document is not a mapping with `apiVersion` and `kind`.";

@@ -35,11 +35,13 @@ pub struct Loaded {
     /// DestinationRule or Cluster would make every reference to it look
     /// wrong (a cascade of false errors).
     pub incomplete: bool,
+    /// The YAML node budget of the commit, shared by all of its files.
+    pub budget: yaml::NodeBudget,
 }
 
 /// Loads every resource from one file's bytes.
 pub fn load_file(file: &str, bytes: &[u8], out: &mut Loaded) {
-    let loaded = yaml::load_bytes(bytes);
+    let loaded = yaml::load_bytes_within(bytes, &mut out.budget);
     for (_, err) in &loaded.errors {
         out.diagnostics.push(yaml_diagnostic(file, err));
         out.incomplete = true;

@@ -17,6 +17,7 @@ use crate::Options;
 use crate::diag::{Code, Diagnostic};
 use crate::model::Resource;
 
+pub mod exports;
 pub mod federation;
 pub mod fields;
 
@@ -38,6 +39,7 @@ pub fn validate(resources: &[Resource], opts: &Options, check_references: bool) 
         fields::check(r, opts, &mut out);
     }
     federation::check(resources, opts, check_references, &mut out);
+    exports::check(resources, &mut out);
     out
 }
 

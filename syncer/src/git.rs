@@ -20,16 +20,28 @@
 //!   OpenPGP key is refused at startup rather than silently ignored.
 //! - Secrets (tokens, URL credentials) never leave this module unredacted:
 //!   every error message goes through [`Redactor`].
+//! - Memory is bounded whatever the repository holds. A fetch may bring at
+//!   most `--max-fetch-bytes` ([`SourceConfig::max_fetch_bytes`]): from a
+//!   network remote the transfer is aborted once that many bytes arrived
+//!   (libgit2 streams the pack to disk, so this bounds disk and time); from
+//!   a local one (a path or `file://`, where libgit2 packs the objects in
+//!   this process and holds whole blobs in memory), the new objects' sizes
+//!   are read from their headers and the fetch is refused before any is
+//!   loaded. Reading a commit, only selected `*.yaml`/`*.yml` blobs are
+//!   read, each after its size was checked from the object header (never
+//!   inflated first), and at most [`MAX_TREE_BYTES`] in all.
 //!
 //! It does not decide when to fetch ([`crate::trigger`]) or what a commit
 //! means ([`crate::pipeline`]).
 
+use std::cell::Cell;
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use git2::{
-    AutotagOption, Cred, CredentialType, ErrorClass, ErrorCode, FetchOptions, ObjectType, Oid,
+    AutotagOption, Cred, CredentialType, ErrorClass, ErrorCode, FetchOptions, ObjectType, Odb, Oid,
     RemoteCallbacks, Repository, Tree,
 };
 use meshfed_policy::fs::Selection;
@@ -40,6 +52,16 @@ pub const TRACKED_REF: &str = "refs/meshfed/tracked";
 /// The largest policy file read from a tree; bigger ones are reported (the
 /// policy loader's own limit, checked before the blob is copied).
 pub const MAX_FILE_BYTES: usize = meshfed_policy::yaml::MAX_FILE_BYTES;
+
+/// The most policy bytes read from one commit, all files together; the
+/// files past it are reported, not read. The policy crate's node budget
+/// bounds what they expand to.
+pub const MAX_TREE_BYTES: usize = 64 << 20;
+
+/// The default of `--max-fetch-bytes`: what one fetch may bring. A local
+/// fetch holds about twice its largest object in memory (libgit2's pack
+/// builder), so this keeps the syncer well inside its 512 MiB limit.
+pub const DEFAULT_MAX_FETCH_BYTES: u64 = 128 << 20;
 
 /// A secret string: never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -102,6 +124,10 @@ pub struct SourceConfig {
     /// Trusted signers; `Some` means every applied commit must be signed by
     /// one of them.
     pub signers: Option<TrustedSigners>,
+    /// The most one fetch may bring (`--max-fetch-bytes`): bytes received
+    /// from a network remote, or the objects' uncompressed size from a
+    /// local one.
+    pub max_fetch_bytes: u64,
 }
 
 impl SourceConfig {
@@ -206,6 +232,22 @@ pub enum GitError {
         "{url} has no {reference}; hint: check --branch (a branch name, or a full ref such as refs/tags/v1)"
     )]
     NoSuchRef { url: String, reference: String },
+    #[error(
+        "fetching {reference} from {url} refused: {what}, over --max-fetch-bytes ({limit} bytes); \
+         hint: take the large files out of the policy repository's history (keep binaries \
+         elsewhere, or in Git LFS), point --path at a smaller repository, or raise \
+         --max-fetch-bytes if it is really this large (mind the syncer's memory limit); the \
+         syncer keeps serving its last good snapshots meanwhile"
+    )]
+    TooLarge {
+        url: String,
+        reference: String,
+        /// The commit the remote's ref points to, when the remote said so.
+        commit: Option<String>,
+        /// What was over: "commit X brings N bytes of objects", ...
+        what: String,
+        limit: u64,
+    },
     #[error("reading commit {commit}: {message}")]
     Read { commit: String, message: String },
     #[error("cannot read trusted signing keys from {path}: {message}")]
@@ -227,6 +269,11 @@ pub struct TreeFiles {
     pub files: Vec<(String, Vec<u8>)>,
     /// Files over [`MAX_FILE_BYTES`]: (path, size); not read.
     pub too_large: Vec<(String, usize)>,
+    /// Files that would take the commit past [`MAX_TREE_BYTES`]: (path,
+    /// size); not read.
+    pub over_total: Vec<(String, usize)>,
+    /// Bytes read so far (the files in `files`).
+    pub total: usize,
     /// `--path` does not exist (or is not a directory) at this commit.
     pub missing_path: bool,
 }
@@ -288,7 +335,9 @@ impl GitSource {
     }
 
     /// Fetches the tracked ref (forced, so rewritten history is fine) and
-    /// returns its commit.
+    /// returns its commit. Refuses, with [`GitError::TooLarge`], a fetch
+    /// that would bring more than `max_fetch_bytes`; the mirror is then
+    /// unchanged (an aborted pack is never indexed).
     pub fn fetch(&self) -> Result<Fetched, GitError> {
         let started = Instant::now();
         let repo = self.repo()?;
@@ -299,12 +348,16 @@ impl GitSource {
             message: self.redactor.apply(e.message()),
             hint: fetch_hint(e, &self.cfg.url),
         };
+        if let Some(path) = local_remote(&self.cfg.url) {
+            self.check_local_size(&repo, &path, &reference)?;
+        }
+        let stopped_at = Cell::new(0u64);
         let mut remote = repo
             .remote_anonymous(&self.cfg.url)
             .map_err(|e| fetch_err(&e))?;
         let mut opts = FetchOptions::new();
         opts.download_tags(AutotagOption::None);
-        opts.remote_callbacks(self.callbacks());
+        opts.remote_callbacks(self.callbacks(&stopped_at));
         let bearer = match (&self.cfg.auth.token, self.cfg.auth.token_style) {
             (Some(t), TokenStyle::Bearer) => Some(format!("Authorization: Bearer {}", t.expose())),
             _ => None,
@@ -313,9 +366,32 @@ impl GitSource {
             opts.custom_headers(&[h.as_str()]);
         }
         let refspec = format!("+{reference}:{TRACKED_REF}");
-        remote
-            .fetch(&[refspec.as_str()], Some(&mut opts), None)
-            .map_err(|e| fetch_err(&e))?;
+        if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut opts), None) {
+            if stopped_at.get() > 0 {
+                // The advertised refs stay readable after the abort: name
+                // the commit that was refused.
+                let commit = remote.list().ok().and_then(|heads| {
+                    heads
+                        .iter()
+                        .find(|h| h.name() == reference)
+                        .map(|h| h.oid().to_string())
+                });
+                return Err(GitError::TooLarge {
+                    url: self.display_url(),
+                    what: format!(
+                        "{} brings more than {} bytes (the transfer was stopped)",
+                        commit
+                            .as_deref()
+                            .map_or("the remote's head".to_string(), |c| format!("commit {c}")),
+                        self.cfg.max_fetch_bytes
+                    ),
+                    reference,
+                    commit,
+                    limit: self.cfg.max_fetch_bytes,
+                });
+            }
+            return Err(fetch_err(&e));
+        }
         // The advertised refs stay readable after the fetch disconnects. A
         // ref the remote does not have fetches nothing, which must not look
         // like "no change".
@@ -337,8 +413,94 @@ impl GitSource {
         })
     }
 
-    fn callbacks(&self) -> RemoteCallbacks<'_> {
+    /// A local remote is packed in this process, whole objects in memory,
+    /// before any transfer callback runs: so the new objects' sizes are
+    /// summed from their headers first (nothing is inflated), and a fetch
+    /// over the limit is refused before it starts. The tree the mirror
+    /// already tracks is not counted; history behind it is not walked.
+    fn check_local_size(
+        &self,
+        mirror: &Repository,
+        path: &Path,
+        reference: &str,
+    ) -> Result<(), GitError> {
+        // Anything unreadable here is left to the fetch, which reports it.
+        let Ok(remote) = Repository::open(path) else {
+            return Ok(());
+        };
+        let Ok(tip) = remote
+            .revparse_single(reference)
+            .and_then(|o| o.peel_to_commit())
+        else {
+            return Ok(());
+        };
+        let limit = self.cfg.max_fetch_bytes;
+        let read_err = |e: &git2::Error| GitError::Read {
+            commit: tip.id().to_string(),
+            message: self.redactor.apply(e.message()),
+        };
+        let odb = remote.odb().map_err(|e| read_err(&e))?;
+        let mut seen = HashSet::new();
+        let mut walk = remote.revwalk().map_err(|e| read_err(&e))?;
+        walk.push(tip.id()).map_err(|e| read_err(&e))?;
+        if let Ok(have) = mirror.refname_to_id(TRACKED_REF)
+            && let Ok(have) = remote.find_commit(have)
+        {
+            // Unknown to the remote (rewritten history): nothing hidden.
+            let _ = walk.hide(have.id());
+            let mut ignored = 0u64;
+            let _ = sum_tree(
+                &odb,
+                &remote,
+                have.tree_id(),
+                &mut seen,
+                &mut ignored,
+                u64::MAX,
+            );
+        }
+        let mut total = 0u64;
+        for id in walk {
+            let id = id.map_err(|e| read_err(&e))?;
+            let commit = remote.find_commit(id).map_err(|e| read_err(&e))?;
+            sum_tree(
+                &odb,
+                &remote,
+                commit.tree_id(),
+                &mut seen,
+                &mut total,
+                limit,
+            )
+            .map_err(|e| read_err(&e))?;
+            if total > limit {
+                return Err(GitError::TooLarge {
+                    url: self.display_url(),
+                    reference: reference.to_string(),
+                    commit: Some(tip.id().to_string()),
+                    what: format!(
+                        "commit {} brings more than {total} bytes of new objects \
+                         (counted up to commit {id})",
+                        tip.id()
+                    ),
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Credentials, and the transfer bound: past `max_fetch_bytes`
+    /// received, the transfer is aborted and `stopped_at` says where.
+    fn callbacks<'a>(&'a self, stopped_at: &'a Cell<u64>) -> RemoteCallbacks<'a> {
         let mut cb = RemoteCallbacks::new();
+        let limit = self.cfg.max_fetch_bytes;
+        cb.transfer_progress(move |p| {
+            let received = p.received_bytes() as u64;
+            if received > limit {
+                stopped_at.set(received);
+                return false;
+            }
+            true
+        });
         let mut attempts = 0u32;
         cb.credentials(move |_url, user_from_url, allowed| {
             // libgit2 asks again after a refusal; one try per fetch, or a
@@ -414,8 +576,17 @@ impl GitSource {
                 }
             }
         };
-        collect(&repo, &root, &prefix, "", &self.cfg.selection, &mut out)
-            .map_err(|e| read_err(&e))?;
+        let odb = repo.odb().map_err(|e| read_err(&e))?;
+        collect(
+            &repo,
+            &odb,
+            &root,
+            &prefix,
+            "",
+            &self.cfg.selection,
+            &mut out,
+        )
+        .map_err(|e| read_err(&e))?;
         out.files.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
@@ -437,6 +608,13 @@ impl GitSource {
             commit: descendant.to_string(),
             message: e.message().to_string(),
         })
+    }
+
+    /// The message of `commit`, if the mirror has it.
+    pub fn message(&self, commit: &str) -> Option<String> {
+        let repo = self.repo().ok()?;
+        let c = repo.find_commit(Oid::from_str(commit).ok()?).ok()?;
+        Some(String::from_utf8_lossy(c.message_bytes()).into_owned())
     }
 
     /// Resolves an abbreviated SHA to the full one, if the mirror has it.
@@ -480,6 +658,7 @@ fn normalize(p: &Path) -> String {
 /// root.
 fn collect(
     repo: &Repository,
+    odb: &Odb<'_>,
     tree: &Tree<'_>,
     prefix: &str,
     rel: &str,
@@ -498,18 +677,24 @@ fn collect(
         match entry.kind() {
             Some(ObjectType::Tree) => {
                 let sub = repo.find_tree(entry.id())?;
-                collect(repo, &sub, prefix, &format!("{child}/"), sel, out)?;
+                collect(repo, odb, &sub, prefix, &format!("{child}/"), sel, out)?;
             }
             // 0o120000 is a symlink: its blob is a path, not a file.
             Some(ObjectType::Blob) if entry.filemode() != 0o120000 => {
                 if !sel.selects(Path::new(&child)) {
                     continue;
                 }
-                let blob = repo.find_blob(entry.id())?;
                 let path = format!("{prefix}{child}");
-                if blob.size() > MAX_FILE_BYTES {
-                    out.too_large.push((path, blob.size()));
+                // The size from the object header: a huge blob is never
+                // inflated just to learn that it is huge.
+                let (size, _) = odb.read_header(entry.id())?;
+                if size > MAX_FILE_BYTES {
+                    out.too_large.push((path, size));
+                } else if out.total + size > MAX_TREE_BYTES {
+                    out.over_total.push((path, size));
                 } else {
+                    let blob = repo.find_blob(entry.id())?;
+                    out.total += blob.size();
                     out.files.push((path, blob.content().to_vec()));
                 }
             }
@@ -518,6 +703,52 @@ fn collect(
         }
     }
     Ok(())
+}
+
+/// Adds the sizes of the blobs under `tree` not in `seen` to `total`
+/// (headers only), stopping once it passes `limit`.
+fn sum_tree(
+    odb: &Odb<'_>,
+    repo: &Repository,
+    tree: Oid,
+    seen: &mut HashSet<Oid>,
+    total: &mut u64,
+    limit: u64,
+) -> Result<(), git2::Error> {
+    if !seen.insert(tree) {
+        return Ok(());
+    }
+    let tree = repo.find_tree(tree)?;
+    for entry in tree.iter() {
+        if *total > limit {
+            return Ok(());
+        }
+        match entry.kind() {
+            Some(ObjectType::Tree) => sum_tree(odb, repo, entry.id(), seen, total, limit)?,
+            Some(ObjectType::Blob) if seen.insert(entry.id()) => {
+                let (size, _) = odb.read_header(entry.id())?;
+                *total = total.saturating_add(size as u64);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The directory of a local remote (a path or `file://`), which libgit2
+/// fetches in-process.
+fn local_remote(url: &str) -> Option<PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(rest));
+    }
+    if url.contains("://") {
+        return None;
+    }
+    // `user@host:path` and `host:path` are SSH (scp syntax), as git reads them.
+    let scp = url
+        .find(':')
+        .is_some_and(|i| !url[..i].contains('/') && i > 1);
+    (!scp).then(|| PathBuf::from(url))
 }
 
 fn fetch_hint(e: &git2::Error, url: &str) -> String {
@@ -688,6 +919,7 @@ mod tests {
             auth: RemoteAuth::default(),
             mirror: "/m".into(),
             signers: None,
+            max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
         };
         assert_eq!(cfg.remote_ref(), "refs/heads/main");
         let tag = SourceConfig {
@@ -695,5 +927,18 @@ mod tests {
             ..cfg
         };
         assert_eq!(tag.remote_ref(), "refs/tags/v1");
+    }
+
+    #[test]
+    fn paths_and_file_urls_are_local_remotes_and_scp_syntax_is_ssh() {
+        assert_eq!(
+            local_remote("/srv/git/policy"),
+            Some("/srv/git/policy".into())
+        );
+        assert_eq!(local_remote("file:///srv/p"), Some("/srv/p".into()));
+        assert_eq!(local_remote("policy"), Some("policy".into()));
+        assert_eq!(local_remote("git@github.com:org/policy.git"), None);
+        assert_eq!(local_remote("https://h/r"), None);
+        assert_eq!(local_remote("ssh://git@h/r"), None);
     }
 }

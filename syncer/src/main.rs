@@ -167,6 +167,32 @@ struct RunArgs {
     )]
     trusted_keys: Option<PathBuf>,
 
+    /// The most one fetch may bring, in bytes (suffixes Ki, Mi, Gi): bytes
+    /// received from a network remote, or the new objects' uncompressed size
+    /// from a local one. A bigger fetch is refused, reported in `status`,
+    /// and the last good snapshots stay in force. The default fits the
+    /// syncer's 512 MiB memory limit.
+    #[arg(long, value_name = "BYTES", env = "MESHFED_MAX_FETCH_BYTES",
+          default_value = "128Mi", value_parser = parse_bytes)]
+    max_fetch_bytes: u64,
+
+    /// Hold a valid commit that deletes more than this percentage of the
+    /// last good commit's resources (its Clusters, exports and policies);
+    /// it goes live once a commit containing it carries the trailer
+    /// `Meshfed-Allow-Deletion: true`. 100 turns the safeguard off.
+    #[arg(long, value_name = "PERCENT", env = "MESHFED_MAX_DELETION_PERCENT",
+          default_value_t = meshfed_syncer::pipeline::DEFAULT_MAX_DELETION_PERCENT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    max_deletion_percent: u8,
+
+    /// How many gateway ids one gateway certificate may hold (replicas that
+    /// share a certificate each have their own --gateway-id). A new id past
+    /// it replaces the certificate's longest-disconnected one, or is refused
+    /// when all are connected.
+    #[arg(long, value_name = "N", env = "MESHFED_MAX_GATEWAYS_PER_IDENTITY",
+          default_value_t = meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY)]
+    max_gateways_per_identity: usize,
+
     /// Directory for the Git mirror and the last good snapshots, which a
     /// restarted syncer serves before its first fetch.
     #[arg(long, value_name = "DIR", env = "MESHFED_STATE_DIR")]
@@ -371,6 +397,7 @@ fn main() -> ExitCode {
 /// Everything `run` needs, checked.
 struct Settings {
     source: SourceConfig,
+    max_deletion_percent: u8,
     poll: Duration,
     webhook_secret: Option<Secret>,
     http_token: Option<Secret>,
@@ -475,6 +502,12 @@ impl Settings {
                 None
             }
         };
+        if a.max_gateways_per_identity == 0 {
+            problems.push("--max-gateways-per-identity must be at least 1".into());
+        }
+        if a.max_fetch_bytes == 0 {
+            problems.push("--max-fetch-bytes must be more than 0".into());
+        }
         if a.poll_interval.is_zero() {
             problems.push("--poll-interval must be more than 0".into());
         }
@@ -509,7 +542,9 @@ impl Settings {
                 },
                 mirror: state_dir.join("mirror.git"),
                 signers,
+                max_fetch_bytes: a.max_fetch_bytes,
             },
+            max_deletion_percent: a.max_deletion_percent,
             poll: a.poll_interval,
             webhook_secret,
             http_token,
@@ -521,6 +556,10 @@ impl Settings {
             server: server::ServerSettings {
                 keepalive_interval: a.keepalive_interval,
                 keepalive_timeout: a.keepalive_timeout,
+                admission: meshfed_syncer::rollout::Admission {
+                    max_ids_per_identity: a.max_gateways_per_identity,
+                    known_window: a.known_window,
+                },
                 ..server::ServerSettings::default()
             },
             opts: meshfed_policy::Options {
@@ -568,14 +607,17 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         );
     }
     let saver = tokio::spawn(rollout.clone().keep_saved());
-    let pipeline = Arc::new(Pipeline::new(
-        source.clone(),
-        s.opts.clone(),
-        s.state_dir.clone(),
-        publish_tx,
-        state.clone(),
-        metrics.clone(),
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(
+            source.clone(),
+            s.opts.clone(),
+            s.state_dir.clone(),
+            publish_tx,
+            state.clone(),
+            metrics.clone(),
+        )
+        .with_max_deletion_percent(s.max_deletion_percent),
+    );
     match pipeline.restore()? {
         Some(c) => {
             tracing::info!(commit = %c, "serving the last good snapshots from the state directory until the first fetch")
@@ -744,7 +786,9 @@ async fn status_command(a: StatusArgs) -> u8 {
             Ok(v) => {
                 let done = match v.state {
                     RolloutState::Live => Some(exit::OK),
-                    RolloutState::Nacked | RolloutState::Rejected => Some(exit::FAILED),
+                    RolloutState::Nacked | RolloutState::Rejected | RolloutState::Held => {
+                        Some(exit::FAILED)
+                    }
                     RolloutState::Pending | RolloutState::Unknown => None,
                 };
                 if let Some(code) = done {
@@ -889,6 +933,26 @@ fn args_with_config() -> Result<Vec<OsString>, String> {
     Ok(out)
 }
 
+/// A byte count: digits with an optional binary suffix (`Ki`, `Mi`, `Gi`,
+/// with or without a trailing `B`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (e.g. 134217728 or 128Mi)"))?;
+    let shift = match unit.trim().trim_end_matches('B') {
+        "" => 0,
+        "Ki" | "K" | "k" => 10,
+        "Mi" | "M" => 20,
+        "Gi" | "G" => 30,
+        _ => return Err(format!("`{s}`: unknown unit; use Ki, Mi or Gi")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -910,5 +974,14 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(super::parse_bytes("1024"), Ok(1024));
+        assert_eq!(super::parse_bytes("128Mi"), Ok(128 << 20));
+        assert_eq!(super::parse_bytes("2GiB"), Ok(2 << 30));
+        assert!(super::parse_bytes("12 parsecs").is_err());
+        assert!(super::parse_bytes("").is_err());
     }
 }

@@ -37,6 +37,32 @@ pub const REJECTED_KEPT: usize = 20;
 /// How many accepted commits the status remembers (for per-commit views).
 pub const ACCEPTED_KEPT: usize = 100;
 
+/// The commit-message trailer that lets one commit delete more than
+/// `--max-deletion-percent` of the resources.
+pub const ALLOW_DELETION_TRAILER: &str = "Meshfed-Allow-Deletion";
+
+/// The default of `--max-deletion-percent`.
+pub const DEFAULT_MAX_DELETION_PERCENT: u8 = 50;
+
+/// A valid commit held back because it deletes too much of the last good
+/// policy; it goes live once a commit that carries the override contains
+/// it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    pub commit: String,
+    #[serde(serialize_with = "ser_time")]
+    pub at: SystemTime,
+    /// Always `held`, for readers that look at states.
+    pub state: &'static str,
+    /// One line: how much it deletes, the limit, and how to override.
+    pub reason: String,
+    /// Resources of the last good commit, and how many this one removes.
+    pub last_good_resources: usize,
+    pub removed: usize,
+    /// Some of the removed resources (`Kind namespace/name`), at most 20.
+    pub removed_sample: Vec<String>,
+}
+
 /// A rejected commit, as the status API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rejected {
@@ -83,6 +109,10 @@ pub struct StateView {
     pub last_fetch: Option<FetchStatus>,
     /// Newest first.
     pub rejected: VecDeque<Rejected>,
+    /// The newest commit held by the deletion safeguard, while nothing newer
+    /// was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
     /// Newest first (the last good one included).
     #[serde(skip)]
     pub accepted: VecDeque<Accepted>,
@@ -91,6 +121,10 @@ pub struct StateView {
 impl StateView {
     pub fn rejection(&self, commit: &str) -> Option<&Rejected> {
         self.rejected.iter().find(|r| r.commit == commit)
+    }
+
+    pub fn holding(&self, commit: &str) -> Option<&Held> {
+        self.held.as_ref().filter(|h| h.commit == commit)
     }
 
     pub fn acceptance(&self, commit: &str) -> Option<&Accepted> {
@@ -122,6 +156,8 @@ pub enum SyncOutcome {
     Unchanged(String),
     Accepted(String),
     Rejected(String),
+    /// Valid, but held by the deletion safeguard.
+    Held(String),
     /// The fetch failed (redacted message); nothing changed.
     FetchFailed(String),
 }
@@ -161,6 +197,11 @@ fn ms(d: std::time::Duration) -> f64 {
 pub struct Pipeline {
     source: Arc<GitSource>,
     opts: Options,
+    /// `--max-deletion-percent`: 100 turns the safeguard off.
+    max_deletion_percent: u8,
+    /// The last good commit's resources (`Kind namespace/name`), computed
+    /// again from the mirror after a restart.
+    last_good_resources: Mutex<Option<(String, BTreeSet<String>)>>,
     state_dir: PathBuf,
     publish: watch::Sender<Option<Arc<Published>>>,
     state: Arc<SyncState>,
@@ -189,11 +230,19 @@ impl Pipeline {
         Pipeline {
             source,
             opts,
+            max_deletion_percent: DEFAULT_MAX_DELETION_PERCENT,
+            last_good_resources: Mutex::new(None),
             state_dir,
             publish,
             state,
             metrics,
         }
+    }
+
+    /// Sets `--max-deletion-percent` (100: no safeguard).
+    pub fn with_max_deletion_percent(mut self, percent: u8) -> Self {
+        self.max_deletion_percent = percent.min(100);
+        self
     }
 
     pub fn source(&self) -> &Arc<GitSource> {
@@ -276,11 +325,23 @@ impl Pipeline {
                 self.metrics.fetch_errors.inc();
                 let msg = e.to_string();
                 tracing::warn!(error = %msg, "git fetch failed; still serving the last good snapshots");
-                self.state.lock().last_fetch = Some(FetchStatus {
+                let mut st = self.state.lock();
+                st.last_fetch = Some(FetchStatus {
                     at: SystemTime::now(),
                     ok: false,
                     error: Some(msg.clone()),
                 });
+                // A head refused for its size is a rejected commit too, so
+                // that `status --wait` on it ends with the reason.
+                if let GitError::TooLarge {
+                    commit: Some(commit),
+                    ..
+                } = &e
+                    && st.rejection(commit).is_none()
+                {
+                    drop(st);
+                    self.reject(commit, msg.clone(), Vec::new());
+                }
                 return SyncOutcome::FetchFailed(msg);
             }
         };
@@ -294,7 +355,7 @@ impl Pipeline {
                 error: None,
             });
             let good = st.last_good.as_ref().is_some_and(|g| g.commit == commit);
-            if good || st.rejection(&commit).is_some() {
+            if good || st.rejection(&commit).is_some() || st.holding(&commit).is_some() {
                 tracing::debug!(%commit, elapsed_ms = fetched.elapsed.as_millis() as u64, "head unchanged");
                 return SyncOutcome::Unchanged(commit);
             }
@@ -307,8 +368,16 @@ impl Pipeline {
     pub fn process(&self, commit: &str, started: Instant) -> SyncOutcome {
         let mut timings = Timings::default();
         match self.compile(commit, &mut timings) {
-            Ok((clusters, warnings)) => {
+            Ok((clusters, warnings, resources)) => {
+                if let Some(held) = self.deletion_check(commit, &resources) {
+                    self.hold(held);
+                    return SyncOutcome::Held(commit.to_string());
+                }
                 self.accept(commit, clusters, warnings, started, timings);
+                *self
+                    .last_good_resources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((commit.to_string(), resources));
                 SyncOutcome::Accepted(commit.to_string())
             }
             Err((reason, diagnostics)) => {
@@ -318,13 +387,102 @@ impl Pipeline {
         }
     }
 
+    /// The deletion safeguard: `Some` when `commit` removes more than
+    /// `--max-deletion-percent` of the last good commit's resources and
+    /// does not carry the override trailer.
+    fn deletion_check(&self, commit: &str, resources: &BTreeSet<String>) -> Option<Held> {
+        if self.max_deletion_percent >= 100 {
+            return None;
+        }
+        let good = self.state.lock().last_good.as_ref()?.commit.clone();
+        let before = self.resources_of(&good)?;
+        if before.is_empty() {
+            return None;
+        }
+        let removed: Vec<&String> = before.difference(resources).collect();
+        // Compared in integers: removed / before > percent / 100.
+        if removed.len() * 100 <= before.len() * usize::from(self.max_deletion_percent) {
+            return None;
+        }
+        let message = self.source.message(commit).unwrap_or_default();
+        if has_allow_deletion_trailer(&message) {
+            tracing::warn!(
+                %commit, removed = removed.len(), of = before.len(),
+                "commit deletes more than --max-deletion-percent, allowed by its {ALLOW_DELETION_TRAILER} trailer"
+            );
+            return None;
+        }
+        let percent = removed.len() * 100 / before.len();
+        Some(Held {
+            commit: commit.to_string(),
+            at: SystemTime::now(),
+            state: "held",
+            reason: format!(
+                "held: it deletes {} of the {} resources of the last good commit {} ({percent}%, \
+                 over --max-deletion-percent {}%); the last good snapshots stay in force. To \
+                 apply it, push a commit that contains it with the trailer \
+                 `{ALLOW_DELETION_TRAILER}: true` in its message (e.g. `git commit --allow-empty \
+                 -m 'apply deletions' -m '{ALLOW_DELETION_TRAILER}: true'`), or restart the \
+                 syncer with a higher --max-deletion-percent",
+                removed.len(),
+                before.len(),
+                &good[..good.len().min(12)],
+                self.max_deletion_percent
+            ),
+            last_good_resources: before.len(),
+            removed: removed.len(),
+            removed_sample: removed.into_iter().take(20).cloned().collect(),
+        })
+    }
+
+    /// The resources of an accepted commit, from memory or read again from
+    /// the mirror (after a restart). `None` when they cannot be known.
+    fn resources_of(&self, commit: &str) -> Option<BTreeSet<String>> {
+        let mut cached = self
+            .last_good_resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((c, r)) = cached.as_ref()
+            && c == commit
+        {
+            return Some(r.clone());
+        }
+        let tree = match self.source.read_tree(commit) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(%commit, error = %e, "cannot read the last good commit; the deletion safeguard is skipped for this commit");
+                return None;
+            }
+        };
+        let analysis = meshfed_policy::analyze(tree.files, &self.opts);
+        let r: BTreeSet<String> = analysis
+            .resources
+            .iter()
+            .map(|r| r.display_name())
+            .collect();
+        *cached = Some((commit.to_string(), r.clone()));
+        Some(r)
+    }
+
+    fn hold(&self, held: Held) {
+        self.metrics.commit("held");
+        tracing::warn!(commit = %held.commit, reason = %held.reason, "commit held by the deletion safeguard");
+        self.state.lock().held = Some(held);
+    }
+
     #[allow(clippy::type_complexity)]
     fn compile(
         &self,
         commit: &str,
         timings: &mut Timings,
-    ) -> Result<(BTreeMap<String, ClusterSnapshot>, Vec<Diagnostic>), (String, Vec<Diagnostic>)>
-    {
+    ) -> Result<
+        (
+            BTreeMap<String, ClusterSnapshot>,
+            Vec<Diagnostic>,
+            BTreeSet<String>,
+        ),
+        (String, Vec<Diagnostic>),
+    > {
         let t = Instant::now();
         match self.source.verify_signature(commit) {
             Ok(Some(signer)) => tracing::info!(%commit, %signer, "commit signature verified"),
@@ -360,6 +518,19 @@ impl Pipeline {
                     "split the file, or leave it out with --exclude if it is not mesh policy",
                 )
             })
+            .chain(tree.over_total.iter().map(|(path, size)| {
+                Diagnostic::new(
+                    Code::TooLarge,
+                    path,
+                    Pos { line: 1, column: 1 },
+                    format!(
+                        "not read: its {size} bytes would take this commit's policy files past \
+                         {} bytes in all",
+                        crate::git::MAX_TREE_BYTES
+                    ),
+                )
+                .with_hint("leave files that are not mesh policy out with --path or --exclude")
+            }))
             .collect();
         if tree.files.is_empty() && extra.is_empty() {
             let at = cfg
@@ -411,7 +582,12 @@ impl Pipeline {
             }
         }
         timings.compile = t.elapsed();
-        Ok((clusters, analysis.diagnostics))
+        let resources = analysis
+            .resources
+            .iter()
+            .map(|r| r.display_name())
+            .collect();
+        Ok((clusters, analysis.diagnostics, resources))
     }
 
     fn accept(
@@ -468,6 +644,7 @@ impl Pipeline {
         };
         let mut st = self.state.lock();
         st.last_good = Some(acc.clone());
+        st.held = None;
         st.accepted.retain(|a| a.commit != commit);
         st.accepted.push_front(acc);
         st.accepted.truncate(ACCEPTED_KEPT);
@@ -523,6 +700,19 @@ impl Pipeline {
     }
 }
 
+/// Whether a commit message ends with the `Meshfed-Allow-Deletion: true`
+/// trailer (in its last paragraph, as `git interpret-trailers` reads them;
+/// key case-insensitive, value `true` or `yes`).
+pub fn has_allow_deletion_trailer(message: &str) -> bool {
+    let last = message.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    last.lines().any(|line| {
+        line.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case(ALLOW_DELETION_TRAILER)
+                && matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "yes")
+        })
+    })
+}
+
 /// Writes `path` via a temporary file, fsync and rename, so a crash leaves
 /// either the old or the new contents.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -574,6 +764,23 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_allow_deletion_trailer_is_read_from_the_last_paragraph_only() {
+        assert!(has_allow_deletion_trailer(
+            "remove the old exports\n\nbody\n\nMeshfed-Allow-Deletion: true\n"
+        ));
+        assert!(has_allow_deletion_trailer(
+            "x\n\nSigned-off-by: a <a@b>\nmeshfed-allow-deletion: yes"
+        ));
+        assert!(!has_allow_deletion_trailer(
+            "Meshfed-Allow-Deletion: true\n\nthe trailer is not in the last paragraph"
+        ));
+        assert!(!has_allow_deletion_trailer(
+            "x\n\nMeshfed-Allow-Deletion: false"
+        ));
+        assert!(!has_allow_deletion_trailer(""));
+    }
 
     #[test]
     fn rfc3339_formats_utc_dates() {

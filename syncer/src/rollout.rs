@@ -10,6 +10,15 @@
 //! `Rollout` is the single source of truth for "which gateway applied what":
 //! the server writes it, the status API and `status --wait` read it.
 //!
+//! Records are bound to the certificate that made them
+//! ([`Rollout::admit`]): a record belongs to the SPIFFE ID of the gateway
+//! that first subscribed with its (cluster, id), and no other certificate
+//! may take it over while it is known; one certificate (shared by a
+//! Deployment's replicas) holds at most [`Admission::max_ids_per_identity`]
+//! ids, so a certificate cannot flood the records with phantom gateways.
+//! "Applied" comes only from an ACK on the gateway's current stream: a new
+//! stream starts with nothing applied, whatever its Hello says.
+//!
 //! It outlives a restart of the syncer ([`Rollout::persistent`]): every
 //! connect, ACK, NACK and disconnect is written to `gateways.json` in the
 //! state directory, so a restarted syncer still knows which gateways a
@@ -72,6 +81,56 @@ pub struct GatewayRecord {
     pub acked_at: Option<SystemTime>,
     /// The last NACK: (version, reason). Cleared by a later ACK.
     pub nack: Option<(String, String)>,
+}
+
+/// How many gateway ids one certificate may hold by default: a Deployment's
+/// replicas share one certificate, and rolling restarts bring new pod names
+/// while the old ones are still known.
+pub const DEFAULT_MAX_IDS_PER_IDENTITY: usize = 16;
+
+/// The rules [`Rollout::admit`] applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// Most gateway ids recorded for one certificate identity.
+    pub max_ids_per_identity: usize,
+    /// A disconnected record older than this is forgotten (the status API's
+    /// known window): it no longer counts, and may be taken over.
+    pub known_window: Duration,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_ids_per_identity: DEFAULT_MAX_IDS_PER_IDENTITY,
+            known_window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Why a subscription does not get a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error(
+        "gateway id `{gateway_id}` in cluster `{cluster}` belongs to {holder}; {identity} cannot \
+         speak for it (give each gateway its own --gateway-id; a gateway that is gone for good is \
+         forgotten after the syncer's --known-window)"
+    )]
+    Taken {
+        cluster: String,
+        gateway_id: String,
+        holder: String,
+        identity: String,
+    },
+    #[error(
+        "{identity} already holds {max} connected gateway ids ({ids}); refusing `{gateway_id}` \
+         (give replicas their own certificates, or raise --max-gateways-per-identity)"
+    )]
+    TooMany {
+        identity: String,
+        gateway_id: String,
+        max: usize,
+        ids: String,
+    },
 }
 
 /// Rollout tracking, shared by the server (writer) and the status API
@@ -199,38 +258,115 @@ impl Rollout {
         }
     }
 
-    /// A gateway said hello on a verified stream.
-    pub fn connected(
+    /// A gateway said hello on a verified stream whose certificate is
+    /// `identity`: its record is (re)opened, bound to `identity`, with
+    /// nothing applied until it ACKs on this stream. Refused when the
+    /// (cluster, id) belongs to another known certificate, or when
+    /// `identity` already holds `max_ids_per_identity` connected ids; to
+    /// make room, its oldest disconnected record is dropped. Returns the
+    /// ids dropped.
+    pub fn admit(
         &self,
         cluster: &str,
         gateway_id: &str,
         identity: &str,
         peer_addr: Option<SocketAddr>,
-        applied: Option<String>,
-    ) {
+        rules: &Admission,
+    ) -> Result<Vec<String>, AdmitError> {
+        let now = SystemTime::now();
+        let forgotten = |r: &GatewayRecord| {
+            !r.connected
+                && now
+                    .duration_since(r.last_seen)
+                    .is_ok_and(|age| age > rules.known_window)
+        };
+        let key = (cluster.to_string(), gateway_id.to_string());
         let mut m = self.lock();
-        let r = m
-            .entry((cluster.to_string(), gateway_id.to_string()))
-            .or_insert_with(|| GatewayRecord {
-                cluster: cluster.to_string(),
-                gateway_id: gateway_id.to_string(),
-                identity: identity.to_string(),
-                peer_addr,
-                connected: true,
-                last_seen: SystemTime::now(),
-                applied: None,
-                acked_at: None,
-                nack: None,
-            });
+        let mut dropped = Vec::new();
+        if let Some(r) = m.get(&key)
+            && r.identity != identity
+        {
+            if !forgotten(r) {
+                return Err(AdmitError::Taken {
+                    cluster: cluster.to_string(),
+                    gateway_id: gateway_id.to_string(),
+                    holder: r.identity.clone(),
+                    identity: identity.to_string(),
+                });
+            }
+            m.remove(&key);
+            dropped.push(gateway_id.to_string());
+        }
+        if !m.contains_key(&key) {
+            // This identity's forgotten records go first, then, if it is
+            // still at its bound, its longest-disconnected one.
+            let mine: Vec<(String, String)> = m
+                .iter()
+                .filter(|(_, r)| r.identity == identity)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut held = mine.len();
+            for k in &mine {
+                if m.get(k).is_some_and(forgotten) {
+                    m.remove(k);
+                    dropped.push(k.1.clone());
+                    held -= 1;
+                }
+            }
+            if held >= rules.max_ids_per_identity.max(1) {
+                let oldest = m
+                    .iter()
+                    .filter(|(_, r)| r.identity == identity && !r.connected)
+                    .min_by_key(|(_, r)| r.last_seen)
+                    .map(|(k, _)| k.clone());
+                match oldest {
+                    Some(k) => {
+                        m.remove(&k);
+                        dropped.push(k.1);
+                    }
+                    None => {
+                        let ids: Vec<String> = m
+                            .values()
+                            .filter(|r| r.identity == identity)
+                            .map(|r| r.gateway_id.clone())
+                            .take(5)
+                            .collect();
+                        drop(m);
+                        if !dropped.is_empty() {
+                            self.changed();
+                        }
+                        return Err(AdmitError::TooMany {
+                            identity: identity.to_string(),
+                            gateway_id: gateway_id.to_string(),
+                            max: rules.max_ids_per_identity,
+                            ids: format!("{}, …", ids.join(", ")),
+                        });
+                    }
+                }
+            }
+        }
+        let r = m.entry(key).or_insert_with(|| GatewayRecord {
+            cluster: cluster.to_string(),
+            gateway_id: gateway_id.to_string(),
+            identity: identity.to_string(),
+            peer_addr,
+            connected: true,
+            last_seen: now,
+            applied: None,
+            acked_at: None,
+            nack: None,
+        });
         r.identity = identity.to_string();
         r.peer_addr = peer_addr;
         r.connected = true;
-        r.last_seen = SystemTime::now();
-        if applied.is_some() {
-            r.applied = applied;
-        }
+        r.last_seen = now;
+        // Only an ACK on this stream says what it applies now.
+        r.applied = None;
+        r.acked_at = None;
+        r.nack = None;
         drop(m);
         self.changed();
+        Ok(dropped)
     }
 
     pub fn acked(&self, cluster: &str, gateway_id: &str, version: &str) {
@@ -299,15 +435,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (r, problem) = Rollout::persistent(dir.path());
         assert_eq!(problem, None);
-        r.connected("east", "gw-0", "spiffe://x/east/gw-0", None, None);
+        let rules = Admission::default();
+        r.admit("east", "gw-0", "spiffe://x/east/gw-0", None, &rules)
+            .unwrap();
         r.acked("east", "gw-0", "c1");
-        r.connected(
-            "west",
-            "gw-0",
-            "spiffe://x/west/gw-0",
-            None,
-            Some("c0".into()),
-        );
+        r.admit("west", "gw-0", "spiffe://x/west/gw-0", None, &rules)
+            .unwrap();
+        r.acked("west", "gw-0", "c0");
         r.nacked("west", "gw-0", "c1", "bad.yaml:3: nope");
         r.disconnected("west", "gw-0");
         let west_seen = r.get("west", "gw-0").unwrap().last_seen;
@@ -328,6 +462,82 @@ mod tests {
         );
     }
 
+    /// Item 11 of issue 21: another certificate of the cluster cannot take
+    /// over a known gateway's record, connected or not.
+    #[test]
+    fn a_record_belongs_to_its_certificate_while_it_is_known() {
+        let r = Rollout::new();
+        let rules = Admission::default();
+        r.admit("east", "gw-0", "spiffe://td/a", None, &rules)
+            .unwrap();
+        r.acked("east", "gw-0", "c1");
+        r.disconnected("east", "gw-0");
+        let e = r
+            .admit("east", "gw-0", "spiffe://td/b", None, &rules)
+            .unwrap_err();
+        assert!(matches!(e, AdmitError::Taken { .. }), "{e}");
+        assert!(e.to_string().contains("spiffe://td/a"), "{e}");
+        let rec = r.get("east", "gw-0").unwrap();
+        assert_eq!(rec.identity, "spiffe://td/a");
+        assert!(!rec.connected, "the refused stream must not look connected");
+
+        // Forgotten (disconnected past the known window): it may be reused.
+        let short = Admission {
+            known_window: Duration::ZERO,
+            ..rules
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        r.admit("east", "gw-0", "spiffe://td/b", None, &short)
+            .unwrap();
+        assert_eq!(r.get("east", "gw-0").unwrap().identity, "spiffe://td/b");
+    }
+
+    /// Item 11 of issue 21: a new stream has applied nothing until it ACKs.
+    #[test]
+    fn a_reconnect_starts_with_nothing_applied() {
+        let r = Rollout::new();
+        let rules = Admission::default();
+        r.admit("east", "gw-0", "spiffe://td/a", None, &rules)
+            .unwrap();
+        r.acked("east", "gw-0", "c1");
+        r.admit("east", "gw-0", "spiffe://td/a", None, &rules)
+            .unwrap();
+        assert_eq!(r.get("east", "gw-0").unwrap().applied, None);
+    }
+
+    /// Item 11 of issue 21: 2,000 phantom ids from one certificate leave at
+    /// most the bound in the records; connected ones are never dropped.
+    #[test]
+    fn one_certificate_holds_at_most_its_bound_of_gateway_ids() {
+        let r = Rollout::new();
+        let rules = Admission {
+            max_ids_per_identity: 4,
+            ..Admission::default()
+        };
+        for i in 0..2000 {
+            let id = format!("phantom-{i}");
+            r.admit("east", &id, "spiffe://td/x", None, &rules).unwrap();
+            r.disconnected("east", &id);
+        }
+        assert_eq!(r.gateways().len(), 4);
+        assert!(r.get("east", "phantom-1999").is_some());
+
+        let live = Rollout::new();
+        for i in 0..4 {
+            live.admit("east", &format!("gw-{i}"), "spiffe://td/x", None, &rules)
+                .unwrap();
+        }
+        let e = live
+            .admit("east", "gw-4", "spiffe://td/x", None, &rules)
+            .unwrap_err();
+        assert!(matches!(e, AdmitError::TooMany { max: 4, .. }), "{e}");
+        assert_eq!(live.gateways().len(), 4);
+        assert!(live.gateways().iter().all(|g| g.connected));
+        // Another certificate is not affected.
+        live.admit("east", "gw-4", "spiffe://td/y", None, &rules)
+            .unwrap();
+    }
+
     #[test]
     fn an_unreadable_records_file_is_reported_and_replaced() {
         let dir = tempfile::tempdir().unwrap();
@@ -335,7 +545,8 @@ mod tests {
         let (r, problem) = Rollout::persistent(dir.path());
         assert!(problem.unwrap().contains(RECORDS_FILE));
         assert!(r.gateways().is_empty());
-        r.connected("east", "gw-0", "id", None, None);
+        r.admit("east", "gw-0", "id", None, &Admission::default())
+            .unwrap();
         r.save().unwrap();
         assert_eq!(Rollout::persistent(dir.path()).0.gateways().len(), 1);
     }

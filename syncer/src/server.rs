@@ -11,7 +11,9 @@
 //! - the subscription rules: the peer must be a gateway, and the cluster its
 //!   `Hello` claims must be the cluster of its verified certificate chain;
 //!   otherwise the call ends with `PERMISSION_DENIED` naming both, and the
-//!   refusal is counted;
+//!   refusal is counted; the (cluster, id) record must belong to the
+//!   certificate's SPIFFE ID, and a certificate holds a bounded number of
+//!   ids ([`Rollout::admit`]);
 //! - delivery: each stream task follows the pipeline's `watch` of
 //!   [`Published`] on its own, sends the gateway's cluster snapshot (unless
 //!   the gateway already applied that commit), then every newer one. A
@@ -37,7 +39,7 @@
 //! It does not compile snapshots ([`crate::pipeline`]), persist them, or
 //! answer questions about rollouts ([`crate::status`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -65,7 +67,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::rollout::{Published, Rollout};
+use crate::rollout::{Admission, AdmitError, Published, Rollout};
 
 /// The TCP port of the gRPC config server by default, as istiod serves xDS
 /// over mTLS on 15012.
@@ -90,6 +92,9 @@ pub struct ServerSettings {
     pub hello_timeout: Duration,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// Which gateway ids a certificate may hold (`--max-gateways-per-identity`,
+    /// `--known-window`).
+    pub admission: Admission,
 }
 
 impl Default for ServerSettings {
@@ -99,6 +104,7 @@ impl Default for ServerSettings {
             keepalive_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            admission: Admission::default(),
         }
     }
 }
@@ -129,7 +135,8 @@ pub fn tls_config(
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
-    /// `cluster_mismatch`, `not_a_gateway`, `no_hello`, `protocol`.
+    /// `cluster_mismatch`, `not_a_gateway`, `no_hello`, `protocol`,
+    /// `gateway_id_taken`, `too_many_gateway_ids`.
     reason: &'static str,
 }
 
@@ -178,7 +185,7 @@ struct Shared {
     metrics: ServerMetrics,
     /// The live stream of each (cluster, gateway id): a reconnecting gateway's
     /// old stream, ending late, must not mark the new one disconnected.
-    live: Mutex<BTreeMap<(String, String), u64>>,
+    live: Mutex<BTreeMap<(String, String), BTreeSet<u64>>>,
     next_stream: AtomicU64,
     stop: watch::Receiver<bool>,
     stop_tx: watch::Sender<bool>,
@@ -470,48 +477,55 @@ impl ConfigDelivery for ConfigServer {
             ));
         }
         // Replicas may share one certificate (a Kubernetes Secret), so the
-        // id in the Hello names the replica; but a gateway cannot take over
-        // the record of a connected gateway that holds another certificate,
-        // which would let it ACK on that gateway's behalf.
+        // id in the Hello names the replica; but a record belongs to the
+        // certificate that made it (no other may ACK in its name, connected
+        // or not), and one certificate holds a bounded number of ids.
         let identity = peer.id.to_string();
-        if let Some(r) = shared.rollout.get(&hello.cluster, &hello.gateway_id)
-            && r.connected
-            && r.identity != identity
-        {
-            shared.metrics.refuse("gateway_id_taken");
-            tracing::warn!(
-                peer = ?conn.addr, identity = %identity, holder = %r.identity, gateway_id = %hello.gateway_id,
-                "refused a config stream: the gateway id is held by a connected gateway with another certificate"
-            );
-            return Err(Status::permission_denied(format!(
-                "gateway id `{}` in cluster `{}` is held by a connected gateway certified as {}; \
-                 {identity} cannot speak for it (give each gateway its own --gateway-id)",
-                hello.gateway_id, hello.cluster, r.identity
-            )));
+        match shared.rollout.admit(
+            &hello.cluster,
+            &hello.gateway_id,
+            &identity,
+            conn.addr,
+            &shared.settings.admission,
+        ) {
+            Ok(dropped) if !dropped.is_empty() => tracing::info!(
+                %identity, dropped = %dropped.join(","),
+                "forgot disconnected gateway records to make room for a new one"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                let reason = match e {
+                    AdmitError::Taken { .. } => "gateway_id_taken",
+                    AdmitError::TooMany { .. } => "too_many_gateway_ids",
+                };
+                shared.metrics.refuse(reason);
+                tracing::warn!(peer = ?conn.addr, %identity, gateway_id = %hello.gateway_id, error = %e, "refused a config stream");
+                return Err(match e {
+                    AdmitError::Taken { .. } => Status::permission_denied(e.to_string()),
+                    AdmitError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
+                });
+            }
         }
 
         let stream_no = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        // What the gateway says it enforces is logged, never recorded:
+        // "applied" comes only from an ACK of a snapshot sent on this stream,
+        // so the current snapshot is sent even if the Hello claims it.
         let applied = Some(hello.applied_version.clone()).filter(|v| !v.is_empty());
         let key = (hello.cluster.clone(), hello.gateway_id.clone());
-        if let Some(previous) = shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), stream_no)
         {
-            tracing::info!(
-                cluster = %key.0, gateway = %key.1, previous_stream = previous,
-                "a gateway subscribed again while its previous stream is still open (a reconnect, \
-                 or two gateways sharing one --gateway-id)"
-            );
+            let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+            let streams = live.entry(key.clone()).or_default();
+            if !streams.is_empty() {
+                tracing::info!(
+                    cluster = %key.0, gateway = %key.1, open_streams = streams.len(),
+                    "a gateway subscribed again while a previous stream is still open (a reconnect, \
+                     or two replicas sharing one --gateway-id); it stays connected until its last \
+                     stream ends"
+                );
+            }
+            streams.insert(stream_no);
         }
-        shared.rollout.connected(
-            &hello.cluster,
-            &hello.gateway_id,
-            &peer.id.to_string(),
-            conn.addr,
-            applied.clone(),
-        );
         tracing::info!(
             cluster = %hello.cluster, gateway = %hello.gateway_id, peer = ?conn.addr,
             applied = applied.as_deref().unwrap_or("none"), schema = hello.snapshot_schema,
@@ -532,7 +546,7 @@ impl ConfigDelivery for ConfigServer {
             cluster: hello.cluster.clone(),
             gateway_id: hello.gateway_id.clone(),
             stream_no,
-            applied,
+            applied: None,
             initial,
             last_sent: None,
             last_pending: None,
@@ -625,11 +639,16 @@ impl Subscriber {
         let key = (self.cluster.clone(), self.gateway_id.clone());
         let last = {
             let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
-            if live.get(&key) == Some(&self.stream_no) {
-                live.remove(&key);
-                true
-            } else {
-                false
+            match live.get_mut(&key) {
+                Some(streams) => {
+                    streams.remove(&self.stream_no);
+                    let last = streams.is_empty();
+                    if last {
+                        live.remove(&key);
+                    }
+                    last
+                }
+                None => false,
             }
         };
         if last {

@@ -66,6 +66,9 @@ pub enum RolloutState {
     Nacked,
     /// The pipeline rejected it, and no accepted commit contains it.
     Rejected,
+    /// Valid, but held by the deletion safeguard (`--max-deletion-percent`)
+    /// until a commit with the override trailer contains it.
+    Held,
     /// The syncer has not seen it on the tracked ref (not fetched yet, or
     /// not on that branch).
     Unknown,
@@ -196,7 +199,15 @@ pub fn compute_rollout(
         })
         .cloned();
     let Some(acc) = covered else {
-        if let Some(r) = state.rejection(commit) {
+        if let Some(h) = state.holding(commit) {
+            view.state = RolloutState::Held;
+            view.detail = h.reason.clone();
+            view.diagnostics = h
+                .removed_sample
+                .iter()
+                .map(|r| format!("would delete {r}"))
+                .collect();
+        } else if let Some(r) = state.rejection(commit) {
             view.state = RolloutState::Rejected;
             view.detail = format!("rejected by the syncer: {}", r.reason);
             view.diagnostics = r
@@ -726,6 +737,7 @@ pub fn render_rollout(v: &RolloutView) -> String {
             RolloutState::Pending => "PENDING",
             RolloutState::Nacked => "NACKED",
             RolloutState::Rejected => "REJECTED",
+            RolloutState::Held => "HELD",
             RolloutState::Unknown => "UNKNOWN",
         },
         v.detail
@@ -818,6 +830,14 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             "last fetch FAILED at {}: {}\n",
             s(&doc["last_fetch"]["at"]),
             s(&doc["last_fetch"]["error"])
+        ));
+    }
+    if doc["held"].is_object() {
+        out.push_str(&format!(
+            "HELD      {} at {}: {}\n",
+            short(&s(&doc["held"]["commit"])),
+            s(&doc["held"]["at"]),
+            s(&doc["held"]["reason"])
         ));
     }
     if let Some(rejected) = doc["rejected"].as_array() {

@@ -95,6 +95,7 @@ impl Server {
         bind: SocketAddr,
         rollout: Rollout,
         rx: watch::Receiver<Option<Arc<Published>>>,
+        max_ids_per_identity: usize,
     ) -> Self {
         let creds = Credentials::load(creds).unwrap();
         let refusals = Arc::new(HandshakeRefusals::new());
@@ -102,6 +103,10 @@ impl Server {
         let settings = ServerSettings {
             keepalive_interval: Duration::from_millis(500),
             keepalive_timeout: Duration::from_secs(2),
+            admission: meshfed_syncer::rollout::Admission {
+                max_ids_per_identity,
+                ..Default::default()
+            },
             ..ServerSettings::default()
         };
         let server = ConfigServer::with_settings(rollout, rx, settings);
@@ -185,12 +190,23 @@ impl World {
     }
 
     fn server(&self, rt: &Runtime, bind: SocketAddr) -> Server {
+        self.server_with(
+            rt,
+            bind,
+            meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY,
+        )
+    }
+
+    /// A server that lets one certificate hold `max_ids_per_identity`
+    /// gateway ids (load tests share one certificate between subscribers).
+    fn server_with(&self, rt: &Runtime, bind: SocketAddr, max_ids_per_identity: usize) -> Server {
         Server::start(
             rt,
             &self.syncer_creds,
             bind,
             self.rollout.clone(),
             self.publish.subscribe(),
+            max_ids_per_identity,
         )
     }
 
@@ -766,7 +782,8 @@ fn serial_a_hundred_subscribers_all_get_a_publication_and_a_reader_that_stalls_d
     const N: usize = 100;
     let rt = runtime();
     let w = World::new();
-    let server = w.server(&rt, "127.0.0.1:0".parse().unwrap());
+    // The subscribers share one certificate, each with its own id.
+    let server = w.server_with(&rt, "127.0.0.1:0".parse().unwrap(), N + 1);
     let creds = w.pki.gateway("east", "load");
     let a = sha(1);
     w.publish(&a);
@@ -922,4 +939,143 @@ fn serial_a_hundred_subscribers_all_get_a_publication_and_a_reader_that_stalls_d
         server.metric("meshfed_syncer_propagation_seconds_count", &[]),
     );
     drop(stalled);
+}
+
+/// Issue 21, item 11: rollout records are bound to the certificate that
+/// made them. Another gateway certificate of the cluster cannot take over a
+/// known gateway's record (connected or dead) and report it applied; a
+/// second stream with the same id does not mark the connected gateway
+/// disconnected when it ends; and a Hello's `applied_version` is never
+/// taken as applied: only an ACK of a snapshot sent on that stream is.
+#[test]
+fn rollout_records_cannot_be_falsified_by_another_certificate_a_second_stream_or_a_hello() {
+    let rt = runtime();
+    let w = World::new();
+    let server = w.server(&rt, "127.0.0.1:0".parse().unwrap());
+    let a = sha(1);
+    w.publish(&a);
+    let real = w.pki.gateway("east", "gw-1");
+    let evil = w.pki.gateway("east", "gw-evil");
+    rt.block_on(async {
+        let mut c = dial(server.addr, &real).await.unwrap();
+        let (tx, mut stream) = subscribe(&mut c, hello("east", "gw-1", "")).await.unwrap();
+        assert_eq!(next_snapshot(&mut stream).await.version, a);
+        tx.send(ack(&a)).await.unwrap();
+        let mut c2 = dial(server.addr, &real).await.unwrap();
+        let (tx2, stream2) = subscribe(&mut c2, hello("east", "gw-1", "")).await.unwrap();
+        drop((tx2, stream2, c2));
+        // The second stream ended; the first one is still open.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            w.record("gw-1").is_some_and(|r| r.connected),
+            "the end of a second stream with the same id disconnected the real gateway: {:?}",
+            w.record("gw-1")
+        );
+        // The real gateway goes away for good.
+        drop((tx, stream, c));
+    });
+    eventually("gw-1 disconnected", Duration::from_secs(10), || {
+        match w.record("gw-1") {
+            Some(r) if !r.connected => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let b = sha(2);
+    w.publish(&b);
+    rt.block_on(async {
+        // Another certificate claims the dead gateway's id, saying it
+        // applied the new commit, and ACKs whatever it gets.
+        let mut c = dial(server.addr, &evil).await.unwrap();
+        let Err(e) = subscribe(&mut c, hello("east", "gw-1", &b)).await else {
+            panic!("another certificate took over gw-1's record");
+        };
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().contains("/gateway/gw-1") && e.message().contains("cannot speak for it"),
+            "{}",
+            e.message()
+        );
+
+        // Its own id: a Hello claiming the current commit counts for nothing
+        // until the snapshot sent on this stream is ACKed.
+        let (tx, mut stream) = subscribe(&mut c, hello("east", "gw-evil", &b))
+            .await
+            .unwrap();
+        let snap = next_snapshot(&mut stream).await;
+        assert_eq!(
+            snap.version, b,
+            "the current snapshot is sent whatever the Hello claims"
+        );
+        let rec = w.record("gw-evil").unwrap();
+        assert!(rec.connected && rec.applied.is_none(), "{rec:?}");
+        tx.send(ack(&b)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop((tx, stream));
+    });
+    w.wait_acked("gw-evil", &b);
+    let rec = w.record("gw-1").unwrap();
+    assert!(
+        rec.identity.ends_with("/gateway/gw-1") && rec.applied.as_deref() != Some(b.as_str()),
+        "gw-1's record was falsified: {rec:?}"
+    );
+    assert!(
+        server.metric(
+            "meshfed_syncer_subscriptions_refused_total",
+            &["gateway_id_taken"]
+        ) >= 1.0
+    );
+}
+
+/// Issue 21, item 11: one gateway certificate subscribing with 400
+/// phantom gateway ids (the attack used 2,000) leaves at most `--max-gateways-per-identity` (16)
+/// records, so it cannot grow the records file or hold every rollout
+/// pending with thousands of ids; another certificate's gateway is still
+/// served.
+#[test]
+fn a_flood_of_phantom_gateway_ids_from_one_certificate_is_bounded() {
+    let rt = runtime();
+    let w = World::new();
+    let server = w.server(&rt, "127.0.0.1:0".parse().unwrap());
+    w.publish(&sha(1));
+    let evil = w.pki.gateway("east", "gw-evil");
+    let real = w.pki.gateway("east", "gw-1");
+    let refused = rt.block_on(async {
+        let mut c = dial(server.addr, &evil).await.unwrap();
+        let mut refused = 0;
+        let mut open = Vec::new();
+        for i in 0..400 {
+            match subscribe(&mut c, hello("east", &format!("phantom-{i}"), "")).await {
+                // Half of them stay open, half hang up at once.
+                Ok(s) if i % 2 == 0 => open.push(s),
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                    refused += 1;
+                }
+            }
+        }
+        let mut c = dial(server.addr, &real).await.unwrap();
+        let (_tx, mut stream) = subscribe(&mut c, hello("east", "gw-1", "")).await.unwrap();
+        assert_eq!(next_snapshot(&mut stream).await.version, sha(1));
+        drop(open);
+        refused
+    });
+    let evil_records = w
+        .rollout
+        .gateways()
+        .iter()
+        .filter(|g| g.identity.ends_with("/gateway/gw-evil"))
+        .count();
+    assert!(
+        evil_records <= meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY,
+        "{evil_records} records for one certificate"
+    );
+    assert!(refused > 0, "16 open streams should have refused the rest");
+    assert!(w.record("gw-1").is_some());
+    assert!(
+        server.metric(
+            "meshfed_syncer_subscriptions_refused_total",
+            &["too_many_gateway_ids"]
+        ) >= 1.0
+    );
 }

@@ -527,3 +527,100 @@ fn settings_come_from_a_config_file_and_all_problems_are_reported_together() {
         assert!(err.contains(needle), "lacks {needle}: {err}");
     }
 }
+
+fn export(name: &str) -> String {
+    format!(
+        "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: default}}\n"
+    )
+}
+
+/// Issue 21, item 14: a valid commit that deletes every export but keeps
+/// the Clusters used to go live everywhere at once. Now it is held (the
+/// last good commit stays in force), `status` shows it as held with the
+/// reason and the override, `status --wait` on it fails; a smaller
+/// deletion goes through, and a later commit that carries the
+/// `Meshfed-Allow-Deletion: true` trailer applies it.
+#[test]
+fn a_commit_that_deletes_most_resources_is_held_until_a_commit_with_the_override_trailer_contains_it()
+ {
+    let s = setup();
+    let names: Vec<String> = (0..10).map(|i| format!("svc-{i}")).collect();
+    let texts: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (format!("exports/{n}.yaml"), export(n)))
+        .collect();
+    let cl = clusters();
+    let mut files: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    files.push(("clusters.yaml", &cl));
+    let c1 = s.repo.commit("federation", &files);
+    let syncer = s.start(&["--poll-interval", "200ms"]);
+    syncer.wait_good(&c1);
+
+    // 2 of 12 resources: under the default 50%, goes live.
+    let small = s.repo.commit(
+        "retire two",
+        &[("exports/svc-0.yaml", ""), ("exports/svc-1.yaml", "")],
+    );
+    syncer.wait_good(&small);
+
+    // Every remaining export (8 of 10): held.
+    let gone: Vec<(&str, &str)> = texts[2..].iter().map(|(p, _)| (p.as_str(), "")).collect();
+    let mass = s.repo.commit("remove every export", &gone);
+    let held = eventually_status(&syncer, |st| st["held"]["commit"] == mass)["held"].clone();
+    let reason = held["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("deletes 8 of the 10 resources")
+            && reason.contains("Meshfed-Allow-Deletion: true"),
+        "{held}"
+    );
+    assert_eq!(held["state"], "held", "{held}");
+    assert_eq!(syncer.last_good().as_deref(), Some(small.as_str()));
+    let out = syncer_cmd()
+        .args([
+            "status",
+            "--server",
+            &syncer.url(),
+            "--wait",
+            &mass,
+            "--timeout",
+            "10s",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("HELD") && text.contains("would delete ServiceExport"),
+        "{text}"
+    );
+
+    // The override: an empty commit on top with the trailer.
+    let ok = s.repo.commit(
+        "apply the export removal\n\nMeshfed-Allow-Deletion: true",
+        &[],
+    );
+    syncer.wait_good(&ok);
+    let st = syncer.status();
+    assert!(st["held"].is_null(), "{st}");
+    let out = syncer_cmd()
+        .args([
+            "status",
+            "--server",
+            &syncer.url(),
+            "--wait",
+            &mass,
+            "--timeout",
+            "10s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the held commit is live once the override contains it: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -140,6 +140,9 @@ pub struct SyncerSpec {
     /// lets a restarted syncer come back where its gateways look for it,
     /// a bridge address lets gateways in network namespaces reach it.
     pub grpc_addr: String,
+    /// A command prefix the binary runs under, e.g.
+    /// [`crate::cgroup::MemoryCgroup::prefix`] for the shipped memory limit.
+    pub prefix: Vec<String>,
 }
 
 impl SyncerSpec {
@@ -152,6 +155,7 @@ impl SyncerSpec {
             extra_args: Vec::new(),
             rust_log: "info".into(),
             grpc_addr: "127.0.0.1:0".into(),
+            prefix: Vec::new(),
         }
     }
 }
@@ -186,7 +190,14 @@ impl SyncerProcess {
         let _ = std::fs::remove_file(&ready);
         let log_file =
             std::fs::File::create(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
-        let mut cmd = Command::new(bin("meshfed-syncer"));
+        let mut cmd = match spec.prefix.split_first() {
+            None => Command::new(bin("meshfed-syncer")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("meshfed-syncer"));
+                c
+            }
+        };
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("MESHFED_") && key != "MESHFED_BIN_DIR" {
                 cmd.env_remove(key);

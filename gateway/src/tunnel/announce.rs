@@ -20,8 +20,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::discovery::{Endpoint, EndpointSet};
 
-/// Most services in one announcement.
-pub const MAX_SERVICES: usize = 10_000;
+/// Most services in one announcement: the policy's limit on what a cluster
+/// may export, so that a valid snapshot never has more.
+pub const MAX_SERVICES: usize = meshfed_policy::validate::exports::MAX_EXPORTED_SERVICES;
+
+/// Services left out of announcements since start, because a snapshot
+/// (from a syncer older than the export limit) exported more than
+/// [`MAX_SERVICES`]; each such build is also logged.
+pub static SERVICES_LEFT_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Most label groups per service.
 pub const MAX_GROUPS: usize = 64;
 /// Label keys never worth announcing: they are unique per pod and would
@@ -75,9 +81,23 @@ impl Announcement {
         exported: impl Iterator<Item = &'a str>,
     ) -> Self {
         let mut services = BTreeMap::new();
-        for host in exported.take(MAX_SERVICES) {
+        let mut left_out = 0u64;
+        for host in exported {
+            if services.len() == MAX_SERVICES {
+                left_out += 1;
+                continue;
+            }
             let eps = endpoints.get(host).map(Vec::as_slice).unwrap_or_default();
             services.insert(host.to_string(), group(eps));
+        }
+        if left_out > 0 {
+            SERVICES_LEFT_OUT.fetch_add(left_out, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                announced = MAX_SERVICES,
+                left_out,
+                "the snapshot exports more services than one announcement carries; peers do not \
+                 learn of the rest (validation refuses such a commit: is the syncer older?)"
+            );
         }
         Announcement {
             seq,

@@ -192,3 +192,32 @@ fn node_budget_is_shared_by_the_documents_of_a_file() {
     );
     assert!(l.documents.len() < MAX_NODES / 100_000 + 2);
 }
+
+/// Issue 21, item 12: the budget is per commit. Five small alias bombs in
+/// five files used to get 2,000,000 nodes each; now they share one budget
+/// of MAX_NODES, and the files after it is spent are refused at once.
+#[test]
+fn the_node_budget_is_shared_by_the_files_of_a_commit() {
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..5 {
+        let p = i - 1;
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    // About 111,000 nodes each: under the budget alone.
+    assert!(load_str(&bomb).errors.is_empty());
+    let mut budget = NodeBudget::default();
+    let mut refused = 0;
+    for _ in 0..10 {
+        let l = load_str_within(&bomb, &mut budget);
+        if l.errors
+            .iter()
+            .any(|(_, e)| matches!(e, YamlError::TooManyNodes { .. }))
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 5, "{refused} of 10 files refused");
+    assert!(budget.left() < MAX_NODES / 5, "{budget:?}");
+}
