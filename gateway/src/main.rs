@@ -183,6 +183,19 @@ struct Cli {
           value_parser = parse_duration)]
     header_timeout: Duration,
 
+    /// The most caller connections held at once, over the outbound listener
+    /// and every port mapping. Past it, new connections are reset at once
+    /// and counted in meshfed_refusals_total{stage="listener",
+    /// reason="connection-limit"}. The default fits the shipped 128 MiB
+    /// memory limit with every connection stalled mid-request-head; raise it
+    /// with the memory limit (about 24 KiB per connection). Lowered at start
+    /// when the open-files limit cannot hold 2 descriptors per connection
+    /// plus a reserve for the admin server, peers and files.
+    #[arg(long, value_name = "N", env = "MESHFED_MAX_CONNECTIONS",
+          default_value_t = meshfed_gateway::accept::DEFAULT_MAX_CONNECTIONS,
+          value_parser = parse_max_connections)]
+    max_connections: usize,
+
     /// The tunnel links' congestion controller. `cubic` (the default) reads
     /// every loss as congestion; `bbr` paces by measured bandwidth and RTT
     /// and keeps its rate through random loss, for lossy edge links
@@ -348,6 +361,15 @@ fn parse_service_ref(s: &str) -> Result<(String, String), String> {
         }
         _ => Err(format!(
             "`{s}` is not NAME.NAMESPACE, e.g. meshfed-gateway.meshfed-system"
+        )),
+    }
+}
+
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a positive number of connections, e.g. 4096"
         )),
     }
 }
@@ -527,6 +549,7 @@ fn main() -> ExitCode {
             otlp_endpoint: cli.otlp_endpoint,
             sampling_percent: cli.trace_sampling,
         },
+        max_connections: cli.max_connections,
         congestion: match cli.congestion_control {
             CongestionControl::Cubic => meshfed_gateway::tunnel::link::Congestion::Cubic,
             CongestionControl::Bbr => meshfed_gateway::tunnel::link::Congestion::Bbr,
