@@ -33,13 +33,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::metrics::Metrics;
 
 /// Caller connections held at once by default. Sized for the shipped
-/// 128 MiB limit (deploy/base/gateway.yaml): an idle caller connection
-/// costs about 2.5 KiB of the gateway's memory before its first byte, and
-/// about 24 KiB (hyper's read and write buffers, kernel socket included)
-/// once a request head has started, so 4,096 connections that all stall
-/// mid-head hold about 100 MiB (measured; docs/operations.md, "Caller
-/// connections").
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// 128 MiB limit (deploy/base/gateway.yaml): a caller connection that has
+/// sent nothing holds little more than protocol detection's state (~1 KiB),
+/// but one that has started a request head and stalled holds hyper's read
+/// and write buffers, about 24 KiB of RSS (measured). 2,048 of them hold
+/// ~50 MiB over a ~20 MiB idle gateway, leaving room for requests in flight
+/// (docs/operations.md, "Caller connections").
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 
 /// Connections the admin server holds at once (probes, scrapes, dumps).
 pub const ADMIN_MAX_CONNECTIONS: usize = 32;

@@ -16,6 +16,15 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use meshfed_gateway::run::RunConfig;
 use meshfed_gateway::{admin, proxy, tunnel};
 
+/// jemalloc, not the system allocator, with its background thread: after a
+/// burst of connections glibc's malloc kept the pages it had touched (3,000
+/// stalled callers took RSS from 19 to 79 MiB, still 79 MiB after they
+/// closed), while jemalloc's decay gave them back (87 → 28 MiB within 8 s).
+/// mimalloc was tried too: 30 MiB idle, 32 KiB per stalled caller, nothing
+/// returned within 8 s. See docs/operations.md, "Caller connections".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// meshfed's east-west gateway: links this cluster to the gateways of other
 /// clusters over QUIC with mutual TLS, and routes service-to-service calls
 /// (HTTP/1.1, HTTP/2, gRPC, TCP) across them, following the policy snapshot
@@ -188,7 +197,7 @@ struct Cli {
     /// and counted in meshfed_refusals_total{stage="listener",
     /// reason="connection-limit"}. The default fits the shipped 128 MiB
     /// memory limit with every connection stalled mid-request-head; raise it
-    /// with the memory limit (about 24 KiB per connection). Lowered at start
+    /// with the memory limit (about 24 KiB per stalled connection). Lowered at start
     /// when the open-files limit cannot hold 2 descriptors per connection
     /// plus a reserve for the admin server, peers and files.
     #[arg(long, value_name = "N", env = "MESHFED_MAX_CONNECTIONS",
@@ -472,6 +481,11 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_logging(cli.log_format);
+    // Freed pages go back to the system by jemalloc's background thread
+    // (dirty then muzzy decay, 10 s each), so an idle gateway shrinks too.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc has no background thread; freed memory returns on the next allocations");
+    }
     let admin_token = match &cli.admin_token_file {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
