@@ -194,23 +194,15 @@ mod tests {
     fn a_process_over_the_limit_is_oom_killed_and_counted() {
         let cg = MemoryCgroup::require("selftest", 32 << 20);
         let mut over = Command::new(&cg.prefix()[0]);
-        over.args(&cg.prefix()[1..]).args([
-            "python3",
-            "-c",
-            "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])",
-        ]);
+        over.args(&cg.prefix()[1..])
+            .args(["python3", "-c", "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])"]);
         let status = over.status().expect("running python3");
-        assert!(
-            !status.success(),
-            "allocating 200 MiB under 32 MiB succeeded"
-        );
+        assert!(!status.success(), "allocating 200 MiB under 32 MiB succeeded");
         assert!(cg.oom_kills() >= 1, "no OOM kill counted");
 
         let cg = MemoryCgroup::require("selftest-ok", 64 << 20);
         let mut under = Command::new(&cg.prefix()[0]);
-        under
-            .args(&cg.prefix()[1..])
-            .args(["python3", "-c", "b = bytearray(1 << 20)"]);
+        under.args(&cg.prefix()[1..]).args(["python3", "-c", "b = bytearray(1 << 20)"]);
         assert!(under.status().expect("running python3").success());
         assert_eq!(cg.oom_kills(), 0);
         assert!(cg.peak() > 0);
