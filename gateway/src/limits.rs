@@ -4,12 +4,15 @@
 //! At start the gateway raises its soft open-files limit to the hard one
 //! (as Go's runtime does), then sizes the caller-connection limit
 //! (`--max-connections`, [`crate::accept`]) so that every admitted caller
-//! connection can hold its descriptors ([`FDS_PER_CONNECTION`]: the caller's
-//! and one toward a local endpoint) while a reserve stays for the admin
-//! server, the tunnel socket, upstream pools, and the files the gateway
-//! reads (credentials, discovery, policy). Without that reserve a flood of
-//! callers takes the last descriptor: `/readyz` stops answering and file
-//! reloads fail.
+//! connection can hold its own descriptor while a reserve stays for the
+//! admin server, the tunnel socket, upstream connections, and the files the
+//! gateway reads (credentials, discovery, policy). Without that reserve a
+//! flood of callers takes the last descriptor: `/readyz` stops answering
+//! and file reloads fail. A caller connection proxied as TCP to a local
+//! endpoint holds a second descriptor, which only the reserve covers: where
+//! most traffic is local TCP, give the gateway an open-files limit of at
+//! least twice `--max-connections` (a failed accept or connect then backs
+//! off and is counted, it does not crash).
 //!
 //! It owns no socket and no listener; [`exhaustion`] is also what the
 //! credential and file reloaders use to say "too many open files" instead of
@@ -17,9 +20,10 @@
 
 use std::io;
 
-/// Descriptors one admitted caller connection may hold: its own, and one
-/// toward a local endpoint (TCP proxying; HTTP shares pooled connections).
-pub const FDS_PER_CONNECTION: u64 = 2;
+/// Descriptors counted per admitted caller connection: its own (one toward
+/// a local endpoint, for TCP proxying, comes out of the reserve; HTTP
+/// shares pooled connections, and remote calls use the tunnel's socket).
+pub const FDS_PER_CONNECTION: u64 = 1;
 
 /// The most descriptors kept out of the caller connections' budget.
 const MAX_RESERVE: u64 = 256;
@@ -108,10 +112,10 @@ mod tests {
     fn the_connection_limit_leaves_a_reserve_of_descriptors() {
         // The shipped default fits a container's usual 1,048,576.
         assert_eq!(fit_connections(2048, 1 << 20), 2048);
-        // 1,024 (a common default): 256 kept, 2 per connection.
-        assert_eq!(fit_connections(2048, 1024), 384);
+        // 1,024 (a common default): 256 kept.
+        assert_eq!(fit_connections(2048, 1024), 768);
         // Tiny limits keep a quarter and still admit someone.
-        assert_eq!(fit_connections(2048, 64), 24);
+        assert_eq!(fit_connections(2048, 64), 48);
         assert_eq!(fit_connections(2048, 1), 1);
         assert_eq!(fit_connections(10, u64::MAX), 10);
     }

@@ -198,8 +198,8 @@ struct Cli {
     /// reason="connection-limit"}. The default fits the shipped 128 MiB
     /// memory limit with every connection stalled mid-request-head; raise it
     /// with the memory limit (about 24 KiB per stalled connection). Lowered at start
-    /// when the open-files limit cannot hold 2 descriptors per connection
-    /// plus a reserve for the admin server, peers and files.
+    /// when the open-files limit cannot hold a descriptor per connection
+    /// plus a reserve for the admin server, peers, upstreams and files.
     #[arg(long, value_name = "N", env = "MESHFED_MAX_CONNECTIONS",
           default_value_t = meshfed_gateway::accept::DEFAULT_MAX_CONNECTIONS,
           value_parser = parse_max_connections)]
