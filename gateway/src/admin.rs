@@ -8,6 +8,11 @@
 //! | `/config_dump` | the applied snapshot, as JSON, with where it came from, the local endpoints and current outlier ejections |
 //! | `/peers` | every link: state, RTT, loss, streams, announcements |
 //!
+//! It keeps answering while the outbound listener is saturated: it holds
+//! at most [`ADMIN_MAX_CONNECTIONS`] connections of its own (more are reset
+//! and counted as `meshfed_refusals_total{stage="admin"}`), and the caller
+//! connections' limit leaves descriptors for it ([`crate::limits`]).
+//!
 //! It binds to localhost by default. On any other address it requires a
 //! bearer token (`--admin-token-file`) for everything but `/healthz` and
 //! `/readyz`, which probes need without credentials.
@@ -23,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::accept::{ADMIN_MAX_CONNECTIONS, Acceptor, ConnectionLimit};
 use crate::proxy::body::{self, ProxyBody};
 use crate::state::Gateway;
 
@@ -48,13 +54,17 @@ pub async fn serve(
     settings: AdminSettings,
 ) {
     let settings = Arc::new(settings);
+    let limit = ConnectionLimit::new(
+        ADMIN_MAX_CONNECTIONS,
+        state.metrics.connections.admin_connections.clone(),
+    );
+    let mut acceptor = Acceptor::new(listener, limit, "admin", "admin server");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _, admitted) = acceptor.accept(&state.metrics).await;
         let (state, ready, settings) = (state.clone(), ready.clone(), settings.clone());
         let header_timeout = settings.header_timeout;
         tokio::spawn(async move {
+            let _admitted = admitted;
             let svc = service_fn(move |req| {
                 let (state, ready, settings) = (state.clone(), ready.clone(), settings.clone());
                 async move { Ok::<_, Infallible>(handle(&state, &ready, &settings, req)) }

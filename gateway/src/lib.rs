@@ -18,6 +18,8 @@
 //! - [`mirror`]: mirror Services that make remote services reachable in
 //!   a cluster under ordinary names;
 //! - [`admin`]: health, readiness, metrics and the config dump;
+//! - [`accept`], [`limits`]: the caller-connection limit and the open-files
+//!   budget;
 //! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
 
 #![forbid(unsafe_code)]
@@ -65,11 +67,13 @@ macro_rules! delegate_async_write {
     };
 }
 
+pub mod accept;
 pub mod admin;
 pub mod authz;
 pub mod control;
 pub mod discovery;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod peer_auth;

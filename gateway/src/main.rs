@@ -16,6 +16,15 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use meshfed_gateway::run::RunConfig;
 use meshfed_gateway::{admin, proxy, tunnel};
 
+/// jemalloc, not the system allocator, with its background thread: after a
+/// burst of connections glibc's malloc kept the pages it had touched (3,000
+/// stalled callers took RSS from 19 to 79 MiB, still 79 MiB after they
+/// closed), while jemalloc's decay gave them back (87 → 28 MiB within 8 s).
+/// mimalloc was tried too: 30 MiB idle, 32 KiB per stalled caller, nothing
+/// returned within 8 s. See docs/operations.md, "Caller connections".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// meshfed's east-west gateway: links this cluster to the gateways of other
 /// clusters over QUIC with mutual TLS, and routes service-to-service calls
 /// (HTTP/1.1, HTTP/2, gRPC, TCP) across them, following the policy snapshot
@@ -201,6 +210,19 @@ struct Cli {
           value_parser = parse_duration)]
     header_timeout: Duration,
 
+    /// The most caller connections held at once, over the outbound listener
+    /// and every port mapping. Past it, new connections are reset at once
+    /// and counted in meshfed_refusals_total{stage="listener",
+    /// reason="connection-limit"}. The default fits the shipped 128 MiB
+    /// memory limit with every connection stalled mid-request-head; raise it
+    /// with the memory limit (about 24 KiB per stalled connection). Lowered at start
+    /// when the open-files limit cannot hold a descriptor per connection
+    /// plus a reserve for the admin server, peers, upstreams and files.
+    #[arg(long, value_name = "N", env = "MESHFED_MAX_CONNECTIONS",
+          default_value_t = meshfed_gateway::accept::DEFAULT_MAX_CONNECTIONS,
+          value_parser = parse_max_connections)]
+    max_connections: usize,
+
     /// The tunnel links' congestion controller. `cubic` (the default) reads
     /// every loss as congestion; `bbr` paces by measured bandwidth and RTT
     /// and keeps its rate through random loss, for lossy edge links
@@ -370,6 +392,15 @@ fn parse_service_ref(s: &str) -> Result<(String, String), String> {
     }
 }
 
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a positive number of connections, e.g. 4096"
+        )),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     meshfed_policy::syntax::parse_duration(s)
 }
@@ -468,6 +499,11 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_logging(cli.log_format);
+    // Freed pages go back to the system by jemalloc's background thread
+    // (dirty then muzzy decay, 10 s each), so an idle gateway shrinks too.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc has no background thread; freed memory returns on the next allocations");
+    }
     let admin_token = match &cli.admin_token_file {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
@@ -546,6 +582,7 @@ fn main() -> ExitCode {
             otlp_endpoint: cli.otlp_endpoint,
             sampling_percent: cli.trace_sampling,
         },
+        max_connections: cli.max_connections,
         congestion: match cli.congestion_control {
             CongestionControl::Cubic => meshfed_gateway::tunnel::link::Congestion::Cubic,
             CongestionControl::Bbr => meshfed_gateway::tunnel::link::Congestion::Bbr,

@@ -108,6 +108,8 @@ pub struct Metrics {
     pub mirrors: Family<ServiceReasonLabels, Counter>,
     /// The span pipeline (crate::trace).
     pub trace: crate::trace::TraceMetrics,
+    /// Open caller and admin connections and their limit (crate::accept).
+    pub connections: crate::accept::ConnectionMetrics,
     config: Family<ConfigLabels, Gauge>,
     /// Live tokio tasks, sampled when `/metrics` is scraped.
     runtime_alive_tasks: Gauge,
@@ -202,6 +204,8 @@ impl Metrics {
         upstream.register(&mut registry);
         let trace = crate::trace::TraceMetrics::default();
         trace.register(&mut registry);
+        let connections = crate::accept::ConnectionMetrics::default();
+        connections.register(&mut registry);
         let config = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -228,6 +232,7 @@ impl Metrics {
             retries,
             mirrors,
             trace,
+            connections,
             config,
             runtime_alive_tasks,
             config_version: Mutex::new(String::new()),

@@ -73,6 +73,9 @@ pub struct RunConfig {
     pub tracing: crate::trace::Settings,
     /// The tunnel links' congestion controller.
     pub congestion: crate::tunnel::link::Congestion,
+    /// The most caller connections held at once (`--max-connections`),
+    /// lowered at start to fit the open-files limit.
+    pub max_connections: usize,
 }
 
 /// A listener of its own for one service port (`--tcp-port-map`).
@@ -279,6 +282,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     });
     tunnel.serve(handler, state.announcements());
 
+    let limit = caller_limit(cfg.max_connections, &state);
     let outbound = TcpListener::bind(cfg.outbound_addr)
         .await
         .with_context(|| format!("binding the outbound listener on TCP {}", cfg.outbound_addr))?;
@@ -301,6 +305,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tokio::spawn(proxy::outbound::serve_mapped(
             state.clone(),
             l,
+            limit.clone(),
             map.host.clone(),
             map.port,
         ));
@@ -310,6 +315,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let outbound_task = tokio::spawn(proxy::outbound::serve(
         state.clone(),
         outbound,
+        limit,
         stop_rx,
         cfg.drain_timeout,
         cfg.header_timeout,
@@ -379,6 +385,35 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The caller-connection limit: `wanted`, lowered to fit the open-files
+/// limit (raised to its hard limit first) with descriptors to spare for the
+/// admin server, peers, upstreams and file reloads ([`crate::limits`]).
+fn caller_limit(wanted: usize, state: &Gateway) -> crate::accept::ConnectionLimit {
+    let files = crate::limits::raise_open_files();
+    let max = crate::limits::fit_connections(wanted, files.soft);
+    if max < wanted {
+        tracing::warn!(
+            max_connections = wanted,
+            open_files_limit = files.soft,
+            serving = max,
+            "--max-connections does not fit the open-files limit ({} descriptors per connection, {} kept for the admin server, peers and files); raise the limit (LimitNOFILE=, ulimit -n) to serve more",
+            crate::limits::FDS_PER_CONNECTION,
+            crate::limits::reserve(files.soft)
+        );
+    } else {
+        tracing::debug!(
+            max_connections = max,
+            open_files_limit = files.soft,
+            "caller-connection limit"
+        );
+    }
+    let gauges = &state.metrics.connections;
+    gauges
+        .caller_connections_limit
+        .set(i64::try_from(max).unwrap_or(i64::MAX));
+    crate::accept::ConnectionLimit::new(max, gauges.caller_connections.clone())
 }
 
 /// The snapshot to start with, and where it came from (`None`: nothing

@@ -7,6 +7,13 @@
 //! a PodDisruptionBudget and a UDP 15443 LoadBalancer, Secrets mounted
 //! 0400, probes on /readyz and /healthz, non-root read-only containers
 //! without capabilities, RBAC writing only Services and EndpointSlices).
+//! Every reference a pod spec makes (ConfigMaps, Secrets, its
+//! ServiceAccount) and every binding's ServiceAccount must resolve to an
+//! object rendered in the same namespace (Secrets may instead be ones a
+//! comment in deploy/ says to create first), so that `kubectl apply -k`
+//! leaves no pod unable to start. Whatever kubectl is installed renders:
+//! kubectl 1.32 (kustomize v5.5) on the project's machines, Debian's 1.20
+//! (v2.0.3) elsewhere; the overlays use only what both understand.
 //! Without kubectl (or systemd-analyze) those parts are skipped with a
 //! message; .ci/run installs kubectl.
 
@@ -210,6 +217,7 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
     let objects = render(kubectl, overlay);
     let names: Vec<String> = objects.iter().map(typed).collect();
     eprintln!("{overlay}: {names:?}");
+    check_references(overlay, &objects);
     for o in objects.iter().filter(|o| o["kind"] == "Deployment") {
         let d: Deployment = serde_yaml::from_value(o.clone()).unwrap();
         let name = d.metadata.name.clone().unwrap();
@@ -297,6 +305,193 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
     }
 }
 
+/// The namespace an object renders in (`""`: none, so `kubectl apply` would
+/// put it wherever the caller's context points).
+fn namespace_of(o: &Value) -> String {
+    o["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Secret names that a `#` comment in deploy/ tells the operator to create
+/// before applying (the certificates and tokens are never in Git).
+fn documented_secrets() -> String {
+    let mut comments = String::new();
+    for dir in ["deploy/base", "deploy/overlays/edge-gateway"] {
+        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+            for line in text.lines().filter(|l| l.trim_start().starts_with('#')) {
+                comments.push_str(line);
+                comments.push('\n');
+            }
+        }
+    }
+    comments
+}
+
+/// Every name a pod spec refers to: (kind, name), for ConfigMaps, Secrets
+/// and the ServiceAccount; optional references are left out (a pod starts
+/// without them).
+fn pod_references(pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<(&'static str, String)> {
+    let mut refs = Vec::new();
+    refs.push((
+        "ServiceAccount",
+        pod.service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    ));
+    for v in pod.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map
+            && c.optional != Some(true)
+        {
+            refs.push(("ConfigMap", c.name.clone()));
+        }
+        if let Some(s) = &v.secret
+            && s.optional != Some(true)
+        {
+            refs.push(("Secret", s.secret_name.clone().unwrap_or_default()));
+        }
+        for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &p.config_map
+                && c.optional != Some(true)
+            {
+                refs.push(("ConfigMap", c.name.clone()));
+            }
+            if let Some(s) = &p.secret
+                && s.optional != Some(true)
+            {
+                refs.push(("Secret", s.name.clone()));
+            }
+        }
+    }
+    for s in pod.image_pull_secrets.iter().flatten() {
+        refs.push(("Secret", s.name.clone()));
+    }
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
+    for c in containers {
+        for e in c.env.iter().flatten() {
+            let from = e.value_from.as_ref();
+            if let Some(r) = from.and_then(|f| f.config_map_key_ref.as_ref())
+                && r.optional != Some(true)
+            {
+                refs.push(("ConfigMap", r.name.clone()));
+            }
+            if let Some(r) = from.and_then(|f| f.secret_key_ref.as_ref())
+                && r.optional != Some(true)
+            {
+                refs.push(("Secret", r.name.clone()));
+            }
+        }
+        for e in c.env_from.iter().flatten() {
+            if let Some(r) = &e.config_map_ref
+                && r.optional != Some(true)
+            {
+                refs.push(("ConfigMap", r.name.clone()));
+            }
+            if let Some(r) = &e.secret_ref
+                && r.optional != Some(true)
+            {
+                refs.push(("Secret", r.name.clone()));
+            }
+        }
+    }
+    refs
+}
+
+/// What `kubectl apply -k` would leave unable to start: a pod spec that
+/// names a ConfigMap, Secret or ServiceAccount not rendered in its own
+/// namespace (a generated ConfigMap renamed with its hash while the volume
+/// kept the bare name, or rendered without the namespace), a binding to a
+/// ServiceAccount that is not there, or an object in a namespace that the
+/// overlay does not create.
+fn check_references(overlay: &str, objects: &[Value]) {
+    let rendered = |kind: &str, ns: &str, name: &str| {
+        objects.iter().any(|o| {
+            o["kind"] == kind
+                && o["metadata"]["name"].as_str() == Some(name)
+                && namespace_of(o) == ns
+        })
+    };
+    let documented = documented_secrets();
+    let namespaces: BTreeSet<String> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Namespace")
+        .filter_map(|o| o["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    for o in objects {
+        let kind = o["kind"].as_str().unwrap_or("");
+        if cluster_scoped.contains(&kind) {
+            continue;
+        }
+        let name = o["metadata"]["name"].as_str().unwrap_or("");
+        let ns = namespace_of(o);
+        assert!(
+            namespaces.contains(&ns),
+            "{overlay}: {kind} {name} renders in namespace `{ns}`, which the overlay does not \
+             create (rendered namespaces: {namespaces:?}); set `namespace:` on it or in the \
+             kustomization that generates it"
+        );
+    }
+    let mut checked = 0;
+    for o in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        let d: Deployment = serde_yaml::from_value(o.clone()).unwrap();
+        let name = d.metadata.name.clone().unwrap();
+        let ns = namespace_of(o);
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        for (kind, target) in pod_references(pod) {
+            checked += 1;
+            if rendered(kind, &ns, &target) {
+                continue;
+            }
+            if kind == "Secret" && documented.contains(&target) {
+                // Created by the operator before applying (docs/kubernetes.md).
+                continue;
+            }
+            let same_name: Vec<String> = objects
+                .iter()
+                .filter(|x| x["kind"] == kind)
+                .map(|x| {
+                    format!(
+                        "{}/{}",
+                        namespace_of(x),
+                        x["metadata"]["name"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            panic!(
+                "{overlay}: Deployment {ns}/{name} refers to {kind} `{target}`, which the overlay \
+                 does not render in namespace `{ns}` (rendered {kind}s: {same_name:?}); its pods \
+                 could not start"
+            );
+        }
+    }
+    for o in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        let name = o["metadata"]["name"].as_str().unwrap_or("");
+        for s in o["subjects"].as_sequence().into_iter().flatten() {
+            if s["kind"] == "ServiceAccount" {
+                checked += 1;
+                let (ns, sa) = (
+                    s["namespace"].as_str().unwrap_or(""),
+                    s["name"].as_str().unwrap_or(""),
+                );
+                assert!(
+                    rendered("ServiceAccount", ns, sa),
+                    "{overlay}: binding {name} names ServiceAccount {ns}/{sa}, which is not rendered"
+                );
+            }
+        }
+    }
+    assert!(checked > 0, "{overlay}: no references found to check");
+}
+
 #[test]
 fn every_overlay_renders_into_typed_objects_with_flags_the_binaries_accept() {
     let Some(kubectl) = kubectl() else {
@@ -305,7 +500,18 @@ fn every_overlay_renders_into_typed_objects_with_flags_the_binaries_accept() {
         );
         return;
     };
-    for overlay in ["east", "west", "edge-gateway"] {
+    let mut overlays: Vec<String> = std::fs::read_dir(repo().join("deploy/overlays"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().join("kustomization.yaml").exists())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    overlays.sort();
+    assert!(
+        overlays.len() >= 3,
+        "deploy/overlays: expected east, west and edge-gateway, found {overlays:?}"
+    );
+    for overlay in &overlays {
         check_overlay(&kubectl, overlay);
     }
 }

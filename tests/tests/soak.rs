@@ -151,6 +151,10 @@ fn rig(echo: SocketAddr) -> Rig {
         vec![
             "--tcp-port-map".into(),
             format!("0=echo.default:{}", echo.port()),
+            // 10,000 streams are the point here: above the default limit,
+            // which is sized for stalled HTTP callers, not TCP streams.
+            "--max-connections".into(),
+            STREAMS.to_string(),
         ],
     ));
     east.wait_links("west", 1);

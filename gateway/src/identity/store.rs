@@ -392,12 +392,33 @@ async fn reload_loop(
     // A changed set that failed once, and the one last reported as invalid.
     let mut pending: Option<Seen> = None;
     let mut reported: Option<Seen> = None;
+    // Reads failing for want of descriptors: said once, not blamed on the
+    // files, and retried at the next tick.
+    let mut starved = false;
     loop {
         tokio::select! {
             () = tx.closed() => return,
             _ = ticker.tick() => {}
         }
-        let (seen, result) = match FileSet::read_async(&dir).await {
+        let read = FileSet::read_async(&dir).await;
+        match &read {
+            Err(e) if e.exhaustion().is_some() => {
+                if !starved {
+                    tracing::warn!(
+                        dir = %dir.display(), error = %e,
+                        "cannot check the credentials for changes: out of a resource, not a problem with the credentials; keeping the current ones and retrying"
+                    );
+                    starved = true;
+                }
+                continue;
+            }
+            Ok(_) if starved => {
+                tracing::info!(dir = %dir.display(), "the credentials directory is readable again");
+                starved = false;
+            }
+            _ => {}
+        }
+        let (seen, result) = match read {
             Ok(files) if files == current => {
                 pending = None;
                 continue;
@@ -507,11 +528,26 @@ fn refuse_world_readable(_path: &Path, _shown: &str) -> Result<(), StoreError> {
 }
 
 fn read_error(path: &Path, source: std::io::Error) -> StoreError {
+    // Out of descriptors (or memory), the files are not to blame: say so.
+    let hint = crate::limits::exhaustion(&source).unwrap_or(
+        "a credentials directory holds bundle.pem, cert.pem and key.pem, as \
+         `meshfed-gateway certs gateway --out DIR` writes them",
+    );
     StoreError::Read {
         path: path.display().to_string(),
         source,
-        hint: "a credentials directory holds bundle.pem, cert.pem and key.pem, as \
-               `meshfed-gateway certs gateway --out DIR` writes them",
+        hint,
+    }
+}
+
+impl StoreError {
+    /// When the files could not be read for want of a resource (too many
+    /// open files...), what ran out: the credentials themselves may be fine.
+    pub fn exhaustion(&self) -> Option<&'static str> {
+        match self {
+            StoreError::Read { source, .. } => crate::limits::exhaustion(source),
+            _ => None,
+        }
     }
 }
 

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 
 use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
+use crate::accept::{Acceptor, ConnectionLimit};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::route::{self, RequestInfo, Target};
 use crate::state::Gateway;
@@ -77,6 +78,7 @@ pub struct Caller {
 pub async fn serve(
     state: Arc<Gateway>,
     listener: TcpListener,
+    limit: ConnectionLimit,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
     header_timeout: Duration,
@@ -85,16 +87,10 @@ pub async fn serve(
     // gracefully, and `closed` resolves when every one has (hyper-util's
     // GracefulShutdown, whose signal serve_http needs beside its own).
     let (graceful, _) = watch::channel(());
+    let mut acceptor = Acceptor::new(listener, limit, "listener", "outbound listener");
     loop {
-        let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (stream, addr, admitted) = tokio::select! {
+            accepted = acceptor.accept(&state.metrics) => accepted,
             _ = stop.changed() => break,
         };
         let state = state.clone();
@@ -103,6 +99,7 @@ pub async fn serve(
             header_timeout,
         };
         tokio::spawn(async move {
+            let _admitted = admitted;
             let _ = stream.set_nodelay(true);
             let caller = Caller {
                 addr: Some(addr),
@@ -115,15 +112,17 @@ pub async fn serve(
                 // are admitted per destination by PeerAuthentication
                 // (crate::peer_auth).
                 Some(tls) => match detect(&stream).await {
+                    // Boxed, as the protocols in handle_connection: a caller
+                    // that has sent nothing costs only detection's state.
                     Detected::Tls { .. } => {
-                        handle_mutual(state, stream, caller, watcher, tls).await
+                        Box::pin(handle_mutual(state, stream, caller, watcher, tls)).await
                     }
                     _ => handle_connection(state, stream, caller, watcher).await,
                 },
             }
         });
     }
-    drop(listener);
+    drop(acceptor);
     let _ = graceful.send(());
     if tokio::time::timeout(drain, graceful.closed())
         .await
@@ -304,7 +303,10 @@ where
                 req.extensions_mut().insert(in_flight.clone());
             }
             async move {
-                let resp = handle_http(state, caller, req).await;
+                // Boxed: hyper keeps room for this future from the start of
+                // every connection (its dispatcher's in-flight slot), so an
+                // inline request future would cost every idle caller ~28 KiB.
+                let resp = Box::pin(handle_http(state, caller, req)).await;
                 // HTTP/1 is not timed by `idle`: no need to hold its body.
                 Ok::<_, Infallible>(if h2 {
                     resp.map(|b| Held::boxed(b, in_flight))
@@ -532,15 +534,22 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sniff<I> {
 
 /// Serves a port mapping: every connection to `listener` is TCP to
 /// `host:port`, with no protocol detection (server-first protocols work).
-pub async fn serve_mapped(state: Arc<Gateway>, listener: TcpListener, host: String, port: u16) {
+/// Its connections count against the caller-connection `limit` shared
+/// with the outbound listener.
+pub async fn serve_mapped(
+    state: Arc<Gateway>,
+    listener: TcpListener,
+    limit: ConnectionLimit,
+    host: String,
+    port: u16,
+) {
+    let mut acceptor = Acceptor::new(listener, limit, "listener", "port mapping");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let (stream, _, admitted) = acceptor.accept(&state.metrics).await;
         let _ = stream.set_nodelay(true);
         let (state, host) = (state.clone(), host.clone());
         tokio::spawn(async move {
+            let _admitted = admitted;
             if let Some(route) = route_tcp_or_close(&state, &host, port, "default") {
                 tcp_proxy(state, route, TcpOrigin::default(), stream).await
             }
@@ -554,8 +563,10 @@ async fn handle_connection(
     caller: Caller,
     watcher: Watcher,
 ) {
+    // Each protocol's state is boxed once the first bytes name it, so a
+    // connection that has sent nothing holds only detection's (~1 KiB).
     match detect(&stream).await {
-        Detected::Http => serve_http(state, caller, stream, watcher).await,
+        Detected::Http => Box::pin(serve_http(state, caller, stream, watcher)).await,
         Detected::Tls { sni: Some(host) } => {
             // TLS passthrough: the caller talks TLS to the service itself.
             if let Some(route) = route_tcp_or_close(&state, &host, 443, &caller.namespace) {
@@ -563,7 +574,7 @@ async fn handle_connection(
                     caller: None,
                     sni: Some(host),
                 };
-                tcp_proxy(state, route, origin, stream).await;
+                Box::pin(tcp_proxy(state, route, origin, stream)).await;
             }
         }
         Detected::Tls { sni: None } => {

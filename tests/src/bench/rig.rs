@@ -239,6 +239,11 @@ impl MeshfedPair {
         let mut a_args = vec![
             "--tcp-port-map".into(),
             format!("0=sink.default:{}", backend.sink.port()),
+            // Scenario 2 holds 10,000 streams through this port: above the
+            // default caller-connection limit (sized for stalled HTTP callers
+            // under 128 MiB), as a gateway serving that many would be set.
+            "--max-connections".into(),
+            "16384".into(),
         ];
         a_args.extend_from_slice(gateway_args);
         let a = GatewayProcess::start(&spec("east", a_port, None, a_args));

@@ -206,3 +206,63 @@ fn watch_refuses_to_start_on_invalid_credentials() {
         .unwrap_err();
     assert!(e.to_string().contains("bundle.pem"), "{e}");
 }
+
+/// Issue 21, item 18: with every descriptor taken, reading the credentials
+/// fails with EMFILE; the error must say so and not send the operator after
+/// valid files. Run in a child process (this test binary again), because
+/// taking every descriptor would break tests running beside it.
+#[test]
+fn out_of_descriptors_a_credentials_read_blames_the_open_files_limit_not_the_files() {
+    const CHILD: &str = "MESHFED_TEST_EMFILE_CHILD";
+    const NAME: &str = "identity::store::tests::out_of_descriptors_a_credentials_read_blames_the_open_files_limit_not_the_files";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(64),
+                maximum: hard,
+            },
+        )
+        .unwrap();
+        let mut held = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            held.push(f);
+        }
+        let e = Credentials::load(Path::new(&dir)).unwrap_err();
+        println!("EXHAUSTION={:?}", e.exhaustion());
+        println!("ERROR={e}");
+        drop(held);
+        return;
+    }
+    let fed = Federation::new("root");
+    let tmp = TempDir::new("emfile");
+    write_creds(tmp.path(), fed.bundle(), &fed.gateway("east", "gw-0"));
+    // Valid files: the failure below is the limit's alone.
+    Credentials::load(tmp.path()).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let error = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ERROR="))
+        .unwrap_or_else(|| panic!("the child printed no error: {stdout}"));
+    assert!(
+        error.contains("too many open files") && error.contains("not a problem with the file"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("a credentials directory holds"),
+        "the error still sends the operator to the files: {error}"
+    );
+    assert!(stdout.contains("EXHAUSTION=Some("), "{stdout}");
+}
