@@ -282,6 +282,176 @@ async fn serial_an_initial_flood_costs_kilobytes_and_the_links_survive() {
     );
 }
 
+/// Streams the attacker tries to hold: the former per-peer limit.
+const ATTEMPTED_STREAMS: usize = 16_384;
+
+/// Issue 21, item 9: an authenticated peer (a gateway certificate of a
+/// declared cluster) opens as many streams as west lets it and sends on each
+/// only part of an OPEN frame, against west under the shipped 128 MiB
+/// limit. West caps the peer at `MAX_STREAMS_PER_PEER` (10,000; before the
+/// fix it allowed 16,384 at about 8.4 KB each, which does not fit), is not
+/// OOM-killed, stays ready, serves east's caller meanwhile, and resets
+/// every half-open stream once the OPEN timeout has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_half_open_streams_of_a_peer_fit_the_memory_limit_and_are_reset() {
+    use meshfed_gateway::proxy::HEAD_TIMEOUT;
+    use meshfed_gateway::proxy::inbound::HEAD_TIMEOUT_RESET;
+    use meshfed_gateway::tunnel::link::MAX_STREAMS_PER_PEER;
+
+    let cg = MemoryCgroup::require("half-open-streams", GATEWAY_LIMIT);
+    let (backend, _b) = http_backend("ratings-west").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (east_port, west_port) = (free_udp_port(), free_udp_port());
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("p.yaml"),
+        format!(
+            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n",
+            cluster_yaml("east", &[east_port]),
+            cluster_yaml("west", &[west_port])
+        ),
+    )
+    .unwrap();
+    let eps = dir.path().join("west.yaml");
+    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
+    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>| GatewaySpec {
+        cluster: cluster.into(),
+        id: "gw-0".into(),
+        tls_dir: pki.gateway(cluster, "gw-0"),
+        policy_dir: policy.clone(),
+        discovery,
+        tunnel_port: port,
+        work_dir: dir.path().to_path_buf(),
+        extra_args: vec![],
+    };
+    let east = GatewayProcess::start(&spec("east", east_port, None));
+    let west = GatewayProcess::start_with(
+        &spec("west", west_port, Some(eps)),
+        &Launch {
+            prefix: cg.prefix(),
+            ..Launch::default()
+        },
+    );
+    east.wait_links("west", 1);
+    west.wait_links("east", 1);
+    assert_eq!(call(&east), 200, "east reaches west before the attack");
+    let baseline = rss(&west).0;
+
+    // The attacker: another gateway of the declared cluster east.
+    let creds = peer::creds_from_dir(&pki.gateway("east", "gw-9"));
+    let endpoint = peer::client(creds, ALPN, false);
+    let conn = peer::connect(&endpoint, west.tunnel, "west")
+        .await
+        .expect("the attacker's certificate is valid: west must accept it");
+    let open = peer::encode(&peer::get_open(SERVICE, "ratings"));
+    let partial = &open[..open.len() - 1];
+    let started = tokio::time::Instant::now();
+    let mut held = Vec::with_capacity(ATTEMPTED_STREAMS);
+    for _ in 0..ATTEMPTED_STREAMS {
+        // Beyond the limit, quinn waits for a slot; none frees while every
+        // stream is held, so a short wait means "no more allowed".
+        let Ok(Ok((mut send, recv))) =
+            tokio::time::timeout(Duration::from_secs(2), conn.open_bi()).await
+        else {
+            break;
+        };
+        if send.write_all(partial).await.is_err() {
+            break;
+        }
+        held.push((send, recv));
+    }
+    let opened = held.len();
+    let open_for = started.elapsed();
+    // While they are held (the OPEN timeout has not passed for the last
+    // ones): west lives, is ready, and serves another caller.
+    assert_eq!(
+        cg.oom_kills(),
+        0,
+        "west was OOM-killed by {opened} half-open streams (cgroup peak {}); log:\n{}",
+        Mib(cg.peak()),
+        west.log_tail()
+    );
+    assert!(alive(&west), "west died: {}", west.log_tail());
+    assert_eq!(
+        west.admin_get("/readyz"),
+        "ready\n",
+        "west is not ready while a peer holds {opened} half-open streams"
+    );
+    assert_eq!(
+        call(&east),
+        200,
+        "east's caller is not served while a peer holds {opened} half-open streams"
+    );
+    assert_eq!(
+        opened, MAX_STREAMS_PER_PEER as usize,
+        "the peer held {opened} streams at once (opened in {open_for:?}), not the per-peer limit"
+    );
+
+    // Every half-open stream is reset, both ways, after the OPEN timeout.
+    let deadline = meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(20));
+    let mut reset = 0;
+    let mut other = None;
+    let waits: Vec<_> = held
+        .into_iter()
+        .map(|(send, mut recv)| {
+            tokio::spawn(async move {
+                let mut b = [0u8; 256];
+                let read = recv.read(&mut b).await;
+                let stopped = send.stopped().await;
+                (read, stopped)
+            })
+        })
+        .collect();
+    let outcomes = tokio::time::timeout(deadline, async {
+        let mut all = Vec::with_capacity(waits.len());
+        for w in waits {
+            all.push(w.await.unwrap());
+        }
+        all
+    })
+    .await
+    .expect("half-open streams were neither reset nor answered after the OPEN timeout");
+    for (read, stopped) in outcomes {
+        match (&read, &stopped) {
+            (Err(quinn::ReadError::Reset(r)), Ok(Some(s)))
+                if *r == HEAD_TIMEOUT_RESET && *s == HEAD_TIMEOUT_RESET =>
+            {
+                reset += 1
+            }
+            _ => other = other.or(Some(format!("{read:?} / {stopped:?}"))),
+        }
+    }
+    let (now, peak) = rss(&west);
+    eprintln!(
+        "half-open streams: {opened} held (opened in {open_for:?}), {reset} reset; west RSS \
+         baseline {}, peak {}, after {}; {} B per stream; cgroup peak {} (limit {})",
+        Mib(baseline),
+        Mib(peak),
+        Mib(now),
+        peak.saturating_sub(baseline) / opened.max(1) as u64,
+        Mib(cg.peak()),
+        Mib(GATEWAY_LIMIT),
+    );
+    assert_eq!(
+        reset, opened,
+        "not every half-open stream was reset with code {HEAD_TIMEOUT_RESET}; e.g. {other:?}"
+    );
+    assert_eq!(
+        cg.oom_kills(),
+        0,
+        "west was OOM-killed: {}",
+        west.log_tail()
+    );
+    let counted = west.metric("meshfed_refusals_total", &["\"stream\"", "head-timeout"]);
+    assert!(
+        counted >= opened as f64,
+        "{counted} head timeouts counted for {opened} half-open streams"
+    );
+    assert_eq!(call(&east), 200, "east is not served after the attack");
+}
+
 const SERVICE: &str = "ratings.default.svc.cluster.local";
 
 /// A plain GET for `ratings` through `gw`'s outbound listener; the status

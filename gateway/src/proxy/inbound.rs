@@ -23,6 +23,10 @@ use crate::state::Gateway;
 use crate::tunnel::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 use crate::tunnel::link::PeerInfo;
 
+/// The QUIC error code with which a stream whose OPEN did not arrive within
+/// [`HEAD_TIMEOUT`] is reset (both directions): `0x4854`, "HT".
+pub const HEAD_TIMEOUT_RESET: quinn::VarInt = quinn::VarInt::from_u32(0x4854);
+
 /// Serves one stream from a peer; with tracing on, an HTTP stream is one
 /// gateway hop of its trace (crate::trace).
 pub async fn serve_stream(
@@ -65,8 +69,13 @@ async fn serve(
             return refuse(&mut send, Refusal::BadRequest, e.to_string()).await;
         }
         Err(_) => {
+            // Half-open: reset both directions so that quinn frees the
+            // stream (a refusal written to a peer that never sent its OPEN
+            // would wait in the send buffer) and the peer learns at once.
             state.metrics.refused("stream", "head-timeout");
-            return refuse(&mut send, Refusal::BadRequest, "no stream head in time").await;
+            let _ = recv.stop(HEAD_TIMEOUT_RESET);
+            let _ = send.reset(HEAD_TIMEOUT_RESET);
+            return;
         }
     };
     // XFCC is ours to set, from the verified caller (below); a source

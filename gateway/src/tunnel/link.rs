@@ -95,7 +95,7 @@ impl Default for LinkSettings {
             backoff_max: Duration::from_secs(5),
             announce_every: Duration::from_secs(5),
             announce_stale: Duration::from_secs(16),
-            max_streams: 16_384,
+            max_streams: MAX_STREAMS_PER_PEER,
             retry_above: 16,
             max_handshakes: 128,
             congestion: Congestion::Cubic,
@@ -103,16 +103,37 @@ impl Default for LinkSettings {
     }
 }
 
+/// Concurrent streams one verified peer may open on a link: its share of
+/// the gateway's memory, which must fit the shipped limit (128 MiB, the
+/// `deploy/` manifests) with room to spare.
+///
+/// - baseline: about 21 MB RSS idle (docs/benchmarks.md);
+/// - a stream costs at most about 8.4 KB at the destination while it is
+///   open (the measured cost of a half-open stream waiting for its OPEN;
+///   an opaque TCP stream costs 6.4 KB): 10,000 × 8.4 KB = 84 MB;
+/// - data quinn buffers for the peer is bounded by the connection's
+///   receive window (16 MiB, 16.8 MB, see [`base_transport`]).
+///
+/// 21 + 84 + 16.8 ≈ 122 MB (116 MiB) of 134 MB (128 MiB). At the former
+/// 16,384 the streams alone (138 MB) did not fit. 10,000 is also the
+/// design's figure for one link (docs/benchmarks.md). A stream whose OPEN
+/// does not arrive within [`crate::proxy::HEAD_TIMEOUT`] is reset, so a
+/// peer cannot hold one longer than that doing nothing.
+pub const MAX_STREAMS_PER_PEER: u32 = 10_000;
+
 /// The transport settings shared by both ends of a link.
 ///
 /// quinn's defaults suit about 100 Mbit/s × 100 ms. Links between sites can
 /// be 1 Gbit/s × 100 ms (12.5 MB in flight), so the connection windows are
 /// raised to 16 MiB; a single stream may use 8 MiB. Buffers are allocated as
-/// data arrives, so idle streams cost no window memory.
+/// data arrives, so idle streams cost no window memory. The connection's
+/// window is also the bound on what one peer can make quinn buffer here,
+/// however many streams it opens: it is part of the per-peer memory budget
+/// ([`MAX_STREAMS_PER_PEER`]); do not raise it without redoing that sum.
 ///
 /// Stream limits are not set here: quinn allocates the state of every stream
 /// a peer may open when the connection is created, before any certificate is
-/// seen (about 75 bytes per allowed stream: 1.2 MB per connection at 16,384),
+/// seen (about 75 bytes per allowed stream: 750 KB per connection at 10,000),
 /// so each side sets its own in [`server_transport`] and
 /// [`client_transport`].
 fn base_transport(s: &LinkSettings) -> TransportConfig {
@@ -132,7 +153,7 @@ fn base_transport(s: &LinkSettings) -> TransportConfig {
 /// certificate has been checked and its cluster found in the snapshot
 /// ([`Tunnel::serve`] then raises the limit to
 /// [`LinkSettings::max_streams`]), so a handshake that never completes costs
-/// kilobytes, not the state of 16,384 streams. Dialers never open
+/// kilobytes, not the state of 10,000 streams. Dialers never open
 /// unidirectional streams.
 pub fn server_transport(s: &LinkSettings) -> TransportConfig {
     let mut t = base_transport(s);
