@@ -740,6 +740,7 @@ fn a_syncer_certificate_minted_by_another_clusters_ca_is_refused_and_the_last_go
         "127.0.0.1:0".parse().unwrap(),
         w.rollout.clone(),
         w.publish.subscribe(),
+        meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY,
     );
     w.publish(&sha(2));
     let gw = w.gateway("gw-1", rogue.addr, &["--state-dir", &state_arg]);

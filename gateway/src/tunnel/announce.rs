@@ -27,6 +27,14 @@ pub const MAX_SERVICES: usize = meshfed_policy::validate::exports::MAX_EXPORTED_
 /// Services left out of announcements since start, because a snapshot
 /// (from a syncer older than the export limit) exported more than
 /// [`MAX_SERVICES`]; each such build is also logged.
+/// Most services a received announcement may list: the wire limit of
+/// earlier releases, above [`MAX_SERVICES`], so that a peer one release
+/// older is still read (the 1 MiB frame bounds the work either way).
+pub const MAX_DECODED_SERVICES: usize = 10_000;
+/// Bytes of JSON the services of one announcement may take: the frame limit
+/// less room for the other fields (a cluster name and a commit SHA) and the
+/// frame header.
+const MAX_SERVICES_BYTES: usize = super::frame::MAX_DATA_FRAME - 4096;
 pub static SERVICES_LEFT_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Most label groups per service.
 pub const MAX_GROUPS: usize = 64;
@@ -64,7 +72,7 @@ pub struct EndpointGroup {
 pub enum AnnounceError {
     #[error("announcement is not valid: {0}")]
     Malformed(#[from] serde_json::Error),
-    #[error("announcement has {0} services, over the limit of {MAX_SERVICES}")]
+    #[error("announcement has {0} services, over the limit of {MAX_DECODED_SERVICES}")]
     TooManyServices(usize),
     #[error("announcement for {service} has {groups} label groups, over the limit of {MAX_GROUPS}")]
     TooManyGroups { service: String, groups: usize },
@@ -82,21 +90,34 @@ impl Announcement {
     ) -> Self {
         let mut services = BTreeMap::new();
         let mut left_out = 0u64;
+        // The encoded size so far, so that what is built always fits one
+        // frame: an announcement too large to send would leave peers with
+        // none of our services, not some.
+        let mut bytes = 0usize;
         for host in exported {
             if services.len() == MAX_SERVICES {
                 left_out += 1;
                 continue;
             }
             let eps = endpoints.get(host).map(Vec::as_slice).unwrap_or_default();
-            services.insert(host.to_string(), group(eps));
+            let groups = group(eps);
+            // `"host":[...],` in the map's JSON.
+            let entry = serde_json::to_vec(&(host, &groups)).map_or(usize::MAX, |v| v.len());
+            if bytes.saturating_add(entry) > MAX_SERVICES_BYTES {
+                left_out += 1;
+                continue;
+            }
+            bytes += entry;
+            services.insert(host.to_string(), groups);
         }
         if left_out > 0 {
             SERVICES_LEFT_OUT.fetch_add(left_out, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
-                announced = MAX_SERVICES,
+                announced = services.len(),
                 left_out,
-                "the snapshot exports more services than one announcement carries; peers do not \
-                 learn of the rest (validation refuses such a commit: is the syncer older?)"
+                "the snapshot exports more services, or more endpoint label groups, than one \
+                 announcement carries (1 MiB); peers do not learn of the rest. Export fewer \
+                 services from this cluster, or group endpoints by fewer labels"
             );
         }
         Announcement {
@@ -114,7 +135,7 @@ impl Announcement {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, AnnounceError> {
         let a: Announcement = serde_json::from_slice(bytes)?;
-        if a.services.len() > MAX_SERVICES {
+        if a.services.len() > MAX_DECODED_SERVICES {
             return Err(AnnounceError::TooManyServices(a.services.len()));
         }
         if let Some((service, groups)) = a.services.iter().find(|(_, g)| g.len() > MAX_GROUPS) {
@@ -182,6 +203,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::tunnel::frame::Frame;
 
     fn ep(port: u16, version: &str, healthy: bool) -> Endpoint {
         Endpoint {
@@ -234,6 +256,99 @@ mod tests {
         assert_eq!(a.services["s"].len(), MAX_GROUPS);
         assert_eq!(a.services["s"].iter().map(|g| g.total).sum::<u32>(), 200);
         assert_eq!(a.healthy("s", &BTreeMap::new()), 100);
+    }
+
+    /// A Kubernetes-like endpoint: four labels, as pods of a mesh carry.
+    fn pod(i: u16, app: &str, version: &str) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 9080)),
+            labels: BTreeMap::from([
+                ("app".to_string(), app.to_string()),
+                ("version".to_string(), version.to_string()),
+                (
+                    "topology.istio.io/cluster".to_string(),
+                    "cluster-west".to_string(),
+                ),
+                ("security.istio.io/tlsMode".to_string(), "istio".to_string()),
+            ]),
+            healthy: true,
+        }
+    }
+
+    fn encoded_frame_len(a: &Announcement) -> Result<usize, super::super::frame::FrameError> {
+        let mut buf = bytes::BytesMut::new();
+        super::super::frame::encode(&Frame::Announce(a.encode().into()), &mut buf)?;
+        Ok(buf.len())
+    }
+
+    /// Every service a valid commit may export fits one frame, with long
+    /// names and realistic labels: validation's limit is one the
+    /// announcement keeps (issue 21, item 13).
+    #[test]
+    fn as_many_services_as_validation_allows_fit_one_frame() {
+        let mut set = EndpointSet::default();
+        let hosts: Vec<String> = (0..MAX_SERVICES)
+            .map(|i| format!("service-{i:05}-with-a-longish-name.some-namespace.svc.cluster.local"))
+            .collect();
+        for (i, h) in hosts.iter().enumerate() {
+            let app = format!("service-{i:05}-with-a-longish-name");
+            set.insert(
+                h.clone(),
+                vec![pod(i as u16, &app, "v1"), pod(i as u16, &app, "v1")],
+            );
+        }
+        let before = SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed);
+        let a = Announcement::build(
+            1,
+            "west",
+            &"f".repeat(40),
+            false,
+            &set,
+            hosts.iter().map(String::as_str),
+        );
+        assert_eq!(a.services.len(), MAX_SERVICES, "services were left out");
+        assert_eq!(
+            SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed),
+            before
+        );
+        let len = encoded_frame_len(&a).expect("the announcement fits one frame");
+        assert!(len <= super::super::frame::MAX_DATA_FRAME);
+    }
+
+    /// Services whose endpoints fall into many label groups can outgrow a
+    /// frame: the announcement still goes out, holding what fits, and the
+    /// rest is counted and logged, never silently dropped and never the
+    /// whole announcement.
+    #[test]
+    fn an_announcement_that_would_outgrow_a_frame_keeps_what_fits_and_counts_the_rest() {
+        let mut set = EndpointSet::default();
+        let hosts: Vec<String> = (0..2_000)
+            .map(|i| format!("s{i:04}.ns.svc.cluster.local"))
+            .collect();
+        for h in &hosts {
+            let eps: Vec<Endpoint> = (0..MAX_GROUPS as u16)
+                .map(|v| pod(v, "app-with-a-name", &format!("version-{v}")))
+                .collect();
+            set.insert(h.clone(), eps);
+        }
+        let before = SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed);
+        let a = Announcement::build(
+            1,
+            "west",
+            &"f".repeat(40),
+            false,
+            &set,
+            hosts.iter().map(String::as_str),
+        );
+        let left_out = SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(!a.services.is_empty());
+        assert_eq!(
+            a.services.len() as u64 + left_out,
+            2_000,
+            "every service is announced or counted"
+        );
+        assert!(left_out > 0);
+        encoded_frame_len(&a).expect("what was kept fits one frame");
     }
 
     #[test]

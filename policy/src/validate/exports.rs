@@ -11,8 +11,13 @@ use crate::model::{Kind, Resource};
 use super::{diag, targets};
 
 /// Most services one cluster may export, and so the most one gateway
-/// announcement carries.
-pub const MAX_EXPORTED_SERVICES: usize = 10_000;
+/// announcement carries. An announcement is one tunnel frame of at most
+/// 1 MiB: 4,000 services leave about 260 bytes each, room for a 70-character
+/// name and a label group of four labels (the gateway's
+/// `as_many_services_as_validation_allows_fit_one_frame` pins it). Services
+/// with many label groups can still outgrow the frame; the gateway then
+/// announces what fits and logs and counts the rest.
+pub const MAX_EXPORTED_SERVICES: usize = 4_000;
 
 /// One error per cluster that exports more than [`MAX_EXPORTED_SERVICES`]
 /// services, placed at the first export past the limit. An export without
