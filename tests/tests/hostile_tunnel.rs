@@ -338,6 +338,8 @@ async fn serial_half_open_streams_of_a_peer_fit_the_memory_limit_and_are_reset()
     west.wait_links("east", 1);
     assert_eq!(call(&east), 200, "east reaches west before the attack");
     let baseline = rss(&west).0;
+    let tasks = || west.metric("meshfed_runtime_alive_tasks", &[]);
+    let tasks_before = tasks();
 
     // The attacker: another gateway of the declared cluster east.
     let creds = peer::creds_from_dir(&pki.gateway("east", "gw-9"));
@@ -364,6 +366,12 @@ async fn serial_half_open_streams_of_a_peer_fit_the_memory_limit_and_are_reset()
     }
     let opened = held.len();
     let open_for = started.elapsed();
+    // Until west serves them all (a task each), or dies trying.
+    meshfed_tests::assert_eventually(
+        "west serves every stream the peer opened",
+        meshfed_tests::patient(Duration::from_secs(10)),
+        || tasks() >= tasks_before + opened as f64 || cg.oom_kills() > 0 || !alive(&west),
+    );
     // While they are held (the OPEN timeout has not passed for the last
     // ones): west lives, is ready, and serves another caller.
     assert_eq!(
