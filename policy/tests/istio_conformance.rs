@@ -240,15 +240,35 @@ const EXCEPTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Where the corpus is: `$MESHFED_ISTIO_CONFORMANCE` if set, else
+/// `shared/istio-conformance` beside the workspace or beside any directory
+/// above it (a CI clone may sit deeper than a developer's checkout), else
+/// `/work/shared/istio-conformance`.
 fn corpus() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-conformance/cases");
-    assert!(
-        dir.is_dir(),
-        "the Istio conformance corpus is missing: looked in {}; clone it beside the workspace \
-         (…/shared/istio-conformance)",
-        dir.display()
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut looked = Vec::new();
+    let candidates = std::env::var_os("MESHFED_ISTIO_CONFORMANCE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            workspace
+                .ancestors()
+                .skip(1)
+                .map(|dir| dir.join("shared/istio-conformance")),
+        )
+        .chain([PathBuf::from("/work/shared/istio-conformance")]);
+    for dir in candidates {
+        let cases = dir.join("cases");
+        if cases.is_dir() {
+            return cases;
+        }
+        looked.push(cases.display().to_string());
+    }
+    panic!(
+        "the Istio conformance corpus is missing: looked in {}; put it beside the workspace \
+         (…/shared/istio-conformance) or set MESHFED_ISTIO_CONFORMANCE",
+        looked.join(", ")
     );
-    dir
 }
 
 /// Whether meshfed agrees with Istio on one case; `Err` says how not.
