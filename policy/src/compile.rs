@@ -593,6 +593,7 @@ fn mtls(view: &[&Resource], opts: &Options) -> MtlsPolicy {
                 ports: pa
                     .port_level_mtls
                     .iter()
+                    .flatten()
                     .filter_map(|(port, m)| {
                         Some((u16::try_from(*port).ok()?, mode(Some(m)).unwrap_or(own)))
                     })
@@ -635,6 +636,19 @@ fn authz(
             .filter_map(|p| p.parse().ok())
             .collect::<Vec<u16>>()
     };
+    // Istio's short `serviceAccounts` form `name` means the policy's own
+    // namespace; the gateway matches `namespace/name` only.
+    let qualify = |v: &[String]| {
+        v.iter()
+            .map(|sa| {
+                if sa.contains('/') {
+                    sa.clone()
+                } else {
+                    format!("{}/{sa}", r.namespace)
+                }
+            })
+            .collect::<Vec<_>>()
+    };
     Some(AuthzPolicy {
         dry_run: r
             .annotations
@@ -657,8 +671,8 @@ fn authz(
                         not_principals: f.source.not_principals.clone(),
                         namespaces: f.source.namespaces.clone(),
                         not_namespaces: f.source.not_namespaces.clone(),
-                        service_accounts: f.source.service_accounts.clone(),
-                        not_service_accounts: f.source.not_service_accounts.clone(),
+                        service_accounts: qualify(&f.source.service_accounts),
+                        not_service_accounts: qualify(&f.source.not_service_accounts),
                     })
                     .collect(),
                 to: rule

@@ -119,14 +119,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "crd-invalid/authz-invalid-01-service-account-and-namespace",
-        "not yet: `serviceAccounts` together with `namespaces` not refused yet (issue 15 part 4)",
-    ),
-    (
-        "crd-invalid/authz-invalid-02-service-account-and-namespace-principal",
-        "not yet: `serviceAccounts` together with `namespaces` not refused yet (issue 15 part 4)",
-    ),
-    (
         "crd-invalid/destinationrule-invalid-01-bookinfo-ratings",
         "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
     ),
@@ -135,20 +127,12 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
     ),
     (
-        "crd-invalid/peerauth-invalid-04-empty-port-level",
-        "not yet: an empty `portLevelMtls` entry is not refused yet (issue 15 part 4)",
-    ),
-    (
         "crd-invalid/serviceentry-invalid-08-duplicate-ports-number",
         "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
     ),
     (
         "crd-valid/authz-valid-01-full",
         "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/authz-valid-02-service-account-and-namespace-principal-split",
-        "not yet: short `serviceAccounts` form (issue 15 part 3)",
     ),
     (
         "crd-valid/destinationrule-valid-01-bookinfo-ratings",
@@ -167,10 +151,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
     ),
     (
-        "crd-valid/peerauth-valid-01-full",
-        "not yet: quoted port key (issue 15 part 3)",
-    ),
-    (
         "crd-valid/serviceentry-valid-03-empty-selector",
         "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
     ),
@@ -181,10 +161,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
     (
         "crd-valid/serviceentry-valid-05-none-cidr",
         "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "derived/ap-condition-value-empty-plain-header",
-        "not yet: an empty condition value is not refused yet (issue 15 part 4)",
     ),
     (
         "derived/ap-when-pseudo-header-authority",
@@ -221,18 +197,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
     (
         "istio.io/authz-jwt_2_require-jwt-groups",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
-    ),
-    (
-        "robustness/merge-key",
-        "not yet: YAML merge keys (issue 15 part 3)",
-    ),
-    (
-        "robustness/peerauth-exported-quoted-port",
-        "not yet: quoted port key (issue 15 part 3)",
-    ),
-    (
-        "robustness/utf8-bom",
-        "not yet: UTF-8 BOM (issue 15 part 3)",
     ),
     (
         "samples/external__github",

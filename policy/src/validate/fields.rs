@@ -1177,14 +1177,22 @@ fn peer_authentication(c: &mut Check<'_>, s: &PeerAuthenticationSpec, opts: &Opt
         .selector
         .as_ref()
         .is_some_and(|sel| !sel.match_labels.is_empty());
-    if !s.port_level_mtls.is_empty() && !has_selector {
+    let ports = s.port_level_mtls.as_ref();
+    if ports.is_some_and(BTreeMap::is_empty) {
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.portLevelMtls",
+            "`portLevelMtls` must list at least one port (Istio refuses `{}`)",
+            "remove it, or add `<port>: {mode: ...}`",
+        );
+    } else if ports.is_some() && !has_selector {
         c.report(
             Code::InvalidValue,
             "spec.portLevelMtls",
             "portLevelMtls needs a workload selector, as in Istio",
         );
     }
-    for port in s.port_level_mtls.keys() {
+    for port in ports.into_iter().flat_map(BTreeMap::keys) {
         let mut p = "spec.portLevelMtls".to_string();
         crate::yaml::push_key(&mut p, &port.to_string());
         c.port(&p, Some(*port));
@@ -1308,16 +1316,36 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                 ("notServiceAccounts", &src.not_service_accounts),
             ] {
                 for (k, x) in v.iter().enumerate() {
-                    if x.split_once('/')
-                        .is_none_or(|(ns, sa)| ns.is_empty() || sa.is_empty() || sa.contains('/'))
-                    {
+                    // `name` alone is the policy's own namespace (Istio's
+                    // short form); compile spells it out.
+                    let (ns, sa) = x.split_once('/').unwrap_or(("-", x));
+                    if ns.is_empty() || sa.is_empty() || sa.contains('/') {
                         c.report(
                             Code::InvalidValue,
                             &format!("{sp}.{field}[{k}]"),
-                            format!("service account `{x}` must be `namespace/name`"),
+                            format!("service account `{x}` must be `namespace/name` or `name`"),
                         );
                     }
                 }
+            }
+            let by_account =
+                !src.service_accounts.is_empty() || !src.not_service_accounts.is_empty();
+            let by_identity = [
+                &src.principals,
+                &src.not_principals,
+                &src.namespaces,
+                &src.not_namespaces,
+            ]
+            .iter()
+            .any(|v| !v.is_empty());
+            if by_account && by_identity {
+                // Istio's CRD refuses the mix: say which identity you mean.
+                c.report_hint(
+                    Code::InvalidValue,
+                    &sp,
+                    "`serviceAccounts` cannot be set with `principals` or `namespaces` in one source",
+                    "put them in separate `from` entries (any of which matches)",
+                );
             }
         }
         for (j, t) in rule.operations().iter().enumerate() {
@@ -1416,6 +1444,17 @@ fn condition(c: &mut Check<'_>, path: &str, w: &Condition) {
             path,
             "a condition needs `values` or `notValues`",
         );
+    }
+    for (field, v) in [("values", &w.values), ("notValues", &w.not_values)] {
+        for (k, x) in v.iter().enumerate() {
+            if x.is_empty() {
+                c.report(
+                    Code::InvalidValue,
+                    &format!("{path}.{field}[{k}]"),
+                    "empty value not allowed (Istio refuses it)",
+                );
+            }
+        }
     }
     let header = key
         .strip_prefix("request.headers[")

@@ -872,3 +872,60 @@ fn cluster_trust_domains_and_localities_are_well_formed() {
         &[&c("locality: {region: r1, zone: z1}")],
     );
 }
+
+#[test]
+fn service_accounts_cannot_be_mixed_with_principals_or_namespaces() {
+    let from = |src: &str| authz(&format!("[{{from: [{{source: {src}}}]}}]"));
+    rule(
+        Code::InvalidValue,
+        &[&from("{serviceAccounts: [bar/sa], namespaces: [bar]}")],
+        &[&authz(
+            "[{from: [{source: {serviceAccounts: [bar/sa]}}, {source: {namespaces: [bar]}}]}]",
+        )],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&from("{notServiceAccounts: [bar/sa], principals: [bar]}")],
+        &[&from("{serviceAccounts: [bar/sa, sa]}")],
+    );
+}
+
+#[test]
+fn an_empty_condition_value_is_refused() {
+    rule(
+        Code::InvalidValue,
+        &[&authz(
+            "[{when: [{key: 'request.headers[x-foo]', values: [v1, '']}]}]",
+        )],
+        &[&authz(
+            "[{when: [{key: 'request.headers[x-foo]', values: [v1]}]}]",
+        )],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&authz(
+            "[{when: [{key: source.namespace, notValues: ['']}]}]",
+        )],
+        &[&authz(
+            "[{when: [{key: source.namespace, notValues: [x]}]}]",
+        )],
+    );
+}
+
+#[test]
+fn port_level_mtls_takes_quoted_port_keys_but_not_an_empty_map() {
+    let pa = |ports: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p}}\nspec: {{selector: {{matchLabels: {{app: x}}}}, portLevelMtls: {ports}}}\n"
+        )
+    };
+    rule(
+        Code::InvalidValue,
+        &[&pa("{}")],
+        &[&pa("{'8080': {mode: DISABLE}, 9090: {mode: STRICT}}")],
+    );
+    let a = run(&[&pa("{'80x': {mode: DISABLE}}")]);
+    assert!(!a.is_valid(), "{:#?}", a.diagnostics);
+    let a = run(&[&pa("{'8080': {mode: DISABLE}, 8080: {mode: STRICT}}")]);
+    assert!(!a.is_valid(), "{:#?}", a.diagnostics);
+}
