@@ -649,6 +649,23 @@ fn authz(
             })
             .collect::<Vec<_>>()
     };
+    // A trust domain is the first segment of a principal; validation
+    // refused the forms that have no principal pattern (and trust domains
+    // beside principals), so `td` → `td/*` and `td*`/`*` stay as they are.
+    let by_trust_domain = |principals: &[String], tds: &[String]| {
+        if tds.is_empty() {
+            return principals.to_vec();
+        }
+        tds.iter()
+            .map(|td| {
+                if td.ends_with('*') {
+                    td.clone()
+                } else {
+                    format!("{td}/*")
+                }
+            })
+            .collect::<Vec<_>>()
+    };
     Some(AuthzPolicy {
         dry_run: r
             .annotations
@@ -667,8 +684,11 @@ fn authz(
                     .sources()
                     .iter()
                     .map(|f| AuthzSource {
-                        principals: f.source.principals.clone(),
-                        not_principals: f.source.not_principals.clone(),
+                        principals: by_trust_domain(&f.source.principals, &f.source.trust_domains),
+                        not_principals: by_trust_domain(
+                            &f.source.not_principals,
+                            &f.source.not_trust_domains,
+                        ),
                         namespaces: f.source.namespaces.clone(),
                         not_namespaces: f.source.not_namespaces.clone(),
                         service_accounts: qualify(&f.source.service_accounts),

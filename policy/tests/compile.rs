@@ -308,3 +308,22 @@ spec:
         .expect("one workload policy");
     assert_eq!(pa.ports.get(&8080), Some(&MtlsMode::Disable));
 }
+
+#[test]
+fn trust_domains_compile_to_principal_patterns() {
+    let a = files(&["apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {trustDomains: [cluster.local, 'east*', '*']}
+    - source: {notTrustDomains: [untrusted], namespaces: [shop]}
+"]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("east", "abc", &Options::default()).unwrap();
+    let from = &s.policy.authz[0].rules[0].from;
+    assert_eq!(from[0].principals, ["cluster.local/*", "east*", "*"]);
+    assert_eq!(from[1].not_principals, ["untrusted/*"]);
+    assert_eq!(from[1].namespaces, ["shop"]);
+}

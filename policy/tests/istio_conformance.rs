@@ -31,14 +31,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
     ),
     (
-        "apidocs/networking_v1alpha3_destination_rule_L1236_DestinationRule",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "apidocs/networking_v1alpha3_destination_rule_L1254_DestinationRule",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
         "apidocs/networking_v1alpha3_destination_rule_L98_DestinationRule",
         "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
     ),
@@ -91,10 +83,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "authz-builder/http__trust-domains-in",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
         "authz-builder/tcp__allow-both-http-tcp-in",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
@@ -119,36 +107,12 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "crd-invalid/destinationrule-invalid-01-bookinfo-ratings",
-        "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
-    ),
-    (
-        "crd-invalid/destinationrule-invalid-03-bookinfo-ratings",
-        "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
-    ),
-    (
         "crd-invalid/serviceentry-invalid-08-duplicate-ports-number",
         "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
     ),
     (
         "crd-valid/authz-valid-01-full",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-01-bookinfo-ratings",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-02-bookinfo-ratings",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-03-bookinfo-ratings",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-04-bookinfo-ratings-http2-ping",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
         "crd-valid/serviceentry-valid-03-empty-selector",

@@ -163,6 +163,11 @@ pub struct Source {
     pub service_accounts: Vec<String>,
     #[serde(default)]
     pub not_service_accounts: Vec<String>,
+    /// Istio 1.27+; compiled to principal patterns (`<td>/*`).
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub not_trust_domains: Vec<String>,
     #[serde(default)]
     pub ip_blocks: Vec<String>,
     #[serde(default)]

@@ -876,6 +876,50 @@ fn policy_parts(
                 "new endpoints get full weight at once",
             );
         }
+        if let Some(w) = &lb.warmup {
+            let wp = format!("{p}.warmup");
+            if w.duration.is_none() {
+                c.report(
+                    Code::MissingField,
+                    &format!("{wp}.duration"),
+                    "`warmup` needs a `duration`",
+                );
+            }
+            c.duration(&format!("{wp}.duration"), w.duration.as_ref());
+            if let Some(m) = w.minimum_percent
+                && !(0.0..=100.0).contains(&m)
+            {
+                c.report(
+                    Code::OutOfRange,
+                    &format!("{wp}.minimumPercent"),
+                    format!("minimumPercent {m} is outside 0..100"),
+                );
+            }
+            if let Some(a) = w.aggression
+                && !(a >= 1.0 && a.is_finite())
+            {
+                c.report(
+                    Code::OutOfRange,
+                    &format!("{wp}.aggression"),
+                    format!("aggression {a} must be at least 1"),
+                );
+            }
+            if lb.warmup_duration_secs.is_some() {
+                c.report(
+                    Code::InvalidValue,
+                    &wp,
+                    "use either `warmup` or `warmupDurationSecs`, not both",
+                );
+            }
+            c.not_enforced(&wp, "warmup", "new endpoints get full weight at once");
+        }
+        if lb.zone_aware_lb_setting.is_some() {
+            c.not_enforced(
+                &format!("{p}.zoneAwareLbSetting"),
+                "zoneAwareLbSetting",
+                "the gateway prefers endpoints by `localityLbSetting` only",
+            );
+        }
         if let Some(l) = &lb.locality_lb_setting {
             let lp = format!("{p}.localityLbSetting");
             if !l.distribute.is_empty() && !l.failover.is_empty() {
@@ -958,6 +1002,16 @@ fn policy_parts(
                 c.range(&format!("{hp}.{field}"), v, 0, u32::MAX.into(), field);
             }
             c.duration(&format!("{hp}.idleTimeout"), h.idle_timeout.as_ref());
+            if let Some(k) = &h.http2_keep_alive {
+                let kp = format!("{hp}.http2KeepAlive");
+                c.duration(&format!("{kp}.interval"), k.interval.as_ref());
+                c.duration(&format!("{kp}.timeout"), k.timeout.as_ref());
+                c.not_enforced(
+                    &kp,
+                    "http2KeepAlive",
+                    "the gateway uses its own keepalive settings",
+                );
+            }
             if h.h2_upgrade_policy
                 .is_some_and(|u| u != H2UpgradePolicy::Default)
             {
@@ -1289,6 +1343,8 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                 &src.not_namespaces,
                 &src.service_accounts,
                 &src.not_service_accounts,
+                &src.trust_domains,
+                &src.not_trust_domains,
                 &src.ip_blocks,
                 &src.not_ip_blocks,
                 &src.remote_ip_blocks,
@@ -1327,6 +1383,16 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                         );
                     }
                 }
+            }
+            for (field, v, principals) in [
+                ("trustDomains", &src.trust_domains, &src.principals),
+                (
+                    "notTrustDomains",
+                    &src.not_trust_domains,
+                    &src.not_principals,
+                ),
+            ] {
+                trust_domains(c, &sp, field, v, principals);
             }
             let by_account =
                 !src.service_accounts.is_empty() || !src.not_service_accounts.is_empty();
@@ -1407,6 +1473,47 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
         for (j, w) in rule.conditions().iter().enumerate() {
             let wp = format!("{rp}.when[{j}]");
             condition(c, &wp, w);
+        }
+    }
+}
+
+/// `trustDomains`/`notTrustDomains`: compiled to principal patterns
+/// (`td` → `td/*`, `td*` → `td*`, `*` → `*`), which the gateway matches. A
+/// form that has no principal pattern (`*suffix`, or beside the same
+/// source's principals, which it would have to intersect) is refused: read
+/// as absent, it would widen an ALLOW or narrow a DENY.
+fn trust_domains(c: &mut Check<'_>, sp: &str, field: &str, v: &[String], principals: &[String]) {
+    if v.is_empty() {
+        return;
+    }
+    let pfield = if field == "trustDomains" {
+        "principals"
+    } else {
+        "notPrincipals"
+    };
+    if !principals.is_empty() {
+        c.unsupported(
+            &format!("{sp}.{field}"),
+            &format!("{field} beside {pfield}"),
+            &format!("put the trust domain in the principals (`<td>/ns/<ns>/sa/<sa>`), or move `{field}` to a `from` entry of its own"),
+        );
+    }
+    for (k, x) in v.iter().enumerate() {
+        let p = format!("{sp}.{field}[{k}]");
+        if x.contains('/') {
+            c.report(
+                Code::InvalidValue,
+                &p,
+                format!("trust domain `{x}` must not contain `/`"),
+            );
+        } else if x.len() > 1 && x.starts_with('*') {
+            c.unsupported(
+                &p,
+                &format!("a suffix trust domain pattern (`{x}`)"),
+                "name the trust domain exactly, or by prefix (`td*`)",
+            );
+        } else {
+            pattern(c, &p, x);
         }
     }
 }

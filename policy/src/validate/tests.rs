@@ -929,3 +929,64 @@ fn port_level_mtls_takes_quoted_port_keys_but_not_an_empty_map() {
     let a = run(&[&pa("{'8080': {mode: DISABLE}, 8080: {mode: STRICT}}")]);
     assert!(!a.is_valid(), "{:#?}", a.diagnostics);
 }
+
+#[test]
+fn newer_istio_traffic_fields_are_warned_not_refused() {
+    for newer in [
+        "{loadBalancer: {warmup: {duration: 300s, minimumPercent: 10, aggression: 2}}}",
+        "{loadBalancer: {simple: ROUND_ROBIN, zoneAwareLbSetting: {enabled: true}}}",
+        "{connectionPool: {http: {http2KeepAlive: {interval: 15s, timeout: 5s}}}}",
+    ] {
+        rule(Code::NotEnforced, &[&dr_with(newer)], &[DR]);
+        assert!(!has(&run(&[&dr_with(newer)]), Code::UnknownField));
+    }
+    // Their values are still checked, as Istio checks them.
+    for bad in [
+        "{loadBalancer: {warmup: {duration: 300s, minimumPercent: 150.0}}}",
+        "{loadBalancer: {warmup: {duration: 300s, aggression: -0.1}}}",
+    ] {
+        rule(
+            Code::OutOfRange,
+            &[&dr_with(bad)],
+            &[&dr_with("{loadBalancer: {warmup: {duration: 300s}}}")],
+        );
+    }
+    rule(
+        Code::MissingField,
+        &[&dr_with("{loadBalancer: {warmup: {minimumPercent: 5.0}}}")],
+        &[&dr_with(
+            "{loadBalancer: {warmup: {duration: 1s, minimumPercent: 5.0}}}",
+        )],
+    );
+    // A real typo still gets its hint.
+    let typo = run(&[&dr_with("{loadBalancer: {warmpu: {duration: 300s}}}")]);
+    let d = typo
+        .diagnostics
+        .iter()
+        .find(|d| d.code == Code::UnknownField)
+        .expect("unknown-field");
+    assert_eq!(d.hint.as_deref(), Some("did you mean `warmup`?"));
+}
+
+#[test]
+fn trust_domains_are_read_as_principal_patterns_or_refused() {
+    let from = |src: &str| authz(&format!("[{{from: [{{source: {src}}}]}}]"));
+    let good = from("{trustDomains: [cluster.local, 'other*'], notTrustDomains: [bad]}");
+    rule(
+        Code::Unsupported,
+        &[&from("{trustDomains: ['*-suffix']}")],
+        &[&good],
+    );
+    rule(
+        Code::Unsupported,
+        &[&from(
+            "{trustDomains: [cluster.local], principals: ['x/ns/a/sa/b']}",
+        )],
+        &[&good],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&from("{notTrustDomains: [a/b]}")],
+        &[&good],
+    );
+}
