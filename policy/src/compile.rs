@@ -513,7 +513,10 @@ fn service_entry(se: &model::ServiceEntrySpec, r: &Resource, source: SourceRef) 
             .filter_map(|p| {
                 Some(ServicePort {
                     number: u16::try_from(p.number?).ok()?,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    protocol: p
+                        .protocol
+                        .as_deref()
+                        .map_or_else(|| "TCP".into(), str::to_ascii_uppercase),
                     name: p.name.clone(),
                     target_port: p.target_port.and_then(|t| u16::try_from(t).ok()),
                 })

@@ -39,14 +39,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: unix-socket ServiceEntry endpoints refused: a gateway in another process cannot reach them",
     ),
     (
-        "apidocs/networking_v1alpha3_service_entry_L381_ServiceEntry",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "apidocs/networking_v1alpha3_service_entry_L67_ServiceEntry",
-        "not yet: protocol names: case and every Istio protocol (issue 15 part 3)",
-    ),
-    (
         "apidocs/networking_v1alpha3_virtual_service_L537_VirtualService",
         "not yet: delegate VirtualService without hosts (issue 15 part 3)",
     ),
@@ -107,48 +99,16 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "crd-invalid/serviceentry-invalid-08-duplicate-ports-number",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
         "crd-valid/authz-valid-01-full",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "crd-valid/serviceentry-valid-03-empty-selector",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
         "crd-valid/serviceentry-valid-04-partial-wildcard",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/serviceentry-valid-05-none-cidr",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
+        "not yet: partial host wildcards (`*x`, not `*.x`) (issue 15 part 3)",
     ),
     (
         "derived/ap-when-pseudo-header-authority",
         "not yet: pseudo-headers in conditions and header edits (issue 15 part 3)",
-    ),
-    (
-        "derived/serviceentry-invalid-03-bad-selector-key+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-04-selector-and-endpoints+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-06-bad-cidr-resolution+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-11-none-with-endpoints+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-12-dns-rr-with-multiple-endpoints+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
     ),
     (
         "derived/vs-set-authority-header",
@@ -161,10 +121,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
     (
         "istio.io/authz-jwt_2_require-jwt-groups",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
-    ),
-    (
-        "samples/external__github",
-        "not yet: protocol names: case and every Istio protocol (issue 15 part 3)",
     ),
 ];
 

@@ -1117,13 +1117,16 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         }
     }
     if s.ports.is_empty() {
-        c.report(
-            Code::MissingField,
+        // Istio accepts it (the entry then only adds a name); meshfed
+        // routes a ServiceEntry by its ports, so it carries nothing.
+        c.not_enforced(
             "spec.ports",
-            "a ServiceEntry needs at least one port",
+            "a ServiceEntry without ports",
+            "the gateways route a ServiceEntry by its ports; list them to carry traffic",
         );
     }
     let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
     for (i, p) in s.ports.iter().enumerate() {
         let pp = format!("spec.ports[{i}]");
         match p.number {
@@ -1136,14 +1139,36 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         }
         c.port(&format!("{pp}.targetPort"), p.target_port);
         if let Some(proto) = &p.protocol {
-            const PROTOCOLS: &[&str] = &["HTTP", "HTTPS", "HTTP2", "GRPC", "TCP", "TLS"];
-            if !PROTOCOLS.contains(&proto.as_str()) {
+            // Istio's protocol names, read case-insensitively as Istio does.
+            // MONGO, REDIS, MYSQL and THRIFT are carried as opaque TCP, as
+            // Istio's proxies do unless a protocol filter is enabled.
+            const PROTOCOLS: &[&str] = &[
+                "HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "REDIS",
+                "MYSQL", "THRIFT", "UDP",
+            ];
+            let upper = proto.to_ascii_uppercase();
+            if !PROTOCOLS.contains(&upper.as_str()) {
                 c.report(
                     Code::InvalidValue,
                     &format!("{pp}.protocol"),
                     format!("protocol `{proto}` is not one of {}", PROTOCOLS.join(", ")),
                 );
+            } else if upper == "UDP" {
+                c.not_enforced(
+                    &format!("{pp}.protocol"),
+                    "protocol: UDP",
+                    "the gateways carry TCP streams only; UDP to this port is not forwarded",
+                );
             }
+        }
+        if let Some(n) = p.number
+            && !numbers.insert(n)
+        {
+            c.report(
+                Code::InvalidValue,
+                &format!("{pp}.number"),
+                format!("port number {n} is used twice (Istio refuses it)"),
+            );
         }
         if !p.name.is_empty() && !names.insert(&p.name) {
             c.report(
@@ -1154,12 +1179,65 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         }
     }
     let resolution = s.resolution.unwrap_or_default();
-    if resolution == SeResolution::Static && s.endpoints.is_empty() {
+    if resolution == SeResolution::Static && s.endpoints.is_empty() && s.workload_selector.is_none()
+    {
         c.report(
             Code::MissingField,
             "spec.endpoints",
-            "resolution STATIC needs endpoints",
+            "resolution STATIC needs endpoints (or a workloadSelector)",
         );
+    }
+    // Istio's resolution/endpoint rules (ValidateServiceEntry).
+    if s.workload_selector.is_some() && !s.endpoints.is_empty() {
+        c.report(
+            Code::InvalidValue,
+            "spec.endpoints",
+            "only one of `workloadSelector` or `endpoints` can be set",
+        );
+    } else if resolution == SeResolution::None && !s.endpoints.is_empty() {
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.endpoints",
+            "resolution NONE (the default) cannot set endpoints",
+            "set `resolution: STATIC` for IP endpoints or `DNS` for names",
+        );
+    } else if resolution == SeResolution::DnsRoundRobin && s.endpoints.len() > 1 {
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.endpoints",
+            "resolution DNS_ROUND_ROBIN cannot have more than one endpoint",
+            "use resolution DNS for several endpoints",
+        );
+    }
+    if matches!(resolution, SeResolution::Dns | SeResolution::DnsRoundRobin) {
+        for (i, a) in s.addresses.iter().enumerate() {
+            if a.contains('/') {
+                c.report(
+                    Code::InvalidValue,
+                    &format!("spec.addresses[{i}]"),
+                    format!("CIDR address `{a}` is allowed only with resolution NONE or STATIC"),
+                );
+            }
+        }
+    }
+    if let Some(serde_yaml::Value::Mapping(sel)) = &s.workload_selector
+        && let Some(serde_yaml::Value::Mapping(labels)) = sel.get("labels")
+    {
+        for (k, v) in labels {
+            let (k, v) = (
+                k.as_str().unwrap_or_default(),
+                v.as_str().unwrap_or_default(),
+            );
+            if k.contains('*') || v.contains('*') {
+                let mut p = "spec.workloadSelector.labels".to_string();
+                crate::yaml::push_key(&mut p, k);
+                c.report(
+                    Code::InvalidValue,
+                    &p,
+                    format!("`{k}: {v}`: a wildcard is not supported in a selector"),
+                );
+            }
+        }
     }
     for (i, e) in s.endpoints.iter().enumerate() {
         let ep = format!("spec.endpoints[{i}]");

@@ -990,3 +990,66 @@ fn trust_domains_are_read_as_principal_patterns_or_refused() {
         &[&good],
     );
 }
+
+#[test]
+fn service_entry_resolution_endpoints_and_ports_agree_as_istio_requires() {
+    let se = |spec: &str| {
+        service_entry(&format!(
+            "{{hosts: [example.com], ports: [{{number: 80, name: http, protocol: HTTP}}], {spec}}}"
+        ))
+    };
+    let good_static = se("resolution: STATIC, endpoints: [{address: 1.2.3.4}]");
+    for bad in [
+        "endpoints: [{address: 1.2.3.4}]",
+        "resolution: NONE, endpoints: [{address: 1.2.3.4}]",
+        "resolution: DNS_ROUND_ROBIN, endpoints: [{address: a.example.com}, {address: b.example.com}]",
+        "resolution: DNS, addresses: [1.2.3.4/16]",
+        "resolution: STATIC, workloadSelector: {}, endpoints: [{address: 1.2.3.4}]",
+        "workloadSelector: {labels: {val: '*'}}",
+    ] {
+        rule(Code::InvalidValue, &[&se(bad)], &[&good_static]);
+    }
+    for good in [
+        "resolution: DNS_ROUND_ROBIN, endpoints: [{address: a.example.com}]",
+        "resolution: NONE, addresses: [1.1.1.1/32]",
+        "resolution: STATIC, workloadSelector: {labels: {app: details}}",
+    ] {
+        assert!(run(&[&se(good)]).is_valid(), "{good}");
+    }
+    rule(
+        Code::InvalidValue,
+        &[&service_entry(
+            "{hosts: [example.com], ports: [{number: 1, name: a}, {number: 1, name: b}]}",
+        )],
+        &[&service_entry(
+            "{hosts: [example.com], ports: [{number: 1, name: a}, {number: 2, name: b}]}",
+        )],
+    );
+    // No ports: valid, but warned, since nothing is routed.
+    rule(
+        Code::NotEnforced,
+        &[&service_entry("{hosts: [example.com]}")],
+        &[&good_static],
+    );
+}
+
+#[test]
+fn service_entry_protocols_are_istios_in_any_case() {
+    let se = |proto: &str| {
+        service_entry(&format!(
+            "{{hosts: [db.example.com], ports: [{{number: 27018, name: p, protocol: {proto}}}], resolution: DNS}}"
+        ))
+    };
+    for ok in [
+        "MONGO", "tcp", "Redis", "MYSQL", "thrift", "grpc-web", "HTTP2",
+    ] {
+        let a = run(&[&se(ok)]);
+        assert!(
+            a.is_valid() && a.diagnostics.is_empty(),
+            "{ok}: {:#?}",
+            a.diagnostics
+        );
+    }
+    rule(Code::InvalidValue, &[&se("QUIC")], &[&se("tcp")]);
+    rule(Code::NotEnforced, &[&se("udp")], &[&se("tcp")]);
+}
