@@ -218,7 +218,11 @@ fn weighted(
 }
 
 fn http_route(h: &model::HttpRoute, r: &Resource, opts: &Options) -> HttpRoute {
-    let (request_headers, response_headers) = header_ops(h.headers.as_ref());
+    let (mut request_headers, response_headers) = header_ops(h.headers.as_ref());
+    // Setting `:authority` is how Istio users rewrite the authority (Envoy
+    // applies it so); the gateway edits only regular headers, so it becomes
+    // the route's authority rewrite.
+    let set_authority = request_headers.set.remove(":authority");
     let retries = match &h.retries {
         Some(rt) => RetryPolicy {
             attempts: u32::try_from(rt.attempts).unwrap_or(0),
@@ -314,10 +318,13 @@ fn http_route(h: &model::HttpRoute, r: &Resource, opts: &Options) -> HttpRoute {
         mirrors,
         request_headers,
         response_headers,
-        rewrite: h.rewrite.as_ref().map(|rw| Rewrite {
-            uri: rw.uri.clone(),
-            authority: rw.authority.clone(),
-        }),
+        rewrite: match (&h.rewrite, set_authority) {
+            (None, None) => None,
+            (rw, set) => Some(Rewrite {
+                uri: rw.as_ref().and_then(|rw| rw.uri.clone()),
+                authority: rw.as_ref().and_then(|rw| rw.authority.clone()).or(set),
+            }),
+        },
     }
 }
 

@@ -327,3 +327,28 @@ spec:
     assert_eq!(from[1].not_principals, ["untrusted/*"]);
     assert_eq!(from[1].namespaces, ["shop"]);
 }
+
+#[test]
+fn setting_the_authority_header_compiles_to_an_authority_rewrite() {
+    let a = files(&["apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - headers:
+      request:
+        set: {':authority': foo.example, x-a: b}
+    rewrite: {uri: /v2}
+    route:
+    - destination: {host: reviews}
+"]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("east", "abc", &Options::default()).unwrap();
+    let route = &s.policy.routes[REVIEWS].http[0];
+    let rw = route.rewrite.as_ref().expect("a rewrite");
+    assert_eq!(rw.authority.as_deref(), Some("foo.example"));
+    assert_eq!(rw.uri.as_deref(), Some("/v2"));
+    assert!(!route.request_headers.set.contains_key(":authority"));
+    assert_eq!(route.request_headers.set["x-a"], "b");
+}

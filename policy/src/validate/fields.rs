@@ -221,7 +221,11 @@ impl Check<'_> {
         }
     }
 
-    fn headers(&mut self, path: &str, h: Option<&Headers>) {
+    /// Header edits. `route_level`: a route's own `request.set` may name
+    /// `:authority`, which compile turns into the route's authority rewrite
+    /// (what Envoy does with it); any other pseudo-header is refused, since
+    /// the gateway cannot edit it.
+    fn headers(&mut self, path: &str, h: Option<&Headers>, route_level: bool) {
         let Some(h) = h else { return };
         for (side, ops) in [("request", &h.request), ("response", &h.response)] {
             let Some(ops) = ops else { continue };
@@ -232,6 +236,9 @@ impl Check<'_> {
             ] {
                 for n in names {
                     let p = format!("{path}.{side}.{verb}");
+                    if route_level && side == "request" && verb == "set" && n == ":authority" {
+                        continue;
+                    }
                     self.lexical(Code::InvalidValue, &p, syntax::check_header_name(n));
                 }
             }
@@ -557,7 +564,7 @@ fn http_route(c: &mut Check<'_>, path: &str, h: &HttpRoute) {
     for (k, d) in h.route.iter().enumerate() {
         let dp = format!("{path}.route[{k}]");
         c.destination(&format!("{dp}.destination"), &d.destination);
-        c.headers(&format!("{dp}.headers"), d.headers.as_ref());
+        c.headers(&format!("{dp}.headers"), d.headers.as_ref(), false);
     }
     c.weights(&format!("{path}.route"), h.route.iter().map(|d| d.weight));
     c.duration(&format!("{path}.timeout"), h.timeout.as_ref());
@@ -703,7 +710,27 @@ fn http_route(c: &mut Check<'_>, path: &str, h: &HttpRoute) {
             "CORS is the application's concern here",
         );
     }
-    c.headers(&format!("{path}.headers"), h.headers.as_ref());
+    c.headers(&format!("{path}.headers"), h.headers.as_ref(), true);
+    let set_authority = h
+        .headers
+        .as_ref()
+        .and_then(|hd| hd.request.as_ref())
+        .and_then(|rq| rq.set.get(":authority"));
+    if let Some(a) = set_authority {
+        let p = format!("{path}.headers.request.set");
+        c.lexical(
+            Code::InvalidHost,
+            &p,
+            syntax::check_host(a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h), false),
+        );
+        if h.rewrite.as_ref().is_some_and(|rw| rw.authority.is_some()) {
+            c.report(
+                Code::InvalidValue,
+                &p,
+                "set `:authority` or `rewrite.authority`, not both",
+            );
+        }
+    }
     if let Some(rw) = &h.rewrite {
         let rp = format!("{path}.rewrite");
         if let Some(u) = &rw.uri

@@ -1053,3 +1053,26 @@ fn service_entry_protocols_are_istios_in_any_case() {
     rule(Code::InvalidValue, &[&se("QUIC")], &[&se("tcp")]);
     rule(Code::NotEnforced, &[&se("udp")], &[&se("tcp")]);
 }
+
+#[test]
+fn only_a_routes_request_set_may_name_the_authority_pseudo_header() {
+    let good = vs(
+        "{headers: {request: {set: {':authority': foo.example}}}, route: [{destination: {host: reviews}}]}",
+    );
+    for bad in [
+        "{headers: {request: {set: {':path': /x}}}, route: [{destination: {host: reviews}}]}",
+        "{headers: {request: {add: {':authority': foo}}}, route: [{destination: {host: reviews}}]}",
+        "{headers: {response: {set: {':authority': foo}}}, route: [{destination: {host: reviews}}]}",
+        "{route: [{destination: {host: reviews}, headers: {request: {set: {':authority': foo}}}}]}",
+        "{headers: {request: {set: {':authority': foo}}}, rewrite: {authority: bar}, route: [{destination: {host: reviews}}]}",
+    ] {
+        rule(Code::InvalidValue, &[&vs(bad)], &[&good]);
+    }
+    rule(
+        Code::InvalidHost,
+        &[&vs(
+            "{headers: {request: {set: {':authority': 'a b'}}}, route: [{destination: {host: reviews}}]}",
+        )],
+        &[&good],
+    );
+}
