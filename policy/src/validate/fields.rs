@@ -173,13 +173,32 @@ impl Check<'_> {
                 ),
             );
         }
-        if let Some(re) = &m.regex {
+        for (field, v) in [("prefix", &m.prefix), ("regex", &m.regex)] {
+            if v.as_deref() == Some("") {
+                self.report_hint(
+                    Code::InvalidValue,
+                    &format!("{path}.{field}"),
+                    format!("an empty `{field}` match is refused by Istio"),
+                    "remove the match to match anything",
+                );
+            }
+        }
+        if let Some(re) = m.regex.as_deref().filter(|r| !r.is_empty()) {
             self.regex(&format!("{path}.regex"), re);
         }
     }
 
     fn regex(&mut self, path: &str, re: &str) {
-        if let Err(e) = check_regex(re) {
+        if re.len() > MAX_REGEX_LEN {
+            self.report(
+                Code::InvalidRegex,
+                path,
+                format!(
+                    "regex is {} bytes; Istio allows at most {MAX_REGEX_LEN}",
+                    re.len()
+                ),
+            );
+        } else if let Err(e) = check_regex(re) {
             self.report(
                 Code::InvalidRegex,
                 path,
@@ -413,8 +432,16 @@ fn virtual_service(c: &mut Check<'_>, s: &VirtualServiceSpec) {
             "a VirtualService needs at least one host",
         );
     }
+    let mut seen = BTreeSet::new();
     for (i, h) in s.hosts.iter().enumerate() {
         c.host(&format!("spec.hosts[{i}]"), h, true);
+        if !seen.insert(h.to_ascii_lowercase()) {
+            c.report(
+                Code::InvalidValue,
+                &format!("spec.hosts[{i}]"),
+                format!("host `{h}` is listed twice"),
+            );
+        }
     }
     if !s.gateways.is_empty() && !s.gateways.iter().any(|g| g == "mesh") {
         c.report_hint(
@@ -1119,6 +1146,15 @@ fn policy_parts(
                 format!("certificate files are only used with SIMPLE or MUTUAL, not {mode:?}"),
             );
         }
+        if t.insecure_skip_verify == Some(true) && t.ca_certificates.is_some() {
+            // Istio refuses it: which one wins is not what either says.
+            c.report_hint(
+                Code::InvalidValue,
+                &format!("{p}.insecureSkipVerify"),
+                "`insecureSkipVerify: true` cannot be set with `caCertificates`",
+                "remove `insecureSkipVerify` to verify the server against caCertificates",
+            );
+        }
     }
 }
 
@@ -1365,6 +1401,9 @@ fn peer_authentication(c: &mut Check<'_>, s: &PeerAuthenticationSpec, opts: &Opt
     }
 }
 
+/// Istio's limit on a regex's length (RE2 programs past it are refused).
+const MAX_REGEX_LEN: usize = 1024;
+
 fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
     if let Some(v) = c.r.annotations.get(DRY_RUN_ANNOTATION)
         && v != "true"
@@ -1386,6 +1425,16 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
         Some(AuthzAction::Custom) => c.unsupported("spec.action", "action: CUSTOM", "external authorization is not available; express the rule with ALLOW or DENY"),
         Some(AuthzAction::Audit) => c.not_enforced("spec.action", "action: AUDIT", "audit policies are logged, never block, and meshfed logs every authorization decision anyway"),
         _ => {}
+    }
+    if s.action == Some(AuthzAction::Deny) && s.rules.is_empty() {
+        // It matches nothing, so it denies nothing: almost surely not what
+        // its author meant (Istio refuses it too).
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.action",
+            "a DENY policy needs at least one rule; without rules it denies nothing",
+            "add `rules: [{}]` to deny every request to the selected workloads",
+        );
     }
     if s.provider.is_some() {
         c.unsupported(

@@ -1076,3 +1076,50 @@ fn only_a_routes_request_set_may_name_the_authority_pseudo_header() {
         &[&good],
     );
 }
+
+#[test]
+fn istio_refusals_of_part_4_are_errors_at_their_field() {
+    // Duplicate hosts.
+    let dup = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews, Reviews]\n  http: [{route: [{destination: {host: reviews}}]}]\n";
+    rule(Code::InvalidValue, &[dup], &[&vs(ROUTE_V1), DR]);
+    // Empty prefix and regex matches.
+    for bad in [
+        "{match: [{uri: {prefix: ''}}], route: [{destination: {host: reviews}}]}",
+        "{match: [{headers: {x-a: {regex: ''}}}], route: [{destination: {host: reviews}}]}",
+    ] {
+        rule(
+            Code::InvalidValue,
+            &[&vs(bad)],
+            &[&vs(
+                "{match: [{uri: {prefix: /a}}], route: [{destination: {host: reviews}}]}",
+            )],
+        );
+    }
+    // A regex over 1,024 bytes.
+    let long = format!(
+        "{{match: [{{uri: {{regex: '{}'}}}}], route: [{{destination: {{host: reviews}}}}]}}",
+        "a".repeat(1025)
+    );
+    let ok = format!(
+        "{{match: [{{uri: {{regex: '{}'}}}}], route: [{{destination: {{host: reviews}}}}]}}",
+        "a".repeat(1024)
+    );
+    rule(Code::InvalidRegex, &[&vs(&long)], &[&vs(&ok)]);
+    // insecureSkipVerify with caCertificates.
+    rule(
+        Code::InvalidValue,
+        &[&dr_with(
+            "{tls: {mode: SIMPLE, caCertificates: /ca.pem, insecureSkipVerify: true}}",
+        )],
+        &[&dr_with("{tls: {mode: SIMPLE, insecureSkipVerify: true}}")],
+    );
+    // A DENY without rules.
+    let deny = |rules: &str| authz(rules).replace("rules:", "action: DENY\n  rules:");
+    rule(Code::InvalidValue, &[&deny("[]")], &[&deny("[{}]")]);
+    // Sub-millisecond durations.
+    rule(
+        Code::InvalidDuration,
+        &[&dr_with("{connectionPool: {tcp: {connectTimeout: 500us}}}")],
+        &[&dr_with("{connectionPool: {tcp: {connectTimeout: 1ms}}}")],
+    );
+}
