@@ -453,7 +453,8 @@ fn connection_pool(c: &model::ConnectionPoolSettings) -> ConnectionPool {
         max_connections: u32_of(tcp.max_connections),
         connect_timeout_ms: dur_ms(tcp.connect_timeout.as_ref()),
         max_connection_duration_ms: dur_ms(tcp.max_connection_duration.as_ref()),
-        tcp_idle_timeout_ms: dur_ms(tcp.idle_timeout.as_ref()),
+        // `0s` is Istio's "no idle timeout".
+        tcp_idle_timeout_ms: dur_ms(tcp.idle_timeout.as_ref()).filter(|ms| *ms > 0),
         http1_max_pending_requests: u32_of(http.http1_max_pending_requests),
         http2_max_requests: u32_of(http.http2_max_requests),
         // Istio: 0 means unlimited.

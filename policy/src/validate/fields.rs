@@ -1035,7 +1035,21 @@ fn policy_parts(
                 &format!("{tp}.maxConnectionDuration"),
                 t.max_connection_duration.as_ref(),
             );
-            c.duration(&format!("{tp}.idleTimeout"), t.idle_timeout.as_ref());
+            // `0s` turns the idle timeout off, as in Istio.
+            if t.idle_timeout
+                .as_deref()
+                .and_then(|d| syntax::parse_duration(d).ok())
+                != Some(std::time::Duration::ZERO)
+            {
+                c.duration(&format!("{tp}.idleTimeout"), t.idle_timeout.as_ref());
+            }
+            if t.idle_timeout.is_some() {
+                c.not_enforced(
+                    &format!("{tp}.idleTimeout"),
+                    "tcp.idleTimeout",
+                    "the gateways keep idle TCP streams open until either side closes",
+                );
+            }
             if t.tcp_keepalive.is_some() {
                 c.not_enforced(
                     &format!("{tp}.tcpKeepalive"),

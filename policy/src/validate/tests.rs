@@ -1123,3 +1123,21 @@ fn istio_refusals_of_part_4_are_errors_at_their_field() {
         &[&dr_with("{connectionPool: {tcp: {connectTimeout: 1ms}}}")],
     );
 }
+
+#[test]
+fn a_zero_tcp_idle_timeout_turns_it_off_and_is_warned_as_not_enforced() {
+    let a = run(&[&dr_with("{connectionPool: {tcp: {idleTimeout: 0s}}}")]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    assert!(has(&a, Code::NotEnforced));
+    rule(
+        Code::InvalidDuration,
+        &[&dr_with("{connectionPool: {tcp: {idleTimeout: 500us}}}")],
+        &[&dr_with("{connectionPool: {tcp: {idleTimeout: 0s}}}")],
+    );
+    // HTTP's idle timeout is enforced, so 0s stays an error there.
+    rule(
+        Code::InvalidDuration,
+        &[&dr_with("{connectionPool: {http: {idleTimeout: 0s}}}")],
+        &[&dr_with("{connectionPool: {http: {idleTimeout: 1s}}}")],
+    );
+}
