@@ -109,12 +109,6 @@ fn unknown_enum_values_are_errors() {
 
 #[test]
 fn required_fields_must_be_present() {
-    let no_hosts = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  http: [{route: [{destination: {host: reviews}}]}]\n";
-    rule(
-        Code::MissingField,
-        &[no_hosts],
-        &[&vs("route: [{destination: {host: reviews}}]")],
-    );
     let no_host = vs("route: [{destination: {subset: v1}}]");
     rule(Code::MissingField, &[&no_host, DR], &[&vs(ROUTE_V1), DR]);
     let no_name =
@@ -1140,4 +1134,19 @@ fn a_zero_tcp_idle_timeout_turns_it_off_and_is_warned_as_not_enforced() {
         &[&dr_with("{connectionPool: {http: {idleTimeout: 0s}}}")],
         &[&dr_with("{connectionPool: {http: {idleTimeout: 1s}}}")],
     );
+}
+
+#[test]
+fn a_virtual_service_without_hosts_is_a_delegate_warned_as_not_enforced() {
+    let delegate = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  http: [{route: [{destination: {host: reviews}}]}]\n";
+    rule(
+        Code::NotEnforced,
+        &[delegate],
+        &[&vs("route: [{destination: {host: reviews}}]")],
+    );
+    let a = run(&[delegate, CLUSTERS]);
+    let s = a
+        .compile("east", "abc", &Options::default())
+        .expect("a delegate compiles");
+    assert!(s.policy.routes.is_empty(), "{:?}", s.policy.routes);
 }
