@@ -109,7 +109,13 @@ pub fn compile(resources: &[Resource], cluster: &str, version: &str, opts: &Opti
             }
             Spec::ServiceEntry(se) => {
                 let entry = service_entry(se, r, src);
-                for h in &se.hosts {
+                // Partial wildcards (`*x`) were warned about: the gateways
+                // match whole labels only.
+                for h in se
+                    .hosts
+                    .iter()
+                    .filter(|h| crate::validate::fields::partial_wildcard(h).is_none())
+                {
                     p.service_entries
                         .entry(canonical_host(h, &r.namespace, &opts.domain))
                         .or_insert_with(|| entry.clone());

@@ -103,10 +103,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "crd-valid/serviceentry-valid-04-partial-wildcard",
-        "not yet: partial host wildcards (`*x`, not `*.x`) (issue 15 part 3)",
-    ),
-    (
         "derived/ap-when-pseudo-header-authority",
         "not yet: `request.headers[:authority]` conditions need an authority attribute in the gateway (read as `hosts` it would widen an ALLOW to the authority's aliases) (issue 15 part 3)",
     ),

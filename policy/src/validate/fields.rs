@@ -1175,6 +1175,12 @@ fn policy_parts(
     }
 }
 
+/// `*x` (a wildcard that is not a whole leading label): the rest, `x`.
+pub(crate) fn partial_wildcard(h: &str) -> Option<&str> {
+    h.strip_prefix('*')
+        .filter(|rest| !rest.is_empty() && !rest.starts_with('.'))
+}
+
 fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
     if s.hosts.is_empty() {
         c.report(
@@ -1184,7 +1190,16 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         );
     }
     for (i, h) in s.hosts.iter().enumerate() {
-        c.host(&format!("spec.hosts[{i}]"), h, false);
+        match partial_wildcard(h) {
+            // Istio accepts `*x`; the gateways match only whole labels
+            // (`*.x`), so compile leaves the host out, and says so here.
+            Some(rest) if syntax::check_host(rest, false).is_ok() => c.not_enforced(
+                &format!("spec.hosts[{i}]"),
+                &format!("partial wildcard host `{h}`"),
+                "the gateways match `*.` wildcards only; this host is left out",
+            ),
+            _ => c.host(&format!("spec.hosts[{i}]"), h, false),
+        }
     }
     for (i, a) in s.addresses.iter().enumerate() {
         let ip = a.split_once('/').map_or(a.as_str(), |(ip, _)| ip);

@@ -1150,3 +1150,20 @@ fn a_virtual_service_without_hosts_is_a_delegate_warned_as_not_enforced() {
         .expect("a delegate compiles");
     assert!(s.policy.routes.is_empty(), "{:?}", s.policy.routes);
 }
+
+#[test]
+fn a_partial_wildcard_service_entry_host_is_warned_and_left_out() {
+    let se = |host: &str| {
+        service_entry(&format!(
+            "{{hosts: ['{host}', api.example.com], ports: [{{number: 443, name: tls, protocol: TLS}}], resolution: DNS}}"
+        ))
+    };
+    rule(Code::NotEnforced, &[&se("*x")], &[&se("*.x")]);
+    rule(Code::InvalidHost, &[&se("*x!")], &[&se("*.x")]);
+    let a = run(&[&se("*foo.baz"), CLUSTERS]);
+    let s = a
+        .compile("east", "abc", &Options::default())
+        .expect("compiles");
+    let hosts: Vec<&String> = s.policy.service_entries.keys().collect();
+    assert_eq!(hosts, ["api.example.com"]);
+}
