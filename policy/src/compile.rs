@@ -109,7 +109,13 @@ pub fn compile(resources: &[Resource], cluster: &str, version: &str, opts: &Opti
             }
             Spec::ServiceEntry(se) => {
                 let entry = service_entry(se, r, src);
-                for h in &se.hosts {
+                // Partial wildcards (`*x`) were warned about: the gateways
+                // match whole labels only.
+                for h in se
+                    .hosts
+                    .iter()
+                    .filter(|h| crate::validate::fields::partial_wildcard(h).is_none())
+                {
                     p.service_entries
                         .entry(canonical_host(h, &r.namespace, &opts.domain))
                         .or_insert_with(|| entry.clone());
@@ -218,7 +224,11 @@ fn weighted(
 }
 
 fn http_route(h: &model::HttpRoute, r: &Resource, opts: &Options) -> HttpRoute {
-    let (request_headers, response_headers) = header_ops(h.headers.as_ref());
+    let (mut request_headers, response_headers) = header_ops(h.headers.as_ref());
+    // Setting `:authority` is how Istio users rewrite the authority (Envoy
+    // applies it so); the gateway edits only regular headers, so it becomes
+    // the route's authority rewrite.
+    let set_authority = request_headers.set.remove(":authority");
     let retries = match &h.retries {
         Some(rt) => RetryPolicy {
             attempts: u32::try_from(rt.attempts).unwrap_or(0),
@@ -314,10 +324,13 @@ fn http_route(h: &model::HttpRoute, r: &Resource, opts: &Options) -> HttpRoute {
         mirrors,
         request_headers,
         response_headers,
-        rewrite: h.rewrite.as_ref().map(|rw| Rewrite {
-            uri: rw.uri.clone(),
-            authority: rw.authority.clone(),
-        }),
+        rewrite: match (&h.rewrite, set_authority) {
+            (None, None) => None,
+            (rw, set) => Some(Rewrite {
+                uri: rw.as_ref().and_then(|rw| rw.uri.clone()),
+                authority: rw.as_ref().and_then(|rw| rw.authority.clone()).or(set),
+            }),
+        },
     }
 }
 
@@ -446,7 +459,8 @@ fn connection_pool(c: &model::ConnectionPoolSettings) -> ConnectionPool {
         max_connections: u32_of(tcp.max_connections),
         connect_timeout_ms: dur_ms(tcp.connect_timeout.as_ref()),
         max_connection_duration_ms: dur_ms(tcp.max_connection_duration.as_ref()),
-        tcp_idle_timeout_ms: dur_ms(tcp.idle_timeout.as_ref()),
+        // `0s` is Istio's "no idle timeout".
+        tcp_idle_timeout_ms: dur_ms(tcp.idle_timeout.as_ref()).filter(|ms| *ms > 0),
         http1_max_pending_requests: u32_of(http.http1_max_pending_requests),
         http2_max_requests: u32_of(http.http2_max_requests),
         // Istio: 0 means unlimited.
@@ -513,7 +527,10 @@ fn service_entry(se: &model::ServiceEntrySpec, r: &Resource, source: SourceRef) 
             .filter_map(|p| {
                 Some(ServicePort {
                     number: u16::try_from(p.number?).ok()?,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    protocol: p
+                        .protocol
+                        .as_deref()
+                        .map_or_else(|| "TCP".into(), str::to_ascii_uppercase),
                     name: p.name.clone(),
                     target_port: p.target_port.and_then(|t| u16::try_from(t).ok()),
                 })
@@ -593,6 +610,7 @@ fn mtls(view: &[&Resource], opts: &Options) -> MtlsPolicy {
                 ports: pa
                     .port_level_mtls
                     .iter()
+                    .flatten()
                     .filter_map(|(port, m)| {
                         Some((u16::try_from(*port).ok()?, mode(Some(m)).unwrap_or(own)))
                     })
@@ -635,6 +653,36 @@ fn authz(
             .filter_map(|p| p.parse().ok())
             .collect::<Vec<u16>>()
     };
+    // Istio's short `serviceAccounts` form `name` means the policy's own
+    // namespace; the gateway matches `namespace/name` only.
+    let qualify = |v: &[String]| {
+        v.iter()
+            .map(|sa| {
+                if sa.contains('/') {
+                    sa.clone()
+                } else {
+                    format!("{}/{sa}", r.namespace)
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    // A trust domain is the first segment of a principal; validation
+    // refused the forms that have no principal pattern (and trust domains
+    // beside principals), so `td` → `td/*` and `td*`/`*` stay as they are.
+    let by_trust_domain = |principals: &[String], tds: &[String]| {
+        if tds.is_empty() {
+            return principals.to_vec();
+        }
+        tds.iter()
+            .map(|td| {
+                if td.ends_with('*') {
+                    td.clone()
+                } else {
+                    format!("{td}/*")
+                }
+            })
+            .collect::<Vec<_>>()
+    };
     Some(AuthzPolicy {
         dry_run: r
             .annotations
@@ -653,12 +701,15 @@ fn authz(
                     .sources()
                     .iter()
                     .map(|f| AuthzSource {
-                        principals: f.source.principals.clone(),
-                        not_principals: f.source.not_principals.clone(),
+                        principals: by_trust_domain(&f.source.principals, &f.source.trust_domains),
+                        not_principals: by_trust_domain(
+                            &f.source.not_principals,
+                            &f.source.not_trust_domains,
+                        ),
                         namespaces: f.source.namespaces.clone(),
                         not_namespaces: f.source.not_namespaces.clone(),
-                        service_accounts: f.source.service_accounts.clone(),
-                        not_service_accounts: f.source.not_service_accounts.clone(),
+                        service_accounts: qualify(&f.source.service_accounts),
+                        not_service_accounts: qualify(&f.source.not_service_accounts),
                     })
                     .collect(),
                 to: rule

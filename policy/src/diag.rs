@@ -84,7 +84,7 @@ codes! {
     InvalidDuration = "invalid-duration", Error, "A duration is not like `250ms`, `1.5s`, `2m` or `1h30m`, or is out of range.";
     InvalidPercent = "invalid-percent", Error, "A percentage is outside 0..100.";
     OutOfRange = "out-of-range", Error, "A number is outside its allowed range (ports 1..65535, status codes 200..599...).";
-    InvalidRegex = "invalid-regex", Error, "A regex does not compile (meshfed uses the Rust `regex` crate, RE2 syntax, anchored as in Istio).";
+    InvalidRegex = "invalid-regex", Error, "A regex does not compile (meshfed uses the Rust `regex` crate, RE2 syntax, anchored as in Istio), or is longer than 1,024 bytes (Istio's limit).";
     StringMatchOneOf = "string-match-one-of", Error, "A StringMatch must have exactly one of `exact`, `prefix` or `regex`.";
     InvalidValue = "invalid-value", Error, "A value is malformed: a retryOn policy, a header name, a principal, a path pattern, an authorization condition...";
     InvalidAddress = "invalid-address", Error, "A Cluster gateway address is not `host:port`.";

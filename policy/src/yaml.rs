@@ -299,8 +299,11 @@ pub fn load_str(text: &str) -> Loaded {
     load_str_within(text, &mut NodeBudget::default())
 }
 
-/// Loads every document of a file against the `budget` of its commit.
+/// Loads every document of a file against the `budget` of its commit. A
+/// leading UTF-8 byte order mark (as some Windows editors write) is skipped,
+/// as kubectl does.
 pub fn load_str_within(text: &str, budget: &mut NodeBudget) -> Loaded {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut out = Loaded::default();
     if text.len() > MAX_FILE_BYTES {
         out.errors.push((
@@ -616,7 +619,7 @@ fn parse_chunk(
                         nodes,
                         height,
                         ..
-                    }) => (Value::Mapping(map), nodes, height, anchor),
+                    }) => (Value::Mapping(merge_keys(map)), nodes, height, anchor),
                     None => {
                         return Err(YamlError::Syntax {
                             pos,
@@ -629,6 +632,31 @@ fn parse_chunk(
         }
     }
     Ok(docs)
+}
+
+/// Applies a YAML merge key (`<<: *base` or `<<: [*a, *b]`): keys of the
+/// merged mappings that the mapping does not set itself are copied in,
+/// earlier mappings first, as YAML 1.1 and Kubernetes' parser do. A `<<`
+/// whose value is not a mapping (or list of mappings) is left for the
+/// schema to report as an unknown field.
+fn merge_keys(mut map: Mapping) -> Mapping {
+    let key = Value::String("<<".into());
+    let sources = match map.get(&key) {
+        Some(Value::Mapping(m)) => vec![m.clone()],
+        Some(Value::Sequence(s)) if s.iter().all(Value::is_mapping) => {
+            s.iter().filter_map(|v| v.as_mapping().cloned()).collect()
+        }
+        _ => return map,
+    };
+    map.remove(&key);
+    for source in sources {
+        for (k, v) in source {
+            if !map.contains_key(&k) {
+                map.insert(k, v);
+            }
+        }
+    }
+    map
 }
 
 /// Records the position of a node that is a value (not a mapping key).

@@ -268,3 +268,87 @@ fn compile_output_does_not_depend_on_paths_or_comments() {
     assert_eq!(before.policy, after.policy);
     assert_ne!(before.origins, after.origins, "origins do follow the files");
 }
+
+#[test]
+fn a_short_service_account_names_one_in_the_policys_own_namespace() {
+    let a = files(&["apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {serviceAccounts: [sa, other/sb]}
+    - source: {notServiceAccounts: [sc]}
+"]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("east", "abc", &Options::default()).unwrap();
+    let from = &s.policy.authz[0].rules[0].from;
+    assert_eq!(from[0].service_accounts, ["shop/sa", "other/sb"]);
+    assert_eq!(from[1].not_service_accounts, ["shop/sc"]);
+}
+
+#[test]
+fn a_quoted_port_level_mtls_key_is_the_same_port() {
+    let a = files(&["apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: p, namespace: shop}
+spec:
+  selector: {matchLabels: {app: x}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    \"8080\": {mode: DISABLE}
+"]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("east", "abc", &Options::default()).unwrap();
+    let pa = s
+        .policy
+        .mtls
+        .workloads
+        .first()
+        .expect("one workload policy");
+    assert_eq!(pa.ports.get(&8080), Some(&MtlsMode::Disable));
+}
+
+#[test]
+fn trust_domains_compile_to_principal_patterns() {
+    let a = files(&["apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {trustDomains: [cluster.local, 'east*', '*']}
+    - source: {notTrustDomains: [untrusted], namespaces: [shop]}
+"]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("east", "abc", &Options::default()).unwrap();
+    let from = &s.policy.authz[0].rules[0].from;
+    assert_eq!(from[0].principals, ["cluster.local/*", "east*", "*"]);
+    assert_eq!(from[1].not_principals, ["untrusted/*"]);
+    assert_eq!(from[1].namespaces, ["shop"]);
+}
+
+#[test]
+fn setting_the_authority_header_compiles_to_an_authority_rewrite() {
+    let a = files(&["apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - headers:
+      request:
+        set: {':authority': foo.example, x-a: b}
+    rewrite: {uri: /v2}
+    route:
+    - destination: {host: reviews}
+"]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    let s = a.compile("east", "abc", &Options::default()).unwrap();
+    let route = &s.policy.routes[REVIEWS].http[0];
+    let rw = route.rewrite.as_ref().expect("a rewrite");
+    assert_eq!(rw.authority.as_deref(), Some("foo.example"));
+    assert_eq!(rw.uri.as_deref(), Some("/v2"));
+    assert!(!route.request_headers.set.contains_key(":authority"));
+    assert_eq!(route.request_headers.set["x-a"], "b");
+}

@@ -31,14 +31,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
     ),
     (
-        "apidocs/networking_v1alpha3_destination_rule_L1236_DestinationRule",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "apidocs/networking_v1alpha3_destination_rule_L1254_DestinationRule",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
         "apidocs/networking_v1alpha3_destination_rule_L98_DestinationRule",
         "deliberate: `credentialName` refused (unsupported-field): meshfed reads certificates from files, not Kubernetes secrets",
     ),
@@ -47,20 +39,12 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: unix-socket ServiceEntry endpoints refused: a gateway in another process cannot reach them",
     ),
     (
-        "apidocs/networking_v1alpha3_service_entry_L381_ServiceEntry",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "apidocs/networking_v1alpha3_service_entry_L67_ServiceEntry",
-        "not yet: protocol names: case and every Istio protocol (issue 15 part 3)",
-    ),
-    (
         "apidocs/networking_v1alpha3_virtual_service_L537_VirtualService",
-        "not yet: delegate VirtualService without hosts (issue 15 part 3)",
+        "deliberate: namespace `nsA`/`nsB` is not a DNS-1123 label (Kubernetes refuses it too); the delegate itself is accepted with a not-enforced warning",
     ),
     (
         "apidocs/networking_v1alpha3_virtual_service_L556_VirtualService",
-        "not yet: delegate VirtualService without hosts (issue 15 part 3)",
+        "deliberate: namespace `nsA`/`nsB` is not a DNS-1123 label (Kubernetes refuses it too); the delegate itself is accepted with a not-enforced warning",
     ),
     (
         "apidocs/security_v1beta1_authorization_policy_L344_AuthorizationPolicy",
@@ -91,10 +75,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "authz-builder/http__trust-domains-in",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
         "authz-builder/tcp__allow-both-http-tcp-in",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
@@ -119,100 +99,12 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "crd-invalid/authz-invalid-01-service-account-and-namespace",
-        "not yet: `serviceAccounts` together with `namespaces` not refused yet (issue 15 part 4)",
-    ),
-    (
-        "crd-invalid/authz-invalid-02-service-account-and-namespace-principal",
-        "not yet: `serviceAccounts` together with `namespaces` not refused yet (issue 15 part 4)",
-    ),
-    (
-        "crd-invalid/destinationrule-invalid-01-bookinfo-ratings",
-        "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
-    ),
-    (
-        "crd-invalid/destinationrule-invalid-03-bookinfo-ratings",
-        "not yet: newer Istio field `warmup` read as unknown-field, so the real problem is not reported (issue 15 parts 3-4)",
-    ),
-    (
-        "crd-invalid/peerauth-invalid-04-empty-port-level",
-        "not yet: an empty `portLevelMtls` entry is not refused yet (issue 15 part 4)",
-    ),
-    (
-        "crd-invalid/serviceentry-invalid-08-duplicate-ports-number",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
         "crd-valid/authz-valid-01-full",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/authz-valid-02-service-account-and-namespace-principal-split",
-        "not yet: short `serviceAccounts` form (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-01-bookinfo-ratings",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-02-bookinfo-ratings",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-03-bookinfo-ratings",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/destinationrule-valid-04-bookinfo-ratings-http2-ping",
-        "not yet: newer Istio field read as unknown-field (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/peerauth-valid-01-full",
-        "not yet: quoted port key (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/serviceentry-valid-03-empty-selector",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/serviceentry-valid-04-partial-wildcard",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "crd-valid/serviceentry-valid-05-none-cidr",
-        "not yet: ServiceEntry without ports / STATIC with workloadSelector (issue 15 part 3)",
-    ),
-    (
-        "derived/ap-condition-value-empty-plain-header",
-        "not yet: an empty condition value is not refused yet (issue 15 part 4)",
+        "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
         "derived/ap-when-pseudo-header-authority",
-        "not yet: pseudo-headers in conditions and header edits (issue 15 part 3)",
-    ),
-    (
-        "derived/serviceentry-invalid-03-bad-selector-key+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-04-selector-and-endpoints+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-06-bad-cidr-resolution+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-11-none-with-endpoints+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/serviceentry-invalid-12-dns-rr-with-multiple-endpoints+ports",
-        "not yet: ServiceEntry resolution/endpoint/port checks (issue 15 part 4)",
-    ),
-    (
-        "derived/vs-set-authority-header",
-        "not yet: pseudo-headers in conditions and header edits (issue 15 part 3)",
+        "not yet: `request.headers[:authority]` conditions need an authority attribute in the gateway (read as `hosts` it would widen an ALLOW to the authority's aliases) (issue 15 part 3)",
     ),
     (
         "istio.io/authz-jwt_1_require-jwt",
@@ -221,22 +113,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
     (
         "istio.io/authz-jwt_2_require-jwt-groups",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
-    ),
-    (
-        "robustness/merge-key",
-        "not yet: YAML merge keys (issue 15 part 3)",
-    ),
-    (
-        "robustness/peerauth-exported-quoted-port",
-        "not yet: quoted port key (issue 15 part 3)",
-    ),
-    (
-        "robustness/utf8-bom",
-        "not yet: UTF-8 BOM (issue 15 part 3)",
-    ),
-    (
-        "samples/external__github",
-        "not yet: protocol names: case and every Istio protocol (issue 15 part 3)",
     ),
 ];
 

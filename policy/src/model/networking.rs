@@ -284,6 +284,18 @@ pub struct LoadBalancerSettings {
     pub consistent_hash: Option<Value>,
     pub locality_lb_setting: Option<LocalityLbSetting>,
     pub warmup_duration_secs: Option<String>,
+    pub warmup: Option<Warmup>,
+    /// Newer Istio (1.27+); read so that it is warned about, not refused.
+    pub zone_aware_lb_setting: Option<Value>,
+}
+
+/// Istio 1.26+ slow start for new endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    pub duration: Option<String>,
+    pub minimum_percent: Option<f64>,
+    pub aggression: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -353,6 +365,15 @@ pub struct HttpSettings {
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
     pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<i64>,
+    pub http2_keep_alive: Option<Http2KeepAlive>,
+}
+
+/// Istio 1.27+ HTTP/2 PING keepalive towards the endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Http2KeepAlive {
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -33,8 +33,45 @@ pub struct MutualTls {
 pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     pub mtls: Option<MutualTls>,
-    #[serde(default)]
-    pub port_level_mtls: BTreeMap<u32, MutualTls>,
+    /// `None` when absent; `Some({})` is refused, as Istio's CRD does.
+    #[serde(default, deserialize_with = "port_keys")]
+    pub port_level_mtls: Option<BTreeMap<u32, MutualTls>>,
+}
+
+/// Port-keyed maps: a key may be written `8080:` or quoted `"8080":` (as
+/// `kubectl get -o yaml` writes it); both mean port 8080.
+fn port_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<u32, MutualTls>>, D::Error> {
+    use serde::de::Error;
+    #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+    #[serde(untagged)]
+    enum Key {
+        Number(u64),
+        Text(String),
+    }
+    let raw = Option::<BTreeMap<Key, MutualTls>>::deserialize(d)?;
+    let Some(raw) = raw else { return Ok(None) };
+    let mut out = BTreeMap::new();
+    for (k, v) in raw {
+        let port = match &k {
+            Key::Number(n) => u32::try_from(*n).ok(),
+            Key::Text(s) => s.parse::<u32>().ok(),
+        };
+        let Some(port) = port else {
+            let shown = match k {
+                Key::Number(n) => n.to_string(),
+                Key::Text(s) => s,
+            };
+            return Err(D::Error::custom(format!(
+                "port key `{shown}` is not a port number"
+            )));
+        };
+        if out.insert(port, v).is_some() {
+            return Err(D::Error::custom(format!("port {port} is listed twice")));
+        }
+    }
+    Ok(Some(out))
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -126,6 +163,11 @@ pub struct Source {
     pub service_accounts: Vec<String>,
     #[serde(default)]
     pub not_service_accounts: Vec<String>,
+    /// Istio 1.27+; compiled to principal patterns (`<td>/*`).
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub not_trust_domains: Vec<String>,
     #[serde(default)]
     pub ip_blocks: Vec<String>,
     #[serde(default)]

@@ -173,13 +173,32 @@ impl Check<'_> {
                 ),
             );
         }
-        if let Some(re) = &m.regex {
+        for (field, v) in [("prefix", &m.prefix), ("regex", &m.regex)] {
+            if v.as_deref() == Some("") {
+                self.report_hint(
+                    Code::InvalidValue,
+                    &format!("{path}.{field}"),
+                    format!("an empty `{field}` match is refused by Istio"),
+                    "remove the match to match anything",
+                );
+            }
+        }
+        if let Some(re) = m.regex.as_deref().filter(|r| !r.is_empty()) {
             self.regex(&format!("{path}.regex"), re);
         }
     }
 
     fn regex(&mut self, path: &str, re: &str) {
-        if let Err(e) = check_regex(re) {
+        if re.len() > MAX_REGEX_LEN {
+            self.report(
+                Code::InvalidRegex,
+                path,
+                format!(
+                    "regex is {} bytes; Istio allows at most {MAX_REGEX_LEN}",
+                    re.len()
+                ),
+            );
+        } else if let Err(e) = check_regex(re) {
             self.report(
                 Code::InvalidRegex,
                 path,
@@ -221,7 +240,11 @@ impl Check<'_> {
         }
     }
 
-    fn headers(&mut self, path: &str, h: Option<&Headers>) {
+    /// Header edits. `route_level`: a route's own `request.set` may name
+    /// `:authority`, which compile turns into the route's authority rewrite
+    /// (what Envoy does with it); any other pseudo-header is refused, since
+    /// the gateway cannot edit it.
+    fn headers(&mut self, path: &str, h: Option<&Headers>, route_level: bool) {
         let Some(h) = h else { return };
         for (side, ops) in [("request", &h.request), ("response", &h.response)] {
             let Some(ops) = ops else { continue };
@@ -232,6 +255,9 @@ impl Check<'_> {
             ] {
                 for n in names {
                     let p = format!("{path}.{side}.{verb}");
+                    if route_level && side == "request" && verb == "set" && n == ":authority" {
+                        continue;
+                    }
                     self.lexical(Code::InvalidValue, &p, syntax::check_header_name(n));
                 }
             }
@@ -400,14 +426,25 @@ fn cluster(c: &mut Check<'_>, s: &ClusterSpec) {
 
 fn virtual_service(c: &mut Check<'_>, s: &VirtualServiceSpec) {
     if s.hosts.is_empty() {
-        c.report(
-            Code::MissingField,
+        // Istio reads it as a delegate, which only a root VirtualService's
+        // `delegate` reaches; meshfed does not follow `delegate`, so its
+        // routes apply nowhere (as when no root names it).
+        c.not_enforced(
             "spec.hosts",
-            "a VirtualService needs at least one host",
+            "a VirtualService without hosts (a delegate)",
+            "delegation is not followed; give the routes hosts of their own",
         );
     }
+    let mut seen = BTreeSet::new();
     for (i, h) in s.hosts.iter().enumerate() {
         c.host(&format!("spec.hosts[{i}]"), h, true);
+        if !seen.insert(h.to_ascii_lowercase()) {
+            c.report(
+                Code::InvalidValue,
+                &format!("spec.hosts[{i}]"),
+                format!("host `{h}` is listed twice"),
+            );
+        }
     }
     if !s.gateways.is_empty() && !s.gateways.iter().any(|g| g == "mesh") {
         c.report_hint(
@@ -557,7 +594,7 @@ fn http_route(c: &mut Check<'_>, path: &str, h: &HttpRoute) {
     for (k, d) in h.route.iter().enumerate() {
         let dp = format!("{path}.route[{k}]");
         c.destination(&format!("{dp}.destination"), &d.destination);
-        c.headers(&format!("{dp}.headers"), d.headers.as_ref());
+        c.headers(&format!("{dp}.headers"), d.headers.as_ref(), false);
     }
     c.weights(&format!("{path}.route"), h.route.iter().map(|d| d.weight));
     c.duration(&format!("{path}.timeout"), h.timeout.as_ref());
@@ -703,7 +740,27 @@ fn http_route(c: &mut Check<'_>, path: &str, h: &HttpRoute) {
             "CORS is the application's concern here",
         );
     }
-    c.headers(&format!("{path}.headers"), h.headers.as_ref());
+    c.headers(&format!("{path}.headers"), h.headers.as_ref(), true);
+    let set_authority = h
+        .headers
+        .as_ref()
+        .and_then(|hd| hd.request.as_ref())
+        .and_then(|rq| rq.set.get(":authority"));
+    if let Some(a) = set_authority {
+        let p = format!("{path}.headers.request.set");
+        c.lexical(
+            Code::InvalidHost,
+            &p,
+            syntax::check_host(a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h), false),
+        );
+        if h.rewrite.as_ref().is_some_and(|rw| rw.authority.is_some()) {
+            c.report(
+                Code::InvalidValue,
+                &p,
+                "set `:authority` or `rewrite.authority`, not both",
+            );
+        }
+    }
     if let Some(rw) = &h.rewrite {
         let rp = format!("{path}.rewrite");
         if let Some(u) = &rw.uri
@@ -876,6 +933,50 @@ fn policy_parts(
                 "new endpoints get full weight at once",
             );
         }
+        if let Some(w) = &lb.warmup {
+            let wp = format!("{p}.warmup");
+            if w.duration.is_none() {
+                c.report(
+                    Code::MissingField,
+                    &format!("{wp}.duration"),
+                    "`warmup` needs a `duration`",
+                );
+            }
+            c.duration(&format!("{wp}.duration"), w.duration.as_ref());
+            if let Some(m) = w.minimum_percent
+                && !(0.0..=100.0).contains(&m)
+            {
+                c.report(
+                    Code::OutOfRange,
+                    &format!("{wp}.minimumPercent"),
+                    format!("minimumPercent {m} is outside 0..100"),
+                );
+            }
+            if let Some(a) = w.aggression
+                && !(a >= 1.0 && a.is_finite())
+            {
+                c.report(
+                    Code::OutOfRange,
+                    &format!("{wp}.aggression"),
+                    format!("aggression {a} must be at least 1"),
+                );
+            }
+            if lb.warmup_duration_secs.is_some() {
+                c.report(
+                    Code::InvalidValue,
+                    &wp,
+                    "use either `warmup` or `warmupDurationSecs`, not both",
+                );
+            }
+            c.not_enforced(&wp, "warmup", "new endpoints get full weight at once");
+        }
+        if lb.zone_aware_lb_setting.is_some() {
+            c.not_enforced(
+                &format!("{p}.zoneAwareLbSetting"),
+                "zoneAwareLbSetting",
+                "the gateway prefers endpoints by `localityLbSetting` only",
+            );
+        }
         if let Some(l) = &lb.locality_lb_setting {
             let lp = format!("{p}.localityLbSetting");
             if !l.distribute.is_empty() && !l.failover.is_empty() {
@@ -937,7 +1038,21 @@ fn policy_parts(
                 &format!("{tp}.maxConnectionDuration"),
                 t.max_connection_duration.as_ref(),
             );
-            c.duration(&format!("{tp}.idleTimeout"), t.idle_timeout.as_ref());
+            // `0s` turns the idle timeout off, as in Istio.
+            if t.idle_timeout
+                .as_deref()
+                .and_then(|d| syntax::parse_duration(d).ok())
+                != Some(std::time::Duration::ZERO)
+            {
+                c.duration(&format!("{tp}.idleTimeout"), t.idle_timeout.as_ref());
+            }
+            if t.idle_timeout.is_some() {
+                c.not_enforced(
+                    &format!("{tp}.idleTimeout"),
+                    "tcp.idleTimeout",
+                    "the gateways keep idle TCP streams open until either side closes",
+                );
+            }
             if t.tcp_keepalive.is_some() {
                 c.not_enforced(
                     &format!("{tp}.tcpKeepalive"),
@@ -958,6 +1073,16 @@ fn policy_parts(
                 c.range(&format!("{hp}.{field}"), v, 0, u32::MAX.into(), field);
             }
             c.duration(&format!("{hp}.idleTimeout"), h.idle_timeout.as_ref());
+            if let Some(k) = &h.http2_keep_alive {
+                let kp = format!("{hp}.http2KeepAlive");
+                c.duration(&format!("{kp}.interval"), k.interval.as_ref());
+                c.duration(&format!("{kp}.timeout"), k.timeout.as_ref());
+                c.not_enforced(
+                    &kp,
+                    "http2KeepAlive",
+                    "the gateway uses its own keepalive settings",
+                );
+            }
             if h.h2_upgrade_policy
                 .is_some_and(|u| u != H2UpgradePolicy::Default)
             {
@@ -1038,7 +1163,22 @@ fn policy_parts(
                 format!("certificate files are only used with SIMPLE or MUTUAL, not {mode:?}"),
             );
         }
+        if t.insecure_skip_verify == Some(true) && t.ca_certificates.is_some() {
+            // Istio refuses it: which one wins is not what either says.
+            c.report_hint(
+                Code::InvalidValue,
+                &format!("{p}.insecureSkipVerify"),
+                "`insecureSkipVerify: true` cannot be set with `caCertificates`",
+                "remove `insecureSkipVerify` to verify the server against caCertificates",
+            );
+        }
     }
+}
+
+/// `*x` (a wildcard that is not a whole leading label): the rest, `x`.
+pub(crate) fn partial_wildcard(h: &str) -> Option<&str> {
+    h.strip_prefix('*')
+        .filter(|rest| !rest.is_empty() && !rest.starts_with('.'))
 }
 
 fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
@@ -1050,7 +1190,16 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         );
     }
     for (i, h) in s.hosts.iter().enumerate() {
-        c.host(&format!("spec.hosts[{i}]"), h, false);
+        match partial_wildcard(h) {
+            // Istio accepts `*x`; the gateways match only whole labels
+            // (`*.x`), so compile leaves the host out, and says so here.
+            Some(rest) if syntax::check_host(rest, false).is_ok() => c.not_enforced(
+                &format!("spec.hosts[{i}]"),
+                &format!("partial wildcard host `{h}`"),
+                "the gateways match `*.` wildcards only; this host is left out",
+            ),
+            _ => c.host(&format!("spec.hosts[{i}]"), h, false),
+        }
     }
     for (i, a) in s.addresses.iter().enumerate() {
         let ip = a.split_once('/').map_or(a.as_str(), |(ip, _)| ip);
@@ -1063,13 +1212,16 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         }
     }
     if s.ports.is_empty() {
-        c.report(
-            Code::MissingField,
+        // Istio accepts it (the entry then only adds a name); meshfed
+        // routes a ServiceEntry by its ports, so it carries nothing.
+        c.not_enforced(
             "spec.ports",
-            "a ServiceEntry needs at least one port",
+            "a ServiceEntry without ports",
+            "the gateways route a ServiceEntry by its ports; list them to carry traffic",
         );
     }
     let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
     for (i, p) in s.ports.iter().enumerate() {
         let pp = format!("spec.ports[{i}]");
         match p.number {
@@ -1082,14 +1234,36 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         }
         c.port(&format!("{pp}.targetPort"), p.target_port);
         if let Some(proto) = &p.protocol {
-            const PROTOCOLS: &[&str] = &["HTTP", "HTTPS", "HTTP2", "GRPC", "TCP", "TLS"];
-            if !PROTOCOLS.contains(&proto.as_str()) {
+            // Istio's protocol names, read case-insensitively as Istio does.
+            // MONGO, REDIS, MYSQL and THRIFT are carried as opaque TCP, as
+            // Istio's proxies do unless a protocol filter is enabled.
+            const PROTOCOLS: &[&str] = &[
+                "HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "REDIS",
+                "MYSQL", "THRIFT", "UDP",
+            ];
+            let upper = proto.to_ascii_uppercase();
+            if !PROTOCOLS.contains(&upper.as_str()) {
                 c.report(
                     Code::InvalidValue,
                     &format!("{pp}.protocol"),
                     format!("protocol `{proto}` is not one of {}", PROTOCOLS.join(", ")),
                 );
+            } else if upper == "UDP" {
+                c.not_enforced(
+                    &format!("{pp}.protocol"),
+                    "protocol: UDP",
+                    "the gateways carry TCP streams only; UDP to this port is not forwarded",
+                );
             }
+        }
+        if let Some(n) = p.number
+            && !numbers.insert(n)
+        {
+            c.report(
+                Code::InvalidValue,
+                &format!("{pp}.number"),
+                format!("port number {n} is used twice (Istio refuses it)"),
+            );
         }
         if !p.name.is_empty() && !names.insert(&p.name) {
             c.report(
@@ -1100,12 +1274,65 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntrySpec) {
         }
     }
     let resolution = s.resolution.unwrap_or_default();
-    if resolution == SeResolution::Static && s.endpoints.is_empty() {
+    if resolution == SeResolution::Static && s.endpoints.is_empty() && s.workload_selector.is_none()
+    {
         c.report(
             Code::MissingField,
             "spec.endpoints",
-            "resolution STATIC needs endpoints",
+            "resolution STATIC needs endpoints (or a workloadSelector)",
         );
+    }
+    // Istio's resolution/endpoint rules (ValidateServiceEntry).
+    if s.workload_selector.is_some() && !s.endpoints.is_empty() {
+        c.report(
+            Code::InvalidValue,
+            "spec.endpoints",
+            "only one of `workloadSelector` or `endpoints` can be set",
+        );
+    } else if resolution == SeResolution::None && !s.endpoints.is_empty() {
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.endpoints",
+            "resolution NONE (the default) cannot set endpoints",
+            "set `resolution: STATIC` for IP endpoints or `DNS` for names",
+        );
+    } else if resolution == SeResolution::DnsRoundRobin && s.endpoints.len() > 1 {
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.endpoints",
+            "resolution DNS_ROUND_ROBIN cannot have more than one endpoint",
+            "use resolution DNS for several endpoints",
+        );
+    }
+    if matches!(resolution, SeResolution::Dns | SeResolution::DnsRoundRobin) {
+        for (i, a) in s.addresses.iter().enumerate() {
+            if a.contains('/') {
+                c.report(
+                    Code::InvalidValue,
+                    &format!("spec.addresses[{i}]"),
+                    format!("CIDR address `{a}` is allowed only with resolution NONE or STATIC"),
+                );
+            }
+        }
+    }
+    if let Some(serde_yaml::Value::Mapping(sel)) = &s.workload_selector
+        && let Some(serde_yaml::Value::Mapping(labels)) = sel.get("labels")
+    {
+        for (k, v) in labels {
+            let (k, v) = (
+                k.as_str().unwrap_or_default(),
+                v.as_str().unwrap_or_default(),
+            );
+            if k.contains('*') || v.contains('*') {
+                let mut p = "spec.workloadSelector.labels".to_string();
+                crate::yaml::push_key(&mut p, k);
+                c.report(
+                    Code::InvalidValue,
+                    &p,
+                    format!("`{k}: {v}`: a wildcard is not supported in a selector"),
+                );
+            }
+        }
     }
     for (i, e) in s.endpoints.iter().enumerate() {
         let ep = format!("spec.endpoints[{i}]");
@@ -1177,14 +1404,22 @@ fn peer_authentication(c: &mut Check<'_>, s: &PeerAuthenticationSpec, opts: &Opt
         .selector
         .as_ref()
         .is_some_and(|sel| !sel.match_labels.is_empty());
-    if !s.port_level_mtls.is_empty() && !has_selector {
+    let ports = s.port_level_mtls.as_ref();
+    if ports.is_some_and(BTreeMap::is_empty) {
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.portLevelMtls",
+            "`portLevelMtls` must list at least one port (Istio refuses `{}`)",
+            "remove it, or add `<port>: {mode: ...}`",
+        );
+    } else if ports.is_some() && !has_selector {
         c.report(
             Code::InvalidValue,
             "spec.portLevelMtls",
             "portLevelMtls needs a workload selector, as in Istio",
         );
     }
-    for port in s.port_level_mtls.keys() {
+    for port in ports.into_iter().flat_map(BTreeMap::keys) {
         let mut p = "spec.portLevelMtls".to_string();
         crate::yaml::push_key(&mut p, &port.to_string());
         c.port(&p, Some(*port));
@@ -1197,6 +1432,9 @@ fn peer_authentication(c: &mut Check<'_>, s: &PeerAuthenticationSpec, opts: &Opt
         );
     }
 }
+
+/// Istio's limit on a regex's length (RE2 programs past it are refused).
+const MAX_REGEX_LEN: usize = 1024;
 
 fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
     if let Some(v) = c.r.annotations.get(DRY_RUN_ANNOTATION)
@@ -1219,6 +1457,16 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
         Some(AuthzAction::Custom) => c.unsupported("spec.action", "action: CUSTOM", "external authorization is not available; express the rule with ALLOW or DENY"),
         Some(AuthzAction::Audit) => c.not_enforced("spec.action", "action: AUDIT", "audit policies are logged, never block, and meshfed logs every authorization decision anyway"),
         _ => {}
+    }
+    if s.action == Some(AuthzAction::Deny) && s.rules.is_empty() {
+        // It matches nothing, so it denies nothing: almost surely not what
+        // its author meant (Istio refuses it too).
+        c.report_hint(
+            Code::InvalidValue,
+            "spec.action",
+            "a DENY policy needs at least one rule; without rules it denies nothing",
+            "add `rules: [{}]` to deny every request to the selected workloads",
+        );
     }
     if s.provider.is_some() {
         c.unsupported(
@@ -1281,6 +1529,8 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                 &src.not_namespaces,
                 &src.service_accounts,
                 &src.not_service_accounts,
+                &src.trust_domains,
+                &src.not_trust_domains,
                 &src.ip_blocks,
                 &src.not_ip_blocks,
                 &src.remote_ip_blocks,
@@ -1308,16 +1558,46 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
                 ("notServiceAccounts", &src.not_service_accounts),
             ] {
                 for (k, x) in v.iter().enumerate() {
-                    if x.split_once('/')
-                        .is_none_or(|(ns, sa)| ns.is_empty() || sa.is_empty() || sa.contains('/'))
-                    {
+                    // `name` alone is the policy's own namespace (Istio's
+                    // short form); compile spells it out.
+                    let (ns, sa) = x.split_once('/').unwrap_or(("-", x));
+                    if ns.is_empty() || sa.is_empty() || sa.contains('/') {
                         c.report(
                             Code::InvalidValue,
                             &format!("{sp}.{field}[{k}]"),
-                            format!("service account `{x}` must be `namespace/name`"),
+                            format!("service account `{x}` must be `namespace/name` or `name`"),
                         );
                     }
                 }
+            }
+            for (field, v, principals) in [
+                ("trustDomains", &src.trust_domains, &src.principals),
+                (
+                    "notTrustDomains",
+                    &src.not_trust_domains,
+                    &src.not_principals,
+                ),
+            ] {
+                trust_domains(c, &sp, field, v, principals);
+            }
+            let by_account =
+                !src.service_accounts.is_empty() || !src.not_service_accounts.is_empty();
+            let by_identity = [
+                &src.principals,
+                &src.not_principals,
+                &src.namespaces,
+                &src.not_namespaces,
+            ]
+            .iter()
+            .any(|v| !v.is_empty());
+            if by_account && by_identity {
+                // Istio's CRD refuses the mix: say which identity you mean.
+                c.report_hint(
+                    Code::InvalidValue,
+                    &sp,
+                    "`serviceAccounts` cannot be set with `principals` or `namespaces` in one source",
+                    "put them in separate `from` entries (any of which matches)",
+                );
             }
         }
         for (j, t) in rule.operations().iter().enumerate() {
@@ -1383,6 +1663,47 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
     }
 }
 
+/// `trustDomains`/`notTrustDomains`: compiled to principal patterns
+/// (`td` → `td/*`, `td*` → `td*`, `*` → `*`), which the gateway matches. A
+/// form that has no principal pattern (`*suffix`, or beside the same
+/// source's principals, which it would have to intersect) is refused: read
+/// as absent, it would widen an ALLOW or narrow a DENY.
+fn trust_domains(c: &mut Check<'_>, sp: &str, field: &str, v: &[String], principals: &[String]) {
+    if v.is_empty() {
+        return;
+    }
+    let pfield = if field == "trustDomains" {
+        "principals"
+    } else {
+        "notPrincipals"
+    };
+    if !principals.is_empty() {
+        c.unsupported(
+            &format!("{sp}.{field}"),
+            &format!("{field} beside {pfield}"),
+            &format!("put the trust domain in the principals (`<td>/ns/<ns>/sa/<sa>`), or move `{field}` to a `from` entry of its own"),
+        );
+    }
+    for (k, x) in v.iter().enumerate() {
+        let p = format!("{sp}.{field}[{k}]");
+        if x.contains('/') {
+            c.report(
+                Code::InvalidValue,
+                &p,
+                format!("trust domain `{x}` must not contain `/`"),
+            );
+        } else if x.len() > 1 && x.starts_with('*') {
+            c.unsupported(
+                &p,
+                &format!("a suffix trust domain pattern (`{x}`)"),
+                "name the trust domain exactly, or by prefix (`td*`)",
+            );
+        } else {
+            pattern(c, &p, x);
+        }
+    }
+}
+
 /// Istio's string patterns: exact, `prefix*`, `*suffix` or `*`.
 fn pattern(c: &mut Check<'_>, path: &str, x: &str) {
     if x.is_empty() {
@@ -1416,6 +1737,17 @@ fn condition(c: &mut Check<'_>, path: &str, w: &Condition) {
             path,
             "a condition needs `values` or `notValues`",
         );
+    }
+    for (field, v) in [("values", &w.values), ("notValues", &w.not_values)] {
+        for (k, x) in v.iter().enumerate() {
+            if x.is_empty() {
+                c.report(
+                    Code::InvalidValue,
+                    &format!("{path}.{field}[{k}]"),
+                    "empty value not allowed (Istio refuses it)",
+                );
+            }
+        }
     }
     let header = key
         .strip_prefix("request.headers[")

@@ -109,12 +109,6 @@ fn unknown_enum_values_are_errors() {
 
 #[test]
 fn required_fields_must_be_present() {
-    let no_hosts = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  http: [{route: [{destination: {host: reviews}}]}]\n";
-    rule(
-        Code::MissingField,
-        &[no_hosts],
-        &[&vs("route: [{destination: {host: reviews}}]")],
-    );
     let no_host = vs("route: [{destination: {subset: v1}}]");
     rule(Code::MissingField, &[&no_host, DR], &[&vs(ROUTE_V1), DR]);
     let no_name =
@@ -871,4 +865,305 @@ fn cluster_trust_domains_and_localities_are_well_formed() {
         &[&c("locality: {zone: z1}")],
         &[&c("locality: {region: r1, zone: z1}")],
     );
+}
+
+#[test]
+fn service_accounts_cannot_be_mixed_with_principals_or_namespaces() {
+    let from = |src: &str| authz(&format!("[{{from: [{{source: {src}}}]}}]"));
+    rule(
+        Code::InvalidValue,
+        &[&from("{serviceAccounts: [bar/sa], namespaces: [bar]}")],
+        &[&authz(
+            "[{from: [{source: {serviceAccounts: [bar/sa]}}, {source: {namespaces: [bar]}}]}]",
+        )],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&from("{notServiceAccounts: [bar/sa], principals: [bar]}")],
+        &[&from("{serviceAccounts: [bar/sa, sa]}")],
+    );
+}
+
+#[test]
+fn an_empty_condition_value_is_refused() {
+    rule(
+        Code::InvalidValue,
+        &[&authz(
+            "[{when: [{key: 'request.headers[x-foo]', values: [v1, '']}]}]",
+        )],
+        &[&authz(
+            "[{when: [{key: 'request.headers[x-foo]', values: [v1]}]}]",
+        )],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&authz(
+            "[{when: [{key: source.namespace, notValues: ['']}]}]",
+        )],
+        &[&authz(
+            "[{when: [{key: source.namespace, notValues: [x]}]}]",
+        )],
+    );
+}
+
+#[test]
+fn port_level_mtls_takes_quoted_port_keys_but_not_an_empty_map() {
+    let pa = |ports: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p}}\nspec: {{selector: {{matchLabels: {{app: x}}}}, portLevelMtls: {ports}}}\n"
+        )
+    };
+    rule(
+        Code::InvalidValue,
+        &[&pa("{}")],
+        &[&pa("{'8080': {mode: DISABLE}, 9090: {mode: STRICT}}")],
+    );
+    let a = run(&[&pa("{'80x': {mode: DISABLE}}")]);
+    assert!(!a.is_valid(), "{:#?}", a.diagnostics);
+    let a = run(&[&pa("{'8080': {mode: DISABLE}, 8080: {mode: STRICT}}")]);
+    assert!(!a.is_valid(), "{:#?}", a.diagnostics);
+}
+
+#[test]
+fn newer_istio_traffic_fields_are_warned_not_refused() {
+    for newer in [
+        "{loadBalancer: {warmup: {duration: 300s, minimumPercent: 10, aggression: 2}}}",
+        "{loadBalancer: {simple: ROUND_ROBIN, zoneAwareLbSetting: {enabled: true}}}",
+        "{connectionPool: {http: {http2KeepAlive: {interval: 15s, timeout: 5s}}}}",
+    ] {
+        rule(Code::NotEnforced, &[&dr_with(newer)], &[DR]);
+        assert!(!has(&run(&[&dr_with(newer)]), Code::UnknownField));
+    }
+    // Their values are still checked, as Istio checks them.
+    for bad in [
+        "{loadBalancer: {warmup: {duration: 300s, minimumPercent: 150.0}}}",
+        "{loadBalancer: {warmup: {duration: 300s, aggression: -0.1}}}",
+    ] {
+        rule(
+            Code::OutOfRange,
+            &[&dr_with(bad)],
+            &[&dr_with("{loadBalancer: {warmup: {duration: 300s}}}")],
+        );
+    }
+    rule(
+        Code::MissingField,
+        &[&dr_with("{loadBalancer: {warmup: {minimumPercent: 5.0}}}")],
+        &[&dr_with(
+            "{loadBalancer: {warmup: {duration: 1s, minimumPercent: 5.0}}}",
+        )],
+    );
+    // A real typo still gets its hint.
+    let typo = run(&[&dr_with("{loadBalancer: {warmpu: {duration: 300s}}}")]);
+    let d = typo
+        .diagnostics
+        .iter()
+        .find(|d| d.code == Code::UnknownField)
+        .expect("unknown-field");
+    assert_eq!(d.hint.as_deref(), Some("did you mean `warmup`?"));
+}
+
+#[test]
+fn trust_domains_are_read_as_principal_patterns_or_refused() {
+    let from = |src: &str| authz(&format!("[{{from: [{{source: {src}}}]}}]"));
+    let good = from("{trustDomains: [cluster.local, 'other*'], notTrustDomains: [bad]}");
+    rule(
+        Code::Unsupported,
+        &[&from("{trustDomains: ['*-suffix']}")],
+        &[&good],
+    );
+    rule(
+        Code::Unsupported,
+        &[&from(
+            "{trustDomains: [cluster.local], principals: ['x/ns/a/sa/b']}",
+        )],
+        &[&good],
+    );
+    rule(
+        Code::InvalidValue,
+        &[&from("{notTrustDomains: [a/b]}")],
+        &[&good],
+    );
+}
+
+#[test]
+fn service_entry_resolution_endpoints_and_ports_agree_as_istio_requires() {
+    let se = |spec: &str| {
+        service_entry(&format!(
+            "{{hosts: [example.com], ports: [{{number: 80, name: http, protocol: HTTP}}], {spec}}}"
+        ))
+    };
+    let good_static = se("resolution: STATIC, endpoints: [{address: 1.2.3.4}]");
+    for bad in [
+        "endpoints: [{address: 1.2.3.4}]",
+        "resolution: NONE, endpoints: [{address: 1.2.3.4}]",
+        "resolution: DNS_ROUND_ROBIN, endpoints: [{address: a.example.com}, {address: b.example.com}]",
+        "resolution: DNS, addresses: [1.2.3.4/16]",
+        "resolution: STATIC, workloadSelector: {}, endpoints: [{address: 1.2.3.4}]",
+        "workloadSelector: {labels: {val: '*'}}",
+    ] {
+        rule(Code::InvalidValue, &[&se(bad)], &[&good_static]);
+    }
+    for good in [
+        "resolution: DNS_ROUND_ROBIN, endpoints: [{address: a.example.com}]",
+        "resolution: NONE, addresses: [1.1.1.1/32]",
+        "resolution: STATIC, workloadSelector: {labels: {app: details}}",
+    ] {
+        assert!(run(&[&se(good)]).is_valid(), "{good}");
+    }
+    rule(
+        Code::InvalidValue,
+        &[&service_entry(
+            "{hosts: [example.com], ports: [{number: 1, name: a}, {number: 1, name: b}]}",
+        )],
+        &[&service_entry(
+            "{hosts: [example.com], ports: [{number: 1, name: a}, {number: 2, name: b}]}",
+        )],
+    );
+    // No ports: valid, but warned, since nothing is routed.
+    rule(
+        Code::NotEnforced,
+        &[&service_entry("{hosts: [example.com]}")],
+        &[&good_static],
+    );
+}
+
+#[test]
+fn service_entry_protocols_are_istios_in_any_case() {
+    let se = |proto: &str| {
+        service_entry(&format!(
+            "{{hosts: [db.example.com], ports: [{{number: 27018, name: p, protocol: {proto}}}], resolution: DNS}}"
+        ))
+    };
+    for ok in [
+        "MONGO", "tcp", "Redis", "MYSQL", "thrift", "grpc-web", "HTTP2",
+    ] {
+        let a = run(&[&se(ok)]);
+        assert!(
+            a.is_valid() && a.diagnostics.is_empty(),
+            "{ok}: {:#?}",
+            a.diagnostics
+        );
+    }
+    rule(Code::InvalidValue, &[&se("QUIC")], &[&se("tcp")]);
+    rule(Code::NotEnforced, &[&se("udp")], &[&se("tcp")]);
+}
+
+#[test]
+fn only_a_routes_request_set_may_name_the_authority_pseudo_header() {
+    let good = vs(
+        "{headers: {request: {set: {':authority': foo.example}}}, route: [{destination: {host: reviews}}]}",
+    );
+    for bad in [
+        "{headers: {request: {set: {':path': /x}}}, route: [{destination: {host: reviews}}]}",
+        "{headers: {request: {add: {':authority': foo}}}, route: [{destination: {host: reviews}}]}",
+        "{headers: {response: {set: {':authority': foo}}}, route: [{destination: {host: reviews}}]}",
+        "{route: [{destination: {host: reviews}, headers: {request: {set: {':authority': foo}}}}]}",
+        "{headers: {request: {set: {':authority': foo}}}, rewrite: {authority: bar}, route: [{destination: {host: reviews}}]}",
+    ] {
+        rule(Code::InvalidValue, &[&vs(bad)], &[&good]);
+    }
+    rule(
+        Code::InvalidHost,
+        &[&vs(
+            "{headers: {request: {set: {':authority': 'a b'}}}, route: [{destination: {host: reviews}}]}",
+        )],
+        &[&good],
+    );
+}
+
+#[test]
+fn istio_refusals_of_part_4_are_errors_at_their_field() {
+    // Duplicate hosts.
+    let dup = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews, Reviews]\n  http: [{route: [{destination: {host: reviews}}]}]\n";
+    rule(Code::InvalidValue, &[dup], &[&vs(ROUTE_V1), DR]);
+    // Empty prefix and regex matches.
+    for bad in [
+        "{match: [{uri: {prefix: ''}}], route: [{destination: {host: reviews}}]}",
+        "{match: [{headers: {x-a: {regex: ''}}}], route: [{destination: {host: reviews}}]}",
+    ] {
+        rule(
+            Code::InvalidValue,
+            &[&vs(bad)],
+            &[&vs(
+                "{match: [{uri: {prefix: /a}}], route: [{destination: {host: reviews}}]}",
+            )],
+        );
+    }
+    // A regex over 1,024 bytes.
+    let long = format!(
+        "{{match: [{{uri: {{regex: '{}'}}}}], route: [{{destination: {{host: reviews}}}}]}}",
+        "a".repeat(1025)
+    );
+    let ok = format!(
+        "{{match: [{{uri: {{regex: '{}'}}}}], route: [{{destination: {{host: reviews}}}}]}}",
+        "a".repeat(1024)
+    );
+    rule(Code::InvalidRegex, &[&vs(&long)], &[&vs(&ok)]);
+    // insecureSkipVerify with caCertificates.
+    rule(
+        Code::InvalidValue,
+        &[&dr_with(
+            "{tls: {mode: SIMPLE, caCertificates: /ca.pem, insecureSkipVerify: true}}",
+        )],
+        &[&dr_with("{tls: {mode: SIMPLE, insecureSkipVerify: true}}")],
+    );
+    // A DENY without rules.
+    let deny = |rules: &str| authz(rules).replace("rules:", "action: DENY\n  rules:");
+    rule(Code::InvalidValue, &[&deny("[]")], &[&deny("[{}]")]);
+    // Sub-millisecond durations.
+    rule(
+        Code::InvalidDuration,
+        &[&dr_with("{connectionPool: {tcp: {connectTimeout: 500us}}}")],
+        &[&dr_with("{connectionPool: {tcp: {connectTimeout: 1ms}}}")],
+    );
+}
+
+#[test]
+fn a_zero_tcp_idle_timeout_turns_it_off_and_is_warned_as_not_enforced() {
+    let a = run(&[&dr_with("{connectionPool: {tcp: {idleTimeout: 0s}}}")]);
+    assert!(a.is_valid(), "{:#?}", a.diagnostics);
+    assert!(has(&a, Code::NotEnforced));
+    rule(
+        Code::InvalidDuration,
+        &[&dr_with("{connectionPool: {tcp: {idleTimeout: 500us}}}")],
+        &[&dr_with("{connectionPool: {tcp: {idleTimeout: 0s}}}")],
+    );
+    // HTTP's idle timeout is enforced, so 0s stays an error there.
+    rule(
+        Code::InvalidDuration,
+        &[&dr_with("{connectionPool: {http: {idleTimeout: 0s}}}")],
+        &[&dr_with("{connectionPool: {http: {idleTimeout: 1s}}}")],
+    );
+}
+
+#[test]
+fn a_virtual_service_without_hosts_is_a_delegate_warned_as_not_enforced() {
+    let delegate = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  http: [{route: [{destination: {host: reviews}}]}]\n";
+    rule(
+        Code::NotEnforced,
+        &[delegate],
+        &[&vs("route: [{destination: {host: reviews}}]")],
+    );
+    let a = run(&[delegate, CLUSTERS]);
+    let s = a
+        .compile("east", "abc", &Options::default())
+        .expect("a delegate compiles");
+    assert!(s.policy.routes.is_empty(), "{:?}", s.policy.routes);
+}
+
+#[test]
+fn a_partial_wildcard_service_entry_host_is_warned_and_left_out() {
+    let se = |host: &str| {
+        service_entry(&format!(
+            "{{hosts: ['{host}', api.example.com], ports: [{{number: 443, name: tls, protocol: TLS}}], resolution: DNS}}"
+        ))
+    };
+    rule(Code::NotEnforced, &[&se("*x")], &[&se("*.x")]);
+    rule(Code::InvalidHost, &[&se("*x!")], &[&se("*.x")]);
+    let a = run(&[&se("*foo.baz"), CLUSTERS]);
+    let s = a
+        .compile("east", "abc", &Options::default())
+        .expect("compiles");
+    let hosts: Vec<&String> = s.policy.service_entries.keys().collect();
+    assert_eq!(hosts, ["api.example.com"]);
 }

@@ -97,6 +97,24 @@ fn aliases_expand_to_their_anchor() {
 }
 
 #[test]
+fn merge_keys_copy_the_keys_a_mapping_does_not_set() {
+    let d =
+        one("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  y: 3\nmany:\n  <<: [{z: 1}, {z: 2, w: 4}]\n");
+    assert_eq!(d.value["use"]["x"].as_u64(), Some(1));
+    assert_eq!(d.value["use"]["y"].as_u64(), Some(3));
+    assert!(d.value["use"].get("<<").is_none());
+    assert_eq!(d.value["many"]["z"].as_u64(), Some(1));
+    assert_eq!(d.value["many"]["w"].as_u64(), Some(4));
+}
+
+#[test]
+fn a_leading_byte_order_mark_is_skipped() {
+    let d = one("\u{feff}a: 1\nb: 2\n");
+    assert_eq!(d.value["a"].as_u64(), Some(1));
+    assert_eq!(d.positions.lookup("b").line, 2);
+}
+
+#[test]
 fn duplicate_keys_are_an_error() {
     let l = load_str("a: 1\nb: 2\na: 3\n");
     assert!(matches!(
