@@ -522,6 +522,21 @@ pub fn two_clusters_with_policy(
     east_args: Vec<String>,
     policy_yaml: &str,
 ) -> (tempfile::TempDir, GatewayProcess, GatewayProcess) {
+    let default = Launch::default();
+    two_clusters_launched(service, backend, east_args, policy_yaml, &default, &default)
+}
+
+/// [`two_clusters_with_policy`] with each gateway started as its [`Launch`]
+/// says, e.g. under a memory cgroup's prefix. The PKI is
+/// `Pki { dir: <the returned dir> }`.
+pub fn two_clusters_launched(
+    service: &str,
+    backend: SocketAddr,
+    east_args: Vec<String>,
+    policy_yaml: &str,
+    east_launch: &Launch,
+    west_launch: &Launch,
+) -> (tempfile::TempDir, GatewayProcess, GatewayProcess) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let pki = Pki::new(dir.path());
     let (east_port, west_port) = (free_udp_port(), free_udp_port());
@@ -553,8 +568,11 @@ pub fn two_clusters_with_policy(
             extra_args,
         }
     };
-    let west = GatewayProcess::start(&spec("west", west_port, Some(eps.clone()), vec![]));
-    let east = GatewayProcess::start(&spec("east", east_port, None, east_args));
+    let west = GatewayProcess::start_with(
+        &spec("west", west_port, Some(eps.clone()), vec![]),
+        west_launch,
+    );
+    let east = GatewayProcess::start_with(&spec("east", east_port, None, east_args), east_launch);
     east.wait_links("west", 1);
     (dir, east, west)
 }

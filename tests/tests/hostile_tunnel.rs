@@ -177,40 +177,21 @@ impl fmt::Display for Mib {
 async fn serial_an_initial_flood_costs_kilobytes_and_the_links_survive() {
     let cg = MemoryCgroup::require("initial-flood", GATEWAY_LIMIT);
     let (backend, _b) = http_backend("ratings-west").await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let (east_port, west_port) = (free_udp_port(), free_udp_port());
-    let policy = dir.path().join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    std::fs::write(
-        policy.join("p.yaml"),
-        format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n",
-            cluster_yaml("east", &[east_port]),
-            cluster_yaml("west", &[west_port])
-        ),
-    )
-    .unwrap();
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>| GatewaySpec {
-        cluster: cluster.into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway(cluster, "gw-0"),
-        policy_dir: policy.clone(),
-        discovery,
-        tunnel_port: port,
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
+    let in_cgroup = Launch {
+        prefix: cg.prefix(),
+        ..Launch::default()
     };
-    let west = GatewayProcess::start(&spec("west", west_port, Some(eps)));
-    let east = GatewayProcess::start_with(
-        &spec("east", east_port, None),
-        &Launch {
-            prefix: cg.prefix(),
-            ..Launch::default()
-        },
+    let (dir, east, west) = two_clusters_launched(
+        "ratings",
+        backend,
+        vec![],
+        "",
+        &in_cgroup,
+        &Launch::default(),
     );
+    let pki = Pki {
+        dir: dir.path().to_path_buf(),
+    };
     east.wait_links("west", 1);
     west.wait_links("east", 1);
     let baseline = rss(&east).0;
@@ -300,40 +281,21 @@ async fn serial_half_open_streams_of_a_peer_fit_the_memory_limit_and_are_reset()
 
     let cg = MemoryCgroup::require("half-open-streams", GATEWAY_LIMIT);
     let (backend, _b) = http_backend("ratings-west").await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let (east_port, west_port) = (free_udp_port(), free_udp_port());
-    let policy = dir.path().join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    std::fs::write(
-        policy.join("p.yaml"),
-        format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n",
-            cluster_yaml("east", &[east_port]),
-            cluster_yaml("west", &[west_port])
-        ),
-    )
-    .unwrap();
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>| GatewaySpec {
-        cluster: cluster.into(),
-        id: "gw-0".into(),
-        tls_dir: pki.gateway(cluster, "gw-0"),
-        policy_dir: policy.clone(),
-        discovery,
-        tunnel_port: port,
-        work_dir: dir.path().to_path_buf(),
-        extra_args: vec![],
+    let in_cgroup = Launch {
+        prefix: cg.prefix(),
+        ..Launch::default()
     };
-    let east = GatewayProcess::start(&spec("east", east_port, None));
-    let west = GatewayProcess::start_with(
-        &spec("west", west_port, Some(eps)),
-        &Launch {
-            prefix: cg.prefix(),
-            ..Launch::default()
-        },
+    let (dir, east, west) = two_clusters_launched(
+        "ratings",
+        backend,
+        vec![],
+        "",
+        &Launch::default(),
+        &in_cgroup,
     );
+    let pki = Pki {
+        dir: dir.path().to_path_buf(),
+    };
     east.wait_links("west", 1);
     west.wait_links("east", 1);
     assert_eq!(call(&east), 200, "east reaches west before the attack");
