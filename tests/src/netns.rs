@@ -148,6 +148,26 @@ impl Net {
         Ok(net)
     }
 
+    /// [`Net::new`] for a test that must run: when namespaces cannot be
+    /// built here it panics with the reason and the fix, so a CI that lost
+    /// root or iproute2 fails loudly instead of passing without testing.
+    /// `None` only when the operator opted out explicitly with
+    /// `MESHFED_SKIP_NETNS=1` (a developer machine without root).
+    pub fn require(clusters: &[&str]) -> Option<Net> {
+        match Net::new(clusters) {
+            Ok(net) => Some(net),
+            Err(e) if std::env::var_os("MESHFED_SKIP_NETNS").is_some_and(|v| v == "1") => {
+                eprintln!("SKIPPED (MESHFED_SKIP_NETNS=1): {e}");
+                None
+            }
+            Err(e) => panic!(
+                "cannot build network namespaces: {e}. This test needs root and \
+                 `ip netns` (Debian package iproute2); run it as root (CI does), \
+                 or set MESHFED_SKIP_NETNS=1 to skip it knowingly"
+            ),
+        }
+    }
+
     fn build(&mut self, clusters: &[&str]) -> Result<(), String> {
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         ip(&["addr", "add", "10.213.0.1/24", "dev", BRIDGE])?;
