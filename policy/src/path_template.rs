@@ -99,9 +99,7 @@ impl TemplateError {
                 "`{` or `}` outside a whole `{*}` or `{**}` segment (Istio refuses it)"
             }
             TemplateError::AfterAny => "`{**}` must be the last operator (Istio refuses it)",
-            TemplateError::NotAbsolute => {
-                "a path template must start with `/` (Envoy refuses it)"
-            }
+            TemplateError::NotAbsolute => "a path template must start with `/` (Envoy refuses it)",
             TemplateError::EmptySegment => {
                 "a path template must not have an empty segment (Envoy refuses it)"
             }
@@ -296,7 +294,10 @@ mod tests {
         assert!(!p.matches("/path/template"));
         assert!(!p.matches("/path/template/x/y"), "one segment, not two");
         assert!(!p.matches("/path/template/x/"));
-        assert!(!p.matches("/Path/template/x"), "literals are case-sensitive");
+        assert!(
+            !p.matches("/Path/template/x"),
+            "literals are case-sensitive"
+        );
         assert!(!p.matches("/path/template/a b"), "outside pchar");
         assert!(!p.matches("/path/template/a*"), "`*` is no pchar");
         let mid = t("/users/{*}/profile");
@@ -315,13 +316,19 @@ mod tests {
         assert!(last.matches("/static/"));
         assert!(last.matches("/static/a"));
         assert!(last.matches("/static/a/b/c.css"));
-        assert!(!last.matches("/static"), "the `/` before `{{**}}` is literal");
+        assert!(
+            !last.matches("/static"),
+            "the `/` before `{{**}}` is literal"
+        );
         assert!(!last.matches("/staticx/a"));
         let first = t("/{**}/path/template");
         assert!(first.matches("/x/path/template"));
         assert!(first.matches("/a/b/c/path/template"));
         assert!(first.matches("//path/template"));
-        assert!(!first.matches("/path/template"), "Envoy needs the `/` on both sides");
+        assert!(
+            !first.matches("/path/template"),
+            "Envoy needs the `/` on both sides"
+        );
         assert!(!first.matches("/a/bpath/template"));
         assert!(!first.matches("/x/path/template/"));
         assert!(!first.matches("/x y/path/template"), "outside pchar");
@@ -356,22 +363,52 @@ mod tests {
             assert!(parse(ok).is_ok_and(|t| t.is_some()), "{ok}");
         }
         let bad = |p: &str| parse(p).unwrap_err();
-        assert!(matches!(bad("/foo/{**}buzz/bar"), TemplateError::Brace { .. }));
-        assert!(matches!(bad("/{*}/foo/{}/bar"), TemplateError::Brace { .. }));
-        assert!(matches!(bad("/foo/{*}/bar/*"), TemplateError::BadLiteral { .. }));
-        assert!(matches!(bad("/foo/{*}/bar/**/buzz"), TemplateError::BadLiteral { .. }));
-        assert!(matches!(bad("/foo/{buzz}/bar"), TemplateError::Brace { .. }));
+        assert!(matches!(
+            bad("/foo/{**}buzz/bar"),
+            TemplateError::Brace { .. }
+        ));
+        assert!(matches!(
+            bad("/{*}/foo/{}/bar"),
+            TemplateError::Brace { .. }
+        ));
+        assert!(matches!(
+            bad("/foo/{*}/bar/*"),
+            TemplateError::BadLiteral { .. }
+        ));
+        assert!(matches!(
+            bad("/foo/{*}/bar/**/buzz"),
+            TemplateError::BadLiteral { .. }
+        ));
+        assert!(matches!(
+            bad("/foo/{buzz}/bar"),
+            TemplateError::Brace { .. }
+        ));
         assert!(matches!(bad("/{buzz}"), TemplateError::Brace { .. }));
-        assert!(matches!(bad("/foo/{buzz=*}/bar/{**}"), TemplateError::Brace { .. }));
-        assert!(matches!(bad("/{*}/foo/{**}bar"), TemplateError::Brace { .. }));
-        assert!(matches!(bad("/{*}/foo/{*}.txt"), TemplateError::Brace { .. }));
+        assert!(matches!(
+            bad("/foo/{buzz=*}/bar/{**}"),
+            TemplateError::Brace { .. }
+        ));
+        assert!(matches!(
+            bad("/{*}/foo/{**}bar"),
+            TemplateError::Brace { .. }
+        ));
+        assert!(matches!(
+            bad("/{*}/foo/{*}.txt"),
+            TemplateError::Brace { .. }
+        ));
         assert!(matches!(bad("/a{*}b"), TemplateError::Brace { .. }));
         assert!(matches!(bad("/{*}/foo/{temp"), TemplateError::Brace { .. }));
-        assert!(matches!(bad("/{*}/foo/temp}/bar"), TemplateError::Brace { .. }));
+        assert!(matches!(
+            bad("/{*}/foo/temp}/bar"),
+            TemplateError::Brace { .. }
+        ));
         assert_eq!(bad("/{**}/foo/temp/{*}/bar"), TemplateError::AfterAny);
         assert_eq!(bad("/{**}/{**}"), TemplateError::AfterAny);
         assert_eq!(bad("/{**}/foo/temp/{**}/bar"), TemplateError::AfterAny);
-        assert!(matches!(bad("/{*}/foo/?abc"), TemplateError::BadLiteral { .. }));
+        assert!(matches!(
+            bad("/{*}/foo/?abc"),
+            TemplateError::BadLiteral { .. }
+        ));
         // Accepted by Istio's check, refused by Envoy's parser.
         assert_eq!(bad("{*}/foo"), TemplateError::NotAbsolute);
         assert_eq!(bad("//{*}"), TemplateError::EmptySegment);

@@ -563,7 +563,13 @@ fn what_cannot_be_enforced_is_refused_at_compile() {
     ] {
         let e = with_path(bad).unwrap_err();
         assert!(
-            matches!(e, CompileError::BadValue { field: "notPaths", .. }),
+            matches!(
+                e,
+                CompileError::BadValue {
+                    field: "notPaths",
+                    ..
+                }
+            ),
             "{bad}: {e}"
         );
         assert!(e.to_string().contains(bad), "{bad}: {e}");
@@ -643,8 +649,16 @@ fn path_templates_match_exactly_what_envoy_matches_and_never_widen_an_allow() {
 
 #[test]
 fn a_path_template_deny_holds_after_normalization() {
-    let a = authz(vec![deny_paths("default", "deny-edit", &["/users/{*}/edit"])]);
-    for path in ["/users/ann/edit", "/users/./ann/edit", "/users/x/../ann/edit"] {
+    let a = authz(vec![deny_paths(
+        "default",
+        "deny-edit",
+        &["/users/{*}/edit"],
+    )]);
+    for path in [
+        "/users/ann/edit",
+        "/users/./ann/edit",
+        "/users/x/../ann/edit",
+    ] {
         let (n, _) = normalize_path(path).unwrap();
         let n: &'static str = n.into_owned().leak();
         assert!(decide(&a, &Call::get(n)).is_err(), "{path}");
@@ -739,7 +753,10 @@ fn the_method_pseudo_header_is_the_method() {
     assert!(decide(&a, &Call::get("/")).is_ok());
     assert!(decide(&a, &Call::get("/").method("HEAD")).is_ok());
     assert!(decide(&a, &Call::get("/").method("POST")).is_err());
-    assert!(decide(&a, &Call::get("/").method("get")).is_err(), "case-sensitive");
+    assert!(
+        decide(&a, &Call::get("/").method("get")).is_err(),
+        "case-sensitive"
+    );
     assert!(decide(&a, &Call::get("/").tcp()).is_err());
 }
 

@@ -651,7 +651,10 @@ fn path_templates_are_istios_and_malformed_ones_are_errors_at_their_line() {
         // The line of the value, with a hint that says what to write.
         assert_eq!(d.line, 6, "{bad}: {d}");
         assert!(d.field_path.contains("aths[0]"), "{bad}: {d}");
-        assert!(d.hint.as_deref().is_some_and(|h| !h.is_empty()), "{bad}: {d}");
+        assert!(
+            d.hint.as_deref().is_some_and(|h| !h.is_empty()),
+            "{bad}: {d}"
+        );
     }
 }
 
