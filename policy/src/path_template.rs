@@ -418,4 +418,66 @@ mod tests {
             assert!(!e.hint().is_empty() && !e.to_string().is_empty());
         }
     }
+
+    /// Envoy's matcher, built as Envoy builds it (`uri_template_internal`:
+    /// `{*}` → `[pchar]+`, `{**}` → `[pchar/]*`, literals escaped, the
+    /// whole path matched).
+    fn envoy_regex(template: &str) -> regex::Regex {
+        const L: &str = r"a-zA-Z0-9\-._~%!$&'()+,;:@=";
+        let body: Vec<String> = template
+            .split('/')
+            .map(|seg| match seg {
+                MATCH_ONE => format!("[{L}]+"),
+                MATCH_ANY => format!("[{L}/]*"),
+                lit => regex::escape(lit),
+            })
+            .collect();
+        regex::Regex::new(&format!("^{}$", body.join("/"))).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2048,
+            ..Default::default()
+        })]
+
+        /// Every valid template matches exactly the paths Envoy's regex
+        /// matches: never more (an ALLOW widened), never less (a DENY
+        /// dropped).
+        #[test]
+        fn a_template_matches_exactly_what_envoys_regex_matches(
+            segments in proptest::collection::vec(
+                proptest::sample::select(vec!["{*}", "{**}", "a", "b", "a.b", "%2F", "=", ""]),
+                1..5,
+            ),
+            fills in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::sample::select(vec!["a", "b", "/", "a.b", "%2F", "*", " ", "=", "?"]),
+                    0..4,
+                ),
+                0..5,
+            ),
+        ) {
+            let template = format!("/{}", segments.join("/"));
+            let Ok(Some(t)) = parse(&template) else {
+                return Ok(());
+            };
+            let re = envoy_regex(&template);
+            // Paths shaped like the template (operators filled with random
+            // text, `/` included), so that both matches and near misses
+            // come up.
+            let mut fill = fills.iter().map(|f| f.concat());
+            let path: String = template
+                .split('/')
+                .map(|seg| match seg {
+                    MATCH_ONE | MATCH_ANY => fill.next().unwrap_or_default(),
+                    lit => lit.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            proptest::prop_assert_eq!(t.matches(&path), re.is_match(&path), "{} vs {}", template, path);
+            let random = format!("/{}", fills.concat().concat());
+            proptest::prop_assert_eq!(t.matches(&random), re.is_match(&random), "{} vs {}", template, random);
+        }
+    }
 }
