@@ -46,19 +46,25 @@
 //! - **Paths** are matched without the query string, after RFC 3986
 //!   normalization ([`normalize_path`]); the request is forwarded with the
 //!   normalized path, as Envoy does in Istio's default `BASE` mode, so the
-//!   path the policy saw is the path the workload gets.
+//!   path the policy saw is the path the workload gets. A value with `{*}`
+//!   (one segment) or `{**}` (any number of segments) is Istio's path
+//!   template, matched as Envoy's URI template matches it
+//!   ([`meshfed_policy::path_template`], shared with validation).
 //!
 //! `when` keys: `source.principal`, `source.namespace`, `source.cluster`
 //! (meshfed's: the calling gateway's verified cluster), `request.headers[..]`
-//! (several values of one header are joined with `,`, as Envoy does),
+//! (several values of one header are joined with `,`, as Envoy does; of the
+//! pseudo-headers, `:authority` is the authority as the request carries it
+//! to the workload, exactly as written, and `:method` the method),
 //! `destination.port`, and `connection.sni`: the server name of a TCP
 //! stream the source gateway routed by its TLS ClientHello (TLS
 //! passthrough), carried in the stream head; for HTTP, CONNECT and mapped
 //! ports it is absent (its `values` never match, its `notValues` always
-//! hold). Any other key, a malformed pattern, port or header name, or
-//! an Istio path template (`{*}`, `{**}`) is refused when the snapshot is
-//! compiled ([`CompileError`]), so the gateway NACKs it and keeps the
-//! previous snapshot: a policy it cannot enforce exactly never half-applies.
+//! hold). Any other key (`:path`, `:scheme` among them), a malformed
+//! pattern, path template, port or header name is refused when the
+//! snapshot is compiled ([`CompileError`]), so the gateway NACKs it and
+//! keeps the previous snapshot: a policy it cannot enforce exactly never
+//! half-applies.
 //!
 //! This module does not own where the decision is enforced (the inbound
 //! proxy answers `403 RBAC: access denied`, or refuses a TCP stream), who
@@ -69,6 +75,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use http::{HeaderMap, HeaderName};
+use meshfed_policy::path_template::{self, PathTemplate};
 use meshfed_policy::snapshot::{
     AuthzAction, AuthzCondition, AuthzOperation, AuthzPolicy, AuthzRule, AuthzScope, AuthzSource,
     ClusterPolicy,
@@ -85,8 +92,9 @@ mod tests;
 pub enum CompileError {
     #[error(
         "{policy}: `when` key `{key}` is not enforced by this gateway; use source.principal, \
-         source.namespace, source.cluster, request.headers[<name>], destination.port or \
-         connection.sni (a newer syncer may know keys this gateway does not: upgrade it)"
+         source.namespace, source.cluster, request.headers[<name>] (of the pseudo-headers: \
+         :authority, :method), destination.port or connection.sni (a newer syncer may know keys \
+         this gateway does not: upgrade it)"
     )]
     UnknownKey { policy: String, key: String },
     #[error("{policy}: {field} value `{value}` is not valid: {why}")]
@@ -108,6 +116,10 @@ enum Pattern {
     Prefix(Box<str>),
     /// `*foo`.
     Suffix(Box<str>),
+    /// A `paths`/`notPaths` value with `{*}`/`{**}`: Envoy's URI template,
+    /// parsed and matched by [`meshfed_policy::path_template`], the same
+    /// code that validated it.
+    Template(Box<PathTemplate>),
 }
 
 impl Pattern {
@@ -138,6 +150,7 @@ impl Pattern {
             Pattern::Exact(x) => v == &**x,
             Pattern::Prefix(x) => v.starts_with(&**x),
             Pattern::Suffix(x) => v.ends_with(&**x),
+            Pattern::Template(t) => t.matches(v),
         }
     }
 }
@@ -227,6 +240,13 @@ enum Attribute {
     Namespace,
     Cluster,
     Header(HeaderName),
+    /// `request.headers[:authority]`: the authority as the request carries
+    /// it ([`Http::host`]), matched as written, as Envoy's header matcher
+    /// does (case-sensitively, port included; never resolved to a service
+    /// as `hosts` is).
+    Authority,
+    /// `request.headers[:method]`.
+    Method,
     DestinationPort,
     Sni,
 }
@@ -1028,17 +1048,26 @@ fn compile_operation(
     namespace: &str,
     domain: &str,
 ) -> Result<Operation, CompileError> {
-    let paths = |v: &[String], field: &'static str| {
-        if let Some(bad) = v.iter().find(|p| p.contains('{') || p.contains('}')) {
-            return Err(CompileError::BadValue {
-                policy: policy.to_string(),
-                field,
-                value: bad.clone(),
-                why: "Istio path templates ({*}, {**}) are not supported; use a `/prefix*` or \
-                      `*suffix` pattern",
-            });
-        }
-        Patterns::compile(v, policy, field, false)
+    // A value with braces is a path template, or refused: read as an
+    // exact path it would never match (narrowing an ALLOW, and silently
+    // dropping a DENY).
+    let paths = |v: &[String], field: &'static str| -> Result<Patterns, CompileError> {
+        v.iter()
+            .map(|x| {
+                let p = match path_template::parse(x) {
+                    Ok(Some(t)) => Ok(Pattern::Template(Box::new(t))),
+                    Ok(None) => Pattern::parse(x),
+                    Err(e) => Err(e.reason()),
+                };
+                p.map_err(|why| CompileError::BadValue {
+                    policy: policy.to_string(),
+                    field,
+                    value: x.clone(),
+                    why,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Patterns)
     };
     Ok(Operation {
         hosts: host_patterns(&o.hosts, policy, "hosts", namespace, domain)?,
@@ -1069,10 +1098,22 @@ fn compile_condition(c: &AuthzCondition, policy: &str) -> Result<Condition, Comp
             .strip_prefix("request.headers[")
             .and_then(|k| k.strip_suffix(']'))
         {
-            Some(h) => Attribute::Header(
-                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| bad(key, "not a valid header name"))?,
-            ),
+            Some(h) => match h.to_ascii_lowercase().as_str() {
+                // Envoy's pseudo-headers; `:path` (it would carry the query)
+                // and `:scheme` are refused by validation, and here.
+                ":authority" => Attribute::Authority,
+                ":method" => Attribute::Method,
+                n if n.starts_with(':') => {
+                    return Err(CompileError::UnknownKey {
+                        policy: policy.to_string(),
+                        key: key.to_string(),
+                    });
+                }
+                n => Attribute::Header(
+                    HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|_| bad(key, "not a valid header name"))?,
+                ),
+            },
             None => {
                 return Err(CompileError::UnknownKey {
                     policy: policy.to_string(),
@@ -1194,6 +1235,16 @@ fn condition_holds(c: &Condition, deny: bool, req: &Request<'_>, wl: &Workload<'
         Attribute::Cluster => holds(Some(req.source_cluster)),
         Attribute::Sni => holds(req.sni),
         Attribute::DestinationPort => ports_hold(&c.ports, &c.not_ports, wl.port),
+        // HTTP-only, like every header: for a TCP stream ignored in a DENY
+        // rule, never matching in an ALLOW rule.
+        Attribute::Authority => match &req.http {
+            None => deny,
+            Some(h) => holds(Some(h.host).filter(|a| !a.is_empty())),
+        },
+        Attribute::Method => match &req.http {
+            None => deny,
+            Some(h) => holds(Some(h.method)),
+        },
         Attribute::Header(name) => match &req.http {
             None => deny,
             Some(h) => {

@@ -13,7 +13,9 @@
 //! - [`load`]: documents → typed [`model`] resources;
 //! - [`validate`]: per-resource and federation-wide rules;
 //! - [`compile`]: resources → [`snapshot::Snapshot`];
-//! - [`diag`]: diagnostics and their stable codes.
+//! - [`diag`]: diagnostics and their stable codes;
+//! - [`path_template`]: AuthorizationPolicy path templates (`{*}`, `{**}`),
+//!   parsed for validation and matched by the gateway.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +24,7 @@ pub mod diag;
 pub mod fs;
 pub mod load;
 pub mod model;
+pub mod path_template;
 pub mod snapshot;
 pub mod syntax;
 pub mod validate;

@@ -818,6 +818,9 @@ pub struct AuthzOperation {
     pub methods: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub not_methods: Vec<String>,
+    /// Patterns, or Istio path templates (`{*}`, `{**}`:
+    /// [`crate::path_template`]), as written. A gateway older than
+    /// templates refuses a snapshot that has one.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub paths: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
@@ -826,7 +829,8 @@ pub struct AuthzOperation {
 
 /// A `when` condition. Keys meshfed enforces: `source.principal`,
 /// `source.namespace`, `source.cluster` (meshfed's: the verified cluster of
-/// the calling gateway), `request.headers[<name>]`, `destination.port`,
+/// the calling gateway), `request.headers[<name>]` (`:authority` and
+/// `:method` among the pseudo-headers), `destination.port`,
 /// `connection.sni`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

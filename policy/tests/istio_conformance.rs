@@ -4,8 +4,8 @@
 //! one an error at (or next to) a line Istio objects to, or any error when
 //! the case names no line. Exceptions are named by case ID with their
 //! reason, as in docs/policy.md ("Conformance exceptions"): `deliberate`
-//! differences, and `not yet` gaps that issue 15 parts 3-4 close. The list
-//! is a ratchet: a case outside it that fails, or a case in it that now
+//! differences only (a `not yet` gap, while one is open, says so). The
+//! list is a ratchet: a case outside it that fails, or a case in it that now
 //! passes, fails the test (remove it from the list and the docs).
 //!
 //! The corpus lives beside the workspace (`<workspace>/../shared/…`); the
@@ -59,10 +59,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
     ),
     (
-        "authz-builder/http__allow-path-in",
-        "not yet: path templates `{*}`/`{**}` (issue 15 part 3)",
-    ),
-    (
         "authz-builder/http__custom-simple-http-in",
         "deliberate: `action: CUSTOM` refused (unsupported-field): no external authorizer; fails closed",
     ),
@@ -101,10 +97,6 @@ const EXCEPTIONS: &[(&str, &str)] = &[
     (
         "crd-valid/authz-valid-01-full",
         "deliberate: `requestPrincipals`/`request.auth.*`/`ipBlocks` refused (unsupported-field): no JWT validation or client IPs at the gateway; an ALLOW needing them fails closed",
-    ),
-    (
-        "derived/ap-when-pseudo-header-authority",
-        "not yet: `request.headers[:authority]` conditions need an authority attribute in the gateway (read as `hosts` it would widen an ALLOW to the authority's aliases) (issue 15 part 3)",
     ),
     (
         "istio.io/authz-jwt_1_require-jwt",

@@ -906,3 +906,73 @@ items:
     }
     assert_eq!(mesh.hits(), 3 + aliases.len());
 }
+
+/// Istio path templates and pseudo-header conditions (issue 15), through
+/// real gateways, at west for a call from east and at west for a local
+/// call: `{*}` is exactly one segment and `{**}` keeps the `/` around it,
+/// so the ALLOW admits what Envoy would and nothing more; a `notPaths`
+/// template carves out of it; `request.headers[:authority]` is the Host as
+/// the caller sent it (an alias that the router resolves to the same
+/// service is another value, unlike `hosts`), and `:method` the method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_templates_and_pseudo_header_conditions_allow_exactly_what_istio_allows() {
+    let policy = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: templates, namespace: default}
+spec:
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        paths: ['/api/{*}/items', '/static/{**}']
+        notPaths: ['/static/{*}/private']
+    when:
+    - {key: 'request.headers[:authority]', values: [reviews]}
+    - {key: 'request.headers[:method]', values: [GET]}
+";
+    let mesh = Mesh::start(policy).await;
+    let mut allowed = 0;
+    for gw in [&mesh.east, &mesh.west] {
+        for (host, path, status) in [
+            ("reviews", "/api/v1/items", 200),
+            ("reviews", "/static/css/site.css", 200),
+            ("reviews", "/api/v1/x/items", 403),
+            ("reviews", "/api/items", 403),
+            ("reviews", "/api/v1/items/", 403),
+            ("reviews", "/static", 403),
+            ("reviews", "/static/a/private", 403),
+            ("reviews", "/static/a/../b/private", 403),
+            ("reviews.default", "/api/v1/items", 403),
+            ("reviews.default.svc.cluster.local", "/static/x", 403),
+        ] {
+            assert_eq!(
+                get_as(gw, host, path).await,
+                status,
+                "Host: {host}, {path} through {}",
+                if std::ptr::eq(gw, &mesh.east) {
+                    "east"
+                } else {
+                    "west"
+                }
+            );
+            if status == 200 {
+                allowed += 1;
+            }
+        }
+        assert_eq!(
+            raw(gw, "POST /api/v1/items", "Content-Length: 0\r\n").await,
+            403,
+            "`:method` is GET only"
+        );
+    }
+    assert_eq!(
+        mesh.hits(),
+        allowed,
+        "only the allowed calls reached reviews"
+    );
+    assert!(
+        mesh.west
+            .metric("meshfed_authz_denied_total", &["reason=\"no-allow-match\""])
+            >= 18.0
+    );
+}

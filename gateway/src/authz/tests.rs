@@ -519,23 +519,245 @@ fn what_cannot_be_enforced_is_refused_at_compile() {
     assert!(with_when("source.principal", "a*b").is_err());
     assert!(with_when("source.cluster", "east").is_ok());
 
-    let template = ClusterPolicy {
-        authz: vec![policy(
-            "default",
-            "t",
-            AuthzAction::Deny,
-            &[],
-            vec![rule(
-                vec![],
-                vec![AuthzOperation {
-                    paths: strings(&["/users/{*}/secret"]),
-                    ..Default::default()
-                }],
+    // Pseudo-headers other than the authority and the method.
+    for key in [
+        "request.headers[:path]",
+        "request.headers[:scheme]",
+        "request.headers[:status]",
+    ] {
+        let e = with_when(key, "x").unwrap_err();
+        assert!(matches!(e, CompileError::UnknownKey { .. }), "{key}: {e}");
+    }
+    assert!(with_when("request.headers[:authority]", "reviews").is_ok());
+    assert!(with_when("request.headers[:Method]", "GET").is_ok());
+
+    let with_path = |path: &str| {
+        Authz::compile(&ClusterPolicy {
+            authz: vec![policy(
+                "default",
+                "t",
+                AuthzAction::Deny,
+                &[],
+                vec![rule(
+                    vec![],
+                    vec![AuthzOperation {
+                        not_paths: strings(&[path]),
+                        ..Default::default()
+                    }],
+                )],
             )],
-        )],
-        ..Default::default()
+            ..Default::default()
+        })
     };
-    assert!(Authz::compile(&template).is_err());
+    assert!(with_path("/users/{*}/secret").is_ok());
+    // Malformed templates (a snapshot from an older or hostile syncer): the
+    // whole snapshot is refused, never read as an exact path that matches
+    // nothing.
+    for bad in [
+        "/users/{id}",
+        "/a{*}b",
+        "/{**}/x/{*}",
+        "{*}/x",
+        "//{*}",
+        "/a/*/{*}",
+    ] {
+        let e = with_path(bad).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CompileError::BadValue {
+                    field: "notPaths",
+                    ..
+                }
+            ),
+            "{bad}: {e}"
+        );
+        assert!(e.to_string().contains(bad), "{bad}: {e}");
+    }
+}
+
+fn allow_paths(paths: &[&str], not_paths: &[&str]) -> Authz {
+    authz(vec![policy(
+        "default",
+        "allow-paths",
+        AuthzAction::Allow,
+        &[],
+        vec![rule(
+            vec![],
+            vec![AuthzOperation {
+                paths: strings(paths),
+                not_paths: strings(not_paths),
+                ..Default::default()
+            }],
+        )],
+    )])
+}
+
+#[test]
+fn path_templates_match_exactly_what_envoy_matches_and_never_widen_an_allow() {
+    // Istio's builder test input (authz-builder/http__allow-path-in).
+    let a = allow_paths(
+        &[
+            "/exact",
+            "/prefix/*",
+            "*/suffix",
+            "/path/template/{*}",
+            "/{**}/path/template",
+        ],
+        &[],
+    );
+    for (path, allowed) in [
+        ("/exact", true),
+        ("/prefix/a/b", true),
+        ("/a/suffix", true),
+        ("/path/template/x", true),
+        ("/path/template/x.json", true),
+        ("/x/path/template", true),
+        ("/a/b/c/path/template", true),
+        // `{*}` is one non-empty segment, not a prefix.
+        ("/path/template/", false),
+        ("/path/template", false),
+        ("/path/template/x/y", false),
+        ("/path/template/x/", false),
+        // `{**}` keeps the `/` around it, and is no `*suffix`.
+        ("//path/templatex", false),
+        ("/xpath/template", false),
+        ("/x/path/template/y", false),
+        // Literals are case-sensitive; a `{*}` never matches a character
+        // outside Envoy's set.
+        ("/Path/template/x", false),
+        ("/path/template/a*b", false),
+        ("/other", false),
+    ] {
+        assert_eq!(decide(&a, &Call::get(path)).is_ok(), allowed, "{path}");
+    }
+    // notPaths with templates: everything under /static but a private
+    // file two levels down.
+    let a = allow_paths(&["/static/{**}"], &["/static/{*}/private"]);
+    for (path, allowed) in [
+        ("/static/", true),
+        ("/static/a/b/c.css", true),
+        ("/static/a/public", true),
+        ("/static/a/private", false),
+        ("/static/a/b/private", true),
+        ("/static", false),
+        ("/staticx", false),
+    ] {
+        assert_eq!(decide(&a, &Call::get(path)).is_ok(), allowed, "{path}");
+    }
+}
+
+#[test]
+fn a_path_template_deny_holds_after_normalization() {
+    let a = authz(vec![deny_paths(
+        "default",
+        "deny-edit",
+        &["/users/{*}/edit"],
+    )]);
+    for path in [
+        "/users/ann/edit",
+        "/users/./ann/edit",
+        "/users/x/../ann/edit",
+    ] {
+        let (n, _) = normalize_path(path).unwrap();
+        let n: &'static str = n.into_owned().leak();
+        assert!(decide(&a, &Call::get(n)).is_err(), "{path}");
+    }
+    assert!(decide(&a, &Call::get("/users/ann/view")).is_ok());
+    assert!(decide(&a, &Call::get("/users/edit")).is_ok());
+}
+
+fn when_policy(action: AuthzAction, key: &str, values: &[&str], not: &[&str]) -> AuthzPolicy {
+    policy(
+        "default",
+        "when",
+        action,
+        &[],
+        vec![AuthzRule {
+            from: vec![],
+            to: vec![],
+            when: vec![AuthzCondition {
+                key: key.into(),
+                values: strings(values),
+                not_values: strings(not),
+            }],
+        }],
+    )
+}
+
+#[test]
+fn the_authority_pseudo_header_is_the_authority_as_sent_never_an_alias() {
+    // ALLOW only `ratings.default.svc.cluster.local` as written.
+    let a = authz_knowing_ratings(vec![when_policy(
+        AuthzAction::Allow,
+        "request.headers[:authority]",
+        &["ratings.default.svc.cluster.local"],
+        &[],
+    )]);
+    let call = |host: &'static str| {
+        let mut c = Call::get("/");
+        c.host = host;
+        c
+    };
+    assert!(decide(&a, &call("ratings.default.svc.cluster.local")).is_ok());
+    // Unlike `hosts`, an alias that the router sends to the same service,
+    // another case or a port is another header value: not allowed (Envoy's
+    // header matcher, as Istio compiles this key).
+    for host in [
+        "ratings",
+        "ratings.default",
+        "ratings.default.svc.cluster.local.",
+        "ratings.default.svc.cluster.local:9080",
+        "RATINGS.default.svc.cluster.local",
+        "",
+    ] {
+        assert!(decide(&a, &call(host)).is_err(), "Host: {host:?}");
+    }
+    // A TCP stream has no authority: the ALLOW cannot match it.
+    assert!(decide(&a, &call("ratings.default.svc.cluster.local").tcp()).is_err());
+
+    // Patterns and notValues, in a DENY.
+    let d = authz(vec![when_policy(
+        AuthzAction::Deny,
+        "request.headers[:authority]",
+        &["*.internal.example.com", "admin.*"],
+        &[],
+    )]);
+    assert!(decide(&d, &call("a.internal.example.com")).is_err());
+    assert!(decide(&d, &call("admin.example.com:8443")).is_err());
+    assert!(decide(&d, &call("reviews")).is_ok());
+    // A DENY that needs an authority is ignored for TCP (then matches on
+    // its other fields: here none, so it denies), as for any header.
+    assert!(decide(&d, &call("reviews").tcp()).is_err());
+    let not = authz(vec![when_policy(
+        AuthzAction::Deny,
+        "request.headers[:authority]",
+        &[],
+        &["*"],
+    )]);
+    assert!(
+        decide(&not, &call("")).is_err(),
+        "an empty authority is absent"
+    );
+    assert!(decide(&not, &call("reviews")).is_ok());
+}
+
+#[test]
+fn the_method_pseudo_header_is_the_method() {
+    let a = authz(vec![when_policy(
+        AuthzAction::Allow,
+        "request.headers[:method]",
+        &["GET", "HEAD"],
+        &[],
+    )]);
+    assert!(decide(&a, &Call::get("/")).is_ok());
+    assert!(decide(&a, &Call::get("/").method("HEAD")).is_ok());
+    assert!(decide(&a, &Call::get("/").method("POST")).is_err());
+    assert!(
+        decide(&a, &Call::get("/").method("get")).is_err(),
+        "case-sensitive"
+    );
+    assert!(decide(&a, &Call::get("/").tcp()).is_err());
 }
 
 #[test]

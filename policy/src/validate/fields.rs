@@ -1634,6 +1634,20 @@ fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicySpec) {
             for (field, v) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
                 for (k, x) in v.iter().enumerate() {
                     let p = format!("{op}.{field}[{k}]");
+                    match crate::path_template::parse(x) {
+                        // `{*}`/`{**}`: matched as Envoy's URI template.
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {}
+                        Err(e) => {
+                            c.report_hint(
+                                Code::InvalidValue,
+                                &p,
+                                format!("path `{x}`: {e}"),
+                                e.hint(),
+                            );
+                            continue;
+                        }
+                    }
                     if !(x.starts_with('/') || x.starts_with('*')) {
                         c.report(
                             Code::InvalidValue,
@@ -1753,11 +1767,32 @@ fn condition(c: &mut Check<'_>, path: &str, w: &Condition) {
         .strip_prefix("request.headers[")
         .and_then(|r| r.strip_suffix(']'));
     if let Some(h) = header {
-        c.lexical(
-            Code::InvalidValue,
-            &format!("{path}.key"),
-            syntax::check_header_name(&h.to_ascii_lowercase()),
-        );
+        let kp = format!("{path}.key");
+        match h.to_ascii_lowercase().as_str() {
+            // Envoy's pseudo-headers: the authority (the `Host` of an
+            // HTTP/1.1 request) and the method, as the request reaches the
+            // destination.
+            ":authority" | ":method" => {}
+            ":path" => c.unsupported(
+                &kp,
+                key,
+                "match the path with `to.operation.paths`/`notPaths` (the normalized path, \
+                 without the query)",
+            ),
+            ":scheme" => c.unsupported(
+                &kp,
+                key,
+                "the scheme is not carried to the destination gateway; match on ports or \
+                 `connection.sni`",
+            ),
+            n if n.starts_with(':') => c.report_hint(
+                Code::InvalidValue,
+                &kp,
+                format!("`{h}` is not a request pseudo-header"),
+                "pseudo-headers are `:authority`, `:method`, `:path` and `:scheme`",
+            ),
+            n => c.lexical(Code::InvalidValue, &kp, syntax::check_header_name(n)),
+        }
     } else if WHEN_UNSUPPORTED
         .iter()
         .any(|u| key == *u || (u.ends_with('.') && key.starts_with(u)))

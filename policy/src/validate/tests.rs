@@ -599,6 +599,66 @@ fn authorization_conditions_use_known_keys() {
 }
 
 #[test]
+fn pseudo_header_conditions_are_the_authority_and_the_method() {
+    let w = |k: &str| authz(&format!("[{{when: [{{key: '{k}', values: [x]}}]}}]"));
+    for good in [
+        "request.headers[:authority]",
+        "request.headers[:method]",
+        "request.headers[:Authority]",
+    ] {
+        rule(
+            Code::InvalidValue,
+            &[&w("request.headers[:status]")],
+            &[&w(good)],
+        );
+    }
+    // `:path` would carry the query (Envoy's header); `:scheme` is not
+    // carried to the destination: refused, never read as absent.
+    for k in ["request.headers[:path]", "request.headers[:scheme]"] {
+        let a = run(&[&w(k)]);
+        assert!(has(&a, Code::Unsupported), "{k}: {:#?}", a.diagnostics);
+        assert!(!a.is_valid());
+    }
+}
+
+#[test]
+fn path_templates_are_istios_and_malformed_ones_are_errors_at_their_line() {
+    let op = |o: &str| authz(&format!("[{{to: [{{operation: {o}}}]}}]"));
+    rule(
+        Code::InvalidValue,
+        &[&op("{paths: ['/a/{**}/{*}']}")],
+        &[&op(
+            "{paths: ['/path/template/{*}', '/{**}/path/template', '/api/{*}/{**}'], \
+             notPaths: ['/not-path/template/{*}', '/{**}/not-path/template']}",
+        )],
+    );
+    for bad in [
+        "{paths: ['/a{*}b']}",
+        "{paths: ['/{*}.txt']}",
+        "{paths: ['/users/{id}']}",
+        "{notPaths: ['/{**}/{**}']}",
+        "{paths: ['{*}/edit']}",
+        "{paths: ['/a//{*}']}",
+        "{paths: ['/a/*/{*}']}",
+    ] {
+        let a = run(&[&op(bad)]);
+        assert!(!a.is_valid(), "{bad} accepted");
+        let d = a
+            .diagnostics
+            .iter()
+            .find(|d| d.code == Code::InvalidValue)
+            .unwrap_or_else(|| panic!("{bad}: {:#?}", a.diagnostics));
+        // The line of the value, with a hint that says what to write.
+        assert_eq!(d.line, 6, "{bad}: {d}");
+        assert!(d.field_path.contains("aths[0]"), "{bad}: {d}");
+        assert!(
+            d.hint.as_deref().is_some_and(|h| !h.is_empty()),
+            "{bad}: {d}"
+        );
+    }
+}
+
+#[test]
 fn authorization_patterns_and_ports_are_well_formed() {
     let op = |o: &str| authz(&format!("[{{to: [{{operation: {o}}}]}}]"));
     rule(
