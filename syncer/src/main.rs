@@ -358,7 +358,7 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
-    meshfed_gateway::identity::install_crypto_provider();
+    meshfed_identity::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -633,14 +633,14 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let grpc_bound = match &s.grpc {
         Some((addr, tls_dir)) => {
             let creds =
-                meshfed_gateway::identity::Credentials::load(tls_dir).with_context(|| {
+                meshfed_identity::Credentials::load(tls_dir).with_context(|| {
                     format!(
                         "loading the syncer's credentials from --tls-dir {}",
                         tls_dir.display()
                     )
                 })?;
             tracing::info!(id = %creds.id, "config server identity");
-            let refusals = Arc::new(meshfed_gateway::identity::HandshakeRefusals::new());
+            let refusals = Arc::new(meshfed_identity::HandshakeRefusals::new());
             let tls = server::tls_config(&creds, refusals)?;
             let listener = TcpListener::bind(addr).await.with_context(|| {
                 format!("binding the gRPC config server on {addr}; is the port in use?")

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{KeyInit, Mac};
-use meshfed_gateway::identity::store::{self, Credentials};
-use meshfed_gateway::identity::verify::{ExpectedPeer, HandshakeRefusals};
+use meshfed_identity::store::{self, Credentials};
+use meshfed_identity::verify::{ExpectedPeer, HandshakeRefusals};
 use meshfed_proto::config::v1 as pb;
 use meshfed_proto::config::v1::config_delivery_client::ConfigDeliveryClient;
 use tokio::sync::mpsc;
