@@ -20,6 +20,7 @@
 //! - [`admin`]: health, readiness, metrics and the config dump;
 //! - [`accept`], [`limits`]: the caller-connection limit and the open-files
 //!   budget;
+//! - [`backoff`]: the exponential backoff of every retry loop;
 //! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
 
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub use meshfed_identity as identity;
 pub mod accept;
 pub mod admin;
 pub mod authz;
+pub mod backoff;
 pub mod control;
 pub mod discovery;
 pub mod limits;
