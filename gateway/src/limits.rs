@@ -18,7 +18,6 @@
 //! credential and file reloaders use to say "too many open files" instead of
 //! blaming the files.
 
-
 /// Descriptors counted per admitted caller connection: its own (one toward
 /// a local endpoint, for TCP proxying, comes out of the reserve; HTTP
 /// shares pooled connections, and remote calls use the tunnel's socket).
