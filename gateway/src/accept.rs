@@ -255,7 +255,7 @@ impl Backoff {
                 }
             }
         }
-        self.pause.next()
+        self.pause.next_delay()
     }
 
     /// Records a successful accept, ending an episode of failures.

@@ -66,7 +66,7 @@ impl Backoff {
     }
 
     /// Records a failure; returns how long to wait before trying again.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let d = self.delay(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         d
@@ -77,7 +77,7 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    /// Consecutive failures recorded by [`Backoff::next`] since the last
+    /// Consecutive failures recorded by [`Backoff::next_delay`] since the last
     /// reset.
     pub fn failures(&self) -> u32 {
         self.attempt
@@ -94,7 +94,7 @@ mod tests {
         let mut b = Backoff::new(min, max, Jitter::Equal);
         let mut ceiling = min;
         for _ in 0..12 {
-            let d = b.next();
+            let d = b.next_delay();
             assert!(
                 d >= ceiling / 2 && d <= ceiling,
                 "{d:?} outside [{:?}, {ceiling:?}]",
@@ -105,14 +105,14 @@ mod tests {
         assert_eq!(b.step(b.failures()), max);
         b.reset();
         assert_eq!(b.failures(), 0);
-        assert!(b.next() <= min);
+        assert!(b.next_delay() <= min);
     }
 
     #[test]
     fn without_jitter_the_pauses_are_the_steps() {
         let (min, max) = (Duration::from_millis(5), Duration::from_secs(1));
         let mut b = Backoff::new(min, max, Jitter::None);
-        let pauses: Vec<_> = (0..10).map(|_| b.next().as_millis()).collect();
+        let pauses: Vec<_> = (0..10).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
     }
 

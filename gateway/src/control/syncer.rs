@@ -142,7 +142,7 @@ pub fn spawn(
             if established {
                 backoff.reset();
             }
-            let delay = backoff.next();
+            let delay = backoff.next_delay();
             tracing::warn!(error = %error, retry_in = ?delay, "syncer unavailable; keeping the current snapshot");
             set_link(&state, &settings, "backing_off", Some(error.to_string()));
             tokio::time::sleep(delay).await;
