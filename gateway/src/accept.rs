@@ -208,13 +208,27 @@ impl Acceptor {
     }
 }
 
-/// Exponential backoff for a failing accept.
-#[derive(Debug, Default)]
+/// Exponential backoff for a failing accept (no jitter: one listener, and
+/// the pause only spaces out retries of the same accept).
+#[derive(Debug)]
 struct Backoff {
-    /// The next pause; zero when the last accept succeeded.
-    next: Duration,
+    /// The pauses; `failures() == 0` when the last accept succeeded.
+    pause: crate::backoff::Backoff,
     /// Failures in the current episode.
     failures: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            pause: crate::backoff::Backoff::new(
+                BACKOFF_MIN,
+                BACKOFF_MAX,
+                crate::backoff::Jitter::None,
+            ),
+            failures: 0,
+        }
+    }
 }
 
 impl Backoff {
@@ -231,7 +245,7 @@ impl Backoff {
         ) {
             return Duration::ZERO;
         }
-        if self.failures == 1 || self.next.is_zero() {
+        if self.failures == 1 || self.pause.failures() == 0 {
             match crate::limits::exhaustion(e) {
                 Some(why) => {
                     tracing::error!(listener = name, error = %e, "cannot accept connections: {why}; retrying with backoff")
@@ -241,17 +255,12 @@ impl Backoff {
                 }
             }
         }
-        self.next = if self.next.is_zero() {
-            BACKOFF_MIN
-        } else {
-            (self.next * 2).min(BACKOFF_MAX)
-        };
-        self.next
+        self.pause.next_delay()
     }
 
     /// Records a successful accept, ending an episode of failures.
     fn succeeded(&mut self, name: &str) {
-        if self.failures > 0 && !self.next.is_zero() {
+        if self.failures > 0 && self.pause.failures() > 0 {
             tracing::info!(
                 listener = name,
                 failures = self.failures,
@@ -259,7 +268,7 @@ impl Backoff {
             );
         }
         self.failures = 0;
-        self.next = Duration::ZERO;
+        self.pause.reset();
     }
 }
 

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::accept::{ADMIN_MAX_CONNECTIONS, Acceptor, ConnectionLimit};
@@ -105,7 +106,8 @@ fn handle(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+            // Constant-time (subtle, as the syncer's token and webhook checks).
+            .is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())));
         if !ok {
             return text(
                 StatusCode::UNAUTHORIZED,
@@ -172,9 +174,4 @@ fn handle(
             "text/plain",
         ),
     }
-}
-
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -20,59 +20,23 @@
 //! - [`admin`]: health, readiness, metrics and the config dump;
 //! - [`accept`], [`limits`]: the caller-connection limit and the open-files
 //!   budget;
+//! - [`backoff`]: the exponential backoff of every retry loop;
 //! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
 
 #![forbid(unsafe_code)]
 
-/// The methods of `tokio::io::AsyncWrite` for a wrapper that writes
-/// through to its `Unpin` field `$field` unchanged (vectored writes
-/// included), for use inside the `impl AsyncWrite` block of a stream
-/// wrapper that only adds to reading or to what it carries.
-#[macro_export]
-macro_rules! delegate_async_write {
-    ($field:ident) => {
-        fn poll_write(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-            buf: &[u8],
-        ) -> ::std::task::Poll<::std::io::Result<usize>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
-        }
-
-        fn poll_flush(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-        ) -> ::std::task::Poll<::std::io::Result<()>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
-        }
-
-        fn poll_shutdown(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-        ) -> ::std::task::Poll<::std::io::Result<()>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
-        }
-
-        fn poll_write_vectored(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-            bufs: &[::std::io::IoSlice<'_>],
-        ) -> ::std::task::Poll<::std::io::Result<usize>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            self.$field.is_write_vectored()
-        }
-    };
-}
+/// The write half of a stream wrapper (one copy, shared with the syncer).
+pub use meshfed_cli::delegate_async_write;
+/// Certificates, SPIFFE IDs and the TLS configuration: the
+/// `meshfed-identity` crate, under the path the gateway's modules use.
+pub use meshfed_identity as identity;
 
 pub mod accept;
 pub mod admin;
 pub mod authz;
+pub mod backoff;
 pub mod control;
 pub mod discovery;
-pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod mirror;

@@ -18,8 +18,6 @@
 //! credential and file reloaders use to say "too many open files" instead of
 //! blaming the files.
 
-use std::io;
-
 /// Descriptors counted per admitted caller connection: its own (one toward
 /// a local endpoint, for TCP proxying, comes out of the reserve; HTTP
 /// shares pooled connections, and remote calls use the tunnel's socket).
@@ -81,28 +79,10 @@ pub fn fit_connections(wanted: usize, soft: u64) -> usize {
     wanted.min(room).max(1)
 }
 
-/// When `e` says the process or the system ran out of a resource (open
-/// files, kernel buffers, memory), what ran out and what to try; `None` for
-/// any other error.
-pub fn exhaustion(e: &io::Error) -> Option<&'static str> {
-    use rustix::io::Errno;
-    match Errno::from_io_error(e)? {
-        Errno::MFILE => Some(
-            "the gateway has too many open files (EMFILE): a resource limit, not a problem with \
-             the file; raise its open-files limit (LimitNOFILE=, ulimit -n) or lower \
-             --max-connections",
-        ),
-        Errno::NFILE => Some(
-            "the system has too many open files (ENFILE): a resource limit, not a problem with \
-             the file; raise fs.file-max or find the process holding them",
-        ),
-        Errno::NOBUFS | Errno::NOMEM => Some(
-            "the kernel is out of memory for buffers (ENOBUFS/ENOMEM): a resource limit; lower \
-             --max-connections or give the gateway more memory",
-        ),
-        _ => None,
-    }
-}
+/// When an I/O error says the process or the system ran out of a resource,
+/// what ran out and what to try (one copy, shared with the credential
+/// store).
+pub use meshfed_cli::io::exhaustion;
 
 #[cfg(test)]
 mod tests {
@@ -119,21 +99,6 @@ mod tests {
         assert_eq!(fit_connections(2048, 1), 1);
         assert_eq!(fit_connections(10, u64::MAX), 10);
     }
-
-    #[test]
-    fn running_out_of_descriptors_is_told_apart_from_other_errors() {
-        let emfile = io::Error::from_raw_os_error(Errno::MFILE.raw_os_error());
-        let says = exhaustion(&emfile).unwrap_or_default();
-        assert!(says.contains("too many open files"), "{says}");
-        assert!(says.contains("not a problem with the file"), "{says}");
-        let enfile = io::Error::from_raw_os_error(Errno::NFILE.raw_os_error());
-        assert!(exhaustion(&enfile).is_some());
-        let enoent = io::Error::from_raw_os_error(Errno::NOENT.raw_os_error());
-        assert_eq!(exhaustion(&enoent), None);
-        assert_eq!(exhaustion(&io::Error::other("x")), None);
-    }
-
-    use rustix::io::Errno;
 
     #[test]
     fn raising_the_soft_limit_never_lowers_it() {

@@ -30,7 +30,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// (HTTP/1.1, HTTP/2, gRPC, TCP) across them, following the policy snapshot
 /// for its cluster.
 ///
-/// Settings come from --config (a YAML map of flag names to values), then
+/// Settings come from --config (a YAML map of flag names to values; a list
+/// only for a repeatable flag, e.g. `kube-namespace: [a, b]`), then
 /// environment variables, then flags (the last wins). Every address accepts
 /// port 0; --ready-file then reports the ports the OS picked.
 #[derive(Debug, Parser)]
@@ -407,72 +408,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The command line with the config file's settings in front, so that flags
 /// override them; a setting whose environment variable is set is left to
-/// the environment.
+/// the environment. The rules (one copy, shared with the syncer) are in
+/// [`meshfed_cli::config_file`].
 fn args_with_config() -> Result<Vec<OsString>, String> {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let flag = argv
-        .iter()
-        .position(|a| a == "--config")
-        .and_then(|i| argv.get(i + 1))
-        .cloned()
-        .or_else(|| {
-            argv.iter()
-                .find_map(|a| a.to_str()?.strip_prefix("--config=").map(OsString::from))
-        })
-        .or_else(|| std::env::var_os("MESHFED_GATEWAY_CONFIG"));
-    let Some(path) = flag else {
-        return Ok(argv);
-    };
-    let path = PathBuf::from(path);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    let map: std::collections::BTreeMap<String, serde_yaml::Value> =
-        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let cmd = Cli::command();
-    let mut front = Vec::new();
-    let mut problems = Vec::new();
-    for (key, value) in map {
-        let Some(arg) = cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()))
-        else {
-            problems.push(format!(
-                "{}: unknown setting `{key}` (settings are the long flag names)",
-                path.display()
-            ));
-            continue;
-        };
-        if key == "config" {
-            continue;
-        }
-        if arg
-            .get_env()
-            .is_some_and(|env| std::env::var_os(env).is_some())
-        {
-            continue;
-        }
-        let value = match value {
-            serde_yaml::Value::String(s) => s,
-            serde_yaml::Value::Number(n) => n.to_string(),
-            serde_yaml::Value::Bool(b) => b.to_string(),
-            other => {
-                problems.push(format!(
-                    "{}: `{key}` must be a scalar, not {other:?}",
-                    path.display()
-                ));
-                continue;
-            }
-        };
-        front.push(OsString::from(format!("--{key}")));
-        front.push(OsString::from(value));
-    }
-    if !problems.is_empty() {
-        return Err(problems.join("\n"));
-    }
-    let mut out = vec![argv.first().cloned().unwrap_or_default()];
-    out.extend(front);
-    out.extend(argv.into_iter().skip(1));
-    Ok(out)
+    meshfed_cli::config_file::args_with_config(
+        &Cli::command(),
+        std::env::args_os().collect(),
+        "MESHFED_GATEWAY_CONFIG",
+        &|k: &std::ffi::OsStr| std::env::var_os(k),
+    )
 }
 
 fn hostname() -> String {

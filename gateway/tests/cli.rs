@@ -94,6 +94,50 @@ fn settings_come_from_a_config_file_and_flags_override_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 16: the gateway and the syncer read config files with one shim
+/// (meshfed_cli::config_file). A list is one value per item for a flag that
+/// may be repeated (the gateway used to refuse every list), and refused for
+/// a flag that takes one value; an item that is not a scalar is refused.
+#[test]
+fn a_config_file_list_repeats_a_repeatable_flag_and_is_refused_for_a_single_value() {
+    let dir = std::env::temp_dir().join(format!("meshfed-cli-lists-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gw.yaml");
+    let base = "cluster: east\ntls-dir: /from-file/tls\npolicy-dir: /from-file/policy\n";
+    // Accepted: parsing succeeds, and the start stops later, at the
+    // credentials.
+    std::fs::write(&cfg, format!("{base}mirror-ports: [80, 8080]\n")).unwrap();
+    let out = gateway(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("/from-file/tls"), "{out}");
+    // Each item is a value of its own, checked as a flag's would be.
+    std::fs::write(&cfg, format!("{base}mirror-ports: [80, http]\n")).unwrap();
+    let out = gateway(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        out.stderr.contains("'http'") && out.stderr.contains("--mirror-ports"),
+        "{out}"
+    );
+    // Refused, every problem at once.
+    std::fs::write(
+        &cfg,
+        "cluster: [east, west]\ntls-dir: /t\npolicy-dir: /p\nkube-namespace: [a, {b: 1}]\n",
+    )
+    .unwrap();
+    let out = gateway(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        out.stderr.contains("`cluster` takes one value, not a list"),
+        "{out}"
+    );
+    assert!(
+        out.stderr
+            .contains("`kube-namespace` item 2: must be a string, number or boolean, not a map"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn help_documents_the_istio_style_default_ports_and_common_flags() {
     let out = gateway(&["--help"]);

@@ -358,7 +358,7 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
-    meshfed_gateway::identity::install_crypto_provider();
+    meshfed_identity::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -632,15 +632,14 @@ async fn run(s: Settings) -> anyhow::Result<()> {
 
     let grpc_bound = match &s.grpc {
         Some((addr, tls_dir)) => {
-            let creds =
-                meshfed_gateway::identity::Credentials::load(tls_dir).with_context(|| {
-                    format!(
-                        "loading the syncer's credentials from --tls-dir {}",
-                        tls_dir.display()
-                    )
-                })?;
+            let creds = meshfed_identity::Credentials::load(tls_dir).with_context(|| {
+                format!(
+                    "loading the syncer's credentials from --tls-dir {}",
+                    tls_dir.display()
+                )
+            })?;
             tracing::info!(id = %creds.id, "config server identity");
-            let refusals = Arc::new(meshfed_gateway::identity::HandshakeRefusals::new());
+            let refusals = Arc::new(meshfed_identity::HandshakeRefusals::new());
             let tls = server::tls_config(&creds, refusals)?;
             let listener = TcpListener::bind(addr).await.with_context(|| {
                 format!("binding the gRPC config server on {addr}; is the port in use?")
@@ -842,95 +841,20 @@ fn print_view(v: &status::RolloutView, json: bool) {
 
 /// The command line with the config file's settings in front, so that flags
 /// override them; a setting whose environment variable is set is left to
-/// the environment.
+/// the environment. The rules (one copy, shared with the gateway) are in
+/// [`meshfed_cli::config_file`].
 fn args_with_config() -> Result<Vec<OsString>, String> {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let flag = argv
-        .iter()
-        .position(|a| a == "--config")
-        .and_then(|i| argv.get(i + 1))
-        .cloned()
-        .or_else(|| {
-            argv.iter()
-                .find_map(|a| a.to_str()?.strip_prefix("--config=").map(OsString::from))
-        })
-        .or_else(|| std::env::var_os("MESHFED_SYNCER_CONFIG"));
-    let Some(path) = flag else {
-        return Ok(argv);
-    };
     // `status` has its own flags; a config file is for running the syncer.
     if argv.get(1).is_some_and(|a| a == "status") {
         return Ok(argv);
     }
-    let path = PathBuf::from(path);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    let map: std::collections::BTreeMap<String, serde_yaml::Value> =
-        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let cmd = Cli::command();
-    let mut front = Vec::new();
-    let mut problems = Vec::new();
-    for (key, value) in map {
-        let Some(arg) = cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()))
-        else {
-            problems.push(format!(
-                "{}: unknown setting `{key}` (settings are the long flag names)",
-                path.display()
-            ));
-            continue;
-        };
-        if key == "config" {
-            continue;
-        }
-        if arg
-            .get_env()
-            .is_some_and(|env| std::env::var_os(env).is_some())
-        {
-            continue;
-        }
-        let values: Vec<String> = match value {
-            serde_yaml::Value::String(s) => vec![s],
-            serde_yaml::Value::Number(n) => vec![n.to_string()],
-            serde_yaml::Value::Bool(b) => {
-                // A switch is present or absent.
-                if !arg.get_action().takes_values() {
-                    if b {
-                        front.push(OsString::from(format!("--{key}")));
-                    }
-                    continue;
-                }
-                vec![b.to_string()]
-            }
-            serde_yaml::Value::Sequence(items) => items
-                .into_iter()
-                .filter_map(|v| match v {
-                    serde_yaml::Value::String(s) => Some(s),
-                    serde_yaml::Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
-                .collect(),
-            other => {
-                problems.push(format!(
-                    "{}: `{key}` must be a scalar or a list, not {other:?}",
-                    path.display()
-                ));
-                continue;
-            }
-        };
-        for v in values {
-            front.push(OsString::from(format!("--{key}")));
-            front.push(OsString::from(v));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems.join("\n"));
-    }
-    let mut out = vec![argv.first().cloned().unwrap_or_default()];
-    out.extend(front);
-    out.extend(argv.into_iter().skip(1));
-    Ok(out)
+    meshfed_cli::config_file::args_with_config(
+        &Cli::command(),
+        argv,
+        "MESHFED_SYNCER_CONFIG",
+        &|k: &std::ffi::OsStr| std::env::var_os(k),
+    )
 }
 
 /// A byte count: digits with an optional binary suffix (`Ki`, `Mi`, `Gi`,

@@ -48,9 +48,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use meshfed_gateway::identity::spiffe::SpiffeId;
-use meshfed_gateway::identity::store::{self, Credentials, StoreError};
-use meshfed_gateway::identity::verify::{self, AcceptClients, HandshakeRefusals, PeerIdentity};
+use meshfed_identity::spiffe::SpiffeId;
+use meshfed_identity::store::{self, Credentials, StoreError};
+use meshfed_identity::verify::{self, AcceptClients, HandshakeRefusals, PeerIdentity};
 use meshfed_proto::config::v1 as pb;
 use meshfed_proto::config::v1::config_delivery_server::{ConfigDelivery, ConfigDeliveryServer};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -388,7 +388,7 @@ impl AsyncRead for PeerStream {
 }
 
 impl AsyncWrite for PeerStream {
-    meshfed_gateway::delegate_async_write!(io);
+    meshfed_cli::delegate_async_write!(io);
 }
 
 #[tonic::async_trait]

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshfed_gateway::identity::store::{self, Credentials};
-use meshfed_gateway::identity::verify::{ExpectedPeer, HandshakeRefusals, RefusalReason};
+use meshfed_identity::store::{self, Credentials};
+use meshfed_identity::verify::{ExpectedPeer, HandshakeRefusals, RefusalReason};
 use meshfed_policy::{Options, Snapshot, analyze};
 use meshfed_proto::config::v1 as pb;
 use meshfed_proto::config::v1::config_delivery_client::ConfigDeliveryClient;
@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 type PublishTx = watch::Sender<Option<Arc<Published>>>;
 
 fn runtime() -> Runtime {
-    meshfed_gateway::identity::install_crypto_provider();
+    meshfed_identity::install_crypto_provider();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -528,6 +528,30 @@ fn settings_come_from_a_config_file_and_all_problems_are_reported_together() {
     }
 }
 
+/// Issue 16: the syncer and the gateway read config files with one shim
+/// (meshfed_cli::config_file). A list item that is not a scalar is refused
+/// (it used to be dropped without a word), and a list for a flag that takes
+/// one value is refused by name (it used to become that flag twice).
+#[test]
+fn a_config_file_list_is_refused_for_a_single_value_flag_and_for_non_scalar_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("syncer.yaml");
+    std::fs::write(
+        &cfg,
+        "poll-interval: [1m, 2m]\nexclude: [charts/**, {a: 1}]\n",
+    )
+    .unwrap();
+    let out = syncer_cmd().arg("--config").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for needle in [
+        "`poll-interval` takes one value, not a list",
+        "`exclude` item 2: must be a string, number or boolean, not a map",
+    ] {
+        assert!(err.contains(needle), "lacks {needle}: {err}");
+    }
+}
+
 fn export(name: &str) -> String {
     format!(
         "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: default}}\n"

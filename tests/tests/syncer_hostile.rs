@@ -124,7 +124,7 @@ fn serial_a_360_mb_blob_after_a_good_commit_is_refused_under_the_syncer_limit_an
         .enable_all()
         .build()
         .unwrap();
-    meshfed_gateway::identity::install_crypto_provider();
+    meshfed_identity::install_crypto_provider();
     let gw = pki.gateway("east", "gw-1");
 
     let remotes = [

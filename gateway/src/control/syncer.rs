@@ -33,7 +33,6 @@ use hyper_util::rt::TokioIo;
 use meshfed_policy::Snapshot;
 use meshfed_proto::config::v1 as pb;
 use meshfed_proto::config::v1::config_delivery_client::ConfigDeliveryClient;
-use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -41,6 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use super::{Source, SyncerLink, persist};
+use crate::backoff::{Backoff, Jitter};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
 use crate::identity::verify::{self, ExpectedPeer, HandshakeRefusals, RefusalReason};
@@ -134,7 +134,7 @@ pub fn spawn(
     refusals: Arc<HandshakeRefusals>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+        let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max, Jitter::Equal);
         loop {
             set_link(&state, &settings, "connecting", None);
             let mut established = false;
@@ -142,7 +142,7 @@ pub fn spawn(
             if established {
                 backoff.reset();
             }
-            let delay = backoff.next();
+            let delay = backoff.next_delay();
             tracing::warn!(error = %error, retry_in = ?delay, "syncer unavailable; keeping the current snapshot");
             set_link(&state, &settings, "backing_off", Some(error.to_string()));
             tokio::time::sleep(delay).await;
@@ -443,57 +443,9 @@ fn error_chain(e: &dyn StdError) -> String {
     out
 }
 
-/// Exponential backoff with full jitter in [d/2, d].
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let half = d / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        let mut b = Backoff::new(min, max);
-        let mut ceiling = min;
-        for _ in 0..12 {
-            let d = b.next();
-            assert!(
-                d >= ceiling / 2 && d <= ceiling,
-                "{d:?} outside [{:?}, {ceiling:?}]",
-                ceiling / 2
-            );
-            ceiling = (ceiling * 2).min(max);
-        }
-        assert_eq!(b.current, max);
-        b.reset();
-        assert!(b.next() <= min);
-    }
 
     #[test]
     fn the_default_syncer_id_is_the_one_certs_syncer_issues_with_id_syncer() {

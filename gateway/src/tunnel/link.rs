@@ -1002,14 +1002,10 @@ impl DialError {
     }
 }
 
-/// Exponential backoff with full jitter between half and all of the step.
+/// Exponential backoff with jitter between half and all of the step.
 fn backoff(s: &LinkSettings, attempt: u32) -> Duration {
-    let step = s
-        .backoff_min
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(s.backoff_max);
-    let jitter: f64 = rand::random_range(0.5..=1.0);
-    step.mul_f64(jitter)
+    crate::backoff::Backoff::new(s.backoff_min, s.backoff_max, crate::backoff::Jitter::Equal)
+        .delay(attempt)
 }
 
 /// Sends our announcement on a uni stream: at once, on every change, and

@@ -49,7 +49,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    meshfed_gateway::identity::install_crypto_provider();
+    meshfed_identity::install_crypto_provider();
     let all = bench::scenarios();
     if cli.list {
         for s in &all {

@@ -26,12 +26,22 @@
 //!   forwarded caller identities;
 //! - [`store`]: credentials on disk (the layout of a Kubernetes Secret
 //!   volume), the rustls client and server configurations, and hot reload;
-//! - [`cli`]: the operator's `meshfed-gateway certs ...` commands.
+//! - [`cli`]: the operator's `meshfed-gateway certs ...` commands (the
+//!   gateway binary runs them);
+//! - `testutil` (with the `testutil` feature, or in this crate's tests):
+//!   an in-memory CA hierarchy, rogue peers and an in-memory handshake.
 //!
-//! This module does not own connections ([`crate::tunnel`] builds QUIC
-//! endpoints from the configurations here) nor authorization decisions
-//! ([`crate::route`] and [`crate::proxy`] apply the snapshot's policies to
-//! the [`verify::PeerIdentity`] found here).
+//! This crate does not own connections (the gateway's `tunnel` builds QUIC
+//! endpoints from the configurations here, the syncer's config server TLS
+//! listeners) nor authorization decisions (the gateway applies the
+//! snapshot's policies to the [`verify::PeerIdentity`] found here). It is
+//! the lowest layer that the gateway, the syncer and the test harness share:
+//! it depends on no meshfed crate that holds a socket, so the syncer and the
+//! tests use identity without the gateway's data plane (quinn, kube,
+//! hickory, OpenTelemetry). The gateway re-exports it as
+//! `meshfed_gateway::identity`.
+
+#![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod cli;
@@ -41,8 +51,8 @@ pub mod verify;
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use store::{Credentials, StoreError};
@@ -73,6 +83,6 @@ pub fn install_crypto_provider() {
 }
 
 /// The crypto provider every configuration and verifier here uses.
-pub(crate) fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -529,7 +529,7 @@ fn refuse_world_readable(_path: &Path, _shown: &str) -> Result<(), StoreError> {
 
 fn read_error(path: &Path, source: std::io::Error) -> StoreError {
     // Out of descriptors (or memory), the files are not to blame: say so.
-    let hint = crate::limits::exhaustion(&source).unwrap_or(
+    let hint = meshfed_cli::io::exhaustion(&source).unwrap_or(
         "a credentials directory holds bundle.pem, cert.pem and key.pem, as \
          `meshfed-gateway certs gateway --out DIR` writes them",
     );
@@ -545,7 +545,7 @@ impl StoreError {
     /// open files...), what ran out: the credentials themselves may be fine.
     pub fn exhaustion(&self) -> Option<&'static str> {
         match self {
-            StoreError::Read { source, .. } => crate::limits::exhaustion(source),
+            StoreError::Read { source, .. } => meshfed_cli::io::exhaustion(source),
             _ => None,
         }
     }

@@ -2,7 +2,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use super::*;
-use crate::identity::testutil::{Federation, TD, TempDir, window};
+use crate::testutil::{Federation, TD, TempDir, window};
 
 fn ekus(der: &[u8]) -> (bool, bool) {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();

@@ -1,6 +1,11 @@
 //! Test fixtures for the identity module: a CA hierarchy made in memory,
 //! rogue peers that present whatever chain a test forges, an in-memory
 //! rustls handshake, and a temporary directory.
+//!
+//! Built for this crate's tests, and for other crates' tests with the
+//! `testutil` feature; never in a binary. A fixture that cannot be made
+//! panics, as a test should.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,10 +25,11 @@ use super::certs::{self, IssuedCert, Issuer, Validity};
 use super::spiffe::SpiffeId;
 use super::store::Credentials;
 
-pub(crate) const TD: &str = "cluster.local";
+pub const TD: &str = "cluster.local";
 
 /// An anchor with the intermediates of clusters east and west.
-pub(crate) struct Federation {
+#[derive(Debug)]
+pub struct Federation {
     pub anchor: IssuedCert,
     pub east: Issuer,
     pub west: Issuer,
@@ -64,7 +70,7 @@ impl Federation {
     }
 }
 
-pub(crate) fn creds(bundle: &str, leaf: &IssuedCert) -> Credentials {
+pub fn creds(bundle: &str, leaf: &IssuedCert) -> Credentials {
     Credentials::from_pem(
         bundle.as_bytes(),
         leaf.chain_pem.as_bytes(),
@@ -74,7 +80,7 @@ pub(crate) fn creds(bundle: &str, leaf: &IssuedCert) -> Credentials {
 }
 
 /// A validity window relative to now.
-pub(crate) fn window(from_days: i64, to_days: i64) -> Validity {
+pub fn window(from_days: i64, to_days: i64) -> Validity {
     let at = |days: i64| {
         let d = Duration::from_secs(days.unsigned_abs() * 86_400);
         if days < 0 {
@@ -97,7 +103,7 @@ fn parse(chain_pem: &str, key_pem: &str) -> (Vec<CertificateDer<'static>>, Priva
 }
 
 /// A client that presents `chain_pem` as is and accepts any server.
-pub(crate) fn rogue_client(chain_pem: &str, key_pem: &str) -> Arc<ClientConfig> {
+pub fn rogue_client(chain_pem: &str, key_pem: &str) -> Arc<ClientConfig> {
     let (chain, key) = parse(chain_pem, key_pem);
     Arc::new(
         ClientConfig::builder_with_provider(super::crypto_provider())
@@ -111,7 +117,7 @@ pub(crate) fn rogue_client(chain_pem: &str, key_pem: &str) -> Arc<ClientConfig> 
 }
 
 /// A server that presents `chain_pem` as is and accepts any client.
-pub(crate) fn rogue_server(chain_pem: &str, key_pem: &str) -> Arc<ServerConfig> {
+pub fn rogue_server(chain_pem: &str, key_pem: &str) -> Arc<ServerConfig> {
     let (chain, key) = parse(chain_pem, key_pem);
     Arc::new(
         ServerConfig::builder_with_provider(super::crypto_provider())
@@ -125,7 +131,7 @@ pub(crate) fn rogue_server(chain_pem: &str, key_pem: &str) -> Arc<ServerConfig> 
 
 /// What an in-memory handshake ended with, on each side.
 #[derive(Debug)]
-pub(crate) struct Handshake {
+pub struct Handshake {
     pub client_error: Option<rustls::Error>,
     pub server_error: Option<rustls::Error>,
     /// The chain the client received from the server.
@@ -141,7 +147,7 @@ impl Handshake {
 }
 
 /// Drives a client and a server against each other in memory.
-pub(crate) fn handshake(
+pub fn handshake(
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     server_name: &str,
@@ -286,7 +292,8 @@ impl ClientCertVerifier for AcceptAnything {
 }
 
 /// A directory under the system temp dir, removed on drop.
-pub(crate) struct TempDir(PathBuf);
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> Self {

@@ -3,8 +3,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use crate::identity::certs::{self, IssuedCert, OutFile, Validity};
-use crate::identity::testutil::{Federation, TD, TempDir, window};
+use crate::certs::{self, IssuedCert, OutFile, Validity};
+use crate::testutil::{Federation, TD, TempDir, window};
 
 fn write_creds(dir: &Path, bundle: &str, leaf: &IssuedCert) {
     let files = [
@@ -214,7 +214,7 @@ fn watch_refuses_to_start_on_invalid_credentials() {
 #[test]
 fn out_of_descriptors_a_credentials_read_blames_the_open_files_limit_not_the_files() {
     const CHILD: &str = "MESHFED_TEST_EMFILE_CHILD";
-    const NAME: &str = "identity::store::tests::out_of_descriptors_a_credentials_read_blames_the_open_files_limit_not_the_files";
+    const NAME: &str = "store::tests::out_of_descriptors_a_credentials_read_blames_the_open_files_limit_not_the_files";
     if let Some(dir) = std::env::var_os(CHILD) {
         use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
         let hard = getrlimit(Resource::Nofile).maximum;

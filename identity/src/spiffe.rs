@@ -17,14 +17,13 @@
 use std::fmt;
 use std::str::FromStr;
 
+use meshfed_policy::syntax::{dns_label_problem, dns_subdomain_problem, trust_domain_problem};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The SPIFFE URI scheme, with the authority marker.
 const SCHEME: &str = "spiffe://";
 /// SPIFFE's limit on the whole URI.
 const MAX_LEN: usize = 2048;
-/// SPIFFE's limit on a trust domain.
-const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
 /// A SPIFFE ID of one of the shapes meshfed knows.
 ///
@@ -367,21 +366,10 @@ impl<'de> Deserialize<'de> for SpiffeId {
     }
 }
 
-/// SPIFFE trust domains: lowercase letters, digits, `.`, `-` and `_`.
+/// SPIFFE trust domains: lowercase letters, digits, `.`, `-` and `_`, the
+/// rule of the policy's `spec.trustDomain` (one copy, in `meshfed-policy`).
 fn check_trust_domain(uri: &str, trust_domain: &str) -> Result<(), SpiffeError> {
-    let why = if trust_domain.is_empty() {
-        Some("it is empty")
-    } else if trust_domain.len() > MAX_TRUST_DOMAIN_LEN {
-        Some("it is longer than 255 bytes")
-    } else if !trust_domain
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        Some("only lowercase letters, digits, `.`, `-` and `_` are allowed (no port, no user)")
-    } else {
-        None
-    };
-    match why {
+    match trust_domain_problem(trust_domain) {
         Some(why) => Err(SpiffeError::TrustDomain {
             uri: uri.to_owned(),
             trust_domain: trust_domain.to_owned(),
@@ -392,38 +380,15 @@ fn check_trust_domain(uri: &str, trust_domain: &str) -> Result<(), SpiffeError> 
 }
 
 /// An RFC 1123 label, as Kubernetes namespaces are: it also becomes one label
-/// of a gateway's DNS name, so a cluster name follows the same rule.
+/// of a gateway's DNS name, so a cluster name follows the same rule (the
+/// policy's, for `Cluster` names).
 fn dns_label(s: &str) -> Result<(), &'static str> {
-    if s.is_empty() {
-        return Err("it is empty");
-    }
-    if s.len() > 63 {
-        return Err("it is longer than 63 characters");
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err("only lowercase letters, digits and `-` are allowed");
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err("it must start and end with a letter or digit");
-    }
-    Ok(())
+    dns_label_problem(s).map_or(Ok(()), Err)
 }
 
 /// An RFC 1123 subdomain, as Kubernetes service accounts and pod names are.
 fn dns_subdomain(s: &str) -> Result<(), &'static str> {
-    if s.is_empty() {
-        return Err("it is empty");
-    }
-    if s.len() > 253 {
-        return Err("it is longer than 253 characters");
-    }
-    s.split('.').try_for_each(dns_label).map_err(|_| {
-        "only lowercase letters, digits, `-` and `.` are allowed, and each \
-         dot-separated part must start and end with a letter or digit"
-    })
+    dns_subdomain_problem(s).map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -556,5 +521,86 @@ mod tests {
         assert_eq!(json, "\"spiffe://cluster.local/ns/default/sa/productpage\"");
         assert_eq!(serde_json::from_str::<SpiffeId>(&json).unwrap(), id);
         assert!(serde_json::from_str::<SpiffeId>("\"spiffe://td/bogus\"").is_err());
+    }
+
+    /// The policy (a `Cluster`'s name and `spec.trustDomain`, namespaces)
+    /// and the SPIFFE IDs must accept exactly the same names: a cluster the
+    /// policy accepts but no certificate can name would be unreachable, and
+    /// one a certificate names but the policy refuses cannot be declared.
+    #[test]
+    fn spiffe_ids_and_the_policy_accept_the_same_labels_subdomains_and_trust_domains() {
+        use meshfed_policy::syntax::{check_dns_label, check_dns_subdomain, check_trust_domain};
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let long_subdomain = format!("{long_label}.{long_label}.{long_label}.{}", "b".repeat(61));
+        let too_long_subdomain = format!("{long_subdomain}x");
+        let long_td = "t".repeat(255);
+        let too_long_td = "t".repeat(256);
+        let table: &[&str] = &[
+            "east",
+            "east-1",
+            "1east",
+            "e",
+            "",
+            "-east",
+            "east-",
+            "East",
+            "east_1",
+            "east.1",
+            "a..b",
+            ".a",
+            "a.",
+            "a.b-c.d",
+            "a.-b",
+            "west.example.org",
+            "cluster.local",
+            "td_with_underscore",
+            "td:8080",
+            "user@td",
+            "tÿ",
+            "e\u{0}",
+            " east",
+            &long_label,
+            &too_long_label,
+            &long_subdomain,
+            &too_long_subdomain,
+            &long_td,
+            &too_long_td,
+        ];
+        for name in table {
+            // Namespaces and cluster names are labels.
+            assert_eq!(
+                SpiffeId::workload("cluster.local", name, "sa").is_ok(),
+                check_dns_label(name).is_ok(),
+                "namespace {name:?}"
+            );
+            assert_eq!(
+                SpiffeId::gateway("cluster.local", name, "gw-1").is_ok(),
+                check_dns_label(name).is_ok(),
+                "cluster {name:?}"
+            );
+            assert_eq!(
+                SpiffeId::cluster_ca("cluster.local", name).is_ok(),
+                check_dns_label(name).is_ok(),
+                "cluster CA {name:?}"
+            );
+            // Service accounts and gateway ids are subdomains.
+            assert_eq!(
+                SpiffeId::workload("cluster.local", "default", name).is_ok(),
+                check_dns_subdomain(name).is_ok(),
+                "service account {name:?}"
+            );
+            assert_eq!(
+                SpiffeId::gateway("cluster.local", "east", name).is_ok(),
+                check_dns_subdomain(name).is_ok(),
+                "gateway id {name:?}"
+            );
+            // Trust domains.
+            assert_eq!(
+                SpiffeId::workload(name, "default", "sa").is_ok(),
+                check_trust_domain(name).is_ok(),
+                "trust domain {name:?}"
+            );
+        }
     }
 }
