@@ -185,7 +185,15 @@ fn fingerprint(dir: &Path) -> u64 {
         rel.hash(&mut h);
         match std::fs::metadata(e.path()) {
             Ok(m) => {
-                (m.len(), m.ino(), m.dev(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+                (
+                    m.len(),
+                    m.ino(),
+                    m.dev(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
                     .hash(&mut h);
                 let recent = m
                     .modified()

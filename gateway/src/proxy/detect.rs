@@ -139,12 +139,15 @@ pub fn client_hello(bytes: &[u8]) -> Hello {
         // More of the header is in a record not yet here.
         return incomplete(bytes, capped, bytes.len() + 1);
     }
-    let len = usize::from(message[1]) << 16 | usize::from(message[2]) << 8 | usize::from(message[3]);
+    let len =
+        usize::from(message[1]) << 16 | usize::from(message[2]) << 8 | usize::from(message[3]);
     let have = message.len() - 4;
     let whole = have >= len;
     if !whole && !capped {
         return Hello::Incomplete {
-            need: (bytes.len() + (len - have)).min(MAX_HELLO).max(bytes.len() + 1),
+            need: (bytes.len() + (len - have))
+                .min(MAX_HELLO)
+                .max(bytes.len() + 1),
         };
     }
     let body = &message[4..4 + len.min(have)];
@@ -154,7 +157,9 @@ pub fn client_hello(bytes: &[u8]) -> Hello {
         Ok(None) => Hello::Malformed("no server_name in the first 16 KiB of the ClientHello"),
         Err(Field::Malformed(why)) => Hello::Malformed(why),
         Err(Field::Cut) if whole => Hello::Malformed("the ClientHello is shorter than it says"),
-        Err(Field::Cut) => Hello::Malformed("no server_name in the first 16 KiB of the ClientHello"),
+        Err(Field::Cut) => {
+            Hello::Malformed("no server_name in the first 16 KiB of the ClientHello")
+        }
     }
 }
 
@@ -308,7 +313,9 @@ fn server_name(body: &[u8], whole: bool) -> Result<Option<String>, Field> {
         let ty = r.u16()?;
         let len = r.u16()?;
         if r.p + len > end {
-            return Err(Field::Malformed("an extension runs past the extension list"));
+            return Err(Field::Malformed(
+                "an extension runs past the extension list",
+            ));
         }
         let data = r.take(len)?;
         if ty == 0 {
@@ -329,7 +336,9 @@ fn server_name(body: &[u8], whole: bool) -> Result<Option<String>, Field> {
 fn host_name(data: &[u8]) -> Result<String, Field> {
     let bad = |why| Field::Malformed(why);
     let mut r = Reader { b: data, p: 0 };
-    let list = r.u16().map_err(|_| bad("a server_name extension too short"))?;
+    let list = r
+        .u16()
+        .map_err(|_| bad("a server_name extension too short"))?;
     if list + 2 != data.len() || list == 0 {
         return Err(bad("a server_name list whose length is wrong"));
     }
@@ -337,7 +346,9 @@ fn host_name(data: &[u8]) -> Result<String, Field> {
     while r.p < data.len() {
         let ty = r.u8().map_err(|_| bad("a server_name entry cut short"))?;
         let len = r.u16().map_err(|_| bad("a server_name entry cut short"))?;
-        let value = r.take(len).map_err(|_| bad("a server_name entry cut short"))?;
+        let value = r
+            .take(len)
+            .map_err(|_| bad("a server_name entry cut short"))?;
         if ty == 0 {
             if name.is_some() {
                 return Err(bad("two host names in server_name"));

@@ -142,9 +142,18 @@ fn malformed_hellos_say_what_is_wrong() {
             two.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
             two
         }),
-        ("record length out of range", vec![0x16, 0x03, 0x01, 0x40, 0x01, 0x01]),
-        ("record length out of range", vec![0x16, 0x03, 0x01, 0x00, 0x00]),
-        ("not a ClientHello", records(&[0x02, 0, 0, 1, 0], MAX_RECORD)),
+        (
+            "record length out of range",
+            vec![0x16, 0x03, 0x01, 0x40, 0x01, 0x01],
+        ),
+        (
+            "record length out of range",
+            vec![0x16, 0x03, 0x01, 0x00, 0x00],
+        ),
+        (
+            "not a ClientHello",
+            records(&[0x02, 0, 0, 1, 0], MAX_RECORD),
+        ),
         ("host name that is not a DNS name", {
             records(&hello_message(&[sni_ext(b"a/b")]), MAX_RECORD)
         }),
@@ -185,7 +194,10 @@ fn hellos_over_16_kib_are_read_up_to_the_bound() {
         &hello_message(&[sni_ext(b"early.example"), (0x0015, vec![0; 20_000])]),
         MAX_RECORD,
     );
-    assert!(matches!(client_hello(&early[..1000]), Hello::Incomplete { .. }));
+    assert!(matches!(
+        client_hello(&early[..1000]),
+        Hello::Incomplete { .. }
+    ));
     assert_eq!(
         client_hello(&early[..MAX_HELLO]),
         Hello::Sni("early.example".into())

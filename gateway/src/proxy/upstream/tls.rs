@@ -43,13 +43,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use meshfed_policy::Snapshot;
 use meshfed_policy::snapshot::{EndpointTls, EndpointTlsMode};
-use tokio::time::Instant;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
+use tokio::time::Instant;
 
 use crate::identity::store::Credentials;
 use crate::identity::verify::{PeerRole, TrustBundle};
@@ -344,8 +344,8 @@ fn wanted(snapshot: &Snapshot) -> Vec<(EndpointTls, String)> {
     for (service, d) in &snapshot.policy.destinations {
         // Distinct per service (a service has a handful).
         let mut mine: Vec<&EndpointTls> = Vec::new();
-        let policies = std::iter::once(&d.traffic_policy)
-            .chain(d.subsets.values().map(|s| &s.traffic_policy));
+        let policies =
+            std::iter::once(&d.traffic_policy).chain(d.subsets.values().map(|s| &s.traffic_policy));
         for tp in policies {
             let settings = tp
                 .tls
