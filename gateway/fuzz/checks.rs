@@ -285,7 +285,8 @@ pub fn check_announce_decode(data: &[u8]) {
 ///    all of them decide the same (below `MAX_HELLO`, where the listener
 ///    stops reading).
 /// 4. A server name found is lower case, made of DNS name characters, and
-///    is in the input (ASCII case aside).
+///    its bytes are in the input, in order (ASCII case aside; records may
+///    split it).
 /// 5. `classify` agrees with `client_hello` on input that starts like TLS.
 pub fn check_sni_detect(data: &[u8]) {
     use meshfed_gateway::proxy::detect::{self, Detected, Hello, MAX_HELLO, Step};
@@ -308,9 +309,9 @@ pub fn check_sni_detect(data: &[u8]) {
                 "a {}-byte server name with other characters",
                 name.len()
             );
-            let lower = stream.to_ascii_lowercase();
+            let mut rest = stream.iter().map(u8::to_ascii_lowercase);
             assert!(
-                lower.windows(name.len()).any(|w| w == name.as_bytes()),
+                name.bytes().all(|c| rest.any(|b| b == c)),
                 "a {}-byte server name that is not in the input",
                 name.len()
             );
@@ -369,7 +370,9 @@ pub fn check_h2_preface(data: &[u8]) {
     };
     let mut once = Preface::default();
     let at_once = once.feed(stream);
-    assert_eq!(once.feed(stream), None, "decided twice");
+    if at_once.is_some() {
+        assert_eq!(once.feed(stream), None, "decided twice");
+    }
     let cut = split_point(control, stream.len());
     let mut twice = Preface::default();
     let parts: Vec<PrefaceIs> = [twice.feed(&stream[..cut]), twice.feed(&stream[cut..])]

@@ -197,7 +197,7 @@ fn fingerprint(dir: &Path) -> u64 {
                     .hash(&mut h);
                 let recent = m
                     .modified()
-                    .map(|t| now.duration_since(t).map_or(true, |age| age < RECENT))
+                    .map(|t| now.duration_since(t).ok().is_none_or(|age| age < RECENT))
                     .unwrap_or(true);
                 if recent && m.len() <= meshfed_policy::yaml::MAX_FILE_BYTES as u64 {
                     std::fs::read(e.path()).ok().hash(&mut h);

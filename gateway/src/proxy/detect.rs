@@ -195,7 +195,7 @@ fn handshake(bytes: &[u8], capped: bool) -> Result<std::borrow::Cow<'_, [u8]>, R
         }
         // The hello's total size, once its header is in.
         let wanted = (out.len() >= 4).then(|| {
-            4 + (usize::from(out[1]) << 16 | usize::from(out[2]) << 8 | usize::from(out[3]))
+            4 + ((usize::from(out[1]) << 16) | (usize::from(out[2]) << 8) | usize::from(out[3]))
         });
         if wanted.is_some_and(|w| out.len() >= w) || p == bytes.len() && !out.is_empty() {
             return Ok(out);
@@ -334,7 +334,7 @@ fn server_name(body: &[u8], whole: bool) -> Result<Option<String>, Field> {
 
 /// The host name in a `server_name` extension's data (RFC 6066 §3).
 fn host_name(data: &[u8]) -> Result<String, Field> {
-    let bad = |why| Field::Malformed(why);
+    let bad = Field::Malformed;
     let mut r = Reader { b: data, p: 0 };
     let list = r
         .u16()
