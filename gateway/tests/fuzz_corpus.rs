@@ -692,12 +692,15 @@ fn sni_seeds() -> Vec<(String, Vec<u8>)> {
     let padding = (0x0015, vec![0; 300]);
     let big = hello_message(&[key_share.clone(), padding.clone(), name.clone()]);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("small", tls_records(&hello_message(&[name.clone()]), 16384)),
+        (
+            "small",
+            tls_records(&hello_message(std::slice::from_ref(&name)), 16384),
+        ),
         ("pq-sni-last", tls_records(&big, 16384)),
         ("pq-sni-last-records-of-500", tls_records(&big, 500)),
         (
             "records-of-1",
-            tls_records(&hello_message(&[name.clone()]), 1),
+            tls_records(&hello_message(std::slice::from_ref(&name)), 1),
         ),
         (
             "no-sni",
