@@ -274,3 +274,125 @@ pub fn check_announce_decode(data: &[u8]) {
         }
     }
 }
+
+/// `sni_detect`: the first byte picks a cut point (`split_point`); the rest
+/// is the start of a caller connection on the outbound listener, as the
+/// listener peeks at it (`proxy::detect`).
+///
+/// 1. `classify`, `client_hello` and `at_deadline` never panic.
+/// 2. "Need more" asks for more bytes than given, and at most `MAX_HELLO`.
+/// 3. A decision stands: when the bytes up to the cut point are decided,
+///    all of them decide the same (below `MAX_HELLO`, where the listener
+///    stops reading).
+/// 4. A server name found is lower case, made of DNS name characters, and
+///    its bytes are in the input, in order (ASCII case aside; records may
+///    split it).
+/// 5. `classify` agrees with `client_hello` on input that starts like TLS.
+pub fn check_sni_detect(data: &[u8]) {
+    use meshfed_gateway::proxy::detect::{self, Detected, Hello, MAX_HELLO, Step};
+    let Some((&control, stream)) = data.split_first() else {
+        return;
+    };
+    let whole = detect::client_hello(stream);
+    match &whole {
+        Hello::Incomplete { need } => assert!(
+            *need > stream.len() && *need <= MAX_HELLO,
+            "{} bytes: Incomplete asks for {need}",
+            stream.len()
+        ),
+        Hello::Sni(name) => {
+            assert!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_')),
+                "a {}-byte server name with other characters",
+                name.len()
+            );
+            let mut rest = stream.iter().map(u8::to_ascii_lowercase);
+            assert!(
+                name.bytes().all(|c| rest.any(|b| b == c)),
+                "a {}-byte server name that is not in the input",
+                name.len()
+            );
+        }
+        Hello::Absent | Hello::Malformed(_) => {}
+    }
+    let step = detect::classify(stream);
+    if let Step::Need(n) = step {
+        assert!(
+            n > stream.len() && n <= MAX_HELLO,
+            "{} bytes: classify needs {n}",
+            stream.len()
+        );
+    }
+    if stream.first() == Some(&0x16) && stream.get(1).is_none_or(|&v| v == 0x03) {
+        let agrees = match (&step, &whole) {
+            (Step::Need(n), Hello::Incomplete { need }) => n == need,
+            (Step::Done(Detected::Tls { sni: Some(a) }), Hello::Sni(b)) => a == b,
+            (Step::Done(Detected::Tls { sni: None }), Hello::Absent | Hello::Malformed(_)) => true,
+            _ => false,
+        };
+        assert!(agrees, "classify and client_hello disagree");
+    }
+    let _ = detect::at_deadline(stream);
+    let cut = split_point(control, stream.len());
+    if cut < MAX_HELLO {
+        let part = &stream[..cut];
+        let prefix = detect::client_hello(part);
+        assert!(
+            matches!(prefix, Hello::Incomplete { .. }) || prefix == whole,
+            "decided on {cut} bytes as {prefix:?}, on all {} as {whole:?}",
+            stream.len()
+        );
+        if let Step::Done(d) = detect::classify(part) {
+            assert!(
+                step == Step::Done(d.clone()),
+                "classify decided {cut} bytes as {d:?} but all {} as {step:?}",
+                stream.len()
+            );
+        }
+    }
+}
+
+/// `h2_preface`: the first byte picks a cut point; the rest is an HTTP
+/// connection's bytes as hyper reads them (`proxy::detect::Preface`).
+///
+/// 1. Fed at once or in two parts cut there, the decision is the same, and
+///    made once.
+/// 2. It is HTTP/2 exactly when the bytes start with the preface, undecided
+///    while they are a strict prefix of it, and HTTP/1 otherwise.
+/// 3. `classify` calls a connection that starts with the preface HTTP.
+pub fn check_h2_preface(data: &[u8]) {
+    use meshfed_gateway::proxy::detect::{self, Detected, H2_PREFACE, Preface, PrefaceIs, Step};
+    let Some((&control, stream)) = data.split_first() else {
+        return;
+    };
+    let mut once = Preface::default();
+    let at_once = once.feed(stream);
+    if at_once.is_some() {
+        assert_eq!(once.feed(stream), None, "decided twice");
+    }
+    let cut = split_point(control, stream.len());
+    let mut twice = Preface::default();
+    let parts: Vec<PrefaceIs> = [twice.feed(&stream[..cut]), twice.feed(&stream[cut..])]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(
+        parts,
+        at_once.into_iter().collect::<Vec<_>>(),
+        "fed in two parts cut at {cut}"
+    );
+    let expected = if stream.starts_with(H2_PREFACE) {
+        Some(PrefaceIs::H2)
+    } else if H2_PREFACE.starts_with(stream) {
+        None
+    } else {
+        Some(PrefaceIs::Other)
+    };
+    assert_eq!(at_once, expected, "{} bytes", stream.len());
+    if stream.starts_with(H2_PREFACE) {
+        assert_eq!(detect::classify(stream), Step::Done(Detected::Http));
+    }
+}

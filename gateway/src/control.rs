@@ -4,9 +4,12 @@
 //! - file mode (`--policy-dir DIR`): the gateway reads the policy repository
 //!   itself, validates and compiles it for its cluster with the
 //!   `meshfed-policy` crate, and applies it by atomic swap; then it checks
-//!   the directory every second and does the same on every change. A bad
-//!   edit is refused and logged with its diagnostics (FILE:LINE), and the
-//!   previous snapshot stays.
+//!   the directory every second and does the same on every change. The
+//!   check looks at the policy files' names, sizes and modification times
+//!   (reading only files modified in the last [`RECENT`], whose times may
+//!   not yet tell two edits apart), on a thread of its own, so the runtime
+//!   never waits on the disk. A bad edit is refused and logged with its
+//!   diagnostics (FILE:LINE), and the previous snapshot stays.
 //! - syncer mode (`--syncer ADDR`, [`syncer`]): the gateway subscribes to
 //!   the syncer's config stream over mTLS, applies each snapshot it is sent
 //!   and ACKs or NACKs it; with `--state-dir` ([`persist`]) it keeps the last
@@ -85,30 +88,46 @@ pub fn load_dir(dir: &Path, cluster: &str, opts: &Options) -> Result<Snapshot, P
 }
 
 /// Follows `dir`: every change is loaded and applied, or refused and logged.
+///
+/// A thread of its own (`policy-watch`) checks the directory every [`POLL`]
+/// and, on a change, loads and compiles it there; the runtime only applies
+/// the result ([`Gateway::apply`], itself off the runtime thread for its
+/// compilation). The thread ends at the first change after the gateway is
+/// gone.
 pub fn watch_dir(state: Arc<Gateway>, dir: PathBuf, opts: Options) {
-    tokio::spawn(async move {
-        let mut last = fingerprint(&dir);
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = fingerprint(&dir);
-            if now == last {
-                continue;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Snapshot, PolicyError>>(1);
+    let (dir2, cluster) = (dir.clone(), state.cluster.clone());
+    let spawned = std::thread::Builder::new()
+        .name("policy-watch".into())
+        .spawn(move || {
+            let mut last = fingerprint(&dir2);
+            loop {
+                std::thread::sleep(POLL);
+                let now = fingerprint(&dir2);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                if tx.blocking_send(load_dir(&dir2, &cluster, &opts)).is_err() {
+                    return;
+                }
             }
-            last = now;
-            let (dir2, cluster, opts2) = (dir.clone(), state.cluster.clone(), opts.clone());
-            let loaded =
-                tokio::task::spawn_blocking(move || load_dir(&dir2, &cluster, &opts2)).await;
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot start the policy directory watcher; policy edits will not be followed");
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some(loaded) = rx.recv().await {
             match loaded {
-                Ok(Ok(snap)) => {
+                Ok(snap) => {
                     let current = state.active.load();
                     if current.snapshot.content_hash == snap.content_hash {
                         continue;
                     }
                     let version = snap.version.clone();
                     let snap = Arc::new(snap);
-                    match state.apply(snap.clone()) {
+                    match state.apply(snap.clone()).await {
                         Ok(()) => {
                             state.provenance.applied(
                                 &snap,
@@ -123,27 +142,70 @@ pub fn watch_dir(state: Arc<Gateway>, dir: PathBuf, opts: Options) {
                         }
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::error!(error = %e, "policy edit refused; keeping the previous snapshot");
                 }
-                Err(e) => tracing::error!(error = %e, "policy loader failed"),
             }
         }
     });
 }
 
-/// A cheap change detector for a directory: every YAML file's name and
-/// bytes, hashed. Reading the files is what loading costs anyway, and it
-/// sees a Kubernetes ConfigMap's `..data` symlink swap.
+/// Files modified this recently are read by [`fingerprint`], not just
+/// stat'ed: a file system's clock may not tell apart two writes of the
+/// same size in one tick (Git's "racily clean" index entries).
+pub const RECENT: Duration = Duration::from_secs(2);
+
+/// A change detector for a directory, from metadata: every selected
+/// file's path, size, modification time and inode (and the bytes of those
+/// modified within [`RECENT`]), hashed. It walks the directory as
+/// [`read_paths`] does, so it sees what loading would read, and a
+/// Kubernetes ConfigMap's `..data` symlink swap (the files' metadata, read
+/// through the links, changes). Blocks: call it off the runtime thread.
 fn fingerprint(dir: &Path) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
-    let (files, io) = read_paths(&[dir.to_path_buf()], &Selection::default());
+    use std::os::unix::fs::MetadataExt;
+    let sel = Selection::default();
     let mut h = DefaultHasher::new();
-    for (name, bytes) in files {
-        name.hash(&mut h);
-        bytes.hash(&mut h);
+    let now = SystemTime::now();
+    let walker = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+    for entry in walker {
+        let Ok(e) = entry else {
+            // An unreadable entry: its error is part of the state.
+            1u8.hash(&mut h);
+            continue;
+        };
+        let rel = e.path().strip_prefix(dir).unwrap_or(e.path());
+        if !e.file_type().is_file() || (e.depth() > 0 && !sel.selects(rel)) {
+            continue;
+        }
+        rel.hash(&mut h);
+        match std::fs::metadata(e.path()) {
+            Ok(m) => {
+                (
+                    m.len(),
+                    m.ino(),
+                    m.dev(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+                    .hash(&mut h);
+                let recent = m
+                    .modified()
+                    .map(|t| now.duration_since(t).ok().is_none_or(|age| age < RECENT))
+                    .unwrap_or(true);
+                if recent && m.len() <= meshfed_policy::yaml::MAX_FILE_BYTES as u64 {
+                    std::fs::read(e.path()).ok().hash(&mut h);
+                }
+            }
+            Err(e) => e.kind().hash(&mut h),
+        }
     }
-    io.len().hash(&mut h);
     h.finish()
 }
 

@@ -21,6 +21,15 @@ use crate::route::{ActivateError, Active};
 use crate::tunnel::announce::Announcement;
 use crate::tunnel::link::Tunnel;
 
+/// Why a snapshot was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Activate(#[from] ActivateError),
+    #[error("compiling the snapshot failed: {0}")]
+    Task(String),
+}
+
 /// Everything the data path shares.
 #[derive(Debug)]
 pub struct Gateway {
@@ -65,6 +74,8 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, ActivateError> {
         let active = Active::new(snapshot)?;
+        let upstream = Upstream::with_metrics(metrics.upstream.clone());
+        upstream.want_tls(&active.snapshot);
         let (announce_tx, _) = watch::channel(Arc::new(Announcement::default()));
         let g = Arc::new(Gateway {
             cluster,
@@ -72,7 +83,7 @@ impl Gateway {
             active: ArcSwap::from_pointee(active),
             endpoints,
             tunnel,
-            upstream: Upstream::with_metrics(metrics.upstream.clone()),
+            upstream,
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
             provenance: crate::control::Provenance::default(),
@@ -92,9 +103,16 @@ impl Gateway {
 
     /// Applies a snapshot atomically. A snapshot that cannot be activated
     /// (a regex the gateway cannot compile) is refused and the current one
-    /// stays.
-    pub fn apply(&self, snapshot: Arc<Snapshot>) -> Result<(), ActivateError> {
-        let active = Active::new(snapshot)?;
+    /// stays. The work runs on blocking threads, never the runtime's:
+    /// compiling (regexes, authorization) and building the endpoint TLS
+    /// configurations the snapshot names (files are read), both before the
+    /// swap, so the first request on the new snapshot finds them ready.
+    /// Callers apply one snapshot at a time.
+    pub async fn apply(&self, snapshot: Arc<Snapshot>) -> Result<(), ApplyError> {
+        let active = tokio::task::spawn_blocking(move || Active::new(snapshot))
+            .await
+            .map_err(|e| ApplyError::Task(e.to_string()))??;
+        self.upstream.prepare_tls(active.snapshot.clone()).await;
         self.active.store(Arc::new(active));
         self.after_apply();
         Ok(())

@@ -1,4 +1,5 @@
-//! Replays the committed fuzz corpus of the tunnel's decoders through the
+//! Replays the committed fuzz corpus of the tunnel's decoders and the
+//! outbound listener's protocol detection through the
 //! fuzz targets' own checks, on stable, in a plain `cargo test` (no nightly,
 //! no sanitizers, no libFuzzer).
 //!
@@ -73,6 +74,28 @@ fn announce_decode_corpus() {
     );
     let failures = replay(&files, checks::check_announce_decode);
     assert_no_failures("announce_decode corpus", files.len(), &failures);
+}
+
+#[test]
+fn sni_detect_corpus() {
+    let files = inputs("corpus/sni_detect");
+    assert!(
+        !files.is_empty(),
+        "gateway/fuzz/corpus/sni_detect is empty or missing: the replay would check nothing"
+    );
+    let failures = replay(&files, checks::check_sni_detect);
+    assert_no_failures("sni_detect corpus", files.len(), &failures);
+}
+
+#[test]
+fn h2_preface_corpus() {
+    let files = inputs("corpus/h2_preface");
+    assert!(
+        !files.is_empty(),
+        "gateway/fuzz/corpus/h2_preface is empty or missing: the replay would check nothing"
+    );
+    let failures = replay(&files, checks::check_h2_preface);
+    assert_no_failures("h2_preface corpus", files.len(), &failures);
 }
 
 /// Findings reported and not fixed yet, as `<target>/<file>` under
@@ -620,6 +643,120 @@ fn announce_seeds() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
+/// A ClientHello handshake message with these extensions, in order.
+fn hello_message(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7; 32]);
+    body.push(32);
+    body.extend_from_slice(&[9; 32]);
+    body.extend_from_slice(&[0x00, 0x04, 0x13, 0x01, 0x13, 0x02, 0x01, 0x00]);
+    let mut ext = Vec::new();
+    for (ty, data) in extensions {
+        ext.extend_from_slice(&ty.to_be_bytes());
+        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        ext.extend_from_slice(data);
+    }
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut msg = vec![0x01];
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend_from_slice(&body);
+    msg
+}
+
+/// `message` in TLS handshake records of at most `record` bytes.
+fn tls_records(message: &[u8], record: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in message.chunks(record) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+fn sni_extension(name: &[u8]) -> (u16, Vec<u8>) {
+    let mut d = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+    d.push(0);
+    d.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    d.extend_from_slice(name);
+    (0, d)
+}
+
+/// `sni_detect` seeds: ClientHellos (small, post-quantum sized with the
+/// name last, over several records, without a name, malformed), HTTP and
+/// other first bytes; each cut in the middle.
+fn sni_seeds() -> Vec<(String, Vec<u8>)> {
+    let name = sni_extension(b"ratings.default.svc.cluster.local");
+    let key_share = (0x0033, vec![0x11; 1216 + 36]);
+    let padding = (0x0015, vec![0; 300]);
+    let big = hello_message(&[key_share.clone(), padding.clone(), name.clone()]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "small",
+            tls_records(&hello_message(std::slice::from_ref(&name)), 16384),
+        ),
+        ("pq-sni-last", tls_records(&big, 16384)),
+        ("pq-sni-last-records-of-500", tls_records(&big, 500)),
+        (
+            "records-of-1",
+            tls_records(&hello_message(std::slice::from_ref(&name)), 1),
+        ),
+        (
+            "no-sni",
+            tls_records(&hello_message(&[key_share, padding]), 16384),
+        ),
+        (
+            "two-names",
+            tls_records(
+                &hello_message(&[name.clone(), sni_extension(b"other.example")]),
+                16384,
+            ),
+        ),
+        (
+            "bad-name",
+            tls_records(&hello_message(&[sni_extension(b"a b/c")]), 16384),
+        ),
+        (
+            "over-16k-name-first",
+            tls_records(
+                &hello_message(&[name.clone(), (0x0015, vec![0; 17000])]),
+                16384,
+            ),
+        ),
+        ("not-a-client-hello", tls_records(&[2, 0, 0, 1, 0], 16384)),
+        ("record-too-long", vec![0x16, 0x03, 0x01, 0x40, 0x01, 0x01]),
+        ("http1", b"GET / HTTP/1.1\r\nHost: ratings\r\n\r\n".to_vec()),
+        ("h2", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+        ("ssh", b"SSH-2.0-OpenSSH_9.6\r\n".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    cases
+        .into_iter()
+        .map(|(n, bytes)| (format!("seed-{n}"), seed(MIDDLE, &bytes)))
+        .collect()
+}
+
+/// `h2_preface` seeds: the preface (whole, with a SETTINGS frame after),
+/// its prefixes, HTTP/1.1 and near misses; each cut in the middle.
+fn h2_seeds() -> Vec<(String, Vec<u8>)> {
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut with_settings = preface.to_vec();
+    with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("preface", preface.to_vec()),
+        ("preface-settings", with_settings),
+        ("preface-half", preface[..12].to_vec()),
+        ("near-miss", b"PRI * HTTP/2.1\r\n\r\nSM\r\n\r\n".to_vec()),
+        ("http1", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    cases
+        .into_iter()
+        .map(|(n, bytes)| (format!("seed-{n}"), seed(MIDDLE, &bytes)))
+        .collect()
+}
+
 /// Every seed file of `target` the generator makes, as committed.
 fn committed_seeds(target: &str) -> BTreeMap<String, Vec<u8>> {
     inputs(&format!("corpus/{target}"))
@@ -640,6 +777,8 @@ fn committed_seeds_match_the_generator() {
     for (target, seeds) in [
         ("frame_decode", frame_seeds()),
         ("announce_decode", announce_seeds()),
+        ("sni_detect", sni_seeds()),
+        ("h2_preface", h2_seeds()),
     ] {
         let want: BTreeMap<String, Vec<u8>> = seeds.into_iter().collect();
         let have = committed_seeds(target);
@@ -667,6 +806,8 @@ fn write_seeds() {
     for (target, seeds) in [
         ("frame_decode", frame_seeds()),
         ("announce_decode", announce_seeds()),
+        ("sni_detect", sni_seeds()),
+        ("h2_preface", h2_seeds()),
     ] {
         let dir = fuzz_dir().join("corpus").join(target);
         std::fs::create_dir_all(&dir).unwrap();

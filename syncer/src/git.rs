@@ -31,6 +31,14 @@
 //!   read, each after its size was checked from the object header (never
 //!   inflated first), and at most [`MAX_TREE_BYTES`] in all.
 //!
+//! - Time is bounded too: a fetch fails after `--fetch-timeout`
+//!   ([`SourceConfig::fetch_timeout`]) of waiting to connect or of silence
+//!   from the remote (libgit2's socket timeouts, set once at start by
+//!   [`timeouts::set`]), and a transfer still running at the timeout is
+//!   aborted at its next progress report; so a remote that accepts the
+//!   connection and then says nothing cannot hold the sync loop, or
+//!   SIGTERM, forever.
+//!
 //! It does not decide when to fetch ([`crate::trigger`]) or what a commit
 //! means ([`crate::pipeline`]).
 
@@ -45,6 +53,8 @@ use git2::{
     RemoteCallbacks, Repository, Tree,
 };
 use meshfed_policy::fs::Selection;
+
+pub mod timeouts;
 
 /// The local ref the tracked remote ref is fetched into.
 pub const TRACKED_REF: &str = "refs/meshfed/tracked";
@@ -128,7 +138,14 @@ pub struct SourceConfig {
     /// from a network remote, or the objects' uncompressed size from a
     /// local one.
     pub max_fetch_bytes: u64,
+    /// The most one fetch may take (`--fetch-timeout`): connecting, and
+    /// each wait for the remote, fail after it; a transfer still running
+    /// at it is aborted.
+    pub fetch_timeout: Duration,
 }
+
+/// The default of `--fetch-timeout`.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl SourceConfig {
     /// The full remote ref name.
@@ -248,6 +265,18 @@ pub enum GitError {
         what: String,
         limit: u64,
     },
+    #[error(
+        "fetching {reference} from {url} timed out after {}s (--fetch-timeout): {what}; hint: is \
+         the remote up and answering? A remote that accepts connections but never answers looks \
+         like this; the syncer keeps serving its last good snapshots meanwhile",
+        timeout.as_secs_f64()
+    )]
+    Timeout {
+        url: String,
+        reference: String,
+        timeout: Duration,
+        what: String,
+    },
     #[error("reading commit {commit}: {message}")]
     Read { commit: String, message: String },
     #[error("cannot read trusted signing keys from {path}: {message}")]
@@ -352,12 +381,13 @@ impl GitSource {
             self.check_local_size(&repo, &path, &reference)?;
         }
         let stopped_at = Cell::new(0u64);
+        let deadline = started + self.cfg.fetch_timeout;
         let mut remote = repo
             .remote_anonymous(&self.cfg.url)
             .map_err(|e| fetch_err(&e))?;
         let mut opts = FetchOptions::new();
         opts.download_tags(AutotagOption::None);
-        opts.remote_callbacks(self.callbacks(&stopped_at));
+        opts.remote_callbacks(self.callbacks(&stopped_at, deadline));
         let bearer = match (&self.cfg.auth.token, self.cfg.auth.token_style) {
             (Some(t), TokenStyle::Bearer) => Some(format!("Authorization: Bearer {}", t.expose())),
             _ => None,
@@ -367,6 +397,17 @@ impl GitSource {
         }
         let refspec = format!("+{reference}:{TRACKED_REF}");
         if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut opts), None) {
+            let timed_out = e.code() == ErrorCode::Timeout
+                || e.message().contains("timed out")
+                || Instant::now() >= deadline;
+            if stopped_at.get() == 0 && timed_out {
+                return Err(GitError::Timeout {
+                    url: self.display_url(),
+                    reference,
+                    timeout: self.cfg.fetch_timeout,
+                    what: self.redactor.apply(e.message()),
+                });
+            }
             if stopped_at.get() > 0 {
                 // The advertised refs stay readable after the abort: name
                 // the commit that was refused.
@@ -490,7 +531,12 @@ impl GitSource {
 
     /// Credentials, and the transfer bound: past `max_fetch_bytes`
     /// received, the transfer is aborted and `stopped_at` says where.
-    fn callbacks<'a>(&'a self, stopped_at: &'a Cell<u64>) -> RemoteCallbacks<'a> {
+    /// Past `deadline`, the next progress report aborts the transfer.
+    fn callbacks<'a>(
+        &'a self,
+        stopped_at: &'a Cell<u64>,
+        deadline: Instant,
+    ) -> RemoteCallbacks<'a> {
         let mut cb = RemoteCallbacks::new();
         let limit = self.cfg.max_fetch_bytes;
         cb.transfer_progress(move |p| {
@@ -499,8 +545,9 @@ impl GitSource {
                 stopped_at.set(received);
                 return false;
             }
-            true
+            Instant::now() < deadline
         });
+        cb.sideband_progress(move |_| Instant::now() < deadline);
         let mut attempts = 0u32;
         cb.credentials(move |_url, user_from_url, allowed| {
             // libgit2 asks again after a refusal; one try per fetch, or a
@@ -920,6 +967,7 @@ mod tests {
             mirror: "/m".into(),
             signers: None,
             max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
         };
         assert_eq!(cfg.remote_ref(), "refs/heads/main");
         let tag = SourceConfig {

@@ -18,7 +18,8 @@
 //!   status, metrics) and the `status` client;
 //! - [`metrics`]: the syncer's Prometheus metrics.
 
-#![forbid(unsafe_code)]
+// `unsafe` is denied everywhere but `git::timeouts` (libgit2 socket options).
+#![deny(unsafe_code)]
 
 pub mod git;
 pub mod metrics;

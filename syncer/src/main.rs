@@ -176,6 +176,15 @@ struct RunArgs {
           default_value = "128Mi", value_parser = parse_bytes)]
     max_fetch_bytes: u64,
 
+    /// The most one fetch may take, e.g. `60s`: connecting to the remote,
+    /// and each wait for it to answer, fail after this long, and a transfer
+    /// still running then is aborted. A timed-out fetch is reported in
+    /// `status` like any failed fetch, and the last good snapshots stay in
+    /// force. SIGTERM does not wait for a fetch in progress beyond 5 s.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_FETCH_TIMEOUT",
+          default_value = "60s", value_parser = parse_duration)]
+    fetch_timeout: Duration,
+
     /// Hold a valid commit that deletes more than this percentage of the
     /// last good commit's resources (its Clusters, exports and policies);
     /// it goes live once a commit containing it carries the trailer
@@ -382,7 +391,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime.block_on(run(settings)) {
+            // Before anything uses libgit2.
+            meshfed_syncer::git::timeouts::set(settings.source.fetch_timeout);
+            let outcome = runtime.block_on(run(settings));
+            // A fetch still in libgit2 (a blocking thread) must not hold
+            // the exit: dropping the runtime would wait for it.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -511,6 +526,9 @@ impl Settings {
         if a.poll_interval.is_zero() {
             problems.push("--poll-interval must be more than 0".into());
         }
+        if a.fetch_timeout < Duration::from_millis(100) {
+            problems.push("--fetch-timeout must be at least 100ms".into());
+        }
         for (flag, d) in [
             ("--keepalive-interval", a.keepalive_interval),
             ("--keepalive-timeout", a.keepalive_timeout),
@@ -543,6 +561,7 @@ impl Settings {
                 mirror: state_dir.join("mirror.git"),
                 signers,
                 max_fetch_bytes: a.max_fetch_bytes,
+                fetch_timeout: a.fetch_timeout,
             },
             max_deletion_percent: a.max_deletion_percent,
             poll: a.poll_interval,
@@ -711,10 +730,14 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
-    // A sync in progress finishes (it is a blocking libgit2 call); bounded.
+    // A sync in progress (a blocking libgit2 call) may finish, for at most
+    // SYNC_GRACE: a fetch hung on a silent remote is left behind, and the
+    // runtime is shut down without waiting for it (`main`).
     let deadline = Duration::from_secs(10);
     let started = Instant::now();
-    let _ = tokio::time::timeout(deadline, sync_loop).await;
+    if tokio::time::timeout(SYNC_GRACE, sync_loop).await.is_err() {
+        tracing::warn!(grace = ?SYNC_GRACE, "a sync (fetch) is still running at shutdown; not waiting for it");
+    }
     for t in tasks {
         let left = deadline.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, t).await;
@@ -726,6 +749,9 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long SIGTERM waits for a sync in progress.
+const SYNC_GRACE: Duration = Duration::from_secs(5);
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -2,7 +2,7 @@
 //! repositories and policy directories, under their shipped memory limits
 //! (512 MiB and 128 MiB, `deploy/base/`, enforced by memory cgroups): issue
 //! 21, items 8 (a repository too large to fetch) and 12 (alias bombs spread
-//! over several files). Repositories are real, made with the `git` CLI;
+//! over several files); and issue 16's Git remote that never answers. Repositories are real, made with the `git` CLI;
 //! the syncer's gateways are the harness's light subscribers, which speak
 //! the real protocol over mTLS.
 
@@ -350,4 +350,149 @@ fn serial_five_alias_bombs_are_refused_by_a_file_mode_gateway_and_the_syncer_und
         scg.peak() >> 20,
         SYNCER_LIMIT >> 20
     );
+}
+
+/// A TCP relay in front of a Git server that can be switched to silence:
+/// once [`Silent::hang`] is called, it accepts connections and never says a
+/// word (nor reads), as a Git host whose backend froze does. Threads and
+/// sockets end with the test process.
+struct Silent {
+    port: u16,
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Silent {
+    fn start(upstream: u16) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hang = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicUsize::new(0));
+        let (h, n) = (hang.clone(), held.clone());
+        std::thread::spawn(move || {
+            let mut silent = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if h.load(Ordering::SeqCst) {
+                    silent.push(conn);
+                    n.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, conn),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Silent { port, hang, held }
+    }
+
+    fn hang(&self) {
+        self.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Issue 16: `git fetch` had no timeout, and SIGTERM waited for it. A Git
+/// remote that accepts the connection and then says nothing (over `git://`,
+/// from a real `git daemon` behind a relay that falls silent): the fetch
+/// fails after `--fetch-timeout` with an error naming the remote and the
+/// timeout, the last good commit is still served, and SIGTERM during a
+/// hung fetch exits 0 within the shutdown bound, even with a fetch timeout
+/// of 10 minutes.
+#[test]
+fn serial_a_silent_git_remote_times_out_keeps_the_last_good_commit_and_sigterm_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let creds = syncer_creds(&pki, "east", "syncer");
+    let repo = PolicyRepo::init(&tmp.path().join("repos/policy"));
+    let good = repo.commit(
+        "clusters",
+        &[("clusters.yaml", &cluster_yaml("east", &[free_udp_port()]))],
+    );
+    let daemon = GitDaemon::start(&tmp.path().join("repos"));
+    let relay = Silent::start(daemon.port);
+    let url = format!("git://127.0.0.1:{}/policy", relay.port);
+    let work = tmp.path().join("syncer");
+    let mut spec = SyncerSpec::new(Path::new(&url), &creds, &work);
+    spec.extra_args = vec!["--fetch-timeout".into(), "2s".into()];
+    let mut s = SyncerProcess::start(&spec);
+    eventually("the good commit is live", Duration::from_secs(30), || {
+        let st = s.status();
+        (st["last_good"]["commit"] == good.as_str())
+            .then_some(())
+            .ok_or(format!("{st}"))
+    });
+
+    relay.hang();
+    repo.commit(
+        "a second cluster",
+        &[("west.yaml", &cluster_yaml("west", &[free_udp_port()]))],
+    );
+    s.webhook();
+    let error = eventually("the fetch times out", Duration::from_secs(30), || {
+        let st = s.status();
+        match st["last_fetch"]["error"].as_str() {
+            Some(e) if st["last_fetch"]["ok"] == false => Ok(e.to_string()),
+            _ => Err(format!("{st}")),
+        }
+    });
+    assert!(
+        error.contains("timed out after 2s") && error.contains("--fetch-timeout"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&url),
+        "the error does not name the remote: {error}"
+    );
+    assert_eq!(s.status()["last_good"]["commit"], good.as_str());
+    // A gateway subscribing now gets the last good commit.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    meshfed_gateway::identity::install_crypto_provider();
+    let (tx, mut acks) = mpsc::unbounded_channel();
+    let sub = {
+        let _rt = rt.enter();
+        let gw = pki.gateway("east", "gw-1");
+        spawn_light_subscriber(s.grpc, gw, "east".into(), "gw-1".into(), tx)
+    };
+    wait_ack(&rt, &mut acks, "east/gw-1", &good);
+    sub.abort();
+    assert_eq!(s.terminate(), Some(0), "{}", s.log_text());
+
+    // With a 10-minute fetch timeout, SIGTERM while the fetch at start
+    // hangs on the silent remote.
+    spec.extra_args = vec!["--fetch-timeout".into(), "10m".into()];
+    let held = relay.held();
+    let mut s = SyncerProcess::start(&spec);
+    eventually("the fetch at start hangs", Duration::from_secs(30), || {
+        (relay.held() > held)
+            .then_some(())
+            .ok_or("no connection yet")
+    });
+    let started = std::time::Instant::now();
+    let code = s.terminate();
+    let took = started.elapsed();
+    assert_eq!(code, Some(0), "{}", s.log_text());
+    assert!(
+        took < Duration::from_secs(9),
+        "SIGTERM took {took:?} with a fetch hanging (bound: 5 s for the sync, then exit)"
+    );
+    eprintln!("SIGTERM with a hung fetch: exited in {took:?}");
 }

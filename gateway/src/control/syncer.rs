@@ -280,6 +280,7 @@ async fn receive(
     let snap = Arc::new(decoded);
     state
         .apply(snap.clone())
+        .await
         .map_err(|e| format!("cannot activate: {e}"))?;
     state.provenance.applied(
         &snap,

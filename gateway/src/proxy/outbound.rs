@@ -35,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
+use super::detect::{self, Detected};
 use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
 use crate::accept::{Acceptor, ConnectionLimit};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
@@ -135,85 +136,36 @@ pub async fn serve(
     }
 }
 
-enum Detected {
-    Http,
-    Tls { sni: Option<String> },
-    Opaque,
-}
-
+/// Peeks at the caller's first bytes until [`detect::classify`] decides
+/// (up to [`detect::MAX_HELLO`] bytes of a ClientHello) or the caller has
+/// been silent for [`DETECT_TIMEOUT`]. The buffer grows only as a
+/// ClientHello needs it, so an idle caller holds 1 KiB.
 async fn detect(stream: &TcpStream) -> Detected {
-    let mut buf = [0u8; 1024];
+    let mut buf = vec![0u8; 1024];
     let deadline = Instant::now() + DETECT_TIMEOUT;
+    let mut seen = 0;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let n = match tokio::time::timeout(remaining, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return Detected::Opaque,
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return detect::at_deadline(&buf[..seen]),
         };
-        if n == 0 {
-            return Detected::Opaque;
-        }
-        let b = &buf[..n];
-        if b[0] == 0x16 && (n < 2 || b[1] == 0x03) {
-            if n < 5 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
+        seen = n;
+        match detect::classify(&buf[..n]) {
+            detect::Step::Done(d) => return d,
+            detect::Step::Need(want) => {
+                if Instant::now() >= deadline {
+                    return detect::at_deadline(&buf[..n]);
+                }
+                if want > buf.len() {
+                    buf.resize(want.min(detect::MAX_HELLO), 0);
+                } else {
+                    // The bytes wanted have not all arrived: peek again soon.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
             }
-            // Peek until the whole ClientHello is buffered (or the buffer
-            // is full), then read its SNI.
-            let record = 5 + usize::from(u16::from_be_bytes([b[3], b[4]]));
-            if n < record.min(buf.len()) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
-            return Detected::Tls { sni: sni(b) };
         }
-        let token = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
-        if token > 0 && token < n {
-            return if b[token] == b' ' {
-                Detected::Http
-            } else {
-                Detected::Opaque
-            };
-        }
-        if token == n && n < 16 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            continue;
-        }
-        return Detected::Opaque;
     }
-}
-
-/// Reads the server name from a TLS ClientHello record, if present.
-pub fn sni(record: &[u8]) -> Option<String> {
-    // record header (5) | handshake type (1) | length (3) | version (2) |
-    // random (32) | session id | cipher suites | compression | extensions
-    let mut p = 5 + 4 + 2 + 32;
-    let sid = usize::from(*record.get(p)?);
-    p += 1 + sid;
-    let suites = usize::from(u16::from_be_bytes([*record.get(p)?, *record.get(p + 1)?]));
-    p += 2 + suites;
-    let comp = usize::from(*record.get(p)?);
-    p += 1 + comp;
-    let ext_len = usize::from(u16::from_be_bytes([*record.get(p)?, *record.get(p + 1)?]));
-    p += 2;
-    let end = (p + ext_len).min(record.len());
-    while p + 4 <= end {
-        let ty = u16::from_be_bytes([record[p], record[p + 1]]);
-        let len = usize::from(u16::from_be_bytes([record[p + 2], record[p + 3]]));
-        p += 4;
-        if ty == 0 {
-            // server_name_list length (2) | type (1) | name length (2) | name
-            let name_len = usize::from(u16::from_be_bytes([
-                *record.get(p + 3)?,
-                *record.get(p + 4)?,
-            ]));
-            let name = record.get(p + 5..p + 5 + name_len)?;
-            return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
-        }
-        p += len;
-    }
-    None
 }
 
 /// Mutual TLS from a local caller: the caller presents a workload
@@ -288,7 +240,7 @@ where
     let activity = Arc::new(Activity::new());
     let io = Sniff {
         io,
-        matched: 0,
+        preface: detect::Preface::default(),
         activity: activity.clone(),
     };
     let svc = {
@@ -363,9 +315,6 @@ where
         tracing::debug!(error = %e, timed_out, "outbound HTTP connection ended with an error");
     }
 }
-
-/// The HTTP/2 connection preface, by which [`Sniff`] tells the protocol.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a caller connection has spoken and has in flight, for [`idle`].
 #[derive(Debug)]
@@ -496,8 +445,8 @@ impl http_body::Body for Held {
 /// HTTP/2 preface or not.
 struct Sniff<I> {
     io: I,
-    /// Preface bytes seen so far; past the preface's length once decided.
-    matched: usize,
+    /// Whether the bytes open with the HTTP/2 preface.
+    preface: detect::Preface,
     activity: Arc<Activity>,
 }
 
@@ -510,18 +459,14 @@ impl<I: AsyncRead + Unpin> AsyncRead for Sniff<I> {
         let this = self.get_mut();
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        if this.matched < H2_PREFACE.len() {
-            let new = &buf.filled()[before..];
-            let want = &H2_PREFACE[this.matched..];
-            let n = new.len().min(want.len());
-            if new[..n] != want[..n] {
-                this.matched = usize::MAX;
-                this.activity.protocol.store(HTTP1, Ordering::Relaxed);
-            } else {
-                this.matched += n;
-                if this.matched == H2_PREFACE.len() {
-                    this.activity.protocol.store(HTTP2, Ordering::Relaxed);
-                }
+        if !this.preface.decided() {
+            let protocol = match this.preface.feed(&buf.filled()[before..]) {
+                Some(detect::PrefaceIs::H2) => HTTP2,
+                Some(detect::PrefaceIs::Other) => HTTP1,
+                None => UNKNOWN,
+            };
+            if protocol != UNKNOWN {
+                this.activity.protocol.store(protocol, Ordering::Relaxed);
             }
         }
         Poll::Ready(Ok(()))
@@ -1696,31 +1641,4 @@ pub async fn tcp_proxy<S>(
         .tcp_received_bytes
         .get_or_create(&labels)
         .inc_by(received);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sni_is_read_from_a_real_client_hello() {
-        // A ClientHello for "ratings.default.svc.cluster.local", as rustls
-        // writes it.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let roots = rustls::RootCertStore::empty();
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name =
-            rustls_pki_types::ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut hello = Vec::new();
-        conn.write_tls(&mut hello).unwrap();
-        assert_eq!(
-            sni(&hello).as_deref(),
-            Some("ratings.default.svc.cluster.local")
-        );
-        assert_eq!(sni(&hello[..20]), None);
-        assert_eq!(sni(b"\x16\x03\x01\x00\x05hello"), None);
-    }
 }

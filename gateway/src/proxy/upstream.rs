@@ -430,6 +430,18 @@ impl Upstream {
         self.tls.set_identity(creds);
     }
 
+    /// Builds the endpoint TLS configurations `snapshot` needs, on a
+    /// blocking thread, before it is applied (`tls::TlsCache::prepare`).
+    pub async fn prepare_tls(&self, snapshot: Arc<meshfed_policy::Snapshot>) {
+        self.tls.prepare(snapshot).await;
+    }
+
+    /// Records the endpoint TLS settings of the first snapshot, built once
+    /// credentials are set (`tls::TlsCache::want`).
+    pub fn want_tls(&self, snapshot: &meshfed_policy::Snapshot) {
+        self.tls.want(snapshot);
+    }
+
     fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
         match self.inflight.lock() {
             Ok(mut m) => m.entry(addr).or_default().clone(),
@@ -611,7 +623,7 @@ impl Upstream {
             inflight,
         } = picked;
         let setup = match policy.tls {
-            Some(t) => self.tls.setup(t, service)?,
+            Some(t) => self.tls.setup(t, service).await?,
             None => None,
         };
         let key = EndpointKey {

@@ -20,14 +20,28 @@
 //! mesh anchors stand in.
 //!
 //! ALPN offers `h2` for HTTP/2 (gRPC) connections and `http/1.1` otherwise.
-//! Configurations are built once per distinct `tls` setting and service,
-//! and rebuilt when the gateway's credentials reload (which is also when
-//! changed `caCertificates`/`clientCertificate` files are read again).
+//!
+//! Configurations are built off the runtime thread (`spawn_blocking`: they
+//! read files), once per distinct `tls` setting and service: for every
+//! setting of a snapshot before it is applied ([`TlsCache::prepare`]), and
+//! again when the gateway's credentials reload (which is also when changed
+//! `caCertificates`/`clientCertificate` files are read again). A request
+//! only looks its configuration up. A setting that cannot be built (a file
+//! missing or unreadable) is remembered as failed: its requests fail at once
+//! with the error naming the file, and it is tried again at the next
+//! snapshot, at a credential reload, or, on use, every [`RETRY_FAILED`]
+//! (so a file put in place later is found). A setting the table lacks (a
+//! request still on an older snapshot) is built on first use, also off the
+//! runtime thread.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use meshfed_policy::Snapshot;
 use meshfed_policy::snapshot::{EndpointTls, EndpointTlsMode};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -35,6 +49,7 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
+use tokio::time::Instant;
 
 use crate::identity::store::Credentials;
 use crate::identity::verify::{PeerRole, TrustBundle};
@@ -75,7 +90,18 @@ pub enum TlsError {
         service: String,
         source: rustls::Error,
     },
+    /// A failure remembered from an earlier build (not retried per request).
+    #[error(
+        "{0} (the gateway tries again at the next snapshot, at a certificate reload, and every {secs} s while requests need it)",
+        secs = RETRY_FAILED.as_secs()
+    )]
+    Remembered(Arc<TlsError>),
+    #[error("building the TLS configuration for {service} failed: {reason}")]
+    Task { service: String, reason: String },
 }
+
+/// How often a remembered failure is tried again while requests need it.
+pub const RETRY_FAILED: Duration = Duration::from_secs(5);
 
 /// What a connection to an endpoint needs for TLS.
 #[derive(Debug, Clone)]
@@ -104,55 +130,236 @@ impl TlsSetup {
     }
 }
 
-/// Built configurations, by setting and service.
+/// Built configurations and remembered failures, by service and setting;
+/// see the module docs.
 #[derive(Debug, Default)]
 pub struct TlsCache {
-    entries: Mutex<Vec<(EndpointTls, String, TlsSetup)>>,
-    creds: Mutex<Option<Arc<Credentials>>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// What requests read.
+    table: ArcSwap<Table>,
+    /// What rebuilds build from; held only to read or replace it.
+    inputs: Mutex<Inputs>,
+    /// Held across a rebuild (on a blocking thread, never the runtime's),
+    /// so that the last rebuild to run sees the latest inputs.
+    building: Mutex<()>,
     next_id: AtomicU64,
 }
 
+#[derive(Debug, Default, Clone)]
+struct Inputs {
+    creds: Option<Arc<Credentials>>,
+    /// Every setting of the applied snapshot, with its service.
+    wanted: Arc<Vec<(EndpointTls, String)>>,
+}
+
+type Table = HashMap<String, Vec<(EndpointTls, Entry)>>;
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Ready(TlsSetup),
+    Failed {
+        error: Arc<TlsError>,
+        at: Instant,
+        /// Whether a retry is running.
+        retrying: Arc<AtomicBool>,
+    },
+}
+
 impl TlsCache {
-    /// Sets (or replaces) the gateway's own credentials; configurations are
-    /// rebuilt on next use.
+    /// Sets (or replaces) the gateway's own credentials, and rebuilds every
+    /// configuration off the runtime thread; until that is done, requests
+    /// use the previous ones.
     pub fn set_identity(&self, creds: Arc<Credentials>) {
-        if let Ok(mut c) = self.creds.lock() {
-            *c = Some(creds);
+        if let Ok(mut i) = self.shared.inputs.lock() {
+            i.creds = Some(creds);
         }
-        if let Ok(mut e) = self.entries.lock() {
-            e.clear();
+        let shared = self.shared.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || shared.rebuild(false))),
+            Err(_) => shared.rebuild(false),
+        }
+    }
+
+    /// Records the settings of `snapshot` without building them (at start,
+    /// before credentials are loaded; [`TlsCache::set_identity`] builds).
+    pub fn want(&self, snapshot: &Snapshot) {
+        if let Ok(mut i) = self.shared.inputs.lock() {
+            i.wanted = Arc::new(wanted(snapshot));
+        }
+    }
+
+    /// Builds every setting of `snapshot` on a blocking thread, before it
+    /// is applied: settings built before are kept (their connections stay
+    /// pooled); remembered failures are tried again.
+    pub async fn prepare(&self, snapshot: Arc<Snapshot>) {
+        let shared = self.shared.clone();
+        let task = move || {
+            let settings = Arc::new(wanted(&snapshot));
+            if let Ok(mut i) = shared.inputs.lock() {
+                i.wanted = settings;
+            }
+            shared.rebuild(true)
+        };
+        if let Err(e) = tokio::task::spawn_blocking(task).await {
+            tracing::error!(error = %e, "building endpoint TLS configurations failed");
         }
     }
 
     /// The setup for `tls` to endpoints of `service`; `None` for plaintext.
-    pub fn setup(&self, tls: &EndpointTls, service: &str) -> Result<Option<TlsSetup>, TlsError> {
+    /// A lookup, except for a setting the table lacks, which is built on a
+    /// blocking thread.
+    pub async fn setup(
+        &self,
+        tls: &EndpointTls,
+        service: &str,
+    ) -> Result<Option<TlsSetup>, TlsError> {
         if tls.mode == EndpointTlsMode::Disable {
             return Ok(None);
         }
-        if let Ok(entries) = self.entries.lock()
-            && let Some((_, _, s)) = entries
-                .iter()
-                .find(|(t, svc, _)| t == tls && svc == service)
-        {
-            return Ok(Some(s.clone()));
-        }
-        let creds = self.creds.lock().ok().and_then(|c| c.clone());
-        let (h1, h2, server_name) = build(tls, service, creds.as_deref())?;
-        let setup = TlsSetup {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
-            h1,
-            h2,
-            server_name,
-        };
-        if let Ok(mut entries) = self.entries.lock() {
-            // Bounded by the policy's distinct settings; a bound anyway.
-            if entries.len() >= 1024 {
-                entries.clear();
+        match self.lookup(tls, service) {
+            Some(Entry::Ready(s)) => Ok(Some(s)),
+            Some(Entry::Failed {
+                error,
+                at,
+                retrying,
+            }) => {
+                if at.elapsed() >= RETRY_FAILED && !retrying.swap(true, Ordering::AcqRel) {
+                    let (shared, tls, service) =
+                        (self.shared.clone(), tls.clone(), service.to_string());
+                    tokio::task::spawn_blocking(move || {
+                        shared.build_one(&tls, &service);
+                    });
+                }
+                Err(TlsError::Remembered(error))
             }
-            entries.push((tls.clone(), service.to_string(), setup.clone()));
+            None => Box::pin(self.build_missing(tls, service)).await,
         }
-        Ok(Some(setup))
     }
+
+    fn lookup(&self, tls: &EndpointTls, service: &str) -> Option<Entry> {
+        let table = self.shared.table.load();
+        table
+            .get(service)?
+            .iter()
+            .find(|(t, _)| t == tls)
+            .map(|(_, e)| e.clone())
+    }
+
+    async fn build_missing(
+        &self,
+        tls: &EndpointTls,
+        service: &str,
+    ) -> Result<Option<TlsSetup>, TlsError> {
+        let (shared, t, svc) = (self.shared.clone(), tls.clone(), service.to_string());
+        let built = tokio::task::spawn_blocking(move || shared.build_one(&t, &svc))
+            .await
+            .map_err(|e| TlsError::Task {
+                service: service.to_string(),
+                reason: e.to_string(),
+            })?;
+        match built {
+            Entry::Ready(s) => Ok(Some(s)),
+            Entry::Failed { error, .. } => Err(TlsError::Remembered(error)),
+        }
+    }
+}
+
+impl Shared {
+    fn inputs(&self) -> Inputs {
+        self.inputs
+            .lock()
+            .map(|i| i.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn entry(&self, tls: &EndpointTls, service: &str, creds: Option<&Credentials>) -> Entry {
+        match build(tls, service, creds) {
+            Ok((h1, h2, server_name)) => Entry::Ready(TlsSetup {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+                h1,
+                h2,
+                server_name,
+            }),
+            Err(e) => {
+                tracing::warn!(%service, error = %e, "TLS to endpoints cannot be set up; requests fail until it is fixed");
+                Entry::Failed {
+                    error: Arc::new(e),
+                    at: Instant::now(),
+                    retrying: Arc::default(),
+                }
+            }
+        }
+    }
+
+    /// Builds the table for the wanted settings. With `keep`, settings
+    /// already built are kept as they are; without, everything is built
+    /// again (the credentials changed). Blocks: reads files.
+    fn rebuild(&self, keep: bool) {
+        let _one_at_a_time = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        let inputs = self.inputs();
+        let old = self.table.load_full();
+        let mut table = Table::new();
+        for (tls, service) in inputs.wanted.iter() {
+            let kept = keep
+                .then(|| old.get(service))
+                .flatten()
+                .and_then(|l| l.iter().find(|(t, _)| t == tls))
+                .and_then(|(_, e)| matches!(e, Entry::Ready(_)).then(|| e.clone()));
+            let e = kept.unwrap_or_else(|| self.entry(tls, service, inputs.creds.as_deref()));
+            table
+                .entry(service.clone())
+                .or_default()
+                .push((tls.clone(), e));
+        }
+        self.table.store(Arc::new(table));
+    }
+
+    /// Builds one setting and puts it in the table. Blocks: reads files.
+    fn build_one(&self, tls: &EndpointTls, service: &str) -> Entry {
+        let creds = self.inputs().creds;
+        let e = self.entry(tls, service, creds.as_deref());
+        self.table.rcu(|t| {
+            let mut t = Table::clone(t);
+            // Bounded by the policy's distinct settings; a bound anyway.
+            if t.values().map(Vec::len).sum::<usize>() >= 1024 {
+                t.clear();
+            }
+            let list = t.entry(service.to_string()).or_default();
+            list.retain(|(have, _)| have != tls);
+            list.push((tls.clone(), e.clone()));
+            t
+        });
+        e
+    }
+}
+
+/// Every endpoint TLS setting in `snapshot` but DISABLE, with its service:
+/// each DestinationRule's, its subsets' and their ports'.
+fn wanted(snapshot: &Snapshot) -> Vec<(EndpointTls, String)> {
+    let mut out = Vec::new();
+    for (service, d) in &snapshot.policy.destinations {
+        // Distinct per service (a service has a handful).
+        let mut mine: Vec<&EndpointTls> = Vec::new();
+        let policies =
+            std::iter::once(&d.traffic_policy).chain(d.subsets.values().map(|s| &s.traffic_policy));
+        for tp in policies {
+            let settings = tp
+                .tls
+                .iter()
+                .chain(tp.ports.values().filter_map(|p| p.tls.as_ref()));
+            for t in settings {
+                if t.mode != EndpointTlsMode::Disable && !mine.contains(&t) {
+                    mine.push(t);
+                }
+            }
+        }
+        out.extend(mine.into_iter().map(|t| (t.clone(), service.clone())));
+    }
+    out
 }
 
 type Built = (Arc<ClientConfig>, Arc<ClientConfig>, ServerName<'static>);
@@ -410,4 +617,131 @@ fn sans_of(der: &CertificateDer<'_>) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use meshfed_policy::snapshot::{ClusterPolicy, DestinationPolicy, TrafficPolicy};
+
+    use super::*;
+
+    const SERVICE: &str = "ratings.default.svc.cluster.local";
+
+    /// A snapshot whose only DestinationRule says `tls` for [`SERVICE`].
+    fn snapshot(tls: &EndpointTls) -> Arc<Snapshot> {
+        let mut policy = ClusterPolicy::default();
+        policy.destinations.insert(
+            SERVICE.into(),
+            DestinationPolicy {
+                traffic_policy: TrafficPolicy {
+                    tls: Some(tls.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        Arc::new(Snapshot::new("v1", policy))
+    }
+
+    fn simple(ca: &std::path::Path) -> EndpointTls {
+        EndpointTls {
+            mode: EndpointTlsMode::Simple,
+            ca_certificates: Some(ca.display().to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn write_ca(path: &std::path::Path) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(path, params.self_signed(&key).unwrap().pem()).unwrap();
+    }
+
+    /// Waits (in real time: the build runs on a blocking thread) until
+    /// `cache` has built `tls`.
+    async fn until_built(cache: &TlsCache, tls: &EndpointTls) {
+        for _ in 0..500 {
+            if let Some(Entry::Ready(_)) = cache.lookup(tls, SERVICE) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            tokio::task::yield_now().await;
+        }
+        panic!("the retry never built the configuration");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreadable_ca_file_fails_fast_naming_it_and_is_not_read_again_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let tls = simple(&ca);
+        let cache = TlsCache::default();
+        cache.prepare(snapshot(&tls)).await;
+        let e = cache.setup(&tls, SERVICE).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("caCertificates") && text.contains(&ca.display().to_string()),
+            "{text}"
+        );
+        // The file appears: requests still get the remembered failure, so
+        // they did not read it again.
+        write_ca(&ca);
+        for _ in 0..3 {
+            assert!(matches!(
+                cache.setup(&tls, SERVICE).await,
+                Err(TlsError::Remembered(_))
+            ));
+        }
+        // After RETRY_FAILED, a request starts one retry off the runtime
+        // thread (and still fails at once); the next ones find it built.
+        tokio::time::advance(RETRY_FAILED).await;
+        assert!(cache.setup(&tls, SERVICE).await.is_err());
+        until_built(&cache, &tls).await;
+        assert!(cache.setup(&tls, SERVICE).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_new_snapshot_retries_a_failed_setting_and_keeps_built_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, good_ca) = (dir.path().join("late.pem"), dir.path().join("good.pem"));
+        write_ca(&good_ca);
+        let (late, good) = (simple(&ca), simple(&good_ca));
+        let mut snap = (*snapshot(&late)).clone();
+        snap.policy.destinations.insert(
+            "other.default.svc.cluster.local".into(),
+            DestinationPolicy {
+                traffic_policy: TrafficPolicy {
+                    tls: Some(good.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let snap = Arc::new(snap);
+        let cache = TlsCache::default();
+        cache.prepare(snap.clone()).await;
+        assert!(cache.setup(&late, SERVICE).await.is_err());
+        let other = "other.default.svc.cluster.local";
+        let before = cache.setup(&good, other).await.unwrap().unwrap().id;
+        write_ca(&ca);
+        cache.prepare(snap).await;
+        assert!(cache.setup(&late, SERVICE).await.unwrap().is_some());
+        // Built once: the same configuration (and so the same pooled
+        // connections) after the new snapshot.
+        assert_eq!(cache.setup(&good, other).await.unwrap().unwrap().id, before);
+    }
+
+    #[tokio::test]
+    async fn a_setting_the_snapshot_did_not_name_is_built_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        write_ca(&ca);
+        let cache = TlsCache::default();
+        assert!(cache.setup(&simple(&ca), SERVICE).await.unwrap().is_some());
+        let plain = EndpointTls::default();
+        assert!(cache.setup(&plain, SERVICE).await.unwrap().is_none());
+    }
 }
