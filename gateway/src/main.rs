@@ -229,7 +229,7 @@ struct Cli {
     /// it, a peer's new body is refused at once with `Overloaded` (503 at
     /// the source) and counted in meshfed_refusals_total{stage="stream",
     /// reason="body-limit"}. The default fits the shipped 128 MiB memory
-    /// limit with every body stalled (about 30 KiB each, docs/tunnel.md,
+    /// limit with every body stalled (about 60 KB each, docs/tunnel.md,
     /// "One peer's memory budget"); raise it with the memory limit.
     #[arg(long, value_name = "N", env = "MESHFED_MAX_PEER_REQUEST_BODIES",
           default_value_t = meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES,
@@ -425,7 +425,9 @@ fn parse_max_connections(s: &str) -> Result<usize, String> {
 fn parse_max_bodies(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("`{s}` is not a positive number of request bodies, e.g. 1000")),
+        _ => Err(format!(
+            "`{s}` is not a positive number of request bodies, e.g. 1000"
+        )),
     }
 }
 

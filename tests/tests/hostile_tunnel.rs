@@ -653,7 +653,11 @@ fn post(gw: &GatewayProcess) -> u16 {
 enum BodyOutcome {
     /// West answered with an ERROR frame of this refusal.
     Refused(meshfed_gateway::tunnel::frame::Refusal),
-    /// No answer yet: the body is in flight to the backend.
+    /// West reset the stream at the OPEN timeout: its OPEN never arrived,
+    /// stuck behind the peer's own stalled bodies in the connection's
+    /// flow-control window.
+    HeadTimeout,
+    /// No answer: the body is in flight to the backend.
     Pending,
     /// Anything else (a reset, a response, a closed connection), described.
     Other(String),
@@ -663,6 +667,7 @@ impl BodyOutcome {
     fn describe(&self) -> String {
         match self {
             BodyOutcome::Refused(r) => format!("refused: {}", r.reason()),
+            BodyOutcome::HeadTimeout => "reset at the OPEN timeout".into(),
             BodyOutcome::Pending => "no answer".into(),
             BodyOutcome::Other(what) => what.clone(),
         }
@@ -671,17 +676,22 @@ impl BodyOutcome {
 
 /// Issue 21, item 9 (second half): an authenticated peer (a declared
 /// cluster's second gateway certificate) opens 10,000 streams to west, each
-/// a `POST` whose body never ends (16 KiB chunks, never a FIN) to a backend
+/// a `POST` whose body never ends (its first 16 KiB, then never a FIN) to a backend
 /// that accepts it and never reads, against west under the shipped 128 MiB
-/// limit. Before the fix west moved every body into its own buffers and
-/// upstream sockets until it was OOM-killed. Now: west keeps at most
-/// `DEFAULT_PEER_BODIES` of one peer's request bodies in flight and refuses
-/// the rest at once (`Overloaded`, counted `reason="body-limit"`), stays
-/// under the limit with margin, and serves east's callers (a GET and a
-/// POST) during the attack and after it.
+/// limit. Before the fix west moved the bodies into its own buffers until
+/// it was OOM-killed. Now west keeps at most `DEFAULT_PEER_BODIES` of one
+/// peer's request bodies in flight and refuses the rest at once
+/// (`Overloaded`, counted `reason="body-limit"`), or, if a stream's OPEN
+/// cannot arrive (stuck behind the peer's own stalled data in its
+/// flow-control window), resets it at the OPEN timeout: no stream beyond the
+/// budget hangs unanswered. West
+/// stays under the limit with margin, ready, and serves east's callers (a
+/// GET and a POST) during the attack and after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_refused() {
+    use meshfed_gateway::proxy::HEAD_TIMEOUT;
     use meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES;
+    use meshfed_gateway::proxy::inbound::HEAD_TIMEOUT_RESET;
     use meshfed_gateway::tunnel::frame::{self, Refusal};
 
     let cg = MemoryCgroup::require("endless-bodies", GATEWAY_LIMIT);
@@ -720,15 +730,16 @@ async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_
         h.path = "/stuck".into();
     }
     const CHUNK: usize = 16 << 10;
-    const CHUNKS: usize = 8;
     let mut data = frame::data_header(CHUNK).to_vec();
     data.resize(data.len() + CHUNK, b'x');
     let mut first = peer::encode(&open);
     first.extend_from_slice(&data);
-    let (first, data) = (bytes::Bytes::from(first), bytes::Bytes::from(data));
+    let first = bytes::Bytes::from(first);
 
+    // Every stream writes until west stops it, and waits for its answer,
+    // until well past the OPEN timeout.
     let started = tokio::time::Instant::now();
-    let stop_writing = started + meshfed_tests::patient(Duration::from_secs(15));
+    let answer_by = started + meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(15));
     let mut streams = Vec::with_capacity(ENDLESS_BODIES);
     for _ in 0..ENDLESS_BODIES {
         let Ok(Ok((mut send, mut recv))) =
@@ -736,62 +747,64 @@ async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_
         else {
             break;
         };
-        let (first, data) = (first.clone(), data.clone());
+        let first = first.clone();
         streams.push(tokio::spawn(async move {
             let writer = async {
                 if send.write_all(&first).await.is_err() {
                     return;
                 }
-                for _ in 1..CHUNKS {
-                    if send.write_all(&data).await.is_err() {
-                        return;
-                    }
-                }
+                // The body never ends: no more chunks, never a FIN.
+                std::future::pending::<()>().await
             };
-            let _ = tokio::time::timeout_at(stop_writing, writer).await;
-            // The body never ends: no FIN. The answer, if any comes.
-            let mut buf = bytes::BytesMut::new();
-            let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            let reader = async {
+                let mut buf = bytes::BytesMut::new();
                 loop {
                     match frame::decode(&mut buf) {
-                        Ok(Some(f)) => return Ok(f),
+                        Ok(Some(Frame::Error(e))) => return BodyOutcome::Refused(e.refusal),
+                        Ok(Some(f)) => return BodyOutcome::Other(format!("{f:?}")),
                         Ok(None) => {}
-                        Err(e) => return Err(format!("undecodable answer: {e}")),
+                        Err(e) => return BodyOutcome::Other(format!("undecodable answer: {e}")),
                     }
                     let mut chunk = [0u8; 4096];
                     match recv.read(&mut chunk).await {
                         Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
-                        Ok(None) => return Err("finished without an answer".into()),
-                        Err(e) => return Err(format!("{e}")),
+                        Ok(None) => return BodyOutcome::Other("finished, no answer".into()),
+                        Err(quinn::ReadError::Reset(code)) if code == HEAD_TIMEOUT_RESET => {
+                            return BodyOutcome::HeadTimeout;
+                        }
+                        Err(e) => return BodyOutcome::Other(format!("{e}")),
                     }
                 }
-            })
-            .await;
-            let outcome = match answer {
-                Err(_) => BodyOutcome::Pending,
-                Ok(Ok(Frame::Error(e))) => BodyOutcome::Refused(e.refusal),
-                Ok(Ok(f)) => BodyOutcome::Other(format!("{f:?}")),
-                Ok(Err(e)) => BodyOutcome::Other(e),
             };
-            // Hold the stream (and its body) open until the test ends.
-            (outcome, send, recv)
+            let (_, outcome) = tokio::join!(
+                tokio::time::timeout_at(answer_by, writer),
+                tokio::time::timeout_at(answer_by, reader)
+            );
+            // Held open until the test ends.
+            (outcome.unwrap_or(BodyOutcome::Pending), send, recv)
         }));
     }
     let opened = streams.len();
     let open_for = started.elapsed();
-    // Until west has taken or refused them all (or died trying).
-    let body_limit = || west.metric("meshfed_refusals_total", &["\"stream\"", "body-limit"]);
+    assert_eq!(
+        opened, ENDLESS_BODIES,
+        "the peer could not open its streams"
+    );
+
+    // Once west has refused or timed out every stream past the budget
+    // (or died trying), while the bodies in it are held: west lives, is
+    // ready and serves east's callers.
+    let counted = |reason: &str| west.metric("meshfed_refusals_total", &["\"stream\"", reason]);
     meshfed_tests::assert_eventually(
-        "west refuses the bodies past its budget",
-        meshfed_tests::patient(Duration::from_secs(10)),
+        "west refuses or times out every stream past the budget",
+        meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(10)),
         || {
-            body_limit() >= (opened.saturating_sub(DEFAULT_PEER_BODIES)) as f64
+            counted("body-limit") + counted("head-timeout")
+                >= opened.saturating_sub(DEFAULT_PEER_BODIES) as f64
                 || cg.oom_kills() > 0
                 || !alive(&west)
         },
     );
-
-    // During the attack: west lives, is ready and serves east's callers.
     assert!(
         alive(&west) && cg.oom_kills() == 0,
         "west was OOM-killed by {opened} endless bodies (cgroup peak {}); log:\n{}",
@@ -803,15 +816,25 @@ async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_
         "ready\n",
         "west is not ready during the attack"
     );
-    assert_eq!(call(&east), 200, "east's GET is not served during the attack");
-    assert_eq!(post(&east), 200, "east's POST is not served during the attack");
+    assert_eq!(
+        call(&east),
+        200,
+        "east's GET is not served during the attack"
+    );
+    assert_eq!(
+        post(&east),
+        200,
+        "east's POST is not served during the attack"
+    );
+    let in_flight_peak = rss(&west).1;
 
     let mut held = Vec::with_capacity(opened);
-    let (mut refused, mut pending, mut other) = (0usize, 0usize, Vec::new());
+    let (mut refused, mut timed_out, mut pending, mut other) = (0usize, 0usize, 0usize, Vec::new());
     for s in streams {
         let (outcome, send, recv) = s.await.unwrap();
         match outcome {
             BodyOutcome::Refused(Refusal::Overloaded) => refused += 1,
+            BodyOutcome::HeadTimeout => timed_out += 1,
             BodyOutcome::Pending => pending += 1,
             o => other.push(o),
         }
@@ -820,12 +843,14 @@ async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_
     let (now, peak) = rss(&west);
     eprintln!(
         "endless bodies: {opened} streams opened in {open_for:?}; {refused} refused \
-         (Overloaded), {pending} in flight, {} other (e.g. {:?}); west RSS baseline {}, peak \
-         {}, now {}; cgroup peak {} (limit {}); OOM kills {}",
+         (Overloaded), {timed_out} reset at the OPEN timeout, {pending} in flight, {} other \
+         (e.g. {:?}); west RSS baseline {}, peak {} (with the bodies held: {}), now {}; \
+         cgroup peak {} (limit {}); OOM kills {}",
         other.len(),
         other.first().map(BodyOutcome::describe),
         Mib(baseline),
         Mib(peak),
+        Mib(in_flight_peak),
         Mib(now),
         Mib(cg.peak()),
         Mib(GATEWAY_LIMIT),
@@ -845,24 +870,32 @@ async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_
         Mib(cg.peak()),
         Mib(GATEWAY_LIMIT)
     );
-    assert_eq!(opened, ENDLESS_BODIES, "the peer could not open its streams");
     assert!(
         pending <= DEFAULT_PEER_BODIES,
         "{pending} bodies of one peer in flight at once, over the budget {DEFAULT_PEER_BODIES}"
     );
     assert!(
-        other.is_empty() && refused + pending == opened,
-        "{} streams were neither refused (Overloaded) nor in flight, e.g. {:?}",
+        other.is_empty(),
+        "{} streams were neither refused, reset at the OPEN timeout nor in flight, e.g. {:?}",
         other.len(),
         other.first().map(BodyOutcome::describe)
     );
-    let counted = body_limit();
+    assert!(refused > 0, "no body was refused for the budget");
     assert_eq!(
-        counted, refused as f64,
-        "{counted} body-limit refusals counted for {refused} refused streams"
+        counted("body-limit"),
+        refused as f64,
+        "body-limit refusals counted for {refused} refused streams"
     );
-    assert_eq!(call(&east), 200, "east's GET is not served after the attack");
-    assert_eq!(post(&east), 200, "east's POST is not served after the attack");
+    assert_eq!(
+        call(&east),
+        200,
+        "east's GET is not served after the attack"
+    );
+    assert_eq!(
+        post(&east),
+        200,
+        "east's POST is not served after the attack"
+    );
     drop(held);
     conn.close(0u32.into(), b"done");
 }

@@ -311,8 +311,13 @@ impl Body for TunnelBody {
 
 /// Reads the first frame of a stream (a head: OPEN, RESPONSE, ACCEPT or
 /// ERROR). Returns it with whatever bytes followed it.
+///
+/// The buffer starts at 1 KiB, which holds a usual head, and grows to what
+/// a bigger one declares: a peer may open 10,000 streams at once and fill
+/// each buffer with its body's first bytes, so its first size is paid
+/// 10,000 times (4 KiB was 40 MB of a 128 MiB gateway).
 pub async fn read_head(recv: &mut RecvStream) -> Result<(Frame, BytesMut), BodyError> {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some(f) = frame::decode(&mut buf)? {
             return Ok((f, buf));

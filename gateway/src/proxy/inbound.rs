@@ -307,8 +307,7 @@ async fn serve_http(
             Err(e) => return over_budget(state, peer, open, e, send, start).await,
         }
     };
-    let (tunnel_body, over) =
-        TunnelBody::gated(recv, rest, state.bodies.clone(), peer_id, permit);
+    let (tunnel_body, over) = TunnelBody::gated(recv, rest, state.bodies.clone(), peer_id, permit);
     let tunnel_body = tunnel_body.map_err(Into::into).boxed_unsync();
     let Ok(req) = req.body(tunnel_body) else {
         return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
@@ -387,7 +386,14 @@ async fn over_budget(
 ) {
     let r = Refusal::Overloaded;
     state.metrics.refused("stream", "body-limit");
-    record(state, peer, open, r.http_status().as_u16(), "body-limit", start);
+    record(
+        state,
+        peer,
+        open,
+        r.http_status().as_u16(),
+        "body-limit",
+        start,
+    );
     tracing::debug!(peer = %peer.id, service = %open.service, "request body refused: {e}");
     refuse(&mut send, r, e.to_string()).await;
 }

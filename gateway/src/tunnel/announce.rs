@@ -310,10 +310,7 @@ mod tests {
             hosts.iter().map(String::as_str),
         );
         assert_eq!(a.services.len(), MAX_SERVICES, "services were left out");
-        assert_eq!(
-            SERVICES_LEFT_OUT.get(),
-            before
-        );
+        assert_eq!(SERVICES_LEFT_OUT.get(), before);
         let len = encoded_frame_len(&a).expect("the announcement fits one frame");
         assert!(len <= super::super::frame::MAX_DATA_FRAME);
     }
