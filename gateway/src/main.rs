@@ -224,6 +224,27 @@ struct Cli {
           value_parser = parse_max_connections)]
     max_connections: usize,
 
+    /// The most request bodies one peer gateway (one certificate) may have
+    /// in flight to local endpoints at once: requests whose body has
+    /// started and not ended, e.g. uploads and gRPC client streams. Past
+    /// it, a peer's new body is refused at once with `Overloaded` (503 at
+    /// the source) and counted in meshfed_refusals_total{stage="stream",
+    /// reason="body-limit"}. The default fits the shipped 128 MiB memory
+    /// limit with every body stalled (about 60 KB each, docs/tunnel.md,
+    /// "One peer's memory budget"); raise it with the memory limit.
+    #[arg(long, value_name = "N", env = "MESHFED_MAX_PEER_REQUEST_BODIES",
+          default_value_t = meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES,
+          value_parser = parse_max_bodies)]
+    max_peer_request_bodies: usize,
+
+    /// The most request bodies from all peer gateways in flight to local
+    /// endpoints at once (see --max-peer-request-bodies), so that several
+    /// hostile peers together still fit the memory limit.
+    #[arg(long, value_name = "N", env = "MESHFED_MAX_REQUEST_BODIES",
+          default_value_t = meshfed_gateway::proxy::budget::DEFAULT_BODIES,
+          value_parser = parse_max_bodies)]
+    max_request_bodies: usize,
+
     /// The tunnel links' congestion controller. `cubic` (the default) reads
     /// every loss as congestion; `bbr` paces by measured bandwidth and RTT
     /// and keeps its rate through random loss, for lossy edge links
@@ -402,6 +423,15 @@ fn parse_max_connections(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_max_bodies(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a positive number of request bodies, e.g. 1000"
+        )),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     meshfed_policy::syntax::parse_duration(s)
 }
@@ -527,6 +557,8 @@ fn main() -> ExitCode {
             sampling_percent: cli.trace_sampling,
         },
         max_connections: cli.max_connections,
+        max_peer_request_bodies: cli.max_peer_request_bodies,
+        max_request_bodies: cli.max_request_bodies,
         congestion: match cli.congestion_control {
             CongestionControl::Cubic => meshfed_gateway::tunnel::link::Congestion::Cubic,
             CongestionControl::Bbr => meshfed_gateway::tunnel::link::Congestion::Bbr,

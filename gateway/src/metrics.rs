@@ -212,6 +212,12 @@ impl Metrics {
             "The applied snapshot version (value 1)",
             config.clone(),
         );
+        registry.register(
+            "announcement_services_left_out",
+            "Exported services left out of this gateway's announcements since start, because \
+             more were exported than one announcement carries",
+            crate::tunnel::announce::SERVICES_LEFT_OUT.clone(),
+        );
         let runtime_alive_tasks = Gauge::default();
         registry.register(
             "runtime_alive_tasks",

@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use crate::tunnel::frame::Refusal;
 
 pub mod body;
+pub mod budget;
 pub mod detect;
 pub mod inbound;
 pub mod outbound;

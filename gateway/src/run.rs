@@ -76,6 +76,10 @@ pub struct RunConfig {
     /// The most caller connections held at once (`--max-connections`),
     /// lowered at start to fit the open-files limit.
     pub max_connections: usize,
+    /// Request bodies in flight per peer and from all peers
+    /// (`--max-peer-request-bodies`, `--max-request-bodies`; proxy::budget).
+    pub max_peer_request_bodies: usize,
+    pub max_request_bodies: usize,
 }
 
 /// A listener of its own for one service port (`--tcp-port-map`).
@@ -260,6 +264,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tunnel.clone(),
         metrics,
     )?;
+    state
+        .bodies
+        .set_limits(cfg.max_peer_request_bodies, cfg.max_request_bodies);
     if let Some(source) = source {
         state.provenance.applied(&snapshot, source);
     }

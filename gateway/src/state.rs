@@ -53,6 +53,9 @@ pub struct Gateway {
     /// Distributed tracing, set once at start when `--otlp-endpoint` is
     /// given; empty means off (crate::trace).
     pub trace: std::sync::OnceLock<Arc<crate::trace::Tracing>>,
+    /// Peers' request bodies in flight to local endpoints, per peer and in
+    /// all (crate::proxy::budget; the limits are flags).
+    pub bodies: crate::proxy::budget::BodyBudget,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
     active_requests: Arc<std::sync::atomic::AtomicI64>,
@@ -89,6 +92,7 @@ impl Gateway {
             provenance: crate::control::Provenance::default(),
             export_gate: arc_swap::ArcSwapOption::empty(),
             trace: std::sync::OnceLock::new(),
+            bodies: crate::proxy::budget::BodyBudget::default(),
             draining: AtomicBool::new(false),
             active_requests: Arc::default(),
             active_retries: Arc::default(),

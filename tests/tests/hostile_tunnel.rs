@@ -599,3 +599,303 @@ fn a_gateway_refuses_to_start_with_a_workload_or_syncer_certificate() {
         );
     }
 }
+
+/// Streams the attacker opens, each with a request body that never ends.
+const ENDLESS_BODIES: usize = 10_000;
+
+/// The backend for the endless bodies: `POST /stuck` is accepted and its
+/// body never read nor answered (a backend stuck on uploads); anything
+/// else is read whole and answered `200 ok:<bytes>`.
+async fn stuck_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::BodyExt;
+    serve_fn(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/stuck" {
+            // Holds the request (and its unread body) forever.
+            std::future::pending::<()>().await;
+        }
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(Ok(f)) = body.frame().await {
+            n += f.into_data().map(|d| d.len()).unwrap_or(0);
+        }
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from(format!(
+            "ok:{n}"
+        ))))
+    })
+    .await
+}
+
+/// A small POST for `ratings` through `gw`'s outbound listener; the status
+/// (0: no answer).
+fn post(gw: &GatewayProcess) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(gw.outbound) else {
+        return 0;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = write!(
+        s,
+        "POST /ok HTTP/1.1\r\nHost: ratings\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    if !out.ends_with("ok:5") {
+        return 0;
+    }
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What became of one endless body.
+#[derive(Debug)]
+enum BodyOutcome {
+    /// West answered with an ERROR frame of this refusal.
+    Refused(meshfed_gateway::tunnel::frame::Refusal),
+    /// West reset the stream at the OPEN timeout: its OPEN never arrived,
+    /// stuck behind the peer's own stalled bodies in the connection's
+    /// flow-control window.
+    HeadTimeout,
+    /// No answer: the body is in flight to the backend.
+    Pending,
+    /// Anything else (a reset, a response, a closed connection), described.
+    Other(String),
+}
+
+impl BodyOutcome {
+    fn describe(&self) -> String {
+        match self {
+            BodyOutcome::Refused(r) => format!("refused: {}", r.reason()),
+            BodyOutcome::HeadTimeout => "reset at the OPEN timeout".into(),
+            BodyOutcome::Pending => "no answer".into(),
+            BodyOutcome::Other(what) => what.clone(),
+        }
+    }
+}
+
+/// Issue 21, item 9 (second half): an authenticated peer (a declared
+/// cluster's second gateway certificate) opens 10,000 streams to west, each
+/// a `POST` whose body never ends (its first 16 KiB, then never a FIN) to a backend
+/// that accepts it and never reads, against west under the shipped 128 MiB
+/// limit. Before the fix west moved the bodies into its own buffers until
+/// it was OOM-killed. Now west keeps at most `DEFAULT_PEER_BODIES` of one
+/// peer's request bodies in flight and refuses the rest at once
+/// (`Overloaded`, counted `reason="body-limit"`), or, if a stream's OPEN
+/// cannot arrive (stuck behind the peer's own stalled data in its
+/// flow-control window), resets it at the OPEN timeout: no stream beyond the
+/// budget hangs unanswered. West
+/// stays under the limit with margin, ready, and serves east's callers (a
+/// GET and a POST) during the attack and after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_endless_bodies_of_a_peer_fit_the_memory_limit_and_the_excess_is_refused() {
+    use meshfed_gateway::proxy::HEAD_TIMEOUT;
+    use meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES;
+    use meshfed_gateway::proxy::inbound::HEAD_TIMEOUT_RESET;
+    use meshfed_gateway::tunnel::frame::{self, Refusal};
+
+    let cg = MemoryCgroup::require("endless-bodies", GATEWAY_LIMIT);
+    let (backend, _b) = stuck_backend().await;
+    let in_cgroup = Launch {
+        prefix: cg.prefix(),
+        ..Launch::default()
+    };
+    let (dir, east, west) = two_clusters_launched(
+        "ratings",
+        backend,
+        vec![],
+        "",
+        &Launch::default(),
+        &in_cgroup,
+    );
+    let pki = Pki {
+        dir: dir.path().to_path_buf(),
+    };
+    east.wait_links("west", 1);
+    west.wait_links("east", 1);
+    assert_eq!(call(&east), 200, "east reaches west before the attack");
+    assert_eq!(post(&east), 200, "east POSTs to west before the attack");
+    let baseline = rss(&west).0;
+
+    let creds = peer::creds_from_dir(&pki.gateway("east", "gw-9"));
+    let endpoint = peer::client(creds, ALPN, false);
+    let conn = peer::connect(&endpoint, west.tunnel, "west")
+        .await
+        .expect("the attacker's certificate is valid: west must accept it");
+    let mut open = peer::get_open(SERVICE, "ratings");
+    if let Frame::Open(o) = &mut open
+        && let Some(h) = o.http.as_mut()
+    {
+        h.method = http::Method::POST;
+        h.path = "/stuck".into();
+    }
+    const CHUNK: usize = 16 << 10;
+    let mut data = frame::data_header(CHUNK).to_vec();
+    data.resize(data.len() + CHUNK, b'x');
+    let mut first = peer::encode(&open);
+    first.extend_from_slice(&data);
+    let first = bytes::Bytes::from(first);
+
+    // Every stream writes until west stops it, and waits for its answer,
+    // until well past the OPEN timeout.
+    let started = tokio::time::Instant::now();
+    let answer_by = started + meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(15));
+    let mut streams = Vec::with_capacity(ENDLESS_BODIES);
+    for _ in 0..ENDLESS_BODIES {
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(Duration::from_secs(2), conn.open_bi()).await
+        else {
+            break;
+        };
+        let first = first.clone();
+        streams.push(tokio::spawn(async move {
+            let writer = async {
+                if send.write_all(&first).await.is_err() {
+                    return;
+                }
+                // The body never ends: no more chunks, never a FIN.
+                std::future::pending::<()>().await
+            };
+            let reader = async {
+                let mut buf = bytes::BytesMut::new();
+                loop {
+                    match frame::decode(&mut buf) {
+                        Ok(Some(Frame::Error(e))) => return BodyOutcome::Refused(e.refusal),
+                        Ok(Some(f)) => return BodyOutcome::Other(format!("{f:?}")),
+                        Ok(None) => {}
+                        Err(e) => return BodyOutcome::Other(format!("undecodable answer: {e}")),
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match recv.read(&mut chunk).await {
+                        Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                        Ok(None) => return BodyOutcome::Other("finished, no answer".into()),
+                        Err(quinn::ReadError::Reset(code)) if code == HEAD_TIMEOUT_RESET => {
+                            return BodyOutcome::HeadTimeout;
+                        }
+                        Err(e) => return BodyOutcome::Other(format!("{e}")),
+                    }
+                }
+            };
+            let (_, outcome) = tokio::join!(
+                tokio::time::timeout_at(answer_by, writer),
+                tokio::time::timeout_at(answer_by, reader)
+            );
+            // Held open until the test ends.
+            (outcome.unwrap_or(BodyOutcome::Pending), send, recv)
+        }));
+    }
+    let opened = streams.len();
+    let open_for = started.elapsed();
+    assert_eq!(
+        opened, ENDLESS_BODIES,
+        "the peer could not open its streams"
+    );
+
+    // Once west has refused or timed out every stream past the budget
+    // (or died trying), while the bodies in it are held: west lives, is
+    // ready and serves east's callers.
+    let counted = |reason: &str| west.metric("meshfed_refusals_total", &["\"stream\"", reason]);
+    meshfed_tests::assert_eventually(
+        "west refuses or times out every stream past the budget",
+        meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(10)),
+        || {
+            counted("body-limit") + counted("head-timeout")
+                >= opened.saturating_sub(DEFAULT_PEER_BODIES) as f64
+                || cg.oom_kills() > 0
+                || !alive(&west)
+        },
+    );
+    assert!(
+        alive(&west) && cg.oom_kills() == 0,
+        "west was OOM-killed by {opened} endless bodies (cgroup peak {}); log:\n{}",
+        Mib(cg.peak()),
+        west.log_tail()
+    );
+    assert_eq!(
+        west.admin_get("/readyz"),
+        "ready\n",
+        "west is not ready during the attack"
+    );
+    assert_eq!(
+        call(&east),
+        200,
+        "east's GET is not served during the attack"
+    );
+    assert_eq!(
+        post(&east),
+        200,
+        "east's POST is not served during the attack"
+    );
+    let in_flight_peak = rss(&west).1;
+
+    let mut held = Vec::with_capacity(opened);
+    let (mut refused, mut timed_out, mut pending, mut other) = (0usize, 0usize, 0usize, Vec::new());
+    for s in streams {
+        let (outcome, send, recv) = s.await.unwrap();
+        match outcome {
+            BodyOutcome::Refused(Refusal::Overloaded) => refused += 1,
+            BodyOutcome::HeadTimeout => timed_out += 1,
+            BodyOutcome::Pending => pending += 1,
+            o => other.push(o),
+        }
+        held.push((send, recv));
+    }
+    let (now, peak) = rss(&west);
+    eprintln!(
+        "endless bodies: {opened} streams opened in {open_for:?}; {refused} refused \
+         (Overloaded), {timed_out} reset at the OPEN timeout, {pending} in flight, {} other \
+         (e.g. {:?}); west RSS baseline {}, peak {} (with the bodies held: {}), now {}; \
+         cgroup peak {} (limit {}); OOM kills {}",
+        other.len(),
+        other.first().map(BodyOutcome::describe),
+        Mib(baseline),
+        Mib(peak),
+        Mib(in_flight_peak),
+        Mib(now),
+        Mib(cg.peak()),
+        Mib(GATEWAY_LIMIT),
+        cg.oom_kills(),
+    );
+    assert_eq!(
+        cg.oom_kills(),
+        0,
+        "west was OOM-killed by {opened} endless bodies (cgroup peak {}); log:\n{}",
+        Mib(cg.peak()),
+        west.log_tail()
+    );
+    assert!(alive(&west), "west died: {}", west.log_tail());
+    assert!(
+        cg.peak() < GATEWAY_LIMIT / 8 * 7,
+        "west's cgroup peak {} is within 1/8 of its limit {}",
+        Mib(cg.peak()),
+        Mib(GATEWAY_LIMIT)
+    );
+    assert!(
+        pending <= DEFAULT_PEER_BODIES,
+        "{pending} bodies of one peer in flight at once, over the budget {DEFAULT_PEER_BODIES}"
+    );
+    assert!(
+        other.is_empty(),
+        "{} streams were neither refused, reset at the OPEN timeout nor in flight, e.g. {:?}",
+        other.len(),
+        other.first().map(BodyOutcome::describe)
+    );
+    assert!(refused > 0, "no body was refused for the budget");
+    assert_eq!(
+        counted("body-limit"),
+        refused as f64,
+        "body-limit refusals counted for {refused} refused streams"
+    );
+    assert_eq!(
+        call(&east),
+        200,
+        "east's GET is not served after the attack"
+    );
+    assert_eq!(
+        post(&east),
+        200,
+        "east's POST is not served after the attack"
+    );
+    drop(held);
+    conn.close(0u32.into(), b"done");
+}

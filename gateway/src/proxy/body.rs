@@ -8,14 +8,18 @@
 //! across the hop.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame as BodyFrame};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use quinn::{RecvStream, SendStream};
 
+use super::budget::{BodyBudget, BodyPermit, OverBudget};
 use crate::tunnel::frame::{self, Frame, Refusal};
 use crate::tunnel::link::StreamGuard;
 
@@ -49,15 +53,78 @@ pub enum BodyError {
     Refused(frame::StreamError),
     #[error("unexpected frame in a body")]
     Unexpected,
+    #[error("request body refused: {0}")]
+    OverBudget(OverBudget),
 }
 
 /// A body read from DATA and TRAILERS frames on a QUIC stream.
+///
+/// A DATA frame is handed on a part at a time, as its bytes arrive, so the
+/// body never buffers a whole frame (up to [`frame::MAX_DATA_FRAME`], 1 MiB,
+/// which a peer could otherwise make every stream hold).
 pub struct TunnelBody {
     recv: RecvStream,
     buf: BytesMut,
+    /// Payload bytes of the DATA frame being read that have not arrived.
+    data_left: usize,
     done: bool,
     _guard: Option<StreamGuard>,
+    gate: Option<Box<Gate>>,
 }
+
+/// What holds a peer's request body to the budget of bodies in flight
+/// ([`super::budget`]) and to one chunk in the endpoint connection's hands
+/// at a time.
+struct Gate {
+    budget: BodyBudget,
+    peer: Arc<str>,
+    permit: Option<BodyPermit>,
+    refused: Arc<OnceLock<OverBudget>>,
+    held: Arc<Held>,
+}
+
+/// Whether the chunk last handed out is still held by its reader (hyper,
+/// until the bytes are written to the endpoint's socket).
+#[derive(Default)]
+struct Held {
+    out: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Held {
+    /// True when no chunk is held; else the task is woken once it is let go.
+    fn poll_free(&self, cx: &Context<'_>) -> bool {
+        if !self.out.load(Ordering::Acquire) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        !self.out.load(Ordering::Acquire)
+    }
+}
+
+/// A chunk that tells its [`Held`] when the last reference to it goes.
+struct Tracked {
+    chunk: Bytes,
+    held: Arc<Held>,
+}
+
+impl AsRef<[u8]> for Tracked {
+    fn as_ref(&self) -> &[u8] {
+        &self.chunk
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.held.out.store(false, Ordering::Release);
+        self.held.waker.wake();
+    }
+}
+
+/// Read buffer of a body: 64 KiB for throughput, 16 KiB for a peer's
+/// request body, whose memory a peer controls (many may stall at once).
+const READ_BUFFER: usize = 64 * 1024;
+const GATED_READ_BUFFER: usize = 16 * 1024;
 
 impl std::fmt::Debug for TunnelBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,8 +140,144 @@ impl TunnelBody {
         TunnelBody {
             recv,
             buf,
+            data_left: 0,
             done: false,
             _guard: guard,
+            gate: None,
+        }
+    }
+
+    /// A peer's request body, held to `budget` as `peer` (its SPIFFE ID):
+    /// it takes a place at its first byte of data (or holds `permit`,
+    /// taken already) and gives it back at its end. Past the budget it
+    /// fails with [`BodyError::OverBudget`], also left in the returned
+    /// cell. It reads 16 KiB at a time and hands on one chunk at a time, so
+    /// a stalled body holds at most about 16 KiB here.
+    pub fn gated(
+        recv: RecvStream,
+        buf: BytesMut,
+        budget: BodyBudget,
+        peer: Arc<str>,
+        permit: Option<BodyPermit>,
+    ) -> (Self, Arc<OnceLock<OverBudget>>) {
+        let refused = Arc::new(OnceLock::new());
+        let mut body = TunnelBody::new(recv, buf, None);
+        body.gate = Some(Box::new(Gate {
+            budget,
+            peer,
+            permit,
+            refused: refused.clone(),
+            held: Arc::default(),
+        }));
+        (body, refused)
+    }
+
+    /// Hands on a chunk of data, taking a place in the budget first.
+    fn admit(&mut self, chunk: Bytes) -> Result<BodyFrame<Bytes>, BodyError> {
+        let Some(g) = self.gate.as_mut() else {
+            return Ok(BodyFrame::data(chunk));
+        };
+        if g.permit.is_none() {
+            match g.budget.try_acquire(&g.peer) {
+                Ok(p) => g.permit = Some(p),
+                Err(e) => {
+                    let _ = g.refused.set(e);
+                    self.done = true;
+                    return Err(BodyError::OverBudget(e));
+                }
+            }
+        }
+        g.held.out.store(true, Ordering::Release);
+        let held = g.held.clone();
+        Ok(BodyFrame::data(Bytes::from_owner(Tracked { chunk, held })))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, BodyError>>> {
+        if let Some(g) = &self.gate
+            && !g.held.poll_free(cx)
+        {
+            return Poll::Pending;
+        }
+        loop {
+            // Inside a DATA frame: hand on what has arrived of it.
+            if self.data_left > 0 && !self.buf.is_empty() {
+                let n = self.data_left.min(self.buf.len());
+                self.data_left -= n;
+                let chunk = self.buf.split_to(n).freeze();
+                return Poll::Ready(Some(self.admit(chunk)));
+            }
+            if self.data_left == 0 {
+                match frame::data_len(&self.buf) {
+                    Ok(Some(len)) => {
+                        self.buf.advance(frame::FRAME_HEADER);
+                        self.data_left = len;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+                match frame::decode(&mut self.buf) {
+                    Ok(Some(Frame::Data(b))) => {
+                        if b.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(self.admit(b)));
+                    }
+                    Ok(Some(Frame::Trailers(t))) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Ok(BodyFrame::trailers(t))));
+                    }
+                    Ok(Some(Frame::Error(e))) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(BodyError::Refused(e))));
+                    }
+                    Ok(Some(_)) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(BodyError::Unexpected)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+            }
+            let size = if self.gate.is_some() {
+                GATED_READ_BUFFER
+            } else {
+                READ_BUFFER
+            };
+            if self.buf.capacity() - self.buf.len() < size / 4 {
+                self.buf.reserve(size);
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.recv),
+                cx,
+                &mut self.buf
+            ));
+            match n {
+                Ok(0) => {
+                    self.done = true;
+                    if self.buf.is_empty() && self.data_left == 0 {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(BodyError::Read(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "stream ended inside a frame",
+                    )))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
         }
     }
 }
@@ -91,58 +294,14 @@ impl Body for TunnelBody {
         if this.done {
             return Poll::Ready(None);
         }
-        loop {
-            match frame::decode(&mut this.buf) {
-                Ok(Some(Frame::Data(b))) => {
-                    if b.is_empty() {
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(BodyFrame::data(b))));
-                }
-                Ok(Some(Frame::Trailers(t))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(BodyFrame::trailers(t))));
-                }
-                Ok(Some(Frame::Error(e))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(BodyError::Refused(e))));
-                }
-                Ok(Some(_)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(BodyError::Unexpected)));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-            }
-            if this.buf.capacity() - this.buf.len() < 16 * 1024 {
-                this.buf.reserve(64 * 1024);
-            }
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.recv),
-                cx,
-                &mut this.buf
-            ));
-            match n {
-                Ok(0) => {
-                    this.done = true;
-                    if this.buf.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Err(BodyError::Read(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "stream ended inside a frame",
-                    )))));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-            }
+        let r = this.poll_next(cx);
+        // An ended body gives its place back at once, not when hyper drops it.
+        if this.done
+            && let Some(g) = this.gate.as_mut()
+        {
+            g.permit = None;
         }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -152,8 +311,13 @@ impl Body for TunnelBody {
 
 /// Reads the first frame of a stream (a head: OPEN, RESPONSE, ACCEPT or
 /// ERROR). Returns it with whatever bytes followed it.
+///
+/// The buffer starts at 1 KiB, which holds a usual head, and grows to what
+/// a bigger one declares: a peer may open 10,000 streams at once and fill
+/// each buffer with its body's first bytes, so its first size is paid
+/// 10,000 times (4 KiB was 40 MB of a 128 MiB gateway).
 pub async fn read_head(recv: &mut RecvStream) -> Result<(Frame, BytesMut), BodyError> {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some(f) = frame::decode(&mut buf)? {
             return Ok((f, buf));
@@ -289,6 +453,8 @@ impl CallerFault {
                     }
                     BodyError::Refused(_) => CallerFault::Aborted,
                     BodyError::Frame(_) | BodyError::Unexpected => CallerFault::Malformed,
+                    // Refused here, not the endpoint's fault either.
+                    BodyError::OverBudget(_) => CallerFault::Aborted,
                 };
             }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {

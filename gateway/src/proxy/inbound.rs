@@ -5,7 +5,8 @@
 //! ERROR frame, which the source turns into a status and an
 //! `x-meshfed-error` header, when the service is not exported from this
 //! cluster, when no local endpoint fits the subset, or when the endpoint
-//! cannot be reached.
+//! cannot be reached, or (`Overloaded`) when its request body does not fit
+//! the budget of peers' bodies in flight ([`super::budget`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -293,9 +294,21 @@ async fn serve_http(
         }
         crate::trace::inject(h);
     }
-    let tunnel_body = TunnelBody::new(recv, rest, None)
-        .map_err(Into::into)
-        .boxed_unsync();
+    // The request body is held to the budget of peers' bodies in flight
+    // (proxy::budget). One that has started already takes its place now,
+    // so that past the budget it is refused before the endpoint sees it;
+    // any other takes one at its first byte.
+    let peer_id: Arc<str> = peer.id.as_str().into();
+    let permit = if rest.is_empty() {
+        None
+    } else {
+        match state.bodies.try_acquire(&peer_id) {
+            Ok(p) => Some(p),
+            Err(e) => return over_budget(state, peer, open, e, send, start).await,
+        }
+    };
+    let (tunnel_body, over) = TunnelBody::gated(recv, rest, state.bodies.clone(), peer_id, permit);
+    let tunnel_body = tunnel_body.map_err(Into::into).boxed_unsync();
     let Ok(req) = req.body(tunnel_body) else {
         return refuse(&mut send, Refusal::BadRequest, "invalid request head").await;
     };
@@ -331,6 +344,11 @@ async fn serve_http(
                 tracing::debug!(error = %e, "response body to peer failed");
             }
         }
+        Err(_) if over.get().is_some() => {
+            if let Some(e) = over.get() {
+                over_budget(state, peer, open, *e, send, start).await;
+            }
+        }
         Err(e) => {
             let r = e.refusal();
             let (code, reason) = e.recorded();
@@ -353,6 +371,31 @@ async fn serve_http(
             }
         }
     }
+}
+
+/// Refuses a stream whose request body does not fit the budget of peers'
+/// bodies in flight: `Overloaded` (a `503` at the source, which may retry
+/// elsewhere), counted `reason="body-limit"`.
+async fn over_budget(
+    state: &Gateway,
+    peer: &PeerInfo,
+    open: &Open,
+    e: super::budget::OverBudget,
+    mut send: SendStream,
+    start: Instant,
+) {
+    let r = Refusal::Overloaded;
+    state.metrics.refused("stream", "body-limit");
+    record(
+        state,
+        peer,
+        open,
+        r.http_status().as_u16(),
+        "body-limit",
+        start,
+    );
+    tracing::debug!(peer = %peer.id, service = %open.service, "request body refused: {e}");
+    refuse(&mut send, r, e.to_string()).await;
 }
 
 /// Why a stream is not served: denied by authorization, or a path that

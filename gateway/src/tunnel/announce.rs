@@ -24,9 +24,6 @@ use crate::discovery::{Endpoint, EndpointSet};
 /// may export, so that a valid snapshot never has more.
 pub const MAX_SERVICES: usize = meshfed_policy::validate::exports::MAX_EXPORTED_SERVICES;
 
-/// Services left out of announcements since start, because a snapshot
-/// (from a syncer older than the export limit) exported more than
-/// [`MAX_SERVICES`]; each such build is also logged.
 /// Most services a received announcement may list: the wire limit of
 /// earlier releases, above [`MAX_SERVICES`], so that a peer one release
 /// older is still read (the 1 MiB frame bounds the work either way).
@@ -35,7 +32,13 @@ pub const MAX_DECODED_SERVICES: usize = 10_000;
 /// less room for the other fields (a cluster name and a commit SHA) and the
 /// frame header.
 const MAX_SERVICES_BYTES: usize = super::frame::MAX_DATA_FRAME - 4096;
-pub static SERVICES_LEFT_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Services left out of announcements since start, because a snapshot
+/// (from a syncer older than the export limit) exported more than fits
+/// ([`MAX_SERVICES`], or one frame); each such build is also logged.
+/// Exported as `meshfed_announcement_services_left_out_total`
+/// ([`crate::metrics`]).
+pub static SERVICES_LEFT_OUT: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
 /// Most label groups per service.
 pub const MAX_GROUPS: usize = 64;
 /// Label keys never worth announcing: they are unique per pod and would
@@ -111,7 +114,7 @@ impl Announcement {
             services.insert(host.to_string(), groups);
         }
         if left_out > 0 {
-            SERVICES_LEFT_OUT.fetch_add(left_out, std::sync::atomic::Ordering::Relaxed);
+            SERVICES_LEFT_OUT.inc_by(left_out);
             tracing::warn!(
                 announced = services.len(),
                 left_out,
@@ -297,7 +300,7 @@ mod tests {
                 vec![pod(i as u16, &app, "v1"), pod(i as u16, &app, "v1")],
             );
         }
-        let before = SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed);
+        let before = SERVICES_LEFT_OUT.get();
         let a = Announcement::build(
             1,
             "west",
@@ -307,10 +310,7 @@ mod tests {
             hosts.iter().map(String::as_str),
         );
         assert_eq!(a.services.len(), MAX_SERVICES, "services were left out");
-        assert_eq!(
-            SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed),
-            before
-        );
+        assert_eq!(SERVICES_LEFT_OUT.get(), before);
         let len = encoded_frame_len(&a).expect("the announcement fits one frame");
         assert!(len <= super::super::frame::MAX_DATA_FRAME);
     }
@@ -331,7 +331,7 @@ mod tests {
                 .collect();
             set.insert(h.clone(), eps);
         }
-        let before = SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed);
+        let before = SERVICES_LEFT_OUT.get();
         let a = Announcement::build(
             1,
             "west",
@@ -340,7 +340,7 @@ mod tests {
             &set,
             hosts.iter().map(String::as_str),
         );
-        let left_out = SERVICES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed) - before;
+        let left_out = SERVICES_LEFT_OUT.get() - before;
         assert!(!a.services.is_empty());
         assert_eq!(
             a.services.len() as u64 + left_out,
@@ -349,6 +349,17 @@ mod tests {
         );
         assert!(left_out > 0);
         encoded_frame_len(&a).expect("what was kept fits one frame");
+        // The count is exported (other tests may add to it meanwhile).
+        let scraped = crate::metrics::Metrics::new().encode(&[]);
+        let exported: u64 = scraped
+            .lines()
+            .find_map(|l| l.strip_prefix("meshfed_announcement_services_left_out_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the left-out count is not in /metrics:\n{scraped}"));
+        assert!(
+            exported >= before + left_out,
+            "/metrics says {exported} left out, this build alone left out {left_out}"
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub const MAX_DATA_FRAME: usize = 1024 * 1024;
 /// Most fields in one header block.
 pub const MAX_FIELDS: usize = 512;
 
-const FRAME_HEADER: usize = 5;
+/// Bytes of a frame's header: its type and its payload's length.
+pub const FRAME_HEADER: usize = 5;
 
 mod ty {
     pub(super) const OPEN: u8 = 0x01;
@@ -425,6 +426,25 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// The payload length of the DATA frame whose header starts `buf`:
+/// `Ok(None)` when `buf` does not start with a whole DATA header (too
+/// short, or another frame type). It lets a body be read a part of a frame
+/// at a time, so that a reader never buffers a whole 1 MiB frame.
+pub fn data_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    if buf.len() < FRAME_HEADER || buf[0] != ty::DATA {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len > MAX_DATA_FRAME {
+        return Err(FrameError::TooLarge {
+            ty: ty::DATA,
+            len,
+            limit: MAX_DATA_FRAME,
+        });
+    }
+    Ok(Some(len))
 }
 
 /// Decodes one frame from the front of `buf`, consuming it. Returns
