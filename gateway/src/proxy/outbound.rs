@@ -1615,19 +1615,28 @@ pub async fn tcp_proxy<S>(
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        let mut candidates =
-            crate::discovery::healthy(endpoints, &target.service, &target.selector);
-        candidates.retain(|e| crate::discovery::service_entry::for_port(e, target.port));
-        let Some((addr, _inflight)) = state.upstream.pick(&candidates) else {
+        // The one way to a local endpoint (proxy::upstream), as the inbound
+        // path and HTTP go: the DestinationRule's balancer and ejections,
+        // then `tcp.maxConnections` and `connectTimeout`.
+        let dest = super::upstream::Dest {
+            service: &target.service,
+            subset: target.subset.as_deref(),
+            port: target.port,
+            selector: &target.selector,
+        };
+        let Some(picked) = state.upstream.choose(active, endpoints, &dest) else {
+            state.metrics.refused("listener", "no-healthy-endpoint");
             return;
         };
-        let Ok(Ok(mut upstream)) =
-            tokio::time::timeout(super::upstream::CONNECT_TIMEOUT, TcpStream::connect(addr)).await
-        else {
-            state.metrics.refused("listener", "connect-failed");
-            return;
+        let (mut upstream, _slot) = match state.upstream.connect_tcp(picked).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                let reason = e.refusal().reason();
+                state.metrics.refused("listener", reason);
+                tracing::info!(%host, reason, error = %e, "TCP to a local endpoint failed; closing");
+                return;
+            }
         };
-        let _ = upstream.set_nodelay(true);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((a, b)) => (a, b),
             Err(_) => (0, 0),
