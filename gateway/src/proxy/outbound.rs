@@ -977,7 +977,7 @@ pub(super) enum TryError {
     /// An answer a gateway made itself, passed on as it is: the destination
     /// gateway's own response (its pool's overflow 503 carries headers an
     /// ERROR frame cannot), or this gateway's authorization denial.
-    Made(Response<ProxyBody>),
+    Made(Box<Response<ProxyBody>>),
 }
 
 impl TryError {
@@ -1004,7 +1004,7 @@ impl TryError {
                 refusal, message, ..
             } => error_response(refusal, &message, grpc),
             TryError::Upstream(e) => e.response(grpc),
-            TryError::Made(r) => r,
+            TryError::Made(r) => *r,
         }
     }
 }
@@ -1353,7 +1353,7 @@ pub(super) async fn forward_local(
         req,
     ) {
         Ok(req) => req,
-        Err(denied) => return Err(TryError::Made(denied)),
+        Err(denied) => return Err(TryError::Made(Box::new(denied))),
     };
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
     let dest = super::upstream::Dest {
@@ -1566,7 +1566,7 @@ fn remote_response(
             // The destination gateway's own answer names its reason (a
             // backend's copy of the header was removed there).
             if resp.headers().contains_key(ERROR_HEADER) {
-                Err(TryError::Made(resp))
+                Err(TryError::Made(Box::new(resp)))
             } else {
                 Ok(resp)
             }
