@@ -36,6 +36,17 @@ fn gateway(
     policy: &str,
     endpoints: Vec<LabeledEndpoint<'_>>,
 ) -> GatewayProcess {
+    gateway_with(dir, pki, policy, endpoints, vec![])
+}
+
+/// [`gateway`] with more command-line arguments.
+fn gateway_with(
+    dir: &Path,
+    pki: &Pki,
+    policy: &str,
+    endpoints: Vec<LabeledEndpoint<'_>>,
+    extra_args: Vec<String>,
+) -> GatewayProcess {
     let policy_dir = dir.join("policy");
     std::fs::create_dir_all(&policy_dir).unwrap();
     std::fs::write(policy_dir.join("ratings.yaml"), policy).unwrap();
@@ -49,7 +60,7 @@ fn gateway(
         discovery: Some(eps),
         tunnel_port: free_udp_port(),
         work_dir: dir.to_path_buf(),
-        extra_args: vec![],
+        extra_args,
     })
 }
 
@@ -453,4 +464,196 @@ async fn simple_tls_verifies_the_endpoint_against_ca_certificates_and_the_sni() 
     // too: the server's workload certificate passes the mesh rules.
     let (status, body, _) = get(gw.outbound, &[("x-subset", "needs-mtls")]).await;
     assert_eq!((status, body.as_str()), (200, "tls-ok"));
+}
+
+// TCP from this gateway's own listener to a local endpoint goes the way HTTP
+// and streams from peers go: the DestinationRule's balancer and ejections,
+// then `tcp.maxConnections` and `connectTimeout`.
+
+/// The mapped port for opaque TCP to `ratings` port 7.
+const TCP_MAP: &str = "0=ratings.default:7";
+
+/// [`gateway`] with `ratings:7` mapped to a port of its own (opaque TCP, no
+/// detection); returns the gateway and that port's address.
+fn tcp_gateway(
+    dir: &Path,
+    policy: &str,
+    endpoints: Vec<LabeledEndpoint<'_>>,
+) -> (GatewayProcess, SocketAddr) {
+    let pki = Pki::new(dir);
+    let gw = gateway_with(
+        dir,
+        &pki,
+        policy,
+        endpoints,
+        vec!["--tcp-port-map".into(), TCP_MAP.into()],
+    );
+    let mapped = gw.ready["tcp:ratings.default:7"];
+    (gw, mapped)
+}
+
+/// A TCP echo server that counts the connections it accepted.
+async fn tcp_echo() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// What a TCP connection through `via` gets back for `msg`: `Some` with the
+/// echo, or `None` when the gateway closed it without one.
+async fn tcp_exchange(via: SocketAddr, msg: &[u8]) -> (Option<Vec<u8>>, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(via).await.unwrap();
+    // The gateway may close before or after the write lands.
+    let _ = s.write_all(msg).await;
+    let mut back = vec![0u8; msg.len()];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("neither an echo nor a close within 10 s");
+    (read.ok().map(|_| back), s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_tcp_to_a_local_endpoint_is_refused_beyond_max_connections() {
+    let (echo, accepted) = tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, mapped) = tcp_gateway(
+        dir.path(),
+        &dr("    connectionPool: {tcp: {maxConnections: 1}}\n"),
+        vec![(echo, vec![])],
+    );
+    let (first, held) = tcp_exchange(mapped, b"first").await;
+    assert_eq!(first.as_deref(), Some(&b"first"[..]));
+    // The one connection the pool allows is held: the next is refused.
+    let (second, _) = tcp_exchange(mapped, b"second").await;
+    assert_eq!(second, None, "a second connection reached the endpoint");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        gw.metric(
+            "meshfed_upstream_overflow_total",
+            &[SERVICE, "maxConnections"]
+        ),
+        1.0
+    );
+    // Closed, the first frees its slot.
+    drop(held);
+    let deadline = Instant::now() + meshfed_tests::patient(Duration::from_secs(10));
+    while tcp_exchange(mapped, b"third").await.0.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no connection admitted after the first closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_tcp_passes_over_an_ejected_local_endpoint() {
+    let (good, accepted) = tcp_echo().await;
+    // An address nothing listens on: every connection to it is refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, mapped) = tcp_gateway(
+        dir.path(),
+        &dr(
+            "    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}\n",
+        ),
+        vec![(good, vec![]), (dead, vec![])],
+    );
+    // Round robin tries the dead endpoint within two connections; its
+    // refused connect ejects it, and no later connection goes there.
+    let mut failed = 0;
+    for i in 0..20u8 {
+        let (echo, _) = tcp_exchange(mapped, &[b'a' + i]).await;
+        if echo.is_none() {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1, "connections sent to the ejected endpoint");
+    assert_eq!(accepted.load(Ordering::SeqCst), 19);
+    assert_eq!(
+        gw.metric(
+            "meshfed_outlier_ejections_total",
+            &[SERVICE, "consecutive_5xx"]
+        ),
+        1.0
+    );
+    assert!(gw.admin_get("/config_dump").contains(&dead.to_string()));
+}
+
+/// A listener on loopback whose accept queue is full, and stays full: the
+/// kernel drops further SYNs, so a connect to it neither completes nor is
+/// refused (a blackhole, without leaving the machine). Returns the address
+/// and what must stay alive.
+async fn blackhole() -> (
+    SocketAddr,
+    Vec<tokio::net::TcpStream>,
+    tokio::net::TcpListener,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("cannot fill the accept queue of {addr}: {e}"),
+            // A connect that hangs: the queue is full.
+            Err(_) => return (addr, fillers, listener),
+        }
+    }
+    panic!(
+        "the accept queue of {addr} never filled after 8 connections (backlog 0): \
+         cannot build a blackhole on loopback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_outbound_tcp_to_a_blackholed_local_endpoint_fails_at_the_connect_timeout() {
+    let (hole, _fillers, _listener) = blackhole().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 300 ms, well under the 2 s default a connection would wait without
+    // the DestinationRule.
+    let (gw, mapped) = tcp_gateway(
+        dir.path(),
+        &dr("    connectionPool: {tcp: {connectTimeout: 300ms}}\n"),
+        vec![(hole, vec![])],
+    );
+    let start = Instant::now();
+    let (echo, _) = tcp_exchange(mapped, b"hello").await;
+    let took = start.elapsed();
+    assert_eq!(echo, None);
+    assert!(
+        took >= Duration::from_millis(280),
+        "closed after {took:?}, before the connect timeout"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "closed after {took:?}: the 300 ms connectTimeout was not applied"
+    );
+    assert_eq!(
+        gw.metric("meshfed_refusals_total", &["listener", "connect-failed"]),
+        1.0
+    );
 }

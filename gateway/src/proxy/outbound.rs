@@ -597,11 +597,11 @@ async fn route_and_forward(
         labels: labels.as_ref(),
     };
     let Some(mut target) = route::http_target_from(&active, &info, &source, &endpoints, 80) else {
-        let r = error_response(
+        let r = TryError::refused(
             Refusal::NoRoute,
-            &format!("no service or route for `{authority}`"),
-            grpc,
-        );
+            format!("no service or route for `{authority}`"),
+        )
+        .respond(grpc);
         record(&state, &r, "", "", start, grpc);
         return r;
     };
@@ -622,15 +622,15 @@ async fn route_and_forward(
         &remote,
         &[],
     ) else {
-        let r = error_response(
+        let r = TryError::refused(
             Refusal::NoHealthyEndpoint,
-            &format!(
+            format!(
                 "no cluster has a healthy endpoint for {}{}",
                 target.service,
                 subset_note(&target)
             ),
-            grpc,
-        );
+        )
+        .respond(grpc);
         record(&state, &r, &target.service, "", start, grpc);
         return r;
     };
@@ -720,7 +720,8 @@ async fn route_and_forward(
         .filter(|_| retries.is_some())
         .map(|b| (clone_head(&parts), b));
     // A bodiless idempotent request whose link dies before its answer may
-    // be replayed once in another cluster, policy or not (LinkDied).
+    // be replayed once in another cluster, policy or not (a link_died
+    // TryError).
     let replay_head = (is_idempotent(&parts.method) && http_body::Body::is_end_stream(&body))
         .then(|| clone_head(&parts));
     let mut replayed = false;
@@ -744,7 +745,7 @@ async fn route_and_forward(
         loop {
             let Some(this) = req.take() else {
                 break (
-                    error_response(Refusal::Internal, "no request to send", grpc),
+                    Err(TryError::refused(Refusal::Internal, "no request to send")),
                     cluster,
                 );
             };
@@ -763,29 +764,30 @@ async fn route_and_forward(
                     .await
                 } else {
                     forward_remote(
-                        &state, &active, &caller, &cluster, &target, &authority, this, grpc,
+                        &state, &active, &caller, &cluster, &target, &authority, this,
                     )
                     .await
                 }
             };
-            let resp = match per_try {
-                Some(d) => tokio::time::timeout(d, once)
-                    .await
-                    .unwrap_or_else(|_| error_response(Refusal::Timeout, "per-try timeout", grpc)),
+            let tried = match per_try {
+                Some(d) => tokio::time::timeout(d, once).await.unwrap_or_else(|_| {
+                    Err(TryError::refused(Refusal::Timeout, "per-try timeout"))
+                }),
                 None => once.await,
             };
+            let seen = Seen::of(&tried, grpc);
             // A peer killed under load: calls on its link fail until the
             // link is declared dead (under a second). A bodiless idempotent
             // one that died with its link, and that no retry policy would
             // try again, goes once to the next cluster that can serve it
             // (within the route timeout, which bounds this whole loop).
             let policy_retries = retries.is_some_and(|p| {
-                head.is_some() && attempt < p.attempts && retriable(&resp, &p.retry_on)
+                head.is_some() && attempt < p.attempts && seen.retriable(&p.retry_on)
             });
             if !replayed
                 && !policy_retries
                 && let Some(h) = replay_head.as_ref()
-                && resp.extensions().get::<LinkDied>().is_some()
+                && seen.link_died
             {
                 if !failed.contains(&cluster) {
                     failed.push(cluster.clone());
@@ -811,18 +813,18 @@ async fn route_and_forward(
                 }
             }
             let (Some(policy), Some(head)) = (retries, head.as_ref()) else {
-                break (resp, cluster);
+                break (tried, cluster);
             };
-            if attempt >= policy.attempts || !retriable(&resp, &policy.retry_on) {
-                if resp.status().is_server_error() {
+            if attempt >= policy.attempts || !seen.retriable(&policy.retry_on) {
+                if seen.status >= 500 {
                     tracing::debug!(
-                        status = resp.status().as_u16(),
-                        reason = retry_reason(&resp),
+                        status = seen.status,
+                        reason = seen.label(),
                         attempt,
                         "not retried"
                     );
                 }
-                break (resp, cluster);
+                break (tried, cluster);
             }
             attempt += 1;
             crate::trace::retry();
@@ -832,7 +834,7 @@ async fn route_and_forward(
             tokio::time::sleep(backoff).await;
             // The budget counts retries in flight, not those backing off.
             _retry_slot = None;
-            let broken = path_failed(&resp);
+            let broken = seen.path_failed();
             if broken && !failed.contains(&cluster) {
                 failed.push(cluster.clone());
             }
@@ -854,16 +856,15 @@ async fn route_and_forward(
             // adds nothing there (the call moves, as it would have if the
             // failure had been known), so it needs no slot: when a peer
             // dies, every call in flight to it fails over, not only 20%.
-            let moves =
-                exempt_move(&resp, &head.0.0) && next.as_ref().is_some_and(|c| *c != cluster);
+            let moves = seen.exempt_move(&head.0.0) && next.as_ref().is_some_and(|c| *c != cluster);
             if !moves {
                 let Some(slot) = state.retry_budget() else {
                     state.metrics.refused("retry", "budget-exhausted");
-                    break (resp, cluster);
+                    break (tried, cluster);
                 };
                 _retry_slot = Some(slot);
             }
-            state.metrics.retried(&target.service, retry_reason(&resp));
+            state.metrics.retried(&target.service, seen.label());
             if let Some(c) = next {
                 target = again;
                 cluster = c;
@@ -874,21 +875,20 @@ async fn route_and_forward(
     // The route timeout bounds the wait for the response head (Istio's
     // `timeout`); a streaming body may go on after it.
     let service = original.service.clone();
-    let (resp, cluster) = match rule.and_then(|r| r.timeout_ms) {
+    let (tried, cluster) = match rule.and_then(|r| r.timeout_ms) {
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), forward).await {
             Ok(r) => r,
             Err(_) => (
-                error_response(
+                Err(TryError::refused(
                     Refusal::Timeout,
-                    &format!("{service} did not answer within the route timeout of {ms} ms"),
-                    grpc,
-                ),
+                    format!("{service} did not answer within the route timeout of {ms} ms"),
+                )),
                 first_cluster,
             ),
         },
         None => forward.await,
     };
-    let mut resp = resp;
+    let mut resp = tried.unwrap_or_else(|e| e.respond(grpc));
     if let Some(r) = rule {
         rules::apply_headers(resp.headers_mut(), &r.response_headers);
     }
@@ -899,12 +899,237 @@ async fn route_and_forward(
     resp
 }
 
-/// Marks a gateway's answer for a request to another cluster that never
-/// reached a peer's answer because the link failed (it died, or no link was
-/// left to open a stream on), after any replay on another link of that
-/// cluster: a bodiless idempotent request may then go to another cluster.
-#[derive(Debug, Clone, Copy)]
-struct LinkDied;
+/// How one try of a request ended without an answer from a backend: the
+/// outbound execution's one error type. Retry decisions read it through
+/// [`Seen`]; [`TryError::respond`] is the one place it becomes the caller's
+/// response (status and `x-meshfed-error`).
+#[derive(Debug)]
+pub(super) enum TryError {
+    /// Refused or failed by this gateway, or by the destination gateway in
+    /// an ERROR frame. `link_died`: a request to another cluster that never
+    /// reached a peer's answer because the link failed (it died, or no link
+    /// was left to open a stream on), after any replay on another link of
+    /// that cluster; a bodiless idempotent request may then go to another
+    /// cluster.
+    Refused {
+        refusal: Refusal,
+        message: String,
+        link_died: bool,
+    },
+    /// A local endpoint failed or overflowed (proxy::upstream), or the
+    /// caller failed its own body on the way there.
+    Upstream(super::upstream::UpstreamError),
+    /// An answer a gateway made itself, passed on as it is: the destination
+    /// gateway's own response (its pool's overflow 503 carries headers an
+    /// ERROR frame cannot), or this gateway's authorization denial.
+    Made(Box<Response<ProxyBody>>),
+}
+
+impl TryError {
+    fn refused(refusal: Refusal, message: impl Into<String>) -> Self {
+        TryError::Refused {
+            refusal,
+            message: message.into(),
+            link_died: false,
+        }
+    }
+
+    fn link_died(refusal: Refusal, message: impl Into<String>) -> Self {
+        TryError::Refused {
+            refusal,
+            message: message.into(),
+            link_died: true,
+        }
+    }
+
+    /// The response for the caller.
+    pub(super) fn respond(self, grpc: bool) -> Response<ProxyBody> {
+        match self {
+            TryError::Refused {
+                refusal, message, ..
+            } => error_response(refusal, &message, grpc),
+            TryError::Upstream(e) => e.response(grpc),
+            TryError::Made(r) => *r,
+        }
+    }
+}
+
+/// One try's outcome: a backend's answer, or why there is none.
+pub(super) type Tried = Result<Response<ProxyBody>, TryError>;
+
+/// What the retry policy looks at in a try's outcome: what the caller would
+/// see (a gRPC caller gets a gateway's refusal as HTTP 200 with a
+/// `grpc-status`) and the gateway's reason, from the type for this gateway's
+/// errors. A backend's answer and a destination gateway's own response are
+/// read from their headers (a backend's `x-meshfed-error` is removed where
+/// responses leave an endpoint, so only a gateway's reaches this).
+#[derive(Debug)]
+struct Seen<'a> {
+    status: u16,
+    /// The gateway's reason, when a gateway made the answer.
+    refusal: Option<Refusal>,
+    /// The gateway's reason token when it is not a [`Refusal`]'s (a caller
+    /// fault's `source-cancelled`), or a destination gateway's header.
+    token: Option<&'a str>,
+    grpc_status: Option<u8>,
+    /// A gateway's (or a backend's) own overflow: never retried.
+    overloaded: bool,
+    link_died: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn of(tried: &'a Tried, grpc: bool) -> Self {
+        use super::upstream::UpstreamError;
+        let refused = |refusal: Refusal, overloaded: bool, link_died: bool| {
+            let http = refusal.http_status();
+            Seen {
+                status: if grpc { 200 } else { http.as_u16() },
+                refusal: Some(refusal),
+                token: None,
+                grpc_status: grpc.then(|| super::grpc_status_for(http)),
+                overloaded,
+                link_died,
+            }
+        };
+        match tried {
+            Ok(resp) => Seen::read(resp, None),
+            Err(TryError::Made(resp)) => {
+                let token = gateway_reason(resp);
+                Seen::read(resp, Some(token))
+            }
+            Err(TryError::Refused {
+                refusal, link_died, ..
+            }) => refused(*refusal, false, *link_died),
+            Err(TryError::Upstream(UpstreamError::Overflow { .. })) => {
+                refused(Refusal::Overloaded, true, false)
+            }
+            Err(TryError::Upstream(UpstreamError::Caller { fault, .. })) => {
+                // As super::caller_fault_response answers it.
+                let aborted = *fault == body::CallerFault::Aborted;
+                let http = StatusCode::BAD_REQUEST;
+                Seen {
+                    status: match (grpc, aborted) {
+                        (true, _) => 200,
+                        (false, true) => fault.status().as_u16(),
+                        (false, false) => http.as_u16(),
+                    },
+                    refusal: (!aborted).then_some(Refusal::BadRequest),
+                    token: aborted.then(|| fault.reason()),
+                    grpc_status: grpc.then(|| {
+                        if aborted {
+                            1
+                        } else {
+                            super::grpc_status_for(http)
+                        }
+                    }),
+                    overloaded: false,
+                    link_died: false,
+                }
+            }
+            Err(TryError::Upstream(e)) => refused(e.refusal(), false, false),
+        }
+    }
+
+    /// A response's own view; `token`: the gateway reason it carries.
+    fn read(resp: &'a Response<ProxyBody>, token: Option<&'a str>) -> Self {
+        let token = token.filter(|t| !t.is_empty());
+        Seen {
+            status: resp.status().as_u16(),
+            refusal: token.and_then(refusal_named),
+            token,
+            grpc_status: resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            overloaded: resp.headers().contains_key("x-envoy-overloaded"),
+            link_died: false,
+        }
+    }
+
+    /// The gateway's reason token, "" for a backend's answer.
+    fn reason(&self) -> &str {
+        self.refusal
+            .map(Refusal::reason)
+            .or(self.token)
+            .unwrap_or("")
+    }
+
+    /// The label a retry is counted under: the gateway's reason, else the
+    /// status.
+    fn label(&self) -> String {
+        match self.reason() {
+            "" => self.status.to_string(),
+            r => r.to_string(),
+        }
+    }
+
+    /// Whether the failed try says the path to its cluster is broken
+    /// (rather than the service answering badly), so that a retry should go
+    /// elsewhere.
+    fn path_failed(&self) -> bool {
+        matches!(
+            self.refusal,
+            Some(
+                Refusal::ConnectFailed
+                    | Refusal::NoHealthyEndpoint
+                    | Refusal::UpstreamReset
+                    | Refusal::Timeout
+                    | Refusal::StaleConfig
+            )
+        )
+    }
+
+    /// Whether a retry that moves to another cluster may skip the retry
+    /// budget: only when the failed try cannot have reached a backend (no
+    /// connection, no endpoint, a refusal for stale config), or when it died
+    /// with its link and repeating it is harmless (an idempotent method). A
+    /// per-try timeout never qualifies: the slow try may still be running.
+    fn exempt_move(&self, method: &Method) -> bool {
+        match self.refusal {
+            Some(Refusal::ConnectFailed | Refusal::NoHealthyEndpoint | Refusal::StaleConfig) => {
+                true
+            }
+            Some(Refusal::UpstreamReset) => matches!(
+                *method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether the try is worth another under Istio's `retryOn`.
+    fn retriable(&self, retry_on: &[String]) -> bool {
+        // A 503 a gateway gave for its own overflow is not retried (as
+        // Envoy): retrying would only add to the overload.
+        if self.overloaded {
+            return false;
+        }
+        let (status, refusal, grpc) = (self.status, self.refusal, self.grpc_status);
+        retry_on.iter().any(|cond| match cond.as_str() {
+            "5xx" => status >= 500,
+            "gateway-error" => matches!(status, 502..=504),
+            "reset" => refusal == Some(Refusal::UpstreamReset),
+            "connect-failure" => refusal == Some(Refusal::ConnectFailed),
+            "refused-stream" => refusal == Some(Refusal::StaleConfig),
+            "retriable-4xx" => status == 409,
+            "retriable-status-codes" => false,
+            "cancelled" => grpc == Some(1),
+            "deadline-exceeded" => grpc == Some(4),
+            "resource-exhausted" => grpc == Some(8),
+            "internal" => grpc == Some(13),
+            "unavailable" => grpc == Some(14),
+            code => code.parse::<u16>().is_ok_and(|c| c == status),
+        })
+    }
+}
+
+/// The refusal whose token is `token`.
+fn refusal_named(token: &str) -> Option<Refusal> {
+    (1..=11)
+        .map(Refusal::from_code)
+        .find(|r| r.reason() == token)
+}
 
 /// Methods that are safe to send twice (RFC 9110 §9.2.2) and that a
 /// bodiless request uses.
@@ -915,39 +1140,6 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Whether a failed try says the path to its cluster is broken (rather than
-/// the service answering badly), so that a retry should go elsewhere.
-fn path_failed(resp: &Response<ProxyBody>) -> bool {
-    matches!(
-        resp.headers()
-            .get(ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
-        "connect-failed"
-            | "no-healthy-endpoint"
-            | "upstream-reset"
-            | "upstream-timeout"
-            | "stale-config"
-    )
-}
-
-/// Whether a retry that moves to another cluster may skip the retry
-/// budget: only when the failed try cannot have reached a backend (no
-/// connection, no endpoint, a refusal for stale config), or when it died
-/// with its link and repeating it is harmless (an idempotent method). A
-/// per-try timeout never qualifies: the slow try may still be running.
-fn exempt_move(resp: &Response<ProxyBody>, method: &Method) -> bool {
-    let reason = gateway_reason(resp);
-    matches!(
-        reason,
-        "connect-failed" | "no-healthy-endpoint" | "stale-config"
-    ) || (reason == "upstream-reset"
-        && matches!(
-            *method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-        ))
-}
-
 /// The gateway's own reason for an answer it made (the error header; a
 /// backend's copy of that header is removed where responses enter a
 /// gateway), or "" for an answer from a backend.
@@ -956,15 +1148,6 @@ fn gateway_reason(resp: &Response<ProxyBody>) -> &str {
         .get(ERROR_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-}
-
-/// The label a retry is counted under: our refusal reason, else the status.
-fn retry_reason(resp: &Response<ProxyBody>) -> String {
-    resp.headers()
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| resp.status().as_u16().to_string())
 }
 
 /// The head of a request, to send it again.
@@ -998,41 +1181,6 @@ fn rebuild(
     *r.version_mut() = head.2;
     *r.headers_mut() = head.3.clone();
     r
-}
-
-/// Whether a response is worth another try under Istio's `retryOn`.
-fn retriable(resp: &Response<ProxyBody>, retry_on: &[String]) -> bool {
-    let status = resp.status().as_u16();
-    let reason = resp
-        .headers()
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let grpc = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    // A 503 the gateway gave for its own overflow is not retried (as
-    // Envoy): retrying would only add to the overload.
-    if resp.headers().contains_key("x-envoy-overloaded") {
-        return false;
-    }
-    retry_on.iter().any(|cond| match cond.as_str() {
-        "5xx" => status >= 500,
-        "gateway-error" => matches!(status, 502..=504),
-        "reset" => reason == "upstream-reset",
-        "connect-failure" => reason == "connect-failed",
-        "refused-stream" => reason == "stale-config",
-        "retriable-4xx" => status == 409,
-        "retriable-status-codes" => false,
-        "cancelled" => grpc == "1",
-        "deadline-exceeded" => grpc == "4",
-        "resource-exhausted" => grpc == "8",
-        "internal" => grpc == "13",
-        "unavailable" => grpc == "14",
-        code => code.parse::<u16>().is_ok_and(|c| c == status),
-    })
 }
 
 /// Whether this request falls in a `percent_ppm` share.
@@ -1137,7 +1285,7 @@ pub(super) async fn forward_local(
     mut req: Request<ProxyBody>,
     grpc: bool,
     failed: &mut Vec<SocketAddr>,
-) -> Response<ProxyBody> {
+) -> Tried {
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
         req.headers_mut().insert(super::XFCC, v);
     }
@@ -1150,7 +1298,7 @@ pub(super) async fn forward_local(
         req,
     ) {
         Ok(req) => req,
-        Err(denied) => return denied,
+        Err(denied) => return Err(TryError::Made(Box::new(denied))),
     };
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
     let dest = super::upstream::Dest {
@@ -1163,11 +1311,10 @@ pub(super) async fn forward_local(
         .upstream
         .choose_avoiding(active, endpoints, &dest, failed)
     else {
-        return error_response(
+        return Err(TryError::refused(
             Refusal::NoHealthyEndpoint,
-            &format!("no healthy local endpoint for {}", target.service),
-            grpc,
-        );
+            format!("no healthy local endpoint for {}", target.service),
+        ));
     };
     let (mut parts, body) = req.into_parts();
     let authority = parts
@@ -1193,7 +1340,7 @@ pub(super) async fn forward_local(
     match state.upstream.send(picked, req, h2).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
-            resp
+            Ok(resp)
         }
         Err(e) => {
             if matches!(
@@ -1204,7 +1351,7 @@ pub(super) async fn forward_local(
             {
                 failed.push(addr);
             }
-            e.response(grpc)
+            Err(TryError::Upstream(e))
         }
     }
 }
@@ -1218,8 +1365,7 @@ pub(super) async fn forward_remote(
     target: &Target,
     authority: &str,
     req: Request<ProxyBody>,
-    grpc: bool,
-) -> Response<ProxyBody> {
+) -> Tried {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let replayable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
@@ -1260,16 +1406,13 @@ pub(super) async fn forward_remote(
             .filter(|l| !tried.contains(&l.target))
             .min_by_key(|l| l.open_streams())
         else {
-            let mut r = error_response(
+            return Err(TryError::link_died(
                 Refusal::NoHealthyEndpoint,
-                &format!(
+                format!(
                     "no available link to cluster `{cluster}` (tried {})",
                     tried.len()
                 ),
-                grpc,
-            );
-            r.extensions_mut().insert(LinkDied);
-            return r;
+            ));
         };
         tried.push(link.target.clone());
         match open_stream(&link).await {
@@ -1278,11 +1421,10 @@ pub(super) async fn forward_remote(
                     Ok(()) => break (send, recv, guard),
                     Err(body::WriteFrameError::Encode(e)) => {
                         let _ = send.reset(quinn::VarInt::from_u32(0));
-                        return error_response(
+                        return Err(TryError::refused(
                             Refusal::BadRequest,
-                            &format!("request head too large to forward: {e}"),
-                            grpc,
-                        );
+                            format!("request head too large to forward: {e}"),
+                        ));
                     }
                     Err(body::WriteFrameError::Write(e)) => {
                         tracing::debug!(cluster, error = %e, "link failed while opening; trying another");
@@ -1303,7 +1445,7 @@ pub(super) async fn forward_remote(
     // A link that died before answering (a peer killed, not yet detected):
     // a bodiless idempotent request is replayed on another link once, so
     // callers do not see the failover. With no other link, the answer is
-    // marked LinkDied, and route_and_forward may replay it in another
+    // a link_died TryError, and route_and_forward may replay it in another
     // cluster.
     if head.is_err()
         && replayable
@@ -1320,9 +1462,9 @@ pub(super) async fn forward_remote(
             .is_ok()
         && send2.finish().is_ok()
     {
-        return remote_response(cluster, read_head(&mut recv2).await, recv2, guard2, grpc);
+        return remote_response(cluster, read_head(&mut recv2).await, recv2, guard2);
     }
-    remote_response(cluster, head, recv, guard, grpc)
+    remote_response(cluster, head, recv, guard)
 }
 
 /// How long opening a stream on a link may take. A link that is up but
@@ -1353,8 +1495,7 @@ fn remote_response(
     head: Result<(Frame, bytes::BytesMut), body::BodyError>,
     recv: quinn::RecvStream,
     guard: crate::tunnel::link::StreamGuard,
-    grpc: bool,
-) -> Response<ProxyBody> {
+) -> Tried {
     match head {
         Ok((Frame::Response(head), rest)) => {
             let mut b = Response::builder().status(head.status);
@@ -1364,28 +1505,29 @@ fn remote_response(
             let body = TunnelBody::new(recv, rest, Some(guard))
                 .map_err(Into::into)
                 .boxed_unsync();
-            b.body(body)
-                .unwrap_or_else(|_| error_response(Refusal::Internal, "bad response head", grpc))
+            let resp = b
+                .body(body)
+                .map_err(|_| TryError::refused(Refusal::Internal, "bad response head"))?;
+            // The destination gateway's own answer names its reason (a
+            // backend's copy of the header was removed there).
+            if resp.headers().contains_key(ERROR_HEADER) {
+                Err(TryError::Made(Box::new(resp)))
+            } else {
+                Ok(resp)
+            }
         }
-        Ok((Frame::Error(e), _)) => error_response(
+        Ok((Frame::Error(e), _)) => Err(TryError::refused(
             e.refusal,
-            &format!("gateway of `{cluster}`: {}", e.message),
-            grpc,
-        ),
-        Ok((_, _)) => error_response(
+            format!("gateway of `{cluster}`: {}", e.message),
+        )),
+        Ok((_, _)) => Err(TryError::refused(
             Refusal::Internal,
-            &format!("gateway of `{cluster}` answered out of protocol"),
-            grpc,
-        ),
-        Err(e) => {
-            let mut r = error_response(
-                Refusal::UpstreamReset,
-                &format!("gateway of `{cluster}`: {e}"),
-                grpc,
-            );
-            r.extensions_mut().insert(LinkDied);
-            r
-        }
+            format!("gateway of `{cluster}` answered out of protocol"),
+        )),
+        Err(e) => Err(TryError::link_died(
+            Refusal::UpstreamReset,
+            format!("gateway of `{cluster}`: {e}"),
+        )),
     }
 }
 
@@ -1560,19 +1702,28 @@ pub async fn tcp_proxy<S>(
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        let mut candidates =
-            crate::discovery::healthy(endpoints, &target.service, &target.selector);
-        candidates.retain(|e| crate::discovery::service_entry::for_port(e, target.port));
-        let Some((addr, _inflight)) = state.upstream.pick(&candidates) else {
+        // The one way to a local endpoint (proxy::upstream), as the inbound
+        // path and HTTP go: the DestinationRule's balancer and ejections,
+        // then `tcp.maxConnections` and `connectTimeout`.
+        let dest = super::upstream::Dest {
+            service: &target.service,
+            subset: target.subset.as_deref(),
+            port: target.port,
+            selector: &target.selector,
+        };
+        let Some(picked) = state.upstream.choose(active, endpoints, &dest) else {
+            state.metrics.refused("listener", "no-healthy-endpoint");
             return;
         };
-        let Ok(Ok(mut upstream)) =
-            tokio::time::timeout(super::upstream::CONNECT_TIMEOUT, TcpStream::connect(addr)).await
-        else {
-            state.metrics.refused("listener", "connect-failed");
-            return;
+        let (mut upstream, _slot) = match state.upstream.connect_tcp(picked).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                let reason = e.refusal().reason();
+                state.metrics.refused("listener", reason);
+                tracing::info!(%host, reason, error = %e, "TCP to a local endpoint failed; closing");
+                return;
+            }
         };
-        let _ = upstream.set_nodelay(true);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((a, b)) => (a, b),
             Err(_) => (0, 0),

@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body_util::BodyExt;
 use meshfed_policy::snapshot::{HeaderOps, HttpRoute, Mirror, StringMatch};
 
-use super::body::{self, ProxyBody};
+use super::body;
 use super::outbound::{Caller, forward_local, forward_remote};
 use crate::route::{self, Active};
 use crate::state::Gateway;
@@ -167,7 +167,7 @@ pub fn spawn_mirror(
             return;
         };
         let copy = async {
-            let resp: http::Response<ProxyBody> = if cluster == state.cluster {
+            let tried = if cluster == state.cluster {
                 forward_local(
                     &state,
                     &active,
@@ -180,12 +180,12 @@ pub fn spawn_mirror(
                 )
                 .await
             } else {
-                forward_remote(
-                    &state, &active, &caller, &cluster, &target, &shadow, req, grpc,
-                )
-                .await
+                forward_remote(&state, &active, &caller, &cluster, &target, &shadow, req).await
             };
-            let ok = !resp.headers().contains_key(super::ERROR_HEADER);
+            let (resp, ok) = match tried {
+                Ok(resp) => (resp, true),
+                Err(e) => (e.respond(grpc), false),
+            };
             // Drain the body so the connection can be reused; drop it.
             let _ = resp.into_body().collect().await;
             ok

@@ -449,16 +449,6 @@ impl Upstream {
         }
     }
 
-    /// Picks an endpoint among `candidates` (power of two choices on
-    /// requests in flight), without any DestinationRule: for callers that
-    /// have no destination policy to apply.
-    pub fn pick(&self, candidates: &[&Endpoint]) -> Option<(SocketAddr, InFlight)> {
-        let chosen = self.least_request(candidates)?;
-        let c = self.counter(chosen);
-        c.fetch_add(1, Ordering::Relaxed);
-        Some((chosen, InFlight(c)))
-    }
-
     fn least_request(&self, candidates: &[&Endpoint]) -> Option<SocketAddr> {
         Some(match candidates.len() {
             0 => return None,

@@ -164,7 +164,6 @@ fn least_request_avoids_the_busy_endpoint() {
         })
         .collect();
     assert_eq!(ports.len(), 2, "idle endpoints share the load");
-    assert!(u.pick(&[]).is_none());
 }
 
 #[test]
