@@ -5,10 +5,11 @@
 //! `destination_cluster`. Per-peer link gauges are computed at scrape time
 //! from the tunnel's state ([`Metrics::encode`]).
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -85,6 +86,19 @@ pub struct DryRunLabels {
     pub action: &'static str,
     /// `allow` or `deny`: what the policy alone would have decided.
     pub decision: &'static str,
+}
+
+/// A refusal counted outside this registry, read at scrape time.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// One peer link, for the gauges read from the tunnel at scrape time.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    cluster: String,
+    target: String,
 }
 
 /// Reads one per-link gauge value.
@@ -320,78 +334,78 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        let scraped = self.scrape_time(links);
+        let encoded = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &scraped))
+            .and_then(|()| encode_eof(&mut out));
+        if encoded.is_err() {
             out.clear();
         }
-        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
-        let mut s = body;
-        if let Ok(g) = self.handshake_refusals.lock()
-            && let Some(read) = g.as_ref()
-        {
-            let _ = writeln!(
-                s,
-                "# HELP meshfed_handshake_refusals Peer handshakes refused (by the TLS verifiers or the tunnel's admission), by reason."
-            );
-            let _ = writeln!(s, "# TYPE meshfed_handshake_refusals counter");
+        out
+    }
+
+    /// The values read at scrape time (handshake refusals and dropped
+    /// datagrams counted elsewhere, per-peer link gauges), as a registry of
+    /// their own built for this scrape: every line of `/metrics` is
+    /// prometheus-client's encoding.
+    fn scrape_time(&self, links: &[LinkStatus]) -> Registry {
+        let mut r = Registry::with_prefix("meshfed");
+        let readers: [(&str, &str, &Mutex<Option<RefusalReader>>); 2] = [
+            (
+                "handshake_refusals",
+                "Peer handshakes refused (by the TLS verifiers or the tunnel's admission), by reason",
+                &self.handshake_refusals,
+            ),
+            (
+                "udp_datagrams_dropped",
+                "Datagrams on the tunnel's UDP port that no connection gets, by reason",
+                &self.datagram_drops,
+            ),
+        ];
+        for (name, help, reader) in readers {
+            let Ok(g) = reader.lock() else { continue };
+            let Some(read) = g.as_ref() else { continue };
+            let family = Family::<ReasonLabels, Counter>::default();
             for (reason, n) in (read.0)() {
-                let _ = writeln!(
-                    s,
-                    "meshfed_handshake_refusals_total{{reason=\"{reason}\"}} {n}"
-                );
+                family.get_or_create(&ReasonLabels { reason }).inc_by(n);
             }
-        }
-        if let Ok(g) = self.datagram_drops.lock()
-            && let Some(read) = g.as_ref()
-        {
-            let _ = writeln!(
-                s,
-                "# HELP meshfed_udp_datagrams_dropped Datagrams on the tunnel's UDP port that no connection gets, by reason."
-            );
-            let _ = writeln!(s, "# TYPE meshfed_udp_datagrams_dropped counter");
-            for (reason, n) in (read.0)() {
-                let _ = writeln!(
-                    s,
-                    "meshfed_udp_datagrams_dropped_total{{reason=\"{reason}\"}} {n}"
-                );
-            }
+            r.register(name, help, family);
         }
         let gauges: [(&str, &str, LinkGauge); 4] = [
             (
-                "meshfed_peer_link_up",
+                "peer_link_up",
                 "1 when the link to the peer gateway is up and available",
                 |l| Some(if l.available { 1.0 } else { 0.0 }),
             ),
             (
-                "meshfed_peer_rtt_seconds",
+                "peer_rtt_seconds",
                 "Smoothed round-trip time of the link",
                 |l| l.rtt_ms.map(|r| r / 1e3),
             ),
             (
-                "meshfed_peer_lost_packets",
+                "peer_lost_packets",
                 "Packets lost on the link's current connection",
                 |l| Some(l.lost_packets as f64),
             ),
-            (
-                "meshfed_peer_open_streams",
-                "Streams open on the link",
-                |l| Some(l.open_streams as f64),
-            ),
+            ("peer_open_streams", "Streams open on the link", |l| {
+                Some(l.open_streams as f64)
+            }),
         ];
         for (name, help, get) in gauges {
-            let _ = writeln!(s, "# HELP {name} {help}.");
-            let _ = writeln!(s, "# TYPE {name} gauge");
+            let family = Family::<LinkLabels, Gauge<f64, AtomicU64>>::default();
             for l in links {
                 if let Some(v) = get(l) {
-                    let _ = writeln!(
-                        s,
-                        "{name}{{cluster=\"{}\",target=\"{}\"}} {v}",
-                        l.cluster, l.target
-                    );
+                    family
+                        .get_or_create(&LinkLabels {
+                            cluster: l.cluster.clone(),
+                            target: l.target.clone(),
+                        })
+                        .set(v);
                 }
             }
+            r.register(name, help, family);
         }
-        s.push_str("# EOF\n");
-        s
+        r
     }
 }
 
@@ -421,5 +435,53 @@ mod tests {
             let _ = t.await;
         }
         assert_eq!(alive_tasks(&m.encode(&[])), Some(before));
+    }
+
+    /// Values read at scrape time (refusals counted by the verifiers, the
+    /// links) come out of prometheus-client like every other series: one
+    /// `# EOF`, at the end, and every reason present even at 0.
+    #[test]
+    fn scrape_time_values_are_encoded_by_prometheus_client_with_one_eof() {
+        use super::RefusalReader;
+        use crate::tunnel::link::LinkStatus;
+        let m = Metrics::new();
+        m.set_handshake_refusals(RefusalReader(Box::new(|| {
+            vec![("unknown_ca", 3), ("cluster_mismatch", 0)]
+        })));
+        let link = LinkStatus {
+            cluster: "west".into(),
+            target: "10.0.0.2:15443".into(),
+            remote: None,
+            up: true,
+            available: true,
+            draining: false,
+            rtt_ms: Some(1.5),
+            lost_packets: 7,
+            open_streams: 2,
+            connects: 1,
+            announced_config: None,
+            announced_services: 0,
+            last_error: None,
+        };
+        let text = m.encode(&[link]);
+        for line in [
+            "meshfed_handshake_refusals_total{reason=\"unknown_ca\"} 3",
+            "meshfed_handshake_refusals_total{reason=\"cluster_mismatch\"} 0",
+            "meshfed_peer_link_up{cluster=\"west\",target=\"10.0.0.2:15443\"} 1.0",
+            "meshfed_peer_rtt_seconds{cluster=\"west\",target=\"10.0.0.2:15443\"} 0.0015",
+            "meshfed_peer_lost_packets{cluster=\"west\",target=\"10.0.0.2:15443\"} 7.0",
+            "meshfed_peer_open_streams{cluster=\"west\",target=\"10.0.0.2:15443\"} 2.0",
+            "# TYPE meshfed_peer_link_up gauge",
+            "# TYPE meshfed_handshake_refusals counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        // No datagram reader set: the family is absent, not empty noise.
+        assert!(!text.contains("udp_datagrams_dropped"), "{text}");
     }
 }
