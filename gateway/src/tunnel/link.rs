@@ -130,6 +130,9 @@ pub const MAX_STREAMS_PER_PEER: u32 = 10_000;
 /// window is also the bound on what one peer can make quinn buffer here,
 /// however many streams it opens: it is part of the per-peer memory budget
 /// ([`MAX_STREAMS_PER_PEER`]); do not raise it without redoing that sum.
+/// It bounds memory only because the socket hands quinn one buffer per
+/// datagram ([`super::socket`] splits coalesced batches): otherwise unread
+/// data pins whole receive batches, many times the window.
 ///
 /// Stream limits are not set here: quinn allocates the state of every stream
 /// a peer may open when the connection is created, before any certificate is

@@ -19,14 +19,28 @@
 //! connection ID this gateway never issued may be a peer's stateless reset
 //! (quinn matches its token), which is why they are only counted.
 //!
+//! It also splits every receive batch the kernel coalesced (UDP GRO: one
+//! buffer holding several datagrams, `stride` bytes apart) into one buffer
+//! per datagram ([`split_batches`]). quinn copies each buffer it is given
+//! into one allocation and hands out slices of it, so a stream frame of a
+//! single datagram keeps its whole batch (up to 64 KiB) alive until the
+//! application reads it, and quinn's own bound on that waste counts the
+//! datagram, not the batch. A peer that writes to thousands of streams
+//! nobody reads (stalled request bodies) pinned batches 30 to 50 times the
+//! size of what flow control let it send, and OOM-killed a 128 MiB gateway
+//! within a second (RELIABILITY.md, "Hostile network"). Split, each
+//! datagram is its own allocation, which quinn's accounting bounds: the
+//! copy costs a `memcpy` of each coalesced datagram.
+//!
 //! It does not own the endpoint, its connections or TLS ([`super::link`]).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use quinn::udp::{RecvMeta, Transmit};
@@ -227,6 +241,10 @@ pub struct ClassifyingSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     classifier: Classifier,
     drops: Arc<DatagramDrops>,
+    /// Datagrams split from a batch that did not fit the receive buffers
+    /// quinn gave: handed over, in order, before anything new is received.
+    /// At most one receive's worth.
+    split: Mutex<VecDeque<(RecvMeta, Vec<u8>)>>,
 }
 
 impl fmt::Debug for ClassifyingSocket {
@@ -243,6 +261,7 @@ impl ClassifyingSocket {
             inner,
             classifier: Classifier::new(cid_key),
             drops,
+            split: Mutex::default(),
         }
     }
 }
@@ -262,7 +281,16 @@ impl AsyncUdpSocket for ClassifyingSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+        // A poisoned lock only means a panic elsewhere mid-update of a
+        // queue of whole datagrams; it stays usable.
+        let mut split = self.split.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = if split.is_empty() {
+            let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            split_batches(bufs, meta, n, &mut split)
+        } else {
+            take_split(bufs, meta, &mut split)
+        };
+        drop(split);
         let kept = self.classifier.filter(&self.drops, bufs, meta, n);
         if kept == 0 && n > 0 {
             // All dropped. Ready(0) would have quinn's receive loop spin
@@ -289,6 +317,70 @@ impl AsyncUdpSocket for ClassifyingSocket {
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
     }
+}
+
+/// Splits each of the `n` received buffers that holds a coalesced batch
+/// (`stride < len`) into one buffer per datagram: the first stays in its
+/// buffer, the others are copied into the buffers quinn gave beyond `n`,
+/// and what does not fit is queued in `rest`. Returns how many buffers hold
+/// a datagram now.
+fn split_batches(
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [RecvMeta],
+    n: usize,
+    rest: &mut VecDeque<(RecvMeta, Vec<u8>)>,
+) -> usize {
+    let slots = bufs.len().min(meta.len());
+    let mut used = n.min(slots);
+    for i in 0..n.min(slots) {
+        let (len, stride) = (meta[i].len, meta[i].stride);
+        if stride == 0 || stride >= len {
+            continue;
+        }
+        let mut at = stride;
+        while at < len {
+            let end = (at + stride).min(len);
+            let mut m = meta[i];
+            (m.len, m.stride) = (end - at, end - at);
+            let (head, tail) = bufs.split_at_mut(used.max(i + 1));
+            let src = head[i].get(at..end).unwrap_or(&[]);
+            match tail.first_mut().and_then(|b| b.get_mut(..src.len())) {
+                Some(dst) if used < slots => {
+                    dst.copy_from_slice(src);
+                    meta[used] = m;
+                    used += 1;
+                }
+                _ => rest.push_back((m, src.to_vec())),
+            }
+            at = end;
+        }
+        (meta[i].len, meta[i].stride) = (stride, stride);
+    }
+    used
+}
+
+/// Hands over datagrams queued by [`split_batches`], as many as fit.
+fn take_split(
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [RecvMeta],
+    rest: &mut VecDeque<(RecvMeta, Vec<u8>)>,
+) -> usize {
+    let mut used = 0;
+    for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()) {
+        let Some((next, data)) = rest.pop_front() else {
+            break;
+        };
+        let Some(dst) = buf.get_mut(..data.len()) else {
+            // Never: quinn's buffers hold a whole batch. Put it back for
+            // the next buffer rather than lose it.
+            rest.push_front((next, data));
+            break;
+        };
+        dst.copy_from_slice(&data);
+        *m = next;
+        used += 1;
+    }
+    used
 }
 
 #[cfg(test)]

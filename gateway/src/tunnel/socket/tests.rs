@@ -4,7 +4,7 @@ use quinn::ConnectionIdGenerator;
 use quinn::udp::RecvMeta;
 use quinn_proto::HashedConnectionIdGenerator;
 
-use super::{Classifier, DatagramDrops, Verdict};
+use super::{Classifier, DatagramDrops, Verdict, split_batches, take_split};
 
 const KEY: u64 = 0x5eed_cafe_f00d_d00d;
 
@@ -201,4 +201,57 @@ fn a_batch_is_classified_datagram_by_datagram_and_all_garbage_buffers_are_droppe
             ("unknown_cid", 1),
         ]
     );
+}
+
+/// A coalesced batch becomes one buffer per datagram, in order: the first
+/// stays, the next fill the free buffers, the rest wait in the queue and
+/// come out first at the next receive; a buffer of one datagram is left
+/// alone.
+#[test]
+fn a_coalesced_batch_is_split_into_one_buffer_per_datagram() {
+    let stride = 4;
+    // Buffer 0: a batch of 4 datagrams (the last one short); buffer 1: one
+    // datagram; buffers 2 and 3: free, 8 bytes each.
+    let mut a: Vec<u8> = [&[1u8; 4][..], &[2; 4], &[3; 4], &[4; 2]].concat();
+    let mut b = vec![9u8; 3];
+    let (mut f1, mut f2) = (vec![0u8; 8], vec![0u8; 8]);
+    let meta_of = |len, stride| RecvMeta {
+        len,
+        stride,
+        ..RecvMeta::default()
+    };
+    let mut meta = [
+        meta_of(a.len(), stride),
+        meta_of(3, 3),
+        RecvMeta::default(),
+        RecvMeta::default(),
+    ];
+    let mut bufs = [
+        IoSliceMut::new(&mut a),
+        IoSliceMut::new(&mut b),
+        IoSliceMut::new(&mut f1),
+        IoSliceMut::new(&mut f2),
+    ];
+    let mut rest = std::collections::VecDeque::new();
+    let used = split_batches(&mut bufs, &mut meta, 2, &mut rest);
+    assert_eq!(used, 4);
+    let got: Vec<(usize, usize, Vec<u8>)> = (0..used)
+        .map(|i| (meta[i].len, meta[i].stride, bufs[i][..meta[i].len].to_vec()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (4, 4, vec![1; 4]),
+            (3, 3, vec![9; 3]),
+            (4, 4, vec![2; 4]),
+            (4, 4, vec![3; 4]),
+        ]
+    );
+    assert_eq!(rest.len(), 1, "the last datagram did not fit: queued");
+    // The next receive hands it over first.
+    let used = take_split(&mut bufs, &mut meta, &mut rest);
+    assert_eq!(used, 1);
+    assert_eq!((meta[0].len, meta[0].stride), (2, 2));
+    assert_eq!(bufs[0][..2], [4, 4]);
+    assert!(rest.is_empty());
 }
