@@ -40,10 +40,15 @@ use meshfed_gateway::tunnel::frame::{
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
+mod support {
+    pub mod client_hello;
+}
+
 #[path = "../../policy/tests/support/fuzz_replay.rs"]
 mod fuzz_replay;
 
 use fuzz_replay::{assert_no_failures, replay};
+use support::client_hello::{hello_message, records as tls_records, sni_extension};
 
 fn fuzz_dir() -> PathBuf {
     fuzz_replay::fuzz_dir(env!("CARGO_MANIFEST_DIR"))
@@ -641,46 +646,6 @@ fn announce_seeds() -> Vec<(String, Vec<u8>)> {
     add("garbage", b"\x00garbage");
     add("empty", b"");
     seeds
-}
-
-/// A ClientHello handshake message with these extensions, in order.
-fn hello_message(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7; 32]);
-    body.push(32);
-    body.extend_from_slice(&[9; 32]);
-    body.extend_from_slice(&[0x00, 0x04, 0x13, 0x01, 0x13, 0x02, 0x01, 0x00]);
-    let mut ext = Vec::new();
-    for (ty, data) in extensions {
-        ext.extend_from_slice(&ty.to_be_bytes());
-        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        ext.extend_from_slice(data);
-    }
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut msg = vec![0x01];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend_from_slice(&body);
-    msg
-}
-
-/// `message` in TLS handshake records of at most `record` bytes.
-fn tls_records(message: &[u8], record: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for chunk in message.chunks(record) {
-        out.extend_from_slice(&[0x16, 0x03, 0x01]);
-        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
-}
-
-fn sni_extension(name: &[u8]) -> (u16, Vec<u8>) {
-    let mut d = ((name.len() + 3) as u16).to_be_bytes().to_vec();
-    d.push(0);
-    d.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    d.extend_from_slice(name);
-    (0, d)
 }
 
 /// `sni_detect` seeds: ClientHellos (small, post-quantum sized with the
