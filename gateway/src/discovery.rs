@@ -18,6 +18,12 @@
 //! - [`kube`]: Services, EndpointSlices and Pods from the API server
 //!   (kube-rs watchers), and optionally in-cluster ServiceExports.
 //!
+//! Cargo features (on by default): `dns` brings hickory-resolver; without
+//! it every address (discovery file, ServiceEntry endpoints, peer gateways)
+//! must be an IP literal, and a host name is refused with an error naming
+//! the feature. `kube` brings the Kubernetes source; without it the module
+//! is absent and its flags are refused at start (`main.rs`).
+//!
 //! It does not own remote endpoints: those are summarized by peer gateways
 //! in announcements ([`crate::tunnel::announce`]). It never needs another
 //! cluster's API-server credentials.
@@ -25,7 +31,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+#[cfg(feature = "dns")]
 pub mod dns;
+/// Without the `dns` feature: the same interface, IP addresses only.
+#[cfg(not(feature = "dns"))]
+#[path = "discovery/dns_off.rs"]
+pub mod dns;
+#[cfg(feature = "kube")]
 pub mod kube;
 pub mod service_entry;
 pub mod static_file;

@@ -22,6 +22,14 @@
 //!   budget;
 //! - [`backoff`]: the exponential backoff of every retry loop;
 //! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
+//!
+//! Cargo features, all on by default: `kube` (Kubernetes discovery, the
+//! ServiceExport gate and mirror Services: kube-rs, k8s-openapi), `dns`
+//! (host names anywhere an address is written: hickory-resolver) and `otel`
+//! (span export over OTLP: the OpenTelemetry SDK). Without them
+//! (`--no-default-features`) the gateway runs an edge site with static
+//! discovery and IP addresses; a flag that needs a missing feature is
+//! refused at start, naming it (docs/operations.md, "Build features").
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +47,12 @@ pub mod control;
 pub mod discovery;
 pub mod limits;
 pub mod metrics;
+#[cfg(feature = "kube")]
+pub mod mirror;
+/// Without the `kube` feature there are no mirror Services, hence no
+/// mirror names to route.
+#[cfg(not(feature = "kube"))]
+#[path = "mirror/off.rs"]
 pub mod mirror;
 pub mod peer_auth;
 pub mod proxy;

@@ -115,19 +115,22 @@ struct Cli {
     state_dir: Option<PathBuf>,
 
     /// Static discovery: a YAML file of this cluster's services and endpoints
-    /// (see docs), followed on change.
+    /// (see docs), followed on change. Endpoints named by host (not IP) need
+    /// the `dns` feature.
     #[arg(long, value_name = "FILE", env = "MESHFED_DISCOVERY_FILE")]
     discovery_file: Option<PathBuf>,
 
     /// Kubernetes discovery: Services, EndpointSlices and Pods from the API
     /// server (in-cluster service account, or KUBECONFIG), followed with
     /// watches. Exclusive with --discovery-file. See docs/kubernetes.md.
+    /// Needs the `kube` feature.
     #[arg(long, value_name = "BOOL", env = "MESHFED_KUBERNETES", action = clap::ArgAction::Set,
           num_args = 0..=1, default_value = "false", default_missing_value = "true",
           conflicts_with = "discovery_file")]
     kubernetes: bool,
 
     /// Kubernetes discovery with this kubeconfig file (implies --kubernetes).
+    /// Needs the `kube` feature.
     #[arg(
         long,
         value_name = "FILE",
@@ -137,7 +140,7 @@ struct Cli {
     kubeconfig: Option<PathBuf>,
 
     /// Namespaces Kubernetes discovery watches (repeatable or
-    /// comma-separated; default: all).
+    /// comma-separated; default: all). Needs the `kube` feature.
     #[arg(
         long,
         value_name = "NS",
@@ -148,7 +151,7 @@ struct Cli {
 
     /// Also require a ServiceExport object (multicluster.x-k8s.io/v1alpha1)
     /// in this cluster for each service Git exports from it; Git still
-    /// decides what may be exported.
+    /// decides what may be exported. Needs the `kube` feature.
     #[arg(long, value_name = "BOOL", env = "MESHFED_KUBE_SERVICE_EXPORTS",
           action = clap::ArgAction::Set, num_args = 0..=1, default_value = "false",
           default_missing_value = "true")]
@@ -156,13 +159,15 @@ struct Cli {
 
     /// Create mirror Services (`<svc>-<cluster>`, `<svc>-clusterset`) for
     /// remote exports, pointing at this gateway's outbound Service
-    /// NAME.NAMESPACE (its ready pods). Needs Kubernetes discovery.
+    /// NAME.NAMESPACE (its ready pods). Needs Kubernetes discovery (the
+    /// `kube` feature).
     #[arg(long, value_name = "NAME.NAMESPACE", env = "MESHFED_MIRROR_SERVICES",
           value_parser = parse_service_ref)]
     mirror_services: Option<(String, String)>,
 
     /// Ports of a mirror Service when this cluster has no Service of the
-    /// same name to copy them from (comma-separated).
+    /// same name to copy them from (comma-separated). Needs the `kube`
+    /// feature.
     #[arg(
         long,
         value_name = "PORTS",
@@ -319,6 +324,7 @@ struct Cli {
     /// Distributed tracing: send spans over OTLP/gRPC to this collector
     /// (http://HOST:PORT, usually port 4317). Off when unset: no spans, no
     /// exporter, and trace headers pass through the gateway untouched.
+    /// Needs the `otel` feature.
     #[arg(long, value_name = "URL", env = "MESHFED_OTLP_ENDPOINT",
           value_parser = meshfed_gateway::trace::parse_endpoint)]
     otlp_endpoint: Option<String>,
@@ -378,20 +384,103 @@ Certificates: meshfed-gateway certs --help
 Tracing: --otlp-endpoint http://collector:4317 [--trace-sampling 1]; W3C
 traceparent and B3 are propagated; see docs/observability.md.
 
+Cargo features (all in the default build; --version lists this binary's):
+  kube  Kubernetes discovery, ServiceExports, mirror Services (--kube*, --mirror-*)
+  dns   host names in the discovery file, ServiceEntries and Cluster gateways
+  otel  span export over OTLP (--otlp-endpoint)
+A flag whose feature is missing is refused at start. The edge build without
+them: cargo build -p meshfed-gateway --no-default-features (docs/operations.md).
+
 Exit codes: 0 after a clean drain, 1 when the gateway cannot start, 2 for a usage error.";
 
 /// The syncer's gRPC port when --syncer names none (as istiod's 15012).
 const DEFAULT_SYNCER_PORT: u16 = 15012;
 
 /// `-V` prints the crate version; `--version` also names the snapshot schema
-/// this build accepts from the syncer.
+/// this build accepts from the syncer, and the build's cargo features.
 static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "{} (policy snapshot schema {})",
+        "{} (policy snapshot schema {}; features: {})",
         env!("CARGO_PKG_VERSION"),
-        meshfed_policy::snapshot::SCHEMA
+        meshfed_policy::snapshot::SCHEMA,
+        BUILT.names()
     )
 });
+
+/// The optional parts a binary was built with: cargo features of this
+/// package (docs/operations.md, "Build features").
+#[derive(Debug, Clone, Copy)]
+struct Features {
+    kube: bool,
+    dns: bool,
+    otel: bool,
+}
+
+/// This binary's features.
+const BUILT: Features = Features {
+    kube: cfg!(feature = "kube"),
+    dns: cfg!(feature = "dns"),
+    otel: cfg!(feature = "otel"),
+};
+
+impl Features {
+    /// `kube, dns, otel`, or `none`.
+    fn names(self) -> String {
+        let on: Vec<&str> = [("kube", self.kube), ("dns", self.dns), ("otel", self.otel)]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect();
+        if on.is_empty() {
+            "none".into()
+        } else {
+            on.join(", ")
+        }
+    }
+}
+
+/// The settings that need a feature `built` lacks: one message per missing
+/// feature, naming the flags and the build command that includes it. The
+/// flags stay known to every build, so a config file or unit written for
+/// the full build is refused with a reason rather than as unknown.
+fn missing_features(cli: &Cli, matches: &clap::ArgMatches, built: Features) -> Vec<String> {
+    let explicit = |id: &str| {
+        matches
+            .value_source(id)
+            .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+    };
+    let kube = [
+        ("--kubernetes", cli.kubernetes),
+        ("--kubeconfig", cli.kubeconfig.is_some()),
+        ("--kube-namespace", !cli.kube_namespace.is_empty()),
+        ("--kube-service-exports", cli.kube_service_exports),
+        ("--mirror-services", cli.mirror_services.is_some()),
+        (
+            "--mirror-ports",
+            explicit("mirror_ports") && !cli.mirror_ports.is_empty(),
+        ),
+    ];
+    let otel = [("--otlp-endpoint", cli.otlp_endpoint.is_some())];
+    let mut out = Vec::new();
+    for (feature, have, flags) in [
+        ("kube", built.kube, &kube[..]),
+        ("otel", built.otel, &otel[..]),
+    ] {
+        let used: Vec<&str> = flags
+            .iter()
+            .filter_map(|(flag, set)| set.then_some(*flag))
+            .collect();
+        if !have && !used.is_empty() {
+            out.push(format!(
+                "{} {} the `{feature}` feature, and this meshfed-gateway was built without it \
+                 (features: {}); build one with it: cargo build -p meshfed-gateway --features {feature}",
+                used.join(", "),
+                if used.len() == 1 { "needs" } else { "need" },
+                built.names()
+            ));
+        }
+    }
+    out
+}
 
 fn parse_syncer_id(s: &str) -> Result<meshfed_gateway::identity::SpiffeId, String> {
     use meshfed_gateway::identity::SpiffeId;
@@ -473,6 +562,13 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_logging(cli.log_format);
+    let missing = missing_features(&cli, &matches, BUILT);
+    if !missing.is_empty() {
+        for m in &missing {
+            eprintln!("meshfed-gateway: {m}");
+        }
+        return ExitCode::from(2);
+    }
     // Freed pages go back to the system by jemalloc's background thread
     // (dirty then muzzy decay, 10 s each), so an idle gateway shrinks too.
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
@@ -516,6 +612,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    #[cfg(feature = "kube")]
     let kube = kube_wanted.then_some(meshfed_gateway::discovery::kube::KubeSettings {
         kubeconfig: cli.kubeconfig,
         namespaces: cli.kube_namespace,
@@ -525,6 +622,7 @@ fn main() -> ExitCode {
     });
     let worker_threads = cli.worker_threads;
     let cfg = RunConfig {
+        #[cfg(feature = "kube")]
         kube,
         cluster: cli.cluster,
         gateway_id: cli.gateway_id.unwrap_or_else(hostname),

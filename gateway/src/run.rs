@@ -68,6 +68,7 @@ pub struct RunConfig {
     /// Port mappings: listen address → service host and port, as opaque TCP.
     pub tcp_maps: Vec<TcpMap>,
     /// Kubernetes discovery (and mirror Services), when enabled.
+    #[cfg(feature = "kube")]
     pub kube: Option<crate::discovery::kube::KubeSettings>,
     /// Distributed tracing: OTLP endpoint (off when unset) and sampling.
     pub tracing: crate::trace::Settings,
@@ -201,7 +202,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let (snapshot, source) = first_snapshot(&cfg).await?;
     let snapshot = Arc::new(snapshot);
+    // Without the `dns` feature a peer gateway named by host could never
+    // be dialed: say so now, with the fix, rather than on every dial.
+    #[cfg(not(feature = "dns"))]
+    for (cluster, info) in &snapshot.policy.clusters {
+        if *cluster == cfg.cluster {
+            continue; // not dialed
+        }
+        for target in &info.gateways {
+            crate::discovery::dns::Resolver::shared()
+                .resolve_host_port(target)
+                .await
+                .with_context(|| format!("the gateways of cluster `{cluster}` in the policy"))?;
+        }
+    }
 
+    #[cfg(feature = "kube")]
     let kube = match &cfg.kube {
         Some(k) => Some(
             crate::discovery::kube::watch(k, cfg.cluster.clone(), cfg.policy.domain.clone())
@@ -216,10 +232,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("loading discovery file {}", path.display()))?
         }
+        #[cfg(feature = "kube")]
         None => match &kube {
             Some(k) => k.endpoints.clone(),
             None => watch::channel(Arc::new(EndpointSet::new())).1,
         },
+        #[cfg(not(feature = "kube"))]
+        None => watch::channel(Arc::new(EndpointSet::new())).1,
     };
     // ServiceEntry endpoints join discovery's before the first request, so
     // an edge gateway serves its external hosts from the start.
@@ -349,6 +368,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         settings.state_dir = cfg.state_dir.clone();
         control::syncer::spawn(state.clone(), settings, refusals.clone());
     }
+    #[cfg(feature = "kube")]
     if let (Some(k), Some(settings)) = (&kube, &cfg.kube) {
         crate::mirror::attach(&state, k, settings, addrs["outbound"].port());
     }

@@ -40,6 +40,15 @@
 //! 512 spans); a full queue drops spans, a failed export drops its batch and
 //! counts it in `meshfed_trace_spans_dropped_total`. SIGTERM flushes what is
 //! queued ([`Tracing::shutdown`]).
+//!
+//! **Without the `otel` cargo feature** (on by default) the SDK and the
+//! exporter are left out: [`Tracing`] is an empty type, so tracing is off as
+//! without `--otlp-endpoint` (which `main.rs` then refuses at start, naming
+//! the feature), and the hooks below never find a hop.
+
+// Without `otel` no `Tracing` value can exist, so the recording half below
+// compiles but never runs: its dead code there says nothing.
+#![cfg_attr(not(feature = "otel"), allow(dead_code, unused_imports))]
 
 pub mod context;
 
@@ -51,12 +60,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
+#[cfg(feature = "otel")]
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
     TraceState, Tracer as _, TracerProvider as _,
 };
+#[cfg(feature = "otel")]
 use opentelemetry::{Context, KeyValue};
+#[cfg(feature = "otel")]
 use opentelemetry_sdk::error::OTelSdkResult;
+#[cfg(feature = "otel")]
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -96,6 +109,7 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
+    #[cfg(feature = "otel")]
     #[error(
         "cannot build the OTLP exporter for {endpoint}: {source}; check --otlp-endpoint (http://HOST:PORT of an OTLP/gRPC collector, usually port 4317)"
     )]
@@ -104,6 +118,11 @@ pub enum TraceError {
         #[source]
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    #[cfg(not(feature = "otel"))]
+    #[error(
+        "cannot export spans to {endpoint}: this gateway was built without the `otel` feature; build one with it: cargo build -p meshfed-gateway --features otel"
+    )]
+    NotBuilt { endpoint: String },
 }
 
 /// Parses `--trace-sampling`: a percentage from 0 to 100.
@@ -183,6 +202,7 @@ impl TraceMetrics {
 }
 
 /// A running tracer: sampling ratio, SDK tracer and exporter.
+#[cfg(feature = "otel")]
 #[derive(Debug)]
 pub struct Tracing {
     tracer: SdkTracer,
@@ -193,6 +213,7 @@ pub struct Tracing {
     metrics: TraceMetrics,
 }
 
+#[cfg(feature = "otel")]
 impl Tracing {
     /// Starts the exporter when `settings` name an endpoint; `None` when
     /// tracing is off. Must run inside the tokio runtime (the gRPC channel
@@ -420,6 +441,53 @@ impl Tracing {
     }
 }
 
+/// A tracer in a build without the `otel` feature: there is none.
+#[cfg(not(feature = "otel"))]
+#[derive(Debug)]
+pub enum Tracing {}
+
+#[cfg(not(feature = "otel"))]
+impl Tracing {
+    /// `None` when `settings` name no endpoint (tracing off); an error
+    /// naming the missing feature when they do.
+    pub fn start(
+        settings: &Settings,
+        _cluster: &str,
+        _gateway_id: &str,
+        _metrics: TraceMetrics,
+    ) -> Result<Option<Arc<Tracing>>, TraceError> {
+        match &settings.otlp_endpoint {
+            None => Ok(None),
+            Some(endpoint) => Err(TraceError::NotBuilt {
+                endpoint: endpoint.clone(),
+            }),
+        }
+    }
+
+    pub async fn shutdown(&self, _deadline: Duration) {
+        match *self {}
+    }
+
+    pub fn outbound<B>(&self, _req: &mut http::Request<B>) -> Option<Hop> {
+        match *self {}
+    }
+
+    pub fn inbound(
+        &self,
+        _peer_cluster: &str,
+        _service: &str,
+        _head: &crate::tunnel::frame::RequestHead,
+    ) -> Hop {
+        match *self {}
+    }
+}
+
+/// A recorded span: the SDK's, or nothing at all without `otel`.
+#[cfg(feature = "otel")]
+type Span = opentelemetry_sdk::trace::Span;
+#[cfg(not(feature = "otel"))]
+type Span = std::convert::Infallible;
+
 /// u64 threshold for a ratio: a random u64 below it is sampled.
 fn threshold(ratio: f64) -> u64 {
     if ratio >= 1.0 {
@@ -453,7 +521,7 @@ enum Side {
 /// Ending is on drop.
 #[derive(Debug)]
 pub struct Hop {
-    span: Option<opentelemetry_sdk::trace::Span>,
+    span: Option<Span>,
     seen: Extracted,
     next: Ids,
     sampled: bool,
@@ -490,6 +558,7 @@ impl Hop {
     }
 }
 
+#[cfg(feature = "otel")]
 impl Drop for Hop {
     fn drop(&mut self) {
         let Some(mut span) = self.span.take() else {
@@ -636,6 +705,7 @@ pub fn response(status: u16, reason: &str, grpc_status: &str, peer_cluster: Opti
 }
 
 /// The exporter, counting what it exported and what it lost.
+#[cfg(feature = "otel")]
 #[derive(Debug)]
 struct Counting {
     inner: opentelemetry_otlp::SpanExporter,
@@ -646,6 +716,7 @@ struct Counting {
     last_warning: AtomicU64,
 }
 
+#[cfg(feature = "otel")]
 impl SpanExporter for Counting {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len() as u64;
@@ -696,5 +767,6 @@ impl SpanExporter for Counting {
     }
 }
 
+#[cfg(feature = "otel")]
 #[cfg(test)]
 mod tests;

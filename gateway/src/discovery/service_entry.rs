@@ -324,6 +324,8 @@ mod tests {
         assert!(on(8080).is_empty());
     }
 
+    // Host names need hickory (the `dns` feature).
+    #[cfg(feature = "dns")]
     #[tokio::test]
     async fn dns_resolves_endpoint_names_or_the_host_and_reports_what_fails() {
         let p = policy(&[

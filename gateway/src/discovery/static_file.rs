@@ -223,6 +223,8 @@ mod tests {
         assert!(eps[0].healthy && !eps[1].healthy);
     }
 
+    // Host names need hickory (the `dns` feature).
+    #[cfg(feature = "dns")]
     #[tokio::test]
     async fn host_names_resolve_and_bad_addresses_are_refused() {
         let ok = parse(
