@@ -702,12 +702,88 @@ fn init_logging(format: LogFormat) {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, FromArgMatches};
 
-    use super::Cli;
+    use super::{Cli, Features, missing_features};
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn parse(flags: &[&str]) -> (Cli, clap::ArgMatches) {
+        let base = ["meshfed-gateway", "--cluster", "edge", "--tls-dir", "/t"];
+        let args = base
+            .iter()
+            .chain(["--policy-dir", "/p"].iter())
+            .chain(flags);
+        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        (Cli::from_arg_matches(&matches).unwrap(), matches)
+    }
+
+    /// The refusal a build without `kube` and `otel` gives (the minimal
+    /// binary itself is run in tests/tests/minimal_gateway.rs).
+    #[test]
+    fn flags_of_a_missing_feature_are_refused_naming_it_and_the_build_command() {
+        let none = Features {
+            kube: false,
+            dns: false,
+            otel: false,
+        };
+        let all = Features {
+            kube: true,
+            dns: true,
+            otel: true,
+        };
+        let (cli, m) = parse(&[
+            "--kubernetes",
+            "--mirror-services",
+            "gw.meshfed",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+        ]);
+        let refused = missing_features(&cli, &m, none);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0].starts_with("--kubernetes, --mirror-services need the `kube` feature")
+                && refused[0].ends_with("cargo build -p meshfed-gateway --features kube"),
+            "{}",
+            refused[0]
+        );
+        assert!(
+            refused[1].starts_with("--otlp-endpoint needs the `otel` feature")
+                && refused[1].contains("(features: none)")
+                && refused[1].ends_with("cargo build -p meshfed-gateway --features otel"),
+            "{}",
+            refused[1]
+        );
+        assert!(missing_features(&cli, &m, all).is_empty());
+
+        // Defaults (and --kubernetes=false) ask for nothing; --mirror-ports
+        // has a default, and only an explicit one is refused.
+        let (cli, m) = parse(&["--kubernetes=false"]);
+        assert!(missing_features(&cli, &m, none).is_empty());
+        let (cli, m) = parse(&["--mirror-ports", "80"]);
+        let refused = missing_features(&cli, &m, none);
+        assert!(
+            refused.len() == 1 && refused[0].starts_with("--mirror-ports needs the `kube` feature"),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn the_feature_list_reads_none_when_empty() {
+        let some = Features {
+            kube: false,
+            dns: true,
+            otel: true,
+        };
+        assert_eq!(some.names(), "dns, otel");
+        let none = Features {
+            kube: false,
+            dns: false,
+            otel: false,
+        };
+        assert_eq!(none.names(), "none");
     }
 }

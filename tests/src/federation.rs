@@ -167,6 +167,12 @@ impl GatewayProcess {
     /// Starts a gateway as `launch` says (e.g. inside a network namespace)
     /// and waits until it is ready.
     pub fn start_with(spec: &GatewaySpec, launch: &Launch) -> Self {
+        Self::start_program(&bin("meshfed-gateway"), spec, launch)
+    }
+
+    /// [`GatewayProcess::start_with`] for another build of the gateway
+    /// binary, e.g. one without default features (tests/tests/minimal_gateway.rs).
+    pub fn start_program(program: &Path, spec: &GatewaySpec, launch: &Launch) -> Self {
         let ready = spec
             .work_dir
             .join(format!("{}-{}.ready", spec.cluster, spec.id));
@@ -179,10 +185,10 @@ impl GatewayProcess {
         let mut cmd = match launch.prefix.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(bin("meshfed-gateway"));
+                c.args(args).arg(program);
                 c
             }
-            None => Command::new(bin("meshfed-gateway")),
+            None => Command::new(program),
         };
         let tunnel_host = launch.tunnel_host.as_deref().unwrap_or("127.0.0.1");
         let local_host = launch.local_host.as_deref().unwrap_or("127.0.0.1");
