@@ -81,7 +81,7 @@ use meshfed_policy::snapshot::{
     ClusterPolicy,
 };
 
-use crate::discovery::Endpoint;
+use crate::endpoints::Endpoint;
 use crate::proxy::body::{self, ProxyBody};
 
 #[cfg(test)]
@@ -801,7 +801,7 @@ pub fn enforce_local<B>(
     match normalized {
         Some(Err(e)) => {
             return Err(crate::proxy::error_response(
-                crate::tunnel::frame::Refusal::BadRequest,
+                crate::wire::frame::Refusal::BadRequest,
                 &e.to_string(),
                 grpc,
             ));
@@ -824,7 +824,7 @@ pub fn enforce_local<B>(
         return Ok(req);
     }
     let endpoints = state.endpoints.borrow().clone();
-    let candidates = crate::discovery::healthy(&endpoints, service, selector);
+    let candidates = crate::endpoints::healthy(&endpoints, service, selector);
     let host = req
         .uri()
         .authority()
@@ -895,7 +895,7 @@ pub fn admit_local_tcp(
         return true;
     }
     let endpoints = state.endpoints.borrow().clone();
-    let candidates = crate::discovery::healthy(&endpoints, service, selector);
+    let candidates = crate::endpoints::healthy(&endpoints, service, selector);
     let n = candidates.len();
     let r = Request::new(caller, &state.cluster, None)
         .with_sni(sni)

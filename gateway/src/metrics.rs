@@ -230,7 +230,7 @@ impl Metrics {
             "announcement_services_left_out",
             "Exported services left out of this gateway's announcements since start, because \
              more were exported than one announcement carries",
-            crate::tunnel::announce::SERVICES_LEFT_OUT.clone(),
+            crate::wire::announce::SERVICES_LEFT_OUT.clone(),
         );
         let runtime_alive_tasks = Gauge::default();
         registry.register(

@@ -51,10 +51,10 @@ use kube::{Api, Client, ResourceExt};
 use meshfed_policy::snapshot::{CLUSTER_LABEL, ClusterPolicy};
 use serde_json::json;
 
-use crate::discovery::EndpointSet;
+use crate::endpoints::EndpointSet;
 pub use crate::discovery::kube::MIRROR_OF_LABEL;
 use crate::discovery::kube::{KubeDiscovery, SERVICE_NAME_LABEL, Shared};
-use crate::discovery::{self};
+
 use crate::route::{Active, RequestInfo, Target, split_authority};
 use crate::state::Gateway;
 
@@ -451,7 +451,7 @@ async fn reconcile(
     let target_host = format!("{target_name}.{target_ns}.svc.{}", policy.domain);
     let gateway_ips: Vec<IpAddr> = {
         let set = state.endpoints.borrow();
-        let mut ips: Vec<IpAddr> = discovery::healthy(&set, &target_host, &BTreeMap::new())
+        let mut ips: Vec<IpAddr> = crate::endpoints::healthy(&set, &target_host, &BTreeMap::new())
             .into_iter()
             .map(|e| e.addr.ip())
             .collect();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 
-use crate::tunnel::frame::Refusal;
+use crate::wire::frame::Refusal;
 
 pub mod body;
 pub mod budget;

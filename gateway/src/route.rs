@@ -33,8 +33,8 @@ use meshfed_policy::snapshot::{
 };
 use regex::Regex;
 
-use crate::discovery::EndpointSet;
-use crate::tunnel::announce::Announcement;
+use crate::endpoints::EndpointSet;
+use crate::wire::announce::Announcement;
 
 /// A snapshot with everything a request needs precomputed: compiled
 /// regexes. Built once per applied snapshot.

@@ -24,13 +24,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSettings};
-use crate::discovery::{EndpointSet, static_file};
+use crate::discovery::static_file;
+use crate::endpoints::EndpointSet;
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
 use crate::identity::verify::{self, HandshakeRefusals};
 use crate::metrics::{Metrics, RefusalReader};
 use crate::state::Gateway;
-use crate::tunnel::frame::ALPN;
+use crate::wire::frame::ALPN;
 use crate::tunnel::link::{Identify, LinkSettings, PeerInfo, StreamHandler, Tunnel};
 use crate::{control, proxy};
 

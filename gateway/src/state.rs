@@ -14,11 +14,11 @@ use arc_swap::ArcSwap;
 use meshfed_policy::Snapshot;
 use tokio::sync::watch;
 
-use crate::discovery::EndpointSet;
+use crate::endpoints::EndpointSet;
 use crate::metrics::Metrics;
 use crate::proxy::upstream::Upstream;
 use crate::route::{ActivateError, Active};
-use crate::tunnel::announce::Announcement;
+use crate::wire::announce::Announcement;
 use crate::tunnel::link::Tunnel;
 
 /// Why a snapshot was not applied.

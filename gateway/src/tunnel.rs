@@ -7,11 +7,9 @@
 //! with a fuzzed decoder), and the endpoint summaries peers announce.
 //!
 //! It does not own certificates or their verification ([`crate::identity`]),
-//! choosing a destination ([`crate::route`]), or the local listener
-//! ([`crate::proxy`]).
+//! the frame and announcement codecs ([`crate::wire`]), choosing a
+//! destination ([`crate::route`]), or the local listener ([`crate::proxy`]).
 
-pub mod announce;
-pub mod frame;
 pub mod link;
 pub mod socket;
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use meshfed_gateway::tunnel::frame::{ALPN, Frame};
+use meshfed_gateway::wire::frame::{ALPN, Frame};
 use meshfed_tests::cgroup::{GATEWAY_LIMIT, MemoryCgroup};
 use meshfed_tests::federation::*;
 use quinn::udp::{RecvMeta, Transmit};
@@ -652,7 +652,7 @@ fn post(gw: &GatewayProcess) -> u16 {
 #[derive(Debug)]
 enum BodyOutcome {
     /// West answered with an ERROR frame of this refusal.
-    Refused(meshfed_gateway::tunnel::frame::Refusal),
+    Refused(meshfed_gateway::wire::frame::Refusal),
     /// West reset the stream at the OPEN timeout: its OPEN never arrived,
     /// stuck behind the peer's own stalled bodies in the connection's
     /// flow-control window.
@@ -717,7 +717,7 @@ async fn endless_bodies(cgroup: &str, keep_writing: Option<Duration>) {
     use meshfed_gateway::proxy::HEAD_TIMEOUT;
     use meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES;
     use meshfed_gateway::proxy::inbound::HEAD_TIMEOUT_RESET;
-    use meshfed_gateway::tunnel::frame::{self, Refusal};
+    use meshfed_gateway::wire::frame::{self, Refusal};
 
     let cg = MemoryCgroup::require(cgroup, GATEWAY_LIMIT);
     let (backend, _b) = stuck_backend().await;

@@ -50,7 +50,7 @@ use meshfed_policy::snapshot::{ClusterPolicy, Resolution, ServiceEntry};
 use tokio::sync::watch;
 
 use super::dns::Resolver;
-use super::{CLUSTER_LABEL, Endpoint, EndpointSet};
+use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
 use crate::state::Gateway;
 
 /// The label that names the service port an endpoint of a multi-port

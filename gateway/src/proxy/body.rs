@@ -20,7 +20,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use quinn::{RecvStream, SendStream};
 
 use super::budget::{BodyBudget, BodyPermit, OverBudget};
-use crate::tunnel::frame::{self, Frame, Refusal};
+use crate::wire::frame::{self, Frame, Refusal};
 use crate::tunnel::link::StreamGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -21,7 +21,7 @@ use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::state::Gateway;
-use crate::tunnel::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
+use crate::wire::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 use crate::tunnel::link::PeerInfo;
 
 /// The QUIC error code with which a stream whose OPEN did not arrive within
@@ -147,7 +147,7 @@ async fn serve(
     let endpoints = state.endpoints.borrow().clone();
     let selector: std::collections::BTreeMap<String, String> =
         open.subset_labels.iter().cloned().collect();
-    let candidates = crate::discovery::healthy(&endpoints, &open.service, &selector);
+    let candidates = crate::endpoints::healthy(&endpoints, &open.service, &selector);
     // Authorization, before anything is sent upstream (crate::authz).
     let (candidates, target) = match authorize(&state, &active, &peer, &open, candidates) {
         Ok(ok) => ok,
@@ -416,8 +416,8 @@ fn authorize<'e>(
     active: &crate::route::Active,
     peer: &PeerInfo,
     open: &Open,
-    candidates: Vec<&'e crate::discovery::Endpoint>,
-) -> Result<(Vec<&'e crate::discovery::Endpoint>, String), Denied> {
+    candidates: Vec<&'e crate::endpoints::Endpoint>,
+) -> Result<(Vec<&'e crate::endpoints::Endpoint>, String), Denied> {
     let (target, http) = match &open.http {
         Some(head) => {
             // A fragment never travels in a request (RFC 9110 §7.1): one

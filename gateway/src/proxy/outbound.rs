@@ -41,7 +41,7 @@ use crate::accept::{Acceptor, ConnectionLimit};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::route::{self, RequestInfo, Target};
 use crate::state::Gateway;
-use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
+use crate::wire::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
 
 /// How long a caller has to send its first bytes before the connection is
 /// treated as opaque TCP.
@@ -1281,7 +1281,7 @@ pub(super) async fn forward_local(
     active: &crate::route::Active,
     caller: Option<&str>,
     target: &Target,
-    endpoints: &crate::discovery::EndpointSet,
+    endpoints: &crate::endpoints::EndpointSet,
     mut req: Request<ProxyBody>,
     grpc: bool,
     failed: &mut Vec<SocketAddr>,
@@ -1592,7 +1592,7 @@ pub struct TcpOrigin {
 /// a caller for one destination and send it to another).
 pub struct TcpRoute {
     active: Arc<route::Active>,
-    endpoints: Arc<crate::discovery::EndpointSet>,
+    endpoints: Arc<crate::endpoints::EndpointSet>,
     target: Target,
     host: String,
 }

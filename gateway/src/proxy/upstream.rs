@@ -45,10 +45,10 @@ use tokio::sync::watch;
 
 use super::body::{CallerFault, ProxyBody, Watched};
 use super::error_response;
-use crate::discovery::{Endpoint, EndpointSet};
+use crate::endpoints::{Endpoint, EndpointSet};
 use crate::identity::store::Credentials;
 use crate::route::Active;
-use crate::tunnel::frame::Refusal;
+use crate::wire::frame::Refusal;
 
 pub mod outlier;
 pub mod pool;
@@ -524,7 +524,7 @@ impl Upstream {
         dest: &Dest<'a>,
         avoid: &[SocketAddr],
     ) -> Option<Picked<'a>> {
-        let mut candidates = crate::discovery::healthy(endpoints, dest.service, dest.selector);
+        let mut candidates = crate::endpoints::healthy(endpoints, dest.service, dest.selector);
         // A multi-port ServiceEntry's endpoints each serve one port.
         candidates.retain(|e| crate::discovery::service_entry::for_port(e, dest.port));
         if !avoid.is_empty() && candidates.iter().any(|e| !avoid.contains(&e.addr)) {
@@ -987,7 +987,7 @@ impl Upstream {
         service: &str,
         selector: &BTreeMap<String, String>,
     ) -> usize {
-        crate::discovery::healthy(endpoints, service, selector)
+        crate::endpoints::healthy(endpoints, service, selector)
             .into_iter()
             .filter(|e| !self.is_ejected(service, &e.addr))
             .count()

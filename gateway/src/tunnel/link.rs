@@ -33,8 +33,8 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarIn
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::announce::Announcement;
-use super::frame::{self, Frame};
+use crate::wire::announce::Announcement;
+use crate::wire::frame::{self, Frame};
 use super::socket::{ClassifyingSocket, DatagramDrops};
 
 /// Timing and sizing of links.

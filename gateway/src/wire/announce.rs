@@ -12,13 +12,13 @@
 //! of [`super::frame::MAX_DATA_FRAME`]), and carry a `draining` flag that a
 //! gateway sets on SIGTERM so that peers stop opening new streams to it. A
 //! peer that stops announcing is treated as unavailable by
-//! [`super::link`].
+//! [`crate::tunnel::link`].
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::discovery::{Endpoint, EndpointSet};
+use crate::endpoints::{Endpoint, EndpointSet};
 
 /// Most services in one announcement: the policy's limit on what a cluster
 /// may export, so that a valid snapshot never has more.
@@ -206,7 +206,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::tunnel::frame::Frame;
+    use crate::wire::frame::Frame;
 
     fn ep(port: u16, version: &str, healthy: bool) -> Endpoint {
         Endpoint {
