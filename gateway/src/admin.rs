@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::accept::{ADMIN_MAX_CONNECTIONS, Acceptor, ConnectionLimit};
-use crate::proxy::body::{self, ProxyBody};
+use crate::body::{self, ProxyBody};
 use crate::state::Gateway;
 
 /// The TCP port of the admin server by default, as Istio's agent serves

@@ -82,7 +82,7 @@ use meshfed_policy::snapshot::{
 };
 
 use crate::endpoints::Endpoint;
-use crate::proxy::body::{self, ProxyBody};
+use crate::body::{self, ProxyBody};
 
 #[cfg(test)]
 mod tests;
@@ -755,7 +755,7 @@ impl Authz {
 /// Envoy's RBAC answer to a denied request: `403` with `RBAC: access
 /// denied`; for gRPC a trailers-only `PERMISSION_DENIED` with that message.
 pub fn denied_response(grpc: bool) -> http::Response<ProxyBody> {
-    let b = http::Response::builder().header(crate::proxy::ERROR_HEADER, "unauthorized");
+    let b = http::Response::builder().header(crate::respond::ERROR_HEADER, "unauthorized");
     let r = if grpc {
         b.status(http::StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -793,14 +793,14 @@ pub fn enforce_local<B>(
     selector: &BTreeMap<String, String>,
     mut req: http::Request<B>,
 ) -> Result<http::Request<B>, http::Response<ProxyBody>> {
-    let grpc = crate::proxy::is_grpc(req.headers());
+    let grpc = crate::respond::is_grpc(req.headers());
     let normalized = req
         .uri()
         .path_and_query()
         .map(|pq| normalize_path(pq.as_str()).map(|(p, q)| format!("{p}{q}")));
     match normalized {
         Some(Err(e)) => {
-            return Err(crate::proxy::error_response(
+            return Err(crate::respond::error_response(
                 crate::wire::frame::Refusal::BadRequest,
                 &e.to_string(),
                 grpc,

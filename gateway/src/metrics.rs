@@ -115,7 +115,7 @@ pub struct Metrics {
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
     /// Connection-pool overflow and outlier ejections (proxy::upstream).
-    pub upstream: crate::proxy::upstream::UpstreamMetrics,
+    pub upstream: crate::upstream::UpstreamMetrics,
     pub authz_denied: Family<AuthzLabels, Counter>,
     pub authz_dry_run: Family<DryRunLabels, Counter>,
     pub retries: Family<ServiceReasonLabels, Counter>,
@@ -214,7 +214,7 @@ impl Metrics {
             "Requests and TCP streams evaluated by dry-run AuthorizationPolicies (never enforced), by policy, action and the decision it would have made",
             authz_dry_run.clone(),
         );
-        let upstream = crate::proxy::upstream::UpstreamMetrics::default();
+        let upstream = crate::upstream::UpstreamMetrics::default();
         upstream.register(&mut registry);
         let trace = crate::trace::TraceMetrics::default();
         trace.register(&mut registry);

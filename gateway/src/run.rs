@@ -428,13 +428,13 @@ fn caller_limit(wanted: usize, state: &Gateway) -> crate::accept::ConnectionLimi
 /// yet, a placeholder that routes nothing, not ready).
 async fn first_snapshot(
     cfg: &RunConfig,
-) -> anyhow::Result<(meshfed_policy::Snapshot, Option<control::Source>)> {
+) -> anyhow::Result<(meshfed_policy::Snapshot, Option<crate::state::provenance::Source>)> {
     if let Some(dir) = &cfg.policy_dir {
         let (dir2, cluster, opts) = (dir.clone(), cfg.cluster.clone(), cfg.policy.clone());
         let snap = tokio::task::spawn_blocking(move || control::load_dir(&dir2, &cluster, &opts))
             .await??;
         tracing::info!(version = %snap.version, "policy loaded");
-        let source = control::Source::File {
+        let source = crate::state::provenance::Source::File {
             dir: dir.display().to_string(),
         };
         return Ok((snap, Some(source)));
@@ -449,7 +449,7 @@ async fn first_snapshot(
         match tokio::task::spawn_blocking(move || control::persist::load(&dir, &cluster)).await? {
             Ok(Some(snap)) => {
                 tracing::info!(version = %snap.version, dir = %state_dir.display(), "starting from the persisted snapshot; the syncer will send newer ones");
-                let source = control::Source::StateDir {
+                let source = crate::state::provenance::Source::StateDir {
                     path: control::persist::path(state_dir).display().to_string(),
                 };
                 return Ok((snap, Some(source)));

@@ -14,9 +14,11 @@ use arc_swap::ArcSwap;
 use meshfed_policy::Snapshot;
 use tokio::sync::watch;
 
+pub mod provenance;
+
 use crate::endpoints::EndpointSet;
 use crate::metrics::Metrics;
-use crate::proxy::upstream::Upstream;
+use crate::upstream::Upstream;
 use crate::route::{ActivateError, Active};
 use crate::wire::announce::Announcement;
 use crate::tunnel::link::Tunnel;
@@ -44,7 +46,7 @@ pub struct Gateway {
     /// workload certificates (`--outbound-tls mutual`); `None` for plaintext.
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// What snapshot is applied, from where, and the syncer link's state.
-    pub provenance: crate::control::Provenance,
+    pub provenance: provenance::Provenance,
     /// With `--kube-service-exports`: the services that have a ServiceExport
     /// object in this cluster. A service is exported from here only if Git
     /// exports it and it is in this set (Git wins; see docs/kubernetes.md).
@@ -54,8 +56,8 @@ pub struct Gateway {
     /// given; empty means off (crate::trace).
     pub trace: std::sync::OnceLock<Arc<crate::trace::Tracing>>,
     /// Peers' request bodies in flight to local endpoints, per peer and in
-    /// all (crate::proxy::budget; the limits are flags).
-    pub bodies: crate::proxy::budget::BodyBudget,
+    /// all (crate::body_budget; the limits are flags).
+    pub bodies: crate::body_budget::BodyBudget,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
     active_requests: Arc<std::sync::atomic::AtomicI64>,
@@ -89,10 +91,10 @@ impl Gateway {
             upstream,
             metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
-            provenance: crate::control::Provenance::default(),
+            provenance: provenance::Provenance::default(),
             export_gate: arc_swap::ArcSwapOption::empty(),
             trace: std::sync::OnceLock::new(),
-            bodies: crate::proxy::budget::BodyBudget::default(),
+            bodies: crate::body_budget::BodyBudget::default(),
             draining: AtomicBool::new(false),
             active_requests: Arc::default(),
             active_retries: Arc::default(),

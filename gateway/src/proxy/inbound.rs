@@ -6,7 +6,7 @@
 //! `x-meshfed-error` header, when the service is not exported from this
 //! cluster, when no local endpoint fits the subset, or when the endpoint
 //! cannot be reached, or (`Overloaded`) when its request body does not fit
-//! the budget of peers' bodies in flight ([`super::budget`]).
+//! the budget of peers' bodies in flight ([`crate::body_budget`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,8 +15,9 @@ use http::{Request, Uri, header};
 use http_body_util::BodyExt;
 use quinn::{RecvStream, SendStream};
 
-use super::body::{self, TunnelBody, read_head, refuse, write_frame};
-use super::{HEAD_TIMEOUT, XFCC, is_grpc, strip_hop_by_hop};
+use crate::body::{self, TunnelBody, read_head, refuse, write_frame};
+use super::{HEAD_TIMEOUT, XFCC, strip_hop_by_hop};
+use crate::respond::is_grpc;
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
@@ -154,7 +155,7 @@ async fn serve(
         Err(denied) => return Box::pin(deny(&state, &peer, &open, denied, send, start)).await,
     };
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
-    let dest = super::upstream::Dest {
+    let dest = crate::upstream::Dest {
         service: &open.service,
         subset: open.subset.as_deref(),
         port: open.port,
@@ -233,7 +234,7 @@ async fn serve(
             // The endpoint's protocol (upstream::speaks_h2), from the
             // snapshot this stream was checked with.
             let h2 = open.http.as_ref().is_some_and(|h| {
-                super::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
+                crate::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
             });
             let http = serve_http(
                 &state, &peer, &open, picked, target, h2, send, recv, rest, start,
@@ -250,7 +251,7 @@ async fn serve_http(
     state: &Gateway,
     peer: &PeerInfo,
     open: &Open,
-    picked: super::upstream::Picked<'_>,
+    picked: crate::upstream::Picked<'_>,
     target: String,
     h2: bool,
     mut send: SendStream,
@@ -353,12 +354,12 @@ async fn serve_http(
             let r = e.refusal();
             let (code, reason) = e.recorded();
             record(state, peer, open, code, reason, start);
-            if let super::upstream::UpstreamError::Caller { .. } = e {
+            if let crate::upstream::UpstreamError::Caller { .. } = e {
                 state.metrics.refused("stream", reason);
             }
             // An overflow is answered as the gateway's own 503 with the
             // limit's header, which an ERROR frame could not carry.
-            if !matches!(e, super::upstream::UpstreamError::Overflow { .. }) {
+            if !matches!(e, crate::upstream::UpstreamError::Overflow { .. }) {
                 return refuse(&mut send, r, e.to_string()).await;
             }
             let (parts, body) = e.response(grpc).into_parts();
@@ -380,7 +381,7 @@ async fn over_budget(
     state: &Gateway,
     peer: &PeerInfo,
     open: &Open,
-    e: super::budget::OverBudget,
+    e: crate::body_budget::OverBudget,
     mut send: SendStream,
     start: Instant,
 ) {
@@ -507,7 +508,7 @@ async fn deny(
     };
     let mut headers = http::HeaderMap::new();
     headers.insert(
-        crate::proxy::ERROR_HEADER,
+        crate::respond::ERROR_HEADER,
         http::HeaderValue::from_static("unauthorized"),
     );
     let (status, body) = if is_grpc(&head.headers) {

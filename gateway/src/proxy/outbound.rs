@@ -34,9 +34,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
+use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::detect::{self, Detected};
-use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
+use super::{rules, strip_hop_by_hop};
+use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::accept::{Acceptor, ConnectionLimit};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::route::{self, RequestInfo, Target};
@@ -689,7 +690,7 @@ async fn route_and_forward(
             }
             Err(e) => {
                 let fault = body::CallerFault::of(&*e);
-                let r = super::caller_fault_response(fault, &format!("request body: {e}"), grpc);
+                let r = crate::respond::caller_fault_response(fault, &format!("request body: {e}"), grpc);
                 record(&state, &r, &target.service, &cluster, start, grpc);
                 return r;
             }
@@ -918,7 +919,7 @@ pub(super) enum TryError {
     },
     /// A local endpoint failed or overflowed (proxy::upstream), or the
     /// caller failed its own body on the way there.
-    Upstream(super::upstream::UpstreamError),
+    Upstream(crate::upstream::UpstreamError),
     /// An answer a gateway made itself, passed on as it is: the destination
     /// gateway's own response (its pool's overflow 503 carries headers an
     /// ERROR frame cannot), or this gateway's authorization denial.
@@ -979,14 +980,14 @@ struct Seen<'a> {
 
 impl<'a> Seen<'a> {
     fn of(tried: &'a Tried, grpc: bool) -> Self {
-        use super::upstream::UpstreamError;
+        use crate::upstream::UpstreamError;
         let refused = |refusal: Refusal, overloaded: bool, link_died: bool| {
             let http = refusal.http_status();
             Seen {
                 status: if grpc { 200 } else { http.as_u16() },
                 refusal: Some(refusal),
                 token: None,
-                grpc_status: grpc.then(|| super::grpc_status_for(http)),
+                grpc_status: grpc.then(|| crate::respond::grpc_status_for(http)),
                 overloaded,
                 link_died,
             }
@@ -1004,7 +1005,7 @@ impl<'a> Seen<'a> {
                 refused(Refusal::Overloaded, true, false)
             }
             Err(TryError::Upstream(UpstreamError::Caller { fault, .. })) => {
-                // As super::caller_fault_response answers it.
+                // As crate::respond::caller_fault_response answers it.
                 let aborted = *fault == body::CallerFault::Aborted;
                 let http = StatusCode::BAD_REQUEST;
                 Seen {
@@ -1019,7 +1020,7 @@ impl<'a> Seen<'a> {
                         if aborted {
                             1
                         } else {
-                            super::grpc_status_for(http)
+                            crate::respond::grpc_status_for(http)
                         }
                     }),
                     overloaded: false,
@@ -1202,7 +1203,7 @@ fn fault_response(
             if grpc {
                 b = b.header(
                     "grpc-status",
-                    super::grpc_status_for(
+                    crate::respond::grpc_status_for(
                         StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     )
                     .to_string(),
@@ -1301,7 +1302,7 @@ pub(super) async fn forward_local(
         Err(denied) => return Err(TryError::Made(Box::new(denied))),
     };
     // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
-    let dest = super::upstream::Dest {
+    let dest = crate::upstream::Dest {
         service: &target.service,
         subset: target.subset.as_deref(),
         port: target.port,
@@ -1334,7 +1335,7 @@ pub(super) async fn forward_local(
     }
     // The endpoint's protocol, not the caller's (an HTTP/2 caller of an
     // HTTP/1.1 service is translated, as on the peer path).
-    let h2 = super::upstream::speaks_h2(active, &target.service, target.port, grpc);
+    let h2 = crate::upstream::speaks_h2(active, &target.service, target.port, grpc);
     let req = Request::from_parts(parts, body);
     let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {
@@ -1345,8 +1346,8 @@ pub(super) async fn forward_local(
         Err(e) => {
             if matches!(
                 e,
-                super::upstream::UpstreamError::Connect { .. }
-                    | super::upstream::UpstreamError::Reset { .. }
+                crate::upstream::UpstreamError::Connect { .. }
+                    | crate::upstream::UpstreamError::Reset { .. }
             ) && !failed.contains(&addr)
             {
                 failed.push(addr);
@@ -1705,7 +1706,7 @@ pub async fn tcp_proxy<S>(
         // The one way to a local endpoint (proxy::upstream), as the inbound
         // path and HTTP go: the DestinationRule's balancer and ejections,
         // then `tcp.maxConnections` and `connectTimeout`.
-        let dest = super::upstream::Dest {
+        let dest = crate::upstream::Dest {
             service: &target.service,
             subset: target.subset.as_deref(),
             port: target.port,

@@ -43,8 +43,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::body::{CallerFault, ProxyBody, Watched};
-use super::error_response;
+use crate::body::{CallerFault, ProxyBody, Watched};
+use crate::respond::error_response;
 use crate::endpoints::{Endpoint, EndpointSet};
 use crate::identity::store::Credentials;
 use crate::route::Active;
@@ -310,7 +310,7 @@ impl UpstreamError {
                 overflow_response(*limit, &self.to_string(), grpc)
             }
             UpstreamError::Caller { fault, .. } => {
-                super::caller_fault_response(*fault, &self.to_string(), grpc)
+                crate::respond::caller_fault_response(*fault, &self.to_string(), grpc)
             }
             other => error_response(other.refusal(), &other.to_string(), grpc),
         }
@@ -705,7 +705,7 @@ impl Upstream {
                 let (mut parts, body) = resp.into_parts();
                 // Only a gateway may name a gateway's reason: a backend's
                 // copy of the header would steer retries and metric labels.
-                parts.headers.remove(crate::proxy::ERROR_HEADER);
+                parts.headers.remove(crate::respond::ERROR_HEADER);
                 let held = (lease, inflight);
                 let body = body
                     .map_frame(move |f| {
@@ -724,7 +724,7 @@ impl Upstream {
                     return Err(UpstreamError::Caller {
                         service: service.to_string(),
                         fault: *fault,
-                        reason: super::error_chain(&e),
+                        reason: crate::respond::error_chain(&e),
                     });
                 }
                 self.record(
