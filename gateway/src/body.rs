@@ -20,8 +20,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use quinn::{RecvStream, SendStream};
 
 use crate::body_budget::{BodyBudget, BodyPermit, OverBudget};
-use crate::wire::frame::{self, Frame, Refusal};
 use crate::tunnel::link::StreamGuard;
+use crate::wire::frame::{self, Frame, Refusal};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -50,6 +50,6 @@ pub mod route;
 pub mod run;
 pub mod state;
 pub mod trace;
-pub mod upstream;
 pub mod tunnel;
+pub mod upstream;
 pub mod wire;

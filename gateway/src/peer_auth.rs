@@ -38,8 +38,8 @@ use std::collections::BTreeMap;
 use http::{HeaderValue, Response, StatusCode, header};
 use meshfed_policy::snapshot::{MtlsMode, MtlsPolicy};
 
-use crate::respond::ERROR_HEADER;
 use crate::body::{self, ProxyBody};
+use crate::respond::ERROR_HEADER;
 use crate::state::Gateway;
 
 /// The mode that applies to a destination, and which policy level said so.

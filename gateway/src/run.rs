@@ -31,8 +31,8 @@ use crate::identity::store::{self, Credentials};
 use crate::identity::verify::{self, HandshakeRefusals};
 use crate::metrics::{Metrics, RefusalReader};
 use crate::state::Gateway;
-use crate::wire::frame::ALPN;
 use crate::tunnel::link::{Identify, LinkSettings, PeerInfo, StreamHandler, Tunnel};
+use crate::wire::frame::ALPN;
 use crate::{control, proxy};
 
 /// Everything a gateway needs to start, parsed once.
@@ -248,7 +248,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         identify(),
     )
     .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;
-    let metrics = Arc::new(Metrics::new());
+    // Every module's metric set, listed once for `/metrics`.
+    let module_metrics = crate::state::ModuleMetrics::default();
+    let mut sets: Vec<&dyn crate::metrics::Register> = module_metrics.sets().to_vec();
+    sets.push(&crate::wire::announce::AnnounceMetrics);
+    let metrics = Arc::new(Metrics::new(&sets));
     let (r, a) = (refusals.clone(), tunnel.admission_refusals());
     metrics.set_handshake_refusals(RefusalReader(Box::new(move || {
         let mut all = r.snapshot();
@@ -264,6 +268,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         endpoints,
         tunnel.clone(),
         metrics,
+        module_metrics.clone(),
     )?;
     state
         .bodies
@@ -273,7 +278,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     crate::discovery::service_entry::spawn(state.clone(), discovered, merged_tx);
     state.spawn_endpoint_follower();
-    let trace_metrics = state.metrics.trace.clone();
+    let trace_metrics = state.module_metrics.trace.clone();
     if let Some(t) =
         crate::trace::Tracing::start(&cfg.tracing, &cfg.cluster, &cfg.gateway_id, trace_metrics)?
     {
@@ -417,7 +422,7 @@ fn caller_limit(wanted: usize, state: &Gateway) -> crate::accept::ConnectionLimi
             "caller-connection limit"
         );
     }
-    let gauges = &state.metrics.connections;
+    let gauges = &state.module_metrics.connections;
     gauges
         .caller_connections_limit
         .set(i64::try_from(max).unwrap_or(i64::MAX));
@@ -428,7 +433,10 @@ fn caller_limit(wanted: usize, state: &Gateway) -> crate::accept::ConnectionLimi
 /// yet, a placeholder that routes nothing, not ready).
 async fn first_snapshot(
     cfg: &RunConfig,
-) -> anyhow::Result<(meshfed_policy::Snapshot, Option<crate::state::provenance::Source>)> {
+) -> anyhow::Result<(
+    meshfed_policy::Snapshot,
+    Option<crate::state::provenance::Source>,
+)> {
     if let Some(dir) = &cfg.policy_dir {
         let (dir2, cluster, opts) = (dir.clone(), cfg.cluster.clone(), cfg.policy.clone());
         let snap = tokio::task::spawn_blocking(move || control::load_dir(&dir2, &cluster, &opts))

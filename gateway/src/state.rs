@@ -18,10 +18,10 @@ pub mod provenance;
 
 use crate::endpoints::EndpointSet;
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
 use crate::route::{ActivateError, Active};
-use crate::wire::announce::Announcement;
 use crate::tunnel::link::Tunnel;
+use crate::upstream::Upstream;
+use crate::wire::announce::Announcement;
 
 /// Why a snapshot was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,27 @@ pub enum ApplyError {
     Activate(#[from] ActivateError),
     #[error("compiling the snapshot failed: {0}")]
     Task(String),
+}
+
+/// The metric sets of the modules the data path shares. Each module
+/// defines and registers its own ([`crate::metrics::Register`]); the
+/// wiring ([`crate::run`]) lists them when it builds the registry.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleMetrics {
+    pub authz: crate::authz::AuthzMetrics,
+    /// Connection-pool overflow and outlier ejections.
+    pub upstream: crate::upstream::UpstreamMetrics,
+    /// The span pipeline.
+    pub trace: crate::trace::TraceMetrics,
+    /// Open caller and admin connections and their limit.
+    pub connections: crate::accept::ConnectionMetrics,
+}
+
+impl ModuleMetrics {
+    /// Every set, in the order `/metrics` lists them.
+    pub fn sets(&self) -> [&dyn crate::metrics::Register; 4] {
+        [&self.authz, &self.upstream, &self.trace, &self.connections]
+    }
 }
 
 /// Everything the data path shares.
@@ -42,6 +63,7 @@ pub struct Gateway {
     pub tunnel: Arc<Tunnel>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    pub module_metrics: ModuleMetrics,
     /// The outbound listener's TLS config when local callers must present
     /// workload certificates (`--outbound-tls mutual`); `None` for plaintext.
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
@@ -77,9 +99,10 @@ impl Gateway {
         endpoints: watch::Receiver<Arc<EndpointSet>>,
         tunnel: Arc<Tunnel>,
         metrics: Arc<Metrics>,
+        module_metrics: ModuleMetrics,
     ) -> Result<Arc<Self>, ActivateError> {
         let active = Active::new(snapshot)?;
-        let upstream = Upstream::with_metrics(metrics.upstream.clone());
+        let upstream = Upstream::with_metrics(module_metrics.upstream.clone());
         upstream.want_tls(&active.snapshot);
         let (announce_tx, _) = watch::channel(Arc::new(Announcement::default()));
         let g = Arc::new(Gateway {
@@ -90,6 +113,7 @@ impl Gateway {
             tunnel,
             upstream,
             metrics,
+            module_metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
             provenance: provenance::Provenance::default(),
             export_gate: arc_swap::ArcSwapOption::empty(),

@@ -162,8 +162,8 @@ struct DropLabels {
     reason: &'static str,
 }
 
-impl TraceMetrics {
-    pub fn register(&self, registry: &mut Registry) {
+impl crate::metrics::Register for TraceMetrics {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "trace_spans_ended",
             "Spans recorded and handed to the exporter's queue",

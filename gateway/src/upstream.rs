@@ -44,9 +44,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::body::{CallerFault, ProxyBody, Watched};
-use crate::respond::error_response;
 use crate::endpoints::{Endpoint, EndpointSet};
 use crate::identity::store::Credentials;
+use crate::respond::error_response;
 use crate::route::Active;
 use crate::wire::frame::Refusal;
 
@@ -221,7 +221,7 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
-/// This module's metrics; [`crate::metrics::Metrics`] registers them.
+/// This module's metrics, registered through [`crate::metrics::Register`].
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamMetrics {
     pub overflow: Family<OverflowLabels, Counter>,
@@ -229,8 +229,8 @@ pub struct UpstreamMetrics {
     pub ejected: Family<ServiceLabels, Gauge>,
 }
 
-impl UpstreamMetrics {
-    pub fn register(&self, registry: &mut Registry) {
+impl crate::metrics::Register for UpstreamMetrics {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "upstream_overflow",
             "Requests refused because a DestinationRule connectionPool limit was reached, by limit",

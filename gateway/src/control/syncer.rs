@@ -40,12 +40,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use super::persist;
-use crate::state::provenance::{Source, SyncerLink};
 use crate::backoff::{Backoff, Jitter};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
 use crate::identity::verify::{self, ExpectedPeer, HandshakeRefusals, RefusalReason};
 use crate::state::Gateway;
+use crate::state::provenance::{Source, SyncerLink};
 
 /// The largest snapshot accepted from the syncer.
 pub const MAX_SNAPSHOT_BYTES: usize = 256 * 1024 * 1024;

@@ -15,15 +15,15 @@ use http::{Request, Uri, header};
 use http_body_util::BodyExt;
 use quinn::{RecvStream, SendStream};
 
-use crate::body::{self, TunnelBody, read_head, refuse, write_frame};
 use super::{HEAD_TIMEOUT, XFCC, strip_hop_by_hop};
-use crate::respond::is_grpc;
+use crate::body::{self, TunnelBody, read_head, refuse, write_frame};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::respond::is_grpc;
 use crate::state::Gateway;
-use crate::wire::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 use crate::tunnel::link::PeerInfo;
+use crate::wire::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 
 /// The QUIC error code with which a stream whose OPEN did not arrive within
 /// [`HEAD_TIMEOUT`] is reset (both directions): `0x4854`, "HT".
@@ -451,13 +451,16 @@ fn authorize<'e>(
         }),
     )
     .with_sni(open.sni.as_deref().filter(|_| open.kind == StreamKind::Tcp));
-    let namespace =
-        crate::authz::service_namespace(&active.snapshot.policy, &open.service).unwrap_or("");
-    crate::authz::count_dry_run(&state.metrics, &active.authz, &req, namespace, &candidates);
-    let allowed = active
-        .authz
-        .filter(&req, namespace, candidates)
-        .map_err(Denied::Authz)?;
+    let allowed = crate::authz::authorize(
+        &active.authz,
+        &active.snapshot.policy,
+        &state.module_metrics.authz,
+        &req,
+        &open.service,
+        candidates,
+        crate::authz::Need::Some,
+    )
+    .map_err(Denied::Authz)?;
     Ok((allowed, target))
 }
 
@@ -491,16 +494,9 @@ async fn deny(
         "authorization denied: {denial}"
     );
     state
-        .metrics
-        .authz_denied
-        .get_or_create(&crate::metrics::AuthzLabels {
-            policy: denial.policy.clone(),
-            reason: denial.reason.label(),
-            source_cluster: peer.cluster.clone(),
-            destination_cluster: state.cluster.clone(),
-            destination_service: open.service.clone(),
-        })
-        .inc();
+        .module_metrics
+        .authz
+        .denied_by(&denial, &peer.cluster, &state.cluster, &open.service);
     let r = Refusal::Unauthorized;
     record(state, peer, open, 403, r.reason(), start);
     let Some(head) = &open.http else {

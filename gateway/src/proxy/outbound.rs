@@ -34,12 +34,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::detect::{self, Detected};
 use super::{rules, strip_hop_by_hop};
-use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::accept::{Acceptor, ConnectionLimit};
+use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::route::{self, RequestInfo, Target};
 use crate::state::Gateway;
 use crate::wire::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
@@ -673,31 +673,34 @@ async fn route_and_forward(
     let small = http_body::Body::size_hint(&body)
         .upper()
         .is_some_and(|n| n <= RETRY_BUFFER as u64);
-    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) = if retries.is_none()
-        && mirrors.is_empty()
-    {
-        (body.map_err(Into::into).boxed_unsync(), None)
-    } else if http_body::Body::is_end_stream(&body) {
-        (body::empty(), Some(bytes::Bytes::new()))
-    } else if small {
-        match http_body_util::Limited::new(body, RETRY_BUFFER)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                (body::full(bytes.clone()), Some(bytes))
+    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) =
+        if retries.is_none() && mirrors.is_empty() {
+            (body.map_err(Into::into).boxed_unsync(), None)
+        } else if http_body::Body::is_end_stream(&body) {
+            (body::empty(), Some(bytes::Bytes::new()))
+        } else if small {
+            match http_body_util::Limited::new(body, RETRY_BUFFER)
+                .collect()
+                .await
+            {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    (body::full(bytes.clone()), Some(bytes))
+                }
+                Err(e) => {
+                    let fault = body::CallerFault::of(&*e);
+                    let r = crate::respond::caller_fault_response(
+                        fault,
+                        &format!("request body: {e}"),
+                        grpc,
+                    );
+                    record(&state, &r, &target.service, &cluster, start, grpc);
+                    return r;
+                }
             }
-            Err(e) => {
-                let fault = body::CallerFault::of(&*e);
-                let r = crate::respond::caller_fault_response(fault, &format!("request body: {e}"), grpc);
-                record(&state, &r, &target.service, &cluster, start, grpc);
-                return r;
-            }
-        }
-    } else {
-        (body.map_err(Into::into).boxed_unsync(), None)
-    };
+        } else {
+            (body.map_err(Into::into).boxed_unsync(), None)
+        };
     if !mirrors.is_empty() {
         let copy = clone_head(&parts);
         for m in mirrors {
@@ -1290,7 +1293,7 @@ pub(super) async fn forward_local(
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
         req.headers_mut().insert(super::XFCC, v);
     }
-    let req = match crate::authz::enforce_local(
+    let req = match crate::proxy::local_authz::enforce_local(
         state,
         active,
         caller,
@@ -1685,7 +1688,7 @@ pub async fn tcp_proxy<S>(
         return;
     };
     if cluster == state.cluster
-        && !crate::authz::admit_local_tcp(
+        && !crate::proxy::local_authz::admit_local_tcp(
             &state,
             active,
             &target.service,

@@ -24,8 +24,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body_util::BodyExt;
 use meshfed_policy::snapshot::{HeaderOps, HttpRoute, Mirror, StringMatch};
 
-use crate::body;
 use super::outbound::{Caller, forward_local, forward_remote};
+use crate::body;
 use crate::route::{self, Active};
 use crate::state::Gateway;
 

@@ -36,9 +36,24 @@ const MAX_SERVICES_BYTES: usize = super::frame::MAX_DATA_FRAME - 4096;
 /// (from a syncer older than the export limit) exported more than fits
 /// ([`MAX_SERVICES`], or one frame); each such build is also logged.
 /// Exported as `meshfed_announcement_services_left_out_total`
-/// ([`crate::metrics`]).
+/// ([`AnnounceMetrics`]).
 pub static SERVICES_LEFT_OUT: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
     std::sync::LazyLock::new(Default::default);
+
+/// Registers [`SERVICES_LEFT_OUT`].
+#[derive(Debug)]
+pub struct AnnounceMetrics;
+
+impl crate::metrics::Register for AnnounceMetrics {
+    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "announcement_services_left_out",
+            "Exported services left out of this gateway's announcements since start, because \
+             more were exported than one announcement carries",
+            SERVICES_LEFT_OUT.clone(),
+        );
+    }
+}
 /// Most label groups per service.
 pub const MAX_GROUPS: usize = 64;
 /// Label keys never worth announcing: they are unique per pod and would
@@ -350,7 +365,7 @@ mod tests {
         assert!(left_out > 0);
         encoded_frame_len(&a).expect("what was kept fits one frame");
         // The count is exported (other tests may add to it meanwhile).
-        let scraped = crate::metrics::Metrics::new().encode(&[]);
+        let scraped = crate::metrics::Metrics::new(&[&AnnounceMetrics]).encode(&[]);
         let exported: u64 = scraped
             .lines()
             .find_map(|l| l.strip_prefix("meshfed_announcement_services_left_out_total "))
