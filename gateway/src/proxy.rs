@@ -8,7 +8,7 @@
 //! - [`inbound`]: serves a peer's stream: checks the service is exported,
 //!   picks a local endpoint, proxies.
 //! - [`rules`]: a VirtualService rule's edits: headers, rewrite, mirrors.
-//! - [`local_authz`]: authorization of calls to this cluster's own endpoints.
+//! - [`admission`]: PeerAuthentication and authorization of local callers.
 //!
 //! It does not own the choice of destination ([`crate::route`]), the
 //! transport between clusters ([`crate::tunnel`]), local endpoints'
@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
+pub mod admission;
 pub mod detect;
 pub mod inbound;
-pub mod local_authz;
 pub mod outbound;
 pub mod rules;
 pub mod splice;

@@ -2,8 +2,8 @@
 //! reason (`x-meshfed-error`, like linkerd's `l5d-proxy-error`): one place
 //! maps a typed [`Refusal`] or a caller's fault to an HTTP or gRPC status.
 //!
-//! Decisions (routing, authorization) return typed refusals and never build
-//! responses; the data path ([`crate::proxy`]) and the upstream clients
+//! Decisions (routing, authorization, PeerAuthentication) return typed
+//! refusals and never build responses; the data path ([`crate::proxy`]) and the upstream clients
 //! ([`crate::upstream`]) call these writers.
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
@@ -112,6 +112,30 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+impl crate::peer_auth::Refused {
+    /// `403` with the reason header; for gRPC callers a trailers-only
+    /// `UNAUTHENTICATED`.
+    pub fn response(&self, grpc: bool) -> Response<ProxyBody> {
+        let mut b = Response::builder().header(ERROR_HEADER, self.reason);
+        if grpc {
+            let msg = HeaderValue::from_str(&self.message.replace(['%', '\n'], " "))
+                .unwrap_or(HeaderValue::from_static("mutual TLS policy"));
+            b = b
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", "16")
+                .header("grpc-message", msg);
+            return b
+                .body(body::empty())
+                .unwrap_or_else(|_| Response::new(body::empty()));
+        }
+        b.status(StatusCode::FORBIDDEN)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(body::full(format!("{}: {}\n", self.reason, self.message)))
+            .unwrap_or_else(|_| Response::new(body::empty()))
+    }
 }
 
 #[cfg(test)]

@@ -276,7 +276,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(source) = source {
         state.provenance.applied(&snapshot, source);
     }
-    crate::discovery::service_entry::spawn(state.clone(), discovered, merged_tx);
+    let current = state.clone();
+    crate::discovery::service_entry::spawn(
+        state.cluster.clone(),
+        move || current.active.load().snapshot.clone(),
+        state.applied_watch(),
+        discovered,
+        merged_tx,
+    );
     state.spawn_endpoint_follower();
     let trace_metrics = state.module_metrics.trace.clone();
     if let Some(t) =

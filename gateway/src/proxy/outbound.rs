@@ -608,7 +608,8 @@ async fn route_and_forward(
     };
     crate::trace::route(&target, &active);
     let (mtls, t) = (caller.id.is_some(), &target);
-    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
+    if let Err(r) =
+        crate::proxy::admission::peer_auth(&state, &active, mtls, &t.service, &t.selector, t.port)
     {
         let r = r.response(grpc);
         record(&state, &r, &target.service, "", start, grpc);
@@ -1293,7 +1294,7 @@ pub(super) async fn forward_local(
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
         req.headers_mut().insert(super::XFCC, v);
     }
-    let req = match crate::proxy::local_authz::enforce_local(
+    let req = match crate::proxy::admission::enforce_local(
         state,
         active,
         caller,
@@ -1635,7 +1636,7 @@ impl TcpRoute {
         let target =
             route::tcp_target(&active, host, port, ns, &endpoints).ok_or(TcpRefused::NoRoute)?;
         let t = &target;
-        crate::peer_auth::admit(state, &active, mtls, &t.service, &t.selector, t.port)
+        crate::proxy::admission::peer_auth(state, &active, mtls, &t.service, &t.selector, t.port)
             .map_err(TcpRefused::PeerAuth)?;
         Ok(TcpRoute {
             active,
@@ -1688,7 +1689,7 @@ pub async fn tcp_proxy<S>(
         return;
     };
     if cluster == state.cluster
-        && !crate::proxy::local_authz::admit_local_tcp(
+        && !crate::proxy::admission::admit_local_tcp(
             &state,
             active,
             &target.service,

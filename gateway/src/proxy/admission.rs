@@ -1,11 +1,12 @@
-//! Authorization of calls this gateway forwards to endpoints of its own
+//! What a local caller must pass before this gateway forwards its call:
+//! PeerAuthentication ([`peer_auth`]) and, for calls to endpoints of this
 //! cluster (the caller is local, so this gateway is also the destination
-//! gateway): builds the [`crate::authz::Request`], asks the one decision
-//! ([`crate::authz::authorize`], with [`Need::Every`]), counts and logs a
-//! denial, and answers it.
+//! gateway), authorization ([`enforce_local`], [`admit_local_tcp`]).
 //!
-//! The decision is [`crate::authz`]'s; this module is the data path's side
-//! of it (the snapshot, the endpoints, the response).
+//! The decisions are [`crate::peer_auth`]'s and [`crate::authz`]'s (one
+//! authorization decision, [`crate::authz::authorize`], here with
+//! [`Need::Every`]); this module is the data path's side of them: it reads
+//! the snapshot and the endpoints, counts a refusal and answers it.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,34 @@ use crate::authz::{Http, Need, RBAC_DENIED, Request, authorize, normalize_path};
 use crate::body::{self, ProxyBody};
 use crate::route::Active;
 use crate::state::Gateway;
+
+/// [`crate::peer_auth::decide`] for a local caller (`mtls`: it presented a
+/// workload certificate) of `service` on `port`, through the endpoints
+/// `selector` picks. Counts a refusal (`listener` stage).
+pub fn peer_auth(
+    state: &Gateway,
+    active: &Active,
+    mtls: bool,
+    service: &str,
+    selector: &BTreeMap<String, String>,
+    port: u16,
+) -> Result<(), crate::peer_auth::Refused> {
+    let endpoints = || {
+        (
+            state.endpoints.borrow().clone(),
+            state.tunnel.announcements(),
+        )
+    };
+    crate::peer_auth::decide(
+        &active.snapshot.policy,
+        endpoints,
+        mtls,
+        service,
+        selector,
+        port,
+    )
+    .inspect_err(|r| state.metrics.refused("listener", r.reason))
+}
 
 /// Envoy's RBAC answer to a denied request: `403` with `RBAC: access
 /// denied`; for gRPC a trailers-only `PERMISSION_DENIED` with that message.
