@@ -78,7 +78,7 @@ pub struct RunConfig {
     /// lowered at start to fit the open-files limit.
     pub max_connections: usize,
     /// Request bodies in flight per peer and from all peers
-    /// (`--max-peer-request-bodies`, `--max-request-bodies`; proxy::budget).
+    /// (`--max-peer-request-bodies`, `--max-request-bodies`; crate::body_budget).
     pub max_peer_request_bodies: usize,
     pub max_request_bodies: usize,
 }

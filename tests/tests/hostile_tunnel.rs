@@ -714,8 +714,8 @@ async fn serial_endless_bodies_that_keep_coming_fit_the_memory_limit() {
 /// with a first 16 KiB chunk and then, with `keep_writing`, a 16 KiB chunk
 /// after another for that long; never a FIN.
 async fn endless_bodies(cgroup: &str, keep_writing: Option<Duration>) {
-    use meshfed_gateway::proxy::HEAD_TIMEOUT;
     use meshfed_gateway::body_budget::DEFAULT_PEER_BODIES;
+    use meshfed_gateway::proxy::HEAD_TIMEOUT;
     use meshfed_gateway::proxy::inbound::HEAD_TIMEOUT_RESET;
     use meshfed_gateway::wire::frame::{self, Refusal};
 

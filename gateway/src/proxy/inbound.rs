@@ -154,7 +154,7 @@ async fn serve(
         Ok(ok) => ok,
         Err(denied) => return Box::pin(deny(&state, &peer, &open, denied, send, start)).await,
     };
-    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
+    // Endpoint-level policy (DestinationRule) applies here (crate::upstream).
     let dest = crate::upstream::Dest {
         service: &open.service,
         subset: open.subset.as_deref(),
@@ -296,7 +296,7 @@ async fn serve_http(
         crate::trace::inject(h);
     }
     // The request body is held to the budget of peers' bodies in flight
-    // (proxy::budget). One that has started already takes its place now,
+    // (crate::body_budget). One that has started already takes its place now,
     // so that past the budget it is refused before the endpoint sees it;
     // any other takes one at its first byte.
     let peer_id: Arc<str> = peer.id.as_str().into();

@@ -921,7 +921,7 @@ pub(super) enum TryError {
         message: String,
         link_died: bool,
     },
-    /// A local endpoint failed or overflowed (proxy::upstream), or the
+    /// A local endpoint failed or overflowed (crate::upstream), or the
     /// caller failed its own body on the way there.
     Upstream(crate::upstream::UpstreamError),
     /// An answer a gateway made itself, passed on as it is: the destination
@@ -1305,7 +1305,7 @@ pub(super) async fn forward_local(
         Ok(req) => req,
         Err(denied) => return Err(TryError::Made(Box::new(denied))),
     };
-    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
+    // Endpoint-level policy (DestinationRule) applies here (crate::upstream).
     let dest = crate::upstream::Dest {
         service: &target.service,
         subset: target.subset.as_deref(),
@@ -1707,7 +1707,7 @@ pub async fn tcp_proxy<S>(
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        // The one way to a local endpoint (proxy::upstream), as the inbound
+        // The one way to a local endpoint (crate::upstream), as the inbound
         // path and HTTP go: the DestinationRule's balancer and ejections,
         // then `tcp.maxConnections` and `connectTimeout`.
         let dest = crate::upstream::Dest {
