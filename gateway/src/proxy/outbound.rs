@@ -34,14 +34,15 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::detect::{self, Detected};
-use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
+use super::{rules, strip_hop_by_hop};
 use crate::accept::{Acceptor, ConnectionLimit};
+use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::route::{self, RequestInfo, Target};
 use crate::state::Gateway;
-use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
+use crate::wire::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
 
 /// How long a caller has to send its first bytes before the connection is
 /// treated as opaque TCP.
@@ -607,7 +608,8 @@ async fn route_and_forward(
     };
     crate::trace::route(&target, &active);
     let (mtls, t) = (caller.id.is_some(), &target);
-    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
+    if let Err(r) =
+        crate::proxy::admission::peer_auth(&state, &active, mtls, &t.service, &t.selector, t.port)
     {
         let r = r.response(grpc);
         record(&state, &r, &target.service, "", start, grpc);
@@ -672,31 +674,34 @@ async fn route_and_forward(
     let small = http_body::Body::size_hint(&body)
         .upper()
         .is_some_and(|n| n <= RETRY_BUFFER as u64);
-    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) = if retries.is_none()
-        && mirrors.is_empty()
-    {
-        (body.map_err(Into::into).boxed_unsync(), None)
-    } else if http_body::Body::is_end_stream(&body) {
-        (body::empty(), Some(bytes::Bytes::new()))
-    } else if small {
-        match http_body_util::Limited::new(body, RETRY_BUFFER)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                (body::full(bytes.clone()), Some(bytes))
+    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) =
+        if retries.is_none() && mirrors.is_empty() {
+            (body.map_err(Into::into).boxed_unsync(), None)
+        } else if http_body::Body::is_end_stream(&body) {
+            (body::empty(), Some(bytes::Bytes::new()))
+        } else if small {
+            match http_body_util::Limited::new(body, RETRY_BUFFER)
+                .collect()
+                .await
+            {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    (body::full(bytes.clone()), Some(bytes))
+                }
+                Err(e) => {
+                    let fault = body::CallerFault::of(&*e);
+                    let r = crate::respond::caller_fault_response(
+                        fault,
+                        &format!("request body: {e}"),
+                        grpc,
+                    );
+                    record(&state, &r, &target.service, &cluster, start, grpc);
+                    return r;
+                }
             }
-            Err(e) => {
-                let fault = body::CallerFault::of(&*e);
-                let r = super::caller_fault_response(fault, &format!("request body: {e}"), grpc);
-                record(&state, &r, &target.service, &cluster, start, grpc);
-                return r;
-            }
-        }
-    } else {
-        (body.map_err(Into::into).boxed_unsync(), None)
-    };
+        } else {
+            (body.map_err(Into::into).boxed_unsync(), None)
+        };
     if !mirrors.is_empty() {
         let copy = clone_head(&parts);
         for m in mirrors {
@@ -916,9 +921,9 @@ pub(super) enum TryError {
         message: String,
         link_died: bool,
     },
-    /// A local endpoint failed or overflowed (proxy::upstream), or the
+    /// A local endpoint failed or overflowed (crate::upstream), or the
     /// caller failed its own body on the way there.
-    Upstream(super::upstream::UpstreamError),
+    Upstream(crate::upstream::UpstreamError),
     /// An answer a gateway made itself, passed on as it is: the destination
     /// gateway's own response (its pool's overflow 503 carries headers an
     /// ERROR frame cannot), or this gateway's authorization denial.
@@ -979,14 +984,14 @@ struct Seen<'a> {
 
 impl<'a> Seen<'a> {
     fn of(tried: &'a Tried, grpc: bool) -> Self {
-        use super::upstream::UpstreamError;
+        use crate::upstream::UpstreamError;
         let refused = |refusal: Refusal, overloaded: bool, link_died: bool| {
             let http = refusal.http_status();
             Seen {
                 status: if grpc { 200 } else { http.as_u16() },
                 refusal: Some(refusal),
                 token: None,
-                grpc_status: grpc.then(|| super::grpc_status_for(http)),
+                grpc_status: grpc.then(|| crate::respond::grpc_status_for(http)),
                 overloaded,
                 link_died,
             }
@@ -1004,7 +1009,7 @@ impl<'a> Seen<'a> {
                 refused(Refusal::Overloaded, true, false)
             }
             Err(TryError::Upstream(UpstreamError::Caller { fault, .. })) => {
-                // As super::caller_fault_response answers it.
+                // As crate::respond::caller_fault_response answers it.
                 let aborted = *fault == body::CallerFault::Aborted;
                 let http = StatusCode::BAD_REQUEST;
                 Seen {
@@ -1019,7 +1024,7 @@ impl<'a> Seen<'a> {
                         if aborted {
                             1
                         } else {
-                            super::grpc_status_for(http)
+                            crate::respond::grpc_status_for(http)
                         }
                     }),
                     overloaded: false,
@@ -1202,7 +1207,7 @@ fn fault_response(
             if grpc {
                 b = b.header(
                     "grpc-status",
-                    super::grpc_status_for(
+                    crate::respond::grpc_status_for(
                         StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     )
                     .to_string(),
@@ -1281,7 +1286,7 @@ pub(super) async fn forward_local(
     active: &crate::route::Active,
     caller: Option<&str>,
     target: &Target,
-    endpoints: &crate::discovery::EndpointSet,
+    endpoints: &crate::endpoints::EndpointSet,
     mut req: Request<ProxyBody>,
     grpc: bool,
     failed: &mut Vec<SocketAddr>,
@@ -1289,7 +1294,7 @@ pub(super) async fn forward_local(
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
         req.headers_mut().insert(super::XFCC, v);
     }
-    let req = match crate::authz::enforce_local(
+    let req = match crate::proxy::admission::enforce_local(
         state,
         active,
         caller,
@@ -1300,8 +1305,8 @@ pub(super) async fn forward_local(
         Ok(req) => req,
         Err(denied) => return Err(TryError::Made(Box::new(denied))),
     };
-    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
-    let dest = super::upstream::Dest {
+    // Endpoint-level policy (DestinationRule) applies here (crate::upstream).
+    let dest = crate::upstream::Dest {
         service: &target.service,
         subset: target.subset.as_deref(),
         port: target.port,
@@ -1334,7 +1339,7 @@ pub(super) async fn forward_local(
     }
     // The endpoint's protocol, not the caller's (an HTTP/2 caller of an
     // HTTP/1.1 service is translated, as on the peer path).
-    let h2 = super::upstream::speaks_h2(active, &target.service, target.port, grpc);
+    let h2 = crate::upstream::speaks_h2(active, &target.service, target.port, grpc);
     let req = Request::from_parts(parts, body);
     let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {
@@ -1345,8 +1350,8 @@ pub(super) async fn forward_local(
         Err(e) => {
             if matches!(
                 e,
-                super::upstream::UpstreamError::Connect { .. }
-                    | super::upstream::UpstreamError::Reset { .. }
+                crate::upstream::UpstreamError::Connect { .. }
+                    | crate::upstream::UpstreamError::Reset { .. }
             ) && !failed.contains(&addr)
             {
                 failed.push(addr);
@@ -1592,7 +1597,7 @@ pub struct TcpOrigin {
 /// a caller for one destination and send it to another).
 pub struct TcpRoute {
     active: Arc<route::Active>,
-    endpoints: Arc<crate::discovery::EndpointSet>,
+    endpoints: Arc<crate::endpoints::EndpointSet>,
     target: Target,
     host: String,
 }
@@ -1631,7 +1636,7 @@ impl TcpRoute {
         let target =
             route::tcp_target(&active, host, port, ns, &endpoints).ok_or(TcpRefused::NoRoute)?;
         let t = &target;
-        crate::peer_auth::admit(state, &active, mtls, &t.service, &t.selector, t.port)
+        crate::proxy::admission::peer_auth(state, &active, mtls, &t.service, &t.selector, t.port)
             .map_err(TcpRefused::PeerAuth)?;
         Ok(TcpRoute {
             active,
@@ -1684,7 +1689,7 @@ pub async fn tcp_proxy<S>(
         return;
     };
     if cluster == state.cluster
-        && !crate::authz::admit_local_tcp(
+        && !crate::proxy::admission::admit_local_tcp(
             &state,
             active,
             &target.service,
@@ -1702,10 +1707,10 @@ pub async fn tcp_proxy<S>(
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        // The one way to a local endpoint (proxy::upstream), as the inbound
+        // The one way to a local endpoint (crate::upstream), as the inbound
         // path and HTTP go: the DestinationRule's balancer and ejections,
         // then `tcp.maxConnections` and `connectTimeout`.
-        let dest = super::upstream::Dest {
+        let dest = crate::upstream::Dest {
             service: &target.service,
             subset: target.subset.as_deref(),
             port: target.port,

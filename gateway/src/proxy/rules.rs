@@ -24,8 +24,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body_util::BodyExt;
 use meshfed_policy::snapshot::{HeaderOps, HttpRoute, Mirror, StringMatch};
 
-use super::body;
 use super::outbound::{Caller, forward_local, forward_remote};
+use crate::body;
 use crate::route::{self, Active};
 use crate::state::Gateway;
 
@@ -150,7 +150,7 @@ pub fn spawn_mirror(
     let mut uri = req.uri().clone();
     set_authority(&mut uri, req.headers_mut(), &shadow);
     *req.uri_mut() = uri;
-    let grpc = super::is_grpc(req.headers());
+    let grpc = crate::respond::is_grpc(req.headers());
     tokio::spawn(async move {
         let _slot = InFlight;
         let endpoints = state.endpoints.borrow().clone();
