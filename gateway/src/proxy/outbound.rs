@@ -8,8 +8,16 @@
 //! - anything else: opaque TCP, which needs a port mapping (a listener of its
 //!   own per mapped service port); on the shared port it is refused.
 //!
-//! Each HTTP request loads the active snapshot once, routes, and goes either
-//! to a local endpoint or over a link to the chosen cluster's gateway.
+//! Each HTTP request loads the active snapshot once and is planned by
+//! [`super::plan`] (pure: route, cluster, fault, mirrors, retries,
+//! timeouts, edits); this module then executes the plan in steps: the fault
+//! ([`apply_fault`]), the rule's edits, the body kept for replay
+//! ([`keep_body`]), the mirrors ([`spawn_mirror`], response drained a chunk
+//! at a time), and forwarding ([`forward`]): one retry and replay layer
+//! ([`retry`]) over tries that go to a local endpoint ([`forward_local`]) or
+//! over a link to the chosen cluster's gateway ([`forward_remote`]). Every
+//! refusal on the path, CONNECT's included, is a [`TryError`] written by
+//! [`TryError::respond`] alone.
 //!
 //! A caller connection with no request in flight is bounded by the header
 //! timeout (`--header-timeout`, 30 s): HTTP/1 by hyper's header-read timer,
