@@ -51,6 +51,7 @@ use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::route::{self, Target};
 use crate::state::Gateway;
 use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
+use meshfed_policy::snapshot::AbortStatus;
 
 /// How long a caller has to send its first bytes before the connection is
 /// treated as opaque TCP.
@@ -595,6 +596,8 @@ async fn route_and_forward(
         remote: &remote,
     };
     let planned = plan::plan(&ask, &view, &mut plan::hit);
+    // The announcements are not needed past the plan (retries read fresh).
+    drop(remote);
     // PeerAuthentication, on the routed target (before the cluster choice
     // says whether any endpoint is healthy).
     let routed = match &planned {
@@ -617,12 +620,22 @@ async fn route_and_forward(
         Err(no) => {
             let (refusal, message) = no.refusal();
             let r = TryError::refused(refusal, message).respond(grpc);
-            record(&state, &r, no.routed().map_or("", |t| &t.service), "", start, grpc);
+            record(
+                &state,
+                &r,
+                no.routed().map_or("", |t| &t.service),
+                "",
+                start,
+                grpc,
+            );
             return r;
         }
     };
     // Do.
-    let (resp, cluster) = execute(&state, &caller, &active, &endpoints, &plan, req, authority, grpc).await;
+    let (resp, cluster) = execute(
+        &state, &caller, &active, &endpoints, &plan, req, authority, grpc,
+    )
+    .await;
     record(&state, &resp, &plan.routed.service, &cluster, start, grpc);
     resp
 }
@@ -1058,7 +1071,7 @@ pub(super) enum TryError {
     /// PeerAuthentication refused the caller.
     PeerAuth(crate::peer_auth::Refused),
     /// An injected abort (`fault.abort`).
-    Fault(meshfed_policy::snapshot::AbortStatus),
+    Fault(AbortStatus),
     /// The caller failed its request body while it was kept for retries.
     CallerBody {
         fault: body::CallerFault,
@@ -1139,9 +1152,20 @@ impl TryError {
                 token: Some(r.reason),
                 ..Seen::made(StatusCode::FORBIDDEN, Some(16), grpc, None)
             },
-            TryError::Fault(_) => Seen {
+            // As fault_response answers: an HTTP abort keeps its status
+            // (gRPC callers also get its gRPC mapping), a gRPC abort is a
+            // trailers-only 200 with its code.
+            TryError::Fault(AbortStatus::Http(code)) => {
+                let http = StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                Seen {
+                    status: *code,
+                    token: Some("fault-injected"),
+                    ..Seen::made(http, None, grpc, None)
+                }
+            }
+            TryError::Fault(AbortStatus::Grpc(code)) => Seen {
                 token: Some("fault-injected"),
-                ..Seen::made(StatusCode::SERVICE_UNAVAILABLE, None, grpc, None)
+                ..Seen::made(StatusCode::OK, u8::try_from(*code).ok(), true, None)
             },
         }
     }
@@ -1224,11 +1248,7 @@ fn rebuild(head: &rules::Head, body: bytes::Bytes) -> Request<ProxyBody> {
 }
 
 /// The response of an injected abort, marked as such.
-fn fault_response(
-    status: &meshfed_policy::snapshot::AbortStatus,
-    grpc: bool,
-) -> Response<ProxyBody> {
-    use meshfed_policy::snapshot::AbortStatus;
+fn fault_response(status: &AbortStatus, grpc: bool) -> Response<ProxyBody> {
     let mut b = Response::builder().header(ERROR_HEADER, "fault-injected");
     match status {
         AbortStatus::Http(code) => {

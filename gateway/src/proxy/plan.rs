@@ -49,14 +49,15 @@ pub struct Ask<'a> {
 /// What the plan reads besides the request: one snapshot and one view of
 /// the endpoints, local and announced.
 #[derive(Debug, Clone, Copy)]
-pub struct View<'a> {
+pub struct View<'a, 'v> {
+    /// The snapshot, which the plan borrows from.
     pub active: &'a Active,
-    pub local_cluster: &'a str,
-    pub endpoints: &'a EndpointSet,
-    pub remote: &'a [(String, Arc<Announcement>)],
+    pub local_cluster: &'v str,
+    pub endpoints: &'v EndpointSet,
+    pub remote: &'v [(String, Arc<Announcement>)],
 }
 
-impl View<'_> {
+impl View<'_, '_> {
     /// Chooses a cluster for `target` (which a failover may edit), avoiding
     /// `exclude`: [`route::choose_cluster`] on this view.
     pub fn choose(&self, target: &mut Target, exclude: &[String]) -> Option<String> {
@@ -160,7 +161,7 @@ static DEFAULT_RETRIES: std::sync::LazyLock<RetryPolicy> =
 /// percentage (in parts per million; [`hit`] in production).
 pub fn plan<'a>(
     ask: &Ask<'_>,
-    view: &View<'a>,
+    view: &View<'a, '_>,
     hit: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Plan<'a>, NoPlan> {
     let active = view.active;
@@ -347,7 +348,10 @@ impl<'a> Seen<'a> {
 
     /// The gateway's reason token, "" for a backend's answer.
     pub fn reason(&self) -> &'a str {
-        self.refusal.map(Refusal::reason).or(self.token).unwrap_or("")
+        self.refusal
+            .map(Refusal::reason)
+            .or(self.token)
+            .unwrap_or("")
     }
 
     /// The label a retry is counted under: the gateway's reason, else the

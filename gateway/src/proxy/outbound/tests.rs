@@ -320,6 +320,13 @@ fn the_retry_view_of_an_error_is_what_the_caller_gets() {
                 fault: body::CallerFault::Malformed,
                 message: "bad".into(),
             });
+            v.push(TryError::PeerAuth(crate::peer_auth::Refused {
+                reason: "mtls-required",
+                message: "plaintext caller".into(),
+            }));
+            v.push(TryError::Fault(AbortStatus::Http(418)));
+            v.push(TryError::Fault(AbortStatus::Http(503)));
+            v.push(TryError::Fault(AbortStatus::Grpc(14)));
             v.push(TryError::Upstream(UpstreamError::Overflow {
                 service: "s".into(),
                 limit: Limit::MaxConnections,
@@ -405,5 +412,8 @@ async fn a_mirrored_response_is_discarded_a_chunk_at_a_time_up_to_a_limit() {
         alive: alive.clone(),
         peak: peak.clone(),
     };
-    assert_eq!(discard(body, MIRROR_DRAIN_LIMIT).await, (3 * 16 * 1024, true));
+    assert_eq!(
+        discard(body, MIRROR_DRAIN_LIMIT).await,
+        (3 * 16 * 1024, true)
+    );
 }

@@ -99,7 +99,7 @@ fn endpoints() -> EndpointSet {
 /// as `dice` says.
 fn plan_for<'a>(
     active: &'a Active,
-    endpoints: &'a EndpointSet,
+    endpoints: &EndpointSet,
     authority: &str,
     path: &str,
     headers: &[(&'static str, &'static str)],
@@ -209,7 +209,10 @@ fn no_route_and_no_healthy_cluster_are_typed_refusals() {
     let (refusal, message) = no.refusal();
     assert_eq!(refusal, Refusal::NoHealthyEndpoint);
     assert!(message.contains("reviews"), "{message}");
-    assert!(no.routed().is_some_and(|t| t.service.starts_with("reviews")));
+    assert!(
+        no.routed()
+            .is_some_and(|t| t.service.starts_with("reviews"))
+    );
 }
 
 #[test]
