@@ -7,7 +7,9 @@
 //!   forwards it to a local endpoint or over the tunnel.
 //! - [`inbound`]: serves a peer's stream: checks the service is exported,
 //!   picks a local endpoint, proxies.
-//! - [`rules`]: a VirtualService rule's edits: headers, rewrite, mirrors.
+//! - [`plan`]: the outbound path's decisions as plain data (target,
+//!   cluster, rule, retries, timeouts, fault, mirrors, edits); pure.
+//! - [`rules`]: a VirtualService rule's edits: headers, rewrite.
 //! - [`admission`]: PeerAuthentication and authorization of local callers.
 //!
 //! It does not own the choice of destination ([`crate::route`]), the
@@ -24,6 +26,7 @@ pub mod admission;
 pub mod detect;
 pub mod inbound;
 pub mod outbound;
+pub mod plan;
 pub mod rules;
 pub mod splice;
 

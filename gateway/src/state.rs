@@ -82,8 +82,7 @@ pub struct Gateway {
     pub bodies: crate::body_budget::BodyBudget,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
-    active_requests: Arc<std::sync::atomic::AtomicI64>,
-    active_retries: Arc<std::sync::atomic::AtomicI64>,
+    retries: crate::proxy::plan::RetryBudget,
     announce_seq: AtomicU64,
     announce_tx: watch::Sender<Arc<Announcement>>,
     announce_lock: Mutex<()>,
@@ -120,8 +119,7 @@ impl Gateway {
             trace: std::sync::OnceLock::new(),
             bodies: crate::body_budget::BodyBudget::default(),
             draining: AtomicBool::new(false),
-            active_requests: Arc::default(),
-            active_retries: Arc::default(),
+            retries: Default::default(),
             announce_seq: AtomicU64::new(0),
             announce_tx,
             announce_lock: Mutex::new(()),
@@ -222,20 +220,13 @@ impl Gateway {
     }
 
     /// Counts a request in flight until the guard drops.
-    pub fn request_guard(&self) -> Counted {
-        Counted::new(self.active_requests.clone())
+    pub fn request_guard(&self) -> crate::proxy::plan::Slot {
+        self.retries.request()
     }
 
-    /// A retry, if the budget allows one: retries in flight stay under 20%
-    /// of requests in flight, with at least 3 always allowed (Envoy's retry
-    /// budget), so that retries cannot multiply an outage.
-    pub fn retry_budget(&self) -> Option<Counted> {
-        let requests = self.active_requests.load(Ordering::Relaxed);
-        let allowed = (requests / 5).max(3);
-        if self.active_retries.load(Ordering::Relaxed) >= allowed {
-            return None;
-        }
-        Some(Counted::new(self.active_retries.clone()))
+    /// A retry, if the budget allows one ([`crate::proxy::plan::RetryBudget`]).
+    pub fn retry_budget(&self) -> Option<crate::proxy::plan::Slot> {
+        self.retries.retry()
     }
 
     pub fn draining(&self) -> bool {
@@ -264,22 +255,5 @@ impl Gateway {
                 this.reannounce();
             }
         });
-    }
-}
-
-/// A counted thing in flight; uncounted on drop.
-#[derive(Debug)]
-pub struct Counted(Arc<std::sync::atomic::AtomicI64>);
-
-impl Counted {
-    fn new(c: Arc<std::sync::atomic::AtomicI64>) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        Counted(c)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
