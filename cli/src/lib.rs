@@ -5,6 +5,8 @@
 //!   values) turned into arguments in front of the command line;
 //! - [`time`]: RFC 3339 timestamps (`2025-01-02T03:04:05.678Z`), printed and
 //!   read back;
+//! - [`fs`]: files replaced atomically (temporary file, fsync, rename,
+//!   directory fsync);
 //! - [`io`]: telling "out of descriptors or memory" from other I/O errors,
 //!   with what to try, and the write half of a stream wrapper.
 //!
@@ -14,5 +16,6 @@
 #![forbid(unsafe_code)]
 
 pub mod config_file;
+pub mod fs;
 pub mod io;
 pub mod time;

@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 
 use bytes::BytesMut;
-use meshfed_gateway::tunnel::announce::Announcement;
-use meshfed_gateway::tunnel::frame::{self, Frame, FrameError};
+use meshfed_gateway::wire::announce::Announcement;
+use meshfed_gateway::wire::frame::{self, Frame, FrameError};
 
 /// Bytes before every payload: type (1) and payload length (4, big endian).
 pub const FRAME_HEADER: usize = 5;

@@ -115,9 +115,9 @@ pub struct ConnectionMetrics {
     pub admin_connections: Gauge,
 }
 
-impl ConnectionMetrics {
+impl crate::metrics::Register for ConnectionMetrics {
     /// Registers the gauges under `registry`'s prefix.
-    pub fn register(&self, registry: &mut Registry) {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "caller_connections",
             "Caller connections open on the outbound listener and port mappings",
@@ -313,7 +313,7 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(&[]));
         let limit = ConnectionLimit::new(1, Gauge::default());
         let mut acceptor = Acceptor::new(listener, limit, "listener", "test");
         let _first = TcpStream::connect(addr)

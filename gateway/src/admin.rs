@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::accept::{ADMIN_MAX_CONNECTIONS, Acceptor, ConnectionLimit};
-use crate::proxy::body::{self, ProxyBody};
+use crate::body::{self, ProxyBody};
 use crate::state::Gateway;
 
 /// The TCP port of the admin server by default, as Istio's agent serves
@@ -57,7 +57,7 @@ pub async fn serve(
     let settings = Arc::new(settings);
     let limit = ConnectionLimit::new(
         ADMIN_MAX_CONNECTIONS,
-        state.metrics.connections.admin_connections.clone(),
+        state.module_metrics.connections.admin_connections.clone(),
     );
     let mut acceptor = Acceptor::new(listener, limit, "admin", "admin server");
     loop {
@@ -129,7 +129,9 @@ fn handle(
         }
         "/metrics" => text(
             StatusCode::OK,
-            state.metrics.encode(&state.tunnel.status()),
+            state
+                .metrics
+                .encode(&[&crate::tunnel::LinkGauges(&state.tunnel.status())]),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/config_dump" => {

@@ -81,8 +81,12 @@ use meshfed_policy::snapshot::{
     ClusterPolicy,
 };
 
-use crate::discovery::Endpoint;
-use crate::proxy::body::{self, ProxyBody};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::endpoints::Endpoint;
 
 #[cfg(test)]
 mod tests;
@@ -666,11 +670,58 @@ fn applies(p: &Policy, wl: &Workload<'_>) -> bool {
     selected && (p.scope == AuthzScope::Mesh || p.namespace == wl.namespace)
 }
 
+/// Requests and TCP streams denied by an AuthorizationPolicy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `namespace/name` of the DENY policy that matched; empty when ALLOW
+    /// policies applied and none matched.
+    pub policy: String,
+    /// `deny-policy` or `no-allow-match`.
+    pub reason: &'static str,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+}
+
+/// What dry-run AuthorizationPolicies (`istio.io/dry-run: "true"`) would
+/// have decided ([`count_dry_run`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// `namespace/name` of the dry-run policy.
+    pub policy: String,
+    /// `ALLOW` or `DENY`.
+    pub action: &'static str,
+    /// `allow` or `deny`: what the policy alone would have decided.
+    pub decision: &'static str,
+}
+
+/// Authorization's metric set: denials and dry-run decisions.
+#[derive(Clone, Debug, Default)]
+pub struct AuthzMetrics {
+    pub denied: Family<AuthzLabels, Counter>,
+    pub dry_run: Family<DryRunLabels, Counter>,
+}
+
+impl crate::metrics::Register for AuthzMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "authz_denied",
+            "Requests and TCP streams denied by authorization, by policy and reason",
+            self.denied.clone(),
+        );
+        registry.register(
+            "authz_dry_run",
+            "Requests and TCP streams evaluated by dry-run AuthorizationPolicies (never enforced), by policy, action and the decision it would have made",
+            self.dry_run.clone(),
+        );
+    }
+}
+
 /// Counts (and logs at debug level) what the dry-run policies would have
 /// decided for a request ([`Authz::dry_run`]), in
 /// `meshfed_authz_dry_run_total{policy, action, decision}`.
 pub fn count_dry_run(
-    metrics: &crate::metrics::Metrics,
+    metrics: &AuthzMetrics,
     authz: &Authz,
     req: &Request<'_>,
     namespace: &str,
@@ -685,8 +736,8 @@ pub fn count_dry_run(
             "dry-run authorization policy"
         );
         metrics
-            .authz_dry_run
-            .get_or_create(&crate::metrics::DryRunLabels {
+            .dry_run
+            .get_or_create(&DryRunLabels {
                 policy: d.policy.to_string(),
                 action,
                 decision,
@@ -752,174 +803,73 @@ impl Authz {
     }
 }
 
-/// Envoy's RBAC answer to a denied request: `403` with `RBAC: access
-/// denied`; for gRPC a trailers-only `PERMISSION_DENIED` with that message.
-pub fn denied_response(grpc: bool) -> http::Response<ProxyBody> {
-    let b = http::Response::builder().header(crate::proxy::ERROR_HEADER, "unauthorized");
-    let r = if grpc {
-        b.status(http::StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", "7")
-            .header("grpc-message", RBAC_DENIED)
-            .body(body::empty())
-    } else {
-        b.status(http::StatusCode::FORBIDDEN)
-            .header(http::header::CONTENT_TYPE, "text/plain")
-            .body(body::full(RBAC_DENIED))
-    };
-    r.unwrap_or_else(|_| http::Response::new(body::empty()))
-}
-
 /// Envoy's RBAC filter's body for a denied request, byte for byte.
 pub const RBAC_DENIED: &str = "RBAC: access denied";
 
-/// Authorizes a request that this gateway forwards to an endpoint of its
-/// own cluster (the caller is local, so the gateway is also the destination
-/// gateway). The principal is the caller's workload identity when it came
-/// over mutual TLS, else none; `source.cluster` is this cluster. The
-/// endpoint is chosen later by the balancer, so the request is denied if any
-/// candidate endpoint's policies deny it (stricter than Istio only when
-/// workload policies differ between the endpoints of one subset). The path
-/// is normalized in the request, as on the inbound side. Counts and logs a
-/// denial; returns the response to send instead.
-// Both variants are a whole request or response, moved once per request:
-// boxing the error would save nothing.
-#[allow(clippy::result_large_err)]
-pub fn enforce_local<B>(
-    state: &crate::state::Gateway,
-    active: &crate::route::Active,
-    caller: Option<&str>,
+/// How many of a call's candidate endpoints must allow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Those that allow it are kept (a peer's stream: the balancer then
+    /// picks among them).
+    Some,
+    /// Every one (a call this gateway forwards to its own endpoints: the
+    /// balancer picks later, so the call is denied if any candidate's
+    /// policies deny it; stricter than Istio only when workload policies
+    /// differ between the endpoints of one subset).
+    Every,
+}
+
+/// The authorization decision, one for HTTP and TCP, inbound and outbound:
+/// counts what dry-run policies would have decided ([`count_dry_run`]),
+/// then returns the candidates that allow `req` to `service` (all of them
+/// for [`Need::Every`]) or the [`Denial`]. No policy at all allows
+/// everything. The caller counts a denial ([`AuthzMetrics::denied_by`])
+/// and answers it.
+pub fn authorize<'e>(
+    authz: &Authz,
+    policy: &ClusterPolicy,
+    metrics: &AuthzMetrics,
+    req: &Request<'_>,
     service: &str,
-    selector: &BTreeMap<String, String>,
-    mut req: http::Request<B>,
-) -> Result<http::Request<B>, http::Response<ProxyBody>> {
-    let grpc = crate::proxy::is_grpc(req.headers());
-    let normalized = req
-        .uri()
-        .path_and_query()
-        .map(|pq| normalize_path(pq.as_str()).map(|(p, q)| format!("{p}{q}")));
-    match normalized {
-        Some(Err(e)) => {
-            return Err(crate::proxy::error_response(
-                crate::tunnel::frame::Refusal::BadRequest,
-                &e.to_string(),
-                grpc,
-            ));
-        }
-        Some(Ok(n))
-            if req
-                .uri()
-                .path_and_query()
-                .is_some_and(|pq| pq.as_str() != n) =>
-        {
-            let mut parts = req.uri().clone().into_parts();
-            parts.path_and_query = n.parse().ok();
-            if let Ok(u) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = u;
-            }
-        }
-        _ => {}
+    candidates: Vec<&'e Endpoint>,
+    need: Need,
+) -> Result<Vec<&'e Endpoint>, Denial> {
+    if authz.is_empty() {
+        return Ok(candidates);
     }
-    if active.authz.is_empty() {
-        return Ok(req);
-    }
-    let endpoints = state.endpoints.borrow().clone();
-    let candidates = crate::discovery::healthy(&endpoints, service, selector);
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
-    let path = req.uri().path();
-    let r = Request::new(
-        caller,
-        &state.cluster,
-        Some(Http {
-            method: req.method().as_str(),
-            path,
-            host,
-            headers: req.headers(),
-        }),
-    )
-    .with_service(service);
-    let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
-    count_dry_run(&state.metrics, &active.authz, &r, namespace, &candidates);
+    let namespace = service_namespace(policy, service).unwrap_or("");
+    count_dry_run(metrics, authz, req, namespace, &candidates);
     let n = candidates.len();
-    let denial = match active.authz.filter(&r, namespace, candidates) {
-        Ok(allowed) if allowed.len() == n => None,
-        Ok(_) => Some(Denial {
+    let allowed = authz.filter(req, namespace, candidates)?;
+    if need == Need::Every && allowed.len() != n {
+        return Err(Denial {
             policy: String::new(),
             reason: DenyReason::NoAllowMatch,
             detail: "denied by the policies of some of the endpoints it could reach".into(),
-        }),
-        Err(d) => Some(d),
-    };
-    let Some(denial) = denial else {
-        return Ok(req);
-    };
-    tracing::info!(%service, principal = caller.unwrap_or(""), policy = %denial.policy,
-        reason = denial.reason.label(), "authorization denied (local): {denial}");
-    state
-        .metrics
-        .authz_denied
-        .get_or_create(&crate::metrics::AuthzLabels {
-            policy: denial.policy,
-            reason: denial.reason.label(),
-            source_cluster: state.cluster.clone(),
-            destination_cluster: state.cluster.clone(),
-            destination_service: service.to_string(),
-        })
-        .inc();
-    Err(denied_response(grpc))
+        });
+    }
+    Ok(allowed)
 }
 
-/// [`enforce_local`] for a TCP connection forwarded to an endpoint of this
-/// cluster: the principal is the caller's workload identity when it came in
-/// over mutual TLS (else none), `connection.sni` the server name it asked
-/// for when routed by SNI; HTTP-only fields read as for TCP. False when
-/// denied, counted and logged.
-pub fn admit_local_tcp(
-    state: &crate::state::Gateway,
-    active: &crate::route::Active,
-    service: &str,
-    selector: &BTreeMap<String, String>,
-    caller: Option<&str>,
-    sni: Option<&str>,
-) -> bool {
-    if active.authz.is_empty() {
-        return true;
+impl AuthzMetrics {
+    /// Counts a denial in `meshfed_authz_denied_total`.
+    pub fn denied_by(
+        &self,
+        denial: &Denial,
+        source_cluster: &str,
+        destination_cluster: &str,
+        service: &str,
+    ) {
+        self.denied
+            .get_or_create(&AuthzLabels {
+                policy: denial.policy.clone(),
+                reason: denial.reason.label(),
+                source_cluster: source_cluster.to_string(),
+                destination_cluster: destination_cluster.to_string(),
+                destination_service: service.to_string(),
+            })
+            .inc();
     }
-    let endpoints = state.endpoints.borrow().clone();
-    let candidates = crate::discovery::healthy(&endpoints, service, selector);
-    let n = candidates.len();
-    let r = Request::new(caller, &state.cluster, None)
-        .with_sni(sni)
-        .with_service(service);
-    let namespace = service_namespace(&active.snapshot.policy, service).unwrap_or("");
-    count_dry_run(&state.metrics, &active.authz, &r, namespace, &candidates);
-    let (policy, reason) = match active.authz.filter(&r, namespace, candidates) {
-        Ok(allowed) if allowed.len() == n => return true,
-        Ok(_) => (String::new(), DenyReason::NoAllowMatch),
-        Err(d) => (d.policy, d.reason),
-    };
-    tracing::info!(%service, %policy, reason = reason.label(), "authorization denied a local TCP connection");
-    state
-        .metrics
-        .authz_denied
-        .get_or_create(&crate::metrics::AuthzLabels {
-            policy,
-            reason: reason.label(),
-            source_cluster: state.cluster.clone(),
-            destination_cluster: state.cluster.clone(),
-            destination_service: service.to_string(),
-        })
-        .inc();
-    false
 }
 
 fn compile_policy(p: &AuthzPolicy, domain: &str) -> Result<Policy, CompileError> {

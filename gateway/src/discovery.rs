@@ -1,6 +1,6 @@
 //! Discovery of this cluster's endpoints.
 //!
-//! Every source produces the same value, an [`EndpointSet`]: canonical
+//! Every source produces the same value, an [`crate::endpoints::EndpointSet`]: canonical
 //! service host → endpoints with their labels and health, published through a
 //! `tokio::sync::watch` channel so that routing reads one consistent set per
 //! request. Every endpoint carries `topology.istio.io/cluster: <cluster>`, as
@@ -25,11 +25,8 @@
 //! is absent and its flags are refused at start (`main.rs`).
 //!
 //! It does not own remote endpoints: those are summarized by peer gateways
-//! in announcements ([`crate::tunnel::announce`]). It never needs another
+//! in announcements ([`crate::wire::announce`]). It never needs another
 //! cluster's API-server credentials.
-
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 #[cfg(feature = "dns")]
 pub mod dns;
@@ -41,38 +38,3 @@ pub mod dns;
 pub mod kube;
 pub mod service_entry;
 pub mod static_file;
-
-pub use meshfed_policy::snapshot::CLUSTER_LABEL;
-
-/// One endpoint of a service in this cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    pub labels: BTreeMap<String, String>,
-    pub healthy: bool,
-}
-
-impl Endpoint {
-    /// Whether the endpoint has every label of `selector`.
-    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
-        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
-    }
-}
-
-/// Canonical service host → its endpoints in this cluster.
-pub type EndpointSet = BTreeMap<String, Vec<Endpoint>>;
-
-/// The healthy endpoints of `service` that carry every label of `selector`.
-pub fn healthy<'a>(
-    set: &'a EndpointSet,
-    service: &str,
-    selector: &BTreeMap<String, String>,
-) -> Vec<&'a Endpoint> {
-    set.get(service)
-        .map(|eps| {
-            eps.iter()
-                .filter(|e| e.healthy && e.matches(selector))
-                .collect()
-        })
-        .unwrap_or_default()
-}

@@ -5,23 +5,31 @@
 //! service-to-service calls (HTTP/1.1, HTTP/2, gRPC, raw TCP) across them,
 //! following the per-cluster snapshot the syncer pushes.
 //!
-//! The crate is a skeleton for now: each module below says what it will own
-//! and which issue brings it. Nothing here listens, connects or proxies yet.
+//! Modules, in layers that only point down (a module uses its own layer,
+//! without a cycle, or lower ones; `tests/layers.rs` holds the table):
 //!
-//! Modules, from the wire inwards:
-//! - [`tunnel`]: QUIC links to peer gateways and the stream protocol on them;
-//! - [`identity`]: certificates, SPIFFE IDs and the TLS configuration;
-//! - [`proxy`]: the outbound listener and HTTP/TCP forwarding;
-//! - [`route`]: picking a destination for a call from the snapshot;
-//! - [`discovery`]: local endpoints (static file, DNS, Kubernetes);
-//! - [`control`]: the config client that receives snapshots from the syncer;
-//! - [`mirror`]: mirror Services that make remote services reachable in
-//!   a cluster under ordinary names;
-//! - [`admin`]: health, readiness, metrics and the config dump;
-//! - [`accept`], [`limits`]: the caller-connection limit and the open-files
-//!   budget;
-//! - [`backoff`]: the exponential backoff of every retry loop;
-//! - [`trace`]: distributed tracing: a span per hop, W3C/B3 propagation, OTLP.
+//! 0. base: [`metrics`] (the registry; each module registers its
+//!    own set), [`limits`], [`backoff`], [`body_budget`] (peers' bodies in
+//!    flight), [`endpoints`] (local endpoints as a value), [`wire`] (the
+//!    frame and announcement codecs);
+//! 1. decisions, pure: [`route`] (matching, splits, locality, mirror
+//!    names), [`authz`] (the AuthorizationPolicy engine), [`peer_auth`]
+//!    (PeerAuthentication);
+//! 2. I/O: [`tunnel`] (QUIC links to peer gateways), [`discovery`] (static
+//!    file, DNS, Kubernetes, ServiceEntry), [`upstream`] (balancer and
+//!    pooled clients of local endpoints), [`accept`] (listeners' connection
+//!    limit), [`trace`] (spans, propagation, OTLP), [`body`] (bodies across
+//!    the tunnel), [`respond`] (the responses the gateway writes itself);
+//! 3. state: [`state`] (the shared `Gateway`: snapshot, endpoints, tunnel,
+//!    upstream), [`control`] (the config client that applies snapshots);
+//! 4. data path: [`proxy`] (outbound listener, inbound streams, admission,
+//!    rules);
+//! 5. side tasks: [`mirror`] (the Kubernetes mirror-Service reconciler);
+//! 6. wiring: [`run`] (starts everything), [`admin`] (health, readiness,
+//!    metrics, config dump).
+//!
+//! Certificates, SPIFFE IDs and the TLS configuration are the
+//! [`identity`] crate's.
 //!
 //! Cargo features, all on by default: `kube` (Kubernetes discovery, the
 //! ServiceExport gate and mirror Services: kube-rs, k8s-openapi), `dns`
@@ -43,21 +51,22 @@ pub mod accept;
 pub mod admin;
 pub mod authz;
 pub mod backoff;
+pub mod body;
+pub mod body_budget;
 pub mod control;
 pub mod discovery;
+pub mod endpoints;
 pub mod limits;
 pub mod metrics;
 #[cfg(feature = "kube")]
 pub mod mirror;
-/// Without the `kube` feature there are no mirror Services, hence no
-/// mirror names to route.
-#[cfg(not(feature = "kube"))]
-#[path = "mirror/off.rs"]
-pub mod mirror;
 pub mod peer_auth;
 pub mod proxy;
+pub mod respond;
 pub mod route;
 pub mod run;
 pub mod state;
 pub mod trace;
 pub mod tunnel;
+pub mod upstream;
+pub mod wire;

@@ -238,7 +238,7 @@ struct Cli {
     /// limit with every body stalled (about 60 KB each, docs/tunnel.md,
     /// "One peer's memory budget"); raise it with the memory limit.
     #[arg(long, value_name = "N", env = "MESHFED_MAX_PEER_REQUEST_BODIES",
-          default_value_t = meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES,
+          default_value_t = meshfed_gateway::body_budget::DEFAULT_PEER_BODIES,
           value_parser = parse_max_bodies)]
     max_peer_request_bodies: usize,
 
@@ -246,7 +246,7 @@ struct Cli {
     /// endpoints at once (see --max-peer-request-bodies), so that several
     /// hostile peers together still fit the memory limit.
     #[arg(long, value_name = "N", env = "MESHFED_MAX_REQUEST_BODIES",
-          default_value_t = meshfed_gateway::proxy::budget::DEFAULT_BODIES,
+          default_value_t = meshfed_gateway::body_budget::DEFAULT_BODIES,
           value_parser = parse_max_bodies)]
     max_request_bodies: usize,
 

@@ -1,12 +1,17 @@
-//! The gateway's Prometheus metrics, under the `meshfed` prefix.
+//! The gateway's Prometheus registry, under the `meshfed` prefix, and the
+//! data path's request counters.
+//!
+//! Registry plumbing only: this module imports no other gateway module.
+//! Each module defines its own metric set and registers it through
+//! [`Register`] (authorization, the upstream clients, tracing, the
+//! listeners' connection gauges, announcements, the per-peer link gauges);
+//! the wiring ([`crate::run`], [`crate::admin`]) lists them for `/metrics`.
 //!
 //! Label names follow Istio's where a concept matches (`response_code`,
 //! `destination_service`, `grpc_response_status`), plus `source_cluster` and
-//! `destination_cluster`. Per-peer link gauges are computed at scrape time
-//! from the tunnel's state ([`Metrics::encode`]).
+//! `destination_cluster`.
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -16,7 +21,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::tunnel::link::LinkStatus;
+/// A module's metric set: registers its families under the registry's
+/// prefix. The wiring lists every set once when it builds [`Metrics`], and
+/// sets read at scrape time (the per-peer link gauges) when it encodes.
+pub trait Register {
+    fn register(&self, registry: &mut Registry);
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -63,48 +73,13 @@ pub struct ServiceReasonLabels {
     pub reason: String,
 }
 
-/// Requests and TCP streams denied by an AuthorizationPolicy.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AuthzLabels {
-    /// `namespace/name` of the DENY policy that matched; empty when ALLOW
-    /// policies applied and none matched.
-    pub policy: String,
-    /// `deny-policy` or `no-allow-match`.
-    pub reason: &'static str,
-    pub source_cluster: String,
-    pub destination_cluster: String,
-    pub destination_service: String,
-}
-
-/// What dry-run AuthorizationPolicies (`istio.io/dry-run: "true"`) would
-/// have decided (crate::authz::count_dry_run).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DryRunLabels {
-    /// `namespace/name` of the dry-run policy.
-    pub policy: String,
-    /// `ALLOW` or `DENY`.
-    pub action: &'static str,
-    /// `allow` or `deny`: what the policy alone would have decided.
-    pub decision: &'static str,
-}
-
 /// A refusal counted outside this registry, read at scrape time.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
 
-/// One peer link, for the gauges read from the tunnel at scrape time.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LinkLabels {
-    cluster: String,
-    target: String,
-}
-
-/// Reads one per-link gauge value.
-type LinkGauge = fn(&LinkStatus) -> Option<f64>;
-
-/// Every metric of the gateway.
+/// The registry of every metric, and the data path's request counters.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -114,16 +89,8 @@ pub struct Metrics {
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
-    /// Connection-pool overflow and outlier ejections (proxy::upstream).
-    pub upstream: crate::proxy::upstream::UpstreamMetrics,
-    pub authz_denied: Family<AuthzLabels, Counter>,
-    pub authz_dry_run: Family<DryRunLabels, Counter>,
     pub retries: Family<ServiceReasonLabels, Counter>,
     pub mirrors: Family<ServiceReasonLabels, Counter>,
-    /// The span pipeline (crate::trace).
-    pub trace: crate::trace::TraceMetrics,
-    /// Open caller and admin connections and their limit (crate::accept).
-    pub connections: crate::accept::ConnectionMetrics,
     config: Family<ConfigLabels, Gauge>,
     /// Live tokio tasks, sampled when `/metrics` is scraped.
     runtime_alive_tasks: Gauge,
@@ -144,14 +111,10 @@ impl std::fmt::Debug for RefusalReader {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// The registry with the request counters and every module's set in
+    /// `sets`, in that order.
+    pub fn new(sets: &[&dyn Register]) -> Self {
         let mut registry = Registry::with_prefix("meshfed");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "HTTP requests handled", requests.clone());
@@ -202,35 +165,14 @@ impl Metrics {
             "Mirrored copies, by mirror service and outcome (sent, failed, dropped)",
             mirrors.clone(),
         );
-        let authz_denied = Family::<AuthzLabels, Counter>::default();
-        registry.register(
-            "authz_denied",
-            "Requests and TCP streams denied by authorization, by policy and reason",
-            authz_denied.clone(),
-        );
-        let authz_dry_run = Family::<DryRunLabels, Counter>::default();
-        registry.register(
-            "authz_dry_run",
-            "Requests and TCP streams evaluated by dry-run AuthorizationPolicies (never enforced), by policy, action and the decision it would have made",
-            authz_dry_run.clone(),
-        );
-        let upstream = crate::proxy::upstream::UpstreamMetrics::default();
-        upstream.register(&mut registry);
-        let trace = crate::trace::TraceMetrics::default();
-        trace.register(&mut registry);
-        let connections = crate::accept::ConnectionMetrics::default();
-        connections.register(&mut registry);
+        for set in sets {
+            set.register(&mut registry);
+        }
         let config = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
             "The applied snapshot version (value 1)",
             config.clone(),
-        );
-        registry.register(
-            "announcement_services_left_out",
-            "Exported services left out of this gateway's announcements since start, because \
-             more were exported than one announcement carries",
-            crate::tunnel::announce::SERVICES_LEFT_OUT.clone(),
         );
         let runtime_alive_tasks = Gauge::default();
         registry.register(
@@ -246,13 +188,8 @@ impl Metrics {
             tcp_sent_bytes,
             tcp_received_bytes,
             refusals,
-            upstream,
-            authz_denied,
-            authz_dry_run,
             retries,
             mirrors,
-            trace,
-            connections,
             config,
             runtime_alive_tasks,
             config_version: Mutex::new(String::new()),
@@ -324,8 +261,9 @@ impl Metrics {
         }
     }
 
-    /// The text exposition (OpenMetrics), with per-peer link gauges.
-    pub fn encode(&self, links: &[LinkStatus]) -> String {
+    /// The text exposition (OpenMetrics), with the sets read at scrape time
+    /// (`at_scrape`, e.g. the per-peer link gauges) after the rest.
+    pub fn encode(&self, at_scrape: &[&dyn Register]) -> String {
         // Scrapes are served on the gateway's runtime; outside one (a unit
         // test) the gauge keeps its last value.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -334,7 +272,7 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
-        let scraped = self.scrape_time(links);
+        let scraped = self.scrape_time(at_scrape);
         let encoded = encode_registry(&mut out, &self.registry)
             .and_then(|()| encode_registry(&mut out, &scraped))
             .and_then(|()| encode_eof(&mut out));
@@ -345,10 +283,10 @@ impl Metrics {
     }
 
     /// The values read at scrape time (handshake refusals and dropped
-    /// datagrams counted elsewhere, per-peer link gauges), as a registry of
+    /// datagrams counted elsewhere, then `at_scrape`), as a registry of
     /// their own built for this scrape: every line of `/metrics` is
     /// prometheus-client's encoding.
-    fn scrape_time(&self, links: &[LinkStatus]) -> Registry {
+    fn scrape_time(&self, at_scrape: &[&dyn Register]) -> Registry {
         let mut r = Registry::with_prefix("meshfed");
         let readers: [(&str, &str, &Mutex<Option<RefusalReader>>); 2] = [
             (
@@ -371,39 +309,8 @@ impl Metrics {
             }
             r.register(name, help, family);
         }
-        let gauges: [(&str, &str, LinkGauge); 4] = [
-            (
-                "peer_link_up",
-                "1 when the link to the peer gateway is up and available",
-                |l| Some(if l.available { 1.0 } else { 0.0 }),
-            ),
-            (
-                "peer_rtt_seconds",
-                "Smoothed round-trip time of the link",
-                |l| l.rtt_ms.map(|r| r / 1e3),
-            ),
-            (
-                "peer_lost_packets",
-                "Packets lost on the link's current connection",
-                |l| Some(l.lost_packets as f64),
-            ),
-            ("peer_open_streams", "Streams open on the link", |l| {
-                Some(l.open_streams as f64)
-            }),
-        ];
-        for (name, help, get) in gauges {
-            let family = Family::<LinkLabels, Gauge<f64, AtomicU64>>::default();
-            for l in links {
-                if let Some(v) = get(l) {
-                    family
-                        .get_or_create(&LinkLabels {
-                            cluster: l.cluster.clone(),
-                            target: l.target.clone(),
-                        })
-                        .set(v);
-                }
-            }
-            r.register(name, help, family);
+        for set in at_scrape {
+            set.register(&mut r);
         }
         r
     }
@@ -423,7 +330,7 @@ mod tests {
     /// so counts are exact).
     #[tokio::test]
     async fn the_alive_tasks_gauge_follows_the_runtime_at_scrape_time() {
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
         let before = alive_tasks(&m.encode(&[])).unwrap_or(-1);
         assert!(before >= 0, "gauge missing:\n{}", m.encode(&[]));
         let parked: Vec<_> = (0..5)
@@ -443,8 +350,9 @@ mod tests {
     #[test]
     fn scrape_time_values_are_encoded_by_prometheus_client_with_one_eof() {
         use super::RefusalReader;
+        use crate::tunnel::LinkGauges;
         use crate::tunnel::link::LinkStatus;
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
         m.set_handshake_refusals(RefusalReader(Box::new(|| {
             vec![("unknown_ca", 3), ("cluster_mismatch", 0)]
         })));
@@ -463,7 +371,7 @@ mod tests {
             announced_services: 0,
             last_error: None,
         };
-        let text = m.encode(&[link]);
+        let text = m.encode(&[&LinkGauges(&[link])]);
         for line in [
             "meshfed_handshake_refusals_total{reason=\"unknown_ca\"} 3",
             "meshfed_handshake_refusals_total{reason=\"cluster_mismatch\"} 0",

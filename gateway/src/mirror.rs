@@ -16,7 +16,7 @@
 //! NAME.NAMESPACE`), every port targeting the outbound listener. A selector
 //! cannot be used: a Service selects pods of its own namespace only, and the
 //! gateway runs in its own. The outbound listener maps the mirror's name back
-//! ([`alias`], called by [`crate::route`] after real names), so a caller's
+//! ([`crate::route::mirror_names`], tried after real names), so a caller's
 //! `ratings-west.bookinfo:9080` goes to `ratings.bookinfo` in `west`. A
 //! real Service of the same name always wins, and is never touched.
 //!
@@ -36,8 +36,10 @@
 //! removes them if the gateway does not. All replicas compute the same
 //! desired state; a conflict (409) is retried on the next pass.
 //!
-//! It does not own discovery ([`crate::discovery::kube`] supplies the
-//! client and the watched objects) or routing beyond the name mapping.
+//! It is a side task beside the data path: nothing below the wiring
+//! imports it. It does not own discovery ([`crate::discovery::kube`]
+//! supplies the client and the watched objects) or what a mirror name
+//! means to routing ([`crate::route::mirror_names`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -48,14 +50,12 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use meshfed_policy::snapshot::{CLUSTER_LABEL, ClusterPolicy};
+use meshfed_policy::snapshot::ClusterPolicy;
 use serde_json::json;
 
-use crate::discovery::EndpointSet;
 pub use crate::discovery::kube::MIRROR_OF_LABEL;
 use crate::discovery::kube::{KubeDiscovery, SERVICE_NAME_LABEL, Shared};
-use crate::discovery::{self};
-use crate::route::{Active, RequestInfo, Target, split_authority};
+use crate::route::mirror_names::CLUSTERSET;
 use crate::state::Gateway;
 
 /// Which remote cluster a mirror leads to (`clusterset` for the federated
@@ -68,99 +68,8 @@ pub const MANAGER: &str = "meshfed-gateway";
 /// The EndpointSlice manager label and our value for it.
 pub const SLICE_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const SLICE_MANAGER: &str = "meshfed.io/mirror";
-/// The suffix of federated mirrors.
-pub const CLUSTERSET: &str = "clusterset";
 /// How often the mirrors are reconciled without any change signal.
 pub const RESYNC: Duration = Duration::from_secs(1);
-
-/// What a mirror name means.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Alias {
-    /// `<name>-clusterset`: the service itself (canonical host).
-    ClusterSet(String),
-    /// `<name>-<cluster>`: the service (canonical host) in that cluster.
-    Cluster(String, String),
-}
-
-/// The mirror meaning of an authority, if it names a mirror of an exported
-/// service. Callers try real names first.
-pub fn alias(policy: &ClusterPolicy, authority: &str, caller_namespace: &str) -> Option<Alias> {
-    let suffix = format!(".svc.{}", policy.domain);
-    for candidate in policy.host_candidates(authority, caller_namespace) {
-        let Some(stem) = candidate.strip_suffix(&suffix) else {
-            continue;
-        };
-        let Some((name, ns)) = stem.split_once('.') else {
-            continue;
-        };
-        let host = |base: &str| format!("{base}.{ns}{suffix}");
-        if let Some(base) = name.strip_suffix(&format!("-{CLUSTERSET}"))
-            && policy.exports.contains_key(&host(base))
-        {
-            return Some(Alias::ClusterSet(host(base)));
-        }
-        for cluster in policy.clusters.keys() {
-            if let Some(base) = name.strip_suffix(&format!("-{cluster}"))
-                && policy
-                    .exports
-                    .get(&host(base))
-                    .is_some_and(|c| c.contains(cluster))
-            {
-                return Some(Alias::Cluster(host(base), cluster.clone()));
-            }
-        }
-    }
-    None
-}
-
-fn pinned(service: String, cluster: String, port: u16) -> Target {
-    Target {
-        service,
-        port,
-        subset: None,
-        selector: BTreeMap::from([(CLUSTER_LABEL.to_string(), cluster)]),
-        rule: None,
-        failed_over_from: None,
-        destination: None,
-    }
-}
-
-/// Routes an HTTP request addressed to a mirror name.
-pub fn http_target(
-    active: &Active,
-    req: &RequestInfo<'_>,
-    local: &EndpointSet,
-    default_port: u16,
-) -> Option<Target> {
-    let (host, port) = split_authority(req.authority, default_port);
-    match alias(&active.snapshot.policy, host, req.caller_namespace)? {
-        Alias::ClusterSet(service) => {
-            let authority = format!("{service}:{port}");
-            let info = RequestInfo {
-                authority: &authority,
-                ..*req
-            };
-            crate::route::http_target(active, &info, local, default_port)
-        }
-        Alias::Cluster(service, cluster) => Some(pinned(service, cluster, port)),
-    }
-}
-
-/// Routes a TCP connection addressed to a mirror name.
-pub fn tcp_target(
-    active: &Active,
-    host: &str,
-    port: u16,
-    caller_namespace: &str,
-    local: &EndpointSet,
-) -> Option<Target> {
-    match alias(&active.snapshot.policy, host, caller_namespace)? {
-        Alias::ClusterSet(service) => {
-            crate::route::tcp_target(active, &service, port, caller_namespace, local)
-        }
-        Alias::Cluster(service, cluster) => Some(pinned(service, cluster, port)),
-    }
-}
 
 /// How the mirrors are made.
 #[derive(Debug, Clone)]
@@ -451,7 +360,7 @@ async fn reconcile(
     let target_host = format!("{target_name}.{target_ns}.svc.{}", policy.domain);
     let gateway_ips: Vec<IpAddr> = {
         let set = state.endpoints.borrow();
-        let mut ips: Vec<IpAddr> = discovery::healthy(&set, &target_host, &BTreeMap::new())
+        let mut ips: Vec<IpAddr> = crate::endpoints::healthy(&set, &target_host, &BTreeMap::new())
             .into_iter()
             .map(|e| e.addr.ip())
             .collect();

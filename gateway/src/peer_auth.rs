@@ -28,6 +28,10 @@
 //! select the same endpoints also resolve to the stricter (Istio picks the
 //! oldest; meshfed fails closed).
 //!
+//! The decision only ([`decide`]): the data path counts a refusal and
+//! answers it (`crate::proxy::admission`, [`Refused::response`] in
+//! [`crate::respond`]).
+//!
 //! This module does not own TLS itself (the listener in
 //! [`crate::proxy::outbound`] terminates it and verifies the workload
 //! certificate), nor links between gateways, which are always mutual TLS
@@ -35,12 +39,12 @@
 
 use std::collections::BTreeMap;
 
-use http::{HeaderValue, Response, StatusCode, header};
-use meshfed_policy::snapshot::{MtlsMode, MtlsPolicy};
+use std::sync::Arc;
 
-use crate::proxy::ERROR_HEADER;
-use crate::proxy::body::{self, ProxyBody};
-use crate::state::Gateway;
+use meshfed_policy::snapshot::{ClusterPolicy, MtlsMode, MtlsPolicy};
+
+use crate::endpoints::EndpointSet;
+use crate::wire::announce::Announcement;
 
 /// The mode that applies to a destination, and which policy level said so.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,48 +112,28 @@ pub struct Refused {
     pub message: String,
 }
 
-impl Refused {
-    /// `403` with the reason header; for gRPC callers a trailers-only
-    /// `UNAUTHENTICATED`.
-    pub fn response(&self, grpc: bool) -> Response<ProxyBody> {
-        let mut b = Response::builder().header(ERROR_HEADER, self.reason);
-        if grpc {
-            let msg = HeaderValue::from_str(&self.message.replace(['%', '\n'], " "))
-                .unwrap_or(HeaderValue::from_static("mutual TLS policy"));
-            b = b
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/grpc")
-                .header("grpc-status", "16")
-                .header("grpc-message", msg);
-            return b
-                .body(body::empty())
-                .unwrap_or_else(|_| Response::new(body::empty()));
-        }
-        b.status(StatusCode::FORBIDDEN)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(body::full(format!("{}: {}\n", self.reason, self.message)))
-            .unwrap_or_else(|_| Response::new(body::empty()))
-    }
-}
+/// The endpoints whose labels may decide a destination's mode: this
+/// cluster's (discovery) and the peers' (their announcements). Read only
+/// when a workload-level policy makes labels matter.
+pub type Endpoints = (Arc<EndpointSet>, Vec<(String, Arc<Announcement>)>);
 
 /// Decides whether a local caller (`mtls`: it presented a workload
 /// certificate) may reach `service` (canonical host) on `port`, through the
-/// endpoints that `selector` picks. Counts a refusal (`listener` stage).
-pub fn admit(
-    state: &Gateway,
-    active: &crate::route::Active,
+/// endpoints that `selector` picks. Logs a refusal; the caller counts it
+/// and answers it ([`Refused::response`]).
+pub fn decide(
+    policy: &ClusterPolicy,
+    endpoints: impl FnOnce() -> Endpoints,
     mtls: bool,
     service: &str,
     selector: &BTreeMap<String, String>,
     port: u16,
 ) -> Result<(), Refused> {
-    let policy = &active.snapshot.policy;
     let namespace = crate::authz::service_namespace(policy, service);
     let needs_labels =
         namespace.is_some_and(|ns| policy.mtls.workloads.iter().any(|w| w.namespace == ns));
     let eff = if needs_labels {
-        let local = state.endpoints.borrow().clone();
-        let remote = state.tunnel.announcements();
+        let (local, remote) = endpoints();
         let fits =
             |l: &&BTreeMap<String, String>| selector.iter().all(|(k, v)| l.get(k) == Some(v));
         let sets = local
@@ -191,7 +175,6 @@ pub fn admit(
     match refused {
         None => Ok(()),
         Some(r) => {
-            state.metrics.refused("listener", r.reason);
             tracing::info!(%service, port, reason = r.reason, policy = %eff.from, "local caller refused by PeerAuthentication");
             Err(r)
         }
@@ -203,6 +186,7 @@ mod tests {
     use meshfed_policy::snapshot::{SourceRef, WorkloadMtls};
 
     use super::*;
+    use crate::respond::ERROR_HEADER;
 
     fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
         l.iter()

@@ -33,8 +33,8 @@ use meshfed_policy::snapshot::{
 };
 use regex::Regex;
 
-use crate::discovery::EndpointSet;
-use crate::tunnel::announce::Announcement;
+use crate::endpoints::EndpointSet;
+use crate::wire::announce::Announcement;
 
 /// A snapshot with everything a request needs precomputed: compiled
 /// regexes. Built once per applied snapshot.
@@ -298,7 +298,7 @@ pub fn http_target_from(
             destination: None,
         })
         // A mirror Service's name (`ratings-west`), after every real name.
-        .or_else(|| crate::mirror::http_target(active, req, local, default_port))
+        .or_else(|| mirror_names::http_target(active, req, local, default_port))
 }
 
 /// Routes a TCP connection to `host:port` (from SNI, CONNECT or a port
@@ -335,7 +335,7 @@ pub fn tcp_target(
             failed_over_from: None,
             destination: None,
         })
-        .or_else(|| crate::mirror::tcp_target(active, host, port, caller_namespace, local))
+        .or_else(|| mirror_names::tcp_target(active, host, port, caller_namespace, local))
 }
 
 fn target_for(
@@ -568,5 +568,6 @@ pub fn choose_cluster(
 }
 
 pub mod locality;
+pub mod mirror_names;
 #[cfg(test)]
 mod tests;

@@ -24,14 +24,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSettings};
-use crate::discovery::{EndpointSet, static_file};
+use crate::discovery::static_file;
+use crate::endpoints::EndpointSet;
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
 use crate::identity::verify::{self, HandshakeRefusals};
 use crate::metrics::{Metrics, RefusalReader};
 use crate::state::Gateway;
-use crate::tunnel::frame::ALPN;
 use crate::tunnel::link::{Identify, LinkSettings, PeerInfo, StreamHandler, Tunnel};
+use crate::wire::frame::ALPN;
 use crate::{control, proxy};
 
 /// Everything a gateway needs to start, parsed once.
@@ -78,7 +79,7 @@ pub struct RunConfig {
     /// lowered at start to fit the open-files limit.
     pub max_connections: usize,
     /// Request bodies in flight per peer and from all peers
-    /// (`--max-peer-request-bodies`, `--max-request-bodies`; proxy::budget).
+    /// (`--max-peer-request-bodies`, `--max-request-bodies`; crate::body_budget).
     pub max_peer_request_bodies: usize,
     pub max_request_bodies: usize,
 }
@@ -266,7 +267,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         identify(),
     )
     .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;
-    let metrics = Arc::new(Metrics::new());
+    // Every module's metric set, listed once for `/metrics`.
+    let module_metrics = crate::state::ModuleMetrics::default();
+    let mut sets: Vec<&dyn crate::metrics::Register> = module_metrics.sets().to_vec();
+    sets.push(&crate::wire::announce::AnnounceMetrics);
+    let metrics = Arc::new(Metrics::new(&sets));
     let (r, a) = (refusals.clone(), tunnel.admission_refusals());
     metrics.set_handshake_refusals(RefusalReader(Box::new(move || {
         let mut all = r.snapshot();
@@ -282,6 +287,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         endpoints,
         tunnel.clone(),
         metrics,
+        module_metrics.clone(),
     )?;
     state
         .bodies
@@ -289,9 +295,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(source) = source {
         state.provenance.applied(&snapshot, source);
     }
-    crate::discovery::service_entry::spawn(state.clone(), discovered, merged_tx);
+    let current = state.clone();
+    crate::discovery::service_entry::spawn(
+        state.cluster.clone(),
+        move || current.active.load().snapshot.clone(),
+        state.applied_watch(),
+        discovered,
+        merged_tx,
+    );
     state.spawn_endpoint_follower();
-    let trace_metrics = state.metrics.trace.clone();
+    let trace_metrics = state.module_metrics.trace.clone();
     if let Some(t) =
         crate::trace::Tracing::start(&cfg.tracing, &cfg.cluster, &cfg.gateway_id, trace_metrics)?
     {
@@ -436,7 +449,7 @@ fn caller_limit(wanted: usize, state: &Gateway) -> crate::accept::ConnectionLimi
             "caller-connection limit"
         );
     }
-    let gauges = &state.metrics.connections;
+    let gauges = &state.module_metrics.connections;
     gauges
         .caller_connections_limit
         .set(i64::try_from(max).unwrap_or(i64::MAX));
@@ -447,13 +460,16 @@ fn caller_limit(wanted: usize, state: &Gateway) -> crate::accept::ConnectionLimi
 /// yet, a placeholder that routes nothing, not ready).
 async fn first_snapshot(
     cfg: &RunConfig,
-) -> anyhow::Result<(meshfed_policy::Snapshot, Option<control::Source>)> {
+) -> anyhow::Result<(
+    meshfed_policy::Snapshot,
+    Option<crate::state::provenance::Source>,
+)> {
     if let Some(dir) = &cfg.policy_dir {
         let (dir2, cluster, opts) = (dir.clone(), cfg.cluster.clone(), cfg.policy.clone());
         let snap = tokio::task::spawn_blocking(move || control::load_dir(&dir2, &cluster, &opts))
             .await??;
         tracing::info!(version = %snap.version, "policy loaded");
-        let source = control::Source::File {
+        let source = crate::state::provenance::Source::File {
             dir: dir.display().to_string(),
         };
         return Ok((snap, Some(source)));
@@ -468,7 +484,7 @@ async fn first_snapshot(
         match tokio::task::spawn_blocking(move || control::persist::load(&dir, &cluster)).await? {
             Ok(Some(snap)) => {
                 tracing::info!(version = %snap.version, dir = %state_dir.display(), "starting from the persisted snapshot; the syncer will send newer ones");
-                let source = control::Source::StateDir {
+                let source = crate::state::provenance::Source::StateDir {
                     path: control::persist::path(state_dir).display().to_string(),
                 };
                 return Ok((snap, Some(source)));

@@ -14,12 +14,14 @@ use arc_swap::ArcSwap;
 use meshfed_policy::Snapshot;
 use tokio::sync::watch;
 
-use crate::discovery::EndpointSet;
+pub mod provenance;
+
+use crate::endpoints::EndpointSet;
 use crate::metrics::Metrics;
-use crate::proxy::upstream::Upstream;
 use crate::route::{ActivateError, Active};
-use crate::tunnel::announce::Announcement;
 use crate::tunnel::link::Tunnel;
+use crate::upstream::Upstream;
+use crate::wire::announce::Announcement;
 
 /// Why a snapshot was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,27 @@ pub enum ApplyError {
     Activate(#[from] ActivateError),
     #[error("compiling the snapshot failed: {0}")]
     Task(String),
+}
+
+/// The metric sets of the modules the data path shares. Each module
+/// defines and registers its own ([`crate::metrics::Register`]); the
+/// wiring ([`crate::run`]) lists them when it builds the registry.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleMetrics {
+    pub authz: crate::authz::AuthzMetrics,
+    /// Connection-pool overflow and outlier ejections.
+    pub upstream: crate::upstream::UpstreamMetrics,
+    /// The span pipeline.
+    pub trace: crate::trace::TraceMetrics,
+    /// Open caller and admin connections and their limit.
+    pub connections: crate::accept::ConnectionMetrics,
+}
+
+impl ModuleMetrics {
+    /// Every set, in the order `/metrics` lists them.
+    pub fn sets(&self) -> [&dyn crate::metrics::Register; 4] {
+        [&self.authz, &self.upstream, &self.trace, &self.connections]
+    }
 }
 
 /// Everything the data path shares.
@@ -40,11 +63,12 @@ pub struct Gateway {
     pub tunnel: Arc<Tunnel>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    pub module_metrics: ModuleMetrics,
     /// The outbound listener's TLS config when local callers must present
     /// workload certificates (`--outbound-tls mutual`); `None` for plaintext.
     pub local_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// What snapshot is applied, from where, and the syncer link's state.
-    pub provenance: crate::control::Provenance,
+    pub provenance: provenance::Provenance,
     /// With `--kube-service-exports`: the services that have a ServiceExport
     /// object in this cluster. A service is exported from here only if Git
     /// exports it and it is in this set (Git wins; see docs/kubernetes.md).
@@ -54,12 +78,11 @@ pub struct Gateway {
     /// given; empty means off (crate::trace).
     pub trace: std::sync::OnceLock<Arc<crate::trace::Tracing>>,
     /// Peers' request bodies in flight to local endpoints, per peer and in
-    /// all (crate::proxy::budget; the limits are flags).
-    pub bodies: crate::proxy::budget::BodyBudget,
+    /// all (crate::body_budget; the limits are flags).
+    pub bodies: crate::body_budget::BodyBudget,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
-    active_requests: Arc<std::sync::atomic::AtomicI64>,
-    active_retries: Arc<std::sync::atomic::AtomicI64>,
+    retries: crate::proxy::plan::RetryBudget,
     announce_seq: AtomicU64,
     announce_tx: watch::Sender<Arc<Announcement>>,
     announce_lock: Mutex<()>,
@@ -75,9 +98,10 @@ impl Gateway {
         endpoints: watch::Receiver<Arc<EndpointSet>>,
         tunnel: Arc<Tunnel>,
         metrics: Arc<Metrics>,
+        module_metrics: ModuleMetrics,
     ) -> Result<Arc<Self>, ActivateError> {
         let active = Active::new(snapshot)?;
-        let upstream = Upstream::with_metrics(metrics.upstream.clone());
+        let upstream = Upstream::with_metrics(module_metrics.upstream.clone());
         upstream.want_tls(&active.snapshot);
         let (announce_tx, _) = watch::channel(Arc::new(Announcement::default()));
         let g = Arc::new(Gateway {
@@ -88,14 +112,14 @@ impl Gateway {
             tunnel,
             upstream,
             metrics,
+            module_metrics,
             local_tls: arc_swap::ArcSwapOption::empty(),
-            provenance: crate::control::Provenance::default(),
+            provenance: provenance::Provenance::default(),
             export_gate: arc_swap::ArcSwapOption::empty(),
             trace: std::sync::OnceLock::new(),
-            bodies: crate::proxy::budget::BodyBudget::default(),
+            bodies: crate::body_budget::BodyBudget::default(),
             draining: AtomicBool::new(false),
-            active_requests: Arc::default(),
-            active_retries: Arc::default(),
+            retries: Default::default(),
             announce_seq: AtomicU64::new(0),
             announce_tx,
             announce_lock: Mutex::new(()),
@@ -196,20 +220,13 @@ impl Gateway {
     }
 
     /// Counts a request in flight until the guard drops.
-    pub fn request_guard(&self) -> Counted {
-        Counted::new(self.active_requests.clone())
+    pub fn request_guard(&self) -> crate::proxy::plan::Slot {
+        self.retries.request()
     }
 
-    /// A retry, if the budget allows one: retries in flight stay under 20%
-    /// of requests in flight, with at least 3 always allowed (Envoy's retry
-    /// budget), so that retries cannot multiply an outage.
-    pub fn retry_budget(&self) -> Option<Counted> {
-        let requests = self.active_requests.load(Ordering::Relaxed);
-        let allowed = (requests / 5).max(3);
-        if self.active_retries.load(Ordering::Relaxed) >= allowed {
-            return None;
-        }
-        Some(Counted::new(self.active_retries.clone()))
+    /// A retry, if the budget allows one ([`crate::proxy::plan::RetryBudget`]).
+    pub fn retry_budget(&self) -> Option<crate::proxy::plan::Slot> {
+        self.retries.retry()
     }
 
     pub fn draining(&self) -> bool {
@@ -238,22 +255,5 @@ impl Gateway {
                 this.reannounce();
             }
         });
-    }
-}
-
-/// A counted thing in flight; uncounted on drop.
-#[derive(Debug)]
-pub struct Counted(Arc<std::sync::atomic::AtomicI64>);
-
-impl Counted {
-    fn new(c: Arc<std::sync::atomic::AtomicI64>) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        Counted(c)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -181,8 +181,8 @@ struct DropLabels {
     reason: &'static str,
 }
 
-impl TraceMetrics {
-    pub fn register(&self, registry: &mut Registry) {
+impl crate::metrics::Register for TraceMetrics {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "trace_spans_ended",
             "Spans recorded and handed to the exporter's queue",
@@ -338,7 +338,7 @@ impl Tracing {
         &self,
         peer_cluster: &str,
         service: &str,
-        head: &crate::tunnel::frame::RequestHead,
+        head: &crate::wire::frame::RequestHead,
     ) -> Hop {
         self.begin(Side::Inbound, &head.headers, |seen| {
             let (host, port) = crate::route::split_authority(&head.authority, 80);
@@ -476,7 +476,7 @@ impl Tracing {
         &self,
         _peer_cluster: &str,
         _service: &str,
-        _head: &crate::tunnel::frame::RequestHead,
+        _head: &crate::wire::frame::RequestHead,
     ) -> Hop {
         match *self {}
     }
@@ -634,7 +634,7 @@ pub async fn in_stream<F: Future>(fut: F) -> F::Output {
 
 /// The destination gateway's hop, inside [`in_stream`]: decided when the
 /// stream's head is read.
-pub fn start_inbound(tracing: &Tracing, peer_cluster: &str, open: &crate::tunnel::frame::Open) {
+pub fn start_inbound(tracing: &Tracing, peer_cluster: &str, open: &crate::wire::frame::Open) {
     let Some(head) = &open.http else {
         return;
     };

@@ -7,14 +7,75 @@
 //! with a fuzzed decoder), and the endpoint summaries peers announce.
 //!
 //! It does not own certificates or their verification ([`crate::identity`]),
-//! choosing a destination ([`crate::route`]), or the local listener
-//! ([`crate::proxy`]).
+//! the frame and announcement codecs ([`crate::wire`]), choosing a
+//! destination ([`crate::route`]), or the local listener ([`crate::proxy`]).
 
-pub mod announce;
-pub mod frame;
 pub mod link;
 pub mod socket;
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use link::LinkStatus;
 
 /// The UDP port the tunnel listens on by default, as Istio's east-west
 /// gateway does for cross-network traffic.
 pub const DEFAULT_PORT: u16 = 15443;
+
+/// One peer link, for the gauges read from the tunnel at scrape time.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    cluster: String,
+    target: String,
+}
+
+/// Reads one per-link gauge value.
+type LinkGauge = fn(&LinkStatus) -> Option<f64>;
+
+/// The per-peer link gauges (`meshfed_peer_*`), read from the links'
+/// [`LinkStatus`] when `/metrics` is scraped.
+#[derive(Debug)]
+pub struct LinkGauges<'a>(pub &'a [LinkStatus]);
+
+impl crate::metrics::Register for LinkGauges<'_> {
+    fn register(&self, registry: &mut Registry) {
+        let gauges: [(&str, &str, LinkGauge); 4] = [
+            (
+                "peer_link_up",
+                "1 when the link to the peer gateway is up and available",
+                |l| Some(if l.available { 1.0 } else { 0.0 }),
+            ),
+            (
+                "peer_rtt_seconds",
+                "Smoothed round-trip time of the link",
+                |l| l.rtt_ms.map(|r| r / 1e3),
+            ),
+            (
+                "peer_lost_packets",
+                "Packets lost on the link's current connection",
+                |l| Some(l.lost_packets as f64),
+            ),
+            ("peer_open_streams", "Streams open on the link", |l| {
+                Some(l.open_streams as f64)
+            }),
+        ];
+        for (name, help, get) in gauges {
+            let family = Family::<LinkLabels, Gauge<f64, AtomicU64>>::default();
+            for l in self.0 {
+                if let Some(v) = get(l) {
+                    family
+                        .get_or_create(&LinkLabels {
+                            cluster: l.cluster.clone(),
+                            target: l.target.clone(),
+                        })
+                        .set(v);
+                }
+            }
+            registry.register(name, help, family);
+        }
+    }
+}

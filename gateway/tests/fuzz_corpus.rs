@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use meshfed_gateway::tunnel::announce::{Announcement, EndpointGroup, MAX_GROUPS};
-use meshfed_gateway::tunnel::frame::{
+use meshfed_gateway::wire::announce::{Announcement, EndpointGroup, MAX_GROUPS};
+use meshfed_gateway::wire::frame::{
     self, Frame, MAX_DATA_FRAME, MAX_FIELDS, MAX_HEADER_BLOCK, Open, Refusal, RequestHead,
     ResponseHead, StreamError, StreamKind,
 };

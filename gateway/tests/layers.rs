@@ -1,66 +1,58 @@
-//! The gateway's module graph, held to a ratchet.
+//! The gateway's module layers, held by a test.
 //!
-//! Issue 16 wants layers that only point down. Today most top-level modules
-//! of `gateway/src` still form one dependency cycle, so this test cannot
-//! yet demand none. It does the next best thing: it derives the graph from
-//! the source (`crate::MODULE` paths outside `#[cfg(test)]` code), and
+//! The top-level modules of `gateway/src` form layers that only point down
+//! (issue 16; ARCHITECTURE.md has the picture). [`LAYERS`] gives each its
+//! layer; the test derives the module graph from the source (`crate::MODULE`
+//! paths outside `#[cfg(test)]` code: tests may reach anywhere) and fails,
+//! naming the file and the edge,
 //!
-//! - fails when a new edge appears *inside* a cycle (new coupling between
-//!   modules that already depend on each other), naming it;
-//! - fails when a listed edge is gone, so that [`KNOWN_CYCLE_EDGES`] only
-//!   ever shrinks: delete the line, and the layer it freed stays freed;
-//! - fails when a module that is outside every cycle today joins one.
-//!
-//! Edges that point down (out of every cycle) are free to come and go.
+//! - when an edge points to a higher layer;
+//! - when modules form a cycle (even inside one layer);
+//! - when a top-level module is missing from [`LAYERS`] (a new module picks
+//!   its layer), or [`LAYERS`] names one that no longer exists.
 
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Edges `from -> to` between top-level modules that lie on a cycle today.
-/// Remove lines as the architecture step breaks them; never add one.
-const KNOWN_CYCLE_EDGES: &[(&str, &str)] = &[
-    ("accept", "metrics"),
-    ("authz", "discovery"),
-    ("authz", "proxy"),
-    ("control", "state"),
-    ("discovery", "state"),
-    ("metrics", "accept"),
-    ("metrics", "proxy"),
-    ("metrics", "trace"),
-    ("metrics", "tunnel"),
-    ("mirror", "discovery"),
-    ("mirror", "route"),
-    ("mirror", "state"),
-    ("peer_auth", "authz"),
-    ("peer_auth", "proxy"),
-    ("peer_auth", "route"),
-    ("peer_auth", "state"),
-    ("proxy", "accept"),
-    ("proxy", "authz"),
-    ("proxy", "discovery"),
-    ("proxy", "metrics"),
-    ("proxy", "peer_auth"),
-    ("proxy", "route"),
-    ("proxy", "state"),
-    ("proxy", "trace"),
-    ("proxy", "tunnel"),
-    ("route", "authz"),
-    ("route", "discovery"),
-    ("route", "mirror"),
-    ("route", "tunnel"),
-    ("state", "control"),
-    ("state", "discovery"),
-    ("state", "metrics"),
-    ("state", "proxy"),
-    ("state", "route"),
-    ("state", "trace"),
-    ("state", "tunnel"),
-    ("trace", "route"),
-    ("trace", "tunnel"),
-    ("tunnel", "discovery"),
+/// Each top-level module of `gateway/src` and its layer. A module may use
+/// modules of its own layer (without a cycle) or lower ones, never higher.
+const LAYERS: &[(&str, u8)] = &[
+    // 0 base: registry plumbing, limits, backoff, and plain data and codecs
+    // (no I/O of their own).
+    ("metrics", 0),
+    ("limits", 0),
+    ("backoff", 0),
+    ("body_budget", 0),
+    ("endpoints", 0),
+    ("wire", 0),
+    // 1 decisions: pure, no I/O, no sockets, no `state::Gateway`, no
+    // response writing.
+    ("authz", 1),
+    ("peer_auth", 1),
+    ("route", 1),
+    // 2 I/O: links, listeners, discovery sources, upstream clients,
+    // bodies and the responses the gateway writes itself, tracing.
+    ("accept", 2),
+    ("body", 2),
+    ("discovery", 2),
+    ("respond", 2),
+    ("trace", 2),
+    ("tunnel", 2),
+    ("upstream", 2),
+    // 3 state: the shared gateway state and the config client that applies
+    // snapshots to it.
+    ("state", 3),
+    ("control", 3),
+    // 4 data path.
+    ("proxy", 4),
+    // 5 side tasks beside the data path.
+    ("mirror", 5),
+    // 6 wiring.
+    ("admin", 6),
+    ("run", 6),
 ];
 
 /// The top-level modules of `gateway/src` (files and directories).
@@ -131,9 +123,12 @@ fn referenced(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
     out
 }
 
-fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+/// `from -> to -> a file of `from` that names `to``.
+type Graph = BTreeMap<String, BTreeMap<String, PathBuf>>;
+
+fn graph(src: &Path) -> Graph {
     let known = modules(src);
-    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut g = Graph::new();
     for entry in walk(src) {
         let rel = entry.strip_prefix(src).unwrap();
         let file = rel.file_name().unwrap().to_string_lossy().to_string();
@@ -154,7 +149,9 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let edges = g.entry(top.clone()).or_default();
         for m in referenced(&code, &known) {
             if m != top {
-                edges.insert(m);
+                edges
+                    .entry(m)
+                    .or_insert_with(|| Path::new("gateway/src").join(rel));
             }
         }
     }
@@ -174,48 +171,110 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Whether `to` reaches `from` (so `from -> to` lies on a cycle).
-fn reaches(g: &BTreeMap<String, BTreeSet<String>>, to: &str, from: &str) -> bool {
-    let mut seen = BTreeSet::new();
-    let mut stack = vec![to.to_string()];
-    while let Some(m) = stack.pop() {
-        if m == from {
-            return true;
+/// A cycle through `from`, as the modules on it, if there is one.
+fn cycle_through(g: &Graph, from: &str) -> Option<Vec<String>> {
+    // Depth-first search for a path back to `from`.
+    fn go(
+        g: &Graph,
+        at: &str,
+        from: &str,
+        path: &mut Vec<String>,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        for next in g.get(at).into_iter().flat_map(|e| e.keys()) {
+            if next == from {
+                return true;
+            }
+            if seen.insert(next.clone()) {
+                path.push(next.clone());
+                if go(g, next, from, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
         }
-        if seen.insert(m.clone())
-            && let Some(next) = g.get(&m)
-        {
-            stack.extend(next.iter().cloned());
-        }
+        false
     }
-    false
+    let mut path = vec![from.to_string()];
+    go(g, from, from, &mut path, &mut BTreeSet::new()).then(|| {
+        path.push(from.to_string());
+        path
+    })
 }
 
 #[test]
-fn the_gateways_module_cycles_only_shrink() {
+fn the_gateways_modules_form_layers_that_only_point_down() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let g = graph(&src);
-    let on_cycle: BTreeSet<(String, String)> = g
+    let layer: BTreeMap<&str, u8> = LAYERS.iter().copied().collect();
+    let on_disk = modules(&src);
+    let unplaced: Vec<_> = on_disk
         .iter()
-        .flat_map(|(from, tos)| tos.iter().map(move |to| (from.clone(), to.clone())))
-        .filter(|(from, to)| reaches(&g, to, from))
+        .filter(|m| !layer.contains_key(m.as_str()))
         .collect();
-    let known: BTreeSet<(String, String)> = KNOWN_CYCLE_EDGES
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    let new: Vec<_> = on_cycle.difference(&known).collect();
-    let gone: Vec<_> = known.difference(&on_cycle).collect();
     assert!(
-        new.is_empty(),
-        "new dependencies inside a module cycle of gateway/src (from -> to): {new:?}. \
-         Layers must only point down (ARCHITECTURE.md): move the shared piece into a lower \
-         module instead of importing upward"
+        unplaced.is_empty(),
+        "top-level modules of gateway/src without a layer: {unplaced:?}. Give each its \
+         place in LAYERS (gateway/tests/layers.rs) and in ARCHITECTURE.md's picture"
     );
+    let gone: Vec<_> = layer.keys().filter(|m| !on_disk.contains(**m)).collect();
     assert!(
         gone.is_empty(),
-        "these cycle edges are gone, well done: delete them from KNOWN_CYCLE_EDGES in \
-         gateway/tests/layers.rs so they cannot come back: {gone:?}"
+        "LAYERS in gateway/tests/layers.rs names modules that gateway/src no longer has: {gone:?}"
+    );
+    let g = graph(&src);
+    let mut upward = Vec::new();
+    for (from, tos) in &g {
+        for (to, file) in tos {
+            let (lf, lt) = (layer[from.as_str()], layer[to.as_str()]);
+            if lt > lf {
+                upward.push(format!(
+                    "{}: `{from}` (layer {lf}) uses `crate::{to}` (layer {lt})",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "edges pointing up a layer in gateway/src:\n{}\nLayers must only point down \
+         (ARCHITECTURE.md): move the shared piece into a lower module, or pass the \
+         lower module what it needs, instead of importing upward",
+        upward.join("\n")
+    );
+    let cycles: Vec<String> = g
+        .keys()
+        .filter_map(|m| cycle_through(&g, m))
+        .map(|c| {
+            let files: Vec<String> = c
+                .windows(2)
+                .map(|w| format!("{} ({})", w[0], g[&w[0]][&w[1]].display()))
+                .collect();
+            format!("{} -> {}", files.join(" -> "), c[c.len() - 1])
+        })
+        .collect();
+    assert!(
+        cycles.is_empty(),
+        "module cycles in gateway/src (each edge with the file that makes it):\n{}",
+        cycles.join("\n")
+    );
+}
+
+/// The graph walk this test stands on finds a cycle and only a cycle.
+#[test]
+fn cycles_are_found_with_their_path() {
+    let mut g = Graph::new();
+    let f = PathBuf::from("f.rs");
+    g.entry("a".into())
+        .or_default()
+        .insert("b".into(), f.clone());
+    g.entry("b".into())
+        .or_default()
+        .insert("c".into(), f.clone());
+    assert_eq!(cycle_through(&g, "a"), None);
+    g.entry("c".into()).or_default().insert("a".into(), f);
+    assert_eq!(
+        cycle_through(&g, "a"),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
     );
 }
 

@@ -716,7 +716,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
             "http": http_bound.to_string(),
             "grpc": grpc_bound.map(|a| a.to_string()),
         });
-        meshfed_syncer::pipeline::write_atomic(path, doc.to_string().as_bytes())
+        meshfed_cli::fs::write_atomic(path, doc.to_string().as_bytes())
             .with_context(|| format!("writing --ready-file {}", path.display()))?;
     }
 

@@ -696,7 +696,8 @@ impl Pipeline {
             clusters: encoded,
         };
         let bytes = serde_json::to_vec(&p).map_err(std::io::Error::other)?;
-        write_atomic(&self.state_dir.join(LAST_GOOD_FILE), &bytes)
+        meshfed_cli::fs::write_atomic(&self.state_dir.join(LAST_GOOD_FILE), &bytes)?;
+        Ok(())
     }
 }
 
@@ -711,26 +712,6 @@ pub fn has_allow_deletion_trailer(message: &str) -> bool {
                 && matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "yes")
         })
     })
-}
-
-/// Writes `path` via a temporary file, fsync and rename, so a crash leaves
-/// either the old or the new contents.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        // Makes the rename durable; not every file system supports it.
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

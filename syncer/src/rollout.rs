@@ -249,7 +249,8 @@ impl Rollout {
             gateways: self.gateways(),
         };
         let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
-        crate::pipeline::write_atomic(&store.path, &bytes)
+        meshfed_cli::fs::write_atomic(&store.path, &bytes)?;
+        Ok(())
     }
 
     fn changed(&self) {

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshfed_gateway::tunnel::frame::{self, Frame};
+use meshfed_gateway::wire::frame::{self, Frame};
 use meshfed_tests::federation::*;
 use tempfile::TempDir;
 

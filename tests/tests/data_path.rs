@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshfed_gateway::tunnel::frame::{ALPN, Frame, Refusal};
+use meshfed_gateway::wire::frame::{ALPN, Frame, Refusal};
 use meshfed_tests::federation::*;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -218,6 +218,7 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
     let names: Vec<String> = objects.iter().map(typed).collect();
     eprintln!("{overlay}: {names:?}");
     check_references(overlay, &objects);
+    check_selectors_and_ports(overlay, &objects);
     for o in objects.iter().filter(|o| o["kind"] == "Deployment") {
         let d: Deployment = serde_yaml::from_value(o.clone()).unwrap();
         let name = d.metadata.name.clone().unwrap();
@@ -490,6 +491,128 @@ fn check_references(overlay: &str, objects: &[Value]) {
         }
     }
     assert!(checked > 0, "{overlay}: no references found to check");
+}
+
+/// Whether every `key: value` of a selector is among a pod's labels.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector.as_mapping().is_some_and(|m| {
+        !m.is_empty() && m.iter().all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    })
+}
+
+/// What would route nothing or probe nothing on a real cluster: a Service
+/// or PodDisruptionBudget whose selector matches no Deployment's pods in
+/// its namespace, a Deployment whose selector misses its own template, and
+/// a named `targetPort` or probe port that no selected container declares
+/// (Kubernetes resolves names against the pod's `containerPort` names and
+/// leaves the endpoint out, or fails the probe, when none matches).
+fn check_selectors_and_ports(overlay: &str, objects: &[Value]) {
+    let pods: Vec<(String, &Value, Vec<String>)> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .map(|d| {
+            let name = d["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let labels = &d["spec"]["template"]["metadata"]["labels"];
+            assert!(
+                selects(&d["spec"]["selector"]["matchLabels"], labels),
+                "{overlay}: Deployment {name}'s selector {:?} does not match its own pod \
+                 labels {labels:?}",
+                d["spec"]["selector"]["matchLabels"]
+            );
+            let port_names = d["spec"]["template"]["spec"]["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["ports"].as_sequence().into_iter().flatten())
+                .filter_map(|p| p["name"].as_str().map(String::from))
+                .collect();
+            (namespace_of(d), labels, port_names)
+        })
+        .collect();
+    let mut checked = 0;
+    for o in objects
+        .iter()
+        .filter(|o| o["kind"] == "Service" || o["kind"] == "PodDisruptionBudget")
+    {
+        let kind = o["kind"].as_str().unwrap_or("");
+        let name = o["metadata"]["name"].as_str().unwrap_or("");
+        let ns = namespace_of(o);
+        let selector = match kind {
+            "Service" => &o["spec"]["selector"],
+            _ => &o["spec"]["selector"]["matchLabels"],
+        };
+        let selected: Vec<&Vec<String>> = pods
+            .iter()
+            .filter(|(pns, labels, _)| *pns == ns && selects(selector, labels))
+            .map(|(_, _, ports)| ports)
+            .collect();
+        checked += 1;
+        assert!(
+            !selected.is_empty(),
+            "{overlay}: {kind} {ns}/{name} selects {selector:?}, which matches no Deployment's \
+             pods in `{ns}`; it would route to or protect nothing"
+        );
+        for p in o["spec"]["ports"].as_sequence().into_iter().flatten() {
+            if let Some(target) = p["targetPort"].as_str() {
+                checked += 1;
+                assert!(
+                    selected
+                        .iter()
+                        .any(|names| names.iter().any(|n| n == target)),
+                    "{overlay}: Service {ns}/{name} targets port `{target}`, which no selected \
+                     container names (container ports: {selected:?})"
+                );
+            }
+        }
+    }
+    for (d, (ns, _, names)) in objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .zip(&pods)
+    {
+        for c in d["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+        {
+            for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+                let port = &c[probe]["httpGet"]["port"];
+                if let Some(port) = port.as_str() {
+                    checked += 1;
+                    assert!(
+                        names.iter().any(|n| n == port),
+                        "{overlay}: {ns}/{}: {probe} uses port `{port}`, which the pod does not \
+                         name (named ports: {names:?})",
+                        d["metadata"]["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 0,
+        "{overlay}: no selectors or ports found to check"
+    );
+}
+
+/// docs/operations.md's install steps run in order on an empty cluster:
+/// the namespace exists before the first Secret is created in it (kubectl
+/// refuses `create secret -n X` for a namespace that does not exist).
+#[test]
+fn the_install_steps_create_the_namespace_before_the_secrets() {
+    let doc = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let first_secret = doc
+        .find("create secret")
+        .expect("docs/operations.md creates the Secrets");
+    let namespace = doc
+        .find("deploy/base/namespace.yaml")
+        .or_else(|| doc.find("create namespace meshfed-system"));
+    assert!(
+        namespace.is_some_and(|n| n < first_secret),
+        "docs/operations.md: the Kubernetes install creates Secrets in meshfed-system before \
+         any step creates that namespace; add `kubectl apply -f deploy/base/namespace.yaml` \
+         before them"
+    );
 }
 
 #[test]

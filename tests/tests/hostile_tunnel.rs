@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use meshfed_gateway::tunnel::frame::{ALPN, Frame};
+use meshfed_gateway::wire::frame::{ALPN, Frame};
 use meshfed_tests::cgroup::{GATEWAY_LIMIT, MemoryCgroup};
 use meshfed_tests::federation::*;
 use quinn::udp::{RecvMeta, Transmit};
@@ -652,7 +652,7 @@ fn post(gw: &GatewayProcess) -> u16 {
 #[derive(Debug)]
 enum BodyOutcome {
     /// West answered with an ERROR frame of this refusal.
-    Refused(meshfed_gateway::tunnel::frame::Refusal),
+    Refused(meshfed_gateway::wire::frame::Refusal),
     /// West reset the stream at the OPEN timeout: its OPEN never arrived,
     /// stuck behind the peer's own stalled bodies in the connection's
     /// flow-control window.
@@ -714,10 +714,10 @@ async fn serial_endless_bodies_that_keep_coming_fit_the_memory_limit() {
 /// with a first 16 KiB chunk and then, with `keep_writing`, a 16 KiB chunk
 /// after another for that long; never a FIN.
 async fn endless_bodies(cgroup: &str, keep_writing: Option<Duration>) {
+    use meshfed_gateway::body_budget::DEFAULT_PEER_BODIES;
     use meshfed_gateway::proxy::HEAD_TIMEOUT;
-    use meshfed_gateway::proxy::budget::DEFAULT_PEER_BODIES;
     use meshfed_gateway::proxy::inbound::HEAD_TIMEOUT_RESET;
-    use meshfed_gateway::tunnel::frame::{self, Refusal};
+    use meshfed_gateway::wire::frame::{self, Refusal};
 
     let cg = MemoryCgroup::require(cgroup, GATEWAY_LIMIT);
     let (backend, _b) = stuck_backend().await;

@@ -221,7 +221,7 @@ async fn serial_an_open_stream_between_real_gateways_survives_a_nat_rebinding() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_survives_the_peers_source_address_changing() {
     use bytes::Bytes;
-    use meshfed_gateway::tunnel::frame::{self, ALPN, Frame};
+    use meshfed_gateway::wire::frame::{self, ALPN, Frame};
     let (backend, _b) = http_backend("ratings-west").await;
     let (dir, _east, west) = two_clusters("ratings", backend, vec![]);
     let pki = Pki {

@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use meshfed_gateway::tunnel::frame::{ALPN, Frame, Refusal};
+use meshfed_gateway::wire::frame::{ALPN, Frame, Refusal};
 use meshfed_tests::federation::*;
 
 const SERVICE: &str = "ratings.default.svc.cluster.local";

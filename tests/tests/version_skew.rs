@@ -9,7 +9,7 @@
 //! the version: the OPEN frame gained the optional SNI field (tag `0x08`).
 //! `support/framing_n1.rs` keeps the framing from before that change as a
 //! frozen, hand-written encoder and decoder that does not call the gateway's
-//! `tunnel::frame`, and two tests drive it against a real gateway process
+//! `wire::frame`, and two tests drive it against a real gateway process
 //! over real QUIC with mutual TLS, through to a real backend:
 //!
 //! - an N−1 *source* (a quinn client with a peer cluster's gateway
@@ -40,7 +40,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use meshfed_gateway::tunnel::frame::Frame;
+use meshfed_gateway::wire::frame::Frame;
 use meshfed_tests::federation::*;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -461,7 +461,7 @@ async fn todays_gateway_sends_to_an_n_minus_1_destination_which_skips_the_sni_fi
 /// today's decoder into the same request.
 #[test]
 fn todays_frames_decode_with_the_n_minus_1_decoder_and_back() {
-    use meshfed_gateway::tunnel::frame::{self, Open, RequestHead, StreamKind};
+    use meshfed_gateway::wire::frame::{self, Open, RequestHead, StreamKind};
     let today = Open {
         kind: StreamKind::Tcp,
         service: "echo.default.svc.cluster.local".into(),

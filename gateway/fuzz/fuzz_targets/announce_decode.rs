@@ -1,4 +1,4 @@
-//! Fuzzes `tunnel::announce::Announcement::decode` on the payload of an
+//! Fuzzes `wire::announce::Announcement::decode` on the payload of an
 //! ANNOUNCE frame, as a gateway receives it from a peer on the control
 //! stream. See `../checks.rs` for the properties checked.
 

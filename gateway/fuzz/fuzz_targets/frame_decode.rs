@@ -1,4 +1,4 @@
-//! Fuzzes the tunnel's frame decoder, `tunnel::frame::decode`, on the bytes
+//! Fuzzes the tunnel's frame decoder, `wire::frame::decode`, on the bytes
 //! a peer gateway can send on any stream: frame by frame, whole and in two
 //! parts, with a round trip through the encoder for every frame. See
 //! `../checks.rs` for the properties checked.

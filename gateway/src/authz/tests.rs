@@ -930,7 +930,8 @@ fn dry_run_verdicts_are_counted_per_policy_action_and_decision() {
         dry_run(deny_paths("default", "deny-headers", &["/headers"])),
         deny_paths("default", "deny-admin", &["/admin"]),
     ]);
-    let metrics = crate::metrics::Metrics::new();
+    let set = AuthzMetrics::default();
+    let metrics = crate::metrics::Metrics::new(&[&set]);
     let headers = HeaderMap::new();
     for path in ["/headers", "/headers", "/ip", "/admin"] {
         let req = Request::new(
@@ -943,7 +944,7 @@ fn dry_run_verdicts_are_counted_per_policy_action_and_decision() {
                 headers: &headers,
             }),
         );
-        count_dry_run(&metrics, &a, &req, "default", &[]);
+        count_dry_run(&set, &a, &req, "default", &[]);
     }
     let text = metrics.encode(&[]);
     let line = |decision: &str| {

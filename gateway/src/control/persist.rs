@@ -11,7 +11,6 @@
 //! for another cluster. It does not decide when to use it (the caller
 //! does: at start, before the syncer answers).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use meshfed_policy::Snapshot;
@@ -49,18 +48,11 @@ pub fn save(dir: &Path, canonical: &[u8]) -> Result<(), PersistError> {
         move |source| PersistError::Io { what, path, source }
     };
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let target = path(dir);
-    let tmp = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(canonical).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-    }
-    std::fs::rename(&tmp, &target).map_err(io("rename into place", &target))?;
-    // The rename is durable only once the directory is.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync", dir))?;
+    meshfed_cli::fs::write_atomic(&path(dir), canonical).map_err(|e| PersistError::Io {
+        what: e.step,
+        path: e.path.display().to_string(),
+        source: e.source,
+    })?;
     Ok(())
 }
 

@@ -21,7 +21,7 @@
 //!
 //! It does not choose the first snapshot at start (`run` does, from the
 //! state directory) nor decide readiness (readiness follows
-//! [`super::Provenance`]).
+//! [`crate::state::provenance::Provenance`]).
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -39,12 +39,13 @@ use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use super::{Source, SyncerLink, persist};
+use super::persist;
 use crate::backoff::{Backoff, Jitter};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
 use crate::identity::verify::{self, ExpectedPeer, HandshakeRefusals, RefusalReason};
 use crate::state::Gateway;
+use crate::state::provenance::{Source, SyncerLink};
 
 /// The largest snapshot accepted from the syncer.
 pub const MAX_SNAPSHOT_BYTES: usize = 256 * 1024 * 1024;

@@ -33,8 +33,8 @@
 //! A name that never resolved has no grace.
 //!
 //! It does not own endpoint sets or their channel: callers turn addresses
-//! into [`super::Endpoint`]s. Kubernetes discovery will plug into the same
-//! [`super::EndpointSet`] channel later, and may use this resolver for
+//! into [`crate::endpoints::Endpoint`]s. Kubernetes discovery will plug into the same
+//! [`crate::endpoints::EndpointSet`] channel later, and may use this resolver for
 //! ExternalName services. `/etc/resolv.conf` is read once, at first use.
 
 use std::collections::HashMap;

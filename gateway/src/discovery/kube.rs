@@ -57,7 +57,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 
 use super::service_entry::PORT_LABEL;
-use super::{CLUSTER_LABEL, Endpoint, EndpointSet};
+use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
 
 /// The label every mirror Service carries: the service it mirrors.
 pub const MIRROR_OF_LABEL: &str = "meshfed.io/mirror-of";

@@ -46,12 +46,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshfed_policy::Snapshot;
 use meshfed_policy::snapshot::{ClusterPolicy, Resolution, ServiceEntry};
 use tokio::sync::watch;
 
 use super::dns::Resolver;
-use super::{CLUSTER_LABEL, Endpoint, EndpointSet};
-use crate::state::Gateway;
+use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
 
 /// The label that names the service port an endpoint of a multi-port
 /// ServiceEntry serves.
@@ -178,18 +178,23 @@ pub fn merge(discovered: &EndpointSet, entries: EndpointSet) -> EndpointSet {
 /// ServiceEntry endpoints on `tx`: again when discovery changes, when a
 /// snapshot is applied, and every [`REFRESH`] while an entry needs DNS.
 /// Resolution failures are logged when they start and when they end.
+///
+/// `snapshot` reads the active snapshot, and `applied` changes after each
+/// snapshot is applied (the gateway's state hands both over; discovery
+/// never depends on it).
 pub fn spawn(
-    state: Arc<Gateway>,
+    cluster: String,
+    snapshot: impl Fn() -> Arc<Snapshot> + Send + 'static,
+    mut applied: watch::Receiver<u64>,
     mut discovered: watch::Receiver<Arc<EndpointSet>>,
     tx: watch::Sender<Arc<EndpointSet>>,
 ) {
-    let mut applied = state.applied_watch();
     tokio::spawn(async move {
         let mut reported: BTreeSet<String> = BTreeSet::new();
         loop {
-            let active = state.active.load_full();
-            let policy = &active.snapshot.policy;
-            let (entries, errors) = endpoints(policy, &state.cluster, Resolver::shared()).await;
+            let current = snapshot();
+            let policy = &current.policy;
+            let (entries, errors) = endpoints(policy, &cluster, Resolver::shared()).await;
             let errors: BTreeSet<String> = errors.into_iter().collect();
             for e in errors.difference(&reported) {
                 tracing::warn!(error = %e, "ServiceEntry endpoint does not resolve; it has no endpoint until it does");

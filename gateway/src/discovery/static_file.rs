@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{CLUSTER_LABEL, Endpoint, EndpointSet};
+use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
 
 /// How often the file is checked.
 pub const POLL: Duration = Duration::from_secs(1);

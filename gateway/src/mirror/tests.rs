@@ -1,6 +1,7 @@
 //! Mirror names and the desired mirror objects.
 
 use super::*;
+use crate::route::mirror_names::{Alias, alias};
 use meshfed_policy::snapshot::ClusterInfo;
 
 fn policy() -> ClusterPolicy {

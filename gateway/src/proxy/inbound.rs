@@ -6,7 +6,7 @@
 //! `x-meshfed-error` header, when the service is not exported from this
 //! cluster, when no local endpoint fits the subset, or when the endpoint
 //! cannot be reached, or (`Overloaded`) when its request body does not fit
-//! the budget of peers' bodies in flight ([`super::budget`]).
+//! the budget of peers' bodies in flight ([`crate::body_budget`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,14 +15,15 @@ use http::{Request, Uri, header};
 use http_body_util::BodyExt;
 use quinn::{RecvStream, SendStream};
 
-use super::body::{self, TunnelBody, read_head, refuse, write_frame};
-use super::{HEAD_TIMEOUT, XFCC, is_grpc, strip_hop_by_hop};
+use super::{HEAD_TIMEOUT, XFCC, strip_hop_by_hop};
+use crate::body::{self, TunnelBody, read_head, refuse, write_frame};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::respond::is_grpc;
 use crate::state::Gateway;
-use crate::tunnel::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 use crate::tunnel::link::PeerInfo;
+use crate::wire::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
 
 /// The QUIC error code with which a stream whose OPEN did not arrive within
 /// [`HEAD_TIMEOUT`] is reset (both directions): `0x4854`, "HT".
@@ -147,14 +148,14 @@ async fn serve(
     let endpoints = state.endpoints.borrow().clone();
     let selector: std::collections::BTreeMap<String, String> =
         open.subset_labels.iter().cloned().collect();
-    let candidates = crate::discovery::healthy(&endpoints, &open.service, &selector);
+    let candidates = crate::endpoints::healthy(&endpoints, &open.service, &selector);
     // Authorization, before anything is sent upstream (crate::authz).
     let (candidates, target) = match authorize(&state, &active, &peer, &open, candidates) {
         Ok(ok) => ok,
         Err(denied) => return Box::pin(deny(&state, &peer, &open, denied, send, start)).await,
     };
-    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
-    let dest = super::upstream::Dest {
+    // Endpoint-level policy (DestinationRule) applies here (crate::upstream).
+    let dest = crate::upstream::Dest {
         service: &open.service,
         subset: open.subset.as_deref(),
         port: open.port,
@@ -233,7 +234,7 @@ async fn serve(
             // The endpoint's protocol (upstream::speaks_h2), from the
             // snapshot this stream was checked with.
             let h2 = open.http.as_ref().is_some_and(|h| {
-                super::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
+                crate::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
             });
             let http = serve_http(
                 &state, &peer, &open, picked, target, h2, send, recv, rest, start,
@@ -250,7 +251,7 @@ async fn serve_http(
     state: &Gateway,
     peer: &PeerInfo,
     open: &Open,
-    picked: super::upstream::Picked<'_>,
+    picked: crate::upstream::Picked<'_>,
     target: String,
     h2: bool,
     mut send: SendStream,
@@ -295,7 +296,7 @@ async fn serve_http(
         crate::trace::inject(h);
     }
     // The request body is held to the budget of peers' bodies in flight
-    // (proxy::budget). One that has started already takes its place now,
+    // (crate::body_budget). One that has started already takes its place now,
     // so that past the budget it is refused before the endpoint sees it;
     // any other takes one at its first byte.
     let peer_id: Arc<str> = peer.id.as_str().into();
@@ -353,12 +354,12 @@ async fn serve_http(
             let r = e.refusal();
             let (code, reason) = e.recorded();
             record(state, peer, open, code, reason, start);
-            if let super::upstream::UpstreamError::Caller { .. } = e {
+            if let crate::upstream::UpstreamError::Caller { .. } = e {
                 state.metrics.refused("stream", reason);
             }
             // An overflow is answered as the gateway's own 503 with the
             // limit's header, which an ERROR frame could not carry.
-            if !matches!(e, super::upstream::UpstreamError::Overflow { .. }) {
+            if !matches!(e, crate::upstream::UpstreamError::Overflow { .. }) {
                 return refuse(&mut send, r, e.to_string()).await;
             }
             let (parts, body) = e.response(grpc).into_parts();
@@ -380,7 +381,7 @@ async fn over_budget(
     state: &Gateway,
     peer: &PeerInfo,
     open: &Open,
-    e: super::budget::OverBudget,
+    e: crate::body_budget::OverBudget,
     mut send: SendStream,
     start: Instant,
 ) {
@@ -416,8 +417,8 @@ fn authorize<'e>(
     active: &crate::route::Active,
     peer: &PeerInfo,
     open: &Open,
-    candidates: Vec<&'e crate::discovery::Endpoint>,
-) -> Result<(Vec<&'e crate::discovery::Endpoint>, String), Denied> {
+    candidates: Vec<&'e crate::endpoints::Endpoint>,
+) -> Result<(Vec<&'e crate::endpoints::Endpoint>, String), Denied> {
     let (target, http) = match &open.http {
         Some(head) => {
             // A fragment never travels in a request (RFC 9110 §7.1): one
@@ -450,13 +451,16 @@ fn authorize<'e>(
         }),
     )
     .with_sni(open.sni.as_deref().filter(|_| open.kind == StreamKind::Tcp));
-    let namespace =
-        crate::authz::service_namespace(&active.snapshot.policy, &open.service).unwrap_or("");
-    crate::authz::count_dry_run(&state.metrics, &active.authz, &req, namespace, &candidates);
-    let allowed = active
-        .authz
-        .filter(&req, namespace, candidates)
-        .map_err(Denied::Authz)?;
+    let allowed = crate::authz::authorize(
+        &active.authz,
+        &active.snapshot.policy,
+        &state.module_metrics.authz,
+        &req,
+        &open.service,
+        candidates,
+        crate::authz::Need::Some,
+    )
+    .map_err(Denied::Authz)?;
     Ok((allowed, target))
 }
 
@@ -490,16 +494,9 @@ async fn deny(
         "authorization denied: {denial}"
     );
     state
-        .metrics
-        .authz_denied
-        .get_or_create(&crate::metrics::AuthzLabels {
-            policy: denial.policy.clone(),
-            reason: denial.reason.label(),
-            source_cluster: peer.cluster.clone(),
-            destination_cluster: state.cluster.clone(),
-            destination_service: open.service.clone(),
-        })
-        .inc();
+        .module_metrics
+        .authz
+        .denied_by(&denial, &peer.cluster, &state.cluster, &open.service);
     let r = Refusal::Unauthorized;
     record(state, peer, open, 403, r.reason(), start);
     let Some(head) = &open.http else {
@@ -507,7 +504,7 @@ async fn deny(
     };
     let mut headers = http::HeaderMap::new();
     headers.insert(
-        crate::proxy::ERROR_HEADER,
+        crate::respond::ERROR_HEADER,
         http::HeaderValue::from_static("unauthorized"),
     );
     let (status, body) = if is_grpc(&head.headers) {

@@ -8,8 +8,16 @@
 //! - anything else: opaque TCP, which needs a port mapping (a listener of its
 //!   own per mapped service port); on the shared port it is refused.
 //!
-//! Each HTTP request loads the active snapshot once, routes, and goes either
-//! to a local endpoint or over a link to the chosen cluster's gateway.
+//! Each HTTP request loads the active snapshot once and is planned by
+//! [`super::plan`] (pure: route, cluster, fault, mirrors, retries,
+//! timeouts, edits); this module then executes the plan in steps: the fault
+//! ([`apply_fault`]), the rule's edits, the body kept for replay
+//! ([`keep_body`]), the mirrors ([`spawn_mirror`], response drained a chunk
+//! at a time), and forwarding ([`forward`]): one retry and replay layer
+//! ([`retry`]) over tries that go to a local endpoint ([`forward_local`]) or
+//! over a link to the chosen cluster's gateway ([`forward_remote`]). Every
+//! refusal on the path, CONNECT's included, is a [`TryError`] written by
+//! [`TryError::respond`] alone.
 //!
 //! A caller connection with no request in flight is bounded by the header
 //! timeout (`--header-timeout`, 30 s): HTTP/1 by hyper's header-read timer,
@@ -34,14 +42,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
+use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::detect::{self, Detected};
-use super::{ERROR_HEADER, error_response, is_grpc, rules, strip_hop_by_hop};
+use super::plan::{self, Plan, Seen};
+use super::{rules, strip_hop_by_hop};
+use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::accept::{Acceptor, ConnectionLimit};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
-use crate::route::{self, RequestInfo, Target};
+use crate::route::{self, Target};
 use crate::state::Gateway;
-use crate::tunnel::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
+use crate::wire::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
+use meshfed_policy::snapshot::AbortStatus;
 
 /// How long a caller has to send its first bytes before the connection is
 /// treated as opaque TCP.
@@ -565,364 +576,508 @@ async fn route_and_forward(
     if req.method() == Method::CONNECT {
         return connect(state, caller, req).await;
     }
+    // Decide: one snapshot, one view of the endpoints, one plan.
     let active = state.active.load_full();
     let endpoints = state.endpoints.borrow().clone();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    let info = RequestInfo {
+    let remote = state.tunnel.announcements();
+    let authority = authority_of(req.uri(), req.headers());
+    let ask = plan::Ask {
         method: req.method(),
         uri: req.uri(),
         authority: &authority,
         headers: req.headers(),
-        scheme: "http",
-        caller_namespace: &caller.namespace,
+        namespace: &caller.namespace,
+        verified: caller.id.is_some(),
+        addr: caller.addr.map(|a| a.ip()),
     };
-    // The caller, for sourceNamespace and sourceLabels matches.
-    let source_namespace = caller.id.as_ref().map(|_| caller.namespace.as_str());
-    let labels = caller
-        .addr
-        .filter(|_| active.uses_source_labels())
-        .and_then(|a| route::source_labels(&endpoints, a.ip(), source_namespace));
-    let source = route::Source {
-        namespace: source_namespace,
-        labels: labels.as_ref(),
+    let view = plan::View {
+        active: &active,
+        local_cluster: &state.cluster,
+        endpoints: &endpoints,
+        remote: &remote,
     };
-    let Some(mut target) = route::http_target_from(&active, &info, &source, &endpoints, 80) else {
-        let r = TryError::refused(
-            Refusal::NoRoute,
-            format!("no service or route for `{authority}`"),
-        )
-        .respond(grpc);
-        record(&state, &r, "", "", start, grpc);
-        return r;
+    let planned = plan::plan(&ask, &view, &mut plan::hit);
+    // The announcements are not needed past the plan (retries read fresh).
+    drop(remote);
+    // PeerAuthentication, on the routed target (before the cluster choice
+    // says whether any endpoint is healthy).
+    let routed = match &planned {
+        Ok(p) => Some(&*p.routed),
+        Err(no) => no.routed(),
     };
-    crate::trace::route(&target, &active);
-    let (mtls, t) = (caller.id.is_some(), &target);
-    if let Err(r) = crate::peer_auth::admit(&state, &active, mtls, &t.service, &t.selector, t.port)
-    {
-        let r = r.response(grpc);
-        record(&state, &r, &target.service, "", start, grpc);
-        return r;
-    }
-    let remote = state.tunnel.announcements();
-    let Some(cluster) = route::choose_cluster(
-        &mut target,
-        &active,
-        &state.cluster,
-        &endpoints,
-        &remote,
-        &[],
-    ) else {
-        let r = TryError::refused(
-            Refusal::NoHealthyEndpoint,
-            format!(
-                "no cluster has a healthy endpoint for {}{}",
-                target.service,
-                subset_note(&target)
-            ),
-        )
-        .respond(grpc);
-        record(&state, &r, &target.service, "", start, grpc);
-        return r;
-    };
-    let rule = target.http_rule(&active);
-    // Fault injection, as Istio's: a delay, then maybe an abort, each for
-    // its percentage of requests.
-    if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
-        if let Some(d) = fault.delay.as_ref().filter(|d| hit(d.percent_ppm)) {
-            tokio::time::sleep(Duration::from_millis(d.delay_ms)).await;
-        }
-        if let Some(a) = fault.abort.as_ref().filter(|a| hit(a.percent_ppm)) {
-            let r = fault_response(&a.status, grpc);
-            record(&state, &r, &target.service, &cluster, start, grpc);
+    if let Some(t) = routed {
+        crate::trace::route(t, &active);
+        let mtls = caller.id.is_some();
+        if let Err(r) =
+            crate::proxy::admission::peer_auth(&state, &active, mtls, &t.service, &t.selector, t.port)
+        {
+            let r = TryError::PeerAuth(r).respond(grpc);
+            record(&state, &r, &t.service, "", start, grpc);
             return r;
         }
     }
-    // A VirtualService rule's retries; without one, Istio's defaults.
-    let retries = match rule {
-        Some(r) => Some(&r.retries).filter(|r| r.attempts > 0),
-        None => Some(&*DEFAULT_RETRIES),
-    };
-    let mirrors: Vec<&meshfed_policy::snapshot::Mirror> = rule
-        .map(|r| r.mirrors.iter().filter(|m| hit(m.percent_ppm)).collect())
-        .unwrap_or_default();
-    let (mut parts, body) = req.into_parts();
-    let mut authority = authority;
-    if let Some(r) = rule {
-        rules::apply_headers(&mut parts.headers, &r.request_headers);
-        let before = authority.clone();
-        rules::rewrite(r, &mut parts.uri, &mut authority);
-        if authority != before {
-            rules::set_authority(&mut parts.uri, &mut parts.headers, &authority);
-        }
-    }
-    // A request can be sent again only if its whole body is known: bodiless
-    // ones, and, when retries are configured, bodies that declare at most
-    // RETRY_BUFFER bytes, which are buffered (as Envoy buffers for retries).
-    // Bigger or unsized bodies stream and are not retried.
-    let small = http_body::Body::size_hint(&body)
-        .upper()
-        .is_some_and(|n| n <= RETRY_BUFFER as u64);
-    let (body, buffered): (ProxyBody, Option<bytes::Bytes>) = if retries.is_none()
-        && mirrors.is_empty()
-    {
-        (body.map_err(Into::into).boxed_unsync(), None)
-    } else if http_body::Body::is_end_stream(&body) {
-        (body::empty(), Some(bytes::Bytes::new()))
-    } else if small {
-        match http_body_util::Limited::new(body, RETRY_BUFFER)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                (body::full(bytes.clone()), Some(bytes))
-            }
-            Err(e) => {
-                let fault = body::CallerFault::of(&*e);
-                let r = super::caller_fault_response(fault, &format!("request body: {e}"), grpc);
-                record(&state, &r, &target.service, &cluster, start, grpc);
-                return r;
-            }
-        }
-    } else {
-        (body.map_err(Into::into).boxed_unsync(), None)
-    };
-    if !mirrors.is_empty() {
-        let copy = clone_head(&parts);
-        for m in mirrors {
-            rules::spawn_mirror(
+    let plan = match planned {
+        Ok(p) => p,
+        Err(no) => {
+            let (refusal, message) = no.refusal();
+            let r = TryError::refused(refusal, message).respond(grpc);
+            record(
                 &state,
-                &active,
-                &caller,
+                &r,
+                no.routed().map_or("", |t| &t.service),
+                "",
+                start,
+                grpc,
+            );
+            return r;
+        }
+    };
+    // Do.
+    let (resp, cluster) = execute(
+        &state, &caller, &active, &endpoints, &plan, req, authority, grpc,
+    )
+    .await;
+    record(&state, &resp, &plan.routed.service, &cluster, start, grpc);
+    resp
+}
+
+/// A request's authority: the URI's, else the `Host` header ("" if neither).
+fn authority_of(uri: &Uri, headers: &http::HeaderMap) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// Executes a plan, in steps: the fault, the rule's edits, the body kept
+/// for replay, the mirrors, the destination's edits, then forwarding with
+/// retries under the route timeout, and the response edits. Returns the
+/// response and the cluster that answered it.
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    state: &Arc<Gateway>,
+    caller: &Arc<Caller>,
+    active: &Arc<route::Active>,
+    endpoints: &crate::endpoints::EndpointSet,
+    plan: &Plan<'_>,
+    req: Request<Incoming>,
+    mut authority: String,
+    grpc: bool,
+) -> (Response<ProxyBody>, String) {
+    if let Err(e) = apply_fault(&plan.fault).await {
+        return (e.respond(grpc), plan.cluster.clone());
+    }
+    let (mut parts, body) = req.into_parts();
+    plan.edit_request(&mut parts, &mut authority);
+    let (body, kept) = match keep_body(plan, body).await {
+        Ok(b) => b,
+        Err(e) => return (e.respond(grpc), plan.cluster.clone()),
+    };
+    if !plan.mirrors.is_empty() {
+        let copy = clone_head(&parts);
+        for m in &plan.mirrors {
+            spawn_mirror(
+                state,
+                active,
+                caller,
                 m,
                 &copy,
-                buffered.clone(),
+                kept.clone(),
                 &authority,
-                target.port,
+                plan.target.port,
             );
         }
     }
-    let destination = target.weighted_destination(&active);
-    if let Some(d) = destination {
-        rules::apply_headers(&mut parts.headers, &d.request_headers);
+    plan.edit_request_for_destination(&mut parts.headers);
+    let replay = Replay::of(plan, &parts, kept, http_body::Body::is_end_stream(&body));
+    let mut tries = Live {
+        state,
+        active,
+        caller,
+        endpoints,
+        authority: &authority,
+        grpc,
+        failed_endpoints: Vec::new(),
+        failed_links: Vec::new(),
+    };
+    let req = Request::from_parts(parts, body);
+    let (tried, cluster) = forward(plan, grpc, &mut tries, req, replay.as_ref()).await;
+    let mut resp = tried.unwrap_or_else(|e| e.respond(grpc));
+    plan.edit_response(resp.headers_mut());
+    (resp, cluster)
+}
+
+/// The plan's fault: waits out its delay, then answers its abort instead
+/// of forwarding.
+async fn apply_fault(fault: &plan::Fault<'_>) -> Result<(), TryError> {
+    if let Some(d) = fault.delay {
+        tokio::time::sleep(d).await;
     }
-    let head = buffered
-        .filter(|_| retries.is_some())
-        .map(|b| (clone_head(&parts), b));
-    // A bodiless idempotent request whose link dies before its answer may
-    // be replayed once in another cluster, policy or not (a link_died
-    // TryError).
-    let replay_head = (is_idempotent(&parts.method) && http_body::Body::is_end_stream(&body))
-        .then(|| clone_head(&parts));
-    let mut replayed = false;
-    let mut req = Some(Request::from_parts(parts, body));
-    let per_try = retries
-        .and_then(|r| r.per_try_timeout_ms)
-        .map(Duration::from_millis);
-    let original = target.clone();
-    let first_cluster = cluster.clone();
-    let mut cluster = cluster;
+    match fault.abort {
+        Some(status) => Err(TryError::Fault(status.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Makes the body sendable again when the plan may need it again. A
+/// request can be sent again only if its whole body is known: bodiless
+/// ones, and, when retries or mirrors are configured, bodies that declare
+/// at most [`RETRY_BUFFER`] bytes, which are buffered (as Envoy buffers for
+/// retries). Bigger or unsized bodies stream and are not sent again.
+/// Returns the body to send and the bytes kept.
+async fn keep_body(
+    plan: &Plan<'_>,
+    body: Incoming,
+) -> Result<(ProxyBody, Option<bytes::Bytes>), TryError> {
+    if !plan.keeps_request() {
+        return Ok((body.map_err(Into::into).boxed_unsync(), None));
+    }
+    if http_body::Body::is_end_stream(&body) {
+        return Ok((body::empty(), Some(bytes::Bytes::new())));
+    }
+    let small = http_body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|n| n <= RETRY_BUFFER as u64);
+    if !small {
+        return Ok((body.map_err(Into::into).boxed_unsync(), None));
+    }
+    match http_body_util::Limited::new(body, RETRY_BUFFER)
+        .collect()
+        .await
+    {
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            Ok((body::full(bytes.clone()), Some(bytes)))
+        }
+        Err(e) => Err(TryError::CallerBody {
+            fault: body::CallerFault::of(&*e),
+            message: format!("request body: {e}"),
+        }),
+    }
+}
+
+/// A request kept to be sent again (a retry, or a replay after a dead
+/// link): its head, as the first try sent it, and its whole body. The one
+/// replay buffer of the outbound path.
+#[derive(Debug)]
+pub(super) struct Replay {
+    head: rules::Head,
+    body: bytes::Bytes,
+}
+
+impl Replay {
+    /// What the plan may send again: with a retry policy, a kept body; a
+    /// bodiless idempotent request always (a dead link replays it).
+    fn of(
+        plan: &Plan<'_>,
+        parts: &http::request::Parts,
+        kept: Option<bytes::Bytes>,
+        bodiless: bool,
+    ) -> Option<Self> {
+        let body = match kept {
+            Some(b) if plan.retry.is_some() => b,
+            _ if bodiless && plan::is_idempotent(&parts.method) => bytes::Bytes::new(),
+            _ => return None,
+        };
+        Some(Replay {
+            head: clone_head(parts),
+            body,
+        })
+    }
+
+    /// The request again.
+    fn request(&self) -> Request<ProxyBody> {
+        rebuild(&self.head, self.body.clone())
+    }
+
+    /// Whether a dead link may replay it: bodiless and idempotent.
+    fn on_dead_link(&self) -> bool {
+        self.body.is_empty() && plan::is_idempotent(&self.head.0)
+    }
+}
+
+/// What the retry layer needs from the world: one try, a fresh cluster
+/// choice, the links left, counting. [`Live`] is the gateway's; tests use
+/// their own.
+pub(super) trait Tries {
+    /// Sends one try of the request to `cluster`.
+    async fn send(&mut self, target: &Target, cluster: &str, req: Request<ProxyBody>) -> Tried;
+    /// Chooses a cluster for `target` again, on the state of now (a link
+    /// that died, endpoints ejected since), avoiding `exclude`.
+    fn choose(&mut self, target: &mut Target, exclude: &[String]) -> Option<String>;
+    /// Whether `cluster` has an available link that no try saw die.
+    fn another_link(&self, cluster: &str) -> bool;
+    /// A slot of the retry budget, if it has one (counted when not).
+    fn retry_slot(&self) -> Option<plan::Slot>;
+    /// Counts a retry of `service`.
+    fn retried(&self, service: &str, reason: String);
+}
+
+/// Forwards a planned request: [`retry`] under the route timeout (which
+/// bounds the wait for the response head, Istio's `timeout`; a streaming
+/// body may go on after it). Returns the last try's outcome and its
+/// cluster.
+pub(super) async fn forward<T: Tries>(
+    plan: &Plan<'_>,
+    grpc: bool,
+    tries: &mut T,
+    req: Request<ProxyBody>,
+    replay: Option<&Replay>,
+) -> (Tried, String) {
+    let Some(limit) = plan.timeout else {
+        return retry(plan, grpc, tries, req, replay).await;
+    };
+    match tokio::time::timeout(limit, retry(plan, grpc, tries, req, replay)).await {
+        Ok(r) => r,
+        Err(_) => (
+            Err(TryError::refused(
+                Refusal::Timeout,
+                format!(
+                    "{} did not answer within the route timeout of {} ms",
+                    plan.routed.service,
+                    limit.as_millis()
+                ),
+            )),
+            plan.cluster.clone(),
+        ),
+    }
+}
+
+/// The one retry and replay layer. Each try runs under the per-try timeout;
+/// its typed outcome ([`Seen`]) decides what comes next:
+/// - a bodiless idempotent request whose link died before its answer goes
+///   again on another link of the same cluster (once per try), so callers
+///   do not see a peer's death; then, when no retry policy would try it
+///   again, once to the next cluster that can serve it;
+/// - a try the policy's `retryOn` matches goes again after Envoy's backoff,
+///   to a cluster chosen again (away from clusters whose path broke), under
+///   the retry budget, unless it leaves a path that provably failed before
+///   reaching a backend for another cluster.
+async fn retry<T: Tries>(
+    plan: &Plan<'_>,
+    grpc: bool,
+    tries: &mut T,
+    mut req: Request<ProxyBody>,
+    replay: Option<&Replay>,
+) -> (Tried, String) {
+    let mut target = plan.target.clone();
+    let mut cluster = plan.cluster.clone();
+    let policy = plan.retry.zip(replay);
+    let mut attempt: u32 = 0;
+    // The budget slot of the retry in flight, held until it is answered.
+    let mut _retry_slot = None;
     // Clusters a try failed on for want of a working path (a dead link, no
     // endpoint, a refused connection): retries go elsewhere when they can,
     // as Istio's default `previous_hosts` retry predicate does per host.
     let mut failed: Vec<String> = Vec::new();
-    // The same within this cluster, per endpoint.
-    let mut failed_endpoints: Vec<SocketAddr> = Vec::new();
-    let forward = async {
-        let mut attempt: u32 = 0;
-        // The budget slot of the retry in flight, held until it is answered.
-        let mut _retry_slot = None;
-        loop {
-            let Some(this) = req.take() else {
-                break (
-                    Err(TryError::refused(Refusal::Internal, "no request to send")),
-                    cluster,
-                );
-            };
-            let once = async {
-                if cluster == state.cluster {
-                    forward_local(
-                        &state,
-                        &active,
-                        caller.id.as_deref(),
-                        &target,
-                        &endpoints,
-                        this,
-                        grpc,
-                        &mut failed_endpoints,
-                    )
-                    .await
-                } else {
-                    forward_remote(
-                        &state, &active, &caller, &cluster, &target, &authority, this,
-                    )
-                    .await
-                }
-            };
-            let tried = match per_try {
-                Some(d) => tokio::time::timeout(d, once).await.unwrap_or_else(|_| {
-                    Err(TryError::refused(Refusal::Timeout, "per-try timeout"))
-                }),
-                None => once.await,
-            };
-            let seen = Seen::of(&tried, grpc);
+    let (mut replayed, mut link_replayed) = (false, false);
+    loop {
+        let once = tries.send(&target, &cluster, req);
+        let tried = match plan.per_try {
+            Some(d) => tokio::time::timeout(d, once)
+                .await
+                .unwrap_or_else(|_| Err(TryError::refused(Refusal::Timeout, "per-try timeout"))),
+            None => once.await,
+        };
+        let seen = seen_of(&tried, grpc);
+        let policy_retries =
+            policy.is_some_and(|(p, _)| attempt < p.attempts && seen.retriable(&p.retry_on));
+        if let Some(again) = replay.filter(|r| seen.link_died && r.on_dead_link()) {
+            // A peer killed, not yet detected: another link of its cluster.
+            if !link_replayed && tries.another_link(&cluster) {
+                link_replayed = true;
+                req = again.request();
+                continue;
+            }
             // A peer killed under load: calls on its link fail until the
-            // link is declared dead (under a second). A bodiless idempotent
-            // one that died with its link, and that no retry policy would
-            // try again, goes once to the next cluster that can serve it
-            // (within the route timeout, which bounds this whole loop).
-            let policy_retries = retries.is_some_and(|p| {
-                head.is_some() && attempt < p.attempts && seen.retriable(&p.retry_on)
-            });
-            if !replayed
-                && !policy_retries
-                && let Some(h) = replay_head.as_ref()
-                && seen.link_died
-            {
+            // link is declared dead (under a second). One that no retry
+            // policy would try again goes once to the next cluster that can
+            // serve it (within the route timeout).
+            if !replayed && !policy_retries {
                 if !failed.contains(&cluster) {
                     failed.push(cluster.clone());
                 }
-                let mut again = original.clone();
-                let endpoints = state.endpoints.borrow().clone();
-                let remote = state.tunnel.announcements();
-                if let Some(next) = route::choose_cluster(
-                    &mut again,
-                    &active,
-                    &state.cluster,
-                    &endpoints,
-                    &remote,
-                    &failed,
-                ) {
+                let mut next_target = (*plan.routed).clone();
+                if let Some(next) = tries.choose(&mut next_target, &failed) {
                     replayed = true;
+                    link_replayed = false;
                     crate::trace::retry();
-                    state.metrics.retried(&target.service, "link-died".into());
-                    target = again;
+                    tries.retried(&target.service, "link-died".into());
+                    target = next_target;
                     cluster = next;
-                    req = Some(rebuild(h, bytes::Bytes::new()));
+                    req = again.request();
                     continue;
                 }
             }
-            let (Some(policy), Some(head)) = (retries, head.as_ref()) else {
-                break (tried, cluster);
-            };
-            if attempt >= policy.attempts || !seen.retriable(&policy.retry_on) {
-                if seen.status >= 500 {
-                    tracing::debug!(
-                        status = seen.status,
-                        reason = seen.label(),
-                        attempt,
-                        "not retried"
-                    );
-                }
-                break (tried, cluster);
-            }
-            attempt += 1;
-            crate::trace::retry();
-            // Envoy's backoff: 25 ms base, doubling, with full jitter.
-            let backoff = Duration::from_millis(25u64 << (attempt - 1).min(3))
-                .mul_f64(rand::random_range(0.0..=1.0));
-            tokio::time::sleep(backoff).await;
-            // The budget counts retries in flight, not those backing off.
-            _retry_slot = None;
-            let broken = seen.path_failed();
-            if broken && !failed.contains(&cluster) {
-                failed.push(cluster.clone());
-            }
-            // Choose again on the state of now: a link that died, or
-            // endpoints that were ejected, since the last try.
-            let mut again = original.clone();
-            let endpoints = state.endpoints.borrow().clone();
-            let remote = state.tunnel.announcements();
-            let next = route::choose_cluster(
-                &mut again,
-                &active,
-                &state.cluster,
-                &endpoints,
-                &remote,
-                &failed,
-            );
-            // The budget keeps retries from multiplying the load on what
-            // fails. A retry that leaves a broken path for another cluster
-            // adds nothing there (the call moves, as it would have if the
-            // failure had been known), so it needs no slot: when a peer
-            // dies, every call in flight to it fails over, not only 20%.
-            let moves = seen.exempt_move(&head.0.0) && next.as_ref().is_some_and(|c| *c != cluster);
-            if !moves {
-                let Some(slot) = state.retry_budget() else {
-                    state.metrics.refused("retry", "budget-exhausted");
-                    break (tried, cluster);
-                };
-                _retry_slot = Some(slot);
-            }
-            state.metrics.retried(&target.service, seen.label());
-            if let Some(c) = next {
-                target = again;
-                cluster = c;
-            }
-            req = Some(rebuild(&head.0, head.1.clone()));
         }
-    };
-    // The route timeout bounds the wait for the response head (Istio's
-    // `timeout`); a streaming body may go on after it.
-    let service = original.service.clone();
-    let (tried, cluster) = match rule.and_then(|r| r.timeout_ms) {
-        Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), forward).await {
-            Ok(r) => r,
-            Err(_) => (
-                Err(TryError::refused(
-                    Refusal::Timeout,
-                    format!("{service} did not answer within the route timeout of {ms} ms"),
-                )),
-                first_cluster,
-            ),
-        },
-        None => forward.await,
-    };
-    let mut resp = tried.unwrap_or_else(|e| e.respond(grpc));
-    if let Some(r) = rule {
-        rules::apply_headers(resp.headers_mut(), &r.response_headers);
+        let Some((_, again)) = policy else {
+            return (tried, cluster);
+        };
+        if !policy_retries {
+            if seen.status >= 500 {
+                tracing::debug!(
+                    status = seen.status,
+                    reason = seen.label(),
+                    attempt,
+                    "not retried"
+                );
+            }
+            return (tried, cluster);
+        }
+        attempt += 1;
+        crate::trace::retry();
+        tokio::time::sleep(plan::backoff(attempt, rand::random_range(0.0..=1.0))).await;
+        // The budget counts retries in flight, not those backing off.
+        _retry_slot = None;
+        if seen.path_failed() && !failed.contains(&cluster) {
+            failed.push(cluster.clone());
+        }
+        let mut next_target = (*plan.routed).clone();
+        let next = tries.choose(&mut next_target, &failed);
+        // The budget keeps retries from multiplying the load on what
+        // fails. A retry that leaves a broken path for another cluster
+        // adds nothing there (the call moves, as it would have if the
+        // failure had been known), so it needs no slot: when a peer
+        // dies, every call in flight to it fails over, not only 20%.
+        let moves = seen.exempt_move(&again.head.0) && next.as_ref().is_some_and(|c| *c != cluster);
+        if !moves {
+            let Some(slot) = tries.retry_slot() else {
+                return (tried, cluster);
+            };
+            _retry_slot = Some(slot);
+        }
+        tries.retried(&target.service, seen.label());
+        if let Some(c) = next {
+            target = next_target;
+            cluster = c;
+        }
+        req = again.request();
+        link_replayed = false;
     }
-    if let Some(d) = destination {
-        rules::apply_headers(resp.headers_mut(), &d.response_headers);
-    }
-    record(&state, &resp, &service, &cluster, start, grpc);
-    resp
 }
 
-/// How one try of a request ended without an answer from a backend: the
-/// outbound execution's one error type. Retry decisions read it through
-/// [`Seen`]; [`TryError::respond`] is the one place it becomes the caller's
-/// response (status and `x-meshfed-error`).
+/// The gateway's tries: a local endpoint (under DestinationRule policy and
+/// authorization) or a link to the cluster's gateway.
+struct Live<'a> {
+    state: &'a Gateway,
+    active: &'a route::Active,
+    caller: &'a Caller,
+    /// The request's view of the local endpoints (the plan's).
+    endpoints: &'a crate::endpoints::EndpointSet,
+    authority: &'a str,
+    grpc: bool,
+    /// Local endpoints a try could not connect to or that reset it.
+    failed_endpoints: Vec<SocketAddr>,
+    /// Links a try failed to open a stream on or saw die.
+    failed_links: Vec<String>,
+}
+
+impl Tries for Live<'_> {
+    async fn send(&mut self, target: &Target, cluster: &str, req: Request<ProxyBody>) -> Tried {
+        if cluster == self.state.cluster {
+            forward_local(
+                self.state,
+                self.active,
+                self.caller.id.as_deref(),
+                target,
+                self.endpoints,
+                req,
+                self.grpc,
+                &mut self.failed_endpoints,
+            )
+            .await
+        } else {
+            forward_remote(
+                self.state,
+                self.active,
+                self.caller,
+                cluster,
+                target,
+                self.authority,
+                req,
+                &mut self.failed_links,
+            )
+            .await
+        }
+    }
+
+    fn choose(&mut self, target: &mut Target, exclude: &[String]) -> Option<String> {
+        let endpoints = self.state.endpoints.borrow().clone();
+        let remote = self.state.tunnel.announcements();
+        plan::View {
+            active: self.active,
+            local_cluster: &self.state.cluster,
+            endpoints: &endpoints,
+            remote: &remote,
+        }
+        .choose(target, exclude)
+    }
+
+    fn another_link(&self, cluster: &str) -> bool {
+        let stale = self.state.tunnel.settings().announce_stale;
+        self.state
+            .tunnel
+            .links_to(cluster)
+            .iter()
+            .any(|l| l.available(stale) && !self.failed_links.contains(&l.target))
+    }
+
+    fn retry_slot(&self) -> Option<plan::Slot> {
+        let slot = self.state.retry_budget();
+        if slot.is_none() {
+            self.state.metrics.refused("retry", "budget-exhausted");
+        }
+        slot
+    }
+
+    fn retried(&self, service: &str, reason: String) {
+        self.state.metrics.retried(service, reason);
+    }
+}
+
+/// How one try of a request ended without an answer from a backend, or why
+/// the request was not forwarded at all: the outbound path's one error
+/// type. Retry decisions read it as a [`Seen`] ([`seen_of`]);
+/// [`TryError::respond`] is the one place it becomes the caller's response
+/// (status and `x-meshfed-error`).
 #[derive(Debug)]
 pub(super) enum TryError {
     /// Refused or failed by this gateway, or by the destination gateway in
     /// an ERROR frame. `link_died`: a request to another cluster that never
     /// reached a peer's answer because the link failed (it died, or no link
-    /// was left to open a stream on), after any replay on another link of
-    /// that cluster; a bodiless idempotent request may then go to another
-    /// cluster.
+    /// was left to open a stream on); a bodiless idempotent request may then
+    /// go again on another link or to another cluster.
     Refused {
         refusal: Refusal,
         message: String,
         link_died: bool,
     },
-    /// A local endpoint failed or overflowed (proxy::upstream), or the
+    /// A local endpoint failed or overflowed (crate::upstream), or the
     /// caller failed its own body on the way there.
-    Upstream(super::upstream::UpstreamError),
+    Upstream(crate::upstream::UpstreamError),
     /// An answer a gateway made itself, passed on as it is: the destination
     /// gateway's own response (its pool's overflow 503 carries headers an
-    /// ERROR frame cannot), or this gateway's authorization denial.
-    Made(Box<Response<ProxyBody>>),
+    /// ERROR frame cannot), or this gateway's authorization denial. `reason`:
+    /// its `x-meshfed-error`, decoded once where the answer was made or
+    /// arrived ([`TryError::made`]).
+    Made {
+        resp: Box<Response<ProxyBody>>,
+        reason: Box<str>,
+    },
+    /// PeerAuthentication refused the caller.
+    PeerAuth(crate::peer_auth::Refused),
+    /// An injected abort (`fault.abort`).
+    Fault(AbortStatus),
+    /// The caller failed its request body while it was kept for retries.
+    CallerBody {
+        fault: body::CallerFault,
+        message: String,
+    },
 }
 
 impl TryError {
@@ -942,203 +1097,120 @@ impl TryError {
         }
     }
 
-    /// The response for the caller.
+    /// A gateway's own answer, with its reason read once.
+    fn made(resp: Response<ProxyBody>) -> Self {
+        let reason = gateway_reason(&resp).into();
+        TryError::Made {
+            resp: Box::new(resp),
+            reason,
+        }
+    }
+
+    /// The response for the caller: the one writer of the outbound path's
+    /// refusals.
     pub(super) fn respond(self, grpc: bool) -> Response<ProxyBody> {
         match self {
             TryError::Refused {
                 refusal, message, ..
             } => error_response(refusal, &message, grpc),
             TryError::Upstream(e) => e.response(grpc),
-            TryError::Made(r) => *r,
+            TryError::Made { resp, .. } => *resp,
+            TryError::PeerAuth(r) => r.response(grpc),
+            TryError::Fault(status) => fault_response(&status, grpc),
+            TryError::CallerBody { fault, message } => {
+                crate::respond::caller_fault_response(fault, &message, grpc)
+            }
         }
+    }
+
+    /// What the retry policy sees of it (as the caller would get it from
+    /// [`TryError::respond`]).
+    fn seen(&self, grpc: bool) -> Seen<'_> {
+        use crate::upstream::UpstreamError;
+        match self {
+            TryError::Refused {
+                refusal, link_died, ..
+            } => Seen {
+                link_died: *link_died,
+                ..Seen::refused(*refusal, grpc)
+            },
+            TryError::Upstream(UpstreamError::Overflow { .. }) => Seen {
+                overloaded: true,
+                ..Seen::refused(Refusal::Overloaded, grpc)
+            },
+            TryError::Upstream(UpstreamError::Caller { fault, .. })
+            | TryError::CallerBody { fault, .. } => caller_fault_seen(*fault, grpc),
+            TryError::Upstream(e) => Seen::refused(e.refusal(), grpc),
+            TryError::Made { resp, reason } => {
+                let reason = Some(&**reason).filter(|r| !r.is_empty());
+                Seen {
+                    refusal: reason.and_then(plan::refusal_named),
+                    token: reason,
+                    ..backend_seen(resp)
+                }
+            }
+            TryError::PeerAuth(r) => Seen {
+                token: Some(r.reason),
+                ..Seen::made(StatusCode::FORBIDDEN, Some(16), grpc, None)
+            },
+            // As fault_response answers: an HTTP abort keeps its status
+            // (gRPC callers also get its gRPC mapping), a gRPC abort is a
+            // trailers-only 200 with its code.
+            TryError::Fault(AbortStatus::Http(code)) => {
+                let http = StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                Seen {
+                    status: *code,
+                    token: Some("fault-injected"),
+                    ..Seen::made(http, None, grpc, None)
+                }
+            }
+            TryError::Fault(AbortStatus::Grpc(code)) => Seen {
+                token: Some("fault-injected"),
+                ..Seen::made(StatusCode::OK, u8::try_from(*code).ok(), true, None)
+            },
+        }
+    }
+}
+
+/// A caller fault as [`crate::respond::caller_fault_response`] answers it: `400
+/// bad-request` (gRPC INTERNAL), or `499 source-cancelled` (gRPC CANCELLED).
+fn caller_fault_seen(fault: body::CallerFault, grpc: bool) -> Seen<'static> {
+    if fault == body::CallerFault::Aborted {
+        Seen {
+            token: Some(fault.reason()),
+            ..Seen::made(fault.status(), Some(1), grpc, None)
+        }
+    } else {
+        Seen::refused(Refusal::BadRequest, grpc)
+    }
+}
+
+/// A response's own view: its status, `grpc-status` and overflow mark.
+fn backend_seen(resp: &Response<ProxyBody>) -> Seen<'static> {
+    Seen {
+        status: resp.status().as_u16(),
+        refusal: None,
+        token: None,
+        grpc_status: resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        overloaded: resp.headers().contains_key("x-envoy-overloaded"),
+        link_died: false,
+    }
+}
+
+/// What the retry policy sees of a try's outcome.
+fn seen_of(tried: &Tried, grpc: bool) -> Seen<'_> {
+    match tried {
+        Ok(resp) => backend_seen(resp),
+        Err(e) => e.seen(grpc),
     }
 }
 
 /// One try's outcome: a backend's answer, or why there is none.
 pub(super) type Tried = Result<Response<ProxyBody>, TryError>;
-
-/// What the retry policy looks at in a try's outcome: what the caller would
-/// see (a gRPC caller gets a gateway's refusal as HTTP 200 with a
-/// `grpc-status`) and the gateway's reason, from the type for this gateway's
-/// errors. A backend's answer and a destination gateway's own response are
-/// read from their headers (a backend's `x-meshfed-error` is removed where
-/// responses leave an endpoint, so only a gateway's reaches this).
-#[derive(Debug)]
-struct Seen<'a> {
-    status: u16,
-    /// The gateway's reason, when a gateway made the answer.
-    refusal: Option<Refusal>,
-    /// The gateway's reason token when it is not a [`Refusal`]'s (a caller
-    /// fault's `source-cancelled`), or a destination gateway's header.
-    token: Option<&'a str>,
-    grpc_status: Option<u8>,
-    /// A gateway's (or a backend's) own overflow: never retried.
-    overloaded: bool,
-    link_died: bool,
-}
-
-impl<'a> Seen<'a> {
-    fn of(tried: &'a Tried, grpc: bool) -> Self {
-        use super::upstream::UpstreamError;
-        let refused = |refusal: Refusal, overloaded: bool, link_died: bool| {
-            let http = refusal.http_status();
-            Seen {
-                status: if grpc { 200 } else { http.as_u16() },
-                refusal: Some(refusal),
-                token: None,
-                grpc_status: grpc.then(|| super::grpc_status_for(http)),
-                overloaded,
-                link_died,
-            }
-        };
-        match tried {
-            Ok(resp) => Seen::read(resp, None),
-            Err(TryError::Made(resp)) => {
-                let token = gateway_reason(resp);
-                Seen::read(resp, Some(token))
-            }
-            Err(TryError::Refused {
-                refusal, link_died, ..
-            }) => refused(*refusal, false, *link_died),
-            Err(TryError::Upstream(UpstreamError::Overflow { .. })) => {
-                refused(Refusal::Overloaded, true, false)
-            }
-            Err(TryError::Upstream(UpstreamError::Caller { fault, .. })) => {
-                // As super::caller_fault_response answers it.
-                let aborted = *fault == body::CallerFault::Aborted;
-                let http = StatusCode::BAD_REQUEST;
-                Seen {
-                    status: match (grpc, aborted) {
-                        (true, _) => 200,
-                        (false, true) => fault.status().as_u16(),
-                        (false, false) => http.as_u16(),
-                    },
-                    refusal: (!aborted).then_some(Refusal::BadRequest),
-                    token: aborted.then(|| fault.reason()),
-                    grpc_status: grpc.then(|| {
-                        if aborted {
-                            1
-                        } else {
-                            super::grpc_status_for(http)
-                        }
-                    }),
-                    overloaded: false,
-                    link_died: false,
-                }
-            }
-            Err(TryError::Upstream(e)) => refused(e.refusal(), false, false),
-        }
-    }
-
-    /// A response's own view; `token`: the gateway reason it carries.
-    fn read(resp: &'a Response<ProxyBody>, token: Option<&'a str>) -> Self {
-        let token = token.filter(|t| !t.is_empty());
-        Seen {
-            status: resp.status().as_u16(),
-            refusal: token.and_then(refusal_named),
-            token,
-            grpc_status: resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
-            overloaded: resp.headers().contains_key("x-envoy-overloaded"),
-            link_died: false,
-        }
-    }
-
-    /// The gateway's reason token, "" for a backend's answer.
-    fn reason(&self) -> &str {
-        self.refusal
-            .map(Refusal::reason)
-            .or(self.token)
-            .unwrap_or("")
-    }
-
-    /// The label a retry is counted under: the gateway's reason, else the
-    /// status.
-    fn label(&self) -> String {
-        match self.reason() {
-            "" => self.status.to_string(),
-            r => r.to_string(),
-        }
-    }
-
-    /// Whether the failed try says the path to its cluster is broken
-    /// (rather than the service answering badly), so that a retry should go
-    /// elsewhere.
-    fn path_failed(&self) -> bool {
-        matches!(
-            self.refusal,
-            Some(
-                Refusal::ConnectFailed
-                    | Refusal::NoHealthyEndpoint
-                    | Refusal::UpstreamReset
-                    | Refusal::Timeout
-                    | Refusal::StaleConfig
-            )
-        )
-    }
-
-    /// Whether a retry that moves to another cluster may skip the retry
-    /// budget: only when the failed try cannot have reached a backend (no
-    /// connection, no endpoint, a refusal for stale config), or when it died
-    /// with its link and repeating it is harmless (an idempotent method). A
-    /// per-try timeout never qualifies: the slow try may still be running.
-    fn exempt_move(&self, method: &Method) -> bool {
-        match self.refusal {
-            Some(Refusal::ConnectFailed | Refusal::NoHealthyEndpoint | Refusal::StaleConfig) => {
-                true
-            }
-            Some(Refusal::UpstreamReset) => matches!(
-                *method,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-            ),
-            _ => false,
-        }
-    }
-
-    /// Whether the try is worth another under Istio's `retryOn`.
-    fn retriable(&self, retry_on: &[String]) -> bool {
-        // A 503 a gateway gave for its own overflow is not retried (as
-        // Envoy): retrying would only add to the overload.
-        if self.overloaded {
-            return false;
-        }
-        let (status, refusal, grpc) = (self.status, self.refusal, self.grpc_status);
-        retry_on.iter().any(|cond| match cond.as_str() {
-            "5xx" => status >= 500,
-            "gateway-error" => matches!(status, 502..=504),
-            "reset" => refusal == Some(Refusal::UpstreamReset),
-            "connect-failure" => refusal == Some(Refusal::ConnectFailed),
-            "refused-stream" => refusal == Some(Refusal::StaleConfig),
-            "retriable-4xx" => status == 409,
-            "retriable-status-codes" => false,
-            "cancelled" => grpc == Some(1),
-            "deadline-exceeded" => grpc == Some(4),
-            "resource-exhausted" => grpc == Some(8),
-            "internal" => grpc == Some(13),
-            "unavailable" => grpc == Some(14),
-            code => code.parse::<u16>().is_ok_and(|c| c == status),
-        })
-    }
-}
-
-/// The refusal whose token is `token`.
-fn refusal_named(token: &str) -> Option<Refusal> {
-    (1..=11)
-        .map(Refusal::from_code)
-        .find(|r| r.reason() == token)
-}
-
-/// Methods that are safe to send twice (RFC 9110 §9.2.2) and that a
-/// bodiless request uses.
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
-}
 
 /// The gateway's own reason for an answer it made (the error header; a
 /// backend's copy of that header is removed where responses enter a
@@ -1151,7 +1223,7 @@ fn gateway_reason(resp: &Response<ProxyBody>) -> &str {
 }
 
 /// The head of a request, to send it again.
-fn clone_head(parts: &http::request::Parts) -> (Method, Uri, http::Version, http::HeaderMap) {
+fn clone_head(parts: &http::request::Parts) -> rules::Head {
     (
         parts.method.clone(),
         parts.uri.clone(),
@@ -1160,17 +1232,10 @@ fn clone_head(parts: &http::request::Parts) -> (Method, Uri, http::Version, http
     )
 }
 
-/// Retries for calls no VirtualService rule routed.
-static DEFAULT_RETRIES: std::sync::LazyLock<meshfed_policy::snapshot::RetryPolicy> =
-    std::sync::LazyLock::new(meshfed_policy::snapshot::RetryPolicy::istio_default);
-
 /// Largest request body buffered so that it can be retried.
 const RETRY_BUFFER: usize = 64 * 1024;
 
-fn rebuild(
-    head: &(Method, Uri, http::Version, http::HeaderMap),
-    body: bytes::Bytes,
-) -> Request<ProxyBody> {
+fn rebuild(head: &rules::Head, body: bytes::Bytes) -> Request<ProxyBody> {
     let mut r = Request::new(if body.is_empty() {
         body::empty()
     } else {
@@ -1183,18 +1248,8 @@ fn rebuild(
     r
 }
 
-/// Whether this request falls in a `percent_ppm` share.
-fn hit(percent_ppm: u32) -> bool {
-    percent_ppm >= meshfed_policy::snapshot::PPM
-        || rand::random_range(0..meshfed_policy::snapshot::PPM) < percent_ppm
-}
-
 /// The response of an injected abort, marked as such.
-fn fault_response(
-    status: &meshfed_policy::snapshot::AbortStatus,
-    grpc: bool,
-) -> Response<ProxyBody> {
-    use meshfed_policy::snapshot::AbortStatus;
+fn fault_response(status: &AbortStatus, grpc: bool) -> Response<ProxyBody> {
     let mut b = Response::builder().header(ERROR_HEADER, "fault-injected");
     match status {
         AbortStatus::Http(code) => {
@@ -1202,7 +1257,7 @@ fn fault_response(
             if grpc {
                 b = b.header(
                     "grpc-status",
-                    super::grpc_status_for(
+                    crate::respond::grpc_status_for(
                         StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     )
                     .to_string(),
@@ -1221,11 +1276,141 @@ fn fault_response(
         .unwrap_or_else(|_| Response::new(body::empty()))
 }
 
-fn subset_note(t: &Target) -> String {
-    t.subset
-        .as_ref()
-        .map(|s| format!(" (subset {s})"))
-        .unwrap_or_default()
+/// Mirrored copies in flight at most, per gateway process; beyond it copies
+/// are dropped (and counted) rather than queued.
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 1024;
+
+/// How long a mirrored copy may take, head and body, before it is abandoned.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much of a mirrored copy's response body is read (and discarded, a
+/// chunk at a time) so its connection can be reused; past it the response
+/// is dropped, which closes or resets its stream instead.
+pub const MIRROR_DRAIN_LIMIT: u64 = 1 << 20;
+
+static MIRRORS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends a copy of a request to `mirror`, in the background (the plan's
+/// mirrors; [`super::rules`] for their semantics). `body` is the buffered
+/// request body, or `None` when it streamed (then nothing is sent).
+#[allow(clippy::too_many_arguments)]
+fn spawn_mirror(
+    state: &Arc<Gateway>,
+    active: &Arc<route::Active>,
+    caller: &Arc<Caller>,
+    mirror: &meshfed_policy::snapshot::Mirror,
+    head: &rules::Head,
+    body: Option<bytes::Bytes>,
+    authority: &str,
+    port: u16,
+) {
+    let mut target = route::mirror_target(active, mirror, port);
+    let service = target.service.clone();
+    let Some(body) = body else {
+        state.metrics.mirrored(&service, "dropped-streaming-body");
+        return;
+    };
+    if MIRRORS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_MIRRORS_IN_FLIGHT {
+        MIRRORS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+        state.metrics.mirrored(&service, "dropped-too-many");
+        return;
+    }
+    let (state, active, caller) = (state.clone(), active.clone(), caller.clone());
+    let (host, _) = route::split_authority(authority, port);
+    let shadow = format!("{host}-shadow");
+    let mut req = rebuild(head, body);
+    let mut uri = req.uri().clone();
+    rules::set_authority(&mut uri, req.headers_mut(), &shadow);
+    *req.uri_mut() = uri;
+    let grpc = is_grpc(req.headers());
+    tokio::spawn(async move {
+        let _slot = MirrorSlot;
+        let endpoints = state.endpoints.borrow().clone();
+        let remote = state.tunnel.announcements();
+        let view = plan::View {
+            active: &active,
+            local_cluster: &state.cluster,
+            endpoints: &endpoints,
+            remote: &remote,
+        };
+        let Some(cluster) = view.choose(&mut target, &[]) else {
+            state.metrics.mirrored(&service, "no-healthy-endpoint");
+            return;
+        };
+        drop(remote);
+        let copy = async {
+            let tried = if cluster == state.cluster {
+                forward_local(
+                    &state,
+                    &active,
+                    caller.id.as_deref(),
+                    &target,
+                    &endpoints,
+                    req,
+                    grpc,
+                    &mut Vec::new(),
+                )
+                .await
+            } else {
+                forward_remote(
+                    &state,
+                    &active,
+                    &caller,
+                    &cluster,
+                    &target,
+                    &shadow,
+                    req,
+                    &mut Vec::new(),
+                )
+                .await
+            };
+            let (resp, ok) = match tried {
+                Ok(resp) => (resp, true),
+                Err(e) => (e.respond(grpc), false),
+            };
+            discard(resp.into_body(), MIRROR_DRAIN_LIMIT).await;
+            ok
+        };
+        let outcome = match tokio::time::timeout(MIRROR_TIMEOUT, copy).await {
+            Ok(true) => "sent",
+            Ok(false) => "failed",
+            Err(_) => "timeout",
+        };
+        state.metrics.mirrored(&service, outcome);
+    });
+}
+
+/// Reads a body and drops it a frame at a time, at most `limit` bytes, so
+/// that its connection can be reused without the body ever being held
+/// whole. Returns the bytes read and whether the body ended (rather than
+/// failing or passing the limit).
+async fn discard<B>(body: B, limit: u64) -> (u64, bool)
+where
+    B: http_body::Body + Unpin,
+{
+    let mut body = body;
+    let mut read = 0u64;
+    while read < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    read += bytes::Buf::remaining(data) as u64;
+                }
+            }
+            Some(Err(_)) => return (read, false),
+            None => return (read, true),
+        }
+    }
+    (read, body.is_end_stream())
+}
+
+/// Releases a mirror slot when the copy's task ends, however it ends.
+struct MirrorSlot;
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        MIRRORS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn record(
@@ -1281,7 +1466,7 @@ pub(super) async fn forward_local(
     active: &crate::route::Active,
     caller: Option<&str>,
     target: &Target,
-    endpoints: &crate::discovery::EndpointSet,
+    endpoints: &crate::endpoints::EndpointSet,
     mut req: Request<ProxyBody>,
     grpc: bool,
     failed: &mut Vec<SocketAddr>,
@@ -1289,7 +1474,7 @@ pub(super) async fn forward_local(
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
         req.headers_mut().insert(super::XFCC, v);
     }
-    let req = match crate::authz::enforce_local(
+    let req = match crate::proxy::admission::enforce_local(
         state,
         active,
         caller,
@@ -1298,10 +1483,10 @@ pub(super) async fn forward_local(
         req,
     ) {
         Ok(req) => req,
-        Err(denied) => return Err(TryError::Made(Box::new(denied))),
+        Err(denied) => return Err(TryError::made(denied)),
     };
-    // Endpoint-level policy (DestinationRule) applies here (proxy::upstream).
-    let dest = super::upstream::Dest {
+    // Endpoint-level policy (DestinationRule) applies here (crate::upstream).
+    let dest = crate::upstream::Dest {
         service: &target.service,
         subset: target.subset.as_deref(),
         port: target.port,
@@ -1334,7 +1519,7 @@ pub(super) async fn forward_local(
     }
     // The endpoint's protocol, not the caller's (an HTTP/2 caller of an
     // HTTP/1.1 service is translated, as on the peer path).
-    let h2 = super::upstream::speaks_h2(active, &target.service, target.port, grpc);
+    let h2 = crate::upstream::speaks_h2(active, &target.service, target.port, grpc);
     let req = Request::from_parts(parts, body);
     let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {
@@ -1345,8 +1530,8 @@ pub(super) async fn forward_local(
         Err(e) => {
             if matches!(
                 e,
-                super::upstream::UpstreamError::Connect { .. }
-                    | super::upstream::UpstreamError::Reset { .. }
+                crate::upstream::UpstreamError::Connect { .. }
+                    | crate::upstream::UpstreamError::Reset { .. }
             ) && !failed.contains(&addr)
             {
                 failed.push(addr);
@@ -1356,6 +1541,12 @@ pub(super) async fn forward_local(
     }
 }
 
+/// Sends a request over a link to `cluster`'s gateway: one try. A link
+/// that fails before the request left is skipped for the next; links in
+/// `failed_links` (that failed earlier tries) are used only when no other
+/// is available. A link that dies before answering is added to it, and the
+/// answer is a `link_died` [`TryError`]: the retry layer may replay the
+/// request ([`retry`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn forward_remote(
     state: &Gateway,
@@ -1365,11 +1556,10 @@ pub(super) async fn forward_remote(
     target: &Target,
     authority: &str,
     req: Request<ProxyBody>,
+    failed_links: &mut Vec<String>,
 ) -> Tried {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let replayable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-        && http_body::Body::is_end_stream(&body);
     let open = Open {
         kind: StreamKind::Http,
         service: target.service.clone(),
@@ -1395,16 +1585,16 @@ pub(super) async fn forward_remote(
             headers: parts.headers.clone(),
         }),
     };
-    // A link that fails before the request left is skipped for the next.
+    let stale = state.tunnel.settings().announce_stale;
     let mut tried = Vec::new();
-    let (mut send, mut recv, guard) = loop {
+    let (mut send, mut recv, guard, used) = loop {
         let Some(link) = state
             .tunnel
             .links_to(cluster)
             .into_iter()
-            .filter(|l| l.available(state.tunnel.settings().announce_stale))
+            .filter(|l| l.available(stale))
             .filter(|l| !tried.contains(&l.target))
-            .min_by_key(|l| l.open_streams())
+            .min_by_key(|l| (failed_links.contains(&l.target), l.open_streams()))
         else {
             return Err(TryError::link_died(
                 Refusal::NoHealthyEndpoint,
@@ -1418,7 +1608,7 @@ pub(super) async fn forward_remote(
         match open_stream(&link).await {
             Ok((mut send, recv, guard)) => {
                 match write_frame(&mut send, &Frame::Open(Box::new(open.clone()))).await {
-                    Ok(()) => break (send, recv, guard),
+                    Ok(()) => break (send, recv, guard, link.target.clone()),
                     Err(body::WriteFrameError::Encode(e)) => {
                         let _ = send.reset(quinn::VarInt::from_u32(0));
                         return Err(TryError::refused(
@@ -1435,34 +1625,19 @@ pub(super) async fn forward_remote(
                 tracing::debug!(cluster, target = %link.target, error = %e, "link failed; trying another")
             }
         }
+        if !failed_links.contains(&link.target) {
+            failed_links.push(link.target.clone());
+        }
     };
+    drop(open);
     tokio::spawn(async move {
         if let Err(e) = body::pump_request(body, &mut send).await {
             tracing::debug!(error = %e, "request body to peer failed");
         }
     });
     let head = read_head(&mut recv).await;
-    // A link that died before answering (a peer killed, not yet detected):
-    // a bodiless idempotent request is replayed on another link once, so
-    // callers do not see the failover. With no other link, the answer is
-    // a link_died TryError, and route_and_forward may replay it in another
-    // cluster.
-    if head.is_err()
-        && replayable
-        && tried.len() < 2
-        && let Some(link) = state
-            .tunnel
-            .links_to(cluster)
-            .into_iter()
-            .filter(|l| l.available(state.tunnel.settings().announce_stale))
-            .find(|l| !tried.contains(&l.target))
-        && let Ok((mut send2, mut recv2, guard2)) = open_stream(&link).await
-        && write_frame(&mut send2, &Frame::Open(Box::new(open.clone())))
-            .await
-            .is_ok()
-        && send2.finish().is_ok()
-    {
-        return remote_response(cluster, read_head(&mut recv2).await, recv2, guard2);
+    if head.is_err() && !failed_links.contains(&used) {
+        failed_links.push(used);
     }
     remote_response(cluster, head, recv, guard)
 }
@@ -1511,7 +1686,7 @@ fn remote_response(
             // The destination gateway's own answer names its reason (a
             // backend's copy of the header was removed there).
             if resp.headers().contains_key(ERROR_HEADER) {
-                Err(TryError::Made(Box::new(resp)))
+                Err(TryError::made(resp))
             } else {
                 Ok(resp)
             }
@@ -1541,7 +1716,7 @@ async fn connect(
     // lasts (serve_http's idle bound).
     let in_flight = req.extensions_mut().remove::<InFlight>();
     let Some(authority) = req.uri().authority().cloned() else {
-        return error_response(Refusal::BadRequest, "CONNECT needs host:port", false);
+        return TryError::refused(Refusal::BadRequest, "CONNECT needs host:port").respond(false);
     };
     let (host, port) = route::split_authority(authority.as_str(), 443);
     // Route before answering, so the caller sees a refusal as a status.
@@ -1549,9 +1724,10 @@ async fn connect(
     let route = match TcpRoute::new(&state, host, port, &caller.namespace, mtls) {
         Ok(r) => r,
         Err(TcpRefused::NoRoute) => {
-            return error_response(Refusal::NoRoute, &format!("no service `{host}`"), false);
+            return TryError::refused(Refusal::NoRoute, format!("no service `{host}`"))
+                .respond(false);
         }
-        Err(TcpRefused::PeerAuth(r)) => return r.response(false),
+        Err(TcpRefused::PeerAuth(r)) => return TryError::PeerAuth(r).respond(false),
     };
     tokio::spawn(async move {
         let _in_flight = in_flight;
@@ -1592,7 +1768,7 @@ pub struct TcpOrigin {
 /// a caller for one destination and send it to another).
 pub struct TcpRoute {
     active: Arc<route::Active>,
-    endpoints: Arc<crate::discovery::EndpointSet>,
+    endpoints: Arc<crate::endpoints::EndpointSet>,
     target: Target,
     host: String,
 }
@@ -1631,7 +1807,7 @@ impl TcpRoute {
         let target =
             route::tcp_target(&active, host, port, ns, &endpoints).ok_or(TcpRefused::NoRoute)?;
         let t = &target;
-        crate::peer_auth::admit(state, &active, mtls, &t.service, &t.selector, t.port)
+        crate::proxy::admission::peer_auth(state, &active, mtls, &t.service, &t.selector, t.port)
             .map_err(TcpRefused::PeerAuth)?;
         Ok(TcpRoute {
             active,
@@ -1684,7 +1860,7 @@ pub async fn tcp_proxy<S>(
         return;
     };
     if cluster == state.cluster
-        && !crate::authz::admit_local_tcp(
+        && !crate::proxy::admission::admit_local_tcp(
             &state,
             active,
             &target.service,
@@ -1702,10 +1878,10 @@ pub async fn tcp_proxy<S>(
     };
     state.metrics.tcp_connections.get_or_create(&labels).inc();
     let (sent, received) = if cluster == state.cluster {
-        // The one way to a local endpoint (proxy::upstream), as the inbound
+        // The one way to a local endpoint (crate::upstream), as the inbound
         // path and HTTP go: the DestinationRule's balancer and ejections,
         // then `tcp.maxConnections` and `connectTimeout`.
-        let dest = super::upstream::Dest {
+        let dest = crate::upstream::Dest {
             service: &target.service,
             subset: target.subset.as_deref(),
             port: target.port,
@@ -1793,3 +1969,6 @@ pub async fn tcp_proxy<S>(
         .get_or_create(&labels)
         .inc_by(received);
 }
+
+#[cfg(test)]
+mod tests;

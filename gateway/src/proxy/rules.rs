@@ -1,42 +1,24 @@
 //! The per-rule request edits a source gateway makes before forwarding, as
 //! Istio's VirtualService defines them: header manipulation
 //! (`headers.request|response.set|add|remove`, at the rule and at the
-//! chosen destination), `rewrite` (URI prefix and authority), and mirroring
-//! (`mirror`/`mirrors` with `mirrorPercentage`).
+//! chosen destination), `rewrite` (URI prefix and authority), and the
+//! authority a mirrored copy gets. Pure functions on a request head.
 //!
-//! Mirroring is fire-and-forget: each copy runs in its own task, bounded in
-//! time and in number, its response is drained and dropped, and nothing
-//! about it reaches the caller. Like Envoy, the copy's authority gets a
-//! `-shadow` suffix so that the mirror's backend can tell copies from real
-//! calls. A request body is copied only when the source gateway buffered it
-//! (bodiless requests and bodies up to the retry buffer size); a streaming
-//! body is not mirrored, and the metric says so.
+//! Mirroring (`mirror`/`mirrors` with `mirrorPercentage`) is decided by
+//! [`super::plan`] and sent by [`super::outbound`]: fire-and-forget, each
+//! copy in its own task, bounded in time and in number, its response read a
+//! chunk at a time (at most 1 MiB) and dropped, and nothing about it reaches
+//! the caller. Like Envoy, the copy's authority gets a `-shadow` suffix so
+//! that the mirror's backend can tell copies from real calls. A request
+//! body is copied only when the source gateway buffered it (bodiless
+//! requests and bodies up to the retry buffer size); a streaming body is
+//! not mirrored, and the metric says so.
 //!
-//! It does not choose where the primary request goes ([`crate::route`]) or
-//! move it ([`super::outbound`]).
+//! It does not choose where a request goes ([`crate::route`],
+//! [`super::plan`]) or move it ([`super::outbound`]).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
-use http_body_util::BodyExt;
-use meshfed_policy::snapshot::{HeaderOps, HttpRoute, Mirror, StringMatch};
-
-use super::body;
-use super::outbound::{Caller, forward_local, forward_remote};
-use crate::route::{self, Active};
-use crate::state::Gateway;
-
-/// Mirrored copies in flight at most, per gateway process; beyond it copies
-/// are dropped (and counted) rather than queued.
-pub const MAX_MIRRORS_IN_FLIGHT: usize = 1024;
-
-/// How long a mirrored copy may take, head and body, before it is abandoned.
-pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
-
-static MIRRORS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use meshfed_policy::snapshot::{HeaderOps, HttpRoute, StringMatch};
 
 /// A request head, kept to send the request again (a retry or a mirror).
 pub type Head = (Method, Uri, Version, HeaderMap);
@@ -108,103 +90,6 @@ pub fn set_authority(uri: &mut Uri, headers: &mut HeaderMap, authority: &str) {
                 *uri = u;
             }
         }
-    }
-}
-
-/// Sends a copy of a request to `mirror`, in the background. `body` is the
-/// buffered request body, or `None` when it streamed (then nothing is sent).
-#[allow(clippy::too_many_arguments)]
-pub fn spawn_mirror(
-    state: &Arc<Gateway>,
-    active: &Arc<Active>,
-    caller: &Arc<Caller>,
-    mirror: &Mirror,
-    head: &Head,
-    body: Option<Bytes>,
-    authority: &str,
-    port: u16,
-) {
-    let mut target = route::mirror_target(active, mirror, port);
-    let service = target.service.clone();
-    let Some(body) = body else {
-        state.metrics.mirrored(&service, "dropped-streaming-body");
-        return;
-    };
-    if MIRRORS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_MIRRORS_IN_FLIGHT {
-        MIRRORS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
-        state.metrics.mirrored(&service, "dropped-too-many");
-        return;
-    }
-    let (state, active, caller) = (state.clone(), active.clone(), caller.clone());
-    let (host, _) = route::split_authority(authority, port);
-    let shadow = format!("{host}-shadow");
-    let mut req = Request::new(if body.is_empty() {
-        body::empty()
-    } else {
-        body::full(body)
-    });
-    *req.method_mut() = head.0.clone();
-    *req.uri_mut() = head.1.clone();
-    *req.version_mut() = head.2;
-    *req.headers_mut() = head.3.clone();
-    let mut uri = req.uri().clone();
-    set_authority(&mut uri, req.headers_mut(), &shadow);
-    *req.uri_mut() = uri;
-    let grpc = super::is_grpc(req.headers());
-    tokio::spawn(async move {
-        let _slot = InFlight;
-        let endpoints = state.endpoints.borrow().clone();
-        let remote = state.tunnel.announcements();
-        let Some(cluster) = route::choose_cluster(
-            &mut target,
-            &active,
-            &state.cluster,
-            &endpoints,
-            &remote,
-            &[],
-        ) else {
-            state.metrics.mirrored(&service, "no-healthy-endpoint");
-            return;
-        };
-        let copy = async {
-            let tried = if cluster == state.cluster {
-                forward_local(
-                    &state,
-                    &active,
-                    caller.id.as_deref(),
-                    &target,
-                    &endpoints,
-                    req,
-                    grpc,
-                    &mut Vec::new(),
-                )
-                .await
-            } else {
-                forward_remote(&state, &active, &caller, &cluster, &target, &shadow, req).await
-            };
-            let (resp, ok) = match tried {
-                Ok(resp) => (resp, true),
-                Err(e) => (e.respond(grpc), false),
-            };
-            // Drain the body so the connection can be reused; drop it.
-            let _ = resp.into_body().collect().await;
-            ok
-        };
-        let outcome = match tokio::time::timeout(MIRROR_TIMEOUT, copy).await {
-            Ok(true) => "sent",
-            Ok(false) => "failed",
-            Err(_) => "timeout",
-        };
-        state.metrics.mirrored(&service, outcome);
-    });
-}
-
-/// Releases a mirror slot when the copy's task ends, however it ends.
-struct InFlight;
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        MIRRORS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use meshfed_policy::{Options, analyze};
 
 use super::*;
-use crate::discovery::Endpoint;
+use crate::endpoints::Endpoint;
 
 const POLICY: &str = "
 apiVersion: meshfed.io/v1alpha1
@@ -178,7 +178,7 @@ fn announce(groups: &[(&str, u32)]) -> Arc<Announcement> {
         "reviews.default.svc.cluster.local".into(),
         groups
             .iter()
-            .map(|(v, n)| crate::tunnel::announce::EndpointGroup {
+            .map(|(v, n)| crate::wire::announce::EndpointGroup {
                 labels: BTreeMap::from([("version".into(), v.to_string())]),
                 total: *n,
                 healthy: *n,

@@ -33,9 +33,9 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarIn
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::announce::Announcement;
-use super::frame::{self, Frame};
 use super::socket::{ClassifyingSocket, DatagramDrops};
+use crate::wire::announce::Announcement;
+use crate::wire::frame::{self, Frame};
 
 /// Timing and sizing of links.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! How many services a cluster may export: no more than one gateway
-//! announcement carries (`gateway/src/tunnel/announce.rs` uses
+//! announcement carries (`gateway/src/wire/announce.rs` uses
 //! [`MAX_EXPORTED_SERVICES`] as its bound), so that a valid commit never has
 //! services silently left out of what peers learn (issue 21, item 13).
 

@@ -18,7 +18,7 @@
 //! The budget is per peer certificate (its SPIFFE ID, so several
 //! connections of one peer share it), and gateway-wide, so that two
 //! hostile peers together still fit the memory limit. It does not own the
-//! per-stream buffering ([`super::body::TunnelBody`] bounds that).
+//! per-stream buffering ([`crate::body::TunnelBody`] bounds that).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -19,9 +19,9 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use quinn::{RecvStream, SendStream};
 
-use super::budget::{BodyBudget, BodyPermit, OverBudget};
-use crate::tunnel::frame::{self, Frame, Refusal};
+use crate::body_budget::{BodyBudget, BodyPermit, OverBudget};
 use crate::tunnel::link::StreamGuard;
+use crate::wire::frame::{self, Frame, Refusal};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -73,7 +73,7 @@ pub struct TunnelBody {
 }
 
 /// What holds a peer's request body to the budget of bodies in flight
-/// ([`super::budget`]) and to one chunk in the endpoint connection's hands
+/// ([`crate::body_budget`]) and to one chunk in the endpoint connection's hands
 /// at a time.
 struct Gate {
     budget: BodyBudget,
@@ -495,7 +495,7 @@ impl CallerFault {
 }
 
 /// A caller's request body that remembers whether, and how, it failed:
-/// what lets [`crate::proxy::upstream`] tell a caller's fault from an
+/// what lets [`crate::upstream`] tell a caller's fault from an
 /// endpoint's when a request to the endpoint fails.
 pub struct Watched {
     body: ProxyBody,

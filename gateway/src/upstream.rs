@@ -43,12 +43,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::body::{CallerFault, ProxyBody, Watched};
-use super::error_response;
-use crate::discovery::{Endpoint, EndpointSet};
+use crate::body::{CallerFault, ProxyBody, Watched};
+use crate::endpoints::{Endpoint, EndpointSet};
 use crate::identity::store::Credentials;
+use crate::respond::error_response;
 use crate::route::Active;
-use crate::tunnel::frame::Refusal;
+use crate::wire::frame::Refusal;
 
 pub mod outlier;
 pub mod pool;
@@ -221,7 +221,7 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
-/// This module's metrics; [`crate::metrics::Metrics`] registers them.
+/// This module's metrics, registered through [`crate::metrics::Register`].
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamMetrics {
     pub overflow: Family<OverflowLabels, Counter>,
@@ -229,8 +229,8 @@ pub struct UpstreamMetrics {
     pub ejected: Family<ServiceLabels, Gauge>,
 }
 
-impl UpstreamMetrics {
-    pub fn register(&self, registry: &mut Registry) {
+impl crate::metrics::Register for UpstreamMetrics {
+    fn register(&self, registry: &mut Registry) {
         registry.register(
             "upstream_overflow",
             "Requests refused because a DestinationRule connectionPool limit was reached, by limit",
@@ -310,7 +310,7 @@ impl UpstreamError {
                 overflow_response(*limit, &self.to_string(), grpc)
             }
             UpstreamError::Caller { fault, .. } => {
-                super::caller_fault_response(*fault, &self.to_string(), grpc)
+                crate::respond::caller_fault_response(*fault, &self.to_string(), grpc)
             }
             other => error_response(other.refusal(), &other.to_string(), grpc),
         }
@@ -524,7 +524,7 @@ impl Upstream {
         dest: &Dest<'a>,
         avoid: &[SocketAddr],
     ) -> Option<Picked<'a>> {
-        let mut candidates = crate::discovery::healthy(endpoints, dest.service, dest.selector);
+        let mut candidates = crate::endpoints::healthy(endpoints, dest.service, dest.selector);
         // A multi-port ServiceEntry's endpoints each serve one port.
         candidates.retain(|e| crate::discovery::service_entry::for_port(e, dest.port));
         if !avoid.is_empty() && candidates.iter().any(|e| !avoid.contains(&e.addr)) {
@@ -705,7 +705,7 @@ impl Upstream {
                 let (mut parts, body) = resp.into_parts();
                 // Only a gateway may name a gateway's reason: a backend's
                 // copy of the header would steer retries and metric labels.
-                parts.headers.remove(crate::proxy::ERROR_HEADER);
+                parts.headers.remove(crate::respond::ERROR_HEADER);
                 let held = (lease, inflight);
                 let body = body
                     .map_frame(move |f| {
@@ -724,7 +724,7 @@ impl Upstream {
                     return Err(UpstreamError::Caller {
                         service: service.to_string(),
                         fault: *fault,
-                        reason: super::error_chain(&e),
+                        reason: crate::respond::error_chain(&e),
                     });
                 }
                 self.record(
@@ -987,7 +987,7 @@ impl Upstream {
         service: &str,
         selector: &BTreeMap<String, String>,
     ) -> usize {
-        crate::discovery::healthy(endpoints, service, selector)
+        crate::endpoints::healthy(endpoints, service, selector)
             .into_iter()
             .filter(|e| !self.is_ejected(service, &e.addr))
             .count()

@@ -10,7 +10,7 @@ use meshfed_policy::{Options, analyze};
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::proxy::body;
+use crate::body;
 
 const HOST: &str = "ratings.default.svc.cluster.local";
 

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 use super::*;
-use crate::proxy::body;
+use crate::body;
 
 const IDLE: Duration = Duration::from_secs(90);
 

@@ -50,7 +50,7 @@ use meshfed_policy::snapshot::ConnectionPool;
 use tokio::sync::oneshot;
 
 use super::tls::TlsSetup;
-use crate::proxy::body::ProxyBody;
+use crate::body::ProxyBody;
 
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@
 //! its type allows, so a peer cannot make us hold more than
 //! [`MAX_DATA_FRAME`] bytes for one frame.
 //!
-//! It does not own streams or connections ([`super::link`]) nor what the
+//! It does not own streams or connections ([`crate::tunnel::link`]) nor what the
 //! fields mean for routing ([`crate::proxy`]).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

@@ -12,13 +12,13 @@
 //! of [`super::frame::MAX_DATA_FRAME`]), and carry a `draining` flag that a
 //! gateway sets on SIGTERM so that peers stop opening new streams to it. A
 //! peer that stops announcing is treated as unavailable by
-//! [`super::link`].
+//! [`crate::tunnel::link`].
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::discovery::{Endpoint, EndpointSet};
+use crate::endpoints::{Endpoint, EndpointSet};
 
 /// Most services in one announcement: the policy's limit on what a cluster
 /// may export, so that a valid snapshot never has more.
@@ -36,9 +36,24 @@ const MAX_SERVICES_BYTES: usize = super::frame::MAX_DATA_FRAME - 4096;
 /// (from a syncer older than the export limit) exported more than fits
 /// ([`MAX_SERVICES`], or one frame); each such build is also logged.
 /// Exported as `meshfed_announcement_services_left_out_total`
-/// ([`crate::metrics`]).
+/// ([`AnnounceMetrics`]).
 pub static SERVICES_LEFT_OUT: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
     std::sync::LazyLock::new(Default::default);
+
+/// Registers [`SERVICES_LEFT_OUT`].
+#[derive(Debug)]
+pub struct AnnounceMetrics;
+
+impl crate::metrics::Register for AnnounceMetrics {
+    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "announcement_services_left_out",
+            "Exported services left out of this gateway's announcements since start, because \
+             more were exported than one announcement carries",
+            SERVICES_LEFT_OUT.clone(),
+        );
+    }
+}
 /// Most label groups per service.
 pub const MAX_GROUPS: usize = 64;
 /// Label keys never worth announcing: they are unique per pod and would
@@ -206,7 +221,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::tunnel::frame::Frame;
+    use crate::wire::frame::Frame;
 
     fn ep(port: u16, version: &str, healthy: bool) -> Endpoint {
         Endpoint {
@@ -350,7 +365,7 @@ mod tests {
         assert!(left_out > 0);
         encoded_frame_len(&a).expect("what was kept fits one frame");
         // The count is exported (other tests may add to it meanwhile).
-        let scraped = crate::metrics::Metrics::new().encode(&[]);
+        let scraped = crate::metrics::Metrics::new(&[&AnnounceMetrics]).encode(&[]);
         let exported: u64 = scraped
             .lines()
             .find_map(|l| l.strip_prefix("meshfed_announcement_services_left_out_total "))
