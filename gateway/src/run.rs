@@ -140,7 +140,7 @@ fn alpn() -> Vec<Vec<u8>> {
 
 /// Reads the peer's identity from a connection: it must be a gateway
 /// (the verifier already checked the chain and the cluster binding).
-fn identify() -> Identify {
+pub(crate) fn identify() -> Identify {
     Arc::new(|conn: &quinn::Connection| {
         let any = conn
             .peer_identity()
@@ -301,6 +301,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ("outbound".to_string(), outbound.local_addr()?),
         ("admin".to_string(), admin_listener.local_addr()?),
     ]);
+    let (stop_outbound, stop_rx) = watch::channel(false);
+    let mut mapped = Vec::with_capacity(cfg.tcp_maps.len());
     for map in &cfg.tcp_maps {
         let l = TcpListener::bind(map.listen).await.with_context(|| {
             format!(
@@ -309,16 +311,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             )
         })?;
         addrs.insert(format!("tcp:{}:{}", map.host, map.port), l.local_addr()?);
-        tokio::spawn(proxy::outbound::serve_mapped(
+        mapped.push(tokio::spawn(proxy::outbound::serve_mapped(
             state.clone(),
             l,
             limit.clone(),
             map.host.clone(),
             map.port,
-        ));
+            stop_rx.clone(),
+            cfg.drain_timeout,
+        )));
     }
     let ready = Arc::new(AtomicBool::new(false));
-    let (stop_outbound, stop_rx) = watch::channel(false);
     let outbound_task = tokio::spawn(proxy::outbound::serve(
         state.clone(),
         outbound,
@@ -383,8 +386,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // in-flight work is counted down.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_outbound.send(true);
+    // The outbound listener and every port mapping stop accepting now and
+    // wait for their connections, each within the drain deadline.
     tokio::join!(tunnel.shutdown(cfg.drain_timeout), async {
         let _ = outbound_task.await;
+        for m in mapped {
+            let _ = m.await;
+        }
     });
     // The spans of the drained requests, too.
     if let Some(t) = state.trace.get() {
