@@ -7,7 +7,8 @@
 //! syncer sends one), discovery, then
 //! the QUIC endpoint, the outbound listener and the admin server; then the
 //! ready file, and readiness. On SIGTERM or SIGINT: not ready, announce
-//! `draining` so peers stop opening streams here, let in-flight work finish
+//! `draining` so peers stop opening streams here, stop accepting on the
+//! outbound listener and every port mapping, let in-flight work finish
 //! within the drain deadline, close the links, exit.
 
 use std::collections::BTreeMap;
