@@ -386,15 +386,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Give peers a moment to read the draining announcement before
     // in-flight work is counted down.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
     let _ = stop_outbound.send(true);
     // The outbound listener and every port mapping stop accepting now and
-    // wait for their connections, each within the drain deadline.
-    tokio::join!(tunnel.shutdown(cfg.drain_timeout), async {
-        let _ = outbound_task.await;
-        for m in mapped {
-            let _ = m.await;
-        }
-    });
+    // wait for their connections, each within the drain deadline; the
+    // tunnel keeps serving peers meanwhile. Only then, with what is left of
+    // the deadline, does it finish serving and close the links: the
+    // callers' connections in flight still use the links this gateway
+    // dialed, and closing those first cut them.
+    let _ = outbound_task.await;
+    for m in mapped {
+        let _ = m.await;
+    }
+    tunnel
+        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     // The spans of the drained requests, too.
     if let Some(t) = state.trace.get() {
         t.shutdown(cfg.drain_timeout).await;
