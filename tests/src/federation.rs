@@ -356,7 +356,9 @@ impl GatewayProcess {
 
     /// The exit status, if the process has exited (it is not waited for).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGTERM, then waits for a clean exit; returns its exit code.

@@ -456,7 +456,9 @@ async fn serial_sigterm_stops_port_mappings_accepting_and_waits_for_their_connec
     );
     echoes(&mut held, b"during the drain")
         .await
-        .unwrap_or_else(|e| panic!("the open mapped connection must keep working while east drains: {e}"));
+        .unwrap_or_else(|e| {
+            panic!("the open mapped connection must keep working while east drains: {e}")
+        });
 
     drop(held);
     // Well before the 60 s deadline: the drain ends with the connection.
