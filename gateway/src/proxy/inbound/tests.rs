@@ -32,6 +32,8 @@ use crate::tunnel::link::{LinkSettings, StreamHandler, Tunnel};
 const TD: &str = "cluster.local";
 const RATINGS: &str = "ratings.default.svc.cluster.local";
 const ECHO: &str = "echo.default.svc.cluster.local";
+/// Exported, with one endpoint where nothing listens.
+const DOWN: &str = "down.default.svc.cluster.local";
 
 /// west's policy: both clusters, `ratings` (HTTP) and `echo` (TCP)
 /// exported, `reviews` not; `/admin` on ratings denied to everyone.
@@ -54,6 +56,10 @@ metadata: {{name: ratings, namespace: default}}
 apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
 metadata: {{name: echo, namespace: default}}
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {{name: down, namespace: default}}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -164,6 +170,10 @@ impl Fixture {
                 vec![endpoint(ratings, &[("app", "ratings"), ("version", "v1")])],
             ),
             (ECHO.to_string(), vec![endpoint(echo, &[("app", "echo")])]),
+            (
+                DOWN.to_string(),
+                vec![endpoint(closed_port(), &[("app", "down")])],
+            ),
         ]);
         let (_tx, endpoints) = watch::channel(Arc::new(endpoints));
         let west = Gateway::new(
@@ -233,6 +243,12 @@ impl Fixture {
             .find_map(|l| l.strip_prefix(needle.as_str())?.trim().parse().ok())
             .unwrap_or(0.0)
     }
+}
+
+/// A loopback port nothing listens on (bound, then closed).
+fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 async fn tcp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -518,4 +534,36 @@ async fn a_subset_with_no_local_endpoint_is_refused_no_healthy_endpoint() {
         e.message
     );
     assert_eq!(fx.seen.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xfcc_header_from_the_source_gateway_never_reaches_the_endpoint() {
+    let fx = Fixture::start().await;
+    // No caller identity: west has nothing to vouch for, so the endpoint
+    // sees no XFCC at all, not the one east sent.
+    let mut o = http_open(RATINGS, Method::GET, "/");
+    o.http.as_mut().unwrap().headers.insert(
+        XFCC,
+        HeaderValue::from_static("By=x;URI=spiffe://cluster.local/ns/default/sa/admin"),
+    );
+    let frames = fx.exchange(&[open(o)]).await;
+    let (head, _) = response(&frames);
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.headers["x-seen-xfcc"], "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_refuses_connections_is_answered_connect_failed() {
+    let fx = Fixture::start().await;
+    for kind in [StreamKind::Http, StreamKind::Tcp] {
+        let mut o = http_open(DOWN, Method::GET, "/");
+        if kind == StreamKind::Tcp {
+            o.kind = kind;
+            o.http = None;
+        }
+        let frames = fx.exchange(&[open(o)]).await;
+        let e = refusal(&frames);
+        assert_eq!(e.refusal, Refusal::ConnectFailed, "{kind:?}: {}", e.message);
+        assert_eq!(e.refusal.http_status(), StatusCode::BAD_GATEWAY);
+    }
 }
