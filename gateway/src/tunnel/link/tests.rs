@@ -377,7 +377,8 @@ fn nonblocking(s: StdUdpSocket) -> StdUdpSocket {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serial_a_quiet_link_stays_up_and_a_silent_peer_is_declared_dead_within_the_idle_deadline() {
+async fn serial_a_quiet_link_stays_up_and_a_silent_peer_is_declared_dead_within_the_idle_deadline()
+{
     let pki = Pki::new("anchor");
     let settings = LinkSettings::default();
     let west = Gw::new(&pki.gateway("west", &[]), "west", settings.clone());
