@@ -198,7 +198,9 @@ struct Cli {
     #[arg(long, value_name = "FILE", env = "MESHFED_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
 
-    /// On SIGTERM, how long in-flight requests get to finish.
+    /// On SIGTERM the outbound listener and every port mapping stop
+    /// accepting; this is how long in-flight requests and connections get to
+    /// finish.
     #[arg(long, value_name = "DURATION", env = "MESHFED_DRAIN_TIMEOUT", default_value = "5s",
           value_parser = parse_duration)]
     drain_timeout: Duration,

@@ -7,7 +7,8 @@
 //! syncer sends one), discovery, then
 //! the QUIC endpoint, the outbound listener and the admin server; then the
 //! ready file, and readiness. On SIGTERM or SIGINT: not ready, announce
-//! `draining` so peers stop opening streams here, let in-flight work finish
+//! `draining` so peers stop opening streams here, stop accepting on the
+//! outbound listener and every port mapping, let in-flight work finish
 //! within the drain deadline, close the links, exit.
 
 use std::collections::BTreeMap;
@@ -142,7 +143,7 @@ fn alpn() -> Vec<Vec<u8>> {
 
 /// Reads the peer's identity from a connection: it must be a gateway
 /// (the verifier already checked the chain and the cluster binding).
-fn identify() -> Identify {
+pub(crate) fn identify() -> Identify {
     Arc::new(|conn: &quinn::Connection| {
         let any = conn
             .peer_identity()
@@ -333,6 +334,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ("outbound".to_string(), outbound.local_addr()?),
         ("admin".to_string(), admin_listener.local_addr()?),
     ]);
+    let (stop_outbound, stop_rx) = watch::channel(false);
+    let mut mapped = Vec::with_capacity(cfg.tcp_maps.len());
     for map in &cfg.tcp_maps {
         let l = TcpListener::bind(map.listen).await.with_context(|| {
             format!(
@@ -341,16 +344,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             )
         })?;
         addrs.insert(format!("tcp:{}:{}", map.host, map.port), l.local_addr()?);
-        tokio::spawn(proxy::outbound::serve_mapped(
+        mapped.push(tokio::spawn(proxy::outbound::serve_mapped(
             state.clone(),
             l,
             limit.clone(),
             map.host.clone(),
             map.port,
-        ));
+            stop_rx.clone(),
+            cfg.drain_timeout,
+        )));
     }
     let ready = Arc::new(AtomicBool::new(false));
-    let (stop_outbound, stop_rx) = watch::channel(false);
     let outbound_task = tokio::spawn(proxy::outbound::serve(
         state.clone(),
         outbound,
@@ -415,10 +419,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Give peers a moment to read the draining announcement before
     // in-flight work is counted down.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
     let _ = stop_outbound.send(true);
-    tokio::join!(tunnel.shutdown(cfg.drain_timeout), async {
-        let _ = outbound_task.await;
-    });
+    // The outbound listener and every port mapping stop accepting now and
+    // wait for their connections, each within the drain deadline; the
+    // tunnel keeps serving peers meanwhile. Only then, with what is left of
+    // the deadline, does it finish serving and close the links: the
+    // callers' connections in flight still use the links this gateway
+    // dialed, and closing those first cut them.
+    let _ = outbound_task.await;
+    for m in mapped {
+        let _ = m.await;
+    }
+    tunnel
+        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     // The spans of the drained requests, too.
     if let Some(t) = state.trace.get() {
         t.shutdown(cfg.drain_timeout).await;

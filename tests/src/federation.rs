@@ -350,6 +350,23 @@ impl GatewayProcess {
         }
     }
 
+    /// Sends SIGTERM and returns at once, while the gateway drains; see
+    /// [`Self::exited`], or [`Self::terminate`] to wait for the exit.
+    pub fn signal_term(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// The exit status, if the process has exited (it is not waited for).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// SIGTERM, then waits for a clean exit; returns its exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;

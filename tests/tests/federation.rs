@@ -408,6 +408,70 @@ async fn a_mapped_port_carries_opaque_tcp_to_its_service() {
     assert_eq!(&back, b"\x00\x01binary protocol hello");
 }
 
+/// SIGTERM drains port mappings as it drains the outbound listener: the
+/// mapped port stops accepting at once, its open connections keep working
+/// until they end (within `--drain-timeout`), and the gateway exits as soon
+/// as they have. Before, a mapping kept accepting through the drain and its
+/// connections were cut when the process exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_sigterm_stops_port_mappings_accepting_and_waits_for_their_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
+        s.write_all(msg).await.map_err(|e| e.to_string())?;
+        let mut back = vec![0u8; msg.len()];
+        match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back)).await {
+            Ok(Ok(_)) if back == msg => Ok(()),
+            Ok(Ok(_)) => Err(format!("echoed {back:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no echo within 10 s".into()),
+        }
+    }
+    let (_dir, mut east, _west) = tcp_federation_with(vec![
+        "--tcp-port-map".into(),
+        "0=echo.default:7".into(),
+        "--drain-timeout".into(),
+        "60s".into(),
+    ])
+    .await;
+    let mapped = east.ready["tcp:echo.default:7"];
+    let mut held = tokio::net::TcpStream::connect(mapped).await.unwrap();
+    echoes(&mut held, b"before the drain").await.unwrap();
+
+    east.signal_term();
+    tokio::task::block_in_place(|| {
+        meshfed_tests::eventually(
+            "the mapped port refuses new callers once draining",
+            Duration::from_secs(5),
+            || match std::net::TcpStream::connect_timeout(&mapped, Duration::from_secs(1)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+                Err(e) => Err(e.to_string()),
+                Ok(_) => Err("a new connection was accepted".to_string()),
+            },
+        )
+    });
+    assert!(
+        east.exited().is_none(),
+        "east must keep draining while a mapped connection is open: {}",
+        east.log_tail()
+    );
+    echoes(&mut held, b"during the drain")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the open mapped connection must keep working while east drains: {e}")
+        });
+
+    drop(held);
+    // Well before the 60 s deadline: the drain ends with the connection.
+    let status = tokio::task::block_in_place(|| {
+        meshfed_tests::eventually(
+            "east exits once its last mapped connection closed",
+            Duration::from_secs(10),
+            || east.exited().ok_or("still draining"),
+        )
+    });
+    assert_eq!(status.code(), Some(0), "{}", east.log_tail());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_tcp_crosses_clusters_through_http_connect() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -580,3 +580,6 @@ fn record(state: &Gateway, peer: &PeerInfo, open: &Open, code: u16, reason: &str
         })
         .observe(start.elapsed().as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests;

@@ -492,24 +492,46 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sniff<I> {
 /// `host:port`, with no protocol detection (server-first protocols work).
 /// Its connections count against the caller-connection `limit` shared
 /// with the outbound listener.
+///
+/// Drains as the outbound listener does: once `stop` turns true it stops
+/// accepting (the listener is closed, so new callers are refused) and
+/// waits for its open connections to end, at most `drain`. Opaque TCP has
+/// no way to ask a caller to close, so they are only waited for.
 pub async fn serve_mapped(
     state: Arc<Gateway>,
     listener: TcpListener,
     limit: ConnectionLimit,
     host: String,
     port: u16,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
 ) {
+    // Each connection holds a receiver; `closed` resolves once all are gone.
+    let (open, _) = watch::channel(());
     let mut acceptor = Acceptor::new(listener, limit, "listener", "port mapping");
     loop {
-        let (stream, _, admitted) = acceptor.accept(&state.metrics).await;
+        let (stream, _, admitted) = tokio::select! {
+            accepted = acceptor.accept(&state.metrics) => accepted,
+            _ = stop.changed() => break,
+        };
         let _ = stream.set_nodelay(true);
-        let (state, host) = (state.clone(), host.clone());
+        let (state, host, held) = (state.clone(), host.clone(), open.subscribe());
         tokio::spawn(async move {
             let _admitted = admitted;
+            let _held = held;
             if let Some(route) = route_tcp_or_close(&state, &host, port, "default") {
                 tcp_proxy(state, route, TcpOrigin::default(), stream).await
             }
         });
+    }
+    drop(acceptor);
+    if tokio::time::timeout(drain, open.closed()).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            %host,
+            port,
+            "port-mapped connections still open at the drain deadline"
+        );
     }
 }
 

@@ -1080,3 +1080,6 @@ async fn read_control(link: Arc<Link>, conn: Arc<Connection>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
