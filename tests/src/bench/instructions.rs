@@ -87,7 +87,7 @@ impl System {
 
 /// A running pair of either kind.
 enum Pair {
-    Meshfed(MeshfedPair),
+    Meshfed(Box<MeshfedPair>),
     Haproxy(HaproxyPair),
 }
 
@@ -110,14 +110,14 @@ impl Pair {
                     v.extend(wrap(side));
                     v
                 };
-                Pair::Meshfed(MeshfedPair::start_wrapped(
+                Pair::Meshfed(Box::new(MeshfedPair::start_wrapped(
                     dir,
                     pki,
                     backend,
                     None,
                     &ctx.gateway_args,
                     &wrap,
-                )?)
+                )?))
             }
             System::Haproxy => Pair::Haproxy(HaproxyPair::start_wrapped(
                 dir,
