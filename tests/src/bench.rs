@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 pub mod dataplane;
+pub mod instructions;
 pub mod lossy;
 pub mod plot;
 pub mod propagation;
@@ -72,6 +73,13 @@ pub fn scenarios() -> Vec<Scenario> {
             name: "bulk",
             about: "single-stream TCP throughput, meshfed link vs TLS 1.3 HAProxy pair (scenario 4)",
             run: dataplane::bulk,
+        },
+        Scenario {
+            name: "instructions",
+            about: "user-space instructions (callgrind) and syscalls (strace) per request, \
+                    meshfed vs HAProxy pair, N sequential requests minus an idle window, with \
+                    meshfed's profile; --iterations sets N (issue 17)",
+            run: instructions::run,
         },
         Scenario {
             name: "lossy",

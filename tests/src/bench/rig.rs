@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::federation::{
-    GatewayProcess, GatewaySpec, Pki, cluster_yaml, discovery_file, free_udp_port,
+    GatewayProcess, GatewaySpec, Launch, Pki, cluster_yaml, discovery_file, free_udp_port,
 };
 use crate::relay::{Impairment, Relay};
 
@@ -186,6 +186,17 @@ pub struct MeshfedPair {
 
 pub const AUTHORITY: &str = "bench.default";
 
+/// The command a pair's process runs under, by side (`east`/`west` for
+/// meshfed, `a`/`b` for HAProxy), e.g. `valgrind --tool=callgrind`; empty
+/// for none. It must `exec` the process (valgrind and `env` do), so that
+/// the child's pid is the measured process's.
+pub type Wrap<'a> = &'a dyn Fn(&str) -> Vec<String>;
+
+/// No wrapper: the processes run as themselves.
+pub fn unwrapped(_side: &str) -> Vec<String> {
+    Vec::new()
+}
+
 impl MeshfedPair {
     pub fn start(
         dir: &Path,
@@ -193,6 +204,18 @@ impl MeshfedPair {
         backend: &Backend,
         impairment: Option<Impairment>,
         gateway_args: &[String],
+    ) -> anyhow::Result<MeshfedPair> {
+        Self::start_wrapped(dir, pki, backend, impairment, gateway_args, &unwrapped)
+    }
+
+    /// [`MeshfedPair::start`], each gateway run under `wrap(cluster)`.
+    pub fn start_wrapped(
+        dir: &Path,
+        pki: &Pki,
+        backend: &Backend,
+        impairment: Option<Impairment>,
+        gateway_args: &[String],
+        wrap: Wrap<'_>,
     ) -> anyhow::Result<MeshfedPair> {
         std::fs::create_dir_all(dir)?;
         let (a_port, b_port) = (free_udp_port(), free_udp_port());
@@ -235,7 +258,14 @@ impl MeshfedPair {
                 extra_args: extra,
             }
         };
-        let b = GatewayProcess::start(&spec("west", b_port, Some(eps), gateway_args.to_vec()));
+        let launch = |cluster: &str| Launch {
+            prefix: wrap(cluster),
+            ..Launch::default()
+        };
+        let b = GatewayProcess::start_with(
+            &spec("west", b_port, Some(eps), gateway_args.to_vec()),
+            &launch("west"),
+        );
         let mut a_args = vec![
             "--tcp-port-map".into(),
             format!("0=sink.default:{}", backend.sink.port()),
@@ -246,7 +276,7 @@ impl MeshfedPair {
             "16384".into(),
         ];
         a_args.extend_from_slice(gateway_args);
-        let a = GatewayProcess::start(&spec("east", a_port, None, a_args));
+        let a = GatewayProcess::start_with(&spec("east", a_port, None, a_args), &launch("east"));
         a.wait_links("west", 1);
         let key = format!("tcp:sink.default:{}", backend.sink.port());
         let a_sink = *a
@@ -318,6 +348,20 @@ impl HaproxyPair {
         pki: &Pki,
         backend: &Backend,
         link: Option<Impairment>,
+    ) -> anyhow::Result<HaproxyPair> {
+        Self::start_wrapped(dir, pki, backend, link, &unwrapped, Duration::from_secs(10))
+    }
+
+    /// [`HaproxyPair::start`], each process run under `wrap("a")` or
+    /// `wrap("b")`, waiting up to `ready_within` (scaled by
+    /// `MESHFED_TEST_PATIENCE`) for both to listen.
+    pub fn start_wrapped(
+        dir: &Path,
+        pki: &Pki,
+        backend: &Backend,
+        link: Option<Impairment>,
+        wrap: Wrap<'_>,
+        ready_within: Duration,
     ) -> anyhow::Result<HaproxyPair> {
         std::fs::create_dir_all(dir)?;
         let pem = |cluster: &str| -> anyhow::Result<PathBuf> {
@@ -398,9 +442,16 @@ backend sink\n  mode tcp\n  server sink {sink}\n",
                 );
             }
             let log = std::fs::File::create(dir.join(format!("haproxy-{name}.log")))?;
+            let mut cmd = match wrap(name).split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg("haproxy");
+                    c
+                }
+                None => Command::new("haproxy"),
+            };
             children.push(
-                Command::new("haproxy")
-                    .arg("-db")
+                cmd.arg("-db")
                     .arg("-f")
                     .arg(&path)
                     .stdin(Stdio::null())
@@ -418,7 +469,7 @@ backend sink\n  mode tcp\n  server sink {sink}\n",
             children,
         };
         for addr in [pair.http, pair.tcp] {
-            crate::wait_for("haproxy listening", Duration::from_secs(10), || {
+            crate::wait_for("haproxy listening", ready_within, || {
                 std::net::TcpStream::connect(addr).map(|_| ())
             })?;
         }

@@ -6,6 +6,7 @@
 //! ```text
 //! cargo build --release --workspace --bins
 //! target/release/meshfed-bench propagation
+//! target/release/meshfed-bench instructions --iterations 2000   # needs valgrind, strace
 //! target/release/meshfed-bench --quick          # every scenario, briefly (CI smoke)
 //! ```
 
@@ -28,7 +29,8 @@ struct Cli {
     #[arg(long)]
     quick: bool,
 
-    /// Iterations per measured cell (each scenario has a default).
+    /// Iterations per measured cell (each scenario has a default); for
+    /// `instructions`, the number of requests counted (default 2,000).
     #[arg(long, value_name = "N")]
     iterations: Option<usize>,
 
