@@ -42,13 +42,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use super::detect::{self, Detected};
 use super::plan::{self, Plan, Seen};
 use super::{rules, strip_hop_by_hop};
-use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::accept::{Acceptor, ConnectionLimit};
+use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::route::{self, Target};
 use crate::state::Gateway;
 use crate::wire::frame::{Frame, Open, Refusal, RequestHead, StreamKind};
@@ -630,9 +630,14 @@ async fn route_and_forward(
     if let Some(t) = routed {
         crate::trace::route(t, &active);
         let mtls = caller.id.is_some();
-        if let Err(r) =
-            crate::proxy::admission::peer_auth(&state, &active, mtls, &t.service, &t.selector, t.port)
-        {
+        if let Err(r) = crate::proxy::admission::peer_auth(
+            &state,
+            &active,
+            mtls,
+            &t.service,
+            &t.selector,
+            t.port,
+        ) {
             let r = TryError::PeerAuth(r).respond(grpc);
             record(&state, &r, &t.service, "", start, grpc);
             return r;

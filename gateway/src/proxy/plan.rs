@@ -334,7 +334,8 @@ impl<'a> Seen<'a> {
             status: if grpc { 200 } else { http.as_u16() },
             refusal,
             token: None,
-            grpc_status: grpc.then(|| grpc_code.unwrap_or_else(|| crate::respond::grpc_status_for(http))),
+            grpc_status: grpc
+                .then(|| grpc_code.unwrap_or_else(|| crate::respond::grpc_status_for(http))),
             overloaded: false,
             link_died: false,
         }

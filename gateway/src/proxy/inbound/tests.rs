@@ -20,14 +20,14 @@ use meshfed_policy::{Options, analyze};
 use tokio::sync::watch;
 
 use super::*;
-use crate::discovery::{Endpoint, EndpointSet};
+use crate::endpoints::{Endpoint, EndpointSet};
 use crate::identity::certs::{self, IssuedCert, Issuer, Validity};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
 use crate::identity::verify::HandshakeRefusals;
 use crate::metrics::Metrics;
-use crate::tunnel::frame::{self, RequestHead, StreamError};
 use crate::tunnel::link::{LinkSettings, StreamHandler, Tunnel};
+use crate::wire::frame::{self, RequestHead, StreamError};
 
 const TD: &str = "cluster.local";
 const RATINGS: &str = "ratings.default.svc.cluster.local";
@@ -176,13 +176,16 @@ impl Fixture {
             ),
         ]);
         let (_tx, endpoints) = watch::channel(Arc::new(endpoints));
+        let module_metrics = crate::state::ModuleMetrics::default();
+        let metrics = Arc::new(Metrics::new(&module_metrics.sets()));
         let west = Gateway::new(
             "west".into(),
             "gw-0".into(),
             snapshot,
             endpoints,
             west_tunnel.clone(),
-            Arc::new(Metrics::new()),
+            metrics,
+            module_metrics,
         )
         .unwrap();
         let state = west.clone();
@@ -438,7 +441,7 @@ async fn an_authorization_deny_answers_rbac_403_before_the_endpoint_sees_the_req
         .await;
     let (head, body) = response(&frames);
     assert_eq!(head.status, StatusCode::FORBIDDEN);
-    assert_eq!(head.headers[crate::proxy::ERROR_HEADER], "unauthorized");
+    assert_eq!(head.headers[crate::respond::ERROR_HEADER], "unauthorized");
     assert_eq!(body, crate::authz::RBAC_DENIED.as_bytes());
     // A path that only normalizes to /admin is denied the same.
     let frames = fx
