@@ -10,7 +10,7 @@
 //!
 //! 0. base: [`metrics`] (the registry; each module registers its
 //!    own set), [`limits`], [`backoff`], [`body_budget`] (peers' bodies in
-//!    flight), [`endpoints`] (local endpoints as a value), [`wire`] (the
+//!    flight), [`retry_budget`] (retries in flight), [`endpoints`] (local endpoints as a value), [`wire`] (the
 //!    frame and announcement codecs);
 //! 1. decisions, pure: [`route`] (matching, splits, locality, mirror
 //!    names), [`authz`] (the AuthorizationPolicy engine), [`peer_auth`]
@@ -63,6 +63,7 @@ pub mod mirror;
 pub mod peer_auth;
 pub mod proxy;
 pub mod respond;
+pub mod retry_budget;
 pub mod route;
 pub mod run;
 pub mod state;

@@ -82,7 +82,7 @@ pub struct Gateway {
     pub bodies: crate::body_budget::BodyBudget,
     draining: AtomicBool,
     /// Requests in flight and retries in flight, for the retry budget.
-    retries: crate::proxy::plan::RetryBudget,
+    retries: crate::retry_budget::RetryBudget,
     announce_seq: AtomicU64,
     announce_tx: watch::Sender<Arc<Announcement>>,
     announce_lock: Mutex<()>,
@@ -220,12 +220,12 @@ impl Gateway {
     }
 
     /// Counts a request in flight until the guard drops.
-    pub fn request_guard(&self) -> crate::proxy::plan::Slot {
+    pub fn request_guard(&self) -> crate::retry_budget::Slot {
         self.retries.request()
     }
 
-    /// A retry, if the budget allows one ([`crate::proxy::plan::RetryBudget`]).
-    pub fn retry_budget(&self) -> Option<crate::proxy::plan::Slot> {
+    /// A retry, if the budget allows one ([`crate::retry_budget::RetryBudget`]).
+    pub fn retry_budget(&self) -> Option<crate::retry_budget::Slot> {
         self.retries.retry()
     }
 

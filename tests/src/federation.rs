@@ -183,8 +183,8 @@ impl GatewayProcess {
         let log_file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         let mut cmd = match launch.prefix.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
+            Some((wrapper, args)) => {
+                let mut c = Command::new(wrapper);
                 c.args(args).arg(program);
                 c
             }

@@ -840,7 +840,7 @@ pub(super) trait Tries {
     /// Whether `cluster` has an available link that no try saw die.
     fn another_link(&self, cluster: &str) -> bool;
     /// A slot of the retry budget, if it has one (counted when not).
-    fn retry_slot(&self) -> Option<plan::Slot>;
+    fn retry_slot(&self) -> Option<crate::retry_budget::Slot>;
     /// Counts a retry of `service`.
     fn retried(&self, service: &str, reason: String);
 }
@@ -1054,7 +1054,7 @@ impl Tries for Live<'_> {
             .any(|l| l.available(stale) && !self.failed_links.contains(&l.target))
     }
 
-    fn retry_slot(&self) -> Option<plan::Slot> {
+    fn retry_slot(&self) -> Option<crate::retry_budget::Slot> {
         let slot = self.state.retry_budget();
         if slot.is_none() {
             self.state.metrics.refused("retry", "budget-exhausted");

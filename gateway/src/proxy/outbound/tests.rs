@@ -86,7 +86,7 @@ enum Script {
 /// Counters shared by concurrent fake requests.
 #[derive(Default)]
 struct Shared {
-    budget: plan::RetryBudget,
+    budget: crate::retry_budget::RetryBudget,
     retries_in_flight: AtomicUsize,
     max_retries_in_flight: AtomicUsize,
     exhausted: AtomicUsize,
@@ -145,7 +145,7 @@ impl Tries for Fake {
         self.links_left > self.sends.len().saturating_sub(1)
     }
 
-    fn retry_slot(&self) -> Option<plan::Slot> {
+    fn retry_slot(&self) -> Option<crate::retry_budget::Slot> {
         let slot = self.shared.budget.retry();
         if slot.is_none() {
             self.shared.exhausted.fetch_add(1, Ordering::SeqCst);

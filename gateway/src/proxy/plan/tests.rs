@@ -11,6 +11,7 @@ use meshfed_policy::{Options, analyze};
 
 use super::*;
 use crate::endpoints::Endpoint;
+use crate::retry_budget::{RetryBudget, Slot};
 
 const POLICY: &str = "
 apiVersion: meshfed.io/v1alpha1
