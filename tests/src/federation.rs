@@ -439,6 +439,39 @@ pub fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
 }
 
+/// A GET of `path` through a gateway's outbound listener at `via`, with
+/// `Host: host`, as a plaintext local caller. Returns the status, who
+/// served it (the backend's `x-served-by`, else the body: a refusal's
+/// text) and the gateway's `x-meshfed-error` reason, if any. Panics after
+/// 10 s: a call that hangs is a failure.
+pub async fn get_through(via: SocketAddr, host: &str, path: &str) -> (u16, String, Option<String>) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{via}{path}"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|e| panic!("building GET {path} for {host}: {e}"));
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("GET {host}{path} via {via} timed out"))
+        .unwrap_or_else(|e| panic!("GET {host}{path} via {via} failed: {e}"));
+    let status = resp.status().as_u16();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let (reason, served) = (header("x-meshfed-error"), header("x-served-by"));
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let served = served.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    (status, served, reason)
+}
+
 /// An HTTP backend (HTTP/1.1 and HTTP/2) that names itself: every response
 /// carries `x-served-by: <name>` and `x-seen-xfcc` (the
 /// `x-forwarded-client-cert` it received); GET answers `<name>`; POST answers

@@ -103,32 +103,7 @@ async fn federation() -> Fed {
     }
 }
 
-async fn get(via: SocketAddr, host: &str, path: &str) -> (u16, String, Option<String>) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = Request::get(format!("http://{via}{path}"))
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-        .await
-        .expect("request timed out")
-        .expect("request failed");
-    let status = resp.status().as_u16();
-    let reason = resp
-        .headers()
-        .get("x-meshfed-error")
-        .map(|v| v.to_str().unwrap().to_string());
-    let served = resp
-        .headers()
-        .get("x-served-by")
-        .map(|v| v.to_str().unwrap().to_string());
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        served.unwrap_or_else(|| String::from_utf8_lossy(&body).into()),
-        reason,
-    )
-}
+use meshfed_tests::federation::get_through as get;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_calls_cross_between_east_west_and_the_edge_site() {

@@ -12,13 +12,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use meshfed_tests::federation::*;
 use meshfed_tests::{Outcome, bin, locate, run};
 
@@ -61,26 +55,10 @@ fn features(program: &Path) -> String {
         .unwrap_or_else(|| panic!("{} --version names no features: {out}", program.display()))
 }
 
+/// Status and who served it, through `via`'s outbound listener.
 async fn get(via: SocketAddr, host: &str) -> (u16, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = Request::get(format!("http://{via}/"))
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-        .await
-        .expect("request timed out")
-        .expect("request failed");
-    let status = resp.status().as_u16();
-    let served = resp
-        .headers()
-        .get("x-served-by")
-        .map(|v| v.to_str().unwrap().to_string());
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        served.unwrap_or_else(|| String::from_utf8_lossy(&body).into()),
-    )
+    let (status, served, _) = get_through(via, host, "/").await;
+    (status, served)
 }
 
 /// An edge site runs the minimal binary with static discovery; west runs
