@@ -8,6 +8,7 @@
 //! target/release/meshfed-bench propagation
 //! target/release/meshfed-bench instructions --iterations 2000   # needs valgrind, strace
 //! target/release/meshfed-bench --quick          # every scenario, briefly (CI smoke)
+//! MESHFED_BENCH_KEEP_SCRATCH=1 target/release/meshfed-bench instructions   # keeps logs and callgrind files
 //! ```
 
 use std::path::PathBuf;
@@ -84,6 +85,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // MESHFED_BENCH_KEEP_SCRATCH=1 keeps the scratch directory (logs,
+    // callgrind files) for a person to look at, and prints where it is.
+    let scratch = if std::env::var_os("MESHFED_BENCH_KEEP_SCRATCH").is_some_and(|v| v == "1") {
+        let kept = scratch.keep();
+        eprintln!("meshfed-bench: keeping scratch files in {}", kept.display());
+        Scratch::Kept(kept)
+    } else {
+        Scratch::Temporary(scratch)
+    };
     let ctx = Context {
         quick: cli.quick,
         iterations: cli.iterations,
@@ -131,5 +141,20 @@ fn main() -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// The scratch directory: removed at exit unless kept.
+enum Scratch {
+    Temporary(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl Scratch {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Scratch::Temporary(d) => d.path(),
+            Scratch::Kept(p) => p,
+        }
     }
 }
