@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSettings};
+use crate::control::changes;
 use crate::discovery::static_file;
 use crate::endpoints::EndpointSet;
 use crate::identity::spiffe::SpiffeId;
@@ -34,7 +35,6 @@ use crate::metrics::{Metrics, RefusalReader};
 use crate::state::Gateway;
 use crate::tunnel::link::{Identify, LinkSettings, PeerInfo, StreamHandler, Tunnel};
 use crate::wire::frame::ALPN;
-use crate::control::changes;
 use crate::{control, proxy};
 
 /// Everything a gateway needs to start, parsed once.

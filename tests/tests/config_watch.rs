@@ -163,7 +163,8 @@ async fn serial_an_idle_gateway_in_file_mode_does_not_check_its_inputs() {
     std::thread::sleep(Duration::from_secs(3));
     let after = checks(&s.gw).unwrap();
     assert_eq!(
-        after, before,
+        after,
+        before,
         "idle checks of {SOURCES:?} over 3 s: {before:?} -> {after:?}\n{}",
         s.gw.log_tail()
     );
@@ -190,21 +191,36 @@ async fn policy_edits_apply_and_a_bad_one_is_refused_keeping_the_snapshot() {
     });
     // Bad, by rename: refused with its diagnostics, v2 kept.
     let seen = checks(&s.gw).unwrap()[0];
-    write_atomic(&s.policy.join("p.yaml"), "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: x}\nspec: {hots: ratings}\n");
+    write_atomic(
+        &s.policy.join("p.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: x}\nspec: {hots: ratings}\n",
+    );
     assert_eventually("the bad edit is refused", Duration::from_secs(10), || {
         s.gw.log_tail().contains("policy edit refused")
     });
     assert!(checks(&s.gw).unwrap()[0] > seen);
-    assert_eq!(config_version(&s.gw), v2, "a refused edit changed the snapshot");
-    assert!(s.gw.log_tail().contains("p.yaml:"), "no FILE:LINE diagnostic:\n{}", s.gw.log_tail());
+    assert_eq!(
+        config_version(&s.gw),
+        v2,
+        "a refused edit changed the snapshot"
+    );
+    assert!(
+        s.gw.log_tail().contains("p.yaml:"),
+        "no FILE:LINE diagnostic:\n{}",
+        s.gw.log_tail()
+    );
     // A new file in a new subdirectory is seen too.
     std::fs::write(s.policy.join("p.yaml"), policy_yaml(s.port, "v3")).unwrap();
     std::fs::create_dir_all(s.policy.join("new/deeper")).unwrap();
     std::fs::write(s.policy.join("new/deeper/q.yaml"), DR_REVIEWS).unwrap();
-    assert_eventually("the fixed edit and the new file apply", Duration::from_secs(10), || {
-        let dump = s.gw.admin_get("/config_dump");
-        config_version(&s.gw) != v2 && dump.contains("ratings-v3") && dump.contains("reviews")
-    });
+    assert_eventually(
+        "the fixed edit and the new file apply",
+        Duration::from_secs(10),
+        || {
+            let dump = s.gw.admin_get("/config_dump");
+            config_version(&s.gw) != v2 && dump.contains("ratings-v3") && dump.contains("reviews")
+        },
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,19 +230,27 @@ async fn configmap_data_swaps_of_the_policy_and_the_endpoints_apply() {
     assert_eq!(ratings_endpoints(&s.gw), vec!["127.0.0.1:9001".to_string()]);
     let pvol = s.policy.parent().unwrap();
     configmap_swap(pvol, "v2", &[("p.yaml", &policy_yaml(s.port, "v2"))]);
-    assert_eventually("the policy volume's swap applies", Duration::from_secs(10), || {
-        let v = config_version(&s.gw);
-        !v.is_empty() && v != v1 && s.gw.admin_get("/config_dump").contains("ratings-v2")
-    });
+    assert_eventually(
+        "the policy volume's swap applies",
+        Duration::from_secs(10),
+        || {
+            let v = config_version(&s.gw);
+            !v.is_empty() && v != v1 && s.gw.admin_get("/config_dump").contains("ratings-v2")
+        },
+    );
     let evol = s.eps.parent().unwrap();
     configmap_swap(evol, "v2", &[("endpoints.yaml", &endpoints_yaml(9002))]);
-    assert_eventually("the endpoints volume's swap applies", Duration::from_secs(10), || {
-        ratings_endpoints(&s.gw) == vec!["127.0.0.1:9002".to_string()]
-    });
+    assert_eventually(
+        "the endpoints volume's swap applies",
+        Duration::from_secs(10),
+        || ratings_endpoints(&s.gw) == vec!["127.0.0.1:9002".to_string()],
+    );
     // A bad endpoints version is refused; the previous endpoints stay.
     configmap_swap(evol, "v3", &[("endpoints.yaml", "services: [broken")]);
-    assert_eventually("the bad endpoints are refused", Duration::from_secs(10), || {
-        s.gw.log_tail().contains("discovery file refused")
-    });
+    assert_eventually(
+        "the bad endpoints are refused",
+        Duration::from_secs(10),
+        || s.gw.log_tail().contains("discovery file refused"),
+    );
     assert_eq!(ratings_endpoints(&s.gw), vec!["127.0.0.1:9002".to_string()]);
 }

@@ -367,7 +367,10 @@ mod tests {
         // Checked (at least) once after the bad edit, and it changed nothing.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while crate::control::changes::checks(Source::EndpointsFile) == checks {
-            assert!(tokio::time::Instant::now() < deadline, "the bad edit was never checked");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bad edit was never checked"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -119,7 +119,9 @@ fn nothing_to_watch_falls_back_to_polling_every_second() {
 
 #[test]
 fn too_many_directories_fall_back_to_polling() {
-    let many: Vec<PathBuf> = (0..=MAX_WATCHES).map(|i| PathBuf::from(format!("/{i}"))).collect();
+    let many: Vec<PathBuf> = (0..=MAX_WATCHES)
+        .map(|i| PathBuf::from(format!("/{i}")))
+        .collect();
     let err = arm(&many).unwrap_err();
     assert!(err.contains("over the limit"), "{err}");
 }
