@@ -4,12 +4,17 @@
 //! - file mode (`--policy-dir DIR`): the gateway reads the policy repository
 //!   itself, validates and compiles it for its cluster with the
 //!   `meshfed-policy` crate, and applies it by atomic swap; then it checks
-//!   the directory every second and does the same on every change. The
-//!   check looks at the policy files' names, sizes and modification times
-//!   (reading only files modified in the last [`RECENT`], whose times may
-//!   not yet tell two edits apart), on a thread of its own, so the runtime
-//!   never waits on the disk. A bad edit is refused and logged with its
-//!   diagnostics (FILE:LINE), and the previous snapshot stays.
+//!   the directory when inotify reports a change in it or a subdirectory
+//!   (an editor's write-then-rename included; with the parent directory
+//!   too when the path is a symlink, so a `..data` or git-sync swap is
+//!   seen), every 30 s regardless against missed events, or every second
+//!   where inotify is unavailable ([`changes`]), and loads it again on
+//!   every change. The check looks at the policy files' names, sizes and
+//!   modification times (reading only files modified in the last
+//!   [`RECENT`], whose times may not yet tell two edits apart), on a thread
+//!   of its own, so the runtime never waits on the disk. A bad edit is
+//!   refused and logged with its diagnostics (FILE:LINE), and the previous
+//!   snapshot stays.
 //! - syncer mode (`--syncer ADDR`, [`syncer`]): the gateway subscribes to
 //!   the syncer's config stream over mTLS, applies each snapshot it is sent
 //!   and ACKs or NACKs it; with `--state-dir` ([`persist`]) it keeps the last
@@ -23,6 +28,7 @@
 //! This module does not decide what a snapshot means ([`crate::route`] and
 //! the data path do) nor compile policy (the `meshfed-policy` crate does).
 
+pub mod changes;
 pub mod persist;
 pub mod syncer;
 
@@ -35,9 +41,7 @@ use meshfed_policy::{Options, Snapshot, analyze};
 
 use crate::state::Gateway;
 use crate::state::provenance::Source;
-
-/// How often the policy directory is checked.
-pub const POLL: Duration = Duration::from_secs(1);
+use changes::{Changes, Targets};
 
 /// Why a policy directory gave no snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -88,20 +92,27 @@ pub fn load_dir(dir: &Path, cluster: &str, opts: &Options) -> Result<Snapshot, P
 
 /// Follows `dir`: every change is loaded and applied, or refused and logged.
 ///
-/// A thread of its own (`policy-watch`) checks the directory every [`POLL`]
-/// and, on a change, loads and compiles it there; the runtime only applies
-/// the result ([`Gateway::apply`], itself off the runtime thread for its
-/// compilation). The thread ends at the first change after the gateway is
-/// gone.
+/// A thread of its own (`policy-watch`) checks the directory when
+/// [`Changes`] says so (an inotify event, the 30 s safety check, or the
+/// 1 s poll without inotify) and, on a change, loads and compiles it
+/// there; the runtime only applies the result ([`Gateway::apply`], itself
+/// off the runtime thread for its compilation). The thread ends at the
+/// first check after the gateway is gone.
 pub fn watch_dir(state: Arc<Gateway>, dir: PathBuf, opts: Options) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Snapshot, PolicyError>>(1);
     let (dir2, cluster) = (dir.clone(), state.cluster.clone());
     let spawned = std::thread::Builder::new()
         .name("policy-watch".into())
         .spawn(move || {
+            // Watching starts before the first look, so that a change
+            // made in between is not missed.
+            let mut changes = Changes::new(changes::Source::PolicyDir, policy_targets(&dir2));
             let mut last = fingerprint(&dir2);
             loop {
-                std::thread::sleep(POLL);
+                changes.wait();
+                if tx.is_closed() {
+                    return;
+                }
                 let now = fingerprint(&dir2);
                 if now == last {
                     continue;
@@ -147,6 +158,35 @@ pub fn watch_dir(state: Arc<Gateway>, dir: PathBuf, opts: Options) {
             }
         }
     });
+}
+
+/// What to watch for `dir`: it and its subdirectories as loading walks
+/// them (hidden ones skipped, symlinks not followed), and its parent when
+/// `dir` itself is a symlink, whose swap by rename (a ConfigMap's `..data`,
+/// git-sync's worktree link) happens there.
+fn policy_targets(dir: &Path) -> Targets {
+    let dir = dir.to_path_buf();
+    Box::new(move || {
+        let mut out = Vec::new();
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => out.push(p.to_path_buf()),
+                _ => out.push(PathBuf::from(".")),
+            }
+        }
+        let walker = walkdir::WalkDir::new(&dir)
+            .follow_links(false)
+            .into_iter()
+            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+        // One over the limit is enough for Changes to refuse (and poll).
+        let dirs = walker
+            .filter_map(Result::ok)
+            .filter(|e| e.depth() == 0 || e.file_type().is_dir())
+            .map(|e| e.into_path())
+            .take(changes::MAX_WATCHES + 1);
+        out.extend(dirs);
+        out
+    })
 }
 
 /// Files modified this recently are read by [`fingerprint`], not just

@@ -54,13 +54,17 @@ struct Cli {
 
     /// Directory with bundle.pem (trust anchors), cert.pem (this gateway's
     /// certificate and its cluster's intermediate) and key.pem, as written by
-    /// `meshfed-gateway certs gateway`. Reloaded when the files change.
+    /// `meshfed-gateway certs gateway`. Reloaded when the files change (seen
+    /// through inotify, a Secret volume's `..data` swap included; checked
+    /// every 30 s regardless).
     #[arg(long, value_name = "DIR", env = "MESHFED_TLS_DIR")]
     tls_dir: PathBuf,
 
     /// File mode: a policy repository to load, validate and compile for this
-    /// cluster, and to follow: a bad edit is refused and the previous
-    /// snapshot stays. Exclusive with --syncer.
+    /// cluster, and to follow (checked when inotify reports a change, and
+    /// every 30 s regardless): a bad edit is refused and the previous
+    /// snapshot stays. For a ConfigMap volume, name its `..data` link.
+    /// Exclusive with --syncer.
     #[arg(
         long,
         value_name = "DIR",
@@ -115,7 +119,9 @@ struct Cli {
     state_dir: Option<PathBuf>,
 
     /// Static discovery: a YAML file of this cluster's services and endpoints
-    /// (see docs), followed on change. Endpoints named by host (not IP) need
+    /// (see docs), followed on change (inotify on the file and its directory,
+    /// so a ConfigMap's `..data` swap is seen; checked every 30 s
+    /// regardless). Endpoints named by host (not IP) need
     /// the `dns` feature.
     #[arg(long, value_name = "FILE", env = "MESHFED_DISCOVERY_FILE")]
     discovery_file: Option<PathBuf>,

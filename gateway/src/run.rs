@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSettings};
+use crate::control::changes;
 use crate::discovery::static_file;
 use crate::endpoints::EndpointSet;
 use crate::identity::spiffe::SpiffeId;
@@ -272,6 +273,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let module_metrics = crate::state::ModuleMetrics::default();
     let mut sets: Vec<&dyn crate::metrics::Register> = module_metrics.sets().to_vec();
     sets.push(&crate::wire::announce::AnnounceMetrics);
+    sets.push(&changes::ChangeMetrics);
     let metrics = Arc::new(Metrics::new(&sets));
     let (r, a) = (refusals.clone(), tunnel.admission_refusals());
     metrics.set_handshake_refusals(RefusalReader(Box::new(move || {
@@ -548,7 +550,22 @@ fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<H
     let tunnel = state.tunnel.clone();
     let mutual = cfg.outbound_mutual_tls;
     let tls_dir = cfg.tls_dir.clone();
-    let mut rx = match store::watch(cfg.tls_dir.clone(), Duration::from_secs(1)) {
+    // Read again when inotify reports a change of the directory or the
+    // files (a Secret's `..data` swap included), every 30 s regardless,
+    // and after 1 s to confirm an invalid set (control::changes).
+    let wakes = match changes::spawn_wakes(changes::Source::TlsDir, tls_targets(&cfg.tls_dir)) {
+        Ok(wakes) => wakes,
+        Err(e) => {
+            tracing::error!(error = %e, dir = %cfg.tls_dir.display(), "cannot start the certificate directory watcher; certificates will not reload");
+            return;
+        }
+    };
+    let wakes = store::Wakes::On {
+        wakes,
+        confirm: Duration::from_secs(1),
+        confirmed: || changes::count_check(changes::Source::TlsDir),
+    };
+    let mut rx = match store::watch_on(cfg.tls_dir.clone(), wakes) {
         Ok((rx, _task)) => rx,
         Err(e) => {
             tracing::error!(error = %e, "cannot follow the certificate directory; certificates will not reload");
@@ -586,6 +603,22 @@ fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<H
             }
         }
     });
+}
+
+/// What to watch for the certificate directory: the directory (a Secret's
+/// `..data` swap, a rename onto a file) and the three files through their
+/// symlinks (an in-place write to a target elsewhere).
+fn tls_targets(dir: &Path) -> changes::Targets {
+    let dir = dir.to_path_buf();
+    Box::new(move || {
+        let mut out = vec![dir.clone()];
+        out.extend(
+            [store::BUNDLE_FILE, store::CERT_FILE, store::KEY_FILE]
+                .iter()
+                .map(|f| dir.join(f)),
+        );
+        out
+    })
 }
 
 async fn shutdown_signal() {

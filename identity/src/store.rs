@@ -11,7 +11,8 @@
 //! the leaf, and the chain passes our own trust rules against our own bundle
 //! (so a gateway refuses to start with credentials its peers would refuse).
 //!
-//! [`watch`] re-reads the files through their paths, so the atomic `..data`
+//! [`watch`] re-reads the files through their paths (every interval, or
+//! with [`watch_on`] when a change watcher says so), so the atomic `..data`
 //! symlink swap of a Secret volume is seen, and publishes a new
 //! [`Credentials`] only when the contents changed and are valid. Existing
 //! connections keep the credentials they were made with; callers build new
@@ -372,23 +373,57 @@ pub fn watch(
     dir: PathBuf,
     interval: Duration,
 ) -> Result<(watch::Receiver<Arc<Credentials>>, JoinHandle<()>), StoreError> {
+    watch_on(dir, Wakes::Every(interval))
+}
+
+/// When [`watch_on`] reads the files again.
+#[derive(Debug)]
+pub enum Wakes {
+    /// Every interval.
+    Every(Duration),
+    /// At each message, e.g. from a change watcher (the gateway's inotify
+    /// one). A changed set that is invalid is read again after `confirm`
+    /// (and `confirmed` is called), so it is reported without waiting for
+    /// the next message.
+    On {
+        wakes: tokio::sync::mpsc::Receiver<()>,
+        confirm: Duration,
+        confirmed: fn(),
+    },
+}
+
+/// [`watch`], reading the files again when `wakes` says.
+pub fn watch_on(
+    dir: PathBuf,
+    wakes: Wakes,
+) -> Result<(watch::Receiver<Arc<Credentials>>, JoinHandle<()>), StoreError> {
     let files = FileSet::read(&dir)?;
     let creds = Credentials::from_files(&dir, &files)?;
     tracing::info!(dir = %dir.display(), id = %creds.id, cluster = %creds.cluster, "loaded credentials");
     let (tx, rx) = watch::channel(Arc::new(creds));
-    let task = tokio::spawn(reload_loop(dir, interval, tx, files));
+    let task = tokio::spawn(reload_loop(dir, wakes, tx, files));
     Ok((rx, task))
 }
 
 async fn reload_loop(
     dir: PathBuf,
-    interval: Duration,
+    wakes: Wakes,
     tx: watch::Sender<Arc<Credentials>>,
     mut current: FileSet,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
+    let (mut ticker, mut messages, confirm) = match wakes {
+        Wakes::Every(interval) => {
+            let mut t = tokio::time::interval(interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t.tick().await;
+            (Some(t), None, None)
+        }
+        Wakes::On {
+            wakes,
+            confirm,
+            confirmed,
+        } => (None, Some(wakes), Some((confirm, confirmed))),
+    };
     // A changed set that failed once, and the one last reported as invalid.
     let mut pending: Option<Seen> = None;
     let mut reported: Option<Seen> = None;
@@ -396,9 +431,26 @@ async fn reload_loop(
     // files, and retried at the next tick.
     let mut starved = false;
     loop {
+        // Waiting to confirm an invalid set (or a starved read): look
+        // again after `confirm` even without a message.
+        let recheck = match confirm {
+            Some((after, _)) if pending.is_some() || starved => Some(after),
+            _ => None,
+        };
         tokio::select! {
             () = tx.closed() => return,
-            _ = ticker.tick() => {}
+            _ = async { ticker.as_mut()?.tick().await; Some(()) }, if ticker.is_some() => {}
+            woke = async { messages.as_mut()?.recv().await }, if messages.is_some() => {
+                if woke.is_none() {
+                    // The watcher is gone: nothing will say when to look.
+                    return;
+                }
+            }
+            () = tokio::time::sleep(recheck.unwrap_or_default()), if recheck.is_some() => {
+                if let Some((_, confirmed)) = confirm {
+                    confirmed();
+                }
+            }
         }
         let read = FileSet::read_async(&dir).await;
         match &read {

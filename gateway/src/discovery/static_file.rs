@@ -11,9 +11,12 @@
 //!       healthy: false               # optional; default true
 //! ```
 //!
-//! The file is re-read when its content changes (checked every second,
-//! through the path, so a Kubernetes ConfigMap's `..data` symlink swap is
-//! seen). A file that does not parse is refused with a logged error and the
+//! The file is re-read, through its path, when inotify reports a change of
+//! it or of its directory (so an editor's write-then-rename and a
+//! Kubernetes ConfigMap's `..data` symlink swap are seen), and every 30 s
+//! regardless against missed events; where inotify is unavailable, every
+//! second ([`crate::control::changes`]). Reading happens on a thread of its
+//! own. A file that does not parse is refused with a logged error and the
 //! previous set stays. Host names resolve through [`super::dns`], asked again
 //! when their TTL runs out (between 1 s and 5 min).
 
@@ -25,10 +28,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::control::changes::{Changes, Source, Targets};
 use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
-
-/// How often the file is checked.
-pub const POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,61 +150,160 @@ pub async fn parse(
 
 /// Loads the file once, then follows it. The first load must succeed;
 /// later bad versions are logged and ignored.
+///
+/// A thread of its own (`endpoints-watch`) waits for a change of the file
+/// or its directory ([`Changes`]) and reads the file there, so the runtime
+/// never waits on the disk; a task parses what changed and publishes it.
+/// A file that names hosts is also parsed again every [`RESOLVE`] (from the
+/// resolver's table, so a query goes out only when an answer's TTL has
+/// run out), to follow DNS.
 pub async fn watch(
     path: PathBuf,
     cluster: String,
     domain: String,
 ) -> Result<watch::Receiver<Arc<EndpointSet>>, StaticError> {
-    let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| StaticError::Read {
-            path: p.to_path_buf(),
-            source,
-        })
+    let text = {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || read(&p))
+            .await
+            .map_err(|e| StaticError::Read {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })??
     };
-    let mut last_text = read(&path)?;
-    let first = parse(&path, &last_text, &cluster, &domain).await?;
+    let first = parse(&path, &text, &cluster, &domain).await?;
     let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if tx.is_closed() {
-                return;
+    let (changed_tx, changed) = tokio::sync::mpsc::channel(1);
+    let (watched, seen) = (path.clone(), text.clone());
+    let spawned = std::thread::Builder::new()
+        .name("endpoints-watch".into())
+        .spawn(move || follow_file(&watched, seen, &changed_tx));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, path = %path.display(), "cannot start the discovery file watcher; edits will not be followed");
+    }
+    tokio::spawn(publish(path, cluster, domain, text, changed, tx));
+    Ok(rx)
+}
+
+/// How often a file that names hosts is parsed again, to follow DNS.
+pub const RESOLVE: Duration = Duration::from_secs(1);
+
+fn read(p: &Path) -> Result<String, StaticError> {
+    std::fs::read_to_string(p).map_err(|source| StaticError::Read {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether `text` names an endpoint by host (not IP), so that parsing it
+/// again may give other addresses.
+fn names_hosts(text: &str) -> bool {
+    serde_yaml::from_str::<File>(text).is_ok_and(|f| {
+        f.services
+            .values()
+            .flatten()
+            .any(|e| e.address.parse::<std::net::SocketAddr>().is_err())
+    })
+}
+
+/// The watcher thread: sends the file's text each time it differs from the
+/// last sent (or an unreadable file's error, once), until the receiver is
+/// gone.
+fn follow_file(
+    path: &Path,
+    mut last: String,
+    out: &tokio::sync::mpsc::Sender<Result<String, StaticError>>,
+) {
+    let watched = path.to_path_buf();
+    let targets: Targets = Box::new(move || {
+        // The directory, for a rename onto the file (an editor's save, a
+        // ConfigMap's `..data` swap), and the file through its symlinks,
+        // for an in-place write to a target elsewhere.
+        let dir = match watched.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        vec![dir, watched.clone()]
+    });
+    let mut changes = Changes::new(Source::EndpointsFile, targets);
+    let mut unreadable = false;
+    loop {
+        changes.wait();
+        if out.is_closed() {
+            return;
+        }
+        let sent = match read(path) {
+            Ok(text) if text == last => {
+                unreadable = false;
+                continue;
             }
-            let text = match read(&path) {
-                Ok(t) => t,
-                Err(e) => {
+            Ok(text) => {
+                unreadable = false;
+                last.clone_from(&text);
+                Ok(text)
+            }
+            Err(_) if unreadable => continue,
+            Err(e) => {
+                unreadable = true;
+                Err(e)
+            }
+        };
+        if out.blocking_send(sent).is_err() {
+            return;
+        }
+    }
+}
+
+/// Parses each new text and publishes its endpoints, or logs why not and
+/// keeps the previous ones; re-parses host-naming files every [`RESOLVE`].
+async fn publish(
+    path: PathBuf,
+    cluster: String,
+    domain: String,
+    mut text: String,
+    mut changed: tokio::sync::mpsc::Receiver<Result<String, StaticError>>,
+    tx: watch::Sender<Arc<EndpointSet>>,
+) {
+    let mut resolve = tokio::time::interval(RESOLVE);
+    resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hosts = names_hosts(&text);
+    loop {
+        let edited = tokio::select! {
+            () = tx.closed() => return,
+            next = changed.recv() => match next {
+                None => return,
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "discovery file unreadable; keeping the previous endpoints");
                     continue;
                 }
-            };
-            // Re-parse on change, and periodically re-resolve host names.
-            match parse(&path, &text, &cluster, &domain).await {
-                Ok(set) => {
-                    if text != last_text {
-                        tracing::info!(path = %path.display(), services = set.len(), "discovery file reloaded");
-                        last_text = text;
-                    }
-                    tx.send_if_modified(|cur| {
-                        if **cur == set {
-                            false
-                        } else {
-                            *cur = Arc::new(set);
-                            true
-                        }
-                    });
+                Some(Ok(new)) => {
+                    text = new;
+                    hosts = names_hosts(&text);
+                    true
                 }
-                Err(e) => {
-                    if text != last_text {
-                        tracing::error!(error = %e, "discovery file refused; keeping the previous endpoints");
-                        last_text = text;
-                    }
+            },
+            _ = resolve.tick(), if hosts => false,
+        };
+        match parse(&path, &text, &cluster, &domain).await {
+            Ok(set) => {
+                if edited {
+                    tracing::info!(path = %path.display(), services = set.len(), "discovery file reloaded");
                 }
+                tx.send_if_modified(|cur| {
+                    if **cur == set {
+                        false
+                    } else {
+                        *cur = Arc::new(set);
+                        true
+                    }
+                });
             }
+            Err(e) if edited => {
+                tracing::error!(error = %e, "discovery file refused; keeping the previous endpoints");
+            }
+            Err(_) => {}
         }
-    });
-    Ok(rx)
+    }
 }
 
 #[cfg(test)]
@@ -262,8 +362,18 @@ mod tests {
         let mut rx = watch(path.clone(), "c".into(), "cluster.local".into())
             .await
             .unwrap();
+        let checks = crate::control::changes::checks(Source::EndpointsFile);
         std::fs::write(&path, "services: [broken").unwrap();
-        tokio::time::sleep(POLL * 2 + Duration::from_millis(200)).await;
+        // Checked (at least) once after the bad edit, and it changed nothing.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while crate::control::changes::checks(Source::EndpointsFile) == checks {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bad edit was never checked"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(rx.borrow()["a.b.svc.cluster.local"][0].addr.port(), 1);
         std::fs::write(&path, "services:\n  a.b:\n    - address: 127.0.0.1:2\n").unwrap();
         tokio::time::timeout(Duration::from_secs(5), rx.changed())
