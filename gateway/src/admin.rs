@@ -6,7 +6,7 @@
 //! | `/readyz` | 200 once listening with a snapshot applied (from the policy dir, the syncer or the state dir); 503 while draining |
 //! | `/metrics` | Prometheus text ([`crate::metrics`]) |
 //! | `/config_dump` | the applied snapshot, as JSON, with where it came from, the local endpoints and current outlier ejections |
-//! | `/peers` | every link: state, RTT, loss, streams, announcements |
+//! | `/peers` | every link: state, RTT, loss (ratio over 30 s, random-loss verdict: `tunnel::loss`), streams, announcements |
 //!
 //! It keeps answering while the outbound listener is saturated: it holds
 //! at most [`ADMIN_MAX_CONNECTIONS`] connections of its own (more are reset

@@ -370,6 +370,7 @@ mod tests {
             announced_config: None,
             announced_services: 0,
             last_error: None,
+            loss: Default::default(),
         };
         let text = m.encode(&[&LinkGauges(&[link])]);
         for line in [

@@ -77,6 +77,9 @@ pub struct RunConfig {
     pub tracing: crate::trace::Settings,
     /// The tunnel links' congestion controller.
     pub congestion: crate::tunnel::link::Congestion,
+    /// The window of each link's loss ratio and random-loss verdict
+    /// (crate::tunnel::loss; `--loss-window`, hidden, for tests).
+    pub loss_window: Duration,
     /// The most caller connections held at once (`--max-connections`),
     /// lowered at start to fit the open-files limit.
     pub max_connections: usize,
@@ -264,6 +267,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         &cfg.cluster,
         LinkSettings {
             congestion: cfg.congestion,
+            loss_window: cfg.loss_window,
             ..LinkSettings::default()
         },
         identify(),

@@ -11,6 +11,7 @@
 //! destination ([`crate::route`]), or the local listener ([`crate::proxy`]).
 
 pub mod link;
+pub mod loss;
 pub mod socket;
 
 use std::sync::atomic::AtomicU64;
@@ -43,7 +44,7 @@ pub struct LinkGauges<'a>(pub &'a [LinkStatus]);
 
 impl crate::metrics::Register for LinkGauges<'_> {
     fn register(&self, registry: &mut Registry) {
-        let gauges: [(&str, &str, LinkGauge); 4] = [
+        let gauges: [(&str, &str, LinkGauge); 6] = [
             (
                 "peer_link_up",
                 "1 when the link to the peer gateway is up and available",
@@ -62,6 +63,16 @@ impl crate::metrics::Register for LinkGauges<'_> {
             ("peer_open_streams", "Streams open on the link", |l| {
                 Some(l.open_streams as f64)
             }),
+            (
+                "peer_loss_ratio",
+                "Share of the packets this gateway sent on the link that were lost, over the loss window (30 s by default)",
+                |l| l.up.then_some(l.loss.ratio).flatten(),
+            ),
+            (
+                "peer_random_loss",
+                "1 when the link shows sustained random loss: loss of at least 0.5% over the window with a flat RTT (docs/operations.md, \"Lossy links\")",
+                |l| Some(if l.loss.random_loss { 1.0 } else { 0.0 }),
+            ),
         ];
         for (name, help, get) in gauges {
             let family = Family::<LinkLabels, Gauge<f64, AtomicU64>>::default();

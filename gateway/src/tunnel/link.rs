@@ -33,6 +33,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarIn
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::loss::{LossView, LossWindow, Sample, Verdict};
 use super::socket::{ClassifyingSocket, DatagramDrops};
 use crate::wire::announce::Announcement;
 use crate::wire::frame::{self, Frame};
@@ -66,6 +67,9 @@ pub struct LinkSettings {
     pub max_handshakes: usize,
     /// The links' congestion controller.
     pub congestion: Congestion,
+    /// The sliding window of each link's loss ratio and random-loss
+    /// verdict ([`super::loss`]).
+    pub loss_window: Duration,
 }
 
 /// A link's congestion controller (`--congestion-control`).
@@ -99,6 +103,7 @@ impl Default for LinkSettings {
             retry_above: 16,
             max_handshakes: 128,
             congestion: Congestion::Cubic,
+            loss_window: super::loss::DEFAULT_WINDOW,
         }
     }
 }
@@ -289,6 +294,9 @@ pub struct LinkStatus {
     pub announced_config: Option<String>,
     pub announced_services: usize,
     pub last_error: Option<String>,
+    /// The loss of what this gateway sent on the link, over the sliding
+    /// window, and the random-loss verdict ([`super::loss`]).
+    pub loss: LossView,
 }
 
 /// One dialed connection to one gateway address of a peer cluster.
@@ -304,6 +312,10 @@ pub struct Link {
     connects: AtomicU64,
     last_error: Mutex<Option<String>>,
     stop: watch::Sender<bool>,
+    /// The current connection's loss window, fed by the dial loop.
+    loss: Mutex<LossWindow>,
+    /// Whether the random-loss warning was logged (once per link).
+    warned: AtomicBool,
 }
 
 impl Link {
@@ -369,6 +381,53 @@ impl Link {
             announced_config: ann.as_ref().map(|a| a.config_version.clone()),
             announced_services: ann.as_ref().map_or(0, |a| a.services.len()),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            loss: self.loss.lock().map(|w| w.view()).unwrap_or_default(),
+        }
+    }
+
+    /// Feeds the loss window from the connection's counters, and says so
+    /// when the random-loss verdict changes: once per link at `warn` when
+    /// it first turns on under CUBIC (the controller that suffers from
+    /// it), at `info` otherwise.
+    fn observe_loss(&self, conn: &Connection, congestion: Congestion) {
+        let stats = conn.stats().path;
+        let sample = Sample {
+            at: Instant::now(),
+            sent: stats.sent_packets,
+            lost: stats.lost_packets,
+            congestion_events: stats.congestion_events,
+            rtt: stats.rtt,
+            min_rtt: stats.min_rtt,
+        };
+        let Ok(mut w) = self.loss.lock() else {
+            return;
+        };
+        let change = w.record(sample);
+        let v = w.view();
+        drop(w);
+        let percent = v.ratio.unwrap_or(0.0) * 100.0;
+        match change {
+            Some(Verdict::TurnedOn)
+                if congestion == Congestion::Cubic
+                    && !self.warned.swap(true, Ordering::Relaxed) =>
+            {
+                tracing::warn!(
+                    cluster = %self.cluster, target = %self.target,
+                    loss_percent = percent, lost = v.lost, sent = v.sent, window_s = v.span_s,
+                    queue_ms = v.queue_ms, congestion_events = v.congestion_events,
+                    "sustained random loss on the link: {percent:.2}% of packets lost over {:.0} s with a flat RTT; \
+                     CUBIC reads each loss as congestion and slows every call on the link; \
+                     try `--congestion-control bbr` on this gateway and its peers (docs/operations.md, \"Lossy links\")",
+                    v.span_s,
+                );
+            }
+            Some(Verdict::TurnedOn) => {
+                tracing::info!(cluster = %self.cluster, target = %self.target, loss_percent = percent, lost = v.lost, sent = v.sent, window_s = v.span_s, "sustained random loss on the link");
+            }
+            Some(Verdict::TurnedOff) => {
+                tracing::info!(cluster = %self.cluster, target = %self.target, loss_percent = percent, queue_ms = v.queue_ms, "random loss on the link has ended");
+            }
+            None => {}
         }
     }
 }
@@ -565,6 +624,8 @@ impl Tunnel {
                 connects: AtomicU64::new(0),
                 last_error: Mutex::new(None),
                 stop,
+                loss: Mutex::new(LossWindow::new(self.settings.loss_window)),
+                warned: AtomicBool::new(false),
             });
             tokio::spawn(self.clone().dial_loop(link.clone(), stop_rx));
             links.insert(key, link);
@@ -631,13 +692,27 @@ impl Tunnel {
                     let conn = Arc::new(conn);
                     link.conn.store(Some(conn.clone()));
                     let reader = tokio::spawn(read_control(link.clone(), conn.clone()));
-                    tokio::select! {
-                        reason = conn.closed() => {
-                            tracing::warn!(cluster = %link.cluster, target = %link.target, %reason, "link down");
-                            set_error(&link, format!("link lost: {reason}"));
-                        }
-                        _ = stop.changed() => {
-                            conn.close(VarInt::from_u32(0), b"removed");
+                    if let Ok(mut w) = link.loss.lock() {
+                        w.reset();
+                    }
+                    let mut sample = tokio::time::interval(
+                        LossWindow::new(self.settings.loss_window).sample_every(),
+                    );
+                    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let closed = conn.closed();
+                    tokio::pin!(closed);
+                    loop {
+                        tokio::select! {
+                            reason = &mut closed => {
+                                tracing::warn!(cluster = %link.cluster, target = %link.target, %reason, "link down");
+                                set_error(&link, format!("link lost: {reason}"));
+                                break;
+                            }
+                            _ = stop.changed() => {
+                                conn.close(VarInt::from_u32(0), b"removed");
+                                break;
+                            }
+                            _ = sample.tick() => link.observe_loss(&conn, self.settings.congestion),
                         }
                     }
                     reader.abort();
