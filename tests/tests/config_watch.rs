@@ -127,7 +127,10 @@ fn start(configmap_layout: bool) -> Setup {
         let policy = dir.path().join("policy");
         std::fs::create_dir_all(policy.join("team")).unwrap();
         std::fs::write(policy.join("p.yaml"), policy_yaml(port, "v1")).unwrap();
-        let eps = dir.path().join("endpoints.yaml");
+        // A directory of its own, as deployed: the file's directory is
+        // watched, and the work directory gets the gateway's ready file.
+        let eps = dir.path().join("endpoints/endpoints.yaml");
+        std::fs::create_dir_all(dir.path().join("endpoints")).unwrap();
         std::fs::write(&eps, endpoints_yaml(9001)).unwrap();
         (policy, eps)
     };
