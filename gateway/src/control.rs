@@ -218,7 +218,10 @@ fn fingerprint(dir: &Path) -> u64 {
             continue;
         };
         let rel = e.path().strip_prefix(dir).unwrap_or(e.path());
-        if !e.file_type().is_file() || (e.depth() > 0 && !sel.selects(rel)) {
+        // Symlinks count by their target's metadata (a ConfigMap's entries are
+        // links into `..data`), as `read_paths` reads them.
+        let file = e.file_type().is_file() || e.file_type().is_symlink();
+        if !file || (e.depth() > 0 && !sel.selects(rel)) {
             continue;
         }
         rel.hash(&mut h);

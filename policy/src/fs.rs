@@ -109,6 +109,11 @@ pub fn read_paths(paths: &[PathBuf], sel: &Selection) -> (Vec<SourceFile>, Vec<D
             continue;
         }
         let found_before = files.len() + diags.len();
+        // Symlinked files are followed only to a target inside the
+        // directory: a Kubernetes ConfigMap mount is `name -> ..data/name`
+        // with `..data` a symlink to the current version beside it. A link
+        // out of the directory is refused, not read.
+        let inside = std::fs::canonicalize(root).ok();
         let walker = walkdir::WalkDir::new(root)
             .follow_links(false)
             .sort_by_file_name()
@@ -125,6 +130,39 @@ pub fn read_paths(paths: &[PathBuf], sel: &Selection) -> (Vec<SourceFile>, Vec<D
                             &mut files,
                             &mut diags,
                         );
+                    }
+                }
+                Ok(e) if e.file_type().is_symlink() && e.depth() > 0 => {
+                    let rel = e.path().strip_prefix(root).unwrap_or(e.path());
+                    let at = e.path().display().to_string();
+                    let target = std::fs::canonicalize(e.path());
+                    match (&inside, target) {
+                        (Some(dir), Ok(t)) if t.starts_with(dir) => {
+                            if t.is_file() && sel.selects(rel) {
+                                read_one(e.path(), at, &mut files, &mut diags);
+                            }
+                        }
+                        (_, Ok(t)) => {
+                            if sel.selects(rel) {
+                                diags.push(
+                                    Diagnostic::new(
+                                        Code::Io,
+                                        &at,
+                                        Pos { line: 1, column: 1 },
+                                        format!(
+                                            "symlink to {}, outside the policy directory: not read",
+                                            t.display()
+                                        ),
+                                    )
+                                    .with_hint("copy the file into the directory, or point the symlink inside it"),
+                                );
+                            }
+                        }
+                        (_, Err(err)) => {
+                            if sel.selects(rel) {
+                                diags.push(io_diag(&at, &err));
+                            }
+                        }
                     }
                 }
                 Ok(_) => {}

@@ -108,9 +108,9 @@ struct Setup {
 }
 
 /// One gateway of cluster `east` in file mode. With `configmap`, both the
-/// policy and the endpoints come from ConfigMap volumes: `--policy-dir
-/// vol/..data` (the loader reads regular files, not the volume's top-level
-/// symlinks) and `--discovery-file vol/endpoints.yaml`.
+/// policy and the endpoints come from ConfigMap volumes, named as a user
+/// names them: `--policy-dir vol` (its entries are symlinks into `..data`)
+/// and `--discovery-file vol/endpoints.yaml`.
 fn start(configmap_layout: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
@@ -122,7 +122,7 @@ fn start(configmap_layout: bool) -> Setup {
         let evol = dir.path().join("endpoints-volume");
         configmap(&evol, "v1", &[("endpoints.yaml", &endpoints_yaml(9001))]);
         symlink("..v1", evol.join("..data")).unwrap();
-        (pvol.join("..data"), evol.join("endpoints.yaml"))
+        (pvol, evol.join("endpoints.yaml"))
     } else {
         let policy = dir.path().join("policy");
         std::fs::create_dir_all(policy.join("team")).unwrap();
@@ -231,7 +231,7 @@ async fn configmap_data_swaps_of_the_policy_and_the_endpoints_apply() {
     let s = start(true);
     let v1 = config_version(&s.gw);
     assert_eq!(ratings_endpoints(&s.gw), vec!["127.0.0.1:9001".to_string()]);
-    let pvol = s.policy.parent().unwrap();
+    let pvol = s.policy.as_path();
     configmap_swap(pvol, "v2", &[("p.yaml", &policy_yaml(s.port, "v2"))]);
     assert_eventually(
         "the policy volume's swap applies",
