@@ -21,11 +21,11 @@
 //!
 //! It also splits every receive batch the kernel coalesced (UDP GRO: one
 //! buffer holding several datagrams, `stride` bytes apart) into one buffer
-//! per datagram ([`split_batches`]). quinn copies each buffer it is given
-//! into one allocation and hands out slices of it, so a stream frame of a
-//! single datagram keeps its whole batch (up to 64 KiB) alive until the
-//! application reads it, and quinn's own bound on that waste counts the
-//! datagram, not the batch. A peer that writes to thousands of streams
+//! per datagram, in the order they arrived ([`split_batches`]). quinn
+//! copies each buffer it is given into one allocation and hands out slices
+//! of it, so a stream frame of a single datagram keeps its whole batch (up
+//! to 64 KiB) alive until the application reads it, and quinn's own bound
+//! on that waste counts the datagram, not the batch. A peer that writes to thousands of streams
 //! nobody reads (stalled request bodies) pinned batches 30 to 50 times the
 //! size of what flow control let it send, and OOM-killed a 128 MiB gateway
 //! within a second (RELIABILITY.md, "Hostile network"). Split, each
@@ -285,7 +285,8 @@ impl AsyncUdpSocket for ClassifyingSocket {
         // queue of whole datagrams; it stays usable.
         let mut split = self.split.lock().unwrap_or_else(PoisonError::into_inner);
         let n = if split.is_empty() {
-            let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            let lim = bufs.len().min(meta.len()).min(MAX_SLOTS);
+            let n = ready!(self.inner.poll_recv(cx, &mut bufs[..lim], &mut meta[..lim]))?;
             split_batches(bufs, meta, n, &mut split)
         } else {
             take_split(bufs, meta, &mut split)
@@ -319,44 +320,98 @@ impl AsyncUdpSocket for ClassifyingSocket {
     }
 }
 
+/// At most this many buffers are handed to quinn per receive (quinn gives
+/// 32 on Linux); more are left unused.
+const MAX_SLOTS: usize = 64;
+
 /// Splits each of the `n` received buffers that holds a coalesced batch
-/// (`stride < len`) into one buffer per datagram: the first stays in its
-/// buffer, the others are copied into the buffers quinn gave beyond `n`,
-/// and what does not fit is queued in `rest`. Returns how many buffers hold
-/// a datagram now.
+/// (`stride < len`) into one buffer per datagram, keeping the order in
+/// which they arrived: the first datagram of a batch stays in its buffer,
+/// the next are copied into the buffers quinn gave beyond `n`, and the
+/// buffers are then put in arrival order (only the slice descriptors
+/// move). What does not fit, and every buffer received after it, is
+/// queued in `rest`, in order. Returns how many buffers hold a datagram
+/// now.
+///
+/// The order matters: quinn's loss detection declares a packet lost once
+/// three later ones are acknowledged, so handing a later batch's first
+/// datagram over before an earlier batch's tail made the peer see gaps
+/// that were not there (spurious losses, each of which halved CUBIC's
+/// window; docs/benchmarks.md, "Transport").
 fn split_batches(
     bufs: &mut [IoSliceMut<'_>],
     meta: &mut [RecvMeta],
     n: usize,
     rest: &mut VecDeque<(RecvMeta, Vec<u8>)>,
 ) -> usize {
-    let slots = bufs.len().min(meta.len());
-    let mut used = n.min(slots);
-    for i in 0..n.min(slots) {
+    let slots = bufs.len().min(meta.len()).min(MAX_SLOTS);
+    let n = n.min(slots);
+    // order[k]: the buffer that goes k-th; the first `out` are handed over.
+    let mut order = [0usize; MAX_SLOTS];
+    let mut out = 0;
+    let mut free = n;
+    let mut full = false;
+    for i in 0..n {
         let (len, stride) = (meta[i].len, meta[i].stride);
-        if stride == 0 || stride >= len {
-            continue;
+        let stride = if stride == 0 || stride >= len {
+            len
+        } else {
+            stride
+        };
+        let mut at = 0;
+        if !full {
+            order[out] = i;
+            out += 1;
+            (meta[i].len, meta[i].stride) = (stride, stride);
+            at = stride;
         }
-        let mut at = stride;
         while at < len {
             let end = (at + stride).min(len);
             let mut m = meta[i];
             (m.len, m.stride) = (end - at, end - at);
-            let (head, tail) = bufs.split_at_mut(used.max(i + 1));
+            let (head, tail) = bufs.split_at_mut(free.max(i + 1));
             let src = head[i].get(at..end).unwrap_or(&[]);
             match tail.first_mut().and_then(|b| b.get_mut(..src.len())) {
-                Some(dst) if used < slots => {
+                Some(dst) if !full && free < slots => {
                     dst.copy_from_slice(src);
-                    meta[used] = m;
-                    used += 1;
+                    meta[free] = m;
+                    order[out] = free;
+                    out += 1;
+                    free += 1;
                 }
-                _ => rest.push_back((m, src.to_vec())),
+                _ => {
+                    full = true;
+                    rest.push_back((m, src.to_vec()));
+                }
             }
             at = end;
         }
-        (meta[i].len, meta[i].stride) = (stride, stride);
     }
-    used
+    // The buffers whose datagrams were all queued go last, unused.
+    let mut k = out;
+    for i in 0..n {
+        if !order[..out].contains(&i) {
+            order[k] = i;
+            k += 1;
+        }
+    }
+    permute(bufs, meta, &order[..k]);
+    out
+}
+
+/// Puts buffer `order[k]` at position `k`, for every `k`, by swaps
+/// (`order` is a permutation of `0..order.len()`).
+fn permute(bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], order: &[usize]) {
+    for (k, &wanted) in order.iter().enumerate() {
+        // Where the buffer wanted here is now: swaps at earlier
+        // positions moved it along their chain.
+        let mut src = wanted;
+        while src < k {
+            src = order[src];
+        }
+        bufs.swap(k, src);
+        meta.swap(k, src);
+    }
 }
 
 /// Hands over datagrams queued by [`split_batches`], as many as fit.

@@ -203,23 +203,35 @@ fn a_batch_is_classified_datagram_by_datagram_and_all_garbage_buffers_are_droppe
     );
 }
 
-/// A coalesced batch becomes one buffer per datagram, in order: the first
-/// stays, the next fill the free buffers, the rest wait in the queue and
-/// come out first at the next receive; a buffer of one datagram is left
-/// alone.
+/// The datagrams handed over, as (len, stride, bytes).
+fn handed(bufs: &[IoSliceMut<'_>], meta: &[RecvMeta], used: usize) -> Vec<(usize, usize, Vec<u8>)> {
+    (0..used)
+        .map(|i| (meta[i].len, meta[i].stride, bufs[i][..meta[i].len].to_vec()))
+        .collect()
+}
+
+fn meta_of(len: usize, stride: usize) -> RecvMeta {
+    RecvMeta {
+        len,
+        stride,
+        ..RecvMeta::default()
+    }
+}
+
+/// A coalesced batch becomes one buffer per datagram, in the order they
+/// arrived: the first stays, the next fill the free buffers; what does not
+/// fit waits in the queue, with every buffer received after it, and comes
+/// out first at the next receive; a buffer of one datagram is left alone.
+/// (Before the fix the single datagram received after the batch was handed
+/// over before the batch's tail: 1, 9, 2, 3, then 4.)
 #[test]
-fn a_coalesced_batch_is_split_into_one_buffer_per_datagram() {
+fn a_coalesced_batch_is_split_into_one_buffer_per_datagram_in_arrival_order() {
     let stride = 4;
     // Buffer 0: a batch of 4 datagrams (the last one short); buffer 1: one
     // datagram; buffers 2 and 3: free, 8 bytes each.
     let mut a: Vec<u8> = [&[1u8; 4][..], &[2; 4], &[3; 4], &[4; 2]].concat();
     let mut b = vec![9u8; 3];
     let (mut f1, mut f2) = (vec![0u8; 8], vec![0u8; 8]);
-    let meta_of = |len, stride| RecvMeta {
-        len,
-        stride,
-        ..RecvMeta::default()
-    };
     let mut meta = [
         meta_of(a.len(), stride),
         meta_of(3, 3),
@@ -234,24 +246,57 @@ fn a_coalesced_batch_is_split_into_one_buffer_per_datagram() {
     ];
     let mut rest = std::collections::VecDeque::new();
     let used = split_batches(&mut bufs, &mut meta, 2, &mut rest);
-    assert_eq!(used, 4);
-    let got: Vec<(usize, usize, Vec<u8>)> = (0..used)
-        .map(|i| (meta[i].len, meta[i].stride, bufs[i][..meta[i].len].to_vec()))
-        .collect();
     assert_eq!(
-        got,
+        handed(&bufs, &meta, used),
+        vec![(4, 4, vec![1; 4]), (4, 4, vec![2; 4]), (4, 4, vec![3; 4])]
+    );
+    assert_eq!(
+        rest.len(),
+        2,
+        "the batch's tail and what came after it wait"
+    );
+    // The next receive hands them over first, in order.
+    let used = take_split(&mut bufs, &mut meta, &mut rest);
+    assert_eq!(
+        handed(&bufs, &meta, used),
+        vec![(2, 2, vec![4; 2]), (3, 3, vec![9; 3])]
+    );
+    assert!(rest.is_empty());
+}
+
+/// Two batches received at once, with room for all: every datagram of the
+/// first comes before any of the second (the old split gave 1, 3, 2, 4,
+/// and quinn's peer read the gap as loss).
+#[test]
+fn two_batches_received_at_once_keep_their_order() {
+    let mut a: Vec<u8> = [&[1u8; 4][..], &[2; 4]].concat();
+    let mut b: Vec<u8> = [&[3u8; 4][..], &[4; 4], &[5; 1]].concat();
+    let (mut f1, mut f2, mut f3) = (vec![0u8; 8], vec![0u8; 8], vec![0u8; 8]);
+    let mut meta = [
+        meta_of(8, 4),
+        meta_of(9, 4),
+        RecvMeta::default(),
+        RecvMeta::default(),
+        RecvMeta::default(),
+    ];
+    let mut bufs = [
+        IoSliceMut::new(&mut a),
+        IoSliceMut::new(&mut b),
+        IoSliceMut::new(&mut f1),
+        IoSliceMut::new(&mut f2),
+        IoSliceMut::new(&mut f3),
+    ];
+    let mut rest = std::collections::VecDeque::new();
+    let used = split_batches(&mut bufs, &mut meta, 2, &mut rest);
+    assert_eq!(
+        handed(&bufs, &meta, used),
         vec![
             (4, 4, vec![1; 4]),
-            (3, 3, vec![9; 3]),
             (4, 4, vec![2; 4]),
             (4, 4, vec![3; 4]),
+            (4, 4, vec![4; 4]),
+            (1, 1, vec![5; 1]),
         ]
     );
-    assert_eq!(rest.len(), 1, "the last datagram did not fit: queued");
-    // The next receive hands it over first.
-    let used = take_split(&mut bufs, &mut meta, &mut rest);
-    assert_eq!(used, 1);
-    assert_eq!((meta[0].len, meta[0].stride), (2, 2));
-    assert_eq!(bufs[0][..2], [4, 4]);
     assert!(rest.is_empty());
 }
