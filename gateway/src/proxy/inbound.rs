@@ -187,61 +187,74 @@ async fn serve(
         )
         .await;
     };
-    let addr = picked.addr;
-    crate::trace::upstream(addr);
+    crate::trace::upstream(picked.addr);
+    // Each kind's exchange is its own future, boxed: `serve` holds only a
+    // pointer to it, so the per-stream future that the tunnel boxes stays
+    // small, and neither kind carries the other's state (a TCP stream
+    // holds its future for as long as it is open). Boxing still copies the
+    // HTTP exchange once, and it is large (upstream::send); the sizes are
+    // guarded by tests::destination_futures_stay_small.
     match open.kind {
-        StreamKind::Tcp => {
-            let (mut upstream, inflight) = match state.upstream.connect_tcp(picked).await {
-                Ok(ok) => ok,
-                Err(e) => {
-                    state.metrics.refused("stream", e.refusal().reason());
-                    return refuse(&mut send, e.refusal(), e.to_string()).await;
-                }
-            };
-            if write_frame(&mut send, &Frame::Accept).await.is_err() {
-                return;
-            }
-            use tokio::io::AsyncWriteExt;
-            if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
-                return;
-            }
-            // The head's read buffer must not live as long as the stream.
-            let already = rest.len() as u64;
-            drop(rest);
-            let labels = TcpLabels {
-                direction: "inbound",
-                destination_service: open.service.clone(),
-                destination_cluster: state.cluster.clone(),
-            };
-            state.metrics.tcp_connections.get_or_create(&labels).inc();
-            let (to_peer, from_peer) = super::splice::splice(upstream, send, recv, already).await;
-            state
-                .metrics
-                .tcp_received_bytes
-                .get_or_create(&labels)
-                .inc_by(to_peer);
-            state
-                .metrics
-                .tcp_sent_bytes
-                .get_or_create(&labels)
-                .inc_by(from_peer);
-            drop(inflight);
-        }
-        // Boxed: the HTTP exchange is most of this function's future, and
-        // a TCP stream, which holds that future for as long as it is open,
-        // should not carry it (docs/benchmarks.md: RSS per open stream).
+        StreamKind::Tcp => Box::pin(serve_tcp(&state, &open, picked, send, recv, rest)).await,
         StreamKind::Http => {
             // The endpoint's protocol (upstream::speaks_h2), from the
             // snapshot this stream was checked with.
             let h2 = open.http.as_ref().is_some_and(|h| {
                 crate::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
             });
-            let http = serve_http(
+            Box::pin(serve_http(
                 &state, &peer, &open, picked, target, h2, send, recv, rest, start,
-            );
-            Box::pin(http).await
+            ))
+            .await
         }
     }
+}
+
+/// The TCP half of [`serve`]: a connection to `picked`, spliced with the
+/// stream until either side ends.
+async fn serve_tcp(
+    state: &Gateway,
+    open: &Open,
+    picked: crate::upstream::Picked<'_>,
+    mut send: SendStream,
+    recv: RecvStream,
+    rest: bytes::BytesMut,
+) {
+    let (mut upstream, inflight) = match state.upstream.connect_tcp(picked).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            state.metrics.refused("stream", e.refusal().reason());
+            return refuse(&mut send, e.refusal(), e.to_string()).await;
+        }
+    };
+    if write_frame(&mut send, &Frame::Accept).await.is_err() {
+        return;
+    }
+    use tokio::io::AsyncWriteExt;
+    if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
+        return;
+    }
+    // The head's read buffer must not live as long as the stream.
+    let already = rest.len() as u64;
+    drop(rest);
+    let labels = TcpLabels {
+        direction: "inbound",
+        destination_service: open.service.clone(),
+        destination_cluster: state.cluster.clone(),
+    };
+    state.metrics.tcp_connections.get_or_create(&labels).inc();
+    let (to_peer, from_peer) = super::splice::splice(upstream, send, recv, already).await;
+    state
+        .metrics
+        .tcp_received_bytes
+        .get_or_create(&labels)
+        .inc_by(to_peer);
+    state
+        .metrics
+        .tcp_sent_bytes
+        .get_or_create(&labels)
+        .inc_by(from_peer);
+    drop(inflight);
 }
 
 /// The HTTP half of [`serve`]: the request to `picked`, and its answer back

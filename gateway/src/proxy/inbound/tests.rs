@@ -570,3 +570,81 @@ async fn an_endpoint_that_refuses_connections_is_answered_connect_failed() {
         assert_eq!(e.refusal.http_status(), StatusCode::BAD_GATEWAY);
     }
 }
+
+/// Upper bounds, in bytes, of the destination's request-path futures: what
+/// they measured (dev profile) plus a little. Each is boxed once per
+/// stream, and boxing copies the whole future. `serve_http` is still large
+/// (10,856 bytes, most of it the endpoint request, `upstream::send`): lower
+/// its bound as it shrinks.
+const SERVE_STREAM_MAX: usize = 2560;
+const SERVE_HTTP_MAX: usize = 11_264;
+const SERVE_TCP_MAX: usize = 1536;
+
+/// The destination's per-stream futures stay small (issue 17), so that
+/// one cannot silently grow back: the tunnel boxes [`serve_stream`]'s
+/// future for every stream it accepts, and `serve` boxes the exchange of
+/// the stream's kind, each a copy of the whole future; a TCP stream holds
+/// its futures for as long as it is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_futures_stay_small() {
+    let fx = Fixture::start().await;
+    let state = fx.west.clone();
+    let peer = Arc::new(PeerInfo {
+        cluster: "east".into(),
+        id: "spiffe://cluster.local/meshfed/cluster/east/gateway/gw-0".into(),
+        trust_domain: TD.into(),
+    });
+    let mut sizes = Vec::new();
+    let (send, recv) = fx.stream().await;
+    let f = serve_stream(state.clone(), peer.clone(), send, recv);
+    sizes.push(("serve_stream", std::mem::size_of_val(&f), SERVE_STREAM_MAX));
+    drop(f);
+
+    let active = state.active.load_full();
+    let endpoints = state.endpoints.borrow().clone();
+    let selector = BTreeMap::new();
+    let o = http_open(RATINGS, Method::GET, "/");
+    let dest = crate::upstream::Dest {
+        service: RATINGS,
+        subset: None,
+        port: 9080,
+        selector: &selector,
+    };
+    let pick = || {
+        let candidates = crate::endpoints::healthy(&endpoints, RATINGS, &selector);
+        state
+            .upstream
+            .choose_from(&active, candidates, &dest)
+            .expect("ratings has an endpoint")
+    };
+    let (send, recv) = fx.stream().await;
+    let f = serve_http(
+        &state,
+        &peer,
+        &o,
+        pick(),
+        "/".into(),
+        false,
+        send,
+        recv,
+        BytesMut::new(),
+        Instant::now(),
+    );
+    sizes.push(("serve_http", std::mem::size_of_val(&f), SERVE_HTTP_MAX));
+    drop(f);
+    let (send, recv) = fx.stream().await;
+    let f = serve_tcp(&state, &o, pick(), send, recv, BytesMut::new());
+    sizes.push(("serve_tcp", std::mem::size_of_val(&f), SERVE_TCP_MAX));
+    drop(f);
+
+    eprintln!("destination futures (bytes): {sizes:?}");
+    let over: Vec<_> = sizes.iter().filter(|(_, size, max)| size > max).collect();
+    assert!(
+        over.is_empty(),
+        "destination futures over their bound (name, bytes, bound): {over:?}. A future on the \
+         request path grew: find the new local that lives across an `.await`, or the sub-future \
+         awaited inline, and box it where it is made (a rarely taken branch first), or keep it \
+         behind a pointer. Raise a bound only with before/after instructions per request \
+         (`meshfed-bench instructions`) in docs/benchmarks.md."
+    );
+}
