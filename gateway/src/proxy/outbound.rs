@@ -256,28 +256,7 @@ where
     };
     let svc = {
         let activity = activity.clone();
-        service_fn(move |mut req: Request<Incoming>| {
-            let state = state.clone();
-            let caller = caller.clone();
-            let in_flight = InFlight::new(&activity);
-            let h2 = req.version() == http::Version::HTTP_2;
-            if h2 && req.method() == Method::CONNECT {
-                // The tunnel outlives the response; connect() holds this.
-                req.extensions_mut().insert(in_flight.clone());
-            }
-            async move {
-                // Boxed: hyper keeps room for this future from the start of
-                // every connection (its dispatcher's in-flight slot), so an
-                // inline request future would cost every idle caller ~28 KiB.
-                let resp = Box::pin(handle_http(state, caller, req)).await;
-                // HTTP/1 is not timed by `idle`: no need to hold its body.
-                Ok::<_, Infallible>(if h2 {
-                    resp.map(|b| Held::boxed(b, in_flight))
-                } else {
-                    resp
-                })
-            }
-        })
+        service_fn(move |req: Request<Incoming>| serve_request(&state, &caller, &activity, req))
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -325,6 +304,38 @@ where
         }
         tracing::debug!(error = %e, timed_out, "outbound HTTP connection ended with an error");
     }
+}
+
+/// The future hyper's dispatcher holds for one request: boxed whole, so
+/// that hyper moves a pointer (its in-flight slot, an HTTP/2 stream's task)
+/// and an idle caller connection holds no room for a request
+/// ([`future_sizes`] guards the size of what is inside).
+type RequestFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// One request on a caller connection: counted in flight (for [`idle`]),
+/// then [`handle_http`].
+fn serve_request(
+    state: &Arc<Gateway>,
+    caller: &Arc<Caller>,
+    activity: &Arc<Activity>,
+    mut req: Request<Incoming>,
+) -> RequestFuture {
+    let (state, caller) = (state.clone(), caller.clone());
+    let in_flight = InFlight::new(activity);
+    let h2 = req.version() == http::Version::HTTP_2;
+    if h2 && req.method() == Method::CONNECT {
+        // The tunnel outlives the response; connect() holds this.
+        req.extensions_mut().insert(in_flight.clone());
+    }
+    Box::pin(async move {
+        let resp = handle_http(state, caller, req).await;
+        // HTTP/1 is not timed by `idle`: no need to hold its body.
+        Ok::<_, Infallible>(if h2 {
+            resp.map(|b| Held::boxed(b, in_flight))
+        } else {
+            resp
+        })
+    })
 }
 
 /// What a caller connection has spoken and has in flight, for [`idle`].
@@ -904,12 +915,13 @@ async fn retry<T: Tries>(
     let mut failed: Vec<String> = Vec::new();
     let (mut replayed, mut link_replayed) = (false, false);
     loop {
-        let once = tries.send(&target, &cluster, req);
+        // Each branch makes its own try: a try future made before the
+        // match and moved into the timeout would be kept twice.
         let tried = match plan.per_try {
-            Some(d) => tokio::time::timeout(d, once)
+            Some(d) => tokio::time::timeout(d, tries.send(&target, &cluster, req))
                 .await
                 .unwrap_or_else(|_| Err(TryError::refused(Refusal::Timeout, "per-try timeout"))),
-            None => once.await,
+            None => tries.send(&target, &cluster, req).await,
         };
         let seen = seen_of(&tried, grpc);
         let policy_retries =
@@ -1006,8 +1018,12 @@ struct Live<'a> {
 
 impl Tries for Live<'_> {
     async fn send(&mut self, target: &Target, cluster: &str, req: Request<ProxyBody>) -> Tried {
+        // Boxed: a try's own future (the local pool's connect and
+        // handshake, the link's stream open) is moved once into its box,
+        // instead of living inline in every step above it (retry, forward,
+        // execute, the service future), each of which is moved per request.
         if cluster == self.state.cluster {
-            forward_local(
+            Box::pin(forward_local(
                 self.state,
                 self.active,
                 self.caller.id.as_deref(),
@@ -1016,10 +1032,10 @@ impl Tries for Live<'_> {
                 req,
                 self.grpc,
                 &mut self.failed_endpoints,
-            )
+            ))
             .await
         } else {
-            forward_remote(
+            Box::pin(forward_remote(
                 self.state,
                 self.active,
                 self.caller,
@@ -1028,7 +1044,7 @@ impl Tries for Live<'_> {
                 self.authority,
                 req,
                 &mut self.failed_links,
-            )
+            ))
             .await
         }
     }
@@ -1999,3 +2015,6 @@ pub async fn tcp_proxy<S>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod future_sizes;
