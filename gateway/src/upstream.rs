@@ -613,7 +613,8 @@ impl Upstream {
             inflight,
         } = picked;
         let setup = match policy.tls {
-            Some(t) => self.tls.setup(t, service).await?,
+            // Boxed: only TLS origination pays for its future.
+            Some(t) => Box::pin(self.tls.setup(t, service)).await?,
             None => None,
         };
         let key = EndpointKey {

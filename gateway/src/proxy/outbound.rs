@@ -588,7 +588,13 @@ pub async fn handle_http(
         && req.method() != Method::CONNECT
         && let Some(hop) = t.outbound(&mut req)
     {
-        return crate::trace::in_hop(hop, route_and_forward(state, caller, req)).await;
+        // Boxed: the task-local scope holds the request future again,
+        // which would double this future's size for untraced requests.
+        return Box::pin(crate::trace::in_hop(
+            hop,
+            route_and_forward(state, caller, req),
+        ))
+        .await;
     }
     route_and_forward(state, caller, req).await
 }

@@ -367,7 +367,10 @@ impl ClusterPool {
                     }
                 }
                 Step::Connect(slot) => {
-                    let conn = connect(key, limits, tls, slot).await?;
+                    // Boxed: a new connection (TCP, TLS, the HTTP handshake) is
+                    // the rare path, and inline its future would make every
+                    // request's future kilobytes larger (issue 17).
+                    let conn = Box::pin(connect(key, limits, tls, slot)).await?;
                     if let Conn::H2(tx, usage) = &conn {
                         let mut st = self.lock();
                         if let Some(ep) = st.endpoints.get_mut(&key) {

@@ -40,7 +40,7 @@ fn sizes() -> Vec<(&'static str, usize, usize)> {
         (
             "handle_http",
             size_of_return(|| handle_http(never(), never(), never())),
-            11000,
+            4800,
         ),
         (
             "route_and_forward",
@@ -97,7 +97,7 @@ fn sizes() -> Vec<(&'static str, usize, usize)> {
                     never(),
                 )
             }),
-            10700,
+            2800,
         ),
         (
             "forward_remote",
@@ -130,7 +130,7 @@ fn sizes() -> Vec<(&'static str, usize, usize)> {
         (
             "Upstream::send",
             size_of_return(|| crate::upstream::Upstream::send(never(), never(), never(), never())),
-            9800,
+            1850,
         ),
         (
             "tcp_proxy (TLS passthrough)",
