@@ -28,7 +28,6 @@
 //! This module does not decide what a snapshot means ([`crate::route`] and
 //! the data path do) nor compile policy (the `meshfed-policy` crate does).
 
-pub mod changes;
 pub mod persist;
 pub mod syncer;
 
@@ -39,9 +38,9 @@ use std::time::{Duration, SystemTime};
 use meshfed_policy::fs::{Selection, read_paths};
 use meshfed_policy::{Options, Snapshot, analyze};
 
+use crate::changes::{self, Changes, Targets};
 use crate::state::Gateway;
 use crate::state::provenance::Source;
-use changes::{Changes, Targets};
 
 /// Why a policy directory gave no snapshot.
 #[derive(Debug, thiserror::Error)]

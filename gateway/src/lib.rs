@@ -19,7 +19,8 @@
 //!    file, DNS, Kubernetes, ServiceEntry), [`upstream`] (balancer and
 //!    pooled clients of local endpoints), [`accept`] (listeners' connection
 //!    limit), [`trace`] (spans, propagation, OTLP), [`body`] (bodies across
-//!    the tunnel), [`respond`] (the responses the gateway writes itself);
+//!    the tunnel), [`respond`] (the responses the gateway writes itself),
+//!    [`changes`] (inotify-driven checks of the file inputs);
 //! 3. state: [`state`] (the shared `Gateway`: snapshot, endpoints, tunnel,
 //!    upstream), [`control`] (the config client that applies snapshots);
 //! 4. data path: [`proxy`] (outbound listener, inbound streams, admission,
@@ -53,6 +54,7 @@ pub mod authz;
 pub mod backoff;
 pub mod body;
 pub mod body_budget;
+pub mod changes;
 pub mod control;
 pub mod discovery;
 pub mod endpoints;

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminSettings};
-use crate::control::changes;
+use crate::changes;
 use crate::discovery::static_file;
 use crate::endpoints::EndpointSet;
 use crate::identity::spiffe::SpiffeId;
@@ -556,7 +556,7 @@ fn spawn_credential_reload(cfg: &RunConfig, state: Arc<Gateway>, refusals: Arc<H
     let tls_dir = cfg.tls_dir.clone();
     // Read again when inotify reports a change of the directory or the
     // files (a Secret's `..data` swap included), every 30 s regardless,
-    // and after 1 s to confirm an invalid set (control::changes).
+    // and after 1 s to confirm an invalid set (changes).
     let wakes = match changes::spawn_wakes(changes::Source::TlsDir, tls_targets(&cfg.tls_dir)) {
         Ok(wakes) => wakes,
         Err(e) => {

@@ -38,6 +38,7 @@ const LAYERS: &[(&str, u8)] = &[
     // bodies and the responses the gateway writes itself, tracing.
     ("accept", 2),
     ("body", 2),
+    ("changes", 2),
     ("discovery", 2),
     ("respond", 2),
     ("trace", 2),

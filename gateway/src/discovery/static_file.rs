@@ -15,7 +15,7 @@
 //! it or of its directory (so an editor's write-then-rename and a
 //! Kubernetes ConfigMap's `..data` symlink swap are seen), and every 30 s
 //! regardless against missed events; where inotify is unavailable, every
-//! second ([`crate::control::changes`]). Reading happens on a thread of its
+//! second ([`crate::changes`]). Reading happens on a thread of its
 //! own. A file that does not parse is refused with a logged error and the
 //! previous set stays. Host names resolve through [`super::dns`], asked again
 //! when their TTL runs out (between 1 s and 5 min).
@@ -28,7 +28,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::control::changes::{Changes, Source, Targets};
+use crate::changes::{Changes, Source, Targets};
 use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
 
 #[derive(Debug, Deserialize)]
@@ -362,11 +362,11 @@ mod tests {
         let mut rx = watch(path.clone(), "c".into(), "cluster.local".into())
             .await
             .unwrap();
-        let checks = crate::control::changes::checks(Source::EndpointsFile);
+        let checks = crate::changes::checks(Source::EndpointsFile);
         std::fs::write(&path, "services: [broken").unwrap();
         // Checked (at least) once after the bad edit, and it changed nothing.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while crate::control::changes::checks(Source::EndpointsFile) == checks {
+        while crate::changes::checks(Source::EndpointsFile) == checks {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the bad edit was never checked"

@@ -21,6 +21,9 @@ fn spawn(targets: Targets) -> (mpsc::Receiver<Wake>, bool) {
         }
     });
     let watching = ready_rx.recv().expect("the watcher thread started");
+    // The first wait returns at once: the check that covers changes made
+    // before the watches were placed.
+    assert_eq!(rx.recv_timeout(PATIENCE), Ok(Wake::Armed));
     (rx, watching)
 }
 
@@ -124,4 +127,23 @@ fn too_many_directories_fall_back_to_polling() {
         .collect();
     let err = arm(&many).unwrap_err();
     assert!(err.contains("over the limit"), "{err}");
+}
+
+#[test]
+fn the_first_wait_returns_at_once_so_a_change_before_the_watches_is_not_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Changes::new(Source::EndpointsFile, dir_targets(dir.path()));
+    let before = checks(Source::EndpointsFile);
+    let start = std::time::Instant::now();
+    assert_eq!(c.wait(), Wake::Armed);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        checks(Source::EndpointsFile),
+        before + 1,
+        "the first check is counted"
+    );
 }

@@ -127,6 +127,10 @@ pub enum Wake {
     Safety,
     /// Polling ([`POLL`]): inotify is unavailable.
     Poll,
+    /// The first wait, right after the watches were placed: a change made
+    /// between the caller's first read and the watches is checked now, not
+    /// at the next [`SAFETY`] check.
+    Armed,
 }
 
 /// What to watch, computed anew at every wake: directories (watched for
@@ -145,6 +149,8 @@ pub struct Changes {
     /// The reason polling was last announced, so it is said once.
     warned: Option<String>,
     since: Instant,
+    /// Whether [`Changes::wait`] has returned yet.
+    started: bool,
 }
 
 impl std::fmt::Debug for Changes {
@@ -168,6 +174,7 @@ impl Changes {
             armed: Err(String::new()),
             warned: None,
             since: Instant::now(),
+            started: false,
         };
         c.rearm();
         c
@@ -180,6 +187,11 @@ impl Changes {
 
     /// Blocks until a check is due, counts it and says why.
     pub fn wait(&mut self) -> Wake {
+        if !self.started {
+            self.started = true;
+            count_check(self.source);
+            return Wake::Armed;
+        }
         let wake = self.next();
         self.rearm();
         self.since = Instant::now();
