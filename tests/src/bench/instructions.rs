@@ -106,7 +106,7 @@ impl Pair {
         Ok(match system {
             System::Meshfed => {
                 let wrap = |side: &str| {
-                    let mut v = vec!["env".to_string(), "RUST_LOG=info".to_string()];
+                    let mut v = rig::deployed_log_level(side);
                     v.extend(wrap(side));
                     v
                 };

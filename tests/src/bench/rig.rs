@@ -197,6 +197,13 @@ pub fn unwrapped(_side: &str) -> Vec<String> {
     Vec::new()
 }
 
+/// The gateways log at `info`, a deployment's default, not at the test
+/// harness's `debug`: per-request debug lines would be measured as the
+/// data path's cost (HAProxy runs without request logs).
+pub fn deployed_log_level(_side: &str) -> Vec<String> {
+    vec!["env".to_string(), "RUST_LOG=info".to_string()]
+}
+
 impl MeshfedPair {
     pub fn start(
         dir: &Path,
@@ -205,7 +212,14 @@ impl MeshfedPair {
         impairment: Option<Impairment>,
         gateway_args: &[String],
     ) -> anyhow::Result<MeshfedPair> {
-        Self::start_wrapped(dir, pki, backend, impairment, gateway_args, &unwrapped)
+        Self::start_wrapped(
+            dir,
+            pki,
+            backend,
+            impairment,
+            gateway_args,
+            &deployed_log_level,
+        )
     }
 
     /// [`MeshfedPair::start`], each gateway run under `wrap(cluster)`.
