@@ -332,6 +332,18 @@ pub async fn read_head(recv: &mut RecvStream) -> Result<(Frame, BytesMut), BodyE
     }
 }
 
+/// Whether a request's body is known to be empty already: its stream ended
+/// right after the head. Takes, without waiting, whatever has arrived after
+/// the head into `rest` (call it with `rest` empty). A body that has neither
+/// started nor ended is not empty: it may start at any time.
+pub fn ended_after_head(recv: &mut RecvStream, rest: &mut BytesMut) -> bool {
+    use futures_util::FutureExt;
+    matches!(
+        tokio_util::io::read_buf(recv, rest).now_or_never(),
+        Some(Ok(0))
+    )
+}
+
 /// Why a frame could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteFrameError {

@@ -12,8 +12,10 @@
 //! with `Overloaded` (a `503` at the source, counted
 //! `meshfed_refusals_total{stage="stream",reason="body-limit"}`), which
 //! keeps legitimate traffic flowing and never hangs a request: the source
-//! may retry elsewhere. Bodiless requests never take a place, and a body
-//! takes one only once its first byte arrives.
+//! may retry elsewhere. A request whose stream ended with its head
+//! (bodiless) takes no place; any other takes one from its head until its
+//! body ends, including one whose first byte has not arrived yet (it would
+//! hold an endpoint connection just the same).
 //!
 //! The budget is per peer certificate (its SPIFFE ID, so several
 //! connections of one peer share it), and gateway-wide, so that two

@@ -831,14 +831,29 @@ async fn endless_bodies(cgroup: &str, keep_writing: Option<Duration>) {
     // (or died trying), while the bodies in it are held: west lives, is
     // ready and serves east's callers.
     let counted = |reason: &str| west.metric("meshfed_refusals_total", &["\"stream\"", reason]);
-    meshfed_tests::assert_eventually(
+    meshfed_tests::eventually(
         "west refuses or times out every stream past the budget",
         meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(10)),
         || {
-            counted("body-limit") + counted("head-timeout")
-                >= opened.saturating_sub(DEFAULT_PEER_BODIES) as f64
+            let (over, late) = (counted("body-limit"), counted("head-timeout"));
+            if over + late >= opened.saturating_sub(DEFAULT_PEER_BODIES) as f64
                 || cg.oom_kills() > 0
                 || !alive(&west)
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{over} refused over the budget and {late} timed out, of {opened} streams; \
+                     west's metrics:\n{}",
+                    west.admin_get("/metrics")
+                        .lines()
+                        .filter(|l| l.starts_with("meshfed_refusals_total")
+                            || l.starts_with("meshfed_peer_open_streams")
+                            || l.starts_with("meshfed_runtime_alive_tasks"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ))
+            }
         },
     );
     assert!(

@@ -17,7 +17,9 @@
 //! regardless against missed events; where inotify is unavailable, every
 //! second ([`crate::changes`]). Reading happens on a thread of its
 //! own. A file that does not parse is refused with a logged error and the
-//! previous set stays. Host names resolve through [`super::dns`], asked again
+//! previous set stays; so is an empty one, which is what a reader sees
+//! between an in-place write's truncate and its bytes (`services: {}` says
+//! "no endpoints"). Host names resolve through [`super::dns`], asked again
 //! when their TTL runs out (between 1 s and 5 min).
 
 use std::collections::BTreeMap;
@@ -65,6 +67,13 @@ pub enum StaticError {
         path: PathBuf,
         source: serde_yaml::Error,
     },
+    /// Empty, or only comments: most likely caught between an editor's
+    /// truncate and its write, so it never removes every endpoint.
+    #[error(
+        "{path}: the file is empty (or only comments); to remove every endpoint, \
+         write `services: {{}}`"
+    )]
+    Empty { path: PathBuf },
     #[error("{path}: service `{service}`: endpoint `{address}` is not host:port")]
     Address {
         path: PathBuf,
@@ -98,10 +107,15 @@ pub async fn parse(
     cluster: &str,
     domain: &str,
 ) -> Result<EndpointSet, StaticError> {
-    let file: File = serde_yaml::from_str(text).map_err(|source| StaticError::Parse {
+    let file: Option<File> = serde_yaml::from_str(text).map_err(|source| StaticError::Parse {
         path: path.to_path_buf(),
         source,
     })?;
+    let Some(file) = file else {
+        return Err(StaticError::Empty {
+            path: path.to_path_buf(),
+        });
+    };
     let mut set = EndpointSet::new();
     for (service, eps) in file.services {
         let host = canonical(&service, domain);
@@ -352,6 +366,23 @@ mod tests {
         )
         .await;
         assert!(matches!(typo, Err(StaticError::Parse { .. })));
+    }
+
+    #[tokio::test]
+    async fn an_empty_file_is_refused_and_an_empty_map_is_no_endpoints() {
+        for text in ["", "\n", "# only a comment\n"] {
+            let e = parse(Path::new("d/eps.yaml"), text, "c", "cluster.local").await;
+            match e {
+                Err(e @ StaticError::Empty { .. }) => {
+                    assert!(e.to_string().contains("services: {}"), "{e}");
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        let none = parse(Path::new("d"), "services: {}\n", "c", "cluster.local")
+            .await
+            .unwrap();
+        assert!(none.is_empty());
     }
 
     #[tokio::test]

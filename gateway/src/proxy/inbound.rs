@@ -268,8 +268,8 @@ async fn serve_http(
     target: String,
     h2: bool,
     mut send: SendStream,
-    recv: RecvStream,
-    rest: bytes::BytesMut,
+    mut recv: RecvStream,
+    mut rest: bytes::BytesMut,
     start: Instant,
 ) {
     let addr = picked.addr;
@@ -309,11 +309,14 @@ async fn serve_http(
         crate::trace::inject(h);
     }
     // The request body is held to the budget of peers' bodies in flight
-    // (crate::body_budget). One that has started already takes its place now,
-    // so that past the budget it is refused before the endpoint sees it;
-    // any other takes one at its first byte.
+    // (crate::body_budget). Any body that has not ended with the head takes
+    // its place now, so that past the budget it is refused before the
+    // endpoint sees it: one whose bytes are still on their way (stuck behind
+    // the peer's other streams in flow control, say) would otherwise hold an
+    // endpoint connection outside the budget for as long as the peer likes.
     let peer_id: Arc<str> = peer.id.as_str().into();
-    let permit = if rest.is_empty() {
+    let bodiless = rest.is_empty() && body::ended_after_head(&mut recv, &mut rest);
+    let permit = if bodiless {
         None
     } else {
         match state.bodies.try_acquire(&peer_id) {

@@ -488,6 +488,63 @@ async fn a_request_body_past_the_peer_budget_is_refused_overloaded_and_counted()
     assert_eq!(response(&frames).0.status, StatusCode::OK);
 }
 
+/// A body whose first byte has not arrived (held up behind the peer's other
+/// streams in flow control, or never sent) still holds an endpoint
+/// connection: it takes its place in the budget with its head, so that the
+/// next body past the budget is refused. (It used to take one only at its
+/// first byte, and a peer's stalled streams went past the budget.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_has_not_started_takes_its_place_in_the_budget_with_its_head() {
+    let fx = Fixture::start().await;
+    fx.west.bodies.set_limits(1, 1);
+    // A POST whose body has not started: the head only, and no FIN.
+    let (mut held, _held_recv) = fx.stream().await;
+    let mut buf = BytesMut::new();
+    frame::encode(&open(http_open(RATINGS, Method::POST, "/")), &mut buf).unwrap();
+    held.write_all(&buf).await.unwrap();
+    let deadline = tokio::time::Instant::now() + meshfed_tests::patient(Duration::from_secs(5));
+    while fx.seen.requests.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held POST never reached the endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let frames = fx
+        .exchange(&[
+            open(http_open(RATINGS, Method::POST, "/")),
+            Frame::Data(Bytes::from_static(b"a body")),
+        ])
+        .await;
+    assert_eq!(refusal(&frames).refusal, Refusal::Overloaded);
+    assert_eq!(fx.refused("body-limit"), 1.0);
+    // A bodiless request (its stream ends with its head) takes no place.
+    let frames = fx
+        .exchange(&[open(http_open(RATINGS, Method::GET, "/"))])
+        .await;
+    assert_eq!(response(&frames).0.status, StatusCode::OK);
+    // Once the held body ends, its place is free again.
+    held.finish().unwrap();
+    let deadline = tokio::time::Instant::now() + meshfed_tests::patient(Duration::from_secs(5));
+    loop {
+        let frames = fx
+            .exchange(&[
+                open(http_open(RATINGS, Method::POST, "/")),
+                Frame::Data(Bytes::from_static(b"a body")),
+            ])
+            .await;
+        if matches!(frames.first(), Some(Frame::Response(_))) {
+            assert_eq!(response(&frames).0.status, StatusCode::OK);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ended body's place was not given back: {frames:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_stream_heads_are_answered_bad_request_and_the_link_keeps_serving() {
     let fx = Fixture::start().await;
