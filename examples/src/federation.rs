@@ -250,6 +250,8 @@ impl Federation {
             .args(["--admin-addr", &g.admin.to_string()])
             .args(["--outbound-tls", "mutual"])
             .args(["--drain-timeout", "1s"])
+            // Nothing balances across the demo's gateways by readiness.
+            .args(["--drain-grace", "0s"])
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info");

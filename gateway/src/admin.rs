@@ -3,7 +3,7 @@
 //! | path | what |
 //! |---|---|
 //! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 once listening with a snapshot applied (from the policy dir, the syncer or the state dir); 503 while draining |
+//! | `/readyz` | 200 once listening with a snapshot applied (from the policy dir, the syncer or the state dir); 503 `draining` from SIGTERM on, through the drain grace while every listener still serves ([`Readiness`]) |
 //! | `/metrics` | Prometheus text ([`crate::metrics`]) |
 //! | `/config_dump` | the applied snapshot, as JSON, with where it came from, the local endpoints and current outlier ejections |
 //! | `/peers` | every link: state, RTT, loss (ratio over 30 s, random-loss verdict: `tunnel::loss`), streams, announcements |
@@ -19,7 +19,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -37,6 +37,43 @@ use crate::state::Gateway;
 /// health and merged metrics on 15020.
 pub const DEFAULT_PORT: u16 = 15020;
 
+/// What `/readyz` answers: `starting` (503) until a snapshot is applied,
+/// `ready` (200), then `draining` (503) from SIGTERM on. Draining is final:
+/// a snapshot applied after SIGTERM does not make the gateway ready again.
+///
+/// Readiness turns false at SIGTERM while the listeners keep serving for
+/// the drain grace (`--drain-grace`, crate::run): a load balancer that
+/// follows readiness (the kubelet's probe, an EndpointSlice, kube-proxy)
+/// stops sending new connections here before the listeners stop accepting.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicU8);
+
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const DRAINING: u8 = 2;
+
+impl Readiness {
+    /// Ready, unless draining already.
+    pub fn set_ready(&self) {
+        let _ = self
+            .0
+            .compare_exchange(STARTING, READY, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Not ready, for good: the gateway is shutting down.
+    pub fn set_draining(&self) {
+        self.0.store(DRAINING, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire) == READY
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.load(Ordering::Acquire) == DRAINING
+    }
+}
+
 /// Admin settings.
 #[derive(Debug, Clone, Default)]
 pub struct AdminSettings {
@@ -51,7 +88,7 @@ pub struct AdminSettings {
 pub async fn serve(
     state: Arc<Gateway>,
     listener: TcpListener,
-    ready: Arc<AtomicBool>,
+    ready: Arc<Readiness>,
     settings: AdminSettings,
 ) {
     let settings = Arc::new(settings);
@@ -94,7 +131,7 @@ fn text(
 
 fn handle(
     state: &Gateway,
-    ready: &AtomicBool,
+    ready: &Readiness,
     settings: &AdminSettings,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -119,9 +156,9 @@ fn handle(
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         "/readyz" => {
-            if state.draining() {
+            if state.draining() || ready.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n", "text/plain")
-            } else if ready.load(Ordering::Relaxed) {
+            } else if ready.is_ready() {
                 text(StatusCode::OK, "ready\n", "text/plain")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "starting\n", "text/plain")
@@ -175,5 +212,28 @@ fn handle(
             "not found; try /healthz /readyz /metrics /config_dump /peers\n",
             "text/plain",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readiness;
+
+    #[test]
+    fn readiness_turns_false_at_drain_and_a_later_snapshot_does_not_bring_it_back() {
+        let r = Readiness::default();
+        assert!(!r.is_ready() && !r.is_draining(), "starting");
+        r.set_ready();
+        assert!(r.is_ready());
+        r.set_draining();
+        assert!(!r.is_ready() && r.is_draining());
+        // The first snapshot (or a reload) applied after SIGTERM.
+        r.set_ready();
+        assert!(!r.is_ready() && r.is_draining(), "draining is final");
+
+        let never_ready = Readiness::default();
+        never_ready.set_draining();
+        never_ready.set_ready();
+        assert!(never_ready.is_draining() && !never_ready.is_ready());
     }
 }

@@ -204,12 +204,25 @@ struct Cli {
     #[arg(long, value_name = "FILE", env = "MESHFED_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
 
-    /// On SIGTERM the outbound listener and every port mapping stop
-    /// accepting; this is how long in-flight requests and connections get to
-    /// finish.
+    /// After the drain grace, the outbound listener and every port mapping
+    /// stop accepting and peers are told the gateway drains; this is how
+    /// long in-flight requests and connections then get to finish.
     #[arg(long, value_name = "DURATION", env = "MESHFED_DRAIN_TIMEOUT", default_value = "5s",
           value_parser = parse_duration)]
     drain_timeout: Duration,
+
+    /// On SIGTERM (or SIGINT), /readyz turns 503 `draining` at once, but
+    /// every listener (outbound, port mappings, tunnel) keeps accepting and
+    /// serving for this long, so that load balancers that follow readiness
+    /// (EndpointSlices, then kube-proxy on every node) stop sending new
+    /// connections before the listeners close; then the drain
+    /// (--drain-timeout). A second signal ends the grace early; a gateway
+    /// that was never ready skips it. Keep terminationGracePeriodSeconds
+    /// above grace + 2 × drain timeout + 2 s. 0s: drain at once (no load balancer
+    /// in front, e.g. an edge site's single gateway). See docs/kubernetes.md.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_DRAIN_GRACE", default_value = "10s",
+          value_parser = parse_duration)]
+    drain_grace: Duration,
 
     /// How long a caller connection of the outbound listener may go without
     /// a request. HTTP/1: from when it waits for a request head until the
@@ -678,6 +691,7 @@ fn main() -> ExitCode {
         admin_token,
         ready_file: cli.ready_file,
         drain_timeout: cli.drain_timeout,
+        drain_grace: cli.drain_grace,
         header_timeout: cli.header_timeout,
         outbound_mutual_tls: cli.outbound_tls == OutboundTls::Mutual,
         tcp_maps: cli.tcp_port_map,

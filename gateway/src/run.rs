@@ -6,16 +6,23 @@
 //! mode: the state directory's, if any, else none and not ready until the
 //! syncer sends one), discovery, then
 //! the QUIC endpoint, the outbound listener and the admin server; then the
-//! ready file, and readiness. On SIGTERM or SIGINT: not ready, announce
-//! `draining` so peers stop opening streams here, stop accepting on the
-//! outbound listener and every port mapping, let in-flight work finish
-//! within the drain deadline, close the links, exit.
+//! ready file, and readiness. On SIGTERM or SIGINT: not ready at once
+//! (`/readyz` answers 503 `draining`), but every listener (the outbound
+//! listener, each port mapping, the tunnel) keeps accepting and serving for
+//! the drain grace (`--drain-grace`, 10 s by default, as Envoy's drain
+//! time), while the load balancers in front (an EndpointSlice update, then
+//! kube-proxy on every node) stop sending new connections here; a second
+//! signal ends the grace early. Then: announce `draining` so peers stop
+//! opening streams here, stop accepting on the outbound listener and every
+//! port mapping, ask open connections to close (HTTP/1.1 `Connection:
+//! close`, HTTP/2 GOAWAY), let in-flight work finish within the drain
+//! deadline, close the links, exit. A gateway that was never ready skips the
+//! grace: no load balancer was sending to it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -62,6 +69,9 @@ pub struct RunConfig {
     pub admin_token: Option<String>,
     pub ready_file: Option<PathBuf>,
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long every listener keeps accepting while
+    /// readiness is already false (`--drain-grace`), before the drain.
+    pub drain_grace: Duration,
     /// How long a caller connection of the outbound listener may go without
     /// a request head (HTTP/1) or a request in flight (HTTP/2).
     pub header_timeout: Duration,
@@ -360,7 +370,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             cfg.drain_timeout,
         )));
     }
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(admin::Readiness::default());
     let outbound_task = tokio::spawn(proxy::outbound::serve(
         state.clone(),
         outbound,
@@ -410,7 +420,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (cluster, id) = (cfg.cluster.clone(), cfg.gateway_id.clone());
     tokio::spawn(async move {
         if applied.wait_for(Option::is_some).await.is_ok() {
-            ready_when_applied.store(true, Ordering::Relaxed);
+            ready_when_applied.set_ready();
             tracing::info!(%cluster, %id, ?addrs, "gateway ready");
         }
     });
@@ -419,8 +429,23 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
 
     shutdown_signal().await;
+    let was_ready = ready.is_ready();
+    ready.set_draining();
+    if was_ready && !cfg.drain_grace.is_zero() {
+        // Load balancers learn of SIGTERM late: Kubernetes removes a
+        // terminating pod from its EndpointSlices at once, but every
+        // node's kube-proxy (and a cloud load balancer's health check)
+        // follows seconds later, and until then sends new connections
+        // here. So keep serving as if nothing happened: peers are not told
+        // either (one that reaches this cluster through a load-balanced
+        // address has only this link until the drain closes it).
+        tracing::info!(grace = ?cfg.drain_grace, "SIGTERM: not ready; every listener keeps serving for the drain grace while load balancers stop sending here (a second signal ends it)");
+        tokio::select! {
+            () = tokio::time::sleep(cfg.drain_grace) => {}
+            () = shutdown_signal() => tracing::info!("second signal: drain grace cut short"),
+        }
+    }
     tracing::info!(deadline = ?cfg.drain_timeout, "draining");
-    ready.store(false, Ordering::Relaxed);
     state.start_drain();
     // Give peers a moment to read the draining announcement before
     // in-flight work is counted down.

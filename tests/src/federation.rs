@@ -231,6 +231,10 @@ impl GatewayProcess {
                 cmd.env_remove(key);
             }
         }
+        // No load balancer follows these gateways' readiness, so SIGTERM
+        // drains at once (as before the drain grace existed); a test of the
+        // grace passes `--drain-grace`, which overrides this.
+        cmd.env("MESHFED_DRAIN_GRACE", "0s");
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting meshfed-gateway: {e}"));

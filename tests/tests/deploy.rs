@@ -255,6 +255,7 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
                 );
                 assert_eq!(path(&c.readiness_probe), "/readyz", "{overlay}");
                 assert_eq!(path(&c.liveness_probe), "/healthz", "{overlay}");
+                check_termination_grace(overlay, pod, &objects);
             } else {
                 assert_eq!(path(&c.liveness_probe), "/healthz", "{overlay}/{name}");
             }
@@ -304,6 +305,67 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
             }
         }
     }
+}
+
+/// The duration setting `key` of the gateway: from its rendered config
+/// file, else the default its `--help` states.
+fn gateway_duration(config: &serde_yaml::Mapping, key: &str) -> std::time::Duration {
+    let text = match config.get(key).and_then(Value::as_str) {
+        Some(v) => v.to_string(),
+        None => {
+            let out = Command::new(bin("meshfed-gateway"))
+                .arg("--help")
+                .output()
+                .unwrap();
+            let help = String::from_utf8_lossy(&out.stdout).to_string();
+            let after = help
+                .split_once(&format!("--{key} "))
+                .unwrap_or_else(|| panic!("meshfed-gateway --help has no --{key}"))
+                .1;
+            let default = after
+                .split_once("[default: ")
+                .and_then(|(_, d)| d.split_once(']'))
+                .unwrap_or_else(|| panic!("--{key} states no default"))
+                .0;
+            default.to_string()
+        }
+    };
+    meshfed_policy::syntax::parse_duration(&text)
+        .unwrap_or_else(|e| panic!("gateway setting {key}: {text:?}: {e}"))
+}
+
+/// SIGTERM keeps the gateway serving for the drain grace, then gives the
+/// callers' connections the drain deadline, then the links and the trace
+/// flush up to the same again (gateway/src/run.rs): the pod's
+/// terminationGracePeriodSeconds must cover all of it with 2 s to spare,
+/// or the kubelet's SIGKILL cuts requests a rollout should have drained.
+fn check_termination_grace(
+    overlay: &str,
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    objects: &[Value],
+) {
+    let text = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("meshfed-gateway-config"))
+        })
+        .and_then(|cm| cm["data"]["gateway.yaml"].as_str())
+        .unwrap_or_else(|| panic!("{overlay}: no rendered gateway config"));
+    let config: serde_yaml::Mapping = serde_yaml::from_str(text).unwrap();
+    let grace = gateway_duration(&config, "drain-grace");
+    let drain = gateway_duration(&config, "drain-timeout");
+    let needed = grace + drain * 2 + std::time::Duration::from_secs(2);
+    // Kubernetes' default when unset is 30 s.
+    let period = pod.termination_grace_period_seconds.unwrap_or(30);
+    assert!(
+        std::time::Duration::from_secs(u64::try_from(period).unwrap_or(0)) >= needed,
+        "{overlay}: terminationGracePeriodSeconds {period} is shorter than drain-grace \
+         {grace:?} + 2 x drain-timeout {drain:?} + 2s = {needed:?}: the kubelet would kill \
+         the gateway mid-drain"
+    );
 }
 
 /// The namespace an object renders in (`""`: none, so `kubectl apply` would
@@ -661,6 +723,20 @@ fn the_edge_systemd_unit_passes_only_flags_and_settings_the_gateway_accepts() {
             "gateway.yaml key `{key}` is not a gateway setting"
         );
     }
+    // systemd's SIGKILL must not cut the drain short either.
+    let config: serde_yaml::Mapping =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("gateway.yaml")).unwrap()).unwrap();
+    let needed = gateway_duration(&config, "drain-grace")
+        + gateway_duration(&config, "drain-timeout") * 2
+        + std::time::Duration::from_secs(2);
+    let stop = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec=");
+    assert!(
+        meshfed_policy::syntax::parse_duration(stop).unwrap() >= needed,
+        "TimeoutStopSec={stop} is shorter than the gateway's drain ({needed:?})"
+    );
     for want in [
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
