@@ -320,6 +320,20 @@ struct Cli {
     )]
     outbound_tls: OutboundTls,
 
+    /// The namespace of plaintext local callers whose address does not tell
+    /// theirs: their short names (`ratings`, one label) resolve in it.
+    /// Unset (the default), the gateway takes a plaintext caller's
+    /// namespace from its address among the local endpoints (a pod's IP
+    /// belongs to one namespace) and refuses a short name it cannot place
+    /// with 400, naming `name.<namespace>` to call instead; it never
+    /// guesses `default`. A caller with a workload certificate is in its
+    /// certificate's namespace. Set it where every local caller is in one
+    /// namespace, e.g. an edge site; short --tcp-port-map hosts need it.
+    /// An empty value unsets it (e.g. over a config file's).
+    #[arg(long, value_name = "NAMESPACE", env = "MESHFED_CALLER_NAMESPACE",
+          value_parser = parse_namespace)]
+    caller_namespace: Option<String>,
+
     /// A listener of its own for one service port, as opaque TCP:
     /// `LISTEN=HOST:PORT`, e.g. `15432=db.default:5432` (repeatable). Use it
     /// for protocols that cannot be detected, such as server-first ones.
@@ -536,6 +550,25 @@ fn parse_service_ref(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A Kubernetes namespace name: a DNS label; "" (unset) too.
+fn parse_namespace(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let ok = s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not a namespace name (lowercase letters, digits and '-', at most 63), e.g. bookinfo"
+        ))
+    }
+}
+
 fn parse_max_connections(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -695,6 +728,7 @@ fn main() -> ExitCode {
         header_timeout: cli.header_timeout,
         outbound_mutual_tls: cli.outbound_tls == OutboundTls::Mutual,
         tcp_maps: cli.tcp_port_map,
+        caller_namespace: cli.caller_namespace.filter(|ns| !ns.is_empty()),
         tracing: meshfed_gateway::trace::Settings {
             otlp_endpoint: cli.otlp_endpoint,
             sampling_percent: cli.trace_sampling,

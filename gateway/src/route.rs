@@ -190,6 +190,49 @@ pub fn source_labels(
     common
 }
 
+/// Whether `authority` names its host by one label (`ratings`,
+/// `ratings-west:9080`): a short name, which means a service only in the
+/// caller's namespace.
+pub fn is_short_name(authority: &str) -> bool {
+    if authority.starts_with('[') {
+        return false; // an IPv6 literal
+    }
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_end_matches('.');
+    !host.is_empty() && !host.contains('.')
+}
+
+/// The namespace of a local caller at `ip`, as the local endpoints tell it:
+/// a pod's address belongs to one pod, so the services with an endpoint at
+/// that address (canonical hosts `name.ns.svc.<domain>`) all share its
+/// namespace. `None` when no such endpoint has that address, or endpoints
+/// of several namespaces share it (host-network pods, a node's address):
+/// the caller's namespace is then unknown, never guessed.
+pub fn caller_namespace<'a>(local: &'a EndpointSet, ip: IpAddr, domain: &str) -> Option<&'a str> {
+    let suffix = format!(".svc.{domain}");
+    let mut found: Option<&str> = None;
+    for (service, eps) in local {
+        let Some((_, ns)) = service
+            .strip_suffix(suffix.as_str())
+            .and_then(|name_ns| name_ns.rsplit_once('.'))
+        else {
+            continue; // a ServiceEntry's host: no namespace
+        };
+        if !eps.iter().any(|e| e.addr.ip() == ip) {
+            continue;
+        }
+        match found {
+            None => found = Some(ns),
+            Some(f) if f == ns => {}
+            Some(_) => return None,
+        }
+    }
+    found
+}
+
 /// Where a call goes: a service, optionally a subset, and the labels that
 /// select its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -80,6 +80,9 @@ pub struct RunConfig {
     pub outbound_mutual_tls: bool,
     /// Port mappings: listen address → service host and port, as opaque TCP.
     pub tcp_maps: Vec<TcpMap>,
+    /// `--caller-namespace`: where plaintext callers' short names resolve
+    /// when their address does not tell (unset: such names are refused).
+    pub caller_namespace: Option<String>,
     /// Kubernetes discovery (and mirror Services), when enabled.
     #[cfg(feature = "kube")]
     pub kube: Option<crate::discovery::kube::KubeSettings>,
@@ -353,6 +356,24 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (stop_outbound, stop_rx) = watch::channel(false);
     let mut mapped = Vec::with_capacity(cfg.tcp_maps.len());
     for map in &cfg.tcp_maps {
+        // A port mapping has no caller to take a namespace from.
+        let namespace = match (
+            &cfg.caller_namespace,
+            crate::route::is_short_name(&map.host),
+        ) {
+            (_, false) => String::new(),
+            (Some(ns), true) => ns.clone(),
+            (None, true) => bail!(
+                "--tcp-port-map {}={}:{}: `{}` is a short name, which means a service only in \
+                 a namespace; write `{}.<namespace>:{}`, or set --caller-namespace",
+                map.listen,
+                map.host,
+                map.port,
+                map.host,
+                map.host,
+                map.port
+            ),
+        };
         let l = TcpListener::bind(map.listen).await.with_context(|| {
             format!(
                 "binding the port mapping {} → {}:{}",
@@ -366,6 +387,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             limit.clone(),
             map.host.clone(),
             map.port,
+            namespace,
             stop_rx.clone(),
             cfg.drain_timeout,
         )));
@@ -378,6 +400,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         stop_rx,
         cfg.drain_timeout,
         cfg.header_timeout,
+        cfg.caller_namespace.as_deref().map(Arc::from),
     ));
     tokio::spawn(admin::serve(
         state.clone(),

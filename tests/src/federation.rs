@@ -235,6 +235,11 @@ impl GatewayProcess {
         // drains at once (as before the drain grace existed); a test of the
         // grace passes `--drain-grace`, which overrides this.
         cmd.env("MESHFED_DRAIN_GRACE", "0s");
+        // The tests' plaintext callers on loopback call short names and
+        // are in `default`, as an edge site's operator declares its
+        // callers' namespace; a test of the inference passes
+        // `--caller-namespace=` (empty: unset).
+        cmd.env("MESHFED_CALLER_NAMESPACE", "default");
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting meshfed-gateway: {e}"));

@@ -47,6 +47,7 @@ use super::plan::{self, Plan, Seen};
 use super::{rules, strip_hop_by_hop};
 use crate::accept::{Acceptor, ConnectionLimit};
 use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
+use crate::endpoints::EndpointSet;
 use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::route::{self, Target};
@@ -78,8 +79,65 @@ pub struct Caller {
     pub addr: Option<SocketAddr>,
     /// The caller's SPIFFE ID, when it presented a workload certificate.
     pub id: Option<String>,
-    /// The namespace short names resolve in.
-    pub namespace: String,
+    /// The namespace of the caller's workload certificate, if it presented
+    /// one.
+    pub namespace: Option<String>,
+    /// `--caller-namespace`: the namespace of plaintext callers whose
+    /// address does not tell theirs (an edge site's operator declares it).
+    pub declared_namespace: Option<Arc<str>>,
+    /// The namespace the caller's address told, once it told one: a pod's
+    /// address keeps its namespace for as long as the connection lasts, so
+    /// the endpoints are searched once per connection, not per request (an
+    /// address that told nothing is searched again: its pod may not have
+    /// been listed yet).
+    pub inferred_namespace: std::sync::OnceLock<Box<str>>,
+}
+
+impl Caller {
+    /// The namespace `authority` resolves in, when it is a short name
+    /// (one label, crate::route::is_short_name): the caller's
+    /// certificate's, else the one its address has among the local
+    /// endpoints (crate::route::caller_namespace), else the declared one.
+    /// Never a guess: with none of these, `Err` says what to call instead.
+    /// A longer name does not depend on it (the certificate's namespace, or
+    /// "", is returned).
+    fn namespace_for<'a>(
+        &'a self,
+        authority: &str,
+        local: &'a EndpointSet,
+        domain: &str,
+    ) -> Result<&'a str, String> {
+        if let Some(ns) = &self.namespace {
+            return Ok(ns);
+        }
+        if !route::is_short_name(authority) {
+            return Ok("");
+        }
+        if let Some(ns) = self.inferred_namespace.get() {
+            return Ok(ns);
+        }
+        if let Some(ns) = self
+            .addr
+            .and_then(|a| route::caller_namespace(local, a.ip(), domain))
+        {
+            return Ok(self.inferred_namespace.get_or_init(|| ns.into()));
+        }
+        if let Some(ns) = &self.declared_namespace {
+            return Ok(ns);
+        }
+        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+        let host = host.trim_end_matches('.');
+        let who = match self.addr {
+            Some(a) => format!("the caller at {}", a.ip()),
+            None => "the caller".to_string(),
+        };
+        Err(format!(
+            "`{host}` is a short name, and this gateway cannot tell which namespace it means: \
+             {who} presented no workload certificate and is not an endpoint of exactly one \
+             namespace's services; call `{host}.<namespace>` or `{host}.<namespace>.svc.{domain}` \
+             (docs/kubernetes.md, \"Short names\")"
+        ))
+    }
 }
 
 /// Serves the outbound listener until `stop` turns true; then stops
@@ -94,6 +152,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     drain: Duration,
     header_timeout: Duration,
+    declared_namespace: Option<Arc<str>>,
 ) {
     // Each connection holds a receiver: a send asks them all to close
     // gracefully, and `closed` resolves when every one has (hyper-util's
@@ -105,7 +164,7 @@ pub async fn serve(
             accepted = acceptor.accept(&state.metrics) => accepted,
             _ = stop.changed() => break,
         };
-        let state = state.clone();
+        let (state, declared_namespace) = (state.clone(), declared_namespace.clone());
         let watcher = Watcher {
             drain: graceful.subscribe(),
             header_timeout,
@@ -116,7 +175,9 @@ pub async fn serve(
             let caller = Caller {
                 addr: Some(addr),
                 id: None,
-                namespace: "default".into(),
+                namespace: None,
+                declared_namespace: declared_namespace.clone(),
+                inferred_namespace: std::sync::OnceLock::new(),
             };
             match state.local_tls.load_full() {
                 None => handle_connection(state, stream, caller, watcher).await,
@@ -214,7 +275,7 @@ async fn handle_mutual(
     match id {
         Some(Ok(p)) => {
             if let crate::identity::spiffe::SpiffeId::Workload { namespace, .. } = &p.id {
-                caller.namespace = namespace.clone();
+                caller.namespace = Some(namespace.clone());
             }
             caller.id = Some(p.id.to_string());
         }
@@ -514,6 +575,7 @@ pub async fn serve_mapped(
     limit: ConnectionLimit,
     host: String,
     port: u16,
+    namespace: String,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -527,10 +589,11 @@ pub async fn serve_mapped(
         };
         let _ = stream.set_nodelay(true);
         let (state, host, held) = (state.clone(), host.clone(), open.subscribe());
+        let namespace = namespace.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
             let _held = held;
-            if let Some(route) = route_tcp_or_close(&state, &host, port, "default") {
+            if let Some(route) = route_tcp_or_close(&state, &host, port, &namespace) {
                 tcp_proxy(state, route, TcpOrigin::default(), stream).await
             }
         });
@@ -558,7 +621,22 @@ async fn handle_connection(
         Detected::Http => Box::pin(serve_http(state, caller, stream, watcher)).await,
         Detected::Tls { sni: Some(host) } => {
             // TLS passthrough: the caller talks TLS to the service itself.
-            if let Some(route) = route_tcp_or_close(&state, &host, 443, &caller.namespace) {
+            let namespace = {
+                let domain = state.active.load().snapshot.policy.domain.clone();
+                let local = state.endpoints.borrow();
+                caller
+                    .namespace_for(&host, &local, &domain)
+                    .map(str::to_string)
+            };
+            let namespace = match namespace {
+                Ok(ns) => ns,
+                Err(why) => {
+                    state.metrics.refused("listener", "short-name");
+                    tracing::info!(caller = ?caller.addr, %host, %why, "TLS passthrough to a short name; closing");
+                    return;
+                }
+            };
+            if let Some(route) = route_tcp_or_close(&state, &host, 443, &namespace) {
                 let origin = TcpOrigin {
                     caller: None,
                     sni: Some(host),
@@ -620,12 +698,21 @@ async fn route_and_forward(
     let endpoints = state.endpoints.borrow().clone();
     let remote = state.tunnel.announcements();
     let authority = authority_of(req.uri(), req.headers());
+    let namespace =
+        match caller.namespace_for(&authority, &endpoints, &active.snapshot.policy.domain) {
+            Ok(ns) => ns,
+            Err(why) => {
+                let r = TryError::refused(Refusal::BadRequest, why).respond(grpc);
+                record(&state, &r, "", "", start, grpc);
+                return r;
+            }
+        };
     let ask = plan::Ask {
         method: req.method(),
         uri: req.uri(),
         authority: &authority,
         headers: req.headers(),
-        namespace: &caller.namespace,
+        namespace,
         verified: caller.id.is_some(),
         addr: caller.addr.map(|a| a.ip()),
     };
@@ -1770,7 +1857,18 @@ async fn connect(
     let (host, port) = route::split_authority(authority.as_str(), 443);
     // Route before answering, so the caller sees a refusal as a status.
     let mtls = caller.id.is_some();
-    let route = match TcpRoute::new(&state, host, port, &caller.namespace, mtls) {
+    let namespace = {
+        let domain = state.active.load().snapshot.policy.domain.clone();
+        let local = state.endpoints.borrow();
+        caller
+            .namespace_for(host, &local, &domain)
+            .map(str::to_string)
+    };
+    let namespace = match namespace {
+        Ok(ns) => ns,
+        Err(why) => return TryError::refused(Refusal::BadRequest, why).respond(false),
+    };
+    let route = match TcpRoute::new(&state, host, port, &namespace, mtls) {
         Ok(r) => r,
         Err(TcpRefused::NoRoute) => {
             return TryError::refused(Refusal::NoRoute, format!("no service `{host}`"))

@@ -534,3 +534,58 @@ fn a_callers_labels_are_those_its_address_carries_in_discovery() {
     assert_eq!(source_labels(&set, ip("10.0.0.6"), Some("default")), None);
     assert_eq!(source_labels(&set, ip("10.9.9.9"), None), None);
 }
+
+#[test]
+fn short_names_are_single_labels_with_or_without_a_port() {
+    for short in ["ratings", "ratings-west:9080", "ratings.", "localhost:80"] {
+        assert!(is_short_name(short), "{short}");
+    }
+    for long in [
+        "ratings.bookinfo",
+        "ratings.bookinfo:9080",
+        "ratings.bookinfo.svc.cluster.local",
+        "10.0.0.1:80",
+        "[::1]:80",
+        "",
+        ":80",
+    ] {
+        assert!(!is_short_name(long), "{long}");
+    }
+}
+
+#[test]
+fn a_callers_namespace_is_told_by_its_address_among_local_endpoints_or_not_at_all() {
+    let at = |ip: &str| Endpoint {
+        addr: SocketAddr::new(ip.parse().unwrap(), 9080),
+        labels: Default::default(),
+        healthy: true,
+    };
+    let local: EndpointSet = [
+        (
+            "productpage.bookinfo.svc.cluster.local",
+            vec![at("10.0.0.5")],
+        ),
+        // Two services of one pod: still one namespace.
+        ("details.bookinfo.svc.cluster.local", vec![at("10.0.0.5")]),
+        ("ratings.default.svc.cluster.local", vec![at("10.0.0.7")]),
+        // A node's address, behind host-network pods of two namespaces.
+        ("agent.monitoring.svc.cluster.local", vec![at("10.0.1.1")]),
+        ("proxy.kube-system.svc.cluster.local", vec![at("10.0.1.1")]),
+        // A ServiceEntry's host carries no namespace.
+        ("api.example.com", vec![at("10.0.0.9")]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let ns = |ip: &str| caller_namespace(&local, ip.parse().unwrap(), "cluster.local");
+    assert_eq!(ns("10.0.0.5"), Some("bookinfo"));
+    assert_eq!(ns("10.0.0.7"), Some("default"));
+    assert_eq!(ns("10.0.1.1"), None, "ambiguous: never guessed");
+    assert_eq!(ns("10.0.0.9"), None, "a ServiceEntry endpoint");
+    assert_eq!(ns("10.9.9.9"), None, "unknown");
+    // Another cluster domain: nothing matches.
+    assert_eq!(
+        caller_namespace(&local, "10.0.0.5".parse().unwrap(), "corp.local"),
+        None
+    );
+}

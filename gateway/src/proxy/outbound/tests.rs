@@ -417,3 +417,58 @@ async fn a_mirrored_response_is_discarded_a_chunk_at_a_time_up_to_a_limit() {
         (3 * 16 * 1024, true)
     );
 }
+
+#[test]
+fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_declared_one_never_default()
+ {
+    use crate::endpoints::{Endpoint, EndpointSet};
+    let at = |ip: [u8; 4]| Endpoint {
+        addr: std::net::SocketAddr::from((ip, 9080)),
+        labels: Default::default(),
+        healthy: true,
+    };
+    let local: EndpointSet = [(
+        "productpage.bookinfo.svc.cluster.local".to_string(),
+        vec![at([10, 0, 0, 5])],
+    )]
+    .into_iter()
+    .collect();
+    let caller = |ip: [u8; 4], cert: Option<&str>, declared: Option<&str>| Caller {
+        addr: Some(std::net::SocketAddr::from((ip, 40000))),
+        id: None,
+        namespace: cert.map(str::to_string),
+        declared_namespace: declared.map(std::sync::Arc::from),
+        inferred_namespace: std::sync::OnceLock::new(),
+    };
+    let ns = |c: &Caller, host: &str| {
+        c.namespace_for(host, &local, "cluster.local")
+            .map(str::to_string)
+    };
+    // The certificate wins, whatever the address says.
+    let c = caller([10, 0, 0, 5], Some("payments"), Some("edge"));
+    assert_eq!(ns(&c, "ratings").as_deref(), Ok("payments"));
+    // Then the address among the local endpoints, over the declared one.
+    let c = caller([10, 0, 0, 5], None, Some("edge"));
+    assert_eq!(ns(&c, "ratings-west:9080").as_deref(), Ok("bookinfo"));
+    // Once told, kept for the connection (searched once, not per request).
+    assert_eq!(
+        c.namespace_for("ratings", &EndpointSet::new(), "cluster.local"),
+        Ok("bookinfo")
+    );
+    // Then the declared one.
+    let c = caller([10, 9, 9, 9], None, Some("edge"));
+    assert_eq!(ns(&c, "ratings").as_deref(), Ok("edge"));
+    // Else a short name is refused, naming what to call instead.
+    let c = caller([10, 9, 9, 9], None, None);
+    let why = ns(&c, "ratings-west:9080").unwrap_err();
+    assert!(
+        why.contains("`ratings-west` is a short name")
+            && why.contains("`ratings-west.<namespace>`")
+            && why.contains("`ratings-west.<namespace>.svc.cluster.local`")
+            && why.contains("10.9.9.9")
+            && !why.contains("default"),
+        "{why}"
+    );
+    // A qualified name needs no namespace.
+    assert_eq!(ns(&c, "ratings-west.bookinfo:9080").as_deref(), Ok(""));
+}
