@@ -356,13 +356,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (stop_outbound, stop_rx) = watch::channel(false);
     let mut mapped = Vec::with_capacity(cfg.tcp_maps.len());
     for map in &cfg.tcp_maps {
-        // A port mapping has no caller to take a namespace from.
-        let namespace = match (
+        // A port mapping has no caller to take a namespace from: a short
+        // host is qualified with --caller-namespace, or refused.
+        let host = match (
             &cfg.caller_namespace,
             crate::route::is_short_name(&map.host),
         ) {
-            (_, false) => String::new(),
-            (Some(ns), true) => ns.clone(),
+            (_, false) => map.host.clone(),
+            (Some(ns), true) => format!("{}.{ns}", map.host.trim_end_matches('.')),
             (None, true) => bail!(
                 "--tcp-port-map {}={}:{}: `{}` is a short name, which means a service only in \
                  a namespace; write `{}.<namespace>:{}`, or set --caller-namespace",
@@ -385,9 +386,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             state.clone(),
             l,
             limit.clone(),
-            map.host.clone(),
+            host,
             map.port,
-            namespace,
             stop_rx.clone(),
             cfg.drain_timeout,
         )));

@@ -56,6 +56,8 @@ struct Rollout {
     keep_alive: LoadReport,
     new_connections: LoadReport,
     balancer: Vec<balancer::BackendView>,
+    /// Connections the balancer closed because no gateway was in rotation.
+    no_backend: u64,
     exit_codes: Vec<Option<i32>>,
     logs: String,
 }
@@ -182,6 +184,7 @@ async fn rolling_restart(grace: Option<&str>) -> Rollout {
         keep_alive,
         new_connections,
         balancer: lb.view(),
+        no_backend: lb.no_backend(),
         exit_codes,
         logs,
     }
@@ -203,7 +206,9 @@ async fn serial_a_rolling_restart_of_the_callers_own_gateways_behind_a_lagging_b
     assert_eq!(r.new_connections.failed, 0, "{}", r.new_connections);
     // The scenario did what it claims: the balancer went on sending new
     // connections to each terminating gateway after its SIGTERM, the
-    // replacements took over, and no connection was refused.
+    // replacements took over, and no connection was refused or left
+    // without a gateway.
+    assert_eq!(r.no_backend, 0);
     for b in &r.balancer {
         assert_eq!(b.refused, 0, "{b:?}");
         assert!(b.connections > 0, "{b:?}");

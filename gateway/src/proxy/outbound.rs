@@ -575,7 +575,6 @@ pub async fn serve_mapped(
     limit: ConnectionLimit,
     host: String,
     port: u16,
-    namespace: String,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -589,11 +588,11 @@ pub async fn serve_mapped(
         };
         let _ = stream.set_nodelay(true);
         let (state, host, held) = (state.clone(), host.clone(), open.subscribe());
-        let namespace = namespace.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
             let _held = held;
-            if let Some(route) = route_tcp_or_close(&state, &host, port, &namespace) {
+            // No caller namespace: crate::run qualified a short host.
+            if let Some(route) = route_tcp_or_close(&state, &host, port, "") {
                 tcp_proxy(state, route, TcpOrigin::default(), stream).await
             }
         });
