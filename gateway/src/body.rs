@@ -68,6 +68,9 @@ pub struct TunnelBody {
     /// Payload bytes of the DATA frame being read that have not arrived.
     data_left: usize,
     done: bool,
+    /// How much the next read reserves: [`FIRST_READ`], doubled by each
+    /// read that fills half of it, up to the body's read buffer.
+    want: usize,
     _guard: Option<StreamGuard>,
     gate: Option<Box<Gate>>,
 }
@@ -125,6 +128,10 @@ impl Drop for Tracked {
 /// request body, whose memory a peer controls (many may stall at once).
 const READ_BUFFER: usize = 64 * 1024;
 const GATED_READ_BUFFER: usize = 16 * 1024;
+/// What a body's first read reserves: most bodies are small, and a 64 KiB
+/// buffer per response was a large allocation (and its free) per request.
+/// A body that keeps filling its reads reaches the full buffer in four.
+const FIRST_READ: usize = 4 * 1024;
 
 impl std::fmt::Debug for TunnelBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,6 +149,7 @@ impl TunnelBody {
             buf,
             data_left: 0,
             done: false,
+            want: FIRST_READ,
             _guard: guard,
             gate: None,
         }
@@ -248,19 +256,25 @@ impl TunnelBody {
                     }
                 }
             }
-            let size = if self.gate.is_some() {
+            let max = if self.gate.is_some() {
                 GATED_READ_BUFFER
             } else {
                 READ_BUFFER
             };
-            if self.buf.capacity() - self.buf.len() < size / 4 {
-                self.buf.reserve(size);
+            let want = self.want.min(max);
+            if self.buf.capacity() - self.buf.len() < want / 4 {
+                self.buf.reserve(want);
             }
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.recv),
                 cx,
                 &mut self.buf
             ));
+            if let Ok(n) = n
+                && n >= want / 2
+            {
+                self.want = (want * 2).min(max);
+            }
             match n {
                 Ok(0) => {
                     self.done = true;

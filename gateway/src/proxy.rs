@@ -64,33 +64,43 @@ pub(crate) fn xfcc(
 /// How long a peer has to send a stream's head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-];
+/// Whether a header describes one hop and is never forwarded (RFC 9110
+/// §7.6.1), or is `te` (kept only as `te: trailers`), or `host` (the
+/// authority travels in the request head). Compares names, never parses
+/// them: this runs for every header of every request and response.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    *n == header::CONNECTION
+        || *n == header::TRANSFER_ENCODING
+        || *n == header::UPGRADE
+        || *n == header::HOST
+        || *n == header::TE
+        || *n == header::PROXY_AUTHENTICATE
+        || *n == header::PROXY_AUTHORIZATION
+        // Not standard names in `http`: compared as text.
+        || matches!(n.as_str(), "keep-alive" | "proxy-connection")
+}
 
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 /// `te: trailers` survives: gRPC needs it.
+///
+/// One pass over the names finds what to remove (usually just `host`, or
+/// nothing), so a request pays a comparison per header rather than a
+/// parse and a lookup per hop-by-hop name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
-    for n in HOP_BY_HOP {
-        headers.remove(*n);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
     let keep_te = headers
         .get(header::TE)
@@ -99,7 +109,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    headers.remove(header::TE);
+    while let Some(n) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
+        headers.remove(n);
+    }
     if keep_te {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -124,5 +136,36 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_stripped_in_any_case_and_end_to_end_ones_are_kept() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "h2c"),
+            ("Host", "ratings"),
+            ("TE", "deflate"),
+            ("Content-Type", "text/plain"),
+            ("Authorization", "Bearer x"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        h.append(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "content-type"]);
+        // Nothing to strip: the map is left as it is.
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }

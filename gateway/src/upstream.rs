@@ -626,12 +626,25 @@ impl Upstream {
         // Whether the caller fails its own body decides whose fault a
         // failed request is.
         let (body, caller_fault) = Watched::wrap(body);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        parts.uri = if h2 {
+        // An HTTP/1.1 request in origin form (a path, as the destination
+        // gateway forms it) is sent as it is; anything else is formed again.
+        let origin_form = !h2
+            && parts.uri.scheme().is_none()
+            && parts.uri.authority().is_none()
+            && parts.uri.path_and_query().is_some();
+        let path = if origin_form {
+            String::new()
+        } else {
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string()
+        };
+        parts.uri = if origin_form {
+            parts.version = http::Version::HTTP_11;
+            Ok(std::mem::take(&mut parts.uri))
+        } else if h2 {
             let authority = parts
                 .headers
                 .remove(header::HOST)

@@ -206,26 +206,43 @@ impl ClusterPolicy {
 /// `…svc.clusterset.local` is `…svc.<domain>`. The gateway's router and its
 /// authorization (`hosts`) both resolve names with it.
 pub fn host_candidates(domain: &str, authority: &str, caller_namespace: &str) -> Vec<String> {
-    let host = strip_port(authority)
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let local = format!(".svc.{domain}");
+    // Every request resolves its authority here, on the gateway's request
+    // path: concatenation, not `format!`, and no copy of a host that is
+    // lowercase already.
+    let host = strip_port(authority).trim_end_matches('.');
+    let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
+    };
     if let Some(base) = host.strip_suffix(".svc.clusterset.local") {
-        return vec![format!("{base}{local}")];
+        return vec![concat(&[base, ".svc.", domain])];
     }
-    if host.ends_with(&local) {
-        return vec![host];
+    let in_domain = host
+        .strip_suffix(domain)
+        .is_some_and(|h| h.ends_with(".svc."));
+    if in_domain {
+        return vec![host.into_owned()];
     }
-    let dots = host.matches('.').count();
+    let dots = host.bytes().filter(|&b| b == b'.').count();
     let mut out = Vec::with_capacity(2);
     match dots {
-        0 => out.push(format!("{host}.{caller_namespace}{local}")),
-        1 => out.push(format!("{host}{local}")),
-        2 if host.ends_with(".svc") => out.push(format!("{host}.{domain}")),
+        0 => out.push(concat(&[&host, ".", caller_namespace, ".svc.", domain])),
+        1 => out.push(concat(&[&host, ".svc.", domain])),
+        2 if host.ends_with(".svc") => out.push(concat(&[&host, ".", domain])),
         _ => {}
     }
-    out.push(host);
+    out.push(host.into_owned());
     out
+}
+
+/// The parts, one after another, in one allocation.
+fn concat(parts: &[&str]) -> String {
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -845,6 +862,34 @@ pub struct AuthzCondition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_candidates_resolve_names_as_istio_does() {
+        let c = |authority, ns| host_candidates("cluster.local", authority, ns);
+        assert_eq!(
+            c("ratings", "bookinfo"),
+            ["ratings.bookinfo.svc.cluster.local", "ratings"]
+        );
+        assert_eq!(
+            c("Ratings.Default:9080", "x"),
+            ["ratings.default.svc.cluster.local", "ratings.default"]
+        );
+        assert_eq!(
+            c("ratings.default.svc", "x"),
+            ["ratings.default.svc.cluster.local", "ratings.default.svc"]
+        );
+        assert_eq!(
+            c("ratings.default.svc.cluster.local.", "x"),
+            ["ratings.default.svc.cluster.local"]
+        );
+        assert_eq!(
+            c("ratings.default.svc.clusterset.local:80", "x"),
+            ["ratings.default.svc.cluster.local"]
+        );
+        assert_eq!(c("api.example.com", "x"), ["api.example.com"]);
+        // Only `.svc.<domain>` is in the domain: a host merely ending in it is not.
+        assert_eq!(c("a.bsvc.cluster.local", "x"), ["a.bsvc.cluster.local"]);
+    }
 
     fn sample() -> Snapshot {
         let mut p = ClusterPolicy {

@@ -23,7 +23,7 @@ use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
 use crate::respond::is_grpc;
 use crate::state::Gateway;
 use crate::tunnel::link::PeerInfo;
-use crate::wire::frame::{Frame, Open, Refusal, ResponseHead, StreamKind};
+use crate::wire::frame::{Frame, Open, Refusal, RequestHead, ResponseHead, StreamKind};
 
 /// The QUIC error code with which a stream whose OPEN did not arrive within
 /// [`HEAD_TIMEOUT`] is reset (both directions): `0x4854`, "HT".
@@ -202,8 +202,11 @@ async fn serve(
             let h2 = open.http.as_ref().is_some_and(|h| {
                 crate::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
             });
+            // The head moves into the request: `open` keeps the rest, for
+            // the metrics.
+            let head = open.http.take();
             Box::pin(serve_http(
-                &state, &peer, &open, picked, target, h2, send, recv, rest, start,
+                &state, &peer, &open, head, picked, target, h2, send, recv, rest, start,
             ))
             .await
         }
@@ -264,6 +267,7 @@ async fn serve_http(
     state: &Gateway,
     peer: &PeerInfo,
     open: &Open,
+    head: Option<RequestHead>,
     picked: crate::upstream::Picked<'_>,
     target: String,
     h2: bool,
@@ -272,8 +276,7 @@ async fn serve_http(
     mut rest: bytes::BytesMut,
     start: Instant,
 ) {
-    let addr = picked.addr;
-    let Some(head) = open.http.clone() else {
+    let Some(head) = head else {
         return refuse(
             &mut send,
             Refusal::BadRequest,
@@ -285,15 +288,26 @@ async fn serve_http(
     // exactly that: a target the URI parser would alter (it drops a
     // fragment, for one) is refused rather than forwarded as something
     // authorization did not see.
-    let uri: Uri = match format!("http://{addr}{target}").parse::<Uri>() {
-        Ok(u) if u.path_and_query().map(|p| p.as_str()) == Some(target.as_str()) => u,
+    // In origin form: the endpoint's address is the connection's, and
+    // `Host` carries the authority.
+    let target = bytes::Bytes::from(target);
+    let uri: Uri = match Uri::from_maybe_shared(target.clone()) {
+        Ok(u)
+            if u.scheme().is_none()
+                && u.path_and_query().map(|p| p.as_str().as_bytes()) == Some(&target[..]) =>
+        {
+            u
+        }
         _ => {
             state.metrics.refused("stream", "bad-request");
             record(state, peer, open, 400, "bad-request", start);
             return refuse(
                 &mut send,
                 Refusal::BadRequest,
-                format!("request path `{target}` cannot be forwarded as it was authorized"),
+                format!(
+                    "request path `{}` cannot be forwarded as it was authorized",
+                    String::from_utf8_lossy(&target)
+                ),
             )
             .await;
         }

@@ -1709,7 +1709,7 @@ pub(super) async fn forward_remote(
         source_version: Some(active.version().to_string()),
         sni: None,
         http: Some(RequestHead {
-            method: parts.method.clone(),
+            method: parts.method,
             scheme: "http".into(),
             authority: authority.to_string(),
             path: parts
@@ -1717,9 +1717,19 @@ pub(super) async fn forward_remote(
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_string(),
-            headers: parts.headers.clone(),
+            headers: parts.headers,
         }),
     };
+    // Encoded once: a link that fails while opening is followed by another
+    // with the same bytes.
+    let mut encoded = bytes::BytesMut::with_capacity(512);
+    if let Err(e) = crate::wire::frame::encode(&Frame::Open(Box::new(open)), &mut encoded) {
+        return Err(TryError::refused(
+            Refusal::BadRequest,
+            format!("request head too large to forward: {e}"),
+        ));
+    }
+    let encoded = encoded.freeze();
     let stale = state.tunnel.settings().announce_stale;
     let mut tried = Vec::new();
     let (mut send, mut recv, guard, used) = loop {
@@ -1741,21 +1751,12 @@ pub(super) async fn forward_remote(
         };
         tried.push(link.target.clone());
         match open_stream(&link).await {
-            Ok((mut send, recv, guard)) => {
-                match write_frame(&mut send, &Frame::Open(Box::new(open.clone()))).await {
-                    Ok(()) => break (send, recv, guard, link.target.clone()),
-                    Err(body::WriteFrameError::Encode(e)) => {
-                        let _ = send.reset(quinn::VarInt::from_u32(0));
-                        return Err(TryError::refused(
-                            Refusal::BadRequest,
-                            format!("request head too large to forward: {e}"),
-                        ));
-                    }
-                    Err(body::WriteFrameError::Write(e)) => {
-                        tracing::debug!(cluster, error = %e, "link failed while opening; trying another");
-                    }
+            Ok((mut send, recv, guard)) => match send.write_chunk(encoded.clone()).await {
+                Ok(()) => break (send, recv, guard, link.target.clone()),
+                Err(e) => {
+                    tracing::debug!(cluster, error = %e, "link failed while opening; trying another");
                 }
-            }
+            },
             Err(e) => {
                 tracing::debug!(cluster, target = %link.target, error = %e, "link failed; trying another")
             }
@@ -1764,12 +1765,17 @@ pub(super) async fn forward_remote(
             failed_links.push(link.target.clone());
         }
     };
-    drop(open);
-    tokio::spawn(async move {
-        if let Err(e) = body::pump_request(body, &mut send).await {
-            tracing::debug!(error = %e, "request body to peer failed");
-        }
-    });
+    drop(encoded);
+    if http_body::Body::is_end_stream(&body) {
+        // Bodiless: the FIN follows the OPEN, with no task to send it.
+        let _ = send.finish();
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = body::pump_request(body, &mut send).await {
+                tracing::debug!(error = %e, "request body to peer failed");
+            }
+        });
+    }
     let head = read_head(&mut recv).await;
     if head.is_err() && !failed_links.contains(&used) {
         failed_links.push(used);

@@ -462,7 +462,10 @@ async fn an_authorization_deny_answers_rbac_403_before_the_endpoint_sees_the_req
     assert_eq!(fx.seen.requests.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: the FIN of a bodiless request leaves in the packet of its
+// OPEN (written with no await between them, as the source gateway does),
+// so west sees it with the head and never counts it in the budget.
+#[tokio::test]
 async fn a_request_body_past_the_peer_budget_is_refused_overloaded_and_counted() {
     let fx = Fixture::start().await;
     fx.west.bodies.set_limits(0, 0);
@@ -493,7 +496,10 @@ async fn a_request_body_past_the_peer_budget_is_refused_overloaded_and_counted()
 /// connection: it takes its place in the budget with its head, so that the
 /// next body past the budget is refused. (It used to take one only at its
 /// first byte, and a peer's stalled streams went past the budget.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: the FIN of a bodiless request leaves in the packet of its
+// OPEN (written with no await between them, as the source gateway does),
+// so west sees it with the head and never counts it in the budget.
+#[tokio::test]
 async fn a_body_that_has_not_started_takes_its_place_in_the_budget_with_its_head() {
     let fx = Fixture::start().await;
     fx.west.bodies.set_limits(1, 1);
@@ -679,6 +685,7 @@ async fn destination_futures_stay_small() {
         &state,
         &peer,
         &o,
+        o.http.clone(),
         pick(),
         "/".into(),
         false,
