@@ -46,7 +46,7 @@
 //! wrote ([`may_delete`]). Writes run concurrently (at most
 //! [`WRITE_CONCURRENCY`]); a namespace that is missing or terminating is
 //! skipped with backoff ([`namespaces`]); the gateway pods' addresses drop
-//! a terminating pod at once ([`gateway_addresses`]). A conflict (409) is
+//! a terminating pod at once (`gateway_addresses`). A conflict (409) is
 //! retried on the next pass.
 //!
 //! It is a side task beside the data path: nothing below the wiring

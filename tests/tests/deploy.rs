@@ -27,7 +27,7 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use meshfed_tests::bin;
 use serde_yaml::Value;
 
@@ -281,8 +281,9 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
         .iter()
         .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
     {
-        let role: ClusterRole = serde_yaml::from_value(o.clone()).unwrap();
-        for rule in role.rules.iter().flatten() {
+        // A Role's and a ClusterRole's rules are the same type.
+        let rules: Vec<PolicyRule> = serde_yaml::from_value(o["rules"].clone()).unwrap();
+        for rule in &rules {
             let resources = rule.resources.clone().unwrap_or_default();
             assert!(
                 !resources.iter().any(|r| r == "*" || r == "secrets"),
