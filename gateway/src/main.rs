@@ -171,9 +171,10 @@ struct Cli {
           value_parser = parse_service_ref)]
     mirror_services: Option<(String, String)>,
 
-    /// Ports of a mirror Service when this cluster has no Service of the
-    /// same name to copy them from (comma-separated). Needs the `kube`
-    /// feature.
+    /// Ports of a mirror Service when the exporting cluster's gateways
+    /// announce none (an older release, or static discovery) and this
+    /// cluster has no Service of the same name to copy them from
+    /// (comma-separated). Needs the `kube` feature.
     #[arg(
         long,
         value_name = "PORTS",

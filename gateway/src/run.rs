@@ -291,6 +291,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut sets: Vec<&dyn crate::metrics::Register> = module_metrics.sets().to_vec();
     sets.push(&crate::wire::announce::AnnounceMetrics);
     sets.push(&changes::ChangeMetrics);
+    #[cfg(feature = "kube")]
+    sets.push(&crate::mirror::MirrorMetrics);
     let metrics = Arc::new(Metrics::new(&sets));
     let (r, a) = (refusals.clone(), tunnel.admission_refusals());
     metrics.set_handshake_refusals(RefusalReader(Box::new(move || {

@@ -74,6 +74,10 @@ pub struct Gateway {
     /// exports it and it is in this set (Git wins; see docs/kubernetes.md).
     /// `None`: Git alone decides.
     pub export_gate: arc_swap::ArcSwapOption<std::collections::BTreeSet<String>>,
+    /// The ports of this cluster's services, where discovery knows them
+    /// (Kubernetes Services): announced with the exported ones, so that
+    /// peers' mirror Services declare them (crate::mirror).
+    pub service_ports: ArcSwap<crate::wire::announce::ServicePorts>,
     /// Distributed tracing, set once at start when `--otlp-endpoint` is
     /// given; empty means off (crate::trace).
     pub trace: std::sync::OnceLock<Arc<crate::trace::Tracing>>,
@@ -116,6 +120,7 @@ impl Gateway {
             local_tls: arc_swap::ArcSwapOption::empty(),
             provenance: provenance::Provenance::default(),
             export_gate: arc_swap::ArcSwapOption::empty(),
+            service_ports: ArcSwap::from_pointee(Default::default()),
             trace: std::sync::OnceLock::new(),
             bodies: crate::body_budget::BodyBudget::default(),
             draining: AtomicBool::new(false),
@@ -209,6 +214,7 @@ impl Gateway {
             active.version(),
             self.draining(),
             &endpoints,
+            &self.service_ports.load(),
             exported,
         );
         self.announce_tx.send_replace(Arc::new(a));

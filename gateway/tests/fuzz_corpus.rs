@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use meshfed_gateway::wire::announce::{Announcement, EndpointGroup, MAX_GROUPS};
+use meshfed_gateway::wire::announce::{Announcement, EndpointGroup, MAX_GROUPS, ServicePort};
 use meshfed_gateway::wire::frame::{
     self, Frame, MAX_DATA_FRAME, MAX_FIELDS, MAX_HEADER_BLOCK, Open, Refusal, RequestHead,
     ResponseHead, StreamError, StreamKind,
@@ -283,6 +283,15 @@ fn example_announcement() -> Announcement {
             ),
             ("mysql.db.svc.cluster.local".to_string(), vec![]),
         ]),
+        ports: BTreeMap::from([(
+            "ratings.default.svc.cluster.local".to_string(),
+            vec![ServicePort {
+                port: 9080,
+                name: "http".into(),
+                protocol: "TCP".into(),
+                app_protocol: Some("http".into()),
+            }],
+        )]),
     }
 }
 

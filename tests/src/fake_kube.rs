@@ -19,8 +19,13 @@
 //! - metadata-only lists and watches (`Accept: ...;as=PartialObjectMetadata`)
 //!   answered with the objects' metadata.
 //!
-//! Kinds: Services, Pods (core/v1), EndpointSlices (discovery.k8s.io/v1)
-//! and ServiceExports (multicluster.x-k8s.io/v1alpha1). Label selectors,
+//! Kinds: Services, Pods (core/v1), EndpointSlices (discovery.k8s.io/v1),
+//! ServiceExports (multicluster.x-k8s.io/v1alpha1) and Leases
+//! (coordination.k8s.io/v1, with the same 409s on a stale
+//! `resourceVersion` that leader election relies on). Namespaces are
+//! checked on create once a test declares them
+//! ([`FakeKube::set_namespace`]): missing is `404`, terminating is `403`
+//! with the cause `NamespaceTerminating`, as kube-apiserver answers. Label selectors,
 //! field selectors, pagination, bookmarks, admission, defaulting (beyond a
 //! ClusterIP for Services) and garbage collection are not implemented.
 //!
@@ -56,14 +61,16 @@ pub enum Kind {
     Pod,
     EndpointSlice,
     ServiceExport,
+    Lease,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 5] = [
         Kind::Service,
         Kind::Pod,
         Kind::EndpointSlice,
         Kind::ServiceExport,
+        Kind::Lease,
     ];
 
     /// (API prefix, plural, apiVersion, kind).
@@ -82,6 +89,12 @@ impl Kind {
                 "serviceexports",
                 "multicluster.x-k8s.io/v1alpha1",
                 "ServiceExport",
+            ),
+            Kind::Lease => (
+                "/apis/coordination.k8s.io/v1",
+                "leases",
+                "coordination.k8s.io/v1",
+                "Lease",
             ),
         }
     }
@@ -111,7 +124,13 @@ struct State {
     lists: BTreeMap<Kind, u64>,
     watches: BTreeMap<Kind, u64>,
     writes: u64,
+    writes_by_kind: BTreeMap<Kind, u64>,
     list_delay: Duration,
+    /// Once a test declares namespaces: each one's phase (`Active`,
+    /// `Terminating`); a create elsewhere is refused as a real server does.
+    namespaces: Option<BTreeMap<String, String>>,
+    /// Creates refused because of their namespace, by namespace.
+    refused: BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -121,6 +140,13 @@ struct Inner {
     /// Bumped to end every open watch with 410 Gone.
     expire: watch::Sender<u64>,
     uid: AtomicU64,
+}
+
+impl State {
+    fn count_write(&mut self, kind: Kind) {
+        self.writes += 1;
+        *self.writes_by_kind.entry(kind).or_default() += 1;
+    }
 }
 
 impl Inner {
@@ -267,6 +293,38 @@ impl FakeKube {
         self.inner.lock().watches.get(&kind).copied().unwrap_or(0)
     }
 
+    /// Declares namespace `name` in `phase` (`Active` or `Terminating`),
+    /// or removes it (`None`). From the first call on, the fake checks the
+    /// namespace of every create as kube-apiserver's NamespaceLifecycle
+    /// admission does: a missing one is `404 NotFound` (`details.kind:
+    /// namespaces`), a terminating one `403 Forbidden` with the cause
+    /// `NamespaceTerminating`. Before it, every namespace exists.
+    pub fn set_namespace(&self, name: &str, phase: Option<&str>) {
+        let mut s = self.inner.lock();
+        let map = s.namespaces.get_or_insert_with(BTreeMap::new);
+        match phase {
+            Some(p) => map.insert(name.to_string(), p.to_string()),
+            None => map.remove(name),
+        };
+    }
+
+    /// Creates refused so far because namespace `ns` is missing or
+    /// terminating.
+    pub fn refused_creates(&self, ns: &str) -> u64 {
+        self.inner.lock().refused.get(ns).copied().unwrap_or(0)
+    }
+
+    /// How many create, replace and delete requests clients made of these
+    /// kinds (e.g. the mirrors' Services and EndpointSlices, without the
+    /// Lease renewals).
+    pub fn client_writes_of(&self, kinds: &[Kind]) -> u64 {
+        let s = self.inner.lock();
+        kinds
+            .iter()
+            .map(|k| s.writes_by_kind.get(k).copied().unwrap_or(0))
+            .sum()
+    }
+
     /// How many create, replace and delete requests clients made.
     pub fn client_writes(&self) -> u64 {
         self.inner.lock().writes
@@ -301,6 +359,68 @@ impl FakeKube {
             .objects
             .get(&(kind, namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Where kube-proxy would send a TCP connection to Service
+    /// `namespace/name` on `port` (its ClusterIP and that port): the
+    /// Service port with that number, then, in the EndpointSlices labelled
+    /// `kubernetes.io/service-name: NAME`, the slice port of the same name
+    /// and the first ready address. An `Err` says what a caller would meet
+    /// instead (a port the Service does not declare: kube-proxy has no rule
+    /// for it and the connection is refused or hangs). Tests call through
+    /// this to reach a Service as an application does, since no kube-proxy
+    /// runs here.
+    pub fn service_endpoint(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> Result<SocketAddr, String> {
+        let svc = self
+            .get(Kind::Service, namespace, name)
+            .ok_or_else(|| format!("no Service {namespace}/{name}"))?;
+        let ports = svc["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let sp = ports
+            .iter()
+            .find(|p| {
+                p["port"].as_u64() == Some(u64::from(port))
+                    && p["protocol"].as_str().unwrap_or("TCP") == "TCP"
+            })
+            .ok_or_else(|| {
+                format!("Service {namespace}/{name} declares no TCP port {port} (it has {ports:?})")
+            })?;
+        let port_name = sp["name"].as_str().unwrap_or("");
+        for sl in self.list(Kind::EndpointSlice) {
+            if sl["metadata"]["namespace"] != json!(namespace)
+                || sl["metadata"]["labels"]["kubernetes.io/service-name"] != json!(name)
+            {
+                continue;
+            }
+            let Some(target) = sl["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"].as_str().unwrap_or("") == port_name)
+                .and_then(|p| p["port"].as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            for e in sl["endpoints"].as_array().into_iter().flatten() {
+                if e["conditions"]["ready"] == json!(false) {
+                    continue;
+                }
+                if let Some(ip) = e["addresses"][0]
+                    .as_str()
+                    .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                {
+                    return Ok(SocketAddr::new(ip, target));
+                }
+            }
+        }
+        Err(format!(
+            "Service {namespace}/{name} port {port} (`{port_name}`) has no ready endpoint in any EndpointSlice"
+        ))
     }
 
     /// Every object of a kind.
@@ -512,7 +632,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
                     "metadata.name is required",
                 );
             };
-            inner.lock().writes += 1;
+            inner.lock().count_write(kind);
+            if let Some(refusal) = namespace_refusal(&inner, kind, &ns, &name) {
+                return refusal;
+            }
             if inner
                 .lock()
                 .objects
@@ -532,7 +655,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
             let Some(obj) = read_json(req).await else {
                 return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
             };
-            inner.lock().writes += 1;
+            inner.lock().count_write(kind);
             let current = inner
                 .lock()
                 .objects
@@ -560,7 +683,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
         }
         (Method::DELETE, Some(name)) => {
             let ns = ns.unwrap_or_default();
-            inner.lock().writes += 1;
+            inner.lock().count_write(kind);
             match remove(&inner, kind, &ns, &name) {
                 Some(o) => json_response(StatusCode::OK, &o),
                 None => status(
@@ -576,6 +699,41 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
             &format!("the fake API server does not implement {m} here"),
         ),
     }
+}
+
+/// What kube-apiserver answers a create in a namespace that does not exist
+/// or is terminating (NamespaceLifecycle admission), if it does.
+fn namespace_refusal(
+    inner: &Inner,
+    kind: Kind,
+    ns: &str,
+    name: &str,
+) -> Option<Response<FakeBody>> {
+    let mut s = inner.lock();
+    let phase = s.namespaces.as_ref()?.get(ns).cloned();
+    let (_, plural, _, _) = kind.info();
+    let body = match phase.as_deref() {
+        None => json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("namespaces \"{ns}\" not found"), "reason": "NotFound",
+            "details": {"name": ns, "kind": "namespaces"}, "code": 404,
+        }),
+        Some("Terminating") => json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{plural} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated"),
+            "reason": "Forbidden",
+            "details": {"name": name, "kind": plural, "causes": [{
+                "reason": "NamespaceTerminating",
+                "message": format!("namespace {ns} is being terminated"),
+                "field": "metadata.namespace"}]},
+            "code": 403,
+        }),
+        Some(_) => return None,
+    };
+    *s.refused.entry(ns.to_string()).or_default() += 1;
+    let code = StatusCode::from_u16(body["code"].as_u64().unwrap_or(500) as u16)
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Some(json_response(code, &body))
 }
 
 async fn read_json(req: Request<Incoming>) -> Option<Value> {

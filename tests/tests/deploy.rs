@@ -27,7 +27,7 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use meshfed_tests::bin;
 use serde_yaml::Value;
 
@@ -110,6 +110,8 @@ fn typed(obj: &Value) -> String {
         "ServiceAccount" => serde_yaml::from_value::<ServiceAccount>(v).map(|_| ()),
         "ClusterRole" => serde_yaml::from_value::<ClusterRole>(v).map(|_| ()),
         "ClusterRoleBinding" => serde_yaml::from_value::<ClusterRoleBinding>(v).map(|_| ()),
+        "Role" => serde_yaml::from_value::<Role>(v).map(|_| ()),
+        "RoleBinding" => serde_yaml::from_value::<RoleBinding>(v).map(|_| ()),
         "Deployment" => serde_yaml::from_value::<Deployment>(v).map(|_| ()),
         "Service" => serde_yaml::from_value::<Service>(v).map(|_| ()),
         "PodDisruptionBudget" => serde_yaml::from_value::<PodDisruptionBudget>(v).map(|_| ()),
@@ -274,13 +276,15 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
             })
     });
     assert!(lb, "{overlay}: a UDP 15443 LoadBalancer Service");
-    // RBAC: read-only except Services and EndpointSlices; never secrets.
+    // RBAC: read-only except Services and EndpointSlices, and the mirror
+    // writers' Lease in the gateway's own namespace (a Role); never secrets.
     for o in objects
         .iter()
         .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
     {
-        let role: ClusterRole = serde_yaml::from_value(o.clone()).unwrap();
-        for rule in role.rules.iter().flatten() {
+        // A Role's and a ClusterRole's rules are the same type.
+        let rules: Vec<PolicyRule> = serde_yaml::from_value(o["rules"].clone()).unwrap();
+        for rule in &rules {
             let resources = rule.resources.clone().unwrap_or_default();
             assert!(
                 !resources.iter().any(|r| r == "*" || r == "secrets"),
@@ -291,10 +295,18 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
                 .iter()
                 .any(|v| !matches!(v.as_str(), "get" | "list" | "watch"));
             if writes {
-                assert!(
-                    resources
+                let lease_in_own_namespace = o["kind"] == "Role"
+                    && resources.iter().all(|r| r == "leases")
+                    && rule
+                        .api_groups
                         .iter()
-                        .all(|r| r == "services" || r == "endpointslices"),
+                        .flatten()
+                        .all(|g| g == "coordination.k8s.io");
+                assert!(
+                    lease_in_own_namespace
+                        || resources
+                            .iter()
+                            .all(|r| r == "services" || r == "endpointslices"),
                     "{overlay}: writes beyond mirror Services: {resources:?} {:?}",
                     rule.verbs
                 );

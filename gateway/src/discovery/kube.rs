@@ -58,6 +58,7 @@ use tokio::sync::{Notify, watch};
 
 use super::service_entry::PORT_LABEL;
 use crate::endpoints::{CLUSTER_LABEL, Endpoint, EndpointSet};
+use crate::wire::announce::{ServicePort, ServicePorts};
 
 /// The label every mirror Service carries: the service it mirrors.
 pub const MIRROR_OF_LABEL: &str = "meshfed.io/mirror-of";
@@ -177,7 +178,7 @@ impl<T: PartialEq> Map<T> {
 pub struct Stores {
     services: Vec<Map<Service>>,
     slices: Vec<Map<EndpointSlice>>,
-    pods: Vec<Map<BTreeMap<String, String>>>,
+    pods: Vec<Map<PodMeta>>,
     exports: Vec<Map<()>>,
 }
 
@@ -194,7 +195,19 @@ impl Stores {
 
     fn pod_labels(&self, ns: &str, name: &str) -> Option<&BTreeMap<String, String>> {
         let key = (ns.to_string(), name.to_string());
-        self.pods.iter().find_map(|m| m.objs.get(&key))
+        self.pods
+            .iter()
+            .find_map(|m| m.objs.get(&key))
+            .map(|p| &p.labels)
+    }
+
+    /// Whether pod `ns/name` is being deleted (it has a deletionTimestamp).
+    pub fn pod_deleting(&self, ns: &str, name: &str) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        self.pods
+            .iter()
+            .find_map(|m| m.objs.get(&key))
+            .is_some_and(|p| p.deleting)
     }
 
     fn unsynced(&self) -> Vec<&'static str> {
@@ -213,6 +226,14 @@ impl Stores {
         }
         out
     }
+}
+
+/// What discovery keeps of a pod: its labels, and whether it is being
+/// deleted (a terminating gateway pod leaves the mirrors at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    labels: BTreeMap<String, String>,
+    deleting: bool,
 }
 
 /// The watchers' shared state: the stores, a change signal, and the last
@@ -249,6 +270,9 @@ pub struct KubeDiscovery {
     /// this cluster when Git exports it *and* it is in this set (Git wins:
     /// an in-cluster ServiceExport that Git lacks has no effect).
     pub exports: Option<watch::Receiver<Arc<BTreeSet<String>>>>,
+    /// The ports of every discovered Service ([`service_ports`]), announced
+    /// to peers for the exported ones.
+    pub service_ports: watch::Receiver<Arc<ServicePorts>>,
     /// The client, for writers ([`crate::mirror`]).
     pub client: Client,
     /// The watchers' stores.
@@ -355,7 +379,12 @@ pub async fn watch(
             format!("pods in {label}"),
             watcher::watcher(pods, watcher::Config::default()),
             move |s: &mut Stores| &mut s.pods[i],
-            |p: PartialObjectMeta<Pod>| Some(p.metadata.labels.unwrap_or_default()),
+            |p: PartialObjectMeta<Pod>| {
+                Some(PodMeta {
+                    deleting: p.metadata.deletion_timestamp.is_some(),
+                    labels: p.metadata.labels.unwrap_or_default(),
+                })
+            },
         );
         if settings.service_exports {
             let ar = service_export_resource();
@@ -409,6 +438,8 @@ pub async fn watch(
         "Kubernetes discovery synced"
     );
     let (tx, endpoints) = watch::channel(Arc::new(first));
+    let (ports_tx, service_ports) =
+        watch::channel(Arc::new(shared.with(|s| self::service_ports(s, &domain))));
     let (exports_tx, exports) = if settings.service_exports {
         let set = shared.with(|s| export_hosts(s, &domain));
         let (tx, rx) = watch::channel(Arc::new(set));
@@ -434,6 +465,15 @@ pub async fn watch(
                     true
                 }
             });
+            let ports = publisher.with(|s| self::service_ports(s, &domain));
+            ports_tx.send_if_modified(|cur| {
+                if **cur == ports {
+                    false
+                } else {
+                    *cur = Arc::new(ports);
+                    true
+                }
+            });
             if let Some(etx) = &exports_tx {
                 let hosts = publisher.with(|s| export_hosts(s, &domain));
                 etx.send_if_modified(|cur| {
@@ -450,6 +490,7 @@ pub async fn watch(
     Ok(KubeDiscovery {
         endpoints,
         exports,
+        service_ports,
         client,
         shared,
     })
@@ -559,6 +600,37 @@ pub fn export_hosts(s: &Stores, domain: &str) -> BTreeSet<String> {
         .flat_map(|m| m.objs.keys())
         .map(|(ns, name)| format!("{name}.{ns}.svc.{domain}"))
         .collect()
+}
+
+/// The ports of every Service the stores hold (not mirrors, not
+/// ExternalName), by canonical host, as its spec declares them.
+pub fn service_ports(s: &Stores, domain: &str) -> ServicePorts {
+    let mut out = ServicePorts::new();
+    for svc in s.services() {
+        if is_mirror(svc) {
+            continue;
+        }
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let (ns, name) = key_of(svc);
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    app_protocol: p.app_protocol.clone(),
+                })
+            })
+            .collect();
+        out.insert(format!("{name}.{ns}.svc.{domain}"), ports);
+    }
+    out
 }
 
 /// Whether a Service is one of ours (a mirror), never discovered.

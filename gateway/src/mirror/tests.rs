@@ -52,6 +52,26 @@ fn mirror_names_map_to_the_service_and_its_cluster() {
     assert_eq!(alias(&p, "ratings.bookinfo", "default"), None);
 }
 
+fn tcp(port: u16, name: &str, app: Option<&str>) -> ServicePort {
+    ServicePort {
+        port,
+        name: name.into(),
+        protocol: "TCP".into(),
+        app_protocol: app.map(str::to_string),
+    }
+}
+
+fn service_ports(d: &Desired) -> Vec<(String, i32, Option<String>)> {
+    d.service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (p.name.unwrap_or_default(), p.port, p.app_protocol))
+        .collect()
+}
+
 fn settings() -> MirrorSettings {
     MirrorSettings {
         target: ("meshfed-gateway".into(), "meshfed-system".into()),
@@ -65,10 +85,10 @@ fn settings() -> MirrorSettings {
 fn every_remote_export_gets_a_mirror_per_cluster_and_a_clusterset_one() {
     let p = policy();
     let ips: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()];
-    let mut local = BTreeMap::new();
-    local.insert(
+    let mut local = PortSources::default();
+    local.local.insert(
         ("bookinfo".to_string(), "ratings".to_string()),
-        vec![("http".to_string(), 9080u16)],
+        vec![tcp(9080, "http", None)],
     );
     let (want, problems) = desired(&p, &local, &ips, &settings());
     assert!(problems.is_empty(), "{problems:?}");
@@ -96,7 +116,7 @@ fn every_remote_export_gets_a_mirror_per_cluster_and_a_clusterset_one() {
     assert_eq!(west.slice.labels()[SERVICE_NAME_LABEL], "ratings-west");
 
     // Without a local Service, the default ports.
-    let (want, _) = desired(&p, &BTreeMap::new(), &ips, &settings());
+    let (want, _) = desired(&p, &PortSources::default(), &ips, &settings());
     let port = &want[0]
         .service
         .spec
@@ -112,14 +132,14 @@ fn every_remote_export_gets_a_mirror_per_cluster_and_a_clusterset_one() {
 fn a_desired_mirror_matches_itself_and_not_after_a_port_or_endpoint_change() {
     let p = policy();
     let ips: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap()];
-    let (a, _) = desired(&p, &BTreeMap::new(), &ips, &settings());
+    let (a, _) = desired(&p, &PortSources::default(), &ips, &settings());
     assert!(service_matches(&a[0].service, &a[0].service));
     assert!(slice_matches(&a[0].slice, &a[0].slice));
     let mut s = settings();
     s.default_ports = vec![8080];
-    let (b, _) = desired(&p, &BTreeMap::new(), &ips, &s);
+    let (b, _) = desired(&p, &PortSources::default(), &ips, &s);
     assert!(!service_matches(&a[0].service, &b[0].service));
-    let (c, _) = desired(&p, &BTreeMap::new(), &[], &settings());
+    let (c, _) = desired(&p, &PortSources::default(), &[], &settings());
     assert!(!slice_matches(&a[0].slice, &c[0].slice));
 }
 
@@ -131,8 +151,215 @@ fn names_longer_than_a_dns_label_are_reported_not_created() {
         format!("{long}.bookinfo.svc.cluster.local"),
         ["west".to_string()].into(),
     );
-    let (want, problems) = desired(&p, &BTreeMap::new(), &[], &settings());
+    let (want, problems) = desired(&p, &PortSources::default(), &[], &settings());
     assert!(want.iter().all(|d| d.name.len() <= 63));
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].contains("longer than 63"));
+}
+
+/// A mirror declares the ports its cluster announced (names, numbers and
+/// appProtocol), not a same-named local Service's or the default; the
+/// clusterset mirror has every cluster's; the slice names the same ports,
+/// each on the outbound listener.
+#[test]
+fn mirrors_declare_the_ports_their_cluster_announced() {
+    let p = policy();
+    let mut sources = PortSources::default();
+    sources.announced.insert(
+        ("west".into(), RATINGS.into()),
+        vec![
+            tcp(9080, "http", Some("http")),
+            tcp(9090, "grpc", Some("kubernetes.io/h2c")),
+        ],
+    );
+    sources.announced.insert(
+        ("us-west".into(), RATINGS.into()),
+        vec![tcp(9080, "", None)],
+    );
+    sources.local.insert(
+        ("bookinfo".into(), "ratings".into()),
+        vec![tcp(8080, "web", None)],
+    );
+    let (want, problems) = desired(&p, &sources, &[], &settings());
+    assert!(problems.is_empty(), "{problems:?}");
+    let by_name = |n: &str| want.iter().find(|d| d.name == n).unwrap();
+    let west = by_name("ratings-west");
+    assert_eq!(
+        service_ports(west),
+        [
+            ("http".into(), 9080, Some("http".into())),
+            ("grpc".into(), 9090, Some("kubernetes.io/h2c".into()))
+        ]
+    );
+    assert_eq!(
+        west.service.annotations()[PORTS_FROM_ANNOTATION],
+        "announcement"
+    );
+    let slice_ports: Vec<_> = west
+        .slice
+        .ports
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name.unwrap(), p.port.unwrap(), p.app_protocol))
+        .collect();
+    assert_eq!(
+        slice_ports,
+        [
+            ("http".into(), 15001, Some("http".into())),
+            ("grpc".into(), 15001, Some("kubernetes.io/h2c".into()))
+        ]
+    );
+    assert_eq!(
+        service_ports(by_name("ratings-us-west")),
+        [("port-9080".into(), 9080, None)]
+    );
+    // The federated one: the local Service's first, then each port number
+    // once.
+    assert_eq!(
+        service_ports(by_name("ratings-clusterset")),
+        [
+            ("web".into(), 8080, None),
+            ("http".into(), 9080, Some("http".into())),
+            ("grpc".into(), 9090, Some("kubernetes.io/h2c".into()))
+        ]
+    );
+    // A mirror whose cluster announced nothing falls back (local Service).
+    sources
+        .announced
+        .remove(&("us-west".to_string(), RATINGS.to_string()));
+    let (want, _) = desired(&p, &sources, &[], &settings());
+    let us = want.iter().find(|d| d.name == "ratings-us-west").unwrap();
+    assert_eq!(service_ports(us), [("web".into(), 8080, None)]);
+    assert_eq!(
+        us.service.annotations()[PORTS_FROM_ANNOTATION],
+        "local-service"
+    );
+    // A changed appProtocol is a change to write.
+    let mut other = sources.clone();
+    other.announced.insert(
+        ("west".into(), RATINGS.into()),
+        vec![
+            tcp(9080, "http", None),
+            tcp(9090, "grpc", Some("kubernetes.io/h2c")),
+        ],
+    );
+    let (changed, _) = desired(&p, &other, &[], &settings());
+    let w2 = changed.iter().find(|d| d.name == "ratings-west").unwrap();
+    assert!(!service_matches(&west.service, &w2.service));
+    assert!(!slice_matches(&west.slice, &w2.slice));
+}
+
+/// A peer's port strings are input, and the API server refuses a Service
+/// with an invalid or repeated name, a repeated port or a bad appProtocol:
+/// every one is made valid (or dropped) before it is written.
+#[test]
+fn hostile_announced_ports_are_made_valid_before_they_are_written() {
+    let got = mirror_ports(&[
+        tcp(80, "http", None),
+        tcp(80, "again", None),                 // repeated number
+        tcp(81, "http", None),                  // repeated name
+        tcp(82, "Not_A-Name", Some("../../x")), // invalid both
+        tcp(83, &"a".repeat(16), Some("http")), // name too long
+        tcp(0, "zero", None),                   // no port
+        ServicePort {
+            protocol: "UDP".into(),
+            ..tcp(53, "dns", None)
+        }, // not proxied
+        tcp(84, "port-81", Some("example.com/my-proto")),
+        tcp(85, "x--y", Some(&"p".repeat(64))),
+        tcp(86, "port-87", None),
+        tcp(87, "", None), // its `port-87` is taken
+    ]);
+    let got: Vec<_> = got
+        .into_iter()
+        .map(|p| (p.port, p.name, p.app_protocol))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (80, "http".into(), None),
+            (81, "port-81".into(), None),
+            (82, "port-82".into(), None),
+            (83, "port-83".into(), Some("http".into())),
+            (84, "port-84".into(), Some("example.com/my-proto".into())),
+            (85, "port-85".into(), None),
+            (86, "port-87".into(), None),
+            (87, "port-87-7".into(), None),
+        ]
+    );
+}
+
+/// Ports only a non-TCP protocol serves give no mirror, and say why.
+#[test]
+fn a_service_without_a_tcp_port_gets_no_mirror_and_a_reason() {
+    let p = policy();
+    let mut sources = PortSources::default();
+    for c in ["west", "us-west"] {
+        sources.announced.insert(
+            (c.into(), RATINGS.into()),
+            vec![ServicePort {
+                protocol: "UDP".into(),
+                ..tcp(53, "dns", None)
+            }],
+        );
+    }
+    let (want, problems) = desired(&p, &sources, &[], &settings());
+    assert!(want.is_empty(), "{want:?}");
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(problems[0].contains("no TCP port"), "{problems:?}");
+}
+
+fn applied(
+    version: &str,
+    source: crate::state::provenance::Source,
+) -> crate::state::provenance::Applied {
+    crate::state::provenance::Applied {
+        version: version.into(),
+        content_hash: String::new(),
+        source,
+        applied_at_unix_ms: 0,
+    }
+}
+
+/// Never delete a mirror based on an older snapshot than the one that
+/// wrote it: a snapshot read from the state directory at start may be
+/// older than another replica's, so it deletes only what a version it
+/// applied wrote; one from the syncer or the policy directory is the
+/// newest there is.
+#[test]
+fn a_snapshot_from_the_state_directory_deletes_only_what_a_version_it_knows_wrote() {
+    use crate::state::provenance::Source;
+    let seen: BTreeSet<String> = ["c1".to_string(), "c2".to_string()].into();
+    let from_disk = applied(
+        "c2",
+        Source::StateDir {
+            path: "/var/lib/meshfed".into(),
+        },
+    );
+    assert!(
+        may_delete(None, &from_disk, &seen),
+        "unrecorded (older releases)"
+    );
+    assert!(may_delete(Some("c2"), &from_disk, &seen));
+    assert!(may_delete(Some("c1"), &from_disk, &seen));
+    assert!(
+        !may_delete(Some("c3"), &from_disk, &seen),
+        "c3 may be newer"
+    );
+    let live = applied(
+        "c4",
+        Source::Syncer {
+            addr: "syncer:15012".into(),
+            id: "spiffe://td/meshfed/syncer".into(),
+        },
+    );
+    assert!(may_delete(Some("c3"), &live, &seen));
+    let file = applied(
+        "c4",
+        Source::File {
+            dir: "/policy".into(),
+        },
+    );
+    assert!(may_delete(Some("c3"), &file, &seen));
 }

@@ -13,6 +13,14 @@
 //! gateway sets on SIGTERM so that peers stop opening new streams to it. A
 //! peer that stops announcing is treated as unavailable by
 //! [`crate::tunnel::link`].
+//!
+//! Where the gateway's discovery knows them (Kubernetes Services), an
+//! announcement also carries each exported service's ports (number, name,
+//! protocol, `appProtocol`), so that the peer's mirror Services
+//! ([`crate::mirror`]) declare the ports callers really use, as Linkerd's
+//! service mirror copies them from the remote Service. The member is
+//! optional both ways: an older peer ignores it, and an announcement
+//! without it (an older peer, or static discovery) means "ports unknown".
 
 use std::collections::BTreeMap;
 
@@ -75,6 +83,62 @@ pub struct Announcement {
     pub draining: bool,
     /// Canonical service host → endpoint groups.
     pub services: BTreeMap<String, Vec<EndpointGroup>>,
+    /// Canonical service host → the service's ports, for the services of
+    /// `services` whose ports this gateway knows. A host absent here: its
+    /// ports are unknown (never "no ports").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: ServicePorts,
+}
+
+/// Canonical service host → its ports.
+pub type ServicePorts = BTreeMap<String, Vec<ServicePort>>;
+
+/// Most ports announced per service; a service declaring more has the
+/// first [`MAX_PORTS`] announced (Kubernetes sets no limit, but a Service
+/// with this many ports is not one a mirror can usefully copy).
+pub const MAX_PORTS: usize = 64;
+/// Longest port name, protocol or `appProtocol` string a receiver keeps:
+/// Kubernetes' limits are 15 (an IANA service name), an enum and a
+/// qualified name (253 + `/` + 63).
+pub const MAX_PORT_STRING: usize = 317;
+
+/// One port of an exported service, as its Service declares it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServicePort {
+    /// The service port callers connect to (never 0 once built).
+    pub port: u16,
+    /// The port's name; empty for the unnamed port of a one-port Service.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP`, as Kubernetes spells it.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// Kubernetes' `appProtocol` (`http`, `kubernetes.io/h2c`...), if set.
+    #[serde(
+        default,
+        rename = "appProtocol",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub app_protocol: Option<String>,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+impl ServicePort {
+    /// Whether a receiver keeps it: a real port number and strings within
+    /// [`MAX_PORT_STRING`]. Whether the strings are valid Kubernetes values
+    /// is for the one who writes them to an API server to check.
+    fn within_bounds(&self) -> bool {
+        self.port != 0
+            && self.name.len() <= MAX_PORT_STRING
+            && self.protocol.len() <= MAX_PORT_STRING
+            && self
+                .app_protocol
+                .as_ref()
+                .is_none_or(|a| a.len() <= MAX_PORT_STRING)
+    }
 }
 
 /// Endpoints that share a label set.
@@ -97,16 +161,19 @@ pub enum AnnounceError {
 }
 
 impl Announcement {
-    /// Summarizes `endpoints` for the services in `exported`.
+    /// Summarizes `endpoints` for the services in `exported`, with their
+    /// ports where `ports` knows them.
     pub fn build<'a>(
         seq: u64,
         cluster: &str,
         config_version: &str,
         draining: bool,
         endpoints: &EndpointSet,
+        ports: &ServicePorts,
         exported: impl Iterator<Item = &'a str>,
     ) -> Self {
         let mut services = BTreeMap::new();
+        let mut service_ports = BTreeMap::new();
         let mut left_out = 0u64;
         // The encoded size so far, so that what is built always fits one
         // frame: an announcement too large to send would leave peers with
@@ -119,14 +186,27 @@ impl Announcement {
             }
             let eps = endpoints.get(host).map(Vec::as_slice).unwrap_or_default();
             let groups = group(eps);
-            // `"host":[...],` in the map's JSON.
-            let entry = serde_json::to_vec(&(host, &groups)).map_or(usize::MAX, |v| v.len());
+            let known: Option<Vec<ServicePort>> = ports.get(host).map(|p| {
+                p.iter()
+                    .filter(|p| p.within_bounds())
+                    .take(MAX_PORTS)
+                    .cloned()
+                    .collect()
+            });
+            // `"host":[...],` in the map's JSON, and again in `ports`.
+            let entry = serde_json::to_vec(&(host, &groups)).map_or(usize::MAX, |v| v.len())
+                + known.as_ref().map_or(0, |p| {
+                    serde_json::to_vec(&(host, p)).map_or(usize::MAX, |v| v.len())
+                });
             if bytes.saturating_add(entry) > MAX_SERVICES_BYTES {
                 left_out += 1;
                 continue;
             }
             bytes += entry;
             services.insert(host.to_string(), groups);
+            if let Some(known) = known {
+                service_ports.insert(host.to_string(), known);
+            }
         }
         if left_out > 0 {
             SERVICES_LEFT_OUT.inc_by(left_out);
@@ -144,6 +224,7 @@ impl Announcement {
             config_version: config_version.to_string(),
             draining,
             services,
+            ports: service_ports,
         }
     }
 
@@ -151,8 +232,18 @@ impl Announcement {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// Decodes a peer's announcement. Ports are optional: those of a
+    /// service not in `services`, over [`MAX_PORTS`] or out of bounds are
+    /// dropped (that service's ports are then unknown), never the whole
+    /// announcement, which routing needs.
     pub fn decode(bytes: &[u8]) -> Result<Self, AnnounceError> {
-        let a: Announcement = serde_json::from_slice(bytes)?;
+        let mut a: Announcement = serde_json::from_slice(bytes)?;
+        let services = &a.services;
+        a.ports.retain(|host, ports| {
+            services.contains_key(host)
+                && ports.len() <= MAX_PORTS
+                && ports.iter().all(ServicePort::within_bounds)
+        });
         if a.services.len() > MAX_DECODED_SERVICES {
             return Err(AnnounceError::TooManyServices(a.services.len()));
         }
@@ -244,6 +335,7 @@ mod tests {
             "abc",
             false,
             &set,
+            &ServicePorts::new(),
             [
                 "ratings.default.svc.cluster.local",
                 "missing.default.svc.cluster.local",
@@ -270,7 +362,15 @@ mod tests {
             .map(|i| ep(i, &format!("v{i}"), i % 2 == 0))
             .collect();
         set.insert("s".into(), eps);
-        let a = Announcement::build(1, "c", "v", false, &set, ["s"].into_iter());
+        let a = Announcement::build(
+            1,
+            "c",
+            "v",
+            false,
+            &set,
+            &ServicePorts::new(),
+            ["s"].into_iter(),
+        );
         assert_eq!(a.services["s"].len(), MAX_GROUPS);
         assert_eq!(a.services["s"].iter().map(|g| g.total).sum::<u32>(), 200);
         assert_eq!(a.healthy("s", &BTreeMap::new()), 100);
@@ -322,6 +422,7 @@ mod tests {
             &"f".repeat(40),
             false,
             &set,
+            &ServicePorts::new(),
             hosts.iter().map(String::as_str),
         );
         assert_eq!(a.services.len(), MAX_SERVICES, "services were left out");
@@ -353,6 +454,7 @@ mod tests {
             &"f".repeat(40),
             false,
             &set,
+            &ServicePorts::new(),
             hosts.iter().map(String::as_str),
         );
         let left_out = SERVICES_LEFT_OUT.get() - before;
@@ -375,6 +477,116 @@ mod tests {
             exported >= before + left_out,
             "/metrics says {exported} left out, this build alone left out {left_out}"
         );
+    }
+
+    fn http_port(port: u16, name: &str) -> ServicePort {
+        ServicePort {
+            port,
+            name: name.into(),
+            protocol: "TCP".into(),
+            app_protocol: Some("http".into()),
+        }
+    }
+
+    /// An exported service's ports travel with it; services whose ports
+    /// discovery does not know, or that are not exported, have none.
+    #[test]
+    fn exported_services_carry_their_ports_and_only_theirs() {
+        let mut set = EndpointSet::default();
+        set.insert("ratings".into(), vec![ep(1, "v1", true)]);
+        let ports = ServicePorts::from([
+            (
+                "ratings".to_string(),
+                vec![http_port(9080, "http"), http_port(9443, "admin")],
+            ),
+            ("private".to_string(), vec![http_port(8080, "")]),
+        ]);
+        let a = Announcement::build(
+            1,
+            "west",
+            "v",
+            false,
+            &set,
+            &ports,
+            ["ratings", "static-only"].into_iter(),
+        );
+        assert_eq!(
+            a.ports,
+            ServicePorts::from([("ratings".to_string(), ports["ratings"].clone())])
+        );
+        assert_eq!(Announcement::decode(&a.encode()).unwrap(), a);
+        let json = String::from_utf8(a.encode()).unwrap();
+        assert!(
+            json.contains(r#""ports":{"ratings":[{"port":9080,"name":"http","protocol":"TCP","appProtocol":"http"}"#),
+            "{json}"
+        );
+    }
+
+    /// Within the version, only what an older peer ignores may change
+    /// (docs/tunnel.md): an older receiver, which knows no `ports`, reads
+    /// today's announcement; today's receiver reads an older one, whose
+    /// services then have unknown ports.
+    #[test]
+    fn ports_are_a_member_older_peers_ignore_and_older_announcements_lack() {
+        /// The announcement as the release before `ports` declared it.
+        #[derive(Debug, Deserialize, Serialize)]
+        struct Older {
+            seq: u64,
+            cluster: String,
+            config_version: String,
+            #[serde(default)]
+            draining: bool,
+            services: BTreeMap<String, Vec<EndpointGroup>>,
+        }
+        let mut set = EndpointSet::default();
+        set.insert("ratings".into(), vec![ep(1, "v1", true)]);
+        let ports = ServicePorts::from([("ratings".to_string(), vec![http_port(9080, "http")])]);
+        let today =
+            Announcement::build(1, "west", "v", false, &set, &ports, ["ratings"].into_iter());
+        let old: Older = serde_json::from_slice(&today.encode()).unwrap();
+        assert_eq!(old.services, today.services);
+        let from_old = Announcement::decode(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(from_old.services, today.services);
+        assert!(from_old.ports.is_empty());
+        // And an announcement without ports encodes without the member.
+        assert!(
+            !String::from_utf8(from_old.encode())
+                .unwrap()
+                .contains("ports")
+        );
+    }
+
+    /// A peer's ports are input: too many for a service, a port 0, huge
+    /// strings, or ports of a service it does not announce are dropped, for
+    /// that service only; the announcement, which routing needs, stays.
+    #[test]
+    fn out_of_bounds_ports_are_dropped_not_the_announcement() {
+        let mut a = Announcement::default();
+        for s in ["ok", "many", "zero", "huge", "app"] {
+            a.services.insert(s.into(), vec![]);
+        }
+        a.ports.insert("ok".into(), vec![http_port(80, "http")]);
+        a.ports
+            .insert("many".into(), vec![http_port(80, ""); MAX_PORTS + 1]);
+        a.ports.insert("zero".into(), vec![http_port(0, "")]);
+        a.ports.insert(
+            "huge".into(),
+            vec![http_port(80, &"n".repeat(MAX_PORT_STRING + 1))],
+        );
+        let mut app = http_port(80, "http");
+        app.app_protocol = Some("x".repeat(MAX_PORT_STRING + 1));
+        a.ports.insert("app".into(), vec![app]);
+        a.ports
+            .insert("unannounced".into(), vec![http_port(80, "")]);
+        let got = Announcement::decode(&a.encode()).unwrap();
+        assert_eq!(got.services, a.services);
+        assert_eq!(got.ports.keys().collect::<Vec<_>>(), ["ok"]);
+        // The sender keeps within the bounds too.
+        let mut set = EndpointSet::default();
+        set.insert("many".into(), vec![]);
+        let built = Announcement::build(1, "c", "v", false, &set, &a.ports, ["many"].into_iter());
+        assert_eq!(built.ports["many"].len(), MAX_PORTS);
+        assert_eq!(Announcement::decode(&built.encode()).unwrap(), built);
     }
 
     #[test]

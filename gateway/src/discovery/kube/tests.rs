@@ -50,7 +50,13 @@ fn stores(
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        m.objs.insert(("default".to_string(), name.to_string()), l);
+        m.objs.insert(
+            ("default".to_string(), name.to_string()),
+            PodMeta {
+                labels: l,
+                deleting: false,
+            },
+        );
     }
     s.pods.push(m);
     s
