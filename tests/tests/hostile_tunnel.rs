@@ -200,9 +200,13 @@ async fn serial_an_initial_flood_costs_kilobytes_and_the_links_survive() {
     const INITIALS: usize = 3_000;
     let bundle = pki.gateway("east", "gw-0").join("bundle.pem");
     let mut peaks = Vec::new();
-    // Twice: what the first flood leaves allocated (the allocator keeps
-    // freed memory) is reused by the second, not added to.
-    for round in 1..=2 {
+    // Three times: what a flood leaves allocated (the allocator keeps freed
+    // memory) is reused by the next, not added to. The first flood's peak
+    // depends on how many of its handshakes happened to overlap (37–47 MiB
+    // seen), so the second may still rise above it; from the second on, a
+    // flood finds the memory of the busiest one before it, and a leak would
+    // add a flood's worth (16–25 MiB) each time.
+    for round in 1..=3 {
         flood(&bundle, east.tunnel, ENDPOINTS, INITIALS).await;
         let (now, peak) = rss(&east);
         let per_initial = peak.saturating_sub(baseline) / INITIALS as u64;
@@ -238,10 +242,12 @@ async fn serial_an_initial_flood_costs_kilobytes_and_the_links_survive() {
         peaks.push(peak);
     }
     assert!(
-        peaks[1] <= peaks[0] + (8 << 20),
-        "a second flood grew the peak from {} to {}: memory of the first is not reused",
-        Mib(peaks[0]),
-        Mib(peaks[1])
+        peaks[2] <= peaks[1] + (8 << 20),
+        "a third flood grew the peak from {} to {} (first flood: {}): memory of the \
+         floods before is not reused",
+        Mib(peaks[1]),
+        Mib(peaks[2]),
+        Mib(peaks[0])
     );
     east.wait_links("west", 1);
     west.wait_links("east", 1);
