@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
@@ -606,15 +606,7 @@ pub fn export_hosts(s: &Stores, domain: &str) -> BTreeSet<String> {
 /// ExternalName), by canonical host, as its spec declares them.
 pub fn service_ports(s: &Stores, domain: &str) -> ServicePorts {
     let mut out = ServicePorts::new();
-    for svc in s.services() {
-        if is_mirror(svc) {
-            continue;
-        }
-        let Some(spec) = &svc.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let (ns, name) = key_of(svc);
+    for Discovered { host, spec, .. } in discovered(s, domain) {
         let ports = spec
             .ports
             .iter()
@@ -628,9 +620,38 @@ pub fn service_ports(s: &Stores, domain: &str) -> ServicePorts {
                 })
             })
             .collect();
-        out.insert(format!("{name}.{ns}.svc.{domain}"), ports);
+        out.insert(host, ports);
     }
     out
+}
+
+/// A Service discovery serves: its namespace and name, its canonical host
+/// and its spec.
+struct Discovered<'s> {
+    ns: String,
+    name: String,
+    host: String,
+    spec: &'s ServiceSpec,
+}
+
+/// The Services discovery serves: neither mirrors nor ExternalName.
+fn discovered<'s>(s: &'s Stores, domain: &'s str) -> impl Iterator<Item = Discovered<'s>> + 's {
+    s.services()
+        .filter(|svc| !is_mirror(svc))
+        .filter_map(move |svc| {
+            let spec = svc.spec.as_ref()?;
+            if spec.type_.as_deref() == Some("ExternalName") {
+                return None;
+            }
+            let (ns, name) = key_of(svc);
+            let host = format!("{name}.{ns}.svc.{domain}");
+            Some(Discovered {
+                ns,
+                name,
+                host,
+                spec,
+            })
+        })
 }
 
 /// Whether a Service is one of ours (a mirror), never discovered.
@@ -651,16 +672,13 @@ pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
         }
     }
     let mut set = EndpointSet::new();
-    for svc in s.services() {
-        if is_mirror(svc) {
-            continue;
-        }
-        let Some(spec) = &svc.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let (ns, name) = key_of(svc);
-        let host = format!("{name}.{ns}.svc.{domain}");
+    for Discovered {
+        ns,
+        name,
+        host,
+        spec,
+    } in discovered(s, domain)
+    {
         let ports: Vec<_> = spec
             .ports
             .iter()
