@@ -7,6 +7,7 @@
 //! | `/metrics` | Prometheus text ([`crate::metrics`]) |
 //! | `/config_dump` | the applied snapshot, as JSON, with where it came from, the local endpoints and current outlier ejections |
 //! | `/peers` | every link: state, RTT, loss (ratio over 30 s, random-loss verdict: `tunnel::loss`), streams, announcements |
+//! | `/mirror/view` | what the mirror controller (`meshfed-gateway mirror`) makes mirror Services from: exports, announced ports, the applied snapshot ([`crate::mirror::view`]); 503 until a snapshot is applied |
 //!
 //! It keeps answering while the outbound listener is saturated: it holds
 //! at most [`ADMIN_MAX_CONNECTIONS`] connections of its own (more are reset
@@ -82,6 +83,8 @@ pub struct AdminSettings {
     /// A client's time to send an HTTP/1 request head, which also bounds a
     /// kept-alive connection's idle time (`--header-timeout`).
     pub header_timeout: std::time::Duration,
+    /// The outbound listener's port, for `/mirror/view`.
+    pub outbound_port: u16,
 }
 
 /// Serves the admin API until the task is dropped.
@@ -207,9 +210,22 @@ fn handle(
             serde_json::to_vec_pretty(&state.tunnel.status()).unwrap_or_default(),
             "application/json",
         ),
+        #[cfg(feature = "kube")]
+        "/mirror/view" => match crate::mirror::GatewayView::of(state, settings.outbound_port) {
+            Some(view) => text(
+                StatusCode::OK,
+                serde_json::to_vec(&view).unwrap_or_default(),
+                "application/json",
+            ),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no snapshot applied yet\n",
+                "text/plain",
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /readyz /metrics /config_dump /peers\n",
+            "not found; try /healthz /readyz /metrics /config_dump /peers /mirror/view\n",
             "text/plain",
         ),
     }

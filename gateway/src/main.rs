@@ -16,6 +16,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use meshfed_gateway::run::RunConfig;
 use meshfed_gateway::{admin, proxy, tunnel};
 
+#[cfg(feature = "kube")]
+mod mirror_command;
+
 /// jemalloc, not the system allocator, with its background thread: after a
 /// burst of connections glibc's malloc kept the pages it had touched (3,000
 /// stalled callers took RSS from 19 to 79 MiB, still 79 MiB after they
@@ -411,7 +414,7 @@ enum CongestionControl {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
@@ -428,6 +431,7 @@ Policy comes from --policy-dir (file mode) or --syncer (syncer mode, with
 --syncer-issuer, --syncer-id and --state-dir); see docs/delivery.md.
 
 Certificates: meshfed-gateway certs --help
+Mirror controller (its own Deployment, least privilege): meshfed-gateway mirror --help
 
 Tracing: --otlp-endpoint http://collector:4317 [--trace-sampling 1]; W3C
 traceparent and B3 are propagated; see docs/observability.md.
@@ -540,7 +544,7 @@ fn parse_syncer_id(s: &str) -> Result<meshfed_gateway::identity::SpiffeId, Strin
     }
 }
 
-fn parse_service_ref(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_service_ref(s: &str) -> Result<(String, String), String> {
     match s.split_once('.') {
         Some((name, ns)) if !name.is_empty() && !ns.is_empty() && !ns.contains('.') => {
             Ok((name.to_string(), ns.to_string()))
@@ -616,7 +620,7 @@ fn args_with_config() -> Result<Vec<OsString>, String> {
     )
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
@@ -627,6 +631,15 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     meshfed_gateway::identity::cli::exit_if_certs_command();
+    #[cfg(feature = "kube")]
+    mirror_command::exit_if_mirror_command();
+    #[cfg(not(feature = "kube"))]
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("mirror")) {
+        eprintln!(
+            "meshfed-gateway: `mirror` (the mirror controller) needs the `kube` feature; this binary was built without it"
+        );
+        return ExitCode::from(2);
+    }
     let args = match args_with_config() {
         Ok(a) => a,
         Err(e) => {
@@ -769,7 +782,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -64,7 +64,6 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use meshfed_policy::snapshot::ClusterPolicy;
 use serde_json::json;
 
 pub use crate::discovery::kube::MIRROR_OF_LABEL;
@@ -73,9 +72,12 @@ use crate::route::mirror_names::CLUSTERSET;
 use crate::state::Gateway;
 use crate::wire::announce::ServicePort;
 
+pub mod controller;
 pub mod lease;
 pub mod namespaces;
+pub mod view;
 pub use namespaces::MirrorMetrics;
+pub use view::GatewayView;
 
 /// Which remote cluster a mirror leads to (`clusterset` for the federated
 /// one).
@@ -147,22 +149,28 @@ pub struct PortSources {
 /// one with static discovery): the local Service's, else
 /// `--mirror-ports`.
 pub fn desired(
-    policy: &ClusterPolicy,
+    view: &GatewayView,
     sources: &PortSources,
     gateway_ips: &[IpAddr],
     settings: &MirrorSettings,
 ) -> (Vec<Desired>, Vec<String>) {
-    let suffix = format!(".svc.{}", policy.domain);
+    let suffix = format!(".svc.{}", view.domain);
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for (host, clusters) in &policy.exports {
+    for (host, clusters) in &view.exports {
         let Some((name, ns)) = host.strip_suffix(&suffix).and_then(|s| s.split_once('.')) else {
             continue;
         };
         if !settings.namespaces.is_empty() && !settings.namespaces.iter().any(|n| n == ns) {
             continue;
         }
-        let remote: Vec<&String> = clusters.iter().filter(|c| **c != policy.cluster).collect();
+        if !is_dns_label(ns) {
+            problems.push(format!(
+                "no mirror for {host}: `{ns}` is not a valid namespace name"
+            ));
+            continue;
+        }
+        let remote: Vec<&String> = clusters.iter().filter(|c| **c != view.cluster).collect();
         if remote.is_empty() {
             continue;
         }
@@ -228,6 +236,12 @@ pub fn desired(
                 ));
                 continue;
             }
+            if !is_dns_label(&mirror) || !mirror.starts_with(|c: char| c.is_ascii_lowercase()) {
+                problems.push(format!(
+                    "no mirror for {host} from {cluster}: `{mirror}` is not a valid Service name (lowercase letters, digits and inner '-', starting with a letter)"
+                ));
+                continue;
+            }
             let ports = mirror_ports(&ports);
             if ports.is_empty() {
                 problems.push(format!(
@@ -273,6 +287,19 @@ pub fn mirror_ports(ports: &[ServicePort]) -> Ports {
         });
     }
     out
+}
+
+/// A DNS label (RFC 1123), as Kubernetes requires of a namespace name: at
+/// most 63 lowercase letters, digits and inner dashes. The names come from
+/// the snapshot (or, for the controller, from a gateway's admin API): they
+/// are checked here, not left for the API server to refuse.
+fn is_dns_label(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
 }
 
 /// An IANA service name, as Kubernetes requires of a port name: at most 15
@@ -515,10 +542,13 @@ pub fn attach(
     }
 }
 
-/// Starts the mirror controller. It takes part in the election of the
-/// cluster's one writer ([`lease`]) and writes only while it holds the
-/// Lease, and nothing until a snapshot is applied: a gateway waiting for
-/// its syncer must not garbage-collect every mirror.
+/// Starts the in-process mirror controller (`--mirror-services`): the
+/// mirrors are made from this gateway's own view. It takes part in the
+/// election of the cluster's one writer ([`lease`]) and writes only while
+/// it holds the Lease, and nothing until a snapshot is applied: a gateway
+/// waiting for its syncer must not garbage-collect every mirror. The
+/// mirror controller process ([`controller`]) runs the same passes with a
+/// view read from a gateway's admin API.
 pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings) {
     let (client, shared) = (kube.client.clone(), kube.shared.clone());
     let (leader_tx, mut leader) = tokio::sync::watch::channel(false);
@@ -526,7 +556,7 @@ pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings
         client.clone(),
         settings.target.1.clone(),
         lease::lease_name(&state.cluster),
-        state.id.clone(),
+        state.id.to_string(),
         leader_tx,
     ));
     tokio::spawn(async move {
@@ -534,10 +564,10 @@ pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings
         let mut endpoints = state.endpoints.clone();
         let mut memory = Memory::default();
         loop {
-            if let Some(applied) = state.provenance.current() {
-                memory.applied_versions.insert(applied.version.clone());
+            if let Some(view) = GatewayView::of(&state, settings.outbound_port) {
+                memory.saw(&view);
                 if *leader.borrow_and_update() {
-                    reconcile(&state, &client, &shared, &settings, &applied, &mut memory).await;
+                    reconcile(&view, &client, &shared, &settings, &mut memory).await;
                 }
             }
             tokio::select! {
@@ -552,41 +582,26 @@ pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings
 
 /// What the controller keeps from one pass to the next.
 #[derive(Debug, Default)]
-struct Memory {
+pub struct Memory {
     /// Problems logged, so that each is logged once until it goes away.
     reported: BTreeSet<String>,
     /// (cluster, host) → the ports last announced: a link that drops, or a
     /// restart before the peers announce, must not turn a mirror's real
     /// ports back into the fallback (callers on the real port would hang).
     announced: BTreeMap<(String, String), Ports>,
-    /// Every snapshot version this process has applied.
+    /// Every snapshot version this process has seen applied.
     applied_versions: BTreeSet<String>,
     /// Namespaces that are missing or terminating.
     skipped: namespaces::Skipped,
 }
 
-/// The ports each cluster's gateways announce now, by (cluster, host). If
-/// a cluster's gateways disagree (a Service edited mid-rollout), the most
-/// common answer wins, ties to the smallest.
-fn announced_ports(state: &Gateway) -> BTreeMap<(String, String), Ports> {
-    let mut votes: BTreeMap<(String, String), BTreeMap<Ports, usize>> = BTreeMap::new();
-    for (cluster, a) in state.tunnel.announcements() {
-        for (host, ports) in &a.ports {
-            *votes
-                .entry((cluster.clone(), host.clone()))
-                .or_default()
-                .entry(ports.clone())
-                .or_default() += 1;
+impl Memory {
+    /// Records a view's snapshot as seen applied.
+    pub fn saw(&mut self, view: &GatewayView) {
+        if !self.applied_versions.contains(&view.applied.version) {
+            self.applied_versions.insert(view.applied.version.clone());
         }
     }
-    votes
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let best = v.values().copied().max()?;
-            let ports = v.into_iter().find(|(_, n)| *n == best)?.0;
-            Some((k, ports))
-        })
-        .collect()
 }
 
 /// The ports a Service declares.
@@ -630,7 +645,11 @@ pub fn may_delete(
 /// leaves the mirrors at the next pass, before the published endpoint set
 /// would drop it. Only when no gateway pod is ready are those still
 /// `serving` kept, so a last pod's drain keeps its callers.
-fn gateway_addresses(s: &crate::discovery::kube::Stores, ns: &str, name: &str) -> Vec<IpAddr> {
+pub(crate) fn gateway_addresses(
+    s: &crate::discovery::kube::Stores,
+    ns: &str,
+    name: &str,
+) -> Vec<IpAddr> {
     let mut ready = BTreeSet::new();
     let mut serving = BTreeSet::new();
     for sl in s.slices() {
@@ -731,24 +750,22 @@ enum Written {
 /// One pass: create, replace, delete, each mirror written concurrently
 /// (at most [`WRITE_CONCURRENCY`] at once). Problems are logged once each
 /// until they go away.
-async fn reconcile(
-    state: &Gateway,
+pub async fn reconcile(
+    view: &GatewayView,
     client: &Client,
     shared: &Shared,
     settings: &MirrorSettings,
-    applied: &crate::state::provenance::Applied,
     memory: &mut Memory,
 ) {
-    let active = state.active.load_full();
-    let policy = &active.snapshot.policy;
+    let applied = &view.applied;
     let cur = read_current(shared, settings);
     // Ports: what peers announce now, else what they announced before,
     // else (after a restart) what a mirror made from an announcement says.
-    let exported: BTreeSet<&String> = policy.exports.keys().collect();
+    let exported: BTreeSet<&String> = view.exports.keys().collect();
     memory
         .announced
         .retain(|(_, host), _| exported.contains(host));
-    memory.announced.extend(announced_ports(state));
+    memory.announced.extend(view.announced_map());
     for svc in cur.services.values() {
         let (Some(host), Some(cluster)) = (
             svc.annotations().get(MIRROR_HOST_ANNOTATION),
@@ -774,7 +791,7 @@ async fn reconcile(
         announced: memory.announced.clone(),
         local: cur.local_ports.clone(),
     };
-    let (want, problems) = desired(policy, &sources, &cur.gateway_ips, settings);
+    let (want, problems) = desired(view, &sources, &cur.gateway_ips, settings);
     let mut now_reported = BTreeSet::new();
     let mut report = |p: String, reported: &BTreeSet<String>| {
         if !reported.contains(&p) {
@@ -942,12 +959,7 @@ async fn write_mirror(
             Err(e) => return (ns, fail("create", "Service", &e)),
         },
         Some(cur) if !service_matches(cur, &d.service) => {
-            want.metadata.resource_version = cur.resource_version();
-            // Keep what the API server assigned.
-            if let (Some(spec), Some(cur_spec)) = (want.spec.as_mut(), cur.spec.as_ref()) {
-                spec.cluster_ip = cur_spec.cluster_ip.clone();
-                spec.cluster_ips = cur_spec.cluster_ips.clone();
-            }
+            let want = onto_service(cur, &want);
             match services
                 .replace(&d.name, &PostParams::default(), &want)
                 .await
@@ -978,7 +990,7 @@ async fn write_mirror(
     let written = match slice_cur {
         None => slices.create(&PostParams::default(), &slice).await.err(),
         Some(cur) if !slice_matches(cur, &slice) => {
-            slice.metadata.resource_version = cur.resource_version();
+            let slice = onto_slice(cur, &slice);
             let r = slices
                 .replace(&slice.name_any(), &PostParams::default(), &slice)
                 .await;
@@ -995,6 +1007,49 @@ async fn write_mirror(
     }
 }
 
+/// A PUT replaces the whole object, so an update starts from the current
+/// one and sets only what the mirror owns: its labels and annotations
+/// (others' stay), the type, ports and selector. What other controllers
+/// or people added (a label, an annotation, a finalizer, `sessionAffinity`)
+/// and what the API server assigned (`clusterIP`, `ipFamilies`) survive.
+fn onto_service(cur: &Service, want: &Service) -> Service {
+    let mut next = cur.clone();
+    next.metadata.managed_fields = None;
+    next.labels_mut().extend(want.labels().clone());
+    next.annotations_mut().extend(want.annotations().clone());
+    let spec = next.spec.get_or_insert_with(Default::default);
+    if let Some(w) = &want.spec {
+        spec.type_.clone_from(&w.type_);
+        spec.ports.clone_from(&w.ports);
+        spec.selector.clone_from(&w.selector);
+    }
+    next.status = None;
+    next
+}
+
+/// The EndpointSlice's counterpart of [`onto_service`]: endpoints, ports,
+/// our labels and our ownerReference are the mirror's; the rest is kept.
+fn onto_slice(cur: &EndpointSlice, want: &EndpointSlice) -> EndpointSlice {
+    let mut next = cur.clone();
+    next.metadata.managed_fields = None;
+    next.labels_mut().extend(want.labels().clone());
+    next.endpoints.clone_from(&want.endpoints);
+    next.ports.clone_from(&want.ports);
+    if let Some(ours) = &want.metadata.owner_references {
+        let mut refs: Vec<_> = cur
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|r| !ours.iter().any(|o| o.kind == r.kind && o.name == r.name))
+            .cloned()
+            .collect();
+        refs.extend(ours.iter().cloned());
+        next.metadata.owner_references = Some(refs);
+    }
+    next
+}
+
 fn log_write_error(op: &str, kind: &str, d: &Desired, e: &kube::Error) {
     match e {
         kube::Error::Api(s) if s.code == 409 => {
@@ -1002,7 +1057,7 @@ fn log_write_error(op: &str, kind: &str, d: &Desired, e: &kube::Error) {
         }
         kube::Error::Api(s) if s.code == 403 => tracing::warn!(
             namespace = %d.namespace, name = %d.name, error = %e,
-            "cannot {op} the mirror {kind}: forbidden; the gateway's ServiceAccount needs create/update/delete on services and endpointslices (deploy/base/rbac.yaml)"
+            "cannot {op} the mirror {kind}: forbidden; the mirror controller's ServiceAccount (meshfed-mirror in deploy/base/rbac.yaml; the gateway's own, with --mirror-services) needs create/update/delete on services and endpointslices, and the ValidatingAdmissionPolicy lets it write only objects labelled as mirrors"
         ),
         _ => {
             tracing::warn!(namespace = %d.namespace, name = %d.name, error = %e, "cannot {op} the mirror {kind}; retrying")

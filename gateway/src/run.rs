@@ -411,6 +411,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         AdminSettings {
             token: cfg.admin_token.clone(),
             header_timeout: cfg.header_timeout,
+            outbound_port: addrs["outbound"].port(),
         },
     ));
     if let Some(dir) = &cfg.policy_dir {

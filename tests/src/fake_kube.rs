@@ -25,7 +25,10 @@
 //! `resourceVersion` that leader election relies on). Namespaces are
 //! checked on create once a test declares them
 //! ([`FakeKube::set_namespace`]): missing is `404`, terminating is `403`
-//! with the cause `NamespaceTerminating`, as kube-apiserver answers. Label selectors,
+//! with the cause `NamespaceTerminating`, as kube-apiserver answers. Users
+//! are checked once a test declares them ([`FakeKube::grant`]): a bearer
+//! token per user, read-only or read-write, with RBAC's `401` and `403`
+//! answers. Label selectors,
 //! field selectors, pagination, bookmarks, admission, defaulting (beyond a
 //! ClusterIP for Services) and garbage collection are not implemented.
 //!
@@ -131,6 +134,12 @@ struct State {
     namespaces: Option<BTreeMap<String, String>>,
     /// Creates refused because of their namespace, by namespace.
     refused: BTreeMap<String, u64>,
+    /// Once a test declares identities ([`FakeKube::grant`]): bearer token
+    /// → (user name, whether it may write). Requests without a known
+    /// token are `401`, writes by a read-only user `403`, as RBAC answers.
+    identities: Option<BTreeMap<String, (String, bool)>>,
+    /// Writes refused by RBAC, by user.
+    forbidden: BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -246,8 +255,18 @@ impl FakeKube {
 
     /// Writes a kubeconfig that points at this server over plain HTTP.
     pub fn write_kubeconfig(&self, path: &Path) {
+        self.write_kubeconfig_user(path, "{}");
+    }
+
+    /// Writes a kubeconfig whose user presents `token` (see
+    /// [`FakeKube::grant`]).
+    pub fn write_kubeconfig_as(&self, path: &Path, token: &str) {
+        self.write_kubeconfig_user(path, &format!("{{token: {token}}}"));
+    }
+
+    fn write_kubeconfig_user(&self, path: &Path, user: &str) {
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {user}\n",
             self.addr
         );
         std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
@@ -306,6 +325,27 @@ impl FakeKube {
             Some(p) => map.insert(name.to_string(), p.to_string()),
             None => map.remove(name),
         };
+    }
+
+    /// Declares a user: requests carrying `Authorization: Bearer <token>`
+    /// are `user` (e.g. `system:serviceaccount:meshfed-system:meshfed-gateway`),
+    /// who may read everything and, with `write`, create, replace and
+    /// delete. From the first call on, a request without a declared token
+    /// is `401 Unauthorized` and a write by a read-only user `403
+    /// Forbidden` with kube-apiserver's RBAC message; before it, anyone
+    /// may do anything. Write a kubeconfig for the user with
+    /// [`FakeKube::write_kubeconfig_as`].
+    pub fn grant(&self, token: &str, user: &str, write: bool) {
+        self.inner
+            .lock()
+            .identities
+            .get_or_insert_with(BTreeMap::new)
+            .insert(token.to_string(), (user.to_string(), write));
+    }
+
+    /// Writes refused by RBAC so far to `user`.
+    pub fn forbidden_writes(&self, user: &str) -> u64 {
+        self.inner.lock().forbidden.get(user).copied().unwrap_or(0)
     }
 
     /// Creates refused so far because namespace `ns` is missing or
@@ -570,6 +610,9 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
             &format!("the fake API server does not serve {}", req.uri().path()),
         );
     };
+    if let Some(refusal) = authorize(&inner, &req, kind, ns.as_deref()) {
+        return refusal;
+    }
     let q = query(&req);
     let metadata_only = req
         .headers()
@@ -699,6 +742,59 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
             &format!("the fake API server does not implement {m} here"),
         ),
     }
+}
+
+/// What kube-apiserver's authentication and RBAC answer, if the request
+/// is refused (see [`FakeKube::grant`]).
+fn authorize(
+    inner: &Inner,
+    req: &Request<Incoming>,
+    kind: Kind,
+    ns: Option<&str>,
+) -> Option<Response<FakeBody>> {
+    let mut s = inner.lock();
+    let ids = s.identities.as_ref()?;
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some((user, write)) = token.and_then(|t| ids.get(t)).cloned() else {
+        drop(s);
+        return Some(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        ));
+    };
+    let verb = match *req.method() {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::DELETE => "delete",
+        Method::PATCH => "patch",
+        _ => return None,
+    };
+    if write {
+        return None;
+    }
+    *s.forbidden.entry(user.clone()).or_default() += 1;
+    drop(s);
+    let (prefix, plural, _, _) = kind.info();
+    let group = prefix
+        .strip_prefix("/apis/")
+        .and_then(|g| g.split('/').next())
+        .unwrap_or("");
+    let scope = match ns {
+        Some(ns) => format!(" in the namespace \"{ns}\""),
+        None => " at the cluster scope".to_string(),
+    };
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{plural} is forbidden: User \"{user}\" cannot {verb} resource \"{plural}\" in API group \"{group}\"{scope}"),
+        "reason": "Forbidden",
+        "details": {"kind": plural}, "code": 403,
+    });
+    Some(json_response(StatusCode::FORBIDDEN, &body))
 }
 
 /// What kube-apiserver answers a create in a namespace that does not exist

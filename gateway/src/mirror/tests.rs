@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::route::mirror_names::{Alias, alias};
-use meshfed_policy::snapshot::ClusterInfo;
+use meshfed_policy::snapshot::{ClusterInfo, ClusterPolicy};
 
 fn policy() -> ClusterPolicy {
     let mut p = ClusterPolicy {
@@ -22,6 +22,22 @@ fn policy() -> ClusterPolicy {
         ["east".to_string()].into(),
     );
     p
+}
+
+/// What a gateway following `p` would serve on `/mirror/view`.
+fn view(p: &ClusterPolicy) -> GatewayView {
+    GatewayView {
+        cluster: p.cluster.clone(),
+        gateway: "gw-0".into(),
+        domain: p.domain.clone(),
+        applied: applied(
+            "c1",
+            crate::state::provenance::Source::File { dir: "p".into() },
+        ),
+        outbound_port: 15001,
+        exports: p.exports.clone(),
+        announced: Vec::new(),
+    }
 }
 
 const RATINGS: &str = "ratings.bookinfo.svc.cluster.local";
@@ -90,7 +106,7 @@ fn every_remote_export_gets_a_mirror_per_cluster_and_a_clusterset_one() {
         ("bookinfo".to_string(), "ratings".to_string()),
         vec![tcp(9080, "http", None)],
     );
-    let (want, problems) = desired(&p, &local, &ips, &settings());
+    let (want, problems) = desired(&view(&p), &local, &ips, &settings());
     assert!(problems.is_empty(), "{problems:?}");
     let names: Vec<&str> = want.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(
@@ -116,7 +132,7 @@ fn every_remote_export_gets_a_mirror_per_cluster_and_a_clusterset_one() {
     assert_eq!(west.slice.labels()[SERVICE_NAME_LABEL], "ratings-west");
 
     // Without a local Service, the default ports.
-    let (want, _) = desired(&p, &PortSources::default(), &ips, &settings());
+    let (want, _) = desired(&view(&p), &PortSources::default(), &ips, &settings());
     let port = &want[0]
         .service
         .spec
@@ -132,14 +148,14 @@ fn every_remote_export_gets_a_mirror_per_cluster_and_a_clusterset_one() {
 fn a_desired_mirror_matches_itself_and_not_after_a_port_or_endpoint_change() {
     let p = policy();
     let ips: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap()];
-    let (a, _) = desired(&p, &PortSources::default(), &ips, &settings());
+    let (a, _) = desired(&view(&p), &PortSources::default(), &ips, &settings());
     assert!(service_matches(&a[0].service, &a[0].service));
     assert!(slice_matches(&a[0].slice, &a[0].slice));
     let mut s = settings();
     s.default_ports = vec![8080];
-    let (b, _) = desired(&p, &PortSources::default(), &ips, &s);
+    let (b, _) = desired(&view(&p), &PortSources::default(), &ips, &s);
     assert!(!service_matches(&a[0].service, &b[0].service));
-    let (c, _) = desired(&p, &PortSources::default(), &[], &settings());
+    let (c, _) = desired(&view(&p), &PortSources::default(), &[], &settings());
     assert!(!slice_matches(&a[0].slice, &c[0].slice));
 }
 
@@ -151,7 +167,7 @@ fn names_longer_than_a_dns_label_are_reported_not_created() {
         format!("{long}.bookinfo.svc.cluster.local"),
         ["west".to_string()].into(),
     );
-    let (want, problems) = desired(&p, &PortSources::default(), &[], &settings());
+    let (want, problems) = desired(&view(&p), &PortSources::default(), &[], &settings());
     assert!(want.iter().all(|d| d.name.len() <= 63));
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].contains("longer than 63"));
@@ -180,7 +196,7 @@ fn mirrors_declare_the_ports_their_cluster_announced() {
         ("bookinfo".into(), "ratings".into()),
         vec![tcp(8080, "web", None)],
     );
-    let (want, problems) = desired(&p, &sources, &[], &settings());
+    let (want, problems) = desired(&view(&p), &sources, &[], &settings());
     assert!(problems.is_empty(), "{problems:?}");
     let by_name = |n: &str| want.iter().find(|d| d.name == n).unwrap();
     let west = by_name("ratings-west");
@@ -228,7 +244,7 @@ fn mirrors_declare_the_ports_their_cluster_announced() {
     sources
         .announced
         .remove(&("us-west".to_string(), RATINGS.to_string()));
-    let (want, _) = desired(&p, &sources, &[], &settings());
+    let (want, _) = desired(&view(&p), &sources, &[], &settings());
     let us = want.iter().find(|d| d.name == "ratings-us-west").unwrap();
     assert_eq!(service_ports(us), [("web".into(), 8080, None)]);
     assert_eq!(
@@ -244,7 +260,7 @@ fn mirrors_declare_the_ports_their_cluster_announced() {
             tcp(9090, "grpc", Some("kubernetes.io/h2c")),
         ],
     );
-    let (changed, _) = desired(&p, &other, &[], &settings());
+    let (changed, _) = desired(&view(&p), &other, &[], &settings());
     let w2 = changed.iter().find(|d| d.name == "ratings-west").unwrap();
     assert!(!service_matches(&west.service, &w2.service));
     assert!(!slice_matches(&west.slice, &w2.slice));
@@ -304,7 +320,7 @@ fn a_service_without_a_tcp_port_gets_no_mirror_and_a_reason() {
             }],
         );
     }
-    let (want, problems) = desired(&p, &sources, &[], &settings());
+    let (want, problems) = desired(&view(&p), &sources, &[], &settings());
     assert!(want.is_empty(), "{want:?}");
     assert_eq!(problems.len(), 3, "{problems:?}");
     assert!(problems[0].contains("no TCP port"), "{problems:?}");
@@ -362,4 +378,148 @@ fn a_snapshot_from_the_state_directory_deletes_only_what_a_version_it_knows_wrot
         },
     );
     assert!(may_delete(Some("c3"), &file, &seen));
+}
+
+/// A view read from a gateway is input: names that are not valid
+/// Kubernetes names never reach the API server, each is reported.
+#[test]
+fn a_view_with_hostile_names_makes_no_mirror_of_them() {
+    let mut p = policy();
+    p.exports.clear();
+    for host in [
+        "ratings.Kube_System.svc.cluster.local",
+        "ratings.-bad.svc.cluster.local",
+        "Ratings.bookinfo.svc.cluster.local",
+        "rat/ings.bookinfo.svc.cluster.local",
+        "ratings.bookinfo.svc.cluster.local",
+    ] {
+        p.exports.insert(host.into(), ["west".to_string()].into());
+    }
+    let (want, problems) = desired(&view(&p), &PortSources::default(), &[], &settings());
+    let names: Vec<String> = want
+        .iter()
+        .map(|d| format!("{}/{}", d.namespace, d.name))
+        .collect();
+    assert_eq!(
+        names,
+        ["bookinfo/ratings-west", "bookinfo/ratings-clusterset"]
+    );
+    assert_eq!(problems.len(), 6, "{problems:#?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("`Kube_System` is not a valid namespace name")),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("`Ratings-west` is not a valid Service name")),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn a_view_is_refused_when_it_is_too_large_malformed_or_of_another_cluster() {
+    use super::view::{MAX_VIEW_BYTES, ViewError};
+    let good = serde_json::to_vec(&view(&policy())).unwrap();
+    let parsed = GatewayView::parse(&good, "east").unwrap();
+    assert_eq!(parsed.exports, policy().exports);
+    assert!(matches!(
+        GatewayView::parse(&good, "west"),
+        Err(ViewError::WrongCluster { .. })
+    ));
+    assert!(matches!(
+        GatewayView::parse(b"{\"cluster\": 1}", "east"),
+        Err(ViewError::Malformed(_))
+    ));
+    let huge = vec![b' '; MAX_VIEW_BYTES + 1];
+    assert!(matches!(
+        GatewayView::parse(&huge, "east"),
+        Err(ViewError::TooLarge(_))
+    ));
+}
+
+/// Gateways may disagree for a while: the controller follows a snapshot
+/// from the syncer over one read from a state directory, then the most
+/// recently applied, so a replica left behind does not make mirrors flap.
+#[test]
+fn the_controller_follows_the_syncers_newest_snapshot_among_the_gateways_views() {
+    use crate::state::provenance::Source;
+    let at = |gateway: &str, version: &str, source: Source, ms: u64| {
+        let mut v = view(&policy());
+        v.gateway = gateway.into();
+        v.applied = applied(version, source);
+        v.applied.applied_at_unix_ms = ms;
+        v
+    };
+    let syncer = || Source::Syncer {
+        addr: "s:15012".into(),
+        id: "spiffe://x/syncer".into(),
+    };
+    let disk = || Source::StateDir {
+        path: "/var/lib/meshfed".into(),
+    };
+    let chosen = controller::choose(vec![
+        at("gw-0", "old", syncer(), 1_000),
+        at("gw-1", "new", syncer(), 2_000),
+        at("gw-2", "restarted", disk(), 3_000),
+    ])
+    .unwrap();
+    assert_eq!(chosen.applied.version, "new");
+    // The same in any order.
+    let chosen = controller::choose(vec![
+        at("gw-2", "restarted", disk(), 3_000),
+        at("gw-1", "new", syncer(), 2_000),
+        at("gw-0", "old", syncer(), 1_000),
+    ])
+    .unwrap();
+    assert_eq!(chosen.applied.version, "new");
+    // Only state-directory views: the newest of them.
+    let chosen = controller::choose(vec![
+        at("gw-2", "a", disk(), 3_000),
+        at("gw-3", "b", disk(), 4_000),
+    ])
+    .unwrap();
+    assert_eq!(chosen.applied.version, "b");
+    assert!(controller::choose(Vec::new()).is_none());
+}
+
+/// A PUT replaces the whole object: an update keeps what others set.
+#[test]
+fn an_update_keeps_what_other_controllers_set_on_a_mirror() {
+    let p = policy();
+    let ips: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap()];
+    let (want, _) = desired(&view(&p), &PortSources::default(), &ips, &settings());
+    let d = &want[0];
+    let mut cur: Service = d.service.clone();
+    cur.labels_mut().insert("team".into(), "payments".into());
+    cur.annotations_mut()
+        .insert("example.com/owner".into(), "ops".into());
+    cur.metadata.finalizers = Some(vec!["example.com/keep".into()]);
+    cur.metadata.resource_version = Some("42".into());
+    let spec = cur.spec.as_mut().unwrap();
+    spec.session_affinity = Some("ClientIP".into());
+    spec.cluster_ip = Some("10.96.0.9".into());
+    spec.ports.as_mut().unwrap()[0].port = 8080;
+    let next = onto_service(&cur, &d.service);
+    assert_eq!(next.labels()["team"], "payments");
+    assert_eq!(next.labels()[MANAGED_BY], MANAGER);
+    assert_eq!(next.annotations()["example.com/owner"], "ops");
+    assert_eq!(next.metadata.finalizers, cur.metadata.finalizers);
+    assert_eq!(next.metadata.resource_version.as_deref(), Some("42"));
+    let spec = next.spec.as_ref().unwrap();
+    assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.9"));
+    assert_eq!(spec.ports, d.service.spec.as_ref().unwrap().ports);
+    assert!(service_matches(&next, &d.service));
+
+    let mut cur_slice = d.slice.clone();
+    cur_slice
+        .labels_mut()
+        .insert("example.com/audited".into(), "yes".into());
+    cur_slice.endpoints.clear();
+    let next = onto_slice(&cur_slice, &d.slice);
+    assert_eq!(next.labels()["example.com/audited"], "yes");
+    assert!(slice_matches(&next, &d.slice));
 }

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use meshfed_policy::Snapshot;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// Where the applied snapshot came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Source {
     /// Compiled from `--policy-dir`.
@@ -24,7 +24,7 @@ pub enum Source {
 }
 
 /// The applied snapshot's version and origin.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Applied {
     pub version: String,
     pub content_hash: String,
