@@ -22,9 +22,16 @@ use meshfed_gateway::mirror::controller::{self, ControllerSettings};
 #[derive(Debug, Parser)]
 #[command(name = "meshfed-gateway mirror", version)]
 pub struct MirrorCli {
-    /// The cluster it mirrors for: the gateways' --cluster.
+    /// Read settings from this YAML file (flag names to values);
+    /// environment variables and flags override it.
+    #[arg(long, value_name = "FILE", env = "MESHFED_MIRROR_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// The cluster it mirrors for: the gateways' --cluster. Unset: the
+    /// cluster the gateways' first view names (they are found through
+    /// this cluster's own --mirror-services).
     #[arg(long, value_name = "NAME", env = "MESHFED_CLUSTER")]
-    cluster: String,
+    cluster: Option<String>,
 
     /// Its ID in the mirror Lease (the pod name; the host name if unset).
     #[arg(long, value_name = "ID", env = "MESHFED_MIRROR_ID")]
@@ -94,7 +101,19 @@ pub fn exit_if_mirror_command() {
     if std::env::args_os().nth(1).as_deref() != Some(std::ffi::OsStr::new("mirror")) {
         return;
     }
-    let cli = MirrorCli::parse_from(std::env::args_os().skip(1));
+    let args = match meshfed_cli::config_file::args_with_config(
+        &<MirrorCli as clap::CommandFactory>::command(),
+        std::env::args_os().skip(1).collect(),
+        "MESHFED_MIRROR_CONFIG",
+        &|k: &std::ffi::OsStr| std::env::var_os(k),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("meshfed-gateway mirror: {e}");
+            std::process::exit(2)
+        }
+    };
+    let cli = MirrorCli::parse_from(args);
     let code = run(cli);
     std::process::exit(i32::from(code != ExitCode::SUCCESS))
 }

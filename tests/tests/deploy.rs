@@ -7,6 +7,11 @@
 //! a PodDisruptionBudget and a UDP 15443 LoadBalancer, Secrets mounted
 //! 0400, probes on /readyz and /healthz, non-root read-only containers
 //! without capabilities, RBAC writing only Services and EndpointSlices).
+//! Least privilege: the gateway's ServiceAccount only reads, the mirror
+//! controller has its own, and the ValidatingAdmissionPolicy that limits
+//! its writes to mirror objects is evaluated here with a CEL interpreter
+//! against the objects the controller really writes and the ones a
+//! controller taken over would try.
 //! Every reference a pod spec makes (ConfigMaps, Secrets, its
 //! ServiceAccount) and every binding's ServiceAccount must resolve to an
 //! object rendered in the same namespace (Secrets may instead be ones a
@@ -24,6 +29,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -45,9 +53,16 @@ struct Accepts {
     env: BTreeSet<String>,
 }
 
-fn accepts(binary: &str) -> Accepts {
-    let out = Command::new(bin(binary)).arg("--help").output().unwrap();
-    assert!(out.status.success(), "{binary} --help failed");
+fn accepts(binary: &str, subcommand: Option<&str>) -> Accepts {
+    let out = Command::new(bin(binary))
+        .args(subcommand)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{binary} {subcommand:?} --help failed"
+    );
     let help = String::from_utf8_lossy(&out.stdout).to_string();
     let mut flags = BTreeSet::new();
     let mut env = BTreeSet::new();
@@ -116,6 +131,12 @@ fn typed(obj: &Value) -> String {
         "Service" => serde_yaml::from_value::<Service>(v).map(|_| ()),
         "PodDisruptionBudget" => serde_yaml::from_value::<PodDisruptionBudget>(v).map(|_| ()),
         "ConfigMap" => serde_yaml::from_value::<ConfigMap>(v).map(|_| ()),
+        "ValidatingAdmissionPolicy" => {
+            serde_yaml::from_value::<ValidatingAdmissionPolicy>(v).map(|_| ())
+        }
+        "ValidatingAdmissionPolicyBinding" => {
+            serde_yaml::from_value::<ValidatingAdmissionPolicyBinding>(v).map(|_| ())
+        }
         other => panic!("{other} {name}: a kind this test does not know; add it"),
     };
     if let Err(e) = r {
@@ -139,8 +160,10 @@ fn check_container(c: &Container, objects: &[Value], where_: &str) {
         .unwrap()
         .to_string_lossy()
         .to_string();
-    let accepts = accepts(&binary);
     let args = c.args.clone().unwrap_or_default();
+    // `meshfed-gateway mirror ...`: the subcommand's own flags.
+    let subcommand = args.first().filter(|a| !a.starts_with('-')).cloned();
+    let accepts = accepts(&binary, subcommand.as_deref());
     for a in &args {
         if let Some(flag) = a.strip_prefix("--") {
             let flag = flag.split('=').next().unwrap();
@@ -160,8 +183,13 @@ fn check_container(c: &Container, objects: &[Value], where_: &str) {
             );
         }
     }
-    // The --config file, from the ConfigMap mounted at its directory.
-    let i = args.iter().position(|a| a == "--config").expect("--config");
+    // The --config file, from the ConfigMap mounted at its directory (a
+    // subcommand may take its few flags inline).
+    let Some(i) = args.iter().position(|a| a == "--config") else {
+        assert!(subcommand.is_some(), "{where_}: no --config");
+        check_hardening(c, where_);
+        return;
+    };
     let path = Path::new(&args[i + 1]);
     let mount = c
         .volume_mounts
@@ -196,7 +224,10 @@ fn check_container(c: &Container, objects: &[Value], where_: &str) {
             "{where_}: config key `{k}` in {cm_name}/{key} is not a {binary} setting"
         );
     }
-    // Hardening.
+    check_hardening(c, where_);
+}
+
+fn check_hardening(c: &Container, where_: &str) {
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.allow_privilege_escalation, Some(false), "{where_}");
     assert_eq!(sc.read_only_root_filesystem, Some(true), "{where_}");
@@ -276,6 +307,7 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
             })
     });
     assert!(lb, "{overlay}: a UDP 15443 LoadBalancer Service");
+    check_least_privilege(overlay, &objects);
     // RBAC: read-only except Services and EndpointSlices, and the mirror
     // writers' Lease in the gateway's own namespace (a Role); never secrets.
     for o in objects
@@ -315,6 +347,319 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
                     "{overlay}: wildcard verbs"
                 );
             }
+        }
+    }
+}
+
+/// The rules bound to ServiceAccount `ns/sa`, with the binding's name.
+fn rules_of(objects: &[Value], ns: &str, sa: &str) -> Vec<(String, PolicyRule)> {
+    let mut out = Vec::new();
+    for b in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        let binds = b["subjects"].as_sequence().into_iter().flatten().any(|s| {
+            s["kind"] == "ServiceAccount"
+                && s["name"].as_str() == Some(sa)
+                && s["namespace"].as_str().unwrap_or(&namespace_of(b)) == ns
+        });
+        if !binds {
+            continue;
+        }
+        let (kind, name) = (&b["roleRef"]["kind"], &b["roleRef"]["name"]);
+        let role = objects
+            .iter()
+            .find(|o| {
+                &o["kind"] == kind
+                    && &o["metadata"]["name"] == name
+                    && (o["kind"] == "ClusterRole" || namespace_of(o) == namespace_of(b))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "binding {:?} refers to a role not rendered",
+                    b["metadata"]["name"]
+                )
+            });
+        let rules: Vec<PolicyRule> = serde_yaml::from_value(role["rules"].clone()).unwrap();
+        let binding = b["metadata"]["name"].as_str().unwrap_or("").to_string();
+        out.extend(rules.into_iter().map(|r| (binding.clone(), r)));
+    }
+    out
+}
+
+/// Least privilege (issue 22, item 10): the internet-facing gateway's
+/// ServiceAccount may only read; the mirror controller, with its own, may
+/// write Services and EndpointSlices, and a ValidatingAdmissionPolicy,
+/// evaluated here as kube-apiserver would, lets it write only mirror
+/// objects.
+fn check_least_privilege(overlay: &str, objects: &[Value]) {
+    let deployment = |name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == name)
+            .map(|o| serde_yaml::from_value::<Deployment>(o.clone()).unwrap())
+    };
+    let sa_of = |d: &Deployment| {
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        (
+            d.metadata.namespace.clone().unwrap_or_default(),
+            pod.service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+        )
+    };
+    let gateway = deployment("meshfed-gateway").expect("the gateway Deployment");
+    let (gw_ns, gw_sa) = sa_of(&gateway);
+    for (binding, rule) in rules_of(objects, &gw_ns, &gw_sa) {
+        assert!(
+            rule.verbs
+                .iter()
+                .all(|v| matches!(v.as_str(), "get" | "list" | "watch")),
+            "{overlay}: the gateway's ServiceAccount {gw_sa} may {:?} {:?} (binding {binding});              the internet-facing gateway only reads, the mirror controller writes",
+            rule.verbs,
+            rule.resources
+        );
+    }
+    let Some(mirror) = deployment("meshfed-mirror") else {
+        return;
+    };
+    let (ns, sa) = sa_of(&mirror);
+    assert_ne!(
+        sa, gw_sa,
+        "{overlay}: the mirror controller has a ServiceAccount of its own"
+    );
+    let args = mirror
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("mirror"),
+        "{overlay}"
+    );
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let policies: Vec<ValidatingAdmissionPolicy> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ValidatingAdmissionPolicy")
+        .map(|o| serde_yaml::from_value(o.clone()).unwrap())
+        .collect();
+    let bindings: Vec<ValidatingAdmissionPolicyBinding> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ValidatingAdmissionPolicyBinding")
+        .map(|o| serde_yaml::from_value(o.clone()).unwrap())
+        .collect();
+    let policy = policies
+        .iter()
+        .find(|p| {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            bindings.iter().any(|b| {
+                b.spec.as_ref().is_some_and(|s| {
+                    s.policy_name.as_deref() == Some(name.as_str())
+                        && s.validation_actions
+                            .iter()
+                            .flatten()
+                            .any(|a| a == "Deny")
+                })
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!("{overlay}: no ValidatingAdmissionPolicy bound with Deny limits the mirror controller's writes")
+        });
+    admission::check(overlay, policy, &user);
+}
+
+/// The ValidatingAdmissionPolicy's CEL, evaluated against the writes the
+/// mirror controller makes (its own objects, from `meshfed_gateway::mirror`)
+/// and the ones a controller taken over would try.
+mod admission {
+    use cel_interpreter::{Context, Program, Value as Cel};
+    use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+    use meshfed_gateway::mirror::{GatewayView, MirrorSettings, PortSources, desired};
+    use serde_json::{Value, json};
+
+    fn eval(expr: &str, request: &Value, object: &Value, old: &Value) -> Result<bool, String> {
+        let program = Program::compile(expr).map_err(|e| format!("does not compile: {e}"))?;
+        let mut ctx = Context::default();
+        ctx.add_variable("request", request.clone())
+            .map_err(|e| e.to_string())?;
+        ctx.add_variable("object", object.clone())
+            .map_err(|e| e.to_string())?;
+        ctx.add_variable("oldObject", old.clone())
+            .map_err(|e| e.to_string())?;
+        match program.execute(&ctx) {
+            Ok(Cel::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("gives {other:?}, not a bool")),
+            Err(e) => Err(format!("fails: {e}")),
+        }
+    }
+
+    /// Whether the policy admits `operation` of `object` (over `old`) by
+    /// `user`; the message of the first validation that refuses.
+    fn admits(
+        policy: &ValidatingAdmissionPolicy,
+        user: &str,
+        operation: &str,
+        resource: &str,
+        object: &Value,
+        old: &Value,
+    ) -> Result<(), String> {
+        let spec = policy.spec.as_ref().unwrap();
+        let request = json!({
+            "operation": operation,
+            "userInfo": {"username": user},
+            "resource": {"resource": resource},
+        });
+        for c in spec.match_conditions.iter().flatten() {
+            if !eval(&c.expression, &request, object, old)
+                .unwrap_or_else(|e| panic!("matchCondition `{}` {e}", c.expression))
+            {
+                return Ok(());
+            }
+        }
+        for v in spec.validations.iter().flatten() {
+            let ok = eval(&v.expression, &request, object, old).unwrap_or_else(|e| {
+                panic!("validation `{}` {e} ({operation} {resource})", v.expression)
+            });
+            if !ok {
+                return Err(v.message.clone().unwrap_or_else(|| v.expression.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn check(overlay: &str, policy: &ValidatingAdmissionPolicy, user: &str) {
+        // The objects the controller writes, as it builds them.
+        let view: GatewayView = serde_json::from_value(json!({
+            "cluster": "east", "gateway": "gw-0", "domain": "cluster.local",
+            "applied": {"version": "c1", "content_hash": "", "source": {"kind": "file", "dir": "p"}, "applied_at_unix_ms": 0},
+            "outbound_port": 15001,
+            "exports": {"ratings.bookinfo.svc.cluster.local": ["west"]},
+            "announced": [],
+        }))
+        .unwrap();
+        let settings = MirrorSettings {
+            target: ("meshfed-gateway-outbound".into(), "meshfed-system".into()),
+            outbound_port: 15001,
+            default_ports: vec![80],
+            namespaces: vec![],
+        };
+        let (want, _) = desired(
+            &view,
+            &PortSources::default(),
+            &["10.0.0.7".parse().unwrap()],
+            &settings,
+        );
+        assert!(!want.is_empty());
+        let null = Value::Null;
+        for d in &want {
+            let mut svc = serde_json::to_value(&d.service).unwrap();
+            // kube-apiserver defaults the type before admission.
+            svc["spec"]["type"] = json!("ClusterIP");
+            let slice = serde_json::to_value(&d.slice).unwrap();
+            for (resource, obj) in [("services", &svc), ("endpointslices", &slice)] {
+                for (op, object, old) in [
+                    ("CREATE", obj, &null),
+                    ("UPDATE", obj, obj),
+                    ("DELETE", &null, obj),
+                ] {
+                    admits(policy, user, op, resource, object, old).unwrap_or_else(|m| {
+                        panic!("{overlay}: the policy refuses the controller's own {op} of {resource} {}: {m}", d.name)
+                    });
+                }
+            }
+        }
+        // What a controller taken over would try.
+        let foreign = json!({"metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+                             "spec": {"type": "ClusterIP", "selector": {"k8s-app": "kube-dns"}}});
+        let mut hijacked = foreign.clone();
+        hijacked["metadata"]["labels"]["meshfed.io/mirror-of"] = json!("kube-dns");
+        let mut mirror = serde_json::to_value(&want[0].service).unwrap();
+        mirror["spec"]["type"] = json!("ClusterIP");
+        let mut with_external_ip = mirror.clone();
+        with_external_ip["spec"]["externalIPs"] = json!(["1.2.3.4"]);
+        let mut with_selector = mirror.clone();
+        with_selector["spec"]["selector"] = json!({"app": "payments"});
+        let mut load_balancer = mirror.clone();
+        load_balancer["spec"]["type"] = json!("LoadBalancer");
+        let mut unlabelled = mirror.clone();
+        unlabelled["metadata"]["labels"] = json!({});
+        let refused = [
+            (
+                "create an unlabelled Service",
+                "CREATE",
+                "services",
+                &unlabelled,
+                &null,
+            ),
+            (
+                "take over a Service by labelling it",
+                "UPDATE",
+                "services",
+                &hijacked,
+                &foreign,
+            ),
+            (
+                "delete another Service",
+                "DELETE",
+                "services",
+                &null,
+                &foreign,
+            ),
+            (
+                "give a mirror an external IP",
+                "CREATE",
+                "services",
+                &with_external_ip,
+                &null,
+            ),
+            (
+                "give a mirror a selector",
+                "UPDATE",
+                "services",
+                &with_selector,
+                &mirror,
+            ),
+            (
+                "make a mirror a LoadBalancer",
+                "CREATE",
+                "services",
+                &load_balancer,
+                &null,
+            ),
+            (
+                "delete another EndpointSlice",
+                "DELETE",
+                "endpointslices",
+                &null,
+                &foreign,
+            ),
+        ];
+        for (what, op, resource, object, old) in refused {
+            assert!(
+                admits(policy, user, op, resource, object, old).is_err(),
+                "{overlay}: the admission policy lets the mirror controller {what}"
+            );
+            // Other users (the cluster's own controllers) are not limited.
+            assert!(
+                admits(
+                    policy,
+                    "system:serviceaccount:kube-system:endpointslice-controller",
+                    op,
+                    resource,
+                    object,
+                    old
+                )
+                .is_ok(),
+                "{overlay}: the admission policy limits other users too ({what})"
+            );
         }
     }
 }
@@ -497,7 +842,13 @@ fn check_references(overlay: &str, objects: &[Value]) {
         .filter(|o| o["kind"] == "Namespace")
         .filter_map(|o| o["metadata"]["name"].as_str().map(String::from))
         .collect();
-    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    let cluster_scoped = [
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
     for o in objects {
         let kind = o["kind"].as_str().unwrap_or("");
         if cluster_scoped.contains(&kind) {
@@ -721,7 +1072,7 @@ fn the_edge_systemd_unit_passes_only_flags_and_settings_the_gateway_accepts() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart");
-    let accepts = accepts("meshfed-gateway");
+    let accepts = accepts("meshfed-gateway", None);
     for word in exec.split_whitespace().filter(|w| w.starts_with("--")) {
         let flag = word.trim_start_matches("--").split('=').next().unwrap();
         assert!(

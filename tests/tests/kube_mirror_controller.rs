@@ -43,7 +43,7 @@ impl Controller {
         std::fs::write(&token, ADMIN_TOKEN).unwrap();
         let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let mut cmd = Command::new(bin("meshfed-gateway"));
-        cmd.args(["mirror", "--cluster", "east", "--id", "mirror-0"])
+        cmd.args(["mirror", "--id", "mirror-0"])
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args([

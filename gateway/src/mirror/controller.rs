@@ -62,7 +62,9 @@ pub const VIEW_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ControllerSettings {
     /// The cluster it mirrors for; every view must be of this cluster.
-    pub cluster: String,
+    /// `None`: the cluster of the first view read (the gateways are found
+    /// through this cluster's own outbound Service).
+    pub cluster: Option<String>,
     /// Its ID in the mirror Lease (the pod name).
     pub id: String,
     /// The API server and what to watch; `mirror_target` (the gateway's
@@ -122,21 +124,43 @@ pub async fn run(settings: ControllerSettings) -> anyhow::Result<()> {
 
     let kube = crate::discovery::kube::watch(
         &settings.kube,
-        settings.cluster.clone(),
+        settings.cluster.clone().unwrap_or_default(),
         // The controller publishes no endpoints; the domain it mirrors
         // under comes with each view.
         "cluster.local".into(),
     )
     .await?;
     ready.store(true, Ordering::Release);
-    tracing::info!(cluster = %settings.cluster, id = %settings.id, gateways = %format!("{}.{}", target.0, target.1), "mirror controller started");
+    let shared = kube.shared.clone();
+    let mut reader = ViewReader::new(&settings);
+    let cluster = match settings.cluster.clone() {
+        Some(c) => c,
+        None => {
+            // The Lease is per cluster: learn it before taking part.
+            let mut reported = false;
+            loop {
+                let addrs = shared.with(|s| gateway_addresses(s, &target.1, &target.0));
+                let (views, errors) = reader.read_all(&addrs).await;
+                if let Some(v) = choose(views) {
+                    break v.cluster;
+                }
+                if !reported {
+                    tracing::warn!(gateways = addrs.len(), errors = %errors.join("; "), "waiting for a gateway's view to learn the cluster (or give --cluster)");
+                    reported = true;
+                }
+                tokio::time::sleep(RESYNC).await;
+            }
+        }
+    };
+    reader.cluster = Some(cluster.clone());
+    tracing::info!(%cluster, id = %settings.id, gateways = %format!("{}.{}", target.0, target.1), "mirror controller started");
 
-    let (client, shared) = (kube.client.clone(), kube.shared.clone());
+    let client = kube.client.clone();
     let (leader_tx, mut leader) = tokio::sync::watch::channel(false);
     tokio::spawn(lease::run(
         client.clone(),
         target.1.clone(),
-        lease::lease_name(&settings.cluster),
+        lease::lease_name(&cluster),
         settings.id.clone(),
         leader_tx,
     ));
@@ -146,7 +170,6 @@ pub async fn run(settings: ControllerSettings) -> anyhow::Result<()> {
         default_ports: settings.kube.mirror_ports.clone(),
         namespaces: settings.kube.namespaces.clone(),
     };
-    let reader = ViewReader::new(&settings);
     let mut stores = shared.subscribe();
     let mut memory = Memory::default();
     let mut last: Option<(Instant, GatewayView)> = None;
@@ -222,7 +245,7 @@ pub fn choose(mut views: Vec<GatewayView>) -> Option<GatewayView> {
 
 /// Reads `/mirror/view` from gateways.
 struct ViewReader {
-    cluster: String,
+    cluster: Option<String>,
     port: u16,
     token: Option<String>,
 }
@@ -281,7 +304,7 @@ impl ViewReader {
             let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
             anyhow::bail!("answered {status}: {}", text.trim());
         }
-        Ok(GatewayView::parse(&body, &self.cluster)?)
+        Ok(GatewayView::parse(&body, self.cluster.as_deref())?)
     }
 }
 

@@ -423,19 +423,19 @@ fn a_view_with_hostile_names_makes_no_mirror_of_them() {
 fn a_view_is_refused_when_it_is_too_large_malformed_or_of_another_cluster() {
     use super::view::{MAX_VIEW_BYTES, ViewError};
     let good = serde_json::to_vec(&view(&policy())).unwrap();
-    let parsed = GatewayView::parse(&good, "east").unwrap();
+    let parsed = GatewayView::parse(&good, Some("east")).unwrap();
     assert_eq!(parsed.exports, policy().exports);
     assert!(matches!(
-        GatewayView::parse(&good, "west"),
+        GatewayView::parse(&good, Some("west")),
         Err(ViewError::WrongCluster { .. })
     ));
     assert!(matches!(
-        GatewayView::parse(b"{\"cluster\": 1}", "east"),
+        GatewayView::parse(b"{\"cluster\": 1}", None),
         Err(ViewError::Malformed(_))
     ));
     let huge = vec![b' '; MAX_VIEW_BYTES + 1];
     assert!(matches!(
-        GatewayView::parse(&huge, "east"),
+        GatewayView::parse(&huge, None),
         Err(ViewError::TooLarge(_))
     ));
 }

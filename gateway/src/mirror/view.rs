@@ -82,17 +82,19 @@ impl GatewayView {
     }
 
     /// A view read from a gateway's admin API, for the controller of
-    /// `cluster`.
-    pub fn parse(body: &[u8], cluster: &str) -> Result<Self, ViewError> {
+    /// `cluster` (any, while the controller does not know its cluster yet).
+    pub fn parse(body: &[u8], cluster: Option<&str>) -> Result<Self, ViewError> {
         if body.len() > MAX_VIEW_BYTES {
             return Err(ViewError::TooLarge(body.len()));
         }
         let view: GatewayView =
             serde_json::from_slice(body).map_err(|e| ViewError::Malformed(e.to_string()))?;
-        if view.cluster != cluster {
+        if let Some(want) = cluster
+            && view.cluster != want
+        {
             return Err(ViewError::WrongCluster {
                 got: view.cluster,
-                want: cluster.to_string(),
+                want: want.to_string(),
             });
         }
         Ok(view)
