@@ -167,9 +167,11 @@ struct Cli {
     kube_service_exports: bool,
 
     /// Create mirror Services (`<svc>-<cluster>`, `<svc>-clusterset`) for
-    /// remote exports, pointing at this gateway's outbound Service
-    /// NAME.NAMESPACE (its ready pods). Needs Kubernetes discovery (the
-    /// `kube` feature).
+    /// remote exports in this process, pointing at this gateway's outbound
+    /// Service NAME.NAMESPACE (its ready pods); the gateway's ServiceAccount
+    /// then needs write access. deploy/ runs `meshfed-gateway mirror`
+    /// instead, so that the gateway only reads. Needs Kubernetes discovery
+    /// (the `kube` feature).
     #[arg(long, value_name = "NAME.NAMESPACE", env = "MESHFED_MIRROR_SERVICES",
           value_parser = parse_service_ref)]
     mirror_services: Option<(String, String)>,
@@ -425,7 +427,7 @@ const AFTER_HELP: &str = "\
 Default ports (Istio's):
   15443/udp  QUIC tunnel between gateways
   15001/tcp  outbound listener (HTTP/1.1, HTTP/2, gRPC, TLS by SNI, CONNECT)
-  15020/tcp  admin: /healthz /readyz /metrics /config_dump /peers (localhost)
+  15020/tcp  admin: /healthz /readyz /metrics /config_dump /peers /mirror/view (localhost)
 
 Policy comes from --policy-dir (file mode) or --syncer (syncer mode, with
 --syncer-issuer, --syncer-id and --state-dir); see docs/delivery.md.
