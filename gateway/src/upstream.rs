@@ -142,26 +142,40 @@ impl<'a> Effective<'a> {
 }
 
 /// Whether a request to an endpoint of `service` on service port `port`
-/// goes as HTTP/2: for gRPC, and for a port a ServiceEntry declares as
-/// HTTP/2 or gRPC (its `protocol`, or Istio's `<protocol>-` port name
-/// prefix); otherwise HTTP/1.1, which every HTTP server speaks. Never the
-/// caller's own protocol: an HTTP/2 caller of an HTTP/1.1-only service is
+/// goes as HTTP/2: for gRPC; for a port a ServiceEntry declares as HTTP/2
+/// or gRPC (its `protocol`, or Istio's `<protocol>-` port name prefix); and
+/// for a port this cluster's Kubernetes Service declares so (`local`, from
+/// discovery: `appProtocol` `kubernetes.io/h2c`, `http2`, `grpc`,
+/// `grpc-web`, or the same name prefix, as Istio reads Services).
+/// Otherwise HTTP/1.1, which every HTTP server speaks. Never the caller's
+/// own protocol: an HTTP/2 caller of an HTTP/1.1-only service is
 /// translated, as Envoy does, on both the local and the peer path.
-pub fn speaks_h2(active: &Active, service: &str, port: u16, grpc: bool) -> bool {
+pub fn speaks_h2(
+    active: &Active,
+    local: &crate::wire::announce::ServicePorts,
+    service: &str,
+    port: u16,
+    grpc: bool,
+) -> bool {
     if grpc {
         return true;
     }
-    let Some(entry) = active.snapshot.policy.service_entries.get(service) else {
-        return false;
+    let h2 = |proto: &str| {
+        ["HTTP2", "GRPC", "GRPC-WEB", "kubernetes.io/h2c"]
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(proto))
     };
-    entry.ports.iter().any(|p| {
-        let named = p.name.split('-').next().unwrap_or("");
-        p.number == port
-            && [p.protocol.as_str(), named].iter().any(|proto| {
-                ["HTTP2", "GRPC", "GRPC-WEB"]
-                    .iter()
-                    .any(|h| h.eq_ignore_ascii_case(proto))
-            })
+    let prefix = |name: &str| h2(name.split('-').next().unwrap_or(""));
+    if let Some(entry) = active.snapshot.policy.service_entries.get(service) {
+        return entry
+            .ports
+            .iter()
+            .any(|p| p.number == port && (h2(&p.protocol) || prefix(&p.name)));
+    }
+    local.get(service).is_some_and(|ports| {
+        ports.iter().any(|p| {
+            p.port == port && (p.app_protocol.as_deref().is_some_and(h2) || prefix(&p.name))
+        })
     })
 }
 

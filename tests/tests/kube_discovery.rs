@@ -288,3 +288,55 @@ async fn pod_labels_select_destination_rule_subsets() {
     ));
     wait_served(gw.outbound, RATINGS, &["v1"], &gw).await;
 }
+
+/// A backend that speaks only HTTP/2 with prior knowledge (h2c), as a gRPC
+/// or h2c-only server does: an HTTP/1.1 request is a protocol error.
+async fn h2c_backend(name: &'static str) -> std::net::SocketAddr {
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("x-served-by", name)
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A Service port whose `appProtocol` is `kubernetes.io/h2c` (or `grpc`,
+/// `http2`) is called over HTTP/2, as Istio reads it, whatever the caller
+/// speaks: an h2c-only backend behind it answers an HTTP/1.1 caller. Before,
+/// `appProtocol` was never read and the gateway spoke HTTP/1.1 to it (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_port_with_app_protocol_h2c_is_called_over_http2() {
+    let backend = h2c_backend("h2c-ratings").await;
+    let kube = FakeKube::start().await;
+    let mut svc = service("default", "ratings", 9080);
+    svc["spec"]["ports"][0]["appProtocol"] = json!("kubernetes.io/h2c");
+    kube.apply(svc);
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        backend,
+        true,
+        "ratings-1",
+    ));
+    let (_dir, gw) = west_with_kube(&kube, "", vec![]).await;
+    wait_served(gw.outbound, RATINGS, &["h2c-ratings"], &gw).await;
+}

@@ -200,7 +200,13 @@ async fn serve(
             // The endpoint's protocol (upstream::speaks_h2), from the
             // snapshot this stream was checked with.
             let h2 = open.http.as_ref().is_some_and(|h| {
-                crate::upstream::speaks_h2(&active, &open.service, open.port, is_grpc(&h.headers))
+                crate::upstream::speaks_h2(
+                    &active,
+                    &state.service_ports.load(),
+                    &open.service,
+                    open.port,
+                    is_grpc(&h.headers),
+                )
             });
             // The head moves into the request: `open` keeps the rest, for
             // the metrics.

@@ -1654,7 +1654,13 @@ pub(super) async fn forward_local(
     }
     // The endpoint's protocol, not the caller's (an HTTP/2 caller of an
     // HTTP/1.1 service is translated, as on the peer path).
-    let h2 = crate::upstream::speaks_h2(active, &target.service, target.port, grpc);
+    let h2 = crate::upstream::speaks_h2(
+        active,
+        &state.service_ports.load(),
+        &target.service,
+        target.port,
+        grpc,
+    );
     let req = Request::from_parts(parts, body);
     let addr = picked.addr;
     match state.upstream.send(picked, req, h2).await {

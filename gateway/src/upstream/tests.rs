@@ -448,3 +448,47 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The endpoint's protocol from the local Service's port, as Istio reads
+/// it: `appProtocol` first, then the port name's prefix; HTTP/1.1 when
+/// neither says HTTP/2 (and always HTTP/2 for gRPC).
+#[test]
+fn a_local_service_port_says_http2_by_app_protocol_or_name() {
+    use crate::wire::announce::{ServicePort, ServicePorts};
+    let a = active("");
+    let port = |port: u16, name: &str, app: Option<&str>| ServicePort {
+        port,
+        name: name.into(),
+        protocol: "TCP".into(),
+        app_protocol: app.map(str::to_string),
+    };
+    let mut local = ServicePorts::new();
+    local.insert(
+        HOST.into(),
+        vec![
+            port(1, "http", Some("kubernetes.io/h2c")),
+            port(2, "web", Some("grpc")),
+            port(3, "http2-api", None),
+            port(4, "grpc-web", None),
+            port(5, "http", None),
+            port(6, "api", Some("http")),
+            port(7, "", Some("HTTP2")),
+        ],
+    );
+    let h2 = |p: u16| speaks_h2(&a, &local, HOST, p, false);
+    assert_eq!(
+        (1..=7).map(h2).collect::<Vec<_>>(),
+        [true, true, true, true, false, false, true]
+    );
+    // A port the Service does not declare, another service: HTTP/1.1.
+    assert!(!h2(9));
+    assert!(!speaks_h2(
+        &a,
+        &local,
+        "reviews.default.svc.cluster.local",
+        1,
+        false
+    ));
+    // gRPC callers always get HTTP/2.
+    assert!(speaks_h2(&a, &local, HOST, 5, true));
+}
