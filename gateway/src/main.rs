@@ -16,7 +16,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use meshfed_gateway::run::RunConfig;
 use meshfed_gateway::{admin, proxy, tunnel};
 
+/// `meshfed-gateway mirror`: the binary's own module, beside `main`.
 #[cfg(feature = "kube")]
+#[path = "main/mirror.rs"]
 mod mirror_command;
 
 /// jemalloc, not the system allocator, with its background thread: after a

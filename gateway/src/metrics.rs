@@ -11,6 +11,7 @@
 //! `destination_service`, `grpc_response_status`), plus `source_cluster` and
 //! `destination_cluster`.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -40,6 +41,81 @@ pub struct RequestLabels {
     /// The gateway's reason when it answered itself (`x-meshfed-error`).
     pub reason: String,
 }
+
+/// One request's labels, borrowed: [`Metrics::record_request`] finds
+/// their series without allocating.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestKey<'a> {
+    pub direction: &'static str,
+    pub source_cluster: &'a str,
+    pub destination_cluster: &'a str,
+    pub destination_service: &'a str,
+    pub response_code: u16,
+    pub grpc_response_status: &'a str,
+    pub reason: &'a str,
+}
+
+impl RequestKey<'_> {
+    fn hash(&self) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        self.direction.hash(&mut h);
+        self.source_cluster.hash(&mut h);
+        self.destination_cluster.hash(&mut h);
+        self.destination_service.hash(&mut h);
+        self.response_code.hash(&mut h);
+        self.grpc_response_status.hash(&mut h);
+        self.reason.hash(&mut h);
+        h.finish()
+    }
+
+    fn is(&self, l: &RequestLabels) -> bool {
+        self.response_code == l.response_code
+            && self.direction == l.direction
+            && self.destination_service == l.destination_service
+            && self.destination_cluster == l.destination_cluster
+            && self.source_cluster == l.source_cluster
+            && self.reason == l.reason
+            && self.grpc_response_status == l.grpc_response_status
+    }
+
+    fn of(l: &RequestLabels) -> RequestKey<'_> {
+        RequestKey {
+            direction: l.direction,
+            source_cluster: &l.source_cluster,
+            destination_cluster: &l.destination_cluster,
+            destination_service: &l.destination_service,
+            response_code: l.response_code,
+            grpc_response_status: &l.grpc_response_status,
+            reason: &l.reason,
+        }
+    }
+
+    fn labels(&self) -> RequestLabels {
+        RequestLabels {
+            direction: self.direction,
+            source_cluster: self.source_cluster.to_string(),
+            destination_cluster: self.destination_cluster.to_string(),
+            destination_service: self.destination_service.to_string(),
+            response_code: self.response_code,
+            grpc_response_status: self.grpc_response_status.to_string(),
+            reason: self.reason.to_string(),
+        }
+    }
+}
+
+/// A request label set with its counter and duration histogram (handles
+/// sharing the families' values).
+#[derive(Debug)]
+struct Series {
+    labels: RequestLabels,
+    count: Counter,
+    duration: Histogram,
+}
+
+/// Most label sets kept in the table; more (a backend answering ever new
+/// `grpc-status` strings) are counted through the families directly, so the
+/// table never grows past this.
+pub const MAX_SERIES: usize = 4096;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DurationLabels {
@@ -85,6 +161,9 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DurationLabels, Histogram>,
+    /// Each request label set's counter and histogram, found once in the
+    /// families above ([`Metrics::record_request`]).
+    series: Mutex<hashbrown::HashTable<Series>>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
@@ -184,6 +263,7 @@ impl Metrics {
             registry,
             requests,
             request_duration,
+            series: Mutex::new(hashbrown::HashTable::new()),
             tcp_connections,
             tcp_sent_bytes,
             tcp_received_bytes,
@@ -195,6 +275,42 @@ impl Metrics {
             config_version: Mutex::new(String::new()),
             handshake_refusals: Mutex::new(None),
             datagram_drops: Mutex::new(None),
+        }
+    }
+    /// Counts one HTTP request and observes its duration (until the
+    /// response head). Each label set's counter and histogram are looked up
+    /// in the families once, then found in a table hashed with FxHash over
+    /// the borrowed labels: a request allocates nothing here and runs no
+    /// SipHash (prometheus-client's families hash owned label structs).
+    pub fn record_request(&self, key: RequestKey<'_>, seconds: f64) {
+        let hash = key.hash();
+        let mut table = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = table.find(hash, |s| key.is(&s.labels)) {
+            s.count.inc();
+            s.duration.observe(seconds);
+            return;
+        }
+        let labels = key.labels();
+        let count = self.requests.get_or_create(&labels).clone();
+        let duration = self
+            .request_duration
+            .get_or_create(&DurationLabels {
+                direction: key.direction,
+                destination_cluster: key.destination_cluster.to_string(),
+            })
+            .clone();
+        count.inc();
+        duration.observe(seconds);
+        if table.len() < MAX_SERIES {
+            table.insert_unique(
+                hash,
+                Series {
+                    labels,
+                    count,
+                    duration,
+                },
+                |s| RequestKey::of(&s.labels).hash(),
+            );
         }
     }
 
@@ -392,5 +508,72 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
         // No datagram reader set: the family is absent, not empty noise.
         assert!(!text.contains("udp_datagrams_dropped"), "{text}");
+    }
+
+    /// A request's series is found again by its borrowed labels: the
+    /// counter and histogram the families expose count every request, the
+    /// first of a label set and those past the table's bound included.
+    #[test]
+    fn requests_are_counted_in_their_series_through_the_table_and_past_its_bound() {
+        use super::{MAX_SERIES, RequestKey};
+        let m = Metrics::new(&[]);
+        let key = |code: u16, grpc: &'static str| RequestKey {
+            direction: "outbound",
+            source_cluster: "east",
+            destination_cluster: "west",
+            destination_service: "ratings.default.svc.cluster.local",
+            response_code: code,
+            grpc_response_status: grpc,
+            reason: "",
+        };
+        for _ in 0..3 {
+            m.record_request(key(200, ""), 0.002);
+        }
+        m.record_request(key(503, ""), 0.2);
+        let text = m.encode(&[]);
+        let line = |needle: &str| {
+            text.lines()
+                .find(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("no `{needle}` in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            line(
+                "meshfed_requests_total{direction=\"outbound\",source_cluster=\"east\",destination_cluster=\"west\",destination_service=\"ratings.default.svc.cluster.local\",response_code=\"200\""
+            ),
+            "3"
+        );
+        assert_eq!(
+            line(
+                "meshfed_requests_total{direction=\"outbound\",source_cluster=\"east\",destination_cluster=\"west\",destination_service=\"ratings.default.svc.cluster.local\",response_code=\"503\""
+            ),
+            "1"
+        );
+        assert_eq!(
+            line(
+                "meshfed_request_duration_seconds_count{direction=\"outbound\",destination_cluster=\"west\"}"
+            ),
+            "4"
+        );
+        // Ever new label sets (a backend's arbitrary grpc-status strings):
+        // the table stops at its bound, the counts do not.
+        let statuses: Vec<&'static str> = (0..MAX_SERIES + 10)
+            .map(|i| &*Box::leak(i.to_string().into_boxed_str()))
+            .collect();
+        for s in &statuses {
+            m.record_request(key(200, s), 0.001);
+        }
+        m.record_request(key(200, statuses[MAX_SERIES + 5]), 0.001);
+        assert_eq!(m.series.lock().unwrap().len(), MAX_SERIES);
+        let text = m.encode(&[]);
+        let last = format!("grpc_response_status=\"{}\"", statuses[MAX_SERIES + 5]);
+        let counted = text
+            .lines()
+            .find(|l| l.starts_with("meshfed_requests_total") && l.contains(&last))
+            .unwrap();
+        assert!(counted.ends_with(" 2"), "{counted}");
     }
 }

@@ -311,7 +311,9 @@ pub fn http_target_from(
 ) -> Option<Target> {
     let (host, port) = split_authority(req.authority, default_port);
     let policy = &active.snapshot.policy;
-    if let Some((key, routes)) = active.snapshot.route_for(host, req.caller_namespace) {
+    // Once per request: the routes and the service fallback both need them.
+    let candidates = policy.host_candidates(host, req.caller_namespace);
+    if let Some((key, routes)) = active.snapshot.route_for_candidates(&candidates, host) {
         let (index, rule) = routes
             .http
             .iter()
@@ -323,8 +325,7 @@ pub fn http_target_from(
         return Some(t);
     }
     // No VirtualService: the service itself, if anything knows it.
-    policy
-        .host_candidates(host, req.caller_namespace)
+    candidates
         .into_iter()
         .find(|h| {
             policy.exports.contains_key(h)
@@ -354,7 +355,8 @@ pub fn tcp_target(
     local: &EndpointSet,
 ) -> Option<Target> {
     let policy = &active.snapshot.policy;
-    if let Some((_, routes)) = active.snapshot.route_for(host, caller_namespace)
+    let candidates = policy.host_candidates(host, caller_namespace);
+    if let Some((_, routes)) = active.snapshot.route_for_candidates(&candidates, host)
         && let Some(rule) = routes
             .tcp
             .iter()
@@ -365,8 +367,7 @@ pub fn tcp_target(
         let dest = pick_weighted(&rule.destinations)?;
         return Some(target_for(active, dest, port, None));
     }
-    policy
-        .host_candidates(host, caller_namespace)
+    candidates
         .into_iter()
         .find(|h| policy.exports.contains_key(h) || local.contains_key(h))
         .map(|service| Target {

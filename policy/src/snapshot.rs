@@ -122,16 +122,33 @@ impl Snapshot {
         authority: &str,
         caller_namespace: &str,
     ) -> Option<(&str, &HostRoutes)> {
+        let candidates = self.policy.host_candidates(authority, caller_namespace);
+        self.route_for_candidates(&candidates, authority)
+    }
+
+    /// [`Snapshot::route_for`] with the authority's candidates already
+    /// made ([`host_candidates`]), for a caller that needs them again.
+    /// Wildcard hosts (`*.` sorts before every name) are found by a range
+    /// of the map, not a scan of every route.
+    pub fn route_for_candidates(
+        &self,
+        candidates: &[String],
+        authority: &str,
+    ) -> Option<(&str, &HostRoutes)> {
         let p = &self.policy;
-        for candidate in p.host_candidates(authority, caller_namespace) {
+        for candidate in candidates {
             if let Some((k, v)) = p.routes.get_key_value(candidate.as_str()) {
                 return Some((k.as_str(), v));
             }
         }
         let host = strip_port(authority);
+        // Keys starting with "*." lie in ["*.", "*/"): '/' follows '.'.
         p.routes
-            .iter()
-            .filter(|(k, _)| k.starts_with("*.") && wildcard_matches(k, host))
+            .range::<str, _>((
+                std::ops::Bound::Included("*."),
+                std::ops::Bound::Excluded("*/"),
+            ))
+            .filter(|(k, _)| wildcard_matches(k, host))
             .max_by_key(|(k, _)| k.len())
             .map(|(k, v)| (k.as_str(), v))
     }

@@ -19,7 +19,7 @@ use super::{HEAD_TIMEOUT, XFCC, strip_hop_by_hop};
 use crate::body::{self, TunnelBody, read_head, refuse, write_frame};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::verify::{PeerIdentity, may_assert};
-use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::metrics::{RequestKey, TcpLabels};
 use crate::respond::is_grpc;
 use crate::state::Gateway;
 use crate::tunnel::link::PeerInfo;
@@ -594,27 +594,18 @@ fn caller_may_be_asserted(
 
 fn record(state: &Gateway, peer: &PeerInfo, open: &Open, code: u16, reason: &str, start: Instant) {
     crate::trace::response(code, reason, "", None);
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
+    state.metrics.record_request(
+        RequestKey {
             direction: "inbound",
-            source_cluster: peer.cluster.clone(),
-            destination_cluster: state.cluster.clone(),
-            destination_service: open.service.clone(),
+            source_cluster: &peer.cluster,
+            destination_cluster: &state.cluster,
+            destination_service: &open.service,
             response_code: code,
-            grpc_response_status: String::new(),
-            reason: reason.to_string(),
-        })
-        .inc();
-    state
-        .metrics
-        .request_duration
-        .get_or_create(&DurationLabels {
-            direction: "inbound",
-            destination_cluster: state.cluster.clone(),
-        })
-        .observe(start.elapsed().as_secs_f64());
+            grpc_response_status: "",
+            reason,
+        },
+        start.elapsed().as_secs_f64(),
+    );
 }
 
 #[cfg(test)]

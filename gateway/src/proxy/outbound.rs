@@ -48,7 +48,7 @@ use super::{rules, strip_hop_by_hop};
 use crate::accept::{Acceptor, ConnectionLimit};
 use crate::body::{self, ProxyBody, TunnelBody, read_head, write_frame};
 use crate::endpoints::EndpointSet;
-use crate::metrics::{DurationLabels, RequestLabels, TcpLabels};
+use crate::metrics::{RequestKey, TcpLabels};
 use crate::respond::{ERROR_HEADER, error_response, is_grpc};
 use crate::route::{self, Target};
 use crate::state::Gateway;
@@ -1556,38 +1556,28 @@ fn record(
     start: Instant,
     grpc: bool,
 ) {
-    let reason = gateway_reason(resp).to_string();
+    let reason = gateway_reason(resp);
     let grpc_status = if grpc {
         resp.headers()
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
-            .to_string()
     } else {
-        String::new()
+        ""
     };
-    crate::trace::response(resp.status().as_u16(), &reason, &grpc_status, Some(cluster));
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
+    crate::trace::response(resp.status().as_u16(), reason, grpc_status, Some(cluster));
+    state.metrics.record_request(
+        RequestKey {
             direction: "outbound",
-            source_cluster: state.cluster.clone(),
-            destination_cluster: cluster.to_string(),
-            destination_service: service.to_string(),
+            source_cluster: &state.cluster,
+            destination_cluster: cluster,
+            destination_service: service,
             response_code: resp.status().as_u16(),
             grpc_response_status: grpc_status,
             reason,
-        })
-        .inc();
-    state
-        .metrics
-        .request_duration
-        .get_or_create(&DurationLabels {
-            direction: "outbound",
-            destination_cluster: cluster.to_string(),
-        })
-        .observe(start.elapsed().as_secs_f64());
+        },
+        start.elapsed().as_secs_f64(),
+    );
 }
 
 /// Sends a request to an endpoint in this cluster. This gateway is then also
