@@ -32,7 +32,9 @@ struct World {
     pki: Pki,
     repo: PolicyRepo,
     syncer_creds: PathBuf,
-    tunnel_port: u16,
+    /// One tunnel port per gateway (they share the loopback address), all
+    /// listed in the Cluster.
+    ports: Vec<u16>,
     first: String,
 }
 
@@ -42,11 +44,11 @@ impl World {
         let dir = tmp.path().to_path_buf();
         let pki = Pki::new(&dir);
         let syncer_creds = syncer_creds(&pki, "east", "syncer");
-        let tunnel_port = free_udp_port();
+        let ports: Vec<u16> = (0..4).map(|_| free_udp_port()).collect();
         let repo = PolicyRepo::init(&dir.join("repo"));
         let first = repo.commit(
             "clusters",
-            &[("clusters.yaml", &cluster_yaml("east", &[tunnel_port]))],
+            &[("clusters.yaml", &cluster_yaml("east", &ports))],
         );
         World {
             _tmp: tmp,
@@ -54,7 +56,7 @@ impl World {
             pki,
             repo,
             syncer_creds,
-            tunnel_port,
+            ports,
             first,
         }
     }
@@ -70,8 +72,9 @@ impl World {
         self.dir.join("syncer/syncer-state/gateways.json")
     }
 
-    /// A gateway of `east` in syncer mode; each id has its own certificate.
-    fn gateway(&self, id: &str, syncer: &SyncerProcess) -> GatewayProcess {
+    /// A gateway of `east` in syncer mode on the `n`th tunnel port; each id
+    /// has its own certificate.
+    fn gateway(&self, n: usize, id: &str, syncer: &SyncerProcess) -> GatewayProcess {
         let creds = self.dir.join("creds").join(format!("east-{id}"));
         if !creds.exists() {
             self.pki.gateway("east", id);
@@ -84,7 +87,7 @@ impl World {
             tls_dir: creds,
             policy_dir: PathBuf::new(),
             discovery: None,
-            tunnel_port: self.tunnel_port,
+            tunnel_port: self.ports[n],
             work_dir: work,
             extra_args: vec![
                 "--syncer".into(),
@@ -128,9 +131,9 @@ fn left_ids(s: &SyncerProcess) -> Vec<String> {
 fn a_drained_gateway_says_goodbye_and_is_not_pending_while_a_killed_one_stays_pending() {
     let w = World::new();
     let syncer = w.syncer("127.0.0.1:0", &[]);
-    let mut old = w.gateway("gw-old-pod", &syncer);
-    let mut killed = w.gateway("gw-killed-pod", &syncer);
-    let _new = w.gateway("gw-new-pod", &syncer);
+    let mut old = w.gateway(0, "gw-old-pod", &syncer);
+    let mut killed = w.gateway(1, "gw-killed-pod", &syncer);
+    let _new = w.gateway(2, "gw-new-pod", &syncer);
     let (code, out) = wait(&syncer, &w.first, Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}");
     let second = w.repo.commit("a route", &[("vs.yaml", VS)]);
@@ -140,17 +143,17 @@ fn a_drained_gateway_says_goodbye_and_is_not_pending_while_a_killed_one_stays_pe
 
     // The rollout's old pod: SIGTERM, drain, goodbye, exit.
     assert_eq!(old.terminate(), Some(0), "{}", old.log_tail());
-    assert!(
-        old.log_tail().contains("said goodbye to the syncer"),
-        "{}",
-        old.log_tail()
-    );
     // Right after: the drained gateway is not waited for.
     let (code, out) = wait(&syncer, &second, Duration::from_secs(3));
     assert_eq!(
         code,
         Some(0),
-        "status --wait still waits for the gateway that drained and said goodbye:\n{out}"
+        "status --wait still waits for the gateway that drained:\n{out}"
+    );
+    assert!(
+        old.log_tail().contains("said goodbye to the syncer"),
+        "{}",
+        old.log_tail()
     );
     assert!(
         out.contains("east/gw-old-pod left at"),
@@ -185,7 +188,7 @@ fn a_drained_gateway_says_goodbye_and_is_not_pending_while_a_killed_one_stays_pe
 
     // The same id back (a StatefulSet pod, a restarted edge gateway): known
     // again, no longer listed as left.
-    let _back = w.gateway("gw-old-pod", &syncer);
+    let _back = w.gateway(0, "gw-old-pod", &syncer);
     assert_eventually(
         "the returning gateway is known and connected again",
         Duration::from_secs(20),
@@ -217,8 +220,8 @@ fn records_of_gateways_gone_longer_than_forget_gateways_after_are_pruned_across_
         .port();
     let grpc = format!("127.0.0.1:{port}");
     let mut syncer = w.syncer(&grpc, &["--known-window", "1s", "--forget-gateways-after", "1h"]);
-    let mut gone = w.gateway("gw-gone", &syncer);
-    let _live = w.gateway("gw-live", &syncer);
+    let mut gone = w.gateway(0, "gw-gone", &syncer);
+    let _live = w.gateway(1, "gw-live", &syncer);
     let (code, out) = wait(&syncer, &w.first, Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}");
     gone.kill();
