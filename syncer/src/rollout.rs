@@ -459,10 +459,8 @@ impl Rollout {
         let now = SystemTime::now();
         let mut gone = Vec::new();
         self.lock().retain(|_, r| {
-            let stale = !r.connected
-                && now
-                    .duration_since(r.last_seen)
-                    .is_ok_and(|age| age > after);
+            let stale =
+                !r.connected && now.duration_since(r.last_seen).is_ok_and(|age| age > after);
             if stale {
                 gone.push(format!("{}/{}", r.cluster, r.gateway_id));
             }

@@ -810,7 +810,10 @@ impl Subscriber {
                         self.gateway_id, self.cluster, bye.gateway_id
                     )));
                 }
-                Ok(Some(truncate(&bye.reason, crate::rollout::MAX_GOODBYE_REASON)))
+                Ok(Some(truncate(
+                    &bye.reason,
+                    crate::rollout::MAX_GOODBYE_REASON,
+                )))
             }
             Some(Message::Ack(ack)) => {
                 let Some(pos) = self.sent.iter().position(|f| f.version == ack.version) else {

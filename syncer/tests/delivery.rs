@@ -1159,7 +1159,10 @@ fn a_goodbye_retires_only_the_streams_own_record() {
             "a goodbye on a second stream retired the record the first stream holds: {rec:?}"
         );
         let rec = w.record("gw-evil").unwrap();
-        assert!(rec.left.is_none(), "the refused goodbye retired its sender: {rec:?}");
+        assert!(
+            rec.left.is_none(),
+            "the refused goodbye retired its sender: {rec:?}"
+        );
 
         // gw-1's own goodbye on its last stream: retired, call ended with OK.
         tx1.send(goodbye("gw-1")).await.unwrap();
@@ -1170,7 +1173,10 @@ fn a_goodbye_retires_only_the_streams_own_record() {
                 other => break other,
             }
         };
-        assert!(matches!(end, Ok(None)), "the goodbye's call ends with OK: {end:?}");
+        assert!(
+            matches!(end, Ok(None)),
+            "the goodbye's call ends with OK: {end:?}"
+        );
     });
     let rec = w.record("gw-1").unwrap();
     assert!(

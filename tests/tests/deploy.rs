@@ -89,7 +89,7 @@ fn render(kubectl: &Path, overlay: &str) -> Vec<Value> {
 fn render_dir(kubectl: &Path, dir: &Path) -> Vec<Value> {
     let out = Command::new(kubectl)
         .arg("kustomize")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -350,7 +350,10 @@ fn check_load_balancer_choice(overlay: &str, objects: &[Value]) {
                     .is_some_and(|ps| ps.iter().any(|p| p["protocol"] == "UDP"))
         })
         .collect();
-    assert!(!udp_lbs.is_empty(), "{overlay}: no UDP LoadBalancer Service");
+    assert!(
+        !udp_lbs.is_empty(),
+        "{overlay}: no UDP LoadBalancer Service"
+    );
     for svc in udp_lbs {
         let name = svc["metadata"]["name"].as_str().unwrap_or("");
         let Some(choice) = svc["metadata"]["annotations"][LB_CHOICE].as_str() else {
@@ -360,7 +363,9 @@ fn check_load_balancer_choice(overlay: &str, objects: &[Value]) {
                  the overlay (docs/kubernetes.md, \"Exposing the tunnel\")"
             );
         };
-        let dir = repo().join("deploy/components").join(format!("lb-{choice}"));
+        let dir = repo()
+            .join("deploy/components")
+            .join(format!("lb-{choice}"));
         assert!(
             dir.join("kustomization.yaml").exists(),
             "{overlay}: Service {name} names load balancer `{choice}`, but {} does not exist",
@@ -513,12 +518,8 @@ fn every_load_balancer_component_renders_the_tunnel_with_its_provider_settings()
         std::fs::create_dir_all(&dir).unwrap();
         // kustomize takes only relative paths to other kustomizations.
         let up = "../".repeat(dir.components().count() - 1);
-        let from_root = |p: PathBuf| {
-            format!(
-                "{up}{}",
-                p.display().to_string().trim_start_matches('/')
-            )
-        };
+        let from_root =
+            |p: PathBuf| format!("{up}{}", p.display().to_string().trim_start_matches('/'));
         std::fs::write(
             dir.join("kustomization.yaml"),
             format!(

@@ -62,7 +62,8 @@ impl World {
     }
 
     fn syncer(&self, grpc_addr: &str, extra: &[&str]) -> SyncerProcess {
-        let mut spec = SyncerSpec::new(&self.repo.dir, &self.syncer_creds, &self.dir.join("syncer"));
+        let mut spec =
+            SyncerSpec::new(&self.repo.dir, &self.syncer_creds, &self.dir.join("syncer"));
         spec.grpc_addr = grpc_addr.to_string();
         spec.extra_args = extra.iter().map(|s| s.to_string()).collect();
         SyncerProcess::start(&spec)
@@ -179,7 +180,11 @@ fn a_drained_gateway_says_goodbye_and_is_not_pending_while_a_killed_one_stays_pe
         },
     );
     let (code, out) = wait(&syncer, &second, Duration::from_secs(1));
-    assert_eq!(code, Some(3), "the killed gateway must stay pending:\n{out}");
+    assert_eq!(
+        code,
+        Some(3),
+        "the killed gateway must stay pending:\n{out}"
+    );
     assert!(
         out.contains("pending: east/gw-killed-pod"),
         "the pending gateway is named:\n{out}"
@@ -219,7 +224,10 @@ fn records_of_gateways_gone_longer_than_forget_gateways_after_are_pruned_across_
         .unwrap()
         .port();
     let grpc = format!("127.0.0.1:{port}");
-    let mut syncer = w.syncer(&grpc, &["--known-window", "1s", "--forget-gateways-after", "1h"]);
+    let mut syncer = w.syncer(
+        &grpc,
+        &["--known-window", "1s", "--forget-gateways-after", "1h"],
+    );
     let mut gone = w.gateway(0, "gw-gone", &syncer);
     let _live = w.gateway(1, "gw-live", &syncer);
     let (code, out) = wait(&syncer, &w.first, Duration::from_secs(30));
@@ -248,7 +256,10 @@ fn records_of_gateways_gone_longer_than_forget_gateways_after_are_pruned_across_
 
     // Restarted with a 2 s limit: the record gone for > 3 s is removed,
     // from memory and from the file; the connected gateway's stays.
-    let syncer = w.syncer(&grpc, &["--known-window", "1s", "--forget-gateways-after", "2s"]);
+    let syncer = w.syncer(
+        &grpc,
+        &["--known-window", "1s", "--forget-gateways-after", "2s"],
+    );
     assert_eventually(
         "gw-gone's record is pruned from gateways.json",
         Duration::from_secs(20),

@@ -187,8 +187,13 @@ impl SyncerClient {
                 "not connected to the syncer at drain; no goodbye (it counts this gateway as \
                  pending until its --known-window passes)"
             ),
-            Farewell::Refused(e) => tracing::warn!(error = %e, "the syncer refused this gateway's goodbye"),
-            Farewell::TimedOut => tracing::warn!(?within, "no answer from the syncer to this gateway's goodbye; leaving anyway"),
+            Farewell::Refused(e) => {
+                tracing::warn!(error = %e, "the syncer refused this gateway's goodbye")
+            }
+            Farewell::TimedOut => tracing::warn!(
+                ?within,
+                "no answer from the syncer to this gateway's goodbye; leaving anyway"
+            ),
         }
         farewell
     }
@@ -264,7 +269,12 @@ async fn session(
     leaving: &mut watch::Receiver<bool>,
 ) -> Ended {
     let addr = s.addr.clone();
-    let channel = match connect(s, refusals).await {
+    // A drain while connecting does not wait for the connection.
+    let connected = tokio::select! {
+        c = connect(s, refusals) => c,
+        () = left(leaving) => return Ended::Left(Farewell::NotConnected),
+    };
+    let channel = match connected {
         Ok(c) => c,
         Err(e) => return Ended::Failed(e),
     };

@@ -114,7 +114,11 @@ fn a_gateway_that_said_goodbye_is_listed_as_left_and_not_pending() {
         at: SystemTime::now(),
         reason: "SIGTERM: drained".into(),
     });
-    let v = view("c", &st, &[gw("east", "new-pod", Some("c")), drained.clone()]);
+    let v = view(
+        "c",
+        &st,
+        &[gw("east", "new-pod", Some("c")), drained.clone()],
+    );
     assert_eq!(v.state, RolloutState::Live, "{v:?}");
     assert_eq!(v.left.len(), 1);
     assert_eq!(v.left[0].gateway_id, "old-pod");
