@@ -105,6 +105,10 @@ pub struct ServerSettings {
     /// Which gateway ids a certificate may hold (`--max-gateways-per-identity`,
     /// `--known-window`).
     pub admission: Admission,
+    /// Say `meshfed-accepts: goodbye` in every Subscribe response (always,
+    /// in production). Off, the server looks like a syncer from before
+    /// goodbyes to the gateways, for compatibility tests.
+    pub advertise_goodbye: bool,
 }
 
 impl Default for ServerSettings {
@@ -115,6 +119,7 @@ impl Default for ServerSettings {
             hello_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             admission: Admission::default(),
+            advertise_goodbye: true,
         }
     }
 }
@@ -574,10 +579,12 @@ impl ConfigDelivery for ConfigServer {
         let span = tracing::info_span!("config_stream", cluster = %hello.cluster, gateway = %hello.gateway_id);
         tokio::spawn(sub.run(inbound, tx).instrument(span));
         let mut response = Response::new(ReceiverStream::new(rx));
-        response.metadata_mut().insert(
-            pb::ACCEPTS_METADATA,
-            tonic::metadata::MetadataValue::from_static(pb::ACCEPTS_GOODBYE),
-        );
+        if shared.settings.advertise_goodbye {
+            response.metadata_mut().insert(
+                pb::ACCEPTS_METADATA,
+                tonic::metadata::MetadataValue::from_static(pb::ACCEPTS_GOODBYE),
+            );
+        }
         Ok(response)
     }
 }

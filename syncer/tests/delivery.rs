@@ -97,6 +97,18 @@ impl Server {
         rx: watch::Receiver<Option<Arc<Published>>>,
         max_ids_per_identity: usize,
     ) -> Self {
+        Self::start_advertising(rt, creds, bind, rollout, rx, max_ids_per_identity, true)
+    }
+
+    fn start_advertising(
+        rt: &Runtime,
+        creds: &Path,
+        bind: SocketAddr,
+        rollout: Rollout,
+        rx: watch::Receiver<Option<Arc<Published>>>,
+        max_ids_per_identity: usize,
+        advertise_goodbye: bool,
+    ) -> Self {
         let creds = Credentials::load(creds).unwrap();
         let refusals = Arc::new(HandshakeRefusals::new());
         let tls = tls_config(&creds, refusals.clone()).unwrap();
@@ -107,6 +119,7 @@ impl Server {
                 max_ids_per_identity,
                 ..Default::default()
             },
+            advertise_goodbye,
             ..ServerSettings::default()
         };
         let server = ConfigServer::with_settings(rollout, rx, settings);
@@ -1191,4 +1204,58 @@ fn a_goodbye_retires_only_the_streams_own_record() {
         ) >= 1.0
     );
     server.stop(&rt);
+}
+
+/// Issue 22, item 9, compatibility: a real gateway that drains says goodbye
+/// to a syncer that accepts one (its record is retired at once), and sends
+/// none to a syncer that does not say so (one from before goodbyes, which
+/// would end the call on the unknown message): that record is only
+/// disconnected, and counts as pending for the known window as before.
+#[test]
+fn a_draining_gateway_says_goodbye_only_to_a_syncer_that_accepts_one() {
+    let rt = runtime();
+    for advertise in [true, false] {
+        let w = World::new();
+        let server = Server::start_advertising(
+            &rt,
+            &w.syncer_creds,
+            "127.0.0.1:0".parse().unwrap(),
+            w.rollout.clone(),
+            w.publish.subscribe(),
+            meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY,
+            advertise,
+        );
+        let a = sha(1);
+        w.publish(&a);
+        let mut gw = w.gateway("gw-1", server.addr, &[]);
+        w.wait_acked("gw-1", &a);
+        assert_eq!(gw.terminate(), Some(0), "{}", gw.log_tail());
+        let rec = eventually("gw-1 disconnected", Duration::from_secs(10), || {
+            match w.record("gw-1") {
+                Some(r) if !r.connected => Ok(r),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        if advertise {
+            assert!(rec.left.is_some(), "no goodbye recorded: {rec:?}");
+            assert_eq!(server.metric("meshfed_syncer_goodbyes_total", &[]), 1.0);
+        } else {
+            assert!(
+                rec.left.is_none(),
+                "a goodbye was sent to a syncer that does not accept one: {rec:?}"
+            );
+            assert_eq!(server.metric("meshfed_syncer_goodbyes_total", &[]), 0.0);
+            assert!(
+                gw.log_tail().contains("does not accept goodbyes"),
+                "{}",
+                gw.log_tail()
+            );
+        }
+        assert_eq!(
+            server.metric("meshfed_syncer_subscriptions_refused_total", &[]),
+            0.0,
+            "advertise={advertise}"
+        );
+        server.stop(&rt);
+    }
 }
