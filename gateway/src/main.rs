@@ -83,7 +83,9 @@ struct Cli {
     /// 15012). The gateway subscribes over mTLS with its certificate from
     /// --tls-dir, applies each snapshot it is sent and ACKs or NACKs it,
     /// and reconnects with backoff, keeping its last good snapshot.
-    /// Ready once a snapshot is applied. Exclusive with --policy-dir.
+    /// Ready once a snapshot is applied. On SIGTERM it says goodbye as the
+    /// drain starts, so the syncer stops waiting for it in rollouts.
+    /// Exclusive with --policy-dir.
     #[arg(
         long,
         value_name = "HOST:PORT",

@@ -13,7 +13,10 @@
 //! time), while the load balancers in front (an EndpointSlice update, then
 //! kube-proxy on every node) stop sending new connections here; a second
 //! signal ends the grace early. Then: announce `draining` so peers stop
-//! opening streams here, stop accepting on the outbound listener and every
+//! opening streams here, say goodbye to the syncer (syncer mode: it retires
+//! this gateway's record at once instead of waiting for it as pending; a
+//! SIGKILLed gateway says nothing and stays pending for the syncer's
+//! `--known-window`), stop accepting on the outbound listener and every
 //! port mapping, ask open connections to close (HTTP/1.1 `Connection:
 //! close`, HTTP/2 GOAWAY), let in-flight work finish within the drain
 //! deadline, close the links, exit. A gateway that was never ready skips the
@@ -417,6 +420,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(dir) = &cfg.policy_dir {
         control::watch_dir(state.clone(), dir.clone(), cfg.policy.clone());
     }
+    let mut syncer_client = None;
     if let (Some(addr), Some(issuer)) = (&cfg.syncer, syncer_issuer) {
         let id = match &cfg.syncer_id {
             Some(id) => id.clone(),
@@ -425,7 +429,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let mut settings =
             control::syncer::SyncerSettings::new(addr.clone(), id, issuer, cfg.tls_dir.clone());
         settings.state_dir = cfg.state_dir.clone();
-        control::syncer::spawn(state.clone(), settings, refusals.clone());
+        syncer_client = Some(control::syncer::spawn(
+            state.clone(),
+            settings,
+            refusals.clone(),
+        ));
     }
     #[cfg(feature = "kube")]
     if let (Some(k), Some(settings)) = (&kube, &cfg.kube) {
@@ -473,6 +481,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     tracing::info!(deadline = ?cfg.drain_timeout, "draining");
     state.start_drain();
+    // This gateway is leaving for good: the syncer stops waiting for it
+    // now, while the drain goes on (bounded: it never delays the exit).
+    let goodbye = syncer_client.map(|c| tokio::spawn(c.goodbye(GOODBYE_WITHIN)));
     // Give peers a moment to read the draining announcement before
     // in-flight work is counted down.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -495,9 +506,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if let Some(t) = state.trace.get() {
         t.shutdown(cfg.drain_timeout).await;
     }
+    if let Some(g) = goodbye {
+        let _ = g.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long the goodbye to the syncer may take (it runs beside the drain).
+const GOODBYE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The caller-connection limit: `wanted`, lowered to fit the open-files
 /// limit (raised to its hard limit first) with descriptors to spare for the

@@ -18,5 +18,21 @@ pub mod config {
     #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
     pub mod v1 {
         tonic::include_proto!("meshfed.config.v1");
+
+        /// The Subscribe response's initial-metadata key in which a syncer
+        /// names the optional gateway messages it understands
+        /// (comma-separated), so that a gateway never sends one to an older
+        /// syncer that would refuse it.
+        pub const ACCEPTS_METADATA: &str = "meshfed-accepts";
+        /// The [`ACCEPTS_METADATA`] value that allows [`Goodbye`].
+        pub const ACCEPTS_GOODBYE: &str = "goodbye";
+
+        /// Whether a Subscribe response's metadata allows [`Goodbye`].
+        pub fn accepts_goodbye(metadata: &tonic::metadata::MetadataMap) -> bool {
+            metadata
+                .get(ACCEPTS_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|m| m.trim() == ACCEPTS_GOODBYE))
+        }
     }
 }

@@ -250,10 +250,20 @@ struct RunArgs {
     keepalive_timeout: Duration,
 
     /// A gateway still counts for rollouts this long after it was last
-    /// seen (a disconnected one counts as pending).
+    /// seen (a disconnected one counts as pending). A gateway that drains
+    /// says goodbye and stops counting at once, so this covers only
+    /// gateways that vanished without one (killed, cut off).
     #[arg(long, value_name = "DURATION", env = "MESHFED_KNOWN_WINDOW",
           default_value = "10m", value_parser = parse_duration)]
     known_window: Duration,
+
+    /// The record of a gateway not seen for this long (gone without a
+    /// goodbye, or left with one) is removed from memory and from
+    /// gateways.json, so records do not pile up with every rollout's pod
+    /// names. At least --known-window.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_FORGET_GATEWAYS_AFTER",
+          default_value = "24h", value_parser = parse_duration)]
+    forget_gateways_after: Duration,
 
     /// How long a client of the HTTP listener (webhook, /status, /metrics)
     /// may take to send a request head, and a webhook its body; also how
@@ -420,6 +430,7 @@ struct Settings {
     grpc: Option<(SocketAddr, PathBuf)>,
     http_addr: SocketAddr,
     known_window: Duration,
+    forget_gateways_after: Duration,
     header_timeout: Duration,
     server: server::ServerSettings,
     opts: meshfed_policy::Options,
@@ -520,6 +531,13 @@ impl Settings {
         if a.max_gateways_per_identity == 0 {
             problems.push("--max-gateways-per-identity must be at least 1".into());
         }
+        if a.forget_gateways_after < a.known_window {
+            problems.push(format!(
+                "--forget-gateways-after ({:?}) must be at least --known-window ({:?}): a record \
+                 must outlive the window in which its gateway still counts",
+                a.forget_gateways_after, a.known_window
+            ));
+        }
         if a.max_fetch_bytes == 0 {
             problems.push("--max-fetch-bytes must be more than 0".into());
         }
@@ -571,6 +589,7 @@ impl Settings {
             grpc,
             http_addr: a.http_addr,
             known_window: a.known_window,
+            forget_gateways_after: a.forget_gateways_after,
             header_timeout: a.header_timeout,
             server: server::ServerSettings {
                 keepalive_interval: a.keepalive_interval,
@@ -626,6 +645,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         );
     }
     let saver = tokio::spawn(rollout.clone().keep_saved());
+    let pruner = tokio::spawn(rollout.clone().keep_pruned(s.forget_gateways_after));
     let pipeline = Arc::new(
         Pipeline::new(
             source.clone(),
@@ -743,6 +763,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(left, t).await;
     }
     saver.abort();
+    pruner.abort();
     if let Err(e) = rollout.save() {
         tracing::warn!(error = %e, "cannot save the gateway records");
     }

@@ -19,6 +19,14 @@
 //! "Applied" comes only from an ACK on the gateway's current stream: a new
 //! stream starts with nothing applied, whatever its Hello says.
 //!
+//! A gateway that drains says goodbye on its stream ([`Rollout::retire`]):
+//! its record is marked as left and no longer counts, at once, instead of
+//! staying pending for the known window (a Kubernetes rollout brings new
+//! pod names, so the old ids never come back). Records of gateways not
+//! seen for `--forget-gateways-after` are removed ([`Rollout::prune`]),
+//! from memory and from `gateways.json`, so the records do not grow with
+//! every rollout.
+//!
 //! It outlives a restart of the syncer ([`Rollout::persistent`]): every
 //! connect, ACK, NACK and disconnect is written to `gateways.json` in the
 //! state directory, so a restarted syncer still knows which gateways a
@@ -81,7 +89,27 @@ pub struct GatewayRecord {
     pub acked_at: Option<SystemTime>,
     /// The last NACK: (version, reason). Cleared by a later ACK.
     pub nack: Option<(String, String)>,
+    /// Set when the gateway said goodbye (it drained): the record no longer
+    /// counts for rollouts. Cleared when it subscribes again. Absent in
+    /// records written by older syncers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<Departure>,
 }
+
+/// A gateway's goodbye.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    pub at: SystemTime,
+    /// What the gateway gave as its reason (cut to [`MAX_GOODBYE_REASON`]).
+    pub reason: String,
+}
+
+/// A goodbye's reason is cut to this many bytes: it is for people.
+pub const MAX_GOODBYE_REASON: usize = 256;
+
+/// How long a record of a gateway not seen is kept by default
+/// (`--forget-gateways-after`).
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// How many gateway ids one certificate may hold by default: a Deployment's
 /// replicas share one certificate, and rolling restarts bring new pod names
@@ -356,6 +384,7 @@ impl Rollout {
             applied: None,
             acked_at: None,
             nack: None,
+            left: None,
         });
         r.identity = identity.to_string();
         r.peer_addr = peer_addr;
@@ -365,6 +394,8 @@ impl Rollout {
         r.applied = None;
         r.acked_at = None;
         r.nack = None;
+        // Known again after a goodbye.
+        r.left = None;
         drop(m);
         self.changed();
         Ok(dropped)
@@ -396,6 +427,67 @@ impl Rollout {
         self.changed();
     }
 
+    /// The gateway said goodbye on its last open stream, whose certificate
+    /// is `identity`: its record is marked as left (disconnected, no longer
+    /// counted by the status API) now. Only the certificate that holds the
+    /// record may retire it: returns false, and changes nothing, for any
+    /// other identity or an unknown record.
+    pub fn retire(&self, cluster: &str, gateway_id: &str, identity: &str, reason: &str) -> bool {
+        let now = SystemTime::now();
+        let mut m = self.lock();
+        let Some(r) = m.get_mut(&(cluster.to_string(), gateway_id.to_string())) else {
+            return false;
+        };
+        if r.identity != identity {
+            return false;
+        }
+        r.connected = false;
+        r.last_seen = now;
+        r.left = Some(Departure {
+            at: now,
+            reason: cut(reason, MAX_GOODBYE_REASON),
+        });
+        drop(m);
+        self.changed();
+        true
+    }
+
+    /// Removes the records of gateways not connected and not seen for
+    /// longer than `after` (`--forget-gateways-after`); returns their
+    /// `cluster/id`. A connected gateway's record is never removed.
+    pub fn prune(&self, after: Duration) -> Vec<String> {
+        let now = SystemTime::now();
+        let mut gone = Vec::new();
+        self.lock().retain(|_, r| {
+            let stale =
+                !r.connected && now.duration_since(r.last_seen).is_ok_and(|age| age > after);
+            if stale {
+                gone.push(format!("{}/{}", r.cluster, r.gateway_id));
+            }
+            !stale
+        });
+        if !gone.is_empty() {
+            self.changed();
+        }
+        gone
+    }
+
+    /// Prunes every `after / 4` (at least every 100 ms, at most every
+    /// minute) until the task is dropped, logging what it removes.
+    pub async fn keep_pruned(self, after: Duration) {
+        let every = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        loop {
+            let gone = self.prune(after);
+            if !gone.is_empty() {
+                tracing::info!(
+                    gateways = %gone.join(", "), after = ?after,
+                    "forgot the records of gateways gone longer than --forget-gateways-after"
+                );
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// One gateway's record.
     pub fn get(&self, cluster: &str, gateway_id: &str) -> Option<GatewayRecord> {
         self.lock()
@@ -423,6 +515,15 @@ impl Rollout {
         // in a way that matters: every update is a few field stores.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 #[cfg(test)]
@@ -537,6 +638,64 @@ mod tests {
         // Another certificate is not affected.
         live.admit("east", "gw-4", "spiffe://td/y", None, &rules)
             .unwrap();
+    }
+
+    /// Issue 22, item 9: only the certificate holding a record retires it;
+    /// a retired record comes back on a new subscription.
+    #[test]
+    fn a_goodbye_retires_only_a_record_its_certificate_holds() {
+        let r = Rollout::new();
+        let rules = Admission::default();
+        r.admit("east", "gw-0", "spiffe://td/a", None, &rules)
+            .unwrap();
+        assert!(!r.retire("east", "gw-0", "spiffe://td/b", "forged"));
+        assert!(!r.retire("west", "gw-0", "spiffe://td/a", "other cluster"));
+        let rec = r.get("east", "gw-0").unwrap();
+        assert!(rec.connected && rec.left.is_none(), "{rec:?}");
+
+        assert!(r.retire("east", "gw-0", "spiffe://td/a", &"x".repeat(1000)));
+        let rec = r.get("east", "gw-0").unwrap();
+        assert!(!rec.connected);
+        assert_eq!(rec.left.as_ref().unwrap().reason.len(), MAX_GOODBYE_REASON);
+
+        r.admit("east", "gw-0", "spiffe://td/a", None, &rules)
+            .unwrap();
+        let rec = r.get("east", "gw-0").unwrap();
+        assert!(rec.connected && rec.left.is_none(), "known again: {rec:?}");
+    }
+
+    /// Issue 22, item 9: records gone longer than the limit are removed,
+    /// from the file too; connected ones stay whatever their age.
+    #[test]
+    fn prune_removes_only_records_gone_longer_than_the_limit_and_the_file_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Rollout::persistent(dir.path());
+        let rules = Admission::default();
+        for id in ["gone", "live"] {
+            r.admit("east", id, "spiffe://td/a", None, &rules).unwrap();
+        }
+        r.disconnected("east", "gone");
+        assert!(r.prune(Duration::from_secs(3600)).is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(r.prune(Duration::from_millis(10)), vec!["east/gone"]);
+        assert!(r.get("east", "gone").is_none());
+        assert!(r.get("east", "live").is_some(), "connected: never pruned");
+        r.save().unwrap();
+        let (back, _) = Rollout::persistent(dir.path());
+        let ids: Vec<String> = back.gateways().into_iter().map(|g| g.gateway_id).collect();
+        assert_eq!(ids, vec!["live"]);
+    }
+
+    #[test]
+    fn records_written_before_goodbyes_existed_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"gateways":[{"cluster":"east","gateway_id":"gw-0","identity":"spiffe://td/a",
+            "peer_addr":null,"connected":false,"last_seen":{"secs_since_epoch":1,"nanos_since_epoch":0},
+            "applied":"c1","acked_at":null,"nack":null}]}"#;
+        std::fs::write(dir.path().join(RECORDS_FILE), old).unwrap();
+        let (r, problem) = Rollout::persistent(dir.path());
+        assert_eq!(problem, None);
+        assert!(r.get("east", "gw-0").unwrap().left.is_none());
     }
 
     #[test]

@@ -20,12 +20,22 @@
 //!   gateway that reads slowly only delays itself: its task waits for room
 //!   in its own one-slot channel while the `watch` coalesces, so it gets the
 //!   newest publication next, never a backlog;
-//! - recording every hello, ACK, NACK and disconnect in the [`Rollout`], and
+//! - goodbyes: the Subscribe response says `meshfed-accepts: goodbye` in
+//!   its initial metadata, so a gateway knows it may send `Goodbye` when it
+//!   drains (an older syncer does not say it, and is never sent one). A
+//!   goodbye is accepted only for the stream's own (cluster, id), on the
+//!   certificate that holds the record, and only from the last open stream
+//!   of that id: the record is then retired ([`Rollout::retire`]) and the
+//!   call ends with OK. A goodbye naming another id ends the call with
+//!   `PERMISSION_DENIED` (counted as `goodbye_not_own`) and retires
+//!   nothing;
+//! - recording every hello, ACK, NACK, goodbye and disconnect in the
+//!   [`Rollout`], and
 //!   the metrics `meshfed_syncer_propagation_seconds` (fetch start → ACK,
 //!   for pushes to gateways connected when the commit was published),
 //!   `meshfed_syncer_subscriptions_refused_total`,
 //!   `meshfed_syncer_snapshots_sent_total`, `meshfed_syncer_acks_total`,
-//!   `meshfed_syncer_nacks_total` and
+//!   `meshfed_syncer_nacks_total`, `meshfed_syncer_goodbyes_total` and
 //!   `meshfed_syncer_tls_handshake_failures_total`. (Connected gateways
 //!   are counted from the `Rollout` by [`crate::metrics`], so that gauge
 //!   and `/status` cannot disagree.)
@@ -95,6 +105,10 @@ pub struct ServerSettings {
     /// Which gateway ids a certificate may hold (`--max-gateways-per-identity`,
     /// `--known-window`).
     pub admission: Admission,
+    /// Say `meshfed-accepts: goodbye` in every Subscribe response (always,
+    /// in production). Off, the server looks like a syncer from before
+    /// goodbyes to the gateways, for compatibility tests.
+    pub advertise_goodbye: bool,
 }
 
 impl Default for ServerSettings {
@@ -105,6 +119,7 @@ impl Default for ServerSettings {
             hello_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             admission: Admission::default(),
+            advertise_goodbye: true,
         }
     }
 }
@@ -136,7 +151,7 @@ pub fn tls_config(
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     /// `cluster_mismatch`, `not_a_gateway`, `no_hello`, `protocol`,
-    /// `gateway_id_taken`, `too_many_gateway_ids`.
+    /// `gateway_id_taken`, `too_many_gateway_ids`, `goodbye_not_own`.
     reason: &'static str,
 }
 
@@ -148,6 +163,7 @@ struct ServerMetrics {
     sent: Counter,
     acks: Counter,
     nacks: Counter,
+    goodbyes: Counter,
     handshake_failures: Counter,
 }
 
@@ -161,6 +177,7 @@ impl ServerMetrics {
             sent: Counter::default(),
             acks: Counter::default(),
             nacks: Counter::default(),
+            goodbyes: Counter::default(),
             handshake_failures: Counter::default(),
         }
     }
@@ -232,7 +249,8 @@ impl ConfigServer {
         );
         registry.register(
             "syncer_subscriptions_refused",
-            "Config streams refused, by reason (cluster_mismatch, not_a_gateway, no_hello, protocol)",
+            "Config streams refused, by reason (cluster_mismatch, not_a_gateway, no_hello, \
+             protocol, gateway_id_taken, too_many_gateway_ids, goodbye_not_own)",
             m.refused.clone(),
         );
         registry.register(
@@ -245,6 +263,11 @@ impl ConfigServer {
             "syncer_nacks",
             "NACKs received from gateways",
             m.nacks.clone(),
+        );
+        registry.register(
+            "syncer_goodbyes",
+            "Goodbyes from draining gateways whose records were retired at once",
+            m.goodbyes.clone(),
         );
         registry.register(
             "syncer_tls_handshake_failures",
@@ -545,6 +568,7 @@ impl ConfigDelivery for ConfigServer {
             shared: shared.clone(),
             cluster: hello.cluster.clone(),
             gateway_id: hello.gateway_id.clone(),
+            identity,
             stream_no,
             applied: None,
             initial,
@@ -554,7 +578,14 @@ impl ConfigDelivery for ConfigServer {
         };
         let span = tracing::info_span!("config_stream", cluster = %hello.cluster, gateway = %hello.gateway_id);
         tokio::spawn(sub.run(inbound, tx).instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let mut response = Response::new(ReceiverStream::new(rx));
+        if shared.settings.advertise_goodbye {
+            response.metadata_mut().insert(
+                pb::ACCEPTS_METADATA,
+                tonic::metadata::MetadataValue::from_static(pb::ACCEPTS_GOODBYE),
+            );
+        }
+        Ok(response)
     }
 }
 
@@ -572,6 +603,8 @@ struct Subscriber {
     shared: Arc<Shared>,
     cluster: String,
     gateway_id: String,
+    /// The verified SPIFFE ID of the stream's certificate.
+    identity: String,
     stream_no: u64,
     /// The version the gateway enforces, as far as we know.
     applied: Option<String>,
@@ -589,6 +622,8 @@ enum End {
     Gone,
     /// We end it with this status.
     Status(Status),
+    /// The gateway said goodbye (with this reason); we end it with OK.
+    Goodbye(String),
 }
 
 impl Subscriber {
@@ -607,11 +642,11 @@ impl Subscriber {
                     break End::Status(Status::unavailable("the syncer is shutting down; reconnect"));
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => {
-                        if let Err(status) = self.handle(m) {
-                            break End::Status(status);
-                        }
-                    }
+                    Ok(Some(m)) => match self.handle(m) {
+                        Ok(None) => {}
+                        Ok(Some(reason)) => break End::Goodbye(reason),
+                        Err(status) => break End::Status(status),
+                    },
                     Ok(None) => break End::Gone,
                     Err(status) => {
                         tracing::debug!(%status, "config stream from the gateway ended");
@@ -633,9 +668,16 @@ impl Subscriber {
                 () = tx.closed() => break End::Gone,
             }
         };
-        if let End::Status(status) = end {
-            let _ = tx.try_send(Err(status));
-        }
+        let goodbye = match end {
+            End::Status(status) => {
+                let _ = tx.try_send(Err(status));
+                None
+            }
+            End::Gone => None,
+            // Dropping `tx` ends the call with OK.
+            End::Goodbye(reason) => Some(reason),
+        };
+        drop(tx);
         let key = (self.cluster.clone(), self.gateway_id.clone());
         let last = {
             let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -651,11 +693,36 @@ impl Subscriber {
                 None => false,
             }
         };
-        if last {
-            self.shared
-                .rollout
-                .disconnected(&self.cluster, &self.gateway_id);
-            tracing::info!("gateway disconnected");
+        match (last, goodbye) {
+            (true, Some(reason)) => {
+                if self.shared.rollout.retire(
+                    &self.cluster,
+                    &self.gateway_id,
+                    &self.identity,
+                    &reason,
+                ) {
+                    self.shared.metrics.goodbyes.inc();
+                    tracing::info!(%reason, "gateway said goodbye; its record is retired (no longer pending)");
+                } else {
+                    // `admit` bound the record to this certificate and a
+                    // live stream keeps it bound; this is a bug if reached.
+                    self.shared
+                        .rollout
+                        .disconnected(&self.cluster, &self.gateway_id);
+                    tracing::warn!(identity = %self.identity, "goodbye from a certificate that does not hold the record; only marked disconnected");
+                }
+            }
+            (true, None) => {
+                self.shared
+                    .rollout
+                    .disconnected(&self.cluster, &self.gateway_id);
+                tracing::info!("gateway disconnected");
+            }
+            (false, Some(_)) => tracing::info!(
+                "goodbye on one of several open streams of this gateway id (two replicas \
+                 sharing one --gateway-id?); the record stays with the other stream"
+            ),
+            (false, None) => {}
         }
     }
 
@@ -732,15 +799,34 @@ impl Subscriber {
         }
     }
 
-    fn handle(&mut self, m: pb::GatewayMessage) -> Result<(), Status> {
+    /// Records one message; `Ok(Some(reason))` for a valid goodbye.
+    fn handle(&mut self, m: pb::GatewayMessage) -> Result<Option<String>, Status> {
         use pb::gateway_message::Message;
         let shared = &self.shared;
         match m.message {
+            Some(Message::Goodbye(bye)) => {
+                if bye.gateway_id != self.gateway_id {
+                    shared.metrics.refuse("goodbye_not_own");
+                    tracing::warn!(
+                        identity = %self.identity, named = %bye.gateway_id,
+                        "refused a goodbye for another gateway id; nothing retired"
+                    );
+                    return Err(Status::permission_denied(format!(
+                        "this stream is gateway `{}` of cluster `{}`; it cannot say goodbye for \
+                         `{}` (a gateway says goodbye only for itself, on its own stream)",
+                        self.gateway_id, self.cluster, bye.gateway_id
+                    )));
+                }
+                Ok(Some(truncate(
+                    &bye.reason,
+                    crate::rollout::MAX_GOODBYE_REASON,
+                )))
+            }
             Some(Message::Ack(ack)) => {
                 let Some(pos) = self.sent.iter().position(|f| f.version == ack.version) else {
                     tracing::warn!(version = %ack.version, "ACK for a version not sent on this stream; ignored");
                     shared.rollout.seen(&self.cluster, &self.gateway_id);
-                    return Ok(());
+                    return Ok(None);
                 };
                 // Everything sent before it was superseded.
                 let f = self.sent.drain(..=pos).next_back();
@@ -756,7 +842,7 @@ impl Subscriber {
                     .acked(&self.cluster, &self.gateway_id, &ack.version);
                 self.applied = Some(ack.version.clone());
                 tracing::info!(version = %ack.version, "gateway ACKed");
-                Ok(())
+                Ok(None)
             }
             Some(Message::Nack(nack)) => {
                 if let Some(pos) = self.sent.iter().position(|f| f.version == nack.version) {
@@ -768,7 +854,7 @@ impl Subscriber {
                     .rollout
                     .nacked(&self.cluster, &self.gateway_id, &nack.version, &reason);
                 tracing::warn!(version = %nack.version, %reason, "gateway NACKed; it keeps its previous snapshot");
-                Ok(())
+                Ok(None)
             }
             Some(Message::Hello(_)) => {
                 shared.metrics.refuse("protocol");
@@ -779,7 +865,8 @@ impl Subscriber {
             None => {
                 shared.metrics.refuse("protocol");
                 Err(Status::invalid_argument(
-                    "an empty GatewayMessage; send Hello, Ack or Nack",
+                    "an empty GatewayMessage (or one this syncer does not know); send Hello, Ack, \
+                     Nack or Goodbye",
                 ))
             }
         }

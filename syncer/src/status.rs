@@ -6,7 +6,9 @@
 //! "Applied" means the gateway ACKed the commit or a later commit that
 //! contains it (coalescing may skip a commit), decided by Git ancestry in
 //! the mirror. A gateway is *known* if it is connected or was seen within
-//! the known window; a known but disconnected gateway is pending.
+//! the known window; a known but disconnected gateway is pending. A
+//! gateway that said goodbye (it drained) is not known: it is listed as
+//! *left* for the known window, and counts for nothing.
 //!
 //! The listener binds to localhost by default. With a bearer token
 //! (`--http-token-file`) every route but the webhook and `/healthz` needs
@@ -102,6 +104,20 @@ pub struct GatewayView {
     pub last_seen: String,
 }
 
+/// A gateway of a targeted cluster that said goodbye within the known
+/// window: listed, never counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftView {
+    pub cluster: String,
+    pub gateway_id: String,
+    pub left_at: String,
+    /// What it said when it left.
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub applied: Option<String>,
+}
+
 /// Where one commit stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutView {
@@ -120,6 +136,10 @@ pub struct RolloutView {
     /// For a rejected commit: its diagnostics as text.
     #[serde(default)]
     pub diagnostics: Vec<String>,
+    /// Gateways of the targeted clusters that said goodbye within the known
+    /// window (drained, e.g. the old pods of a rollout): not waited for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<LeftView>,
 }
 
 impl RolloutView {
@@ -134,12 +154,31 @@ impl RolloutView {
     }
 }
 
-/// Whether a gateway counts for rollouts now.
+/// Whether a gateway counts for rollouts now: connected, or seen within
+/// the known window and not gone with a goodbye.
 pub fn is_known(g: &GatewayRecord, window: Duration, now: SystemTime) -> bool {
-    g.connected
-        || now
-            .duration_since(g.last_seen)
-            .map_or(true, |age| age <= window)
+    g.connected || (g.left.is_none() && within(g.last_seen, window, now))
+}
+
+/// Whether a gateway said goodbye within the known window (it is listed as
+/// left, and not counted).
+pub fn left_recently(g: &GatewayRecord, window: Duration, now: SystemTime) -> bool {
+    !g.connected && g.left.as_ref().is_some_and(|d| within(d.at, window, now))
+}
+
+fn within(t: SystemTime, window: Duration, now: SystemTime) -> bool {
+    now.duration_since(t).map_or(true, |age| age <= window)
+}
+
+fn left_view(g: &GatewayRecord) -> Option<LeftView> {
+    let d = g.left.as_ref()?;
+    Some(LeftView {
+        cluster: g.cluster.clone(),
+        gateway_id: g.gateway_id.clone(),
+        left_at: rfc3339(d.at),
+        reason: d.reason.clone(),
+        applied: g.applied.clone(),
+    })
 }
 
 fn gateway_view(
@@ -188,6 +227,7 @@ pub fn compute_rollout(
         covered_by: None,
         clusters: BTreeMap::new(),
         diagnostics: Vec::new(),
+        left: Vec::new(),
     };
     let covered = state
         .acceptance(commit)
@@ -227,6 +267,12 @@ pub fn compute_rollout(
         view.clusters.insert(c.clone(), Vec::new());
     }
     for g in gateways {
+        if !view.clusters.contains_key(&g.cluster) {
+            continue;
+        }
+        if left_recently(g, window, now) {
+            view.left.extend(left_view(g));
+        }
         if !is_known(g, window, now) {
             continue;
         }
@@ -321,6 +367,9 @@ struct ClusterDoc {
     version: Option<String>,
     content_hash: Option<String>,
     gateways: Vec<GatewayView>,
+    /// Gateways that said goodbye within the known window (not counted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    left: Vec<LeftView>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -578,23 +627,29 @@ impl StatusApi {
                         version: Some(c.snapshot.version.clone()),
                         content_hash: Some(c.snapshot.content_hash.clone()),
                         gateways: Vec::new(),
+                        left: Vec::new(),
                     },
                 );
             }
         }
-        for g in gateways
-            .iter()
-            .filter(|g| is_known(g, self.known_window, now))
-        {
-            clusters
-                .entry(g.cluster.clone())
-                .or_insert(ClusterDoc {
-                    version: None,
-                    content_hash: None,
-                    gateways: Vec::new(),
-                })
-                .gateways
-                .push(gateway_view(g, good.as_deref(), &contains));
+        for g in &gateways {
+            let known = is_known(g, self.known_window, now);
+            let left = left_recently(g, self.known_window, now);
+            if !known && !left {
+                continue;
+            }
+            let doc = clusters.entry(g.cluster.clone()).or_insert(ClusterDoc {
+                version: None,
+                content_hash: None,
+                gateways: Vec::new(),
+                left: Vec::new(),
+            });
+            if known {
+                doc.gateways
+                    .push(gateway_view(g, good.as_deref(), &contains));
+            } else {
+                doc.left.extend(left_view(g));
+            }
         }
         let rollout = good
             .as_deref()
@@ -758,6 +813,19 @@ pub fn render_rollout(v: &RolloutView) -> String {
     out.push_str(&render_gateways(&rows));
     for c in empty {
         out.push_str(&format!("  cluster {c}: no known gateway\n"));
+    }
+    for l in &v.left {
+        out.push_str(&format!(
+            "  {}/{} left at {} ({}); not waited for\n",
+            l.cluster,
+            l.gateway_id,
+            l.left_at,
+            if l.reason.is_empty() {
+                "said goodbye"
+            } else {
+                l.reason.as_str()
+            }
+        ));
     }
     out
 }

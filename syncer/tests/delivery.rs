@@ -97,6 +97,18 @@ impl Server {
         rx: watch::Receiver<Option<Arc<Published>>>,
         max_ids_per_identity: usize,
     ) -> Self {
+        Self::start_advertising(rt, creds, bind, rollout, rx, max_ids_per_identity, true)
+    }
+
+    fn start_advertising(
+        rt: &Runtime,
+        creds: &Path,
+        bind: SocketAddr,
+        rollout: Rollout,
+        rx: watch::Receiver<Option<Arc<Published>>>,
+        max_ids_per_identity: usize,
+        advertise_goodbye: bool,
+    ) -> Self {
         let creds = Credentials::load(creds).unwrap();
         let refusals = Arc::new(HandshakeRefusals::new());
         let tls = tls_config(&creds, refusals.clone()).unwrap();
@@ -107,6 +119,7 @@ impl Server {
                 max_ids_per_identity,
                 ..Default::default()
             },
+            advertise_goodbye,
             ..ServerSettings::default()
         };
         let server = ConfigServer::with_settings(rollout, rx, settings);
@@ -1079,4 +1092,170 @@ fn a_flood_of_phantom_gateway_ids_from_one_certificate_is_bounded() {
             &["too_many_gateway_ids"]
         ) >= 1.0
     );
+}
+
+fn goodbye(id: &str) -> pb::GatewayMessage {
+    pb::GatewayMessage {
+        message: Some(pb::gateway_message::Message::Goodbye(pb::Goodbye {
+            gateway_id: id.into(),
+            reason: "drained".into(),
+        })),
+    }
+}
+
+/// Issue 22, item 9: a goodbye retires only the stream's own record. A
+/// gateway naming another gateway's id in its goodbye is refused
+/// (`PERMISSION_DENIED`) and the victim stays connected; a second stream
+/// of the same id saying goodbye while the first is open retires nothing;
+/// the gateway's own goodbye on its last stream retires its record at once
+/// (the call ends with OK), and the syncer advertises that it accepts
+/// goodbyes in the Subscribe response.
+#[test]
+fn a_goodbye_retires_only_the_streams_own_record() {
+    let rt = runtime();
+    let w = World::new();
+    let server = w.server(&rt, "127.0.0.1:0".parse().unwrap());
+    let a = sha(1);
+    w.publish(&a);
+    let real = w.pki.gateway("east", "gw-1");
+    let evil = w.pki.gateway("east", "gw-evil");
+    rt.block_on(async {
+        let mut c = dial(server.addr, &real).await.unwrap();
+        let (tx1, rx1) = mpsc::channel(4);
+        tx1.send(hello("east", "gw-1", "")).await.unwrap();
+        let resp = c
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx1))
+            .await
+            .unwrap();
+        assert!(
+            pb::accepts_goodbye(resp.metadata()),
+            "the syncer does not advertise goodbyes: {:?}",
+            resp.metadata()
+        );
+        let mut stream1 = resp.into_inner();
+        assert_eq!(next_snapshot(&mut stream1).await.version, a);
+        tx1.send(ack(&a)).await.unwrap();
+
+        // Another certificate, on its own stream, says goodbye for gw-1.
+        let mut e = dial(server.addr, &evil).await.unwrap();
+        let (etx, mut estream) = subscribe(&mut e, hello("east", "gw-evil", ""))
+            .await
+            .unwrap();
+        assert_eq!(next_snapshot(&mut estream).await.version, a);
+        etx.send(goodbye("gw-1")).await.unwrap();
+        let end = loop {
+            match estream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        let status = end.expect_err("a forged goodbye must end the call with an error");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("only for itself"),
+            "{}",
+            status.message()
+        );
+
+        // The same certificate's second stream of gw-1 says goodbye while the
+        // first stream is open: the record stays with the first.
+        let mut c2 = dial(server.addr, &real).await.unwrap();
+        let (tx2, mut stream2) = subscribe(&mut c2, hello("east", "gw-1", "")).await.unwrap();
+        assert_eq!(next_snapshot(&mut stream2).await.version, a);
+        tx2.send(goodbye("gw-1")).await.unwrap();
+        drop(tx2);
+        while let Ok(Some(_)) = stream2.message().await {}
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rec = w.record("gw-1").unwrap();
+        assert!(
+            rec.connected && rec.left.is_none(),
+            "a goodbye on a second stream retired the record the first stream holds: {rec:?}"
+        );
+        let rec = w.record("gw-evil").unwrap();
+        assert!(
+            rec.left.is_none(),
+            "the refused goodbye retired its sender: {rec:?}"
+        );
+
+        // gw-1's own goodbye on its last stream: retired, call ended with OK.
+        tx1.send(goodbye("gw-1")).await.unwrap();
+        drop(tx1);
+        let end = loop {
+            match stream1.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(end, Ok(None)),
+            "the goodbye's call ends with OK: {end:?}"
+        );
+    });
+    let rec = w.record("gw-1").unwrap();
+    assert!(
+        !rec.connected && rec.left.as_ref().is_some_and(|d| d.reason == "drained"),
+        "{rec:?}"
+    );
+    assert_eq!(server.metric("meshfed_syncer_goodbyes_total", &[]), 1.0);
+    assert!(
+        server.metric(
+            "meshfed_syncer_subscriptions_refused_total",
+            &["goodbye_not_own"]
+        ) >= 1.0
+    );
+    server.stop(&rt);
+}
+
+/// Issue 22, item 9, compatibility: a real gateway that drains says goodbye
+/// to a syncer that accepts one (its record is retired at once), and sends
+/// none to a syncer that does not say so (one from before goodbyes, which
+/// would end the call on the unknown message): that record is only
+/// disconnected, and counts as pending for the known window as before.
+#[test]
+fn a_draining_gateway_says_goodbye_only_to_a_syncer_that_accepts_one() {
+    let rt = runtime();
+    for advertise in [true, false] {
+        let w = World::new();
+        let server = Server::start_advertising(
+            &rt,
+            &w.syncer_creds,
+            "127.0.0.1:0".parse().unwrap(),
+            w.rollout.clone(),
+            w.publish.subscribe(),
+            meshfed_syncer::rollout::DEFAULT_MAX_IDS_PER_IDENTITY,
+            advertise,
+        );
+        let a = sha(1);
+        w.publish(&a);
+        let mut gw = w.gateway("gw-1", server.addr, &[]);
+        w.wait_acked("gw-1", &a);
+        assert_eq!(gw.terminate(), Some(0), "{}", gw.log_tail());
+        let rec = eventually("gw-1 disconnected", Duration::from_secs(10), || {
+            match w.record("gw-1") {
+                Some(r) if !r.connected => Ok(r),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        if advertise {
+            assert!(rec.left.is_some(), "no goodbye recorded: {rec:?}");
+            assert_eq!(server.metric("meshfed_syncer_goodbyes_total", &[]), 1.0);
+        } else {
+            assert!(
+                rec.left.is_none(),
+                "a goodbye was sent to a syncer that does not accept one: {rec:?}"
+            );
+            assert_eq!(server.metric("meshfed_syncer_goodbyes_total", &[]), 0.0);
+            assert!(
+                gw.log_tail().contains("does not accept goodbyes"),
+                "{}",
+                gw.log_tail()
+            );
+        }
+        assert_eq!(
+            server.metric("meshfed_syncer_subscriptions_refused_total", &[]),
+            0.0,
+            "advertise={advertise}"
+        );
+        server.stop(&rt);
+    }
 }

@@ -1,10 +1,10 @@
 //! deploy/ is checked against the binaries it deploys: every Kustomize
-//! overlay is rendered offline (`kubectl kustomize`, the kustomize v2.0.3
-//! of Debian's kubectl 1.20 in CI) and every object must deserialize into its
+//! overlay is rendered offline (`kubectl kustomize`) and every object must deserialize into its
 //! k8s-openapi type; every flag, environment variable and config-file key
 //! the manifests and the systemd unit pass must exist in the real binary's
 //! `--help`; and the operational invariants hold (gateway replicas ≥ 2 with
-//! a PodDisruptionBudget and a UDP 15443 LoadBalancer, Secrets mounted
+//! a PodDisruptionBudget and a UDP 15443 LoadBalancer whose provider
+//! settings come from one of deploy/components/lb-*, Secrets mounted
 //! 0400, probes on /readyz and /healthz, non-root read-only containers
 //! without capabilities, RBAC writing only Services and EndpointSlices).
 //! Least privilege: the gateway's ServiceAccount only reads, the mirror
@@ -16,9 +16,11 @@
 //! ServiceAccount) and every binding's ServiceAccount must resolve to an
 //! object rendered in the same namespace (Secrets may instead be ones a
 //! comment in deploy/ says to create first), so that `kubectl apply -k`
-//! leaves no pod unable to start. Whatever kubectl is installed renders:
-//! kubectl 1.32 (kustomize v5.5) on the project's machines, Debian's 1.20
-//! (v2.0.3) elsewhere; the overlays use only what both understand.
+//! leaves no pod unable to start. The overlays use kustomize components
+//! (`components:`, kustomize v3.7 or later: kubectl 1.21 or later; the
+//! project's machines have kubectl 1.32 with kustomize v5.5); an older
+//! kubectl fails the test with a message. Every load-balancer component is
+//! also rendered on the base alone and checked for its provider's settings.
 //! Without kubectl (or systemd-analyze) those parts are skipped with a
 //! message; .ci/run installs kubectl.
 
@@ -96,17 +98,26 @@ fn kubectl() -> Option<PathBuf> {
 }
 
 fn render(kubectl: &Path, overlay: &str) -> Vec<Value> {
-    let dir = repo().join("deploy/overlays").join(overlay);
+    render_dir(kubectl, &repo().join("deploy/overlays").join(overlay))
+}
+
+fn render_dir(kubectl: &Path, dir: &Path) -> Vec<Value> {
     let out = Command::new(kubectl)
         .arg("kustomize")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "kubectl kustomize {}: {}",
+        "kubectl kustomize {}: {}{}",
         dir.display(),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        if String::from_utf8_lossy(&out.stderr).contains("Component") {
+            "\nhint: deploy/ uses kustomize components, which need kubectl 1.21 or later \
+             (kustomize v3.7+); Debian's kubectl 1.20 embeds kustomize v2.0.3"
+        } else {
+            ""
+        }
     );
     let text = String::from_utf8_lossy(&out.stdout);
     serde_yaml::Deserializer::from_str(&text)
@@ -308,6 +319,7 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
     });
     assert!(lb, "{overlay}: a UDP 15443 LoadBalancer Service");
     check_least_privilege(overlay, &objects);
+    check_load_balancer_choice(overlay, &objects);
     // RBAC: read-only except Services and EndpointSlices, and the mirror
     // writers' Lease in the gateway's own namespace (a Role); never secrets.
     for o in objects
@@ -415,7 +427,7 @@ fn check_least_privilege(overlay: &str, objects: &[Value]) {
             rule.verbs
                 .iter()
                 .all(|v| matches!(v.as_str(), "get" | "list" | "watch")),
-            "{overlay}: the gateway's ServiceAccount {gw_sa} may {:?} {:?} (binding {binding});              the internet-facing gateway only reads, the mirror controller writes",
+            "{overlay}: the gateway's ServiceAccount {gw_sa} may {:?} {:?} (binding {binding}); the internet-facing gateway only reads, the mirror controller writes",
             rule.verbs,
             rule.resources
         );
@@ -662,6 +674,245 @@ mod admission {
             );
         }
     }
+}
+
+/// The `meshfed.io/load-balancer` annotation: which deploy/components/lb-*
+/// set a Service's provider settings.
+const LB_CHOICE: &str = "meshfed.io/load-balancer";
+
+/// Issue 22, item 7: a UDP LoadBalancer without provider settings is what
+/// AWS's default (a Classic Load Balancer, no UDP) rejects. Every rendered
+/// UDP LoadBalancer Service must name the component that configured it,
+/// that component must exist, and its settings must be on the Service.
+fn check_load_balancer_choice(overlay: &str, objects: &[Value]) {
+    let udp_lbs: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            o["kind"] == "Service"
+                && o["spec"]["type"] == "LoadBalancer"
+                && o["spec"]["ports"]
+                    .as_sequence()
+                    .is_some_and(|ps| ps.iter().any(|p| p["protocol"] == "UDP"))
+        })
+        .collect();
+    assert!(
+        !udp_lbs.is_empty(),
+        "{overlay}: no UDP LoadBalancer Service"
+    );
+    for svc in udp_lbs {
+        let name = svc["metadata"]["name"].as_str().unwrap_or("");
+        let Some(choice) = svc["metadata"]["annotations"][LB_CHOICE].as_str() else {
+            panic!(
+                "{overlay}: Service {name} is a UDP LoadBalancer with no provider settings \
+                 (no `{LB_CHOICE}` annotation): add `components: [../../components/lb-...]` to \
+                 the overlay (docs/kubernetes.md, \"Exposing the tunnel\")"
+            );
+        };
+        let dir = repo()
+            .join("deploy/components")
+            .join(format!("lb-{choice}"));
+        assert!(
+            dir.join("kustomization.yaml").exists(),
+            "{overlay}: Service {name} names load balancer `{choice}`, but {} does not exist",
+            dir.display()
+        );
+        check_provider_settings(&format!("{overlay}: Service {name}"), choice, svc, objects);
+    }
+}
+
+/// The settings component `lb-<choice>` promises, on a rendered tunnel
+/// Service (with the Deployment it fronts in `objects`).
+fn check_provider_settings(what: &str, choice: &str, svc: &Value, objects: &[Value]) {
+    let typed: Service = serde_yaml::from_value(svc.clone()).unwrap();
+    let spec = typed.spec.unwrap_or_default();
+    let ann = typed.metadata.annotations.unwrap_or_default();
+    let a = |k: &str| ann.get(k).map(String::as_str);
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"), "{what}");
+    assert_eq!(
+        spec.external_traffic_policy.as_deref(),
+        Some("Local"),
+        "{what}: externalTrafficPolicy Local (node health checks follow pod readiness)"
+    );
+    let ports = spec.ports.unwrap_or_default();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.port == 15443 && p.protocol.as_deref() == Some("UDP")),
+        "{what}: the tunnel on UDP 15443: {ports:?}"
+    );
+    // Today the tunnel is UDP only (the TCP link transport, issue 18, does
+    // not exist yet): a TCP port here would be a listener nothing serves.
+    assert!(
+        ports.iter().all(|p| p.protocol.as_deref() == Some("UDP")),
+        "{what}: a non-UDP port on the tunnel Service: {ports:?}"
+    );
+    let aws = "service.beta.kubernetes.io/aws-load-balancer-";
+    match choice {
+        "aws-nlb" => {
+            assert_eq!(
+                spec.load_balancer_class.as_deref(),
+                Some("service.k8s.aws/nlb"),
+                "{what}: an NLB of the AWS Load Balancer Controller, never the in-tree \
+                 Classic Load Balancer (no UDP)"
+            );
+            assert_eq!(a(&format!("{aws}nlb-target-type")), Some("ip"), "{what}");
+            assert_eq!(
+                a(&format!("{aws}scheme")),
+                Some("internet-facing"),
+                "{what}"
+            );
+            // UDP target groups are health-checked over TCP or HTTP: it must
+            // be the gateway's readiness endpoint on its admin port.
+            let (admin_port, ready_path) = gateway_readiness(objects);
+            assert_eq!(
+                a(&format!("{aws}healthcheck-protocol")),
+                Some("HTTP"),
+                "{what}"
+            );
+            assert_eq!(
+                a(&format!("{aws}healthcheck-port")),
+                Some(admin_port.to_string().as_str()),
+                "{what}: the health check must hit the gateway's admin port"
+            );
+            assert_eq!(
+                a(&format!("{aws}healthcheck-path")),
+                Some(ready_path.as_str()),
+                "{what}: the health check must follow the readinessProbe"
+            );
+        }
+        "gcp" => {
+            assert_eq!(a("cloud.google.com/l4-rbs"), Some("enabled"), "{what}");
+            assert_eq!(spec.load_balancer_class, None, "{what}");
+        }
+        "metallb" => {
+            let pool = a("metallb.io/address-pool");
+            assert!(pool.is_some(), "{what}: no MetalLB address pool");
+            assert_eq!(pool, a("metallb.universe.tf/address-pool"), "{what}");
+            assert_eq!(spec.load_balancer_class, None, "{what}");
+        }
+        // The provider's default load balancer carries UDP as is.
+        "azure" | "servicelb" => {
+            assert_eq!(spec.load_balancer_class, None, "{what}");
+            assert!(
+                !ann.keys().any(|k| k.starts_with(aws)),
+                "{what}: AWS annotations on a {choice} load balancer"
+            );
+        }
+        other => panic!(
+            "{what}: load balancer `{other}` has no expectations in tests/tests/deploy.rs \
+             (check_provider_settings); add them with the component"
+        ),
+    }
+}
+
+/// The gateway container's admin port number and readinessProbe path.
+fn gateway_readiness(objects: &[Value]) -> (i32, String) {
+    let d = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "meshfed-gateway")
+        .expect("a meshfed-gateway Deployment");
+    let d: Deployment = serde_yaml::from_value(d.clone()).unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    let admin = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("admin"))
+        .expect("the gateway's `admin` port")
+        .container_port;
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("the gateway's HTTP readinessProbe");
+    let probe_port = match &probe.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+            assert_eq!(name, "admin", "the readinessProbe's port");
+            admin
+        }
+    };
+    assert_eq!(probe_port, admin, "the readinessProbe is on the admin port");
+    (admin, probe.path.clone().unwrap_or_default())
+}
+
+/// Issue 22, item 7: every deploy/components/lb-* renders on the base
+/// alone into a UDP tunnel Service with that provider's settings, and every
+/// overlay that uses a component renders it (the overlay test checks).
+#[test]
+fn every_load_balancer_component_renders_the_tunnel_with_its_provider_settings() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!("SKIPPED: kubectl not found; install kubectl 1.21 or later");
+        return;
+    };
+    let mut components: Vec<String> = std::fs::read_dir(repo().join("deploy/components"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("lb-"))
+        .collect();
+    components.sort();
+    assert!(
+        components.len() >= 5,
+        "deploy/components: expected lb-aws-nlb, lb-azure, lb-gcp, lb-metallb and \
+         lb-servicelb, found {components:?}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    for comp in &components {
+        let dir = tmp.path().join(comp);
+        std::fs::create_dir_all(&dir).unwrap();
+        // kustomize takes only relative paths to other kustomizations.
+        let up = "../".repeat(dir.components().count() - 1);
+        let from_root =
+            |p: PathBuf| format!("{up}{}", p.display().to_string().trim_start_matches('/'));
+        std::fs::write(
+            dir.join("kustomization.yaml"),
+            format!(
+                "resources:\n- {}\ncomponents:\n- {}\n",
+                from_root(repo().join("deploy/base")),
+                from_root(repo().join("deploy/components").join(comp))
+            ),
+        )
+        .unwrap();
+        let objects = render_dir(&kubectl, &dir);
+        for o in &objects {
+            typed(o);
+        }
+        let svc = objects
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "meshfed-gateway-tunnel")
+            .unwrap_or_else(|| panic!("{comp}: no meshfed-gateway-tunnel Service"));
+        let choice = svc["metadata"]["annotations"][LB_CHOICE]
+            .as_str()
+            .unwrap_or_else(|| panic!("{comp}: the Service does not carry `{LB_CHOICE}`"));
+        assert_eq!(
+            Some(choice),
+            comp.strip_prefix("lb-"),
+            "{comp}: names another load balancer"
+        );
+        check_provider_settings(comp, choice, svc, &objects);
+    }
+}
+
+/// Without a component, the base's tunnel Service has no provider choice:
+/// the overlay check above is what catches an overlay that forgot one.
+#[test]
+fn the_base_alone_makes_no_provider_choice() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!("SKIPPED: kubectl not found");
+        return;
+    };
+    let objects = render_dir(&kubectl, &repo().join("deploy/base"));
+    let svc = objects
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "meshfed-gateway-tunnel")
+        .expect("the base's tunnel Service");
+    assert!(svc["metadata"]["annotations"][LB_CHOICE].is_null());
+    let overlay_check = std::panic::catch_unwind(|| check_load_balancer_choice("base", &objects));
+    assert!(
+        overlay_check.is_err(),
+        "the overlay check accepts a UDP LoadBalancer without provider settings"
+    );
 }
 
 /// The duration setting `key` of the gateway: from its rendered config

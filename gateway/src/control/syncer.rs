@@ -17,7 +17,14 @@
 //! - on any failure (refused, unreachable, stream broken, keep-alive
 //!   timeout) reconnects with exponential backoff and equal jitter (100 ms
 //!   doubling to 5 s; reset once a stream is established), and never drops
-//!   the snapshot it enforces.
+//!   the snapshot it enforces;
+//! - when the gateway drains ([`SyncerClient::goodbye`]), sends `Goodbye`
+//!   for itself on its stream, if the syncer said it accepts one
+//!   (`meshfed-accepts: goodbye` in the Subscribe response; an older syncer
+//!   would refuse the unknown message), half-closes, waits (bounded) for
+//!   the syncer to end the call, and stops: the syncer retires this
+//!   gateway's record at once instead of counting it as pending for its
+//!   known window.
 //!
 //! It does not choose the first snapshot at start (`run` does, from the
 //! state directory) nor decide readiness (readiness follows
@@ -34,7 +41,7 @@ use meshfed_policy::Snapshot;
 use meshfed_proto::config::v1 as pb;
 use meshfed_proto::config::v1::config_delivery_client::ConfigDeliveryClient;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -128,27 +135,119 @@ pub enum ClientError {
     Protocol { addr: String, problem: String },
 }
 
-/// Starts the client; it runs until the runtime stops.
+/// How the client ended when the gateway drained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Farewell {
+    /// Goodbye sent, and the syncer ended the call with OK: it retired
+    /// this gateway's record.
+    Said,
+    /// The syncer does not accept goodbyes (an older one): the stream was
+    /// closed, and the record counts as pending for its known window.
+    NotAccepted,
+    /// No stream was open (connecting or backing off).
+    NotConnected,
+    /// Goodbye sent, but the syncer ended the call with an error.
+    Refused(String),
+    /// No answer within the bound given to [`SyncerClient::goodbye`].
+    TimedOut,
+}
+
+/// The running client.
+#[derive(Debug)]
+pub struct SyncerClient {
+    leave: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Farewell>,
+}
+
+impl SyncerClient {
+    /// Says goodbye to the syncer (see the module docs) and stops the
+    /// client, waiting at most `within`; logs and returns the outcome. The
+    /// gateway drains whatever it is: a goodbye only spares the syncer's
+    /// rollouts from waiting for a gateway that is gone.
+    pub async fn goodbye(self, within: Duration) -> Farewell {
+        let _ = self.leave.send(true);
+        let mut task = self.task;
+        let farewell = match tokio::time::timeout(within, &mut task).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => Farewell::Refused(format!("the config client failed: {e}")),
+            Err(_) => {
+                task.abort();
+                Farewell::TimedOut
+            }
+        };
+        match &farewell {
+            Farewell::Said => {
+                tracing::info!("said goodbye to the syncer; it no longer waits for this gateway")
+            }
+            Farewell::NotAccepted => tracing::info!(
+                "the syncer does not accept goodbyes (an older version); it counts this gateway \
+                 as pending until its --known-window passes"
+            ),
+            Farewell::NotConnected => tracing::info!(
+                "not connected to the syncer at drain; no goodbye (it counts this gateway as \
+                 pending until its --known-window passes)"
+            ),
+            Farewell::Refused(e) => {
+                tracing::warn!(error = %e, "the syncer refused this gateway's goodbye")
+            }
+            Farewell::TimedOut => tracing::warn!(
+                ?within,
+                "no answer from the syncer to this gateway's goodbye; leaving anyway"
+            ),
+        }
+        farewell
+    }
+}
+
+/// Starts the client; it runs until the runtime stops or
+/// [`SyncerClient::goodbye`].
 pub fn spawn(
     state: Arc<Gateway>,
     settings: SyncerSettings,
     refusals: Arc<HandshakeRefusals>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> SyncerClient {
+    let (leave, mut leaving) = watch::channel(false);
+    let task = tokio::spawn(async move {
         let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max, Jitter::Equal);
         loop {
+            if *leaving.borrow() {
+                return Farewell::NotConnected;
+            }
             set_link(&state, &settings, "connecting", None);
             let mut established = false;
-            let error = session(&state, &settings, &refusals, &mut established).await;
+            let error =
+                match session(&state, &settings, &refusals, &mut established, &mut leaving).await {
+                    Ended::Left(f) => return f,
+                    Ended::Failed(e) => e,
+                };
             if established {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
             tracing::warn!(error = %error, retry_in = ?delay, "syncer unavailable; keeping the current snapshot");
             set_link(&state, &settings, "backing_off", Some(error.to_string()));
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = left(&mut leaving) => return Farewell::NotConnected,
+            }
         }
-    })
+    });
+    SyncerClient { leave, task }
+}
+
+/// Completes once the gateway drains; never if the [`SyncerClient`] is
+/// dropped without a goodbye (the client then runs on). (The guard
+/// `wait_for` returns is not `Send`, so it must not live in a `select!`.)
+async fn left(leaving: &mut watch::Receiver<bool>) {
+    if leaving.wait_for(|l| *l).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How one session ended.
+enum Ended {
+    Failed(ClientError),
+    Left(Farewell),
 }
 
 fn set_link(state: &Gateway, s: &SyncerSettings, what: &'static str, error: Option<String>) {
@@ -167,11 +266,17 @@ async fn session(
     s: &SyncerSettings,
     refusals: &Arc<HandshakeRefusals>,
     established: &mut bool,
-) -> ClientError {
+    leaving: &mut watch::Receiver<bool>,
+) -> Ended {
     let addr = s.addr.clone();
-    let channel = match connect(s, refusals).await {
+    // A drain while connecting does not wait for the connection.
+    let connected = tokio::select! {
+        c = connect(s, refusals) => c,
+        () = left(leaving) => return Ended::Left(Farewell::NotConnected),
+    };
+    let channel = match connected {
         Ok(c) => c,
-        Err(e) => return e,
+        Err(e) => return Ended::Failed(e),
     };
     let mut client =
         ConfigDeliveryClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
@@ -192,29 +297,38 @@ async fn session(
             message: Some(pb::gateway_message::Message::Hello(hello)),
         })
         .await;
-    let mut inbound = match client.subscribe(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
+    let (accepts_goodbye, mut inbound) = match client.subscribe(ReceiverStream::new(rx)).await {
+        Ok(r) => (pb::accepts_goodbye(r.metadata()), r.into_inner()),
         Err(status) => {
-            return ClientError::Refused {
+            return Ended::Failed(ClientError::Refused {
                 addr,
                 code: status.code(),
                 message: status.message().to_string(),
-            };
+            });
         }
     };
     *established = true;
     set_link(state, s, "connected", None);
-    tracing::info!(syncer = %s.addr, id = %s.syncer_id, applied = %applied, "subscribed to the syncer");
+    tracing::info!(syncer = %s.addr, id = %s.syncer_id, applied = %applied, accepts_goodbye, "subscribed to the syncer");
     loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            () = left(leaving) => {
+                if !accepts_goodbye {
+                    return Ended::Left(Farewell::NotAccepted);
+                }
+                return Ended::Left(say_goodbye(state, tx, inbound).await);
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
-            Ok(None) => return ClientError::Ended { addr },
+            Ok(None) => return Ended::Failed(ClientError::Ended { addr }),
             Err(status) => {
-                return ClientError::Broken {
+                return Ended::Failed(ClientError::Broken {
                     addr,
                     code: status.code(),
                     message: status.message().to_string(),
-                };
+                });
             }
         };
         match msg.message {
@@ -234,17 +348,48 @@ async fn session(
                     .await
                     .is_err()
                 {
-                    return ClientError::Ended { addr };
+                    return Ended::Failed(ClientError::Ended { addr });
                 }
             }
             Some(pb::syncer_message::Message::Pending(p)) => {
                 tracing::warn!(reason = %p.reason, "the syncer has no snapshot for this cluster yet");
             }
             None => {
-                return ClientError::Protocol {
+                return Ended::Failed(ClientError::Protocol {
                     addr,
                     problem: "an empty SyncerMessage".into(),
-                };
+                });
+            }
+        }
+    }
+}
+
+/// Sends `Goodbye` for this gateway, half-closes, and reads until the
+/// syncer ends the call (the caller bounds the wait).
+async fn say_goodbye(
+    state: &Gateway,
+    tx: mpsc::Sender<pb::GatewayMessage>,
+    mut inbound: tonic::Streaming<pb::SyncerMessage>,
+) -> Farewell {
+    let bye = pb::GatewayMessage {
+        message: Some(pb::gateway_message::Message::Goodbye(pb::Goodbye {
+            gateway_id: state.id.clone(),
+            reason: "drained (SIGTERM)".into(),
+        })),
+    };
+    if tx.send(bye).await.is_err() {
+        return Farewell::Refused("the config stream closed before the goodbye".into());
+    }
+    // Half-close: the goodbye is our last message.
+    drop(tx);
+    loop {
+        match inbound.message().await {
+            // A snapshot sent before the syncer read the goodbye: unanswered,
+            // as the gateway is leaving.
+            Ok(Some(_)) => continue,
+            Ok(None) => return Farewell::Said,
+            Err(status) => {
+                return Farewell::Refused(format!("{:?}: {}", status.code(), status.message()));
             }
         }
     }

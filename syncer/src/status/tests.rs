@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::pipeline::{Accepted, Rejected};
+use crate::rollout::Departure;
 
 fn contains(a: &str, b: &str) -> bool {
     let order = ["a", "b", "c"];
@@ -42,6 +43,7 @@ fn gw(cluster: &str, id: &str, applied: Option<&str>) -> GatewayRecord {
         applied: applied.map(str::to_string),
         acked_at: applied.map(|_| SystemTime::now()),
         nack: None,
+        left: None,
     }
 }
 
@@ -98,6 +100,36 @@ fn a_gateway_unseen_beyond_the_known_window_no_longer_counts() {
     gone.last_seen = SystemTime::now() - Duration::from_secs(3600);
     let v = view("c", &st, &[gw("east", "e1", Some("c")), gone]);
     assert_eq!(v.state, RolloutState::Live, "{v:?}");
+}
+
+/// Issue 22, item 9: a gateway that said goodbye (drained) is listed as
+/// left and not waited for, at once; a disconnected one without a goodbye
+/// is still pending.
+#[test]
+fn a_gateway_that_said_goodbye_is_listed_as_left_and_not_pending() {
+    let st = state_with(accepted("c", &["east"]));
+    let mut drained = gw("east", "old-pod", Some("a"));
+    drained.connected = false;
+    drained.left = Some(Departure {
+        at: SystemTime::now(),
+        reason: "SIGTERM: drained".into(),
+    });
+    let v = view(
+        "c",
+        &st,
+        &[gw("east", "new-pod", Some("c")), drained.clone()],
+    );
+    assert_eq!(v.state, RolloutState::Live, "{v:?}");
+    assert_eq!(v.left.len(), 1);
+    assert_eq!(v.left[0].gateway_id, "old-pod");
+    let text = render_rollout(&v);
+    assert!(text.contains("east/old-pod left at"), "{text}");
+
+    let mut killed = drained;
+    killed.left = None;
+    let v = view("c", &st, &[gw("east", "new-pod", Some("c")), killed]);
+    assert_eq!(v.gateways_in(GatewayState::Pending), ["east/old-pod"]);
+    assert!(v.left.is_empty());
 }
 
 #[test]
