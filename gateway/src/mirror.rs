@@ -68,7 +68,7 @@ use meshfed_policy::snapshot::ClusterPolicy;
 use serde_json::json;
 
 pub use crate::discovery::kube::MIRROR_OF_LABEL;
-use crate::discovery::kube::{KubeDiscovery, SERVICE_NAME_LABEL, Shared};
+use crate::discovery::kube::{KubeDiscovery, SERVICE_NAME_LABEL, Shared, Stores};
 use crate::route::mirror_names::CLUSTERSET;
 use crate::state::Gateway;
 use crate::wire::announce::ServicePort;
@@ -536,7 +536,9 @@ pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings
         loop {
             if let Some(applied) = state.provenance.current() {
                 memory.applied_versions.insert(applied.version.clone());
-                if *leader.borrow_and_update() {
+                // Not on partial stores (a gateway serving a persisted
+                // endpoint set while the watchers have not listed yet).
+                if *leader.borrow_and_update() && shared.with(Stores::synced) {
                     reconcile(&state, &client, &shared, &settings, &applied, &mut memory).await;
                 }
             }
