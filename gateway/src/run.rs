@@ -282,7 +282,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "ServiceEntry endpoint does not resolve at startup; retrying");
     }
     let merged = crate::discovery::service_entry::merge(&discovered.borrow(), declared);
-    let (merged_tx, endpoints) = watch::channel(Arc::new(merged));
+    let (merged_tx, endpoints) = watch::channel(merged);
 
     let tunnel = Tunnel::bind(
         cfg.tunnel_addr,

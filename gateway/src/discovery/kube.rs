@@ -29,11 +29,26 @@
 //! Resilience. Each watcher resumes from its last resourceVersion after a
 //! dropped connection or an API-server restart, relists on `410 Gone`, and
 //! backs off exponentially on errors (kube-runtime's default backoff, up to
-//! about 30 s). A relist never empties the set: the objects of a relist are
-//! buffered and replace the previous ones only when the relist completes
-//! (`InitDone`), so endpoints never drop to zero in between (the failure of
-//! istio#45992). While the API server is unreachable, the last known set
-//! keeps serving.
+//! about 30 s). A relist never empties the set: relisted objects replace
+//! the previous ones as they arrive, and those it did not list leave only
+//! when it completes (`InitDone`), so endpoints never drop to zero in
+//! between (the failure of istio#45992). While the API server is
+//! unreachable, the last known set keeps serving.
+//!
+//! Scale. Lists are paged (kube-runtime asks for 500 objects a page, as
+//! client-go). Every object is converted on arrival into what is read of it
+//! ([`slim_service`], [`slim_slice`], [`PodMeta`]): annotations,
+//! `managedFields`, node names, hints and the rest never reach the cache. A
+//! relist buffers only the keys it listed, never a second copy of the
+//! objects. 10,000 Pods and 2,000 Services fit the 128 MiB limit with room
+//! (tests/tests/kube_scale.rs).
+//!
+//! Start and outages. The first list of every kind is awaited without a
+//! deadline (the admin server already answers `/healthz`; `/readyz` waits):
+//! an API outage leaves the gateway waiting and warning every
+//! [`SYNC_TIMEOUT`], never exiting into a crash loop. With `--state-dir`
+//! each synced set is persisted ([`persist`]), and a gateway whose first
+//! list fails serves the persisted set until its watchers sync.
 //!
 //! It does not own routing, the mirror Services (see [`crate::mirror`],
 //! which reads the same stores), or other clusters' endpoints (peers
@@ -157,9 +172,12 @@ impl<T: PartialEq> Map<T> {
                 false
             }
             Event::InitApply((k, v)) => {
+                // An unchanged object (most of a relist) keeps its copy.
                 let changed = self.objs.get(&k) != Some(&v);
-                self.relist.get_or_insert_with(BTreeSet::new).insert(k.clone());
-                self.objs.insert(k, v);
+                if changed {
+                    self.objs.insert(k.clone(), v);
+                }
+                self.relist.get_or_insert_with(BTreeSet::new).insert(k);
                 changed
             }
             Event::InitDone => {
@@ -206,12 +224,12 @@ impl Stores {
         self.slices.iter().flat_map(Map::values)
     }
 
-    fn pod_labels(&self, ns: &str, name: &str) -> Option<&BTreeMap<String, String>> {
+    fn pod_labels(&self, ns: &str, name: &str) -> Option<&[(Box<str>, Box<str>)]> {
         let key = (ns.to_string(), name.to_string());
         self.pods
             .iter()
             .find_map(|m| m.objs.get(&key))
-            .map(|p| &p.labels)
+            .map(|p| &*p.labels)
     }
 
     /// Whether pod `ns/name` is being deleted (it has a deletionTimestamp).
@@ -250,9 +268,13 @@ impl Stores {
 /// What discovery keeps of a pod: its labels (without
 /// [`NOISY_POD_LABELS`]), and whether it is being deleted (a terminating
 /// gateway pod leaves the mirrors at once).
+///
+/// The labels are a boxed slice, not a map: a map's smallest node is
+/// about 600 bytes, ten times a pod's few labels, and 10,000 pods would
+/// spend megabytes on empty slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodMeta {
-    labels: BTreeMap<String, String>,
+    labels: Box<[(Box<str>, Box<str>)]>,
     deleting: bool,
 }
 
@@ -260,8 +282,14 @@ impl PodMeta {
     /// What is kept of a pod's metadata; the rest (annotations,
     /// managedFields, ownerReferences) is dropped on arrival.
     fn of(p: PartialObjectMeta<Pod>) -> Self {
-        let mut labels = p.metadata.labels.unwrap_or_default();
-        labels.retain(|k, _| !NOISY_POD_LABELS.contains(&k.as_str()));
+        let labels = p
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !NOISY_POD_LABELS.contains(&k.as_str()))
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
         PodMeta {
             deleting: p.metadata.deletion_timestamp.is_some(),
             labels,
@@ -270,12 +298,16 @@ impl PodMeta {
 }
 
 /// Whether an object is one of the mirror controller's own (labelled
-/// [`MIRROR_OF_LABEL`]): those are kept nearly whole, since the controller
+/// [`MIRROR_OF_LABEL`], or managed by it: `crate::mirror::MANAGED_BY`,
+/// `SLICE_MANAGED_BY`): those are kept nearly whole, since the controller
 /// compares and replaces them.
 fn is_ours(meta: &ObjectMeta) -> bool {
-    meta.labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(MIRROR_OF_LABEL))
+    meta.labels.as_ref().is_some_and(|l| {
+        l.contains_key(MIRROR_OF_LABEL)
+            || l.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("meshfed-gateway")
+            || l.get("endpointslice.kubernetes.io/managed-by").map(String::as_str)
+                == Some("meshfed.io/mirror")
+    })
 }
 
 /// What is kept of a Service, converted on arrival so that the cache holds
@@ -632,6 +664,11 @@ pub async fn watch(
             () = tokio::time::sleep_until(wake) => {}
         }
     };
+    // The stores' version the published set is computed from (read before
+    // it is): a wake-up with nothing new (the sync's own notifications)
+    // computes nothing, as each computation holds a second set of tens of
+    // MB in a large cluster.
+    let mut published = *shared.version.borrow();
     let (first, first_ports, first_exports) = match restored {
         Some(r) => (r.endpoints, r.ports, r.exports.unwrap_or_default()),
         None => {
@@ -672,6 +709,11 @@ pub async fn watch(
             if was_synced {
                 publisher.changed.notified().await;
                 tokio::time::sleep(DEBOUNCE).await;
+                let now = *publisher.version.borrow();
+                if now == published {
+                    continue;
+                }
+                published = now;
             } else {
                 // Serving a persisted set: nothing is published until
                 // every kind is listed (a partial set would drop services).
@@ -679,6 +721,7 @@ pub async fn watch(
                 let _ = v.wait_for(|_| publisher.with(Stores::synced)).await;
                 tracing::info!("Kubernetes discovery synced; the persisted endpoint set is replaced");
                 was_synced = true;
+                published = *publisher.version.borrow();
             }
             if tx.is_closed() {
                 return;
@@ -956,7 +999,7 @@ pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
                         && let Some(pl) = s.pod_labels(tr.namespace.as_deref().unwrap_or(&ns), pod)
                     {
                         // Noisy labels were dropped on arrival.
-                        labels.extend(pl.iter().map(|(k, v)| (k.clone(), v.clone())));
+                        labels.extend(pl.iter().map(|(k, v)| (k.to_string(), v.to_string())));
                     }
                     if let Some(zone) = &e.zone {
                         labels.insert(ZONE_LABEL.into(), zone.clone());

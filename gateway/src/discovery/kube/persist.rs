@@ -277,7 +277,10 @@ mod tests {
         assert!(matches!(bad(&good[..good.len() / 2]), Err(PersistError::Invalid { .. })));
         // An endpoint of another cluster; a host outside the domain.
         assert!(matches!(
-            bad(&good.replace("\"west\"}", "\"east\"}")),
+            bad(&good.replace(
+                "\"topology.istio.io/cluster\":\"west\"",
+                "\"topology.istio.io/cluster\":\"east\"",
+            )),
             Err(PersistError::Invalid { .. })
         ));
         assert!(matches!(

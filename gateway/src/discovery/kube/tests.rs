@@ -335,3 +335,18 @@ fn slim_objects_keep_only_what_is_read() {
         service_ports(&slimmed, "cluster.local")
     );
 }
+
+/// The mirror controller's objects are recognised by the labels it writes
+/// (the strings here are the controller's constants).
+#[test]
+fn the_mirror_controllers_objects_are_kept_whole() {
+    use crate::mirror::{MANAGED_BY, MANAGER, SLICE_MANAGED_BY, SLICE_MANAGER};
+    for (k, v) in [(MANAGED_BY, MANAGER), (SLICE_MANAGED_BY, SLICE_MANAGER)] {
+        let meta = ObjectMeta {
+            labels: Some(BTreeMap::from([(k.to_string(), v.to_string())])),
+            ..Default::default()
+        };
+        assert!(is_ours(&meta), "{k}={v}");
+    }
+    assert!(!is_ours(&ObjectMeta::default()));
+}
