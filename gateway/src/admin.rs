@@ -160,7 +160,9 @@ pub fn serve_early(listener: TcpListener, header_timeout: std::time::Duration) -
                 let svc = service_fn(|req: Request<Incoming>| async move {
                     let mut resp = match req.uri().path() {
                         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
-                        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n", "text/plain"),
+                        "/readyz" => {
+                            text(StatusCode::SERVICE_UNAVAILABLE, "starting\n", "text/plain")
+                        }
                         _ => text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "starting; only /healthz and /readyz answer until the gateway has started\n",
@@ -169,8 +171,10 @@ pub fn serve_early(listener: TcpListener, header_timeout: std::time::Duration) -
                     };
                     // One answer per connection: a kept-alive one must not
                     // go on saying `starting` once the gateway serves.
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                    resp.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
                     Ok::<_, Infallible>(resp)
                 });
                 let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -120,7 +120,14 @@ async fn health_answers_while_the_api_server_is_down_and_the_gateway_waits_for_i
     let (r1, _t1) = http_backend("r1").await;
     let mut kube = FakeKube::start().await;
     kube.apply(service("default", "ratings", 9080));
-    kube.apply(slice("default", "ratings", "ratings-a", r1, true, "ratings-1"));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     kube.write_kubeconfig(&kubeconfig);
@@ -132,12 +139,14 @@ async fn health_answers_while_the_api_server_is_down_and_the_gateway_waits_for_i
     let log_path = log.clone();
 
     let mut child = tokio::task::spawn_blocking(move || {
-        eventually("/healthz answers 200", Duration::from_secs(10), || {
-            match http_get(admin, "/healthz") {
+        eventually(
+            "/healthz answers 200",
+            Duration::from_secs(10),
+            || match http_get(admin, "/healthz") {
                 Ok((200, _)) => Ok(()),
                 r => Err(format!("{r:?}")),
-            }
-        });
+            },
+        );
         // Past the first-list timeout: still running, healthy, not ready.
         eventually(
             "the gateway to warn that the first list has not completed",
@@ -165,12 +174,14 @@ async fn health_answers_while_the_api_server_is_down_and_the_gateway_waits_for_i
 
     kube.start_again().await;
     let ready = tokio::task::spawn_blocking(move || {
-        eventually("/readyz answers 200", Duration::from_secs(20), || {
-            match http_get(admin, "/readyz") {
+        eventually(
+            "/readyz answers 200",
+            Duration::from_secs(20),
+            || match http_get(admin, "/readyz") {
                 Ok((200, _)) => Ok(()),
                 r => Err(format!("{r:?}")),
-            }
-        });
+            },
+        );
         let ready: std::collections::BTreeMap<String, SocketAddr> = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("unready.ready")).unwrap(),
         )
@@ -189,7 +200,10 @@ async fn health_answers_while_the_api_server_is_down_and_the_gateway_waits_for_i
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(ok, 10, "ratings not served once the API server answered:\n{text}");
+    assert_eq!(
+        ok, 10,
+        "ratings not served once the API server answered:\n{text}"
+    );
 }
 
 /// A gateway restarted (a new container: an OOM kill, a node drain onto a
@@ -202,7 +216,14 @@ async fn a_gateway_restarted_during_an_api_outage_serves_the_persisted_endpoints
     let (r2, _t2) = http_backend("r2").await;
     let mut kube = FakeKube::start().await;
     kube.apply(service("default", "ratings", 9080));
-    kube.apply(slice("default", "ratings", "ratings-a", r1, true, "ratings-1"));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     kube.write_kubeconfig(&kubeconfig);
@@ -215,20 +236,21 @@ async fn a_gateway_restarted_during_an_api_outage_serves_the_persisted_endpoints
         "--state-dir".into(),
         state.display().to_string(),
     ];
-    let start = |spec: GatewaySpec| {
-        tokio::task::spawn_blocking(move || GatewayProcess::start(&spec))
-    };
+    let start =
+        |spec: GatewaySpec| tokio::task::spawn_blocking(move || GatewayProcess::start(&spec));
     let gw = start(spec.clone()).await.unwrap();
     wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
     let file = state.join("kube-endpoints.json");
     let f2 = file.clone();
     tokio::task::spawn_blocking(move || {
-        eventually("the endpoint set persisted", Duration::from_secs(10), || {
-            match std::fs::read_to_string(&f2) {
+        eventually(
+            "the endpoint set persisted",
+            Duration::from_secs(10),
+            || match std::fs::read_to_string(&f2) {
                 Ok(t) if t.contains(&r1.to_string()) => Ok(()),
                 r => Err(format!("{r:?}")),
-            }
-        })
+            },
+        )
     })
     .await
     .unwrap();
@@ -245,7 +267,14 @@ async fn a_gateway_restarted_during_an_api_outage_serves_the_persisted_endpoints
     );
 
     // A change made during the outage arrives once the API server is back.
-    kube.apply(slice("default", "ratings", "ratings-b", r2, true, "ratings-2"));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-b",
+        r2,
+        true,
+        "ratings-2",
+    ));
     kube.delete(Kind::EndpointSlice, "default", "ratings-a");
     kube.start_again().await;
     wait_served(gw.outbound, RATINGS, &["r2"], &gw).await;
@@ -333,7 +362,14 @@ async fn serial_ten_thousand_pods_and_two_thousand_services_fit_the_memory_limit
     let (r2, _t2) = http_backend("r2").await;
     let kube = FakeKube::start().await;
     kube.apply(service("default", "ratings", 9080));
-    kube.apply(slice("default", "ratings", "ratings-a", r1, true, "ratings-1"));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
     for n in 0..NAMESPACES {
         let ns = format!("team-{n}");
         for s in 0..SERVICES_PER_NS {
@@ -343,7 +379,12 @@ async fn serial_ten_thousand_pods_and_two_thousand_services_fit_the_memory_limit
             for p in 0..PODS_PER_SERVICE {
                 let pod = format!("{svc}-7d9f8b6c5-{p:05}");
                 let ip = format!("10.{}.{}.{}", 100 + n, s, p + 1);
-                kube.apply(big_pod(&ns, &pod, &svc, if p % 2 == 0 { "v1" } else { "v2" }));
+                kube.apply(big_pod(
+                    &ns,
+                    &pod,
+                    &svc,
+                    if p % 2 == 0 { "v1" } else { "v2" },
+                ));
                 pods.push((pod, ip));
             }
             kube.apply(big_slice(&ns, &svc, &pods));
@@ -351,7 +392,10 @@ async fn serial_ten_thousand_pods_and_two_thousand_services_fit_the_memory_limit
     }
     let pods = kube.list(Kind::Pod).len();
     let services = kube.list(Kind::Service).len();
-    assert!(pods >= 10_000 && services >= 2_000, "{pods} pods, {services} services");
+    assert!(
+        pods >= 10_000 && services >= 2_000,
+        "{pods} pods, {services} services"
+    );
 
     let dir: TempDir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -386,7 +430,14 @@ async fn serial_ten_thousand_pods_and_two_thousand_services_fit_the_memory_limit
         .collect();
     kube.expire_watches();
     // Only the relist can deliver this.
-    kube.apply(slice("default", "ratings", "ratings-b", r2, true, "ratings-2"));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-b",
+        r2,
+        true,
+        "ratings-2",
+    ));
     let deadline = tokio::time::Instant::now() + meshfed_tests::patient(Duration::from_secs(30));
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 2 {
@@ -411,27 +462,31 @@ async fn serial_ten_thousand_pods_and_two_thousand_services_fit_the_memory_limit
     let kube = std::sync::Arc::new(kube);
     let k2 = kube.clone();
     tokio::task::spawn_blocking(move || {
-        eventually("every kind relisted, every page", Duration::from_secs(60), || {
-            let now: Vec<u64> = [Kind::Service, Kind::EndpointSlice, Kind::Pod]
-                .iter()
-                .map(|k| k2.pages(*k))
-                .collect();
-            let wanted = [
-                (services / 500 + 1) as u64,
-                (services / 500 + 1) as u64,
-                (pods / 500) as u64,
-            ];
-            if now
-                .iter()
-                .zip(&pages_before)
-                .zip(wanted)
-                .all(|((n, b), w)| n - b >= w)
-            {
-                Ok(())
-            } else {
-                Err(format!("pages {now:?}, before {pages_before:?}"))
-            }
-        })
+        eventually(
+            "every kind relisted, every page",
+            Duration::from_secs(60),
+            || {
+                let now: Vec<u64> = [Kind::Service, Kind::EndpointSlice, Kind::Pod]
+                    .iter()
+                    .map(|k| k2.pages(*k))
+                    .collect();
+                let wanted = [
+                    (services / 500 + 1) as u64,
+                    (services / 500 + 1) as u64,
+                    (pods / 500) as u64,
+                ];
+                if now
+                    .iter()
+                    .zip(&pages_before)
+                    .zip(wanted)
+                    .all(|((n, b), w)| n - b >= w)
+                {
+                    Ok(())
+                } else {
+                    Err(format!("pages {now:?}, before {pages_before:?}"))
+                }
+            },
+        )
     })
     .await
     .unwrap();

@@ -305,7 +305,8 @@ fn is_ours(meta: &ObjectMeta) -> bool {
     meta.labels.as_ref().is_some_and(|l| {
         l.contains_key(MIRROR_OF_LABEL)
             || l.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("meshfed-gateway")
-            || l.get("endpointslice.kubernetes.io/managed-by").map(String::as_str)
+            || l.get("endpointslice.kubernetes.io/managed-by")
+                .map(String::as_str)
                 == Some("meshfed.io/mirror")
     })
 }
@@ -719,7 +720,9 @@ pub async fn watch(
                 // every kind is listed (a partial set would drop services).
                 let mut v = publisher.subscribe();
                 let _ = v.wait_for(|_| publisher.with(Stores::synced)).await;
-                tracing::info!("Kubernetes discovery synced; the persisted endpoint set is replaced");
+                tracing::info!(
+                    "Kubernetes discovery synced; the persisted endpoint set is replaced"
+                );
                 was_synced = true;
                 published = *publisher.version.borrow();
             }

@@ -51,7 +51,9 @@ pub enum PersistError {
     TooLargeToWrite { path: PathBuf, size: usize },
     #[error("{path} is larger than {MAX_BYTES} bytes; ignored")]
     TooLargeToRead { path: PathBuf },
-    #[error("{path} is not a persisted endpoint set: {reason}; ignored (delete it, or let the gateway overwrite it once the API server answers)")]
+    #[error(
+        "{path} is not a persisted endpoint set: {reason}; ignored (delete it, or let the gateway overwrite it once the API server answers)"
+    )]
     Invalid { path: PathBuf, reason: String },
 }
 
@@ -190,7 +192,9 @@ pub fn load(dir: &Path, cluster: &str, domain: &str) -> Result<Option<Restored>,
         .chain(saved.exports.iter().flatten())
         .find(|h| !service_host(h))
     {
-        return Err(invalid(format!("`{h}` is not a Service host `NAME.NS{suffix}`")));
+        return Err(invalid(format!(
+            "`{h}` is not a Service host `NAME.NS{suffix}`"
+        )));
     }
     let mut endpoints = EndpointSet::new();
     for (host, eps) in saved.services {
@@ -271,10 +275,21 @@ mod tests {
             std::fs::write(path(dir.path()), text).unwrap();
             load(dir.path(), "west", "cluster.local")
         };
-        save(dir.path(), "west", "cluster.local", &set(), &ServicePorts::new(), None).unwrap();
+        save(
+            dir.path(),
+            "west",
+            "cluster.local",
+            &set(),
+            &ServicePorts::new(),
+            None,
+        )
+        .unwrap();
         let good = std::fs::read_to_string(path(dir.path())).unwrap();
         // Truncated (a torn write cannot happen, a damaged disk can).
-        assert!(matches!(bad(&good[..good.len() / 2]), Err(PersistError::Invalid { .. })));
+        assert!(matches!(
+            bad(&good[..good.len() / 2]),
+            Err(PersistError::Invalid { .. })
+        ));
         // An endpoint of another cluster; a host outside the domain.
         assert!(matches!(
             bad(&good.replace(
@@ -293,9 +308,20 @@ mod tests {
         ));
         // Past the size bound, unread.
         let huge = " ".repeat(MAX_BYTES as usize + 1);
-        assert!(matches!(bad(&huge), Err(PersistError::TooLargeToRead { .. })));
+        assert!(matches!(
+            bad(&huge),
+            Err(PersistError::TooLargeToRead { .. })
+        ));
         // Too large to write: refused, the last good file kept.
-        save(dir.path(), "west", "cluster.local", &set(), &ServicePorts::new(), None).unwrap();
+        save(
+            dir.path(),
+            "west",
+            "cluster.local",
+            &set(),
+            &ServicePorts::new(),
+            None,
+        )
+        .unwrap();
         let mut big = EndpointSet::new();
         for i in 0..200_000u32 {
             big.insert(
@@ -304,11 +330,21 @@ mod tests {
             );
         }
         assert!(matches!(
-            save(dir.path(), "west", "cluster.local", &big, &ServicePorts::new(), None),
+            save(
+                dir.path(),
+                "west",
+                "cluster.local",
+                &big,
+                &ServicePorts::new(),
+                None
+            ),
             Err(PersistError::TooLargeToWrite { .. })
         ));
         assert_eq!(
-            load(dir.path(), "west", "cluster.local").unwrap().unwrap().endpoints,
+            load(dir.path(), "west", "cluster.local")
+                .unwrap()
+                .unwrap()
+                .endpoints,
             set()
         );
     }

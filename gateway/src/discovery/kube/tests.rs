@@ -56,10 +56,8 @@ fn stores(
             "metadata": {"name": name, "namespace": "default", "labels": l}
         }))
         .unwrap();
-        m.objs.insert(
-            ("default".to_string(), name.to_string()),
-            PodMeta::of(meta),
-        );
+        m.objs
+            .insert(("default".to_string(), name.to_string()), PodMeta::of(meta));
     }
     s.pods.push(m);
     s
@@ -266,7 +264,10 @@ fn slim_objects_keep_only_what_is_read() {
         (Some("http"), 9080, Some("TCP"))
     );
     assert_eq!(p.app_protocol.as_deref(), Some("http"));
-    assert_eq!(slim.spec.as_ref().unwrap().type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(
+        slim.spec.as_ref().unwrap().type_.as_deref(),
+        Some("ClusterIP")
+    );
 
     // A mirror keeps what the controller compares and replaces.
     let mut mirror = svc.clone();
@@ -280,7 +281,10 @@ fn slim_objects_keep_only_what_is_read() {
     assert_eq!(m.metadata.resource_version.as_deref(), Some("7"));
     assert_eq!(m.metadata.uid.as_deref(), Some("u-1"));
     assert!(m.metadata.annotations.is_some());
-    assert_eq!(m.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.0.1"));
+    assert_eq!(
+        m.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.0.1")
+    );
 
     let sl: EndpointSlice = serde_json::from_value(json!({
         "metadata": fat_meta(json!({"kubernetes.io/service-name": "ratings",
