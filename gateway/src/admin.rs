@@ -2,12 +2,17 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 once listening with a snapshot applied (from the policy dir, the syncer or the state dir); 503 `draining` from SIGTERM on, through the drain grace while every listener still serves ([`Readiness`]) |
+//! | `/healthz` | 200 while the process runs, from its first moments ([`serve_early`]) |
+//! | `/readyz` | 200 once listening with a snapshot applied and discovery's first endpoint set (Kubernetes: listed, or persisted) (from the policy dir, the syncer or the state dir); 503 `draining` from SIGTERM on, through the drain grace while every listener still serves ([`Readiness`]) |
 //! | `/metrics` | Prometheus text ([`crate::metrics`]) |
 //! | `/config_dump` | the applied snapshot, as JSON, with where it came from, the local endpoints and current outlier ejections |
 //! | `/peers` | every link: state, RTT, loss (ratio over 30 s, random-loss verdict: `tunnel::loss`), streams, announcements |
 //! | `/mirror/view` | what the mirror controller (`meshfed-gateway mirror`) makes mirror Services from: exports, announced ports, the applied snapshot ([`crate::mirror::view`]); 503 until a snapshot is applied |
+//!
+//! It binds first, before certificates, the snapshot and discovery are
+//! loaded: until the gateway's state exists, [`serve_early`] answers
+//! `/healthz` (200) and `/readyz` (503 `starting`), so a liveness probe
+//! never kills a gateway that is waiting for its API server.
 //!
 //! It keeps answering while the outbound listener is saturated: it holds
 //! at most [`ADMIN_MAX_CONNECTIONS`] connections of its own (more are reset
@@ -118,6 +123,73 @@ pub async fn serve(
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
+}
+
+/// The admin listener while the gateway starts: probes only.
+#[derive(Debug)]
+pub struct Early {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<TcpListener>,
+}
+
+impl Early {
+    /// Stops answering on behalf of the gateway and hands the listener back
+    /// for [`serve`] (connections already accepted finish as they are).
+    pub async fn into_listener(self) -> std::io::Result<TcpListener> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(std::io::Error::other)
+    }
+}
+
+/// Answers probes on `listener` until [`Early::into_listener`]: `/healthz`
+/// 200 `ok`, `/readyz` 503 `starting`, anything else 503 (nothing else
+/// exists yet; no credentials are needed since nothing is disclosed).
+pub fn serve_early(listener: TcpListener, header_timeout: std::time::Duration) -> Early {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let task = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut stopped => return listener,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            // Over the limit: the connection is dropped (as `serve` does).
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _permit = permit;
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let mut resp = match req.uri().path() {
+                        "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
+                        "/readyz" => {
+                            text(StatusCode::SERVICE_UNAVAILABLE, "starting\n", "text/plain")
+                        }
+                        _ => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "starting; only /healthz and /readyz answer until the gateway has started\n",
+                            "text/plain",
+                        ),
+                    };
+                    // One answer per connection: a kept-alive one must not
+                    // go on saying `starting` once the gateway serves.
+                    resp.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
+                    Ok::<_, Infallible>(resp)
+                });
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Early { stop, task }
 }
 
 fn text(

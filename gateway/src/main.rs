@@ -116,13 +116,10 @@ struct Cli {
 
     /// Syncer mode: keep the last applied snapshot here (written atomically
     /// before each ACK) and start from it, so the gateway serves even when
-    /// the syncer is unreachable at start.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MESHFED_STATE_DIR",
-        requires = "syncer"
-    )]
+    /// the syncer is unreachable at start. Kubernetes discovery: keep the
+    /// last endpoint set here too, and serve it when the API server cannot
+    /// be listed at start (docs/kubernetes.md).
+    #[arg(long, value_name = "DIR", env = "MESHFED_STATE_DIR")]
     state_dir: Option<PathBuf>,
 
     /// Static discovery: a YAML file of this cluster's services and endpoints
@@ -293,6 +290,14 @@ struct Cli {
     #[arg(long, value_enum, value_name = "CC", env = "MESHFED_CONGESTION_CONTROL",
           default_value_t = CongestionControl::Cubic)]
     congestion_control: CongestionControl,
+
+    /// How long Kubernetes discovery's first list may take before the
+    /// endpoint set persisted in --state-dir serves instead (and a warning
+    /// repeats). Hidden: the default, 30s, is the one documented; tests
+    /// shorten it.
+    #[arg(long, value_name = "DURATION", env = "MESHFED_KUBE_SYNC_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration, hide = true)]
+    kube_sync_timeout: Duration,
 
     /// The sliding window over which each link's loss ratio and random-loss
     /// verdict are computed (/peers, meshfed_peer_loss_ratio,
@@ -699,6 +704,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let kube_wanted = cli.kubernetes || cli.kubeconfig.is_some();
+    if cli.state_dir.is_some() && cli.syncer.is_none() && !kube_wanted {
+        eprintln!(
+            "meshfed-gateway: --state-dir keeps what the syncer (--syncer) or Kubernetes discovery (--kubernetes, --kubeconfig) sent last; add one of them, or drop --state-dir"
+        );
+        return ExitCode::from(2);
+    }
     if !kube_wanted
         && (!cli.kube_namespace.is_empty()
             || cli.kube_service_exports
@@ -716,6 +727,8 @@ fn main() -> ExitCode {
         service_exports: cli.kube_service_exports,
         mirror_target: cli.mirror_services,
         mirror_ports: cli.mirror_ports,
+        state_dir: cli.state_dir.clone(),
+        sync_timeout: Some(cli.kube_sync_timeout),
     });
     let worker_threads = cli.worker_threads;
     let cfg = RunConfig {

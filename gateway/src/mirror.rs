@@ -67,7 +67,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 pub use crate::discovery::kube::MIRROR_OF_LABEL;
-use crate::discovery::kube::{KubeDiscovery, SERVICE_NAME_LABEL, Shared};
+use crate::discovery::kube::{KubeDiscovery, SERVICE_NAME_LABEL, Shared, Stores};
 use crate::route::mirror_names::CLUSTERSET;
 use crate::state::Gateway;
 use crate::wire::announce::ServicePort;
@@ -566,7 +566,9 @@ pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings
         loop {
             if let Some(view) = GatewayView::of(&state, settings.outbound_port) {
                 memory.saw(&view);
-                if *leader.borrow_and_update() {
+                // Not on partial stores (a gateway serving a persisted
+                // endpoint set while the watchers have not listed yet).
+                if *leader.borrow_and_update() && shared.with(Stores::synced) {
                     reconcile(&view, &client, &shared, &settings, &mut memory).await;
                 }
             }

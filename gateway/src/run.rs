@@ -1,11 +1,15 @@
 //! Starting and stopping a gateway: bootstrap, listeners, reloads, drain.
 //!
-//! Order: credentials (refuse to start on a bad or mismatched certificate,
+//! Order: the admin listener, answering `/healthz` (and `/readyz` 503
+//! `starting`) from the first moment ([`admin::serve_early`]); credentials
+//! (refuse to start on a bad or mismatched certificate,
 //! or one that is not a gateway's),
 //! the first snapshot (file mode: refuse to start on invalid policy; syncer
 //! mode: the state directory's, if any, else none and not ready until the
-//! syncer sends one), discovery, then
-//! the QUIC endpoint, the outbound listener and the admin server; then the
+//! syncer sends one), discovery (Kubernetes: its first list, or the endpoint
+//! set persisted in the state directory when the API server cannot be
+//! listed; without one it waits, not ready, as long as the outage lasts),
+//! then the QUIC endpoint, the outbound listener and the admin server; then the
 //! ready file, and readiness. On SIGTERM or SIGINT: not ready at once
 //! (`/readyz` answers 503 `draining`), but every listener (the outbound
 //! listener, each port mapping, the tunnel) keeps accepting and serving for
@@ -199,6 +203,13 @@ fn tls(
 /// Runs a gateway until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     crate::identity::install_crypto_provider();
+    // Health first: `/healthz` answers (and `/readyz` says `starting`)
+    // while certificates, the snapshot and discovery load, which can take
+    // as long as the API server's first list.
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin server on TCP {}", cfg.admin_addr))?;
+    let early_admin = admin::serve_early(admin_listener, cfg.header_timeout);
     let creds = Credentials::load(&cfg.tls_dir)
         .with_context(|| format!("loading certificates from {}", cfg.tls_dir.display()))?;
     if creds.cluster != cfg.cluster {
@@ -274,7 +285,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "ServiceEntry endpoint does not resolve at startup; retrying");
     }
     let merged = crate::discovery::service_entry::merge(&discovered.borrow(), declared);
-    let (merged_tx, endpoints) = watch::channel(Arc::new(merged));
+    let (merged_tx, endpoints) = watch::channel(merged);
 
     let tunnel = Tunnel::bind(
         cfg.tunnel_addr,
@@ -350,9 +361,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let outbound = TcpListener::bind(cfg.outbound_addr)
         .await
         .with_context(|| format!("binding the outbound listener on TCP {}", cfg.outbound_addr))?;
-    let admin_listener = TcpListener::bind(cfg.admin_addr)
+    let admin_listener = early_admin
+        .into_listener()
         .await
-        .with_context(|| format!("binding the admin server on TCP {}", cfg.admin_addr))?;
+        .context("taking over the admin listener")?;
     let mut addrs = BTreeMap::from([
         ("tunnel".to_string(), tunnel.local_addr()?),
         ("outbound".to_string(), outbound.local_addr()?),

@@ -8,7 +8,12 @@
 //! loopback (the gateway reads it through a kubeconfig file the test writes,
 //! [`FakeKube::write_kubeconfig`]):
 //! - list (`GET /api/v1/services`, `.../namespaces/NS/endpointslices`...)
-//!   with a list `resourceVersion`;
+//!   with a list `resourceVersion`, paged as kube-apiserver pages: with
+//!   `limit=N` at most N items and a `continue` token for the rest, each
+//!   page from the same snapshot (the first page's `resourceVersion`); a
+//!   token older than the compacted history is `410 Expired`
+//!   ([`FakeKube::expire_watches`]). kube-runtime's watcher asks for pages
+//!   of 500, so a large cluster is never one response;
 //! - watch (`?watch=true&resourceVersion=N`): chunked JSON events, one per
 //!   line (`ADDED`, `MODIFIED`, `DELETED`), replaying history after `N`
 //!   then following changes; a version older than the compacted history is
@@ -29,7 +34,7 @@
 //! are checked once a test declares them ([`FakeKube::grant`]): a bearer
 //! token per user, read-only or read-write, with RBAC's `401` and `403`
 //! answers. Label selectors,
-//! field selectors, pagination, bookmarks, admission, defaulting (beyond a
+//! field selectors, bookmarks, admission, defaulting (beyond a
 //! ClusterIP for Services) and garbage collection are not implemented.
 //!
 //! A test changes objects with [`FakeKube::apply`] and [`FakeKube::delete`],
@@ -140,6 +145,13 @@ struct State {
     identities: Option<BTreeMap<String, (String, bool)>>,
     /// Writes refused by RBAC, by user.
     forbidden: BTreeMap<String, u64>,
+    /// Paged lists in progress, by token id: the snapshot's version and the
+    /// items not served yet.
+    pagers: BTreeMap<u64, (u64, Vec<Value>)>,
+    next_pager: u64,
+    /// Pages served, and the most items in one list response, per kind.
+    pages: BTreeMap<Kind, u64>,
+    largest_page: BTreeMap<Kind, usize>,
 }
 
 #[derive(Debug)]
@@ -305,6 +317,21 @@ impl FakeKube {
     /// How many lists of `kind` were served.
     pub fn lists(&self, kind: Kind) -> u64 {
         self.inner.lock().lists.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// How many list responses (pages) of `kind` were served.
+    pub fn pages(&self, kind: Kind) -> u64 {
+        self.inner.lock().pages.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// The most items of `kind` one list response carried.
+    pub fn largest_page(&self, kind: Kind) -> usize {
+        self.inner
+            .lock()
+            .largest_page
+            .get(&kind)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// How many watches of `kind` were opened.
@@ -629,22 +656,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<FakeBody>
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let mut s = inner.lock();
-            *s.lists.entry(kind).or_default() += 1;
-            let items: Vec<Value> = s
-                .objects
-                .iter()
-                .filter(|((k, n, _), _)| *k == kind && ns.as_ref().is_none_or(|ns| ns == n))
-                .map(|(_, v)| shape(v, metadata_only))
-                .collect();
-            let (_, _, api_version, kind_name) = kind.info();
-            let list = json!({
-                "apiVersion": if metadata_only { "meta.k8s.io/v1" } else { api_version },
-                "kind": if metadata_only { "PartialObjectMetadataList".to_string() } else { format!("{kind_name}List") },
-                "metadata": {"resourceVersion": s.rv.to_string()},
-                "items": items,
-            });
-            json_response(StatusCode::OK, &list)
+            list_page(&inner, kind, ns.as_deref(), &q, metadata_only)
         }
         (Method::GET, Some(name)) => {
             let ns = ns.unwrap_or_default();
@@ -795,6 +807,75 @@ fn authorize(
         "details": {"kind": plural}, "code": 403,
     });
     Some(json_response(StatusCode::FORBIDDEN, &body))
+}
+
+/// One page of a list: the first (a new snapshot of the objects) or the
+/// one a `continue` token names, at most `limit` items.
+fn list_page(
+    inner: &Inner,
+    kind: Kind,
+    ns: Option<&str>,
+    q: &BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Response<FakeBody> {
+    let mut s = inner.lock();
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
+    let (rv, mut items) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let pager = token
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| s.pagers.remove(&id));
+            match pager {
+                Some((rv, items)) if rv >= s.compacted => (rv, items),
+                _ => {
+                    drop(s);
+                    // kube-apiserver's answer to a token past compaction.
+                    return status(
+                        StatusCode::GONE,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    );
+                }
+            }
+        }
+        None => {
+            *s.lists.entry(kind).or_default() += 1;
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+                .map(|(_, v)| shape(v, metadata_only))
+                .collect();
+            (s.rv, items)
+        }
+    };
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(limit) = limit
+        && items.len() > limit
+    {
+        let rest = items.split_off(limit);
+        s.next_pager += 1;
+        let id = s.next_pager;
+        metadata["continue"] = json!(id.to_string());
+        metadata["remainingItemCount"] = json!(rest.len());
+        s.pagers.insert(id, (rv, rest));
+    }
+    *s.pages.entry(kind).or_default() += 1;
+    let largest = s.largest_page.entry(kind).or_default();
+    *largest = (*largest).max(items.len());
+    drop(s);
+    let (_, _, api_version, kind_name) = kind.info();
+    let list = json!({
+        "apiVersion": if metadata_only { "meta.k8s.io/v1" } else { api_version },
+        "kind": if metadata_only { "PartialObjectMetadataList".to_string() } else { format!("{kind_name}List") },
+        "metadata": metadata,
+        "items": items,
+    });
+    json_response(StatusCode::OK, &list)
 }
 
 /// What kube-apiserver answers a create in a namespace that does not exist

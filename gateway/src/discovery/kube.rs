@@ -29,11 +29,26 @@
 //! Resilience. Each watcher resumes from its last resourceVersion after a
 //! dropped connection or an API-server restart, relists on `410 Gone`, and
 //! backs off exponentially on errors (kube-runtime's default backoff, up to
-//! about 30 s). A relist never empties the set: the objects of a relist are
-//! buffered and replace the previous ones only when the relist completes
-//! (`InitDone`), so endpoints never drop to zero in between (the failure of
-//! istio#45992). While the API server is unreachable, the last known set
-//! keeps serving.
+//! about 30 s). A relist never empties the set: relisted objects replace
+//! the previous ones as they arrive, and those it did not list leave only
+//! when it completes (`InitDone`), so endpoints never drop to zero in
+//! between (the failure of istio#45992). While the API server is
+//! unreachable, the last known set keeps serving.
+//!
+//! Scale. Lists are paged (kube-runtime asks for 500 objects a page, as
+//! client-go). Every object is converted on arrival into what is read of it
+//! ([`slim_service`], [`slim_slice`], [`PodMeta`]): annotations,
+//! `managedFields`, node names, hints and the rest never reach the cache. A
+//! relist buffers only the keys it listed, never a second copy of the
+//! objects. 10,000 Pods and 2,000 Services fit the 128 MiB limit with room
+//! (tests/tests/kube_scale.rs).
+//!
+//! Start and outages. The first list of every kind is awaited without a
+//! deadline (the admin server already answers `/healthz`; `/readyz` waits):
+//! an API outage leaves the gateway waiting and warning every
+//! [`SYNC_TIMEOUT`], never exiting into a crash loop. With `--state-dir`
+//! each synced set is persisted ([`persist`]), and a gateway whose first
+//! list fails serves the persisted set until its watchers sync.
 //!
 //! It does not own routing, the mirror Services (see [`crate::mirror`],
 //! which reads the same stores), or other clusters' endpoints (peers
@@ -43,12 +58,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -66,8 +83,8 @@ pub const MIRROR_OF_LABEL: &str = "meshfed.io/mirror-of";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The zone label endpoints get from their slice.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// How long the first full list of every kind may take before the gateway
-/// refuses to start.
+/// How long the first full list of every kind may take before a persisted
+/// endpoint set is served instead (and a warning says what is missing).
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Changes arriving within this window are published together.
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -91,6 +108,13 @@ pub struct KubeSettings {
     pub mirror_target: Option<(String, String)>,
     /// Ports of mirror Services when no same-named local Service gives them.
     pub mirror_ports: Vec<u16>,
+    /// Where the last synced endpoint set is kept ([`persist`]), and read
+    /// from when the API server cannot be listed at start.
+    pub state_dir: Option<PathBuf>,
+    /// How long the first list may take before a persisted set is served
+    /// instead and a warning is logged (again each time this passes);
+    /// `None`: [`SYNC_TIMEOUT`].
+    pub sync_timeout: Option<Duration>,
 }
 
 /// Why Kubernetes discovery could not start.
@@ -109,23 +133,18 @@ pub enum KubeError {
     Infer(#[from] kube::config::InferConfigError),
     #[error("cannot build the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
-    #[error(
-        "the first list from the API server at {server} did not complete within {timeout:?} (still waiting for: {waiting}); last error: {last_error}. Check that the server is reachable and that the service account may list and watch services, endpointslices and pods (kubectl auth can-i watch endpointslices --as=system:serviceaccount:NS:SA)"
-    )]
-    Sync {
-        server: String,
-        timeout: Duration,
-        waiting: String,
-        last_error: String,
-    },
 }
 
-/// One watcher's objects.
+/// One watcher's objects, slim ([`slim_service`], [`slim_slice`],
+/// [`PodMeta`]).
 #[derive(Debug)]
 struct Map<T> {
     objs: BTreeMap<(String, String), T>,
-    /// Objects of a relist in progress; they replace `objs` at `InitDone`.
-    relist: Option<BTreeMap<(String, String), T>>,
+    /// The keys a relist in progress has listed so far: at `InitDone`, the
+    /// objects it did not list are removed. Only keys are buffered, never a
+    /// second copy of the objects: a relist of a large cluster must not
+    /// double the cache.
+    relist: Option<BTreeSet<(String, String)>>,
     synced: bool,
 }
 
@@ -141,20 +160,32 @@ impl<T> Default for Map<T> {
 
 impl<T: PartialEq> Map<T> {
     /// Applies one watcher event; whether the visible objects changed.
+    ///
+    /// A relist's objects replace the old ones as they arrive (each is at
+    /// least as new as the one it replaces), and the objects it did not
+    /// list leave only when it completes, so the set never drops to empty
+    /// in between.
     fn apply(&mut self, ev: Event<((String, String), T)>) -> bool {
         match ev {
             Event::Init => {
-                self.relist = Some(BTreeMap::new());
+                self.relist = Some(BTreeSet::new());
                 false
             }
             Event::InitApply((k, v)) => {
-                self.relist.get_or_insert_with(BTreeMap::new).insert(k, v);
-                false
+                // An unchanged object (most of a relist) keeps its copy.
+                let changed = self.objs.get(&k) != Some(&v);
+                if changed {
+                    self.objs.insert(k.clone(), v);
+                }
+                self.relist.get_or_insert_with(BTreeSet::new).insert(k);
+                changed
             }
             Event::InitDone => {
-                let fresh = self.relist.take().unwrap_or_default();
-                let changed = fresh != self.objs || !self.synced;
-                self.objs = fresh;
+                let before = self.objs.len();
+                if let Some(listed) = self.relist.take() {
+                    self.objs.retain(|k, _| listed.contains(k));
+                }
+                let changed = self.objs.len() != before || !self.synced;
                 self.synced = true;
                 changed
             }
@@ -193,12 +224,12 @@ impl Stores {
         self.slices.iter().flat_map(Map::values)
     }
 
-    fn pod_labels(&self, ns: &str, name: &str) -> Option<&BTreeMap<String, String>> {
+    fn pod_labels(&self, ns: &str, name: &str) -> Option<&[(Box<str>, Box<str>)]> {
         let key = (ns.to_string(), name.to_string());
         self.pods
             .iter()
             .find_map(|m| m.objs.get(&key))
-            .map(|p| &p.labels)
+            .map(|p| &*p.labels)
     }
 
     /// Whether pod `ns/name` is being deleted (it has a deletionTimestamp).
@@ -208,6 +239,12 @@ impl Stores {
             .iter()
             .find_map(|m| m.objs.get(&key))
             .is_some_and(|p| p.deleting)
+    }
+
+    /// Whether every watcher has listed its kind once: before that the
+    /// stores are partial (a writer must not act on them).
+    pub fn synced(&self) -> bool {
+        self.unsynced().is_empty()
     }
 
     fn unsynced(&self) -> Vec<&'static str> {
@@ -228,12 +265,164 @@ impl Stores {
     }
 }
 
-/// What discovery keeps of a pod: its labels, and whether it is being
-/// deleted (a terminating gateway pod leaves the mirrors at once).
+/// What discovery keeps of a pod: its labels (without
+/// [`NOISY_POD_LABELS`]), and whether it is being deleted (a terminating
+/// gateway pod leaves the mirrors at once).
+///
+/// The labels are a boxed slice, not a map: a map's smallest node is
+/// about 600 bytes, ten times a pod's few labels, and 10,000 pods would
+/// spend megabytes on empty slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodMeta {
-    labels: BTreeMap<String, String>,
+    labels: Box<[(Box<str>, Box<str>)]>,
     deleting: bool,
+}
+
+impl PodMeta {
+    /// What is kept of a pod's metadata; the rest (annotations,
+    /// managedFields, ownerReferences) is dropped on arrival.
+    fn of(p: PartialObjectMeta<Pod>) -> Self {
+        let labels = p
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !NOISY_POD_LABELS.contains(&k.as_str()))
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        PodMeta {
+            deleting: p.metadata.deletion_timestamp.is_some(),
+            labels,
+        }
+    }
+}
+
+/// Whether an object is one of the mirror controller's own (labelled
+/// [`MIRROR_OF_LABEL`], or managed by it: `crate::mirror::MANAGED_BY`,
+/// `SLICE_MANAGED_BY`): those are kept nearly whole, since the controller
+/// compares and replaces them.
+fn is_ours(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().is_some_and(|l| {
+        l.contains_key(MIRROR_OF_LABEL)
+            || l.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("meshfed-gateway")
+            || l.get("endpointslice.kubernetes.io/managed-by")
+                .map(String::as_str)
+                == Some("meshfed.io/mirror")
+    })
+}
+
+/// What is kept of a Service, converted on arrival so that the cache holds
+/// only what discovery and the mirror controller read: its name, namespace,
+/// type and ports (name, number, protocol, `appProtocol`). Annotations
+/// (`kubectl.kubernetes.io/last-applied-configuration` alone is the size of
+/// the object), `managedFields`, the rest of the spec and the status are
+/// dropped. A mirror Service ([`is_ours`]) keeps its metadata (but
+/// `managedFields`) and spec, which the controller compares and replaces.
+pub fn slim_service(svc: Service) -> Service {
+    let Service { metadata, spec, .. } = svc;
+    if is_ours(&metadata) {
+        return Service {
+            metadata: ObjectMeta {
+                managed_fields: None,
+                ..metadata
+            },
+            spec,
+            status: None,
+        };
+    }
+    let spec = spec.map(|sp| ServiceSpec {
+        type_: sp.type_,
+        ports: sp.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| k8s_openapi::api::core::v1::ServicePort {
+                    name: p.name,
+                    port: p.port,
+                    protocol: p.protocol,
+                    app_protocol: p.app_protocol,
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    });
+    Service {
+        metadata: ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// What is kept of an EndpointSlice, converted on arrival: its name,
+/// namespace and `kubernetes.io/service-name` label, address type, ports
+/// (name, number, protocol), and per endpoint the addresses, conditions,
+/// zone and the target pod (kind, name, namespace). Hostnames, node names,
+/// hints, the target's uid and resourceVersion, `managedFields` and other
+/// labels and annotations are dropped. A mirror's slice ([`is_ours`])
+/// keeps its metadata (but `managedFields`).
+pub fn slim_slice(sl: EndpointSlice) -> EndpointSlice {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointPort};
+    let EndpointSlice {
+        metadata,
+        address_type,
+        endpoints,
+        ports,
+    } = sl;
+    let ours = is_ours(&metadata);
+    let metadata = if ours {
+        ObjectMeta {
+            managed_fields: None,
+            ..metadata
+        }
+    } else {
+        let labels = metadata.labels.and_then(|mut l| {
+            let svc = l.remove(SERVICE_NAME_LABEL)?;
+            Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), svc)]))
+        });
+        ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            labels,
+            ..Default::default()
+        }
+    };
+    let endpoints = endpoints
+        .into_iter()
+        .map(|e| SliceEndpoint {
+            addresses: e.addresses,
+            conditions: e.conditions,
+            zone: e.zone,
+            target_ref: e.target_ref.map(|r| ObjectReference {
+                kind: r.kind,
+                name: r.name,
+                namespace: r.namespace,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let ports = ports.map(|ports| {
+        ports
+            .into_iter()
+            .map(|p| EndpointPort {
+                name: p.name,
+                port: p.port,
+                protocol: p.protocol,
+                app_protocol: if ours { p.app_protocol } else { None },
+            })
+            .collect()
+    });
+    EndpointSlice {
+        metadata,
+        address_type,
+        endpoints,
+        ports,
+    }
 }
 
 /// The watchers' shared state: the stores, a change signal, and the last
@@ -246,6 +435,10 @@ pub struct Shared {
     /// ([`crate::mirror`]).
     version: watch::Sender<u64>,
     last_error: Mutex<String>,
+    /// Watch errors so far, and a signal on each (the first list failing
+    /// lets a persisted set serve at once).
+    failures: AtomicU64,
+    failed: Notify,
 }
 
 impl Shared {
@@ -322,8 +515,12 @@ pub fn service_export_resource() -> ApiResource {
     )
 }
 
-/// Starts the watchers and waits (up to [`SYNC_TIMEOUT`]) until every kind
-/// has been listed once, so the gateway never starts with a partial set.
+/// Starts the watchers and waits until every kind has been listed once, so
+/// the gateway never starts with a partial set; or, with a set persisted in
+/// `settings.state_dir` ([`persist`]), until the first list fails or takes
+/// longer than the sync timeout, and then serves the persisted set until
+/// the watchers sync. Without a persisted set it waits as long as it takes,
+/// warning every sync timeout.
 pub async fn watch(
     settings: &KubeSettings,
     cluster: String,
@@ -335,6 +532,8 @@ pub async fn watch(
         changed: Notify::new(),
         version: watch::channel(0).0,
         last_error: Mutex::new("none yet".into()),
+        failures: AtomicU64::new(0),
+        failed: Notify::new(),
     });
     let mut namespaces: Vec<Option<String>> =
         settings.namespaces.iter().cloned().map(Some).collect();
@@ -365,26 +564,21 @@ pub async fn watch(
             format!("services in {label}"),
             watcher::watcher(services, watcher::Config::default()),
             move |s: &mut Stores| &mut s.services[i],
-            Some,
+            |svc| Some(slim_service(svc)),
         );
         spawn_follow(
             shared.clone(),
             format!("endpointslices in {label}"),
             watcher::watcher(slices, watcher::Config::default()),
             move |s: &mut Stores| &mut s.slices[i],
-            Some,
+            |sl| Some(slim_slice(sl)),
         );
         spawn_follow(
             shared.clone(),
             format!("pods in {label}"),
             watcher::watcher(pods, watcher::Config::default()),
             move |s: &mut Stores| &mut s.pods[i],
-            |p: PartialObjectMeta<Pod>| {
-                Some(PodMeta {
-                    deleting: p.metadata.deletion_timestamp.is_some(),
-                    labels: p.metadata.labels.unwrap_or_default(),
-                })
-            },
+            |p: PartialObjectMeta<Pod>| Some(PodMeta::of(p)),
         );
         if settings.service_exports {
             let ar = service_export_resource();
@@ -406,52 +600,132 @@ pub async fn watch(
         }
     }
 
-    // The first full list of every kind, within the deadline.
-    let mut version = shared.subscribe();
-    let synced = tokio::time::timeout(SYNC_TIMEOUT, async {
-        loop {
-            if shared.with(|s| s.unsynced().is_empty()) {
-                return;
-            }
-            if version.changed().await.is_err() {
-                return;
+    // The first full list of every kind. If it fails or is slow and a set
+    // from before a restart is kept, that set serves until the watchers
+    // sync; without one, the gateway waits (not ready, its health endpoint
+    // answering) and says why every `sync_timeout`: an API outage must not
+    // crash-loop it.
+    let restored = match &settings.state_dir {
+        Some(dir) => {
+            let (dir, c, d) = (dir.clone(), cluster.clone(), domain.clone());
+            match tokio::task::spawn_blocking(move || persist::load(&dir, &c, &d)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "persisted Kubernetes endpoint set unusable");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the persisted Kubernetes endpoint set failed");
+                    None
+                }
             }
         }
-    })
-    .await;
-    if synced.is_err() {
-        return Err(KubeError::Sync {
-            server: client_url(settings),
-            timeout: SYNC_TIMEOUT,
-            waiting: shared.with(|s| s.unsynced().join(", ")),
-            last_error: shared
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        });
-    }
-    let first = shared.with(|s| endpoint_set(s, &cluster, &domain));
-    tracing::info!(
-        services = first.len(),
-        endpoints = first.values().map(Vec::len).sum::<usize>(),
-        "Kubernetes discovery synced"
-    );
+        None => None,
+    };
+    let sync_timeout = settings.sync_timeout.unwrap_or(SYNC_TIMEOUT);
+    let mut version = shared.subscribe();
+    let started = tokio::time::Instant::now();
+    let mut next_warning = started + sync_timeout;
+    let restored = loop {
+        if shared.with(Stores::synced) {
+            break None;
+        }
+        let failed = shared.failures.load(Ordering::Relaxed) > 0;
+        let now = tokio::time::Instant::now();
+        if let Some(r) = &restored
+            && (failed || now >= started + sync_timeout)
+        {
+            tracing::warn!(
+                services = r.endpoints.len(),
+                endpoints = r.endpoints.values().map(Vec::len).sum::<usize>(),
+                saved_at = %humantime_since(r.saved_at),
+                waiting = %shared.with(|s| s.unsynced().join(", ")),
+                last_error = %shared.last_error(),
+                "the API server cannot be listed; serving the endpoint set persisted before the restart until the watchers sync"
+            );
+            break restored;
+        }
+        if now >= next_warning {
+            tracing::warn!(
+                server = %client_url(settings),
+                waited = ?now - started,
+                waiting = %shared.with(|s| s.unsynced().join(", ")),
+                last_error = %shared.last_error(),
+                "the first list from the API server has not completed; not ready until it does (no persisted endpoint set: --state-dir). Check that the server is reachable and that the service account may list and watch services, endpointslices and pods (kubectl auth can-i watch endpointslices --as=system:serviceaccount:NS:SA)"
+            );
+            next_warning = now + sync_timeout;
+        }
+        let wake = match &restored {
+            Some(_) => next_warning.min(started + sync_timeout),
+            None => next_warning,
+        };
+        tokio::select! {
+            r = version.changed() => if r.is_err() { break None },
+            () = shared.failed.notified() => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    };
+    // The stores' version the published set is computed from (read before
+    // it is): a wake-up with nothing new (the sync's own notifications)
+    // computes nothing, as each computation holds a second set of tens of
+    // MB in a large cluster.
+    let mut published = *shared.version.borrow();
+    let (first, first_ports, first_exports) = match restored {
+        Some(r) => (r.endpoints, r.ports, r.exports.unwrap_or_default()),
+        None => {
+            let first = shared.with(|s| endpoint_set(s, &cluster, &domain));
+            tracing::info!(
+                services = first.len(),
+                endpoints = first.values().map(Vec::len).sum::<usize>(),
+                "Kubernetes discovery synced"
+            );
+            let ports = shared.with(|s| self::service_ports(s, &domain));
+            let exports = shared.with(|s| export_hosts(s, &domain));
+            (first, ports, exports)
+        }
+    };
     let (tx, endpoints) = watch::channel(Arc::new(first));
-    let (ports_tx, service_ports) =
-        watch::channel(Arc::new(shared.with(|s| self::service_ports(s, &domain))));
+    let (ports_tx, service_ports) = watch::channel(Arc::new(first_ports));
     let (exports_tx, exports) = if settings.service_exports {
-        let set = shared.with(|s| export_hosts(s, &domain));
-        let (tx, rx) = watch::channel(Arc::new(set));
+        let (tx, rx) = watch::channel(Arc::new(first_exports));
         (Some(tx), Some(rx))
     } else {
         (None, None)
     };
+    if let Some(dir) = &settings.state_dir {
+        spawn_persister(
+            dir.clone(),
+            cluster.clone(),
+            domain.clone(),
+            endpoints.clone(),
+            service_ports.clone(),
+            exports.clone(),
+            shared.with(Stores::synced),
+        );
+    }
     let publisher = shared.clone();
     tokio::spawn(async move {
+        let mut was_synced = publisher.with(Stores::synced);
         loop {
-            publisher.changed.notified().await;
-            tokio::time::sleep(DEBOUNCE).await;
+            if was_synced {
+                publisher.changed.notified().await;
+                tokio::time::sleep(DEBOUNCE).await;
+                let now = *publisher.version.borrow();
+                if now == published {
+                    continue;
+                }
+                published = now;
+            } else {
+                // Serving a persisted set: nothing is published until
+                // every kind is listed (a partial set would drop services).
+                let mut v = publisher.subscribe();
+                let _ = v.wait_for(|_| publisher.with(Stores::synced)).await;
+                tracing::info!(
+                    "Kubernetes discovery synced; the persisted endpoint set is replaced"
+                );
+                was_synced = true;
+                published = *publisher.version.borrow();
+            }
             if tx.is_closed() {
                 return;
             }
@@ -504,6 +778,13 @@ fn client_url(settings: &KubeSettings) -> String {
 }
 
 impl Shared {
+    fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn with_mut<R>(&self, f: impl FnOnce(&mut Stores) -> R) -> R {
         f(&mut self.stores.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -553,6 +834,8 @@ fn spawn_follow<K, T, S, Sel, Conv>(
                         .last_error
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = msg;
+                    shared.failures.fetch_add(1, Ordering::Relaxed);
+                    shared.failed.notify_one();
                     continue;
                 }
             };
@@ -718,11 +1001,8 @@ pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
                         && let Some(pod) = tr.name.as_deref()
                         && let Some(pl) = s.pod_labels(tr.namespace.as_deref().unwrap_or(&ns), pod)
                     {
-                        for (k, v) in pl {
-                            if !NOISY_POD_LABELS.contains(&k.as_str()) {
-                                labels.insert(k.clone(), v.clone());
-                            }
-                        }
+                        // Noisy labels were dropped on arrival.
+                        labels.extend(pl.iter().map(|(k, v)| (k.to_string(), v.to_string())));
                     }
                     if let Some(zone) = &e.zone {
                         labels.insert(ZONE_LABEL.into(), zone.clone());
@@ -788,6 +1068,70 @@ impl State {
         }
     }
 }
+
+/// Writes each synced set to the state directory, at most once per
+/// [`persist::MIN_INTERVAL`] (the last change of a burst is always
+/// written). `synced`: whether the sets in the channels now are from the
+/// watchers (not the persisted one read at start, not rewritten).
+fn spawn_persister(
+    dir: PathBuf,
+    cluster: String,
+    domain: String,
+    mut endpoints: watch::Receiver<Arc<EndpointSet>>,
+    mut ports: watch::Receiver<Arc<ServicePorts>>,
+    mut exports: Option<watch::Receiver<Arc<BTreeSet<String>>>>,
+    synced: bool,
+) {
+    tokio::spawn(async move {
+        if !synced {
+            // The first publication is the first synced set.
+            if endpoints.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut reported = false;
+        loop {
+            let set = endpoints.borrow_and_update().clone();
+            let p = ports.borrow_and_update().clone();
+            let e = exports.as_mut().map(|e| e.borrow_and_update().clone());
+            let (d, c, dn) = (dir.clone(), cluster.clone(), domain.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                persist::save(&d, &c, &dn, &set, &p, e.as_deref())
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => reported = false,
+                Ok(Err(e)) if !reported => {
+                    tracing::warn!(error = %e, "cannot persist the Kubernetes endpoint set");
+                    reported = true;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(persist::MIN_INTERVAL).await;
+            let exports_changed = async {
+                match exports.as_mut() {
+                    Some(e) => e.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = endpoints.changed() => if r.is_err() { return },
+                r = ports.changed() => if r.is_err() { return },
+                r = exports_changed => if r.is_err() { return },
+            }
+        }
+    });
+}
+
+/// How long ago `t` was, for a log line.
+fn humantime_since(t: std::time::SystemTime) -> String {
+    match t.elapsed() {
+        Ok(d) => format!("{}s ago", d.as_secs()),
+        Err(_) => "in the future (clock skew)".into(),
+    }
+}
+
+pub mod persist;
 
 #[cfg(test)]
 mod tests;

@@ -162,16 +162,17 @@ pub fn for_port(e: &Endpoint, port: u16) -> bool {
 }
 
 /// `discovered` with `entries` added (a host both discovered and declared
-/// gets both endpoint lists).
-pub fn merge(discovered: &EndpointSet, entries: EndpointSet) -> EndpointSet {
+/// gets both endpoint lists). Without entries it is `discovered` itself,
+/// shared, not a copy: a large cluster's set is tens of MB.
+pub fn merge(discovered: &Arc<EndpointSet>, entries: EndpointSet) -> Arc<EndpointSet> {
     if entries.is_empty() {
         return discovered.clone();
     }
-    let mut merged = discovered.clone();
+    let mut merged = (**discovered).clone();
     for (host, eps) in entries {
         merged.entry(host).or_default().extend(eps);
     }
-    merged
+    Arc::new(merged)
 }
 
 /// Publishes discovery's endpoints merged with the active snapshot's
@@ -205,10 +206,10 @@ pub fn spawn(
             reported = errors;
             let merged = merge(&discovered.borrow_and_update(), entries);
             tx.send_if_modified(|cur| {
-                if **cur == merged {
+                if Arc::ptr_eq(cur, &merged) || **cur == *merged {
                     false
                 } else {
-                    *cur = Arc::new(merged);
+                    *cur = merged;
                     true
                 }
             });
@@ -385,7 +386,10 @@ mod tests {
             labels: BTreeMap::new(),
             healthy: true,
         };
-        let discovered = EndpointSet::from([("a".to_string(), vec![ep("10.0.0.1:1")])]);
+        let discovered = Arc::new(EndpointSet::from([(
+            "a".to_string(),
+            vec![ep("10.0.0.1:1")],
+        )]));
         let declared = EndpointSet::from([
             ("a".to_string(), vec![ep("10.0.0.2:1")]),
             ("b".to_string(), vec![ep("10.0.0.3:1")]),
@@ -393,6 +397,9 @@ mod tests {
         let m = merge(&discovered, declared);
         assert_eq!(m["a"].len(), 2);
         assert_eq!(m["b"].len(), 1);
-        assert_eq!(merge(&discovered, EndpointSet::new()), discovered);
+        assert!(Arc::ptr_eq(
+            &merge(&discovered, EndpointSet::new()),
+            &discovered
+        ));
     }
 }

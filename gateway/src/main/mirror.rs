@@ -149,6 +149,10 @@ fn run(cli: MirrorCli) -> ExitCode {
             service_exports: false,
             mirror_target: Some(cli.mirror_services),
             mirror_ports: cli.mirror_ports,
+            // The controller serves no endpoints: nothing to persist, and
+            // it waits for the first full list before writing anything.
+            state_dir: None,
+            sync_timeout: None,
         },
         admin_port: cli.gateway_admin_port,
         admin_token,

@@ -213,7 +213,9 @@ pub async fn run(settings: ControllerSettings) -> anyhow::Result<()> {
         if let Some((_, view)) = &last {
             memory.saw(view);
             mirror.outbound_port = view.outbound_port;
-            if is_leader {
+            // Never on partial stores: a mirror not listed yet would look
+            // missing (created again) and a real Service absent (shadowed).
+            if is_leader && shared.with(crate::discovery::kube::Stores::synced) {
                 reconcile(view, &client, &shared, &mirror, &mut memory).await;
             }
         }

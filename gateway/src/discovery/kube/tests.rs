@@ -35,28 +35,29 @@ fn stores(
 ) -> Stores {
     let mut s = Stores::default();
     let mut m = Map::default();
+    // Through the conversions the watchers apply on arrival.
     for svc in svcs {
-        m.objs.insert(key_of(&svc), svc);
+        m.objs.insert(key_of(&svc), slim_service(svc));
     }
     s.services.push(m);
     let mut m = Map::default();
     for sl in slices {
-        m.objs.insert(key_of(&sl), sl);
+        m.objs.insert(key_of(&sl), slim_slice(sl));
     }
     s.slices.push(m);
     let mut m = Map::default();
     for (name, labels) in pods {
-        let l = labels
+        let l: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        m.objs.insert(
-            ("default".to_string(), name.to_string()),
-            PodMeta {
-                labels: l,
-                deleting: false,
-            },
-        );
+        let meta: PartialObjectMeta<Pod> = serde_json::from_value(json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": name, "namespace": "default", "labels": l}
+        }))
+        .unwrap();
+        m.objs
+            .insert(("default".to_string(), name.to_string()), PodMeta::of(meta));
     }
     s.pods.push(m);
     s
@@ -205,25 +206,151 @@ fn mirror_and_external_name_services_are_not_discovered_and_a_service_without_sl
 }
 
 #[test]
-fn a_relist_replaces_objects_only_when_it_completes() {
+fn a_relist_removes_objects_it_did_not_list_only_when_it_completes() {
     let mut m: Map<u32> = Map::default();
     let k = |n: &str| ("default".to_string(), n.to_string());
     assert!(!m.apply(Event::Init));
-    assert!(!m.apply(Event::InitApply((k("a"), 1))));
+    assert!(m.apply(Event::InitApply((k("a"), 1))));
     assert!(m.apply(Event::InitDone));
     assert!(m.apply(Event::Apply((k("b"), 2))));
     assert!(
         !m.apply(Event::Apply((k("b"), 2))),
         "an unchanged object is no change"
     );
-    // A relist (after 410 Gone) in progress: the old objects stay visible.
+    // A relist (after 410 Gone) in progress: what it lists is applied as it
+    // comes, what it has not listed (yet) stays visible.
     assert!(!m.apply(Event::Init));
-    assert!(!m.apply(Event::InitApply((k("b"), 3))));
+    assert!(m.apply(Event::InitApply((k("b"), 3))));
+    assert!(!m.apply(Event::InitApply((k("b"), 3))), "no change");
     assert_eq!(m.objs.len(), 2);
     // The relist is abandoned (the list failed) and restarted.
     assert!(!m.apply(Event::Init));
     assert_eq!(m.objs.len(), 2);
     assert!(!m.apply(Event::InitApply((k("b"), 3))));
+    // Only now does `a`, which the relist did not list, go.
     assert!(m.apply(Event::InitDone));
     assert_eq!(m.objs.into_iter().collect::<Vec<_>>(), [(k("b"), 3)]);
+}
+
+/// The conversions on arrival keep what discovery and the mirror
+/// controller read and drop the rest: a Service as `kubectl apply` and a
+/// controller leave it (last-applied annotation, managedFields, status).
+#[test]
+fn slim_objects_keep_only_what_is_read() {
+    let fat_meta = |labels: serde_json::Value| {
+        json!({"name": "ratings", "namespace": "default", "labels": labels,
+               "uid": "u-1", "resourceVersion": "7",
+               "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(2000)},
+               "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                  "fieldsV1": {"f:spec": {"f:ports": "y".repeat(2000)}}}]})
+    };
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": fat_meta(json!({"app": "ratings"})),
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1", "selector": {"app": "ratings"},
+                 "sessionAffinity": "None", "ipFamilies": ["IPv4"],
+                 "ports": [{"name": "http", "port": 9080, "targetPort": 8080,
+                            "protocol": "TCP", "appProtocol": "http"}]},
+        "status": {"loadBalancer": {}}
+    }))
+    .unwrap();
+    let full = serde_json::to_vec(&svc).unwrap().len();
+    let slim = slim_service(svc.clone());
+    let kept = serde_json::to_vec(&slim).unwrap().len();
+    assert!(kept * 20 < full, "{kept} bytes kept of {full}");
+    assert_eq!(key_of(&slim), key_of(&svc));
+    let p = &slim.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (p.name.as_deref(), p.port, p.protocol.as_deref()),
+        (Some("http"), 9080, Some("TCP"))
+    );
+    assert_eq!(p.app_protocol.as_deref(), Some("http"));
+    assert_eq!(
+        slim.spec.as_ref().unwrap().type_.as_deref(),
+        Some("ClusterIP")
+    );
+
+    // A mirror keeps what the controller compares and replaces.
+    let mut mirror = svc.clone();
+    mirror
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(MIRROR_OF_LABEL.into(), "ratings".into());
+    let m = slim_service(mirror);
+    assert!(m.metadata.managed_fields.is_none());
+    assert_eq!(m.metadata.resource_version.as_deref(), Some("7"));
+    assert_eq!(m.metadata.uid.as_deref(), Some("u-1"));
+    assert!(m.metadata.annotations.is_some());
+    assert_eq!(
+        m.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.0.1")
+    );
+
+    let sl: EndpointSlice = serde_json::from_value(json!({
+        "metadata": fat_meta(json!({"kubernetes.io/service-name": "ratings",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"})),
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.0.0.1"], "zone": "z1", "nodeName": "node-1",
+                       "hostname": "r-1", "hints": {"forZones": [{"name": "z1"}]},
+                       "conditions": {"ready": true, "serving": true, "terminating": false},
+                       "targetRef": {"kind": "Pod", "name": "r-1", "namespace": "default",
+                                     "uid": "0c4f2a8e-6a37-4b7e-9d55-0d1c9b7b1f1a",
+                                     "resourceVersion": "123456"}}]
+    }))
+    .unwrap();
+    let full = serde_json::to_vec(&sl).unwrap().len();
+    let slim = slim_slice(sl.clone());
+    let kept = serde_json::to_vec(&slim).unwrap().len();
+    assert!(kept * 10 < full, "{kept} bytes kept of {full}");
+    assert_eq!(
+        slim.metadata.labels,
+        Some(BTreeMap::from([(
+            SERVICE_NAME_LABEL.to_string(),
+            "ratings".to_string()
+        )]))
+    );
+    let e = &slim.endpoints[0];
+    assert_eq!(e.addresses, ["10.0.0.1"]);
+    assert_eq!(e.zone.as_deref(), Some("z1"));
+    assert_eq!(e.conditions, sl.endpoints[0].conditions);
+    let r = e.target_ref.as_ref().unwrap();
+    assert_eq!(
+        (r.kind.as_deref(), r.name.as_deref(), r.namespace.as_deref()),
+        (Some("Pod"), Some("r-1"), Some("default"))
+    );
+    assert!(r.uid.is_none() && e.node_name.is_none() && e.hints.is_none());
+
+    // The endpoint set is the same from the slim objects as from whole ones.
+    let mut whole = Stores::default();
+    let mut m = Map::default();
+    m.objs.insert(key_of(&svc), svc.clone());
+    whole.services.push(m);
+    let mut m = Map::default();
+    m.objs.insert(key_of(&sl), sl.clone());
+    whole.slices.push(m);
+    let slimmed = stores(vec![svc], vec![sl], &[]);
+    assert_eq!(
+        endpoint_set(&whole, "east", "cluster.local"),
+        endpoint_set(&slimmed, "east", "cluster.local")
+    );
+    assert_eq!(
+        service_ports(&whole, "cluster.local"),
+        service_ports(&slimmed, "cluster.local")
+    );
+}
+
+/// The mirror controller's objects are recognised by the labels it writes
+/// (the strings here are the controller's constants).
+#[test]
+fn the_mirror_controllers_objects_are_kept_whole() {
+    use crate::mirror::{MANAGED_BY, MANAGER, SLICE_MANAGED_BY, SLICE_MANAGER};
+    for (k, v) in [(MANAGED_BY, MANAGER), (SLICE_MANAGED_BY, SLICE_MANAGER)] {
+        let meta = ObjectMeta {
+            labels: Some(BTreeMap::from([(k.to_string(), v.to_string())])),
+            ..Default::default()
+        };
+        assert!(is_ours(&meta), "{k}={v}");
+    }
+    assert!(!is_ours(&ObjectMeta::default()));
 }
