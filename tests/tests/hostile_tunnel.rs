@@ -837,9 +837,12 @@ async fn endless_bodies(cgroup: &str, keep_writing: Option<Duration>) {
     // (or died trying), while the bodies in it are held: west lives, is
     // ready and serves east's callers.
     let counted = |reason: &str| west.metric("meshfed_refusals_total", &["\"stream\"", reason]);
+    // The margin is generous: on a loaded 2-core machine the last head
+    // timeouts were seen to fire after 20 s (5 of 9,488 pending in CI,
+    // with another build running); the counts, not the time, are the check.
     meshfed_tests::eventually(
         "west refuses or times out every stream past the budget",
-        meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(10)),
+        meshfed_tests::patient(HEAD_TIMEOUT + Duration::from_secs(30)),
         || {
             let (over, late) = (counted("body-limit"), counted("head-timeout"));
             if over + late >= opened.saturating_sub(DEFAULT_PEER_BODIES) as f64
