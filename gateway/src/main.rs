@@ -631,6 +631,20 @@ fn args_with_config() -> Result<Vec<OsString>, String> {
     )
 }
 
+/// The admin bearer token in `path`, trimmed; an empty or unreadable file
+/// is an error naming it (the gateway's --admin-token-file, and the mirror
+/// controller's --gateway-admin-token-file).
+pub(crate) fn read_admin_token(path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!("admin token file {} is empty", path.display())),
+        Err(e) => Err(format!(
+            "cannot read admin token file {}: {e}",
+            path.display()
+        )),
+    }
+}
+
 pub(crate) fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -676,25 +690,17 @@ fn main() -> ExitCode {
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::debug!(error = %e, "jemalloc has no background thread; freed memory returns on the next allocations");
     }
-    let admin_token = match &cli.admin_token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            Ok(_) => {
-                eprintln!(
-                    "meshfed-gateway: admin token file {} is empty",
-                    path.display()
-                );
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!(
-                    "meshfed-gateway: cannot read admin token file {}: {e}",
-                    path.display()
-                );
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
+    let admin_token = match cli
+        .admin_token_file
+        .as_deref()
+        .map(read_admin_token)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshfed-gateway: {e}");
+            return ExitCode::from(2);
+        }
     };
     if admin_token.is_none() && !cli.admin_addr.ip().is_loopback() {
         eprintln!(

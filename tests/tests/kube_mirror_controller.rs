@@ -140,77 +140,111 @@ fn eventually(what: &str, logs: &dyn Fn() -> String, mut cond: impl FnMut() -> b
     }
 }
 
+/// East (reading the fake API server with the read-only gateway user, its
+/// admin API behind the admin token) and west (serving and exporting
+/// `ratings.default` from a static file), linked; the mirror user's
+/// kubeconfig for the controller.
+struct Federation {
+    dir: tempfile::TempDir,
+    policy: PathBuf,
+    ports: (u16, u16),
+    mirror_kubeconfig: PathBuf,
+    east: GatewayProcess,
+    _west: GatewayProcess,
+    _backend: tokio::task::JoinHandle<()>,
+}
+
+impl Federation {
+    async fn start(kube: &FakeKube) -> Self {
+        let (backend, backend_task) = http_backend("west-ratings").await;
+        kube.grant("gateway-token", GATEWAY_USER, false);
+        kube.grant("mirror-token", MIRROR_USER, true);
+        gateway_service(kube);
+        let dir = tempfile::tempdir().unwrap();
+        let gw_kubeconfig = dir.path().join("gateway.kubeconfig");
+        kube.write_kubeconfig_as(&gw_kubeconfig, "gateway-token");
+        let mirror_kubeconfig = dir.path().join("mirror.kubeconfig");
+        kube.write_kubeconfig_as(&mirror_kubeconfig, "mirror-token");
+        let pki = Pki::new(dir.path());
+        let ports = (free_udp_port(), free_udp_port());
+        let policy = dir.path().join("policy");
+        std::fs::create_dir_all(&policy).unwrap();
+        write_policy(&policy, ports, true);
+        let eps = dir.path().join("west.yaml");
+        discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
+        let spec =
+            |cluster: &str, port: u16, discovery: Option<PathBuf>, extra_args: Vec<String>| {
+                GatewaySpec {
+                    cluster: cluster.into(),
+                    id: "gw-0".into(),
+                    tls_dir: pki.gateway(cluster, "gw-0"),
+                    policy_dir: policy.clone(),
+                    discovery,
+                    tunnel_port: port,
+                    work_dir: dir.path().to_path_buf(),
+                    extra_args,
+                }
+            };
+        let west_spec = spec("west", ports.1, Some(eps), vec![]);
+        let east_spec = spec(
+            "east",
+            ports.0,
+            None,
+            vec!["--kubeconfig".into(), gw_kubeconfig.display().to_string()],
+        );
+        let launch = Launch {
+            admin_token: Some(ADMIN_TOKEN.into()),
+            ..Default::default()
+        };
+        let (east, west) = tokio::task::spawn_blocking(move || {
+            let west = GatewayProcess::start(&west_spec);
+            let east = GatewayProcess::start_with(&east_spec, &launch);
+            east.wait_links("west", 1);
+            (east, west)
+        })
+        .await
+        .unwrap();
+        Federation {
+            dir,
+            policy,
+            ports,
+            mirror_kubeconfig,
+            east,
+            _west: west,
+            _backend: backend_task,
+        }
+    }
+
+    fn write_policy(&self, exported: bool) {
+        write_policy(&self.policy, self.ports, exported);
+    }
+}
+
+/// East and west, exporting `ratings.default` from west or not.
+fn write_policy(policy: &Path, ports: (u16, u16), exported: bool) {
+    let export = if exported {
+        "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ratings, namespace: default}\n"
+    } else {
+        ""
+    };
+    write_atomic(
+        &policy.join("p.yaml"),
+        &format!(
+            "{}{}{export}",
+            cluster_yaml("east", &[ports.0]),
+            cluster_yaml("west", &[ports.1])
+        ),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mirror_controller_writes_the_mirrors_and_the_gateway_cannot_write_at_all() {
-    let (backend, _b) = http_backend("west-ratings").await;
     let kube = FakeKube::start().await;
-    kube.grant("gateway-token", GATEWAY_USER, false);
-    kube.grant("mirror-token", MIRROR_USER, true);
-    gateway_service(&kube);
-    let dir = tempfile::tempdir().unwrap();
-    let gw_kubeconfig = dir.path().join("gateway.kubeconfig");
-    kube.write_kubeconfig_as(&gw_kubeconfig, "gateway-token");
-    let mirror_kubeconfig = dir.path().join("mirror.kubeconfig");
-    kube.write_kubeconfig_as(&mirror_kubeconfig, "mirror-token");
-
-    // East reads the cluster (read-only) and mirrors nothing itself; west
-    // serves and exports ratings.default from a static file.
-    let pki = Pki::new(dir.path());
-    let ports = (free_udp_port(), free_udp_port());
-    let policy = dir.path().join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    let write_policy = |exported: bool| {
-        let export = if exported {
-            "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ratings, namespace: default}\n"
-        } else {
-            ""
-        };
-        write_atomic(
-            &policy.join("p.yaml"),
-            &format!(
-                "{}{}{export}",
-                cluster_yaml("east", &[ports.0]),
-                cluster_yaml("west", &[ports.1])
-            ),
-        );
-    };
-    write_policy(true);
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>, extra_args: Vec<String>| {
-        GatewaySpec {
-            cluster: cluster.into(),
-            id: "gw-0".into(),
-            tls_dir: pki.gateway(cluster, "gw-0"),
-            policy_dir: policy.clone(),
-            discovery,
-            tunnel_port: port,
-            work_dir: dir.path().to_path_buf(),
-            extra_args,
-        }
-    };
-    let west_spec = spec("west", ports.1, Some(eps), vec![]);
-    let east_spec = spec(
-        "east",
-        ports.0,
-        None,
-        vec!["--kubeconfig".into(), gw_kubeconfig.display().to_string()],
-    );
-    let launch = Launch {
-        admin_token: Some(ADMIN_TOKEN.into()),
-        ..Default::default()
-    };
-    let (east, _west) = tokio::task::spawn_blocking(move || {
-        let west = GatewayProcess::start(&west_spec);
-        let east = GatewayProcess::start_with(&east_spec, &launch);
-        east.wait_links("west", 1);
-        (east, west)
-    })
-    .await
-    .unwrap();
+    let f = Federation::start(&kube).await;
+    let (dir, east) = (f.dir.path(), &f.east);
     let east_outbound = u64::from(east.outbound.port());
 
-    let controller = Controller::start(dir.path(), &mirror_kubeconfig, east.admin.port());
+    let controller = Controller::start(dir, &f.mirror_kubeconfig, east.admin.port());
     let logs = || format!("{}\n--- gateway ---\n{}", controller.log(), east.log_tail());
 
     // Made by the controller, from the gateway's view: the mirror's port
@@ -259,7 +293,7 @@ async fn the_mirror_controller_writes_the_mirrors_and_the_gateway_cannot_write_a
     assert_eq!(west["spec"]["sessionAffinity"], json!("ClientIP"));
 
     // The export goes: the controller deletes the mirrors.
-    write_policy(false);
+    f.write_policy(false);
     eventually("the controller deletes the mirrors", &logs, || {
         mirror(&kube, "ratings-west").is_none() && mirror(&kube, "ratings-clusterset").is_none()
     });
@@ -289,14 +323,7 @@ async fn a_gateway_with_read_only_rights_that_mirrors_in_process_is_refused_with
     let port = free_udp_port();
     let policy = dir.path().join("policy");
     std::fs::create_dir_all(&policy).unwrap();
-    write_atomic(
-        &policy.join("p.yaml"),
-        &format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n",
-            cluster_yaml("east", &[port]),
-            cluster_yaml("west", &[free_udp_port()])
-        ),
-    );
+    write_policy(&policy, (port, free_udp_port()), true);
     let spec = GatewaySpec {
         cluster: "east".into(),
         id: "gw-0".into(),
@@ -328,62 +355,9 @@ async fn a_gateway_with_read_only_rights_that_mirrors_in_process_is_refused_with
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_no_gateway_answers_the_controller_leaves_the_mirrors_as_they_are() {
-    let (backend, _b) = http_backend("west-ratings").await;
     let kube = FakeKube::start().await;
-    kube.grant("gateway-token", GATEWAY_USER, false);
-    kube.grant("mirror-token", MIRROR_USER, true);
-    gateway_service(&kube);
-    let dir = tempfile::tempdir().unwrap();
-    let gw_kubeconfig = dir.path().join("gateway.kubeconfig");
-    kube.write_kubeconfig_as(&gw_kubeconfig, "gateway-token");
-    let mirror_kubeconfig = dir.path().join("mirror.kubeconfig");
-    kube.write_kubeconfig_as(&mirror_kubeconfig, "mirror-token");
-    let pki = Pki::new(dir.path());
-    let ports = (free_udp_port(), free_udp_port());
-    let policy = dir.path().join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    write_atomic(
-        &policy.join("p.yaml"),
-        &format!(
-            "{}{}apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ratings, namespace: default}}\n",
-            cluster_yaml("east", &[ports.0]),
-            cluster_yaml("west", &[ports.1])
-        ),
-    );
-    let eps = dir.path().join("west.yaml");
-    discovery_file(&eps, &[("ratings.default", vec![(backend, vec![])])]);
-    let spec = |cluster: &str, port: u16, discovery: Option<PathBuf>, extra_args: Vec<String>| {
-        GatewaySpec {
-            cluster: cluster.into(),
-            id: "gw-0".into(),
-            tls_dir: pki.gateway(cluster, "gw-0"),
-            policy_dir: policy.clone(),
-            discovery,
-            tunnel_port: port,
-            work_dir: dir.path().to_path_buf(),
-            extra_args,
-        }
-    };
-    let west_spec = spec("west", ports.1, Some(eps), vec![]);
-    let east_spec = spec(
-        "east",
-        ports.0,
-        None,
-        vec!["--kubeconfig".into(), gw_kubeconfig.display().to_string()],
-    );
-    let launch = Launch {
-        admin_token: Some(ADMIN_TOKEN.into()),
-        ..Default::default()
-    };
-    let (mut east, _west) = tokio::task::spawn_blocking(move || {
-        let west = GatewayProcess::start(&west_spec);
-        let east = GatewayProcess::start_with(&east_spec, &launch);
-        east.wait_links("west", 1);
-        (east, west)
-    })
-    .await
-    .unwrap();
-    let controller = Controller::start(dir.path(), &mirror_kubeconfig, east.admin.port());
+    let mut f = Federation::start(&kube).await;
+    let controller = Controller::start(f.dir.path(), &f.mirror_kubeconfig, f.east.admin.port());
     eventually(
         "the controller makes the mirrors",
         &|| controller.log(),
@@ -392,7 +366,7 @@ async fn while_no_gateway_answers_the_controller_leaves_the_mirrors_as_they_are(
     let writes = kube.client_writes_of(&[Kind::Service, Kind::EndpointSlice]);
 
     // The gateway dies; the controller keeps trying and writes nothing.
-    east.kill();
+    f.east.kill();
     let failed = controller.metric("meshfed_mirror_view_reads_total{outcome=\"error\"}");
     eventually(
         "three failed reads of the view",

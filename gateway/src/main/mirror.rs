@@ -120,25 +120,17 @@ pub fn exit_if_mirror_command() {
 
 fn run(cli: MirrorCli) -> ExitCode {
     crate::init_logging(cli.log_format);
-    let admin_token = match &cli.gateway_admin_token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            Ok(_) => {
-                eprintln!(
-                    "meshfed-gateway mirror: admin token file {} is empty",
-                    path.display()
-                );
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!(
-                    "meshfed-gateway mirror: cannot read admin token file {}: {e}",
-                    path.display()
-                );
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
+    let admin_token = match cli
+        .gateway_admin_token_file
+        .as_deref()
+        .map(crate::read_admin_token)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshfed-gateway mirror: {e}");
+            return ExitCode::from(2);
+        }
     };
     let settings = ControllerSettings {
         cluster: cli.cluster,
