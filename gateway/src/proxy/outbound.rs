@@ -1539,6 +1539,24 @@ where
     (read, body.is_end_stream())
 }
 
+/// A response's `grpc-status` as a metric and span label: one of the 17
+/// gRPC codes (`0`..`16`), `other` for anything else a backend sends, or
+/// empty without one. The header is the backend's to choose: as a label
+/// it must not mint a series per value.
+fn grpc_status_label(value: Option<&[u8]>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match value {
+        None => "",
+        Some(v) => CODES
+            .iter()
+            .find(|c| c.as_bytes() == v)
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
 /// Releases a mirror slot when the copy's task ends, however it ends.
 struct MirrorSlot;
 
@@ -1558,10 +1576,7 @@ fn record(
 ) {
     let reason = gateway_reason(resp);
     let grpc_status = if grpc {
-        resp.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        grpc_status_label(resp.headers().get("grpc-status").map(|v| v.as_bytes()))
     } else {
         ""
     };

@@ -472,3 +472,17 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
     // A qualified name needs no namespace.
     assert_eq!(ns(&c, "ratings-west.bookinfo:9080").as_deref(), Ok(""));
 }
+
+/// A backend's `grpc-status` becomes a label only as one of the 17 codes:
+/// ever new strings would mint a metric series each.
+#[test]
+fn a_grpc_status_label_is_one_of_the_codes_or_other() {
+    use super::grpc_status_label;
+    assert_eq!(grpc_status_label(None), "");
+    assert_eq!(grpc_status_label(Some(b"0")), "0");
+    assert_eq!(grpc_status_label(Some(b"14")), "14");
+    assert_eq!(grpc_status_label(Some(b"16")), "16");
+    for hostile in [&b"17"[..], b"007", b"-1", b"", b"ok", b"14 ", b"\xff"] {
+        assert_eq!(grpc_status_label(Some(hostile)), "other", "{hostile:?}");
+    }
+}
