@@ -564,7 +564,6 @@ mod admission {
             target: ("meshfed-gateway-outbound".into(), "meshfed-system".into()),
             outbound_port: 15001,
             default_ports: vec![80],
-            namespaces: vec![],
         };
         let (want, _) = desired(
             &view,
