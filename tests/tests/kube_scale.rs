@@ -586,7 +586,7 @@ async fn serial_with_most_namespaces_unnamed_only_the_named_ones_are_listed() {
                 if k2.lists_in(Kind::Pod, Some("team-1")) >= 2 {
                     Ok(())
                 } else {
-                    Err("not yet".into())
+                    Err("not yet".to_string())
                 }
             },
         )
