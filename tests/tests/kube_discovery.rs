@@ -546,3 +546,40 @@ async fn watch_scope_all_watches_every_namespace() {
         );
     }
 }
+
+/// A headless Service without ports (`clusterIP: None`, no `ports`, as a
+/// StatefulSet's governing Service often is; its EndpointSlices list no
+/// ports either): a caller reaches its pods on the port it asks for, as
+/// through their DNS names in a real cluster. Before, such a Service had
+/// no endpoints and every call failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_service_without_ports_is_reached_on_the_requested_port() {
+    let (r1, _t1) = http_backend("r1").await;
+    let (db, _t2) = http_backend("db-0").await;
+    let kube = FakeKube::start().await;
+    kube.apply(service("default", "ratings", 9080));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
+    kube.apply(json!({"kind": "Service", "apiVersion": "v1",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"clusterIP": "None", "selector": {"app": "db"}}}));
+    kube.apply(
+        json!({"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": "db-x1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [db.ip().to_string()],
+                       "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "db-0", "namespace": "default"}}]}),
+    );
+    let (_dir, gw) = west_with_kube(&kube, "", vec![]).await;
+    wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
+    let host = format!("db.default.svc.cluster.local:{}", db.port());
+    wait_served(gw.outbound, &host, &["db-0"], &gw).await;
+}
