@@ -45,7 +45,11 @@
 //! its state directory does not delete what a version it never applied
 //! wrote ([`may_delete`]). Writes run concurrently (at most
 //! [`WRITE_CONCURRENCY`]); a namespace that is missing or terminating is
-//! skipped with backoff ([`namespaces`]); the gateway pods' addresses drop
+//! skipped with backoff ([`namespaces`]); a namespace discovery has not
+//! listed yet (just named by the policy) has its mirrors neither written
+//! nor deleted until it is, and the mirrors of every namespace are watched
+//! by their labels, so one in a namespace no longer named is still
+//! collected ([`crate::discovery::kube::scope`]); the gateway pods' addresses drop
 //! a terminating pod at once (`gateway_addresses`). A conflict (409) is
 //! retried on the next pass.
 //!
