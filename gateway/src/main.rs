@@ -162,8 +162,9 @@ struct Cli {
     )]
     kubeconfig: Option<PathBuf>,
 
-    /// Namespaces Kubernetes discovery watches (repeatable or
-    /// comma-separated; default: all). Needs the `kube` feature.
+    /// Namespaces Kubernetes discovery watches besides those the policy
+    /// names (repeatable or comma-separated), e.g. those of callers that
+    /// call short names. Needs the `kube` feature.
     #[arg(
         long,
         value_name = "NS",
@@ -171,6 +172,17 @@ struct Cli {
         value_delimiter = ','
     )]
     kube_namespace: Vec<String>,
+
+    /// Which namespaces Kubernetes discovery watches: `policy`, those the
+    /// applied policy names (exported services, route, mirror and
+    /// DestinationRule hosts, sourceNamespace matches, authorization and
+    /// PeerAuthentication namespaces) plus --kube-namespace, following each
+    /// new snapshot; or `all`, every namespace. Services elsewhere are
+    /// unknown to the gateway with `policy`. Needs the `kube` feature.
+    #[arg(long, value_name = "SCOPE", env = "MESHFED_KUBE_WATCH_SCOPE",
+          default_value = "policy",
+          value_parser = ["policy", "all"])]
+    kube_watch_scope: String,
 
     /// Also require a ServiceExport object (multicluster.x-k8s.io/v1alpha1)
     /// in this cluster for each service Git exports from it; Git still
@@ -528,6 +540,10 @@ fn missing_features(cli: &Cli, matches: &clap::ArgMatches, built: Features) -> V
         ("--kubernetes", cli.kubernetes),
         ("--kubeconfig", cli.kubeconfig.is_some()),
         ("--kube-namespace", !cli.kube_namespace.is_empty()),
+        (
+            "--kube-watch-scope",
+            explicit("kube_watch_scope") && cli.kube_watch_scope != "policy",
+        ),
         ("--kube-service-exports", cli.kube_service_exports),
         ("--mirror-services", cli.mirror_services.is_some()),
         (
@@ -731,11 +747,18 @@ fn main() -> ExitCode {
     }
     if !kube_wanted
         && (!cli.kube_namespace.is_empty()
+            || cli.kube_watch_scope == "all"
             || cli.kube_service_exports
             || cli.mirror_services.is_some())
     {
         eprintln!(
-            "meshfed-gateway: --kube-namespace, --kube-service-exports and --mirror-services need Kubernetes discovery; add --kubernetes (in a pod) or --kubeconfig FILE"
+            "meshfed-gateway: --kube-namespace, --kube-watch-scope, --kube-service-exports and --mirror-services need Kubernetes discovery; add --kubernetes (in a pod) or --kubeconfig FILE"
+        );
+        return ExitCode::from(2);
+    }
+    if cli.kube_watch_scope == "all" && !cli.kube_namespace.is_empty() {
+        eprintln!(
+            "meshfed-gateway: --kube-namespace adds namespaces to those the policy names, but --kube-watch-scope all watches every namespace already; drop one of them"
         );
         return ExitCode::from(2);
     }
@@ -743,6 +766,11 @@ fn main() -> ExitCode {
     let kube = kube_wanted.then_some(meshfed_gateway::discovery::kube::KubeSettings {
         kubeconfig: cli.kubeconfig,
         namespaces: cli.kube_namespace,
+        scope: if cli.kube_watch_scope == "all" {
+            meshfed_gateway::discovery::kube::WatchScope::All
+        } else {
+            meshfed_gateway::discovery::kube::WatchScope::Policy
+        },
         service_exports: cli.kube_service_exports,
         mirror_target: cli.mirror_services,
         mirror_ports: cli.mirror_ports,

@@ -45,7 +45,11 @@
 //! its state directory does not delete what a version it never applied
 //! wrote ([`may_delete`]). Writes run concurrently (at most
 //! [`WRITE_CONCURRENCY`]); a namespace that is missing or terminating is
-//! skipped with backoff ([`namespaces`]); the gateway pods' addresses drop
+//! skipped with backoff ([`namespaces`]); a namespace discovery has not
+//! listed yet (just named by the policy) has its mirrors neither written
+//! nor deleted until it is, and the mirrors of every namespace are watched
+//! by their labels, so one in a namespace no longer named is still
+//! collected ([`crate::discovery::kube::scope`]); the gateway pods' addresses drop
 //! a terminating pod at once (`gateway_addresses`). A conflict (409) is
 //! retried on the next pass.
 //!
@@ -111,8 +115,6 @@ pub struct MirrorSettings {
     pub outbound_port: u16,
     /// Mirror ports when no same-named local Service gives them.
     pub default_ports: Vec<u16>,
-    /// Only these namespaces (empty: all).
-    pub namespaces: Vec<String>,
 }
 
 /// One mirror: its Service and its EndpointSlice, as desired.
@@ -161,9 +163,6 @@ pub fn desired(
         let Some((name, ns)) = host.strip_suffix(&suffix).and_then(|s| s.split_once('.')) else {
             continue;
         };
-        if !settings.namespaces.is_empty() && !settings.namespaces.iter().any(|n| n == ns) {
-            continue;
-        }
         if !is_dns_label(ns) {
             problems.push(format!(
                 "no mirror for {host}: `{ns}` is not a valid namespace name"
@@ -493,7 +492,8 @@ fn slice_matches(current: &EndpointSlice, want: &EndpointSlice) -> bool {
             .all(|(k, v)| current.labels().get(k) == Some(v))
 }
 
-/// Connects Kubernetes discovery to the running gateway: the in-cluster
+/// Connects Kubernetes discovery to the running gateway: the watched
+/// namespaces follow each applied snapshot's, the in-cluster
 /// ServiceExports gate this cluster's exports (with
 /// `--kube-service-exports`), the Services' ports are announced with the
 /// exports, and the mirror controller runs (with `--mirror-services`).
@@ -503,6 +503,25 @@ pub fn attach(
     settings: &crate::discovery::kube::KubeSettings,
     outbound_port: u16,
 ) {
+    {
+        let (state, watchers) = (state.clone(), kube.watchers.clone());
+        let mut applied = state.applied_watch();
+        let follow = move || {
+            let active = state.active.load();
+            watchers.set_named(&crate::discovery::kube::policy_namespaces(
+                &active.snapshot.policy,
+            ));
+            state
+                .watched_namespaces
+                .store(watchers.watched().map(Arc::new));
+        };
+        follow();
+        tokio::spawn(async move {
+            while applied.changed().await.is_ok() {
+                follow();
+            }
+        });
+    }
     if let Some(mut exports) = kube.exports.clone() {
         let state = state.clone();
         state.export_gate.store(Some(exports.borrow().clone()));
@@ -536,7 +555,6 @@ pub fn attach(
                 target: target.clone(),
                 outbound_port,
                 default_ports: settings.mirror_ports.clone(),
-                namespaces: settings.namespaces.clone(),
             },
         );
     }
@@ -568,7 +586,7 @@ pub fn spawn(state: Arc<Gateway>, kube: &KubeDiscovery, settings: MirrorSettings
                 memory.saw(&view);
                 // Not on partial stores (a gateway serving a persisted
                 // endpoint set while the watchers have not listed yet).
-                if *leader.borrow_and_update() && shared.with(Stores::synced) {
+                if *leader.borrow_and_update() && shared.with(Stores::mirrors_synced) {
                     reconcile(&view, &client, &shared, &settings, &mut memory).await;
                 }
             }
@@ -806,12 +824,27 @@ pub async fn reconcile(
     }
     let wanted_ns: BTreeSet<String> = want.iter().map(|d| d.namespace.clone()).collect();
     memory.skipped.retain(|ns| wanted_ns.contains(ns));
+    // A namespace whose objects are not all listed yet (just named by the
+    // policy, or its watch failing): its mirrors are neither written (a
+    // real Service of the same name may not be listed yet) nor deleted.
+    let unlisted: BTreeSet<String> = shared.with(|s| {
+        wanted_ns
+            .iter()
+            .filter(|ns| !s.namespace_synced(ns))
+            .cloned()
+            .collect()
+    });
     let now = tokio::time::Instant::now();
     let mut keep_services = BTreeSet::new();
     let mut keep_slices = BTreeSet::new();
     let mut writes = Vec::new();
     for d in &want {
         let key = (d.namespace.clone(), d.name.clone());
+        if unlisted.contains(&d.namespace) {
+            keep_services.insert(key);
+            keep_slices.insert((d.namespace.clone(), d.slice.name_any()));
+            continue;
+        }
         if cur.foreign.contains(&key) {
             report(
                 format!(

@@ -253,9 +253,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     #[cfg(feature = "kube")]
     let kube = match &cfg.kube {
         Some(k) => Some(
-            crate::discovery::kube::watch(k, cfg.cluster.clone(), cfg.policy.domain.clone())
-                .await
-                .context("starting Kubernetes discovery")?,
+            crate::discovery::kube::watch(
+                k,
+                cfg.cluster.clone(),
+                cfg.policy.domain.clone(),
+                &crate::discovery::kube::policy_namespaces(&snapshot.policy),
+            )
+            .await
+            .context("starting Kubernetes discovery")?,
         ),
         None => None,
     };
@@ -464,8 +469,27 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut applied = state.provenance.subscribe();
     let ready_when_applied = ready.clone();
     let (cluster, id) = (cfg.cluster.clone(), cfg.gateway_id.clone());
+    #[cfg(feature = "kube")]
+    let listed = kube.as_ref().map(|k| {
+        let timeout = cfg
+            .kube
+            .as_ref()
+            .and_then(|k| k.sync_timeout)
+            .unwrap_or(crate::discovery::kube::SYNC_TIMEOUT);
+        (k.shared.clone(), state.clone(), timeout)
+    });
     tokio::spawn(async move {
         if applied.wait_for(Option::is_some).await.is_ok() {
+            // The first snapshot from the syncer may name namespaces not
+            // watched until now: not ready before they are listed (at most
+            // the sync timeout), or the first calls would find no local
+            // endpoints.
+            #[cfg(feature = "kube")]
+            if let Some((shared, state, timeout)) = listed {
+                let named =
+                    crate::discovery::kube::policy_namespaces(&state.active.load().snapshot.policy);
+                crate::discovery::kube::wait_listed(&shared, &named, timeout).await;
+            }
             ready_when_applied.set_ready();
             tracing::info!(%cluster, %id, ?addrs, "gateway ready");
         }

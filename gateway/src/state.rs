@@ -74,6 +74,11 @@ pub struct Gateway {
     /// exports it and it is in this set (Git wins; see docs/kubernetes.md).
     /// `None`: Git alone decides.
     pub export_gate: arc_swap::ArcSwapOption<std::collections::BTreeSet<String>>,
+    /// The namespaces Kubernetes discovery watches one by one (those the
+    /// policy names, and `--kube-namespace`); `None` when it watches every
+    /// namespace, or is off. A caller in another namespace has no endpoint
+    /// to be placed by, and the short-name refusal says so.
+    pub watched_namespaces: arc_swap::ArcSwapOption<Vec<String>>,
     /// The ports of this cluster's services, where discovery knows them
     /// (Kubernetes Services): announced with the exported ones, so that
     /// peers' mirror Services declare them (crate::mirror).
@@ -120,6 +125,7 @@ impl Gateway {
             local_tls: arc_swap::ArcSwapOption::empty(),
             provenance: provenance::Provenance::default(),
             export_gate: arc_swap::ArcSwapOption::empty(),
+            watched_namespaces: arc_swap::ArcSwapOption::empty(),
             service_ports: ArcSwap::from_pointee(Default::default()),
             trace: std::sync::OnceLock::new(),
             bodies: crate::body_budget::BodyBudget::default(),

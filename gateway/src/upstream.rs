@@ -596,6 +596,13 @@ impl Upstream {
             }
             LbAlgorithm::LeastRequest => self.least_request(&candidates),
         }?;
+        // Port 0: an endpoint of a headless Service without ports, reached
+        // on the requested port.
+        let addr = if addr.port() == 0 {
+            SocketAddr::new(addr.ip(), dest.port)
+        } else {
+            addr
+        };
         let c = self.counter(addr);
         c.fetch_add(1, Ordering::Relaxed);
         Some(Picked {

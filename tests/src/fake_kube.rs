@@ -22,7 +22,14 @@
 //! - create, replace and delete (`POST`, `PUT`, `DELETE`) with `409`
 //!   conflicts on a stale `resourceVersion` or an existing name, and `404`;
 //! - metadata-only lists and watches (`Accept: ...;as=PartialObjectMetadata`)
-//!   answered with the objects' metadata.
+//!   answered with the objects' metadata;
+//! - label selectors on lists and watches (`labelSelector=k=v,k!=v,k,!k`;
+//!   an object whose labels change out of a watch's selector is not turned
+//!   into a `DELETED` as kube-apiserver does).
+//!
+//! It counts lists and watches per path, so a test can tell which
+//! namespaces a client watches ([`FakeKube::lists_in`],
+//! [`FakeKube::open_watches_in`]).
 //!
 //! Kinds: Services, Pods (core/v1), EndpointSlices (discovery.k8s.io/v1),
 //! ServiceExports (multicluster.x-k8s.io/v1alpha1) and Leases
@@ -33,8 +40,7 @@
 //! with the cause `NamespaceTerminating`, as kube-apiserver answers. Users
 //! are checked once a test declares them ([`FakeKube::grant`]): a bearer
 //! token per user, read-only or read-write, with RBAC's `401` and `403`
-//! answers. Label selectors,
-//! field selectors, bookmarks, admission, defaulting (beyond a
+//! answers. Field selectors, bookmarks, admission, defaulting (beyond a
 //! ClusterIP for Services) and garbage collection are not implemented.
 //!
 //! A test changes objects with [`FakeKube::apply`] and [`FakeKube::delete`],
@@ -131,6 +137,10 @@ struct State {
     compacted: u64,
     lists: BTreeMap<Kind, u64>,
     watches: BTreeMap<Kind, u64>,
+    /// Lists by (kind, namespace or "" for every namespace, label selector).
+    lists_at: BTreeMap<(Kind, String, String), u64>,
+    /// Watches open now, by the same key.
+    open_at: BTreeMap<(Kind, String, String), u64>,
     writes: u64,
     writes_by_kind: BTreeMap<Kind, u64>,
     list_delay: Duration,
@@ -337,6 +347,32 @@ impl FakeKube {
     /// How many watches of `kind` were opened.
     pub fn watches(&self, kind: Kind) -> u64 {
         self.inner.lock().watches.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// How many lists of `kind` without a label selector were served in
+    /// namespace `ns` (`None`: of every namespace, `GET /api/v1/services`).
+    pub fn lists_in(&self, kind: Kind, ns: Option<&str>) -> u64 {
+        let key = (kind, ns.unwrap_or("").to_string(), String::new());
+        self.inner.lock().lists_at.get(&key).copied().unwrap_or(0)
+    }
+
+    /// How many watches of `kind` without a label selector are open now in
+    /// namespace `ns` (`None`: of every namespace).
+    pub fn open_watches_in(&self, kind: Kind, ns: Option<&str>) -> u64 {
+        let key = (kind, ns.unwrap_or("").to_string(), String::new());
+        self.inner.lock().open_at.get(&key).copied().unwrap_or(0)
+    }
+
+    /// The label selectors of the lists of `kind` served so far for every
+    /// namespace (`GET /api/v1/services?labelSelector=...`).
+    pub fn selected_lists(&self, kind: Kind) -> Vec<String> {
+        self.inner
+            .lock()
+            .lists_at
+            .keys()
+            .filter(|(k, ns, sel)| *k == kind && ns.is_empty() && !sel.is_empty())
+            .map(|(_, _, sel)| sel.clone())
+            .collect()
     }
 
     /// Declares namespace `name` in `phase` (`Active` or `Terminating`),
@@ -616,7 +652,7 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
         .collect()
 }
 
@@ -844,10 +880,16 @@ fn list_page(
         }
         None => {
             *s.lists.entry(kind).or_default() += 1;
+            let selector = q.get("labelSelector").cloned().unwrap_or_default();
+            *s.lists_at
+                .entry((kind, ns.unwrap_or("").to_string(), selector.clone()))
+                .or_default() += 1;
             let items: Vec<Value> = s
                 .objects
                 .iter()
-                .filter(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+                .filter(|((k, n, _), v)| {
+                    *k == kind && ns.is_none_or(|ns| ns == n) && selects(&selector, v)
+                })
                 .map(|(_, v)| shape(v, metadata_only))
                 .collect();
             (s.rv, items)
@@ -940,9 +982,12 @@ fn watch_response(
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": "too old resource version", "reason": "Expired", "code": 410,
     });
+    let selector = q.get("labelSelector").cloned().unwrap_or_default();
+    let open_key = (kind, ns.clone().unwrap_or_default(), selector.clone());
     let (backlog, mut changes, expired) = {
         let mut s = inner.lock();
         *s.watches.entry(kind).or_default() += 1;
+        *s.open_at.entry(open_key.clone()).or_default() += 1;
         if since < s.compacted {
             (Vec::new(), None, true)
         } else {
@@ -957,8 +1002,17 @@ fn watch_response(
     };
     let mut expire = inner.expire.subscribe();
     expire.mark_unchanged();
+    let open = OpenWatch {
+        inner: inner.clone(),
+        key: open_key,
+    };
     tokio::spawn(async move {
-        let wanted = |c: &Change| c.kind == kind && ns.as_ref().is_none_or(|ns| *ns == c.namespace);
+        let _open = open;
+        let wanted = |c: &Change| {
+            c.kind == kind
+                && ns.as_ref().is_none_or(|ns| *ns == c.namespace)
+                && selects(&selector, &c.object)
+        };
         if expired {
             let _ = tx.send(event_line("ERROR", gone)).await;
             return;
@@ -1009,6 +1063,73 @@ fn watch_response(
         .header("content-type", "application/json")
         .body(FakeBody::Stream(rx))
         .unwrap_or_default()
+}
+
+/// Counts a watch as open until its task ends (the client went away, or
+/// the watch was ended).
+#[derive(Debug)]
+struct OpenWatch {
+    inner: Arc<Inner>,
+    key: (Kind, String, String),
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        if let Some(n) = self.inner.lock().open_at.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Whether `object`'s labels satisfy a label selector (`k=v`, `k==v`,
+/// `k!=v`, `k`, `!k`, comma-separated, all must hold); an empty selector
+/// selects everything.
+fn selects(selector: &str, object: &Value) -> bool {
+    let labels = &object["metadata"]["labels"];
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                labels[k.trim()].as_str() != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once('=') {
+                let v = v.strip_prefix('=').unwrap_or(v);
+                labels[k.trim()].as_str() == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                labels[k.trim()].is_null()
+            } else {
+                !labels[term].is_null()
+            }
+        })
+}
+
+/// Decodes `%XX` escapes and `+` (a query string's value).
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| Some(hex(*bytes.get(i + 1)?)? * 16 + hex(*bytes.get(i + 2)?)?))
+            .flatten();
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(u8::try_from(b).unwrap_or(b'?'));
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A response body: a whole JSON document, or watch events as they come.

@@ -36,6 +36,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use meshfed_tests::bin;
@@ -141,6 +142,7 @@ fn typed(obj: &Value) -> String {
         "Deployment" => serde_yaml::from_value::<Deployment>(v).map(|_| ()),
         "Service" => serde_yaml::from_value::<Service>(v).map(|_| ()),
         "PodDisruptionBudget" => serde_yaml::from_value::<PodDisruptionBudget>(v).map(|_| ()),
+        "NetworkPolicy" => serde_yaml::from_value::<NetworkPolicy>(v).map(|_| ()),
         "ConfigMap" => serde_yaml::from_value::<ConfigMap>(v).map(|_| ()),
         "ValidatingAdmissionPolicy" => {
             serde_yaml::from_value::<ValidatingAdmissionPolicy>(v).map(|_| ())
@@ -320,6 +322,7 @@ fn check_overlay(kubectl: &Path, overlay: &str) {
     assert!(lb, "{overlay}: a UDP 15443 LoadBalancer Service");
     check_least_privilege(overlay, &objects);
     check_load_balancer_choice(overlay, &objects);
+    check_network_policy(overlay, &objects);
     // RBAC: read-only except Services and EndpointSlices, and the mirror
     // writers' Lease in the gateway's own namespace (a Role); never secrets.
     for o in objects
@@ -561,7 +564,6 @@ mod admission {
             target: ("meshfed-gateway-outbound".into(), "meshfed-system".into()),
             outbound_port: 15001,
             default_ports: vec![80],
-            namespaces: vec![],
         };
         let (want, _) = desired(
             &view,
@@ -1167,6 +1169,108 @@ fn check_references(overlay: &str, objects: &[Value]) {
         }
     }
     assert!(checked > 0, "{overlay}: no references found to check");
+}
+
+/// Issue 22: a NetworkPolicy selects the gateway's pods in their namespace
+/// and admits exactly the gateway container's ports (a port added to the
+/// container without the policy would be closed on a cluster enforcing
+/// it; one in the policy without the container is an opening for
+/// nothing): the tunnel's from anywhere (peers come through the load
+/// balancer), the outbound and admin ports only from the cluster's pods
+/// (`namespaceSelector: {}`, never an ipBlock or an empty `from`).
+fn check_network_policy(overlay: &str, objects: &[Value]) {
+    let gateway = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "meshfed-gateway")
+        .unwrap_or_else(|| panic!("{overlay}: no gateway Deployment"));
+    let ns = namespace_of(gateway);
+    let labels = &gateway["spec"]["template"]["metadata"]["labels"];
+    let policies: Vec<NetworkPolicy> = objects
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy" && namespace_of(o) == ns)
+        .filter(|o| selects(&o["spec"]["podSelector"]["matchLabels"], labels))
+        .map(|o| serde_yaml::from_value(o.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        policies.len(),
+        1,
+        "{overlay}: one NetworkPolicy in `{ns}` selects the gateway's pods {labels:?}"
+    );
+    let spec = policies[0].spec.as_ref().unwrap();
+    assert!(
+        spec.policy_types.iter().flatten().any(|t| t == "Ingress"),
+        "{overlay}: the gateway's NetworkPolicy restricts ingress"
+    );
+    let container: Container =
+        serde_yaml::from_value(gateway["spec"]["template"]["spec"]["containers"][0].clone())
+            .unwrap();
+    let container_ports: BTreeSet<(String, i32, String)> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            (
+                p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                p.container_port,
+                p.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let resolve =
+        |protocol: &str, port: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString| {
+            use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+            container_ports
+            .iter()
+            .find(|(pr, n, name)| {
+                pr == protocol
+                    && match port {
+                        IntOrString::Int(i) => n == i,
+                        IntOrString::String(s) => name == s,
+                    }
+            })
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!("{overlay}: the NetworkPolicy admits {protocol} {port:?}, which the gateway container does not declare ({container_ports:?})")
+            })
+        };
+    let mut admitted = BTreeSet::new();
+    for rule in spec.ingress.iter().flatten() {
+        let ports = rule.ports.as_ref().unwrap_or_else(|| {
+            panic!("{overlay}: a NetworkPolicy rule without ports admits every port")
+        });
+        for p in ports {
+            let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            let port = p.port.as_ref().unwrap_or_else(|| {
+                panic!(
+                    "{overlay}: a NetworkPolicy port without a number admits every {protocol} port"
+                )
+            });
+            let (protocol, number, name) = resolve(&protocol, port);
+            let anywhere = rule.from.as_ref().is_none_or(Vec::is_empty);
+            if name == "tunnel" {
+                assert!(
+                    anywhere,
+                    "{overlay}: the tunnel port must be open to the peers (no `from`)"
+                );
+            } else {
+                let peers = rule.from.as_ref().unwrap_or_else(|| {
+                    panic!("{overlay}: {protocol} {number} ({name}) is open to anyone; only the cluster's pods may reach it")
+                });
+                assert!(
+                    !peers.is_empty()
+                        && peers
+                            .iter()
+                            .all(|p| p.ip_block.is_none() && p.namespace_selector.is_some()),
+                    "{overlay}: {protocol} {number} ({name}) must be admitted from the cluster's pods only (namespaceSelector), got {peers:?}"
+                );
+            }
+            admitted.insert((protocol, number, name));
+        }
+    }
+    assert_eq!(
+        admitted, container_ports,
+        "{overlay}: the gateway's NetworkPolicy must admit exactly its container's ports"
+    );
 }
 
 /// Whether every `key: value` of a selector is among a pod's labels.

@@ -340,3 +340,246 @@ async fn a_service_port_with_app_protocol_h2c_is_called_over_http2() {
     let (_dir, gw) = west_with_kube(&kube, "", vec![]).await;
     wait_served(gw.outbound, RATINGS, &["h2c-ratings"], &gw).await;
 }
+
+/// The policy file of `west_with_kube`, rewritten with `from` replaced by
+/// `to` (a commit; the gateway follows its policy directory).
+fn commit(dir: &TempDir, from: &str, to: &str) {
+    let path = dir.path().join("policy").join("p.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{from} not in {text}");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text.replace(from, to)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+/// Waits for `what` to hold, with a deadline.
+async fn until(what: &str, gw: &GatewayProcess, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + meshfed_tests::patient(Duration::from_secs(15));
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within the deadline\n{}",
+            gw.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With the default `--kube-watch-scope policy`, as Istio's
+/// `discoverySelectors`: only the namespaces the policy names are listed
+/// and watched (the fake counts requests per namespace path), never every
+/// namespace; a Service elsewhere is unknown. A commit that names a new
+/// namespace starts its watches and its endpoints appear; one that no
+/// longer names a namespace ends its watches and removes its endpoints,
+/// while another namespace's service is served the whole time without a
+/// single failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_namespaces_the_policy_names_are_watched_and_commits_add_and_drop_them() {
+    let (r1, _t1) = http_backend("r1").await;
+    let (c1, _t2) = http_backend("c1").await;
+    let (s1, _t3) = http_backend("s1").await;
+    let kube = FakeKube::start().await;
+    kube.apply(service("default", "ratings", 9080));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
+    kube.apply(service("shop", "cart", 9080));
+    kube.apply(slice("shop", "cart", "cart-a", c1, true, "cart-1"));
+    kube.apply(service("unnamed", "secret", 9080));
+    kube.apply(slice("unnamed", "secret", "secret-a", s1, true, "secret-1"));
+    // `stage` is named by a DestinationRule's host; `shop` not yet.
+    let route = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: staged, namespace: default}\nspec:\n  host: ratings.stage.svc.cluster.local\n";
+    let (dir, gw) = west_with_kube(&kube, route, vec![]).await;
+    wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
+
+    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod] {
+        assert!(
+            kube.lists_in(kind, Some("default")) >= 1,
+            "{kind:?} in default not listed"
+        );
+        assert!(
+            kube.lists_in(kind, Some("stage")) >= 1,
+            "{kind:?} in stage (a route's destination) not listed"
+        );
+        assert_eq!(
+            kube.lists_in(kind, Some("unnamed")),
+            0,
+            "{kind:?} listed in a namespace the policy does not name"
+        );
+        assert_eq!(
+            kube.lists_in(kind, Some("shop")),
+            0,
+            "{kind:?} listed in shop before it is named"
+        );
+        assert_eq!(
+            kube.lists_in(kind, None),
+            0,
+            "{kind:?} listed in every namespace"
+        );
+    }
+    let cart = "cart.shop.svc.cluster.local:9080";
+    assert!(
+        served_by(gw.outbound, cart).await.is_err(),
+        "cart served before its namespace is named"
+    );
+    assert!(
+        served_by(gw.outbound, "secret.unnamed.svc.cluster.local:9080")
+            .await
+            .is_err(),
+        "a Service of an unnamed namespace is served"
+    );
+
+    // A commit exports cart.shop: shop's watches start, its endpoints appear.
+    commit(
+        &dir,
+        "kind: ServiceExport\nmetadata: {name: ratings, namespace: default}\n",
+        "kind: ServiceExport\nmetadata: {name: ratings, namespace: default}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: cart, namespace: shop}\n",
+    );
+    wait_served(gw.outbound, cart, &["c1"], &gw).await;
+    assert!(kube.open_watches_in(Kind::EndpointSlice, Some("shop")) >= 1);
+    wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
+
+    // Calls to cart flow, one every 10 ms, while default is dropped.
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (ok, failed, stop, via) = (ok.clone(), failed.clone(), stop.clone(), gw.outbound);
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match served_by(via, cart).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e);
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            errors
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A commit that names neither default nor stage any more.
+    let text = std::fs::read_to_string(dir.path().join("policy").join("p.yaml")).unwrap();
+    let kept: Vec<&str> = text
+        .split("---\n")
+        .filter(|doc| !doc.contains("namespace: default"))
+        .collect();
+    let tmp = dir.path().join("policy").join("p.tmp");
+    std::fs::write(&tmp, kept.join("---\n")).unwrap();
+    std::fs::rename(&tmp, dir.path().join("policy").join("p.yaml")).unwrap();
+    until("default's and stage's watches end", &gw, || {
+        [Kind::Service, Kind::EndpointSlice, Kind::Pod]
+            .iter()
+            .all(|k| {
+                kube.open_watches_in(*k, Some("default")) == 0
+                    && kube.open_watches_in(*k, Some("stage")) == 0
+            })
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + meshfed_tests::patient(Duration::from_secs(15));
+    while served_by(gw.outbound, RATINGS).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ratings.default still served after its namespace was dropped\n{}",
+            gw.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let errors = load.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 20, "only {ok} calls to cart ran");
+    assert_eq!(
+        failed,
+        0,
+        "calls to shop's service failed while default was dropped: {errors:?}\n{}",
+        gw.log_tail()
+    );
+    assert!(kube.open_watches_in(Kind::Service, Some("shop")) >= 1);
+}
+
+/// `--kube-watch-scope all` watches every namespace, one watch per kind:
+/// a Service in a namespace the policy never names is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_scope_all_watches_every_namespace() {
+    let (r1, _t1) = http_backend("r1").await;
+    let (s1, _t2) = http_backend("s1").await;
+    let kube = FakeKube::start().await;
+    kube.apply(service("default", "ratings", 9080));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
+    kube.apply(service("unnamed", "secret", 9080));
+    kube.apply(slice("unnamed", "secret", "secret-a", s1, true, "secret-1"));
+    let (_dir, gw) =
+        west_with_kube(&kube, "", vec!["--kube-watch-scope".into(), "all".into()]).await;
+    wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
+    wait_served(
+        gw.outbound,
+        "secret.unnamed.svc.cluster.local:9080",
+        &["s1"],
+        &gw,
+    )
+    .await;
+    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod] {
+        assert!(
+            kube.lists_in(kind, None) >= 1,
+            "{kind:?} not listed in every namespace"
+        );
+        assert_eq!(
+            kube.lists_in(kind, Some("default")),
+            0,
+            "{kind:?} listed per namespace too"
+        );
+    }
+}
+
+/// A headless Service without ports (`clusterIP: None`, no `ports`, as a
+/// StatefulSet's governing Service often is; its EndpointSlices list no
+/// ports either): a caller reaches its pods on the port it asks for, as
+/// through their DNS names in a real cluster. Before, such a Service had
+/// no endpoints and every call failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_service_without_ports_is_reached_on_the_requested_port() {
+    let (r1, _t1) = http_backend("r1").await;
+    let (db, _t2) = http_backend("db-0").await;
+    let kube = FakeKube::start().await;
+    kube.apply(service("default", "ratings", 9080));
+    kube.apply(slice(
+        "default",
+        "ratings",
+        "ratings-a",
+        r1,
+        true,
+        "ratings-1",
+    ));
+    kube.apply(json!({"kind": "Service", "apiVersion": "v1",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"clusterIP": "None", "selector": {"app": "db"}}}));
+    kube.apply(
+        json!({"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": "db-x1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [db.ip().to_string()],
+                       "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "db-0", "namespace": "default"}}]}),
+    );
+    let (_dir, gw) = west_with_kube(&kube, "", vec![]).await;
+    wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
+    let host = format!("db.default.svc.cluster.local:{}", db.port());
+    wait_served(gw.outbound, &host, &["db-0"], &gw).await;
+}

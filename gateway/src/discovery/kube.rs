@@ -1,7 +1,9 @@
 //! Kubernetes discovery: this cluster's endpoints from the API server, with
 //! kube-rs runtime watchers.
 //!
-//! It watches, in every namespace or only those of `--kube-namespace`:
+//! It watches, in the namespaces the applied policy names (and those of
+//! `--kube-namespace`), or in every namespace with `--kube-watch-scope all`
+//! ([`scope`]):
 //! - Services: one [`EndpointSet`] entry per Service, `name.ns.svc.<domain>`.
 //!   ExternalName Services and the mirror Services this gateway writes
 //!   ([`crate::mirror`], labelled [`MIRROR_OF_LABEL`]) are skipped: a mirror
@@ -66,7 +68,7 @@ use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
+use kube::core::{ApiResource, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -81,6 +83,11 @@ use crate::wire::announce::{ServicePort, ServicePorts};
 pub const MIRROR_OF_LABEL: &str = "meshfed.io/mirror-of";
 /// The label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label selectors of the mirror objects, watched in every namespace
+/// with a policy scope (the mirror controller's labels:
+/// `crate::mirror::MANAGED_BY`, `SLICE_MANAGED_BY`).
+const MIRROR_SERVICES_SELECTOR: &str = "app.kubernetes.io/managed-by=meshfed-gateway";
+const MIRROR_SLICES_SELECTOR: &str = "endpointslice.kubernetes.io/managed-by=meshfed.io/mirror";
 /// The zone label endpoints get from their slice.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// How long the first full list of every kind may take before a persisted
@@ -99,8 +106,11 @@ pub struct KubeSettings {
     /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config`, then the
     /// in-cluster service account (kube's `Config::infer`).
     pub kubeconfig: Option<PathBuf>,
-    /// Namespaces to watch; empty: all.
+    /// Namespaces watched besides those the policy names
+    /// (`--kube-namespace`).
     pub namespaces: Vec<String>,
+    /// The policy's namespaces, or every one (`--kube-watch-scope`).
+    pub scope: WatchScope,
     /// Also require in-cluster ServiceExport objects for local exports.
     pub service_exports: bool,
     /// Create mirror Services pointing at this gateway Service
@@ -203,42 +213,88 @@ impl<T: PartialEq> Map<T> {
     }
 }
 
-/// Everything the watchers hold, one [`Map`] per watcher (a kind in one
-/// namespace, or in all).
+/// The objects of one watched namespace (or of every namespace), one
+/// [`Map`] per kind. `generation` tells its watchers from those of an earlier
+/// watch of the same namespace (stopped, then started again), whose last
+/// events must not land here.
+#[derive(Debug)]
+struct Watched {
+    generation: u64,
+    services: Map<Service>,
+    slices: Map<EndpointSlice>,
+    pods: Map<PodMeta>,
+    exports: Option<Map<()>>,
+}
+
+impl Watched {
+    fn synced(&self) -> bool {
+        self.services.synced
+            && self.slices.synced
+            && self.pods.synced
+            && self.exports.as_ref().is_none_or(|m| m.synced)
+    }
+}
+
+/// Everything the watchers hold: per watched namespace (`None`: all of
+/// them), and, with mirrors on and a policy scope, the mirror objects of
+/// every namespace (label-selected).
 #[derive(Debug, Default)]
 pub struct Stores {
-    services: Vec<Map<Service>>,
-    slices: Vec<Map<EndpointSlice>>,
-    pods: Vec<Map<PodMeta>>,
-    exports: Vec<Map<()>>,
+    watched: BTreeMap<Option<String>, Watched>,
+    mirror_services: Option<Map<Service>>,
+    mirror_slices: Option<Map<EndpointSlice>>,
 }
 
 impl Stores {
-    /// Every Service the watchers hold.
+    /// Every Service the watchers hold (a mirror Service may be listed
+    /// twice: by its namespace's watcher and by the mirrors').
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.services.iter().flat_map(Map::values)
+        self.watched
+            .values()
+            .flat_map(|w| w.services.values())
+            .chain(self.mirror_services.iter().flat_map(Map::values))
     }
 
-    /// Every EndpointSlice the watchers hold.
+    /// Every EndpointSlice the watchers hold (a mirror's may be listed
+    /// twice).
     pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.iter().flat_map(Map::values)
+        self.watched
+            .values()
+            .flat_map(|w| w.slices.values())
+            .chain(self.mirror_slices.iter().flat_map(Map::values))
+    }
+
+    /// The watched namespaces whose every kind is listed: only their
+    /// objects are published (a namespace newly watched joins whole).
+    fn served(&self) -> impl Iterator<Item = &Watched> {
+        self.watched.values().filter(|w| w.synced())
+    }
+
+    fn watched_mut(&mut self, key: &Option<String>, generation: u64) -> Option<&mut Watched> {
+        self.watched
+            .get_mut(key)
+            .filter(|w| w.generation == generation)
+    }
+
+    /// The watcher set that holds namespace `ns`'s objects.
+    fn covering(&self, ns: &str) -> Option<&Watched> {
+        self.watched
+            .get(&Some(ns.to_string()))
+            .or_else(|| self.watched.get(&None))
+    }
+
+    fn pod(&self, ns: &str, name: &str) -> Option<&PodMeta> {
+        let key = (ns.to_string(), name.to_string());
+        self.covering(ns)?.pods.objs.get(&key)
     }
 
     fn pod_labels(&self, ns: &str, name: &str) -> Option<&[(Box<str>, Box<str>)]> {
-        let key = (ns.to_string(), name.to_string());
-        self.pods
-            .iter()
-            .find_map(|m| m.objs.get(&key))
-            .map(|p| &*p.labels)
+        self.pod(ns, name).map(|p| &*p.labels)
     }
 
     /// Whether pod `ns/name` is being deleted (it has a deletionTimestamp).
     pub fn pod_deleting(&self, ns: &str, name: &str) -> bool {
-        let key = (ns.to_string(), name.to_string());
-        self.pods
-            .iter()
-            .find_map(|m| m.objs.get(&key))
-            .is_some_and(|p| p.deleting)
+        self.pod(ns, name).is_some_and(|p| p.deleting)
     }
 
     /// Whether every watcher has listed its kind once: before that the
@@ -247,19 +303,44 @@ impl Stores {
         self.unsynced().is_empty()
     }
 
-    fn unsynced(&self) -> Vec<&'static str> {
+    /// Whether namespace `ns` is watched and every kind of it listed.
+    pub fn namespace_synced(&self, ns: &str) -> bool {
+        self.covering(ns).is_some_and(Watched::synced)
+    }
+
+    /// Whether the mirror objects of every namespace are listed (by the
+    /// mirrors' own watchers, or by watchers of every namespace).
+    pub fn mirrors_synced(&self) -> bool {
+        match (&self.mirror_services, &self.mirror_slices) {
+            (Some(a), Some(b)) => a.synced && b.synced,
+            _ => self.watched.get(&None).is_some_and(Watched::synced),
+        }
+    }
+
+    fn unsynced(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.services.iter().any(|m| !m.synced) {
-            out.push("services");
+        for (key, w) in &self.watched {
+            let place = key.as_deref().unwrap_or("all namespaces");
+            let kinds = [
+                ("services", w.services.synced),
+                ("endpointslices", w.slices.synced),
+                ("pods", w.pods.synced),
+                (
+                    "serviceexports",
+                    w.exports.as_ref().is_none_or(|m| m.synced),
+                ),
+            ];
+            for (kind, synced) in kinds {
+                if !synced {
+                    out.push(format!("{kind} in {place}"));
+                }
+            }
         }
-        if self.slices.iter().any(|m| !m.synced) {
-            out.push("endpointslices");
+        if self.mirror_services.as_ref().is_some_and(|m| !m.synced) {
+            out.push("mirror services".into());
         }
-        if self.pods.iter().any(|m| !m.synced) {
-            out.push("pods");
-        }
-        if self.exports.iter().any(|m| !m.synced) {
-            out.push("serviceexports");
+        if self.mirror_slices.as_ref().is_some_and(|m| !m.synced) {
+            out.push("mirror endpointslices".into());
         }
         out
     }
@@ -313,7 +394,7 @@ fn is_ours(meta: &ObjectMeta) -> bool {
 
 /// What is kept of a Service, converted on arrival so that the cache holds
 /// only what discovery and the mirror controller read: its name, namespace,
-/// type and ports (name, number, protocol, `appProtocol`). Annotations
+/// type, IP families, whether it is headless, and ports (name, number, protocol, `appProtocol`). Annotations
 /// (`kubectl.kubernetes.io/last-applied-configuration` alone is the size of
 /// the object), `managedFields`, the rest of the spec and the status are
 /// dropped. A mirror Service ([`is_ours`]) keeps its metadata (but
@@ -332,6 +413,9 @@ pub fn slim_service(svc: Service) -> Service {
     }
     let spec = spec.map(|sp| ServiceSpec {
         type_: sp.type_,
+        ip_families: sp.ip_families,
+        // Only whether it is headless.
+        cluster_ip: sp.cluster_ip.filter(|ip| ip == "None"),
         ports: sp.ports.map(|ports| {
             ports
                 .into_iter()
@@ -470,6 +554,8 @@ pub struct KubeDiscovery {
     pub client: Client,
     /// The watchers' stores.
     pub shared: Arc<Shared>,
+    /// The namespaces watched, to follow the applied policy.
+    pub watchers: Arc<scope::Watchers>,
 }
 
 impl Debug for KubeDiscovery {
@@ -521,10 +607,15 @@ pub fn service_export_resource() -> ApiResource {
 /// longer than the sync timeout, and then serves the persisted set until
 /// the watchers sync. Without a persisted set it waits as long as it takes,
 /// warning every sync timeout.
+///
+/// `named`: the namespaces the applied policy names ([`policy_namespaces`];
+/// ignored with `--kube-watch-scope all`); later policies' are given to
+/// [`KubeDiscovery::watchers`].
 pub async fn watch(
     settings: &KubeSettings,
     cluster: String,
     domain: String,
+    named: &BTreeSet<String>,
 ) -> Result<KubeDiscovery, KubeError> {
     let client = client(settings).await?;
     let shared = Arc::new(Shared {
@@ -535,69 +626,49 @@ pub async fn watch(
         failures: AtomicU64::new(0),
         failed: Notify::new(),
     });
-    let mut namespaces: Vec<Option<String>> =
-        settings.namespaces.iter().cloned().map(Some).collect();
-    if let Some((_, ns)) = &settings.mirror_target
-        && !namespaces.is_empty()
-        && !namespaces.contains(&Some(ns.clone()))
-    {
-        // The gateway's own Service gives the mirrors their endpoints.
-        namespaces.push(Some(ns.clone()));
+    // Always watched: the namespaces of --kube-namespace, and the gateway's
+    // own (its outbound Service gives the mirrors their endpoints).
+    let mut fixed: BTreeSet<String> = settings.namespaces.iter().cloned().collect();
+    if let Some((_, ns)) = &settings.mirror_target {
+        fixed.insert(ns.clone());
     }
-    if namespaces.is_empty() {
-        namespaces.push(None);
-    }
-    for ns in &namespaces {
-        let services: Api<Service> = api(&client, ns);
-        let slices: Api<EndpointSlice> = api(&client, ns);
-        // Metadata only: the labels are all discovery needs from a pod.
-        let pods: Api<PartialObjectMeta<Pod>> = api(&client, ns);
-        let i = shared.with_mut(|s| {
-            s.services.push(Map::default());
-            s.slices.push(Map::default());
-            s.pods.push(Map::default());
-            s.services.len() - 1
+    let watchers = Arc::new(scope::Watchers::new(
+        client.clone(),
+        shared.clone(),
+        settings.scope,
+        settings.service_exports,
+        fixed,
+    ));
+    watchers.set_named(named);
+    if settings.mirror_target.is_some() && settings.scope == WatchScope::Policy {
+        // The mirrors in every namespace, by their labels: one in a
+        // namespace no longer named must still be seen to be deleted.
+        shared.with_mut(|s| {
+            s.mirror_services = Some(Map::default());
+            s.mirror_slices = Some(Map::default());
         });
-        let label = ns.as_deref().unwrap_or("all namespaces").to_string();
+        let services: Api<Service> = Api::all(client.clone());
+        let slices: Api<EndpointSlice> = Api::all(client.clone());
         spawn_follow(
             shared.clone(),
-            format!("services in {label}"),
-            watcher::watcher(services, watcher::Config::default()),
-            move |s: &mut Stores| &mut s.services[i],
+            "mirror services in all namespaces".into(),
+            watcher::watcher(
+                services,
+                watcher::Config::default().labels(MIRROR_SERVICES_SELECTOR),
+            ),
+            |s: &mut Stores| s.mirror_services.as_mut(),
             |svc| Some(slim_service(svc)),
         );
         spawn_follow(
             shared.clone(),
-            format!("endpointslices in {label}"),
-            watcher::watcher(slices, watcher::Config::default()),
-            move |s: &mut Stores| &mut s.slices[i],
+            "mirror endpointslices in all namespaces".into(),
+            watcher::watcher(
+                slices,
+                watcher::Config::default().labels(MIRROR_SLICES_SELECTOR),
+            ),
+            |s: &mut Stores| s.mirror_slices.as_mut(),
             |sl| Some(slim_slice(sl)),
         );
-        spawn_follow(
-            shared.clone(),
-            format!("pods in {label}"),
-            watcher::watcher(pods, watcher::Config::default()),
-            move |s: &mut Stores| &mut s.pods[i],
-            |p: PartialObjectMeta<Pod>| Some(PodMeta::of(p)),
-        );
-        if settings.service_exports {
-            let ar = service_export_resource();
-            let exports: Api<DynamicObject> = match ns {
-                Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-                None => Api::all_with(client.clone(), &ar),
-            };
-            let j = shared.with_mut(|s| {
-                s.exports.push(Map::default());
-                s.exports.len() - 1
-            });
-            spawn_follow(
-                shared.clone(),
-                format!("serviceexports in {label} (is the MCS ServiceExport CRD installed?)"),
-                watcher::watcher(exports, watcher::Config::default()),
-                move |s: &mut Stores| &mut s.exports[j],
-                |_| Some(()),
-            );
-        }
     }
 
     // The first full list of every kind. If it fails or is slow and a set
@@ -767,7 +838,39 @@ pub async fn watch(
         service_ports,
         client,
         shared,
+        watchers,
     })
+}
+
+/// Waits until every namespace of `named` is watched and has every kind
+/// listed, at most `timeout` (then warns which are not: a namespace over
+/// [`scope::MAX_WATCHED_NAMESPACES`], or one the API server refuses).
+pub async fn wait_listed(shared: &Shared, named: &BTreeSet<String>, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut version = shared.subscribe();
+    loop {
+        let waiting: Vec<String> = shared.with(|s| {
+            named
+                .iter()
+                .filter(|ns| !s.namespace_synced(ns))
+                .cloned()
+                .collect()
+        });
+        if waiting.is_empty() {
+            return;
+        }
+        tokio::select! {
+            r = version.changed() => if r.is_err() { return },
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(
+                    namespaces = %waiting.join(", "),
+                    last_error = %shared.last_error(),
+                    "namespaces the policy names are not listed yet; ready without their endpoints, which join once listed"
+                );
+                return;
+            }
+        }
+    }
 }
 
 fn client_url(settings: &KubeSettings) -> String {
@@ -803,20 +906,23 @@ where
 
 /// Follows one watcher into its [`Map`], with backoff, logging the first
 /// error of a streak (with what was being watched) and the recovery.
+/// `select` finds the map (`None`: it is gone, the namespace no longer
+/// watched, and the event is dropped). Aborting the task ends the watch.
 fn spawn_follow<K, T, S, Sel, Conv>(
     shared: Arc<Shared>,
     what: String,
     stream: S,
     select: Sel,
     convert: Conv,
-) where
+) -> tokio::task::AbortHandle
+where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     T: PartialEq + Send + 'static,
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
-    Sel: Fn(&mut Stores) -> &mut Map<T> + Send + 'static,
+    Sel: Fn(&mut Stores) -> Option<&mut Map<T>> + Send + 'static,
     Conv: Fn(K) -> Option<T> + Send + 'static,
 {
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut stream = Box::pin(stream.default_backoff());
         let mut failing = false;
         while let Some(ev) = stream.next().await {
@@ -859,13 +965,14 @@ fn spawn_follow<K, T, S, Sel, Conv>(
                     None => continue,
                 },
             };
-            let changed = shared.with_mut(|s| select(s).apply(ev));
+            let changed = shared.with_mut(|s| select(s).is_some_and(|m| m.apply(ev)));
             if changed {
                 shared.version.send_modify(|v| *v += 1);
                 shared.changed.notify_one();
             }
         }
     });
+    task.abort_handle()
 }
 
 fn convert_keyed<K: Resource, T>(
@@ -878,8 +985,8 @@ fn convert_keyed<K: Resource, T>(
 
 /// The canonical hosts of the ServiceExports in the stores.
 pub fn export_hosts(s: &Stores, domain: &str) -> BTreeSet<String> {
-    s.exports
-        .iter()
+    s.served()
+        .filter_map(|w| w.exports.as_ref())
         .flat_map(|m| m.objs.keys())
         .map(|(ns, name)| format!("{name}.{ns}.svc.{domain}"))
         .collect()
@@ -917,9 +1024,11 @@ struct Discovered<'s> {
     spec: &'s ServiceSpec,
 }
 
-/// The Services discovery serves: neither mirrors nor ExternalName.
+/// The Services discovery serves: those of namespaces fully listed, neither
+/// mirrors nor ExternalName.
 fn discovered<'s>(s: &'s Stores, domain: &'s str) -> impl Iterator<Item = Discovered<'s>> + 's {
-    s.services()
+    s.served()
+        .flat_map(|w| w.services.values())
         .filter(|svc| !is_mirror(svc))
         .filter_map(move |svc| {
             let spec = svc.spec.as_ref()?;
@@ -969,28 +1078,45 @@ pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .collect();
         let multi = ports.len() > 1;
+        // A headless Service without ports (`clusterIP: None`): its pods
+        // are reached on whatever port the caller asks for, as by their
+        // DNS names in a real cluster (Istio does the same). Its endpoints
+        // carry port 0, the requested port (crate::upstream).
+        let any_port = spec.cluster_ip.as_deref() == Some("None")
+            && spec.ports.as_ref().is_none_or(Vec::is_empty);
+        let per_port: Vec<Option<&k8s_openapi::api::core::v1::ServicePort>> = if any_port {
+            vec![None]
+        } else {
+            ports.iter().map(|p| Some(*p)).collect()
+        };
         let mut eps = Vec::new();
         let service_slices = slices.get(&(ns.clone(), name.clone()));
-        for sp in &ports {
+        for sp in per_port {
             let mut candidates: BTreeMap<SocketAddr, (State, BTreeMap<String, String>)> =
                 BTreeMap::new();
+            // The families each pod has addresses of (v4, v6).
+            let mut pods: BTreeMap<(&str, &str), (bool, bool)> = BTreeMap::new();
+            let mut pod_of: BTreeMap<SocketAddr, (&str, &str)> = BTreeMap::new();
             for sl in service_slices.into_iter().flatten() {
                 if !matches!(sl.address_type.as_str(), "IPv4" | "IPv6") {
                     continue;
                 }
                 // The slice port of this service port: by name (a
                 // single-port Service's port may be unnamed).
-                let Some(port) = sl
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| {
-                        p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or("")
-                            && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
-                    })
-                    .and_then(|p| p.port)
-                    .and_then(|p| u16::try_from(p).ok())
-                else {
+                let port = match sp {
+                    None => Some(0),
+                    Some(sp) => sl
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|p| {
+                            p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or("")
+                                && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                        })
+                        .and_then(|p| p.port)
+                        .and_then(|p| u16::try_from(p).ok()),
+                };
+                let Some(port) = port else {
                     continue;
                 };
                 for e in &sl.endpoints {
@@ -1008,14 +1134,30 @@ pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
                         labels.insert(ZONE_LABEL.into(), zone.clone());
                     }
                     labels.insert(CLUSTER_LABEL.into(), cluster.into());
-                    if multi {
+                    if let Some(sp) = sp
+                        && multi
+                    {
                         labels.insert(PORT_LABEL.into(), sp.port.to_string());
                     }
+                    let pod = e.target_ref.as_ref().and_then(|tr| {
+                        (tr.kind.as_deref() == Some("Pod"))
+                            .then_some(tr.namespace.as_deref().unwrap_or(&ns))
+                            .zip(tr.name.as_deref())
+                    });
                     for a in &e.addresses {
                         let Ok(ip) = a.parse::<IpAddr>() else {
                             continue;
                         };
                         let addr = SocketAddr::new(ip, port);
+                        if let Some(pod) = pod {
+                            let f = pods.entry(pod).or_default();
+                            if ip.is_ipv6() {
+                                f.1 = true;
+                            } else {
+                                f.0 = true;
+                            }
+                            pod_of.insert(addr, pod);
+                        }
                         // The same address in two slices (during a slice
                         // split): the better state wins.
                         let entry = candidates.entry(addr).or_insert((state, labels.clone()));
@@ -1025,6 +1167,21 @@ pub fn endpoint_set(s: &Stores, cluster: &str, domain: &str) -> EndpointSet {
                     }
                 }
             }
+            // A dual-stack pod is in an IPv4 and an IPv6 slice: it is one
+            // endpoint (one pod's weight in counts and balancing), at its
+            // address of the Service's primary family (`ipFamilies[0]`,
+            // IPv4 when unset), as Istio keeps one endpoint per pod.
+            let primary_v6 = spec
+                .ip_families
+                .as_ref()
+                .and_then(|f| f.first())
+                .is_some_and(|f| f == "IPv6");
+            candidates.retain(|addr, _| {
+                pod_of
+                    .get(addr)
+                    .and_then(|p| pods.get(p))
+                    .is_none_or(|&(v4, v6)| !(v4 && v6) || addr.is_ipv6() == primary_v6)
+            });
             let any_ready = candidates.values().any(|(st, _)| *st == State::Ready);
             for (addr, (state, labels)) in candidates {
                 let healthy = match state {
@@ -1132,6 +1289,8 @@ fn humantime_since(t: std::time::SystemTime) -> String {
 }
 
 pub mod persist;
+pub mod scope;
+pub use scope::{WatchScope, policy_namespaces};
 
 #[cfg(test)]
 mod tests;

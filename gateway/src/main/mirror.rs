@@ -60,7 +60,8 @@ pub struct MirrorCli {
     )]
     mirror_ports: Vec<u16>,
 
-    /// Only these namespaces (repeatable or comma-separated; default: all).
+    /// Namespaces watched besides those of the exports the gateways' views
+    /// name and the gateways' own (repeatable or comma-separated).
     #[arg(
         long,
         value_name = "NS",
@@ -68,6 +69,15 @@ pub struct MirrorCli {
         value_delimiter = ','
     )]
     kube_namespace: Vec<String>,
+
+    /// Which namespaces are watched: `policy`, those of the exports in the
+    /// gateways' views (where mirrors are made) plus --kube-namespace, with
+    /// the mirrors themselves watched in every namespace by their labels;
+    /// or `all`, every namespace.
+    #[arg(long, value_name = "SCOPE", env = "MESHFED_KUBE_WATCH_SCOPE",
+          default_value = "policy",
+          value_parser = ["policy", "all"])]
+    kube_watch_scope: String,
 
     /// The gateways' admin port.
     #[arg(long, value_name = "PORT", env = "MESHFED_GATEWAY_ADMIN_PORT",
@@ -138,6 +148,11 @@ fn run(cli: MirrorCli) -> ExitCode {
         kube: KubeSettings {
             kubeconfig: cli.kubeconfig,
             namespaces: cli.kube_namespace,
+            scope: if cli.kube_watch_scope == "all" {
+                meshfed_gateway::discovery::kube::WatchScope::All
+            } else {
+                meshfed_gateway::discovery::kube::WatchScope::Policy
+            },
             service_exports: false,
             mirror_target: Some(cli.mirror_services),
             mirror_ports: cli.mirror_ports,

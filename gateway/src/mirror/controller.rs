@@ -52,6 +52,7 @@ use tokio::time::Instant;
 use super::view::{GatewayView, MAX_VIEW_BYTES};
 use super::{Memory, MirrorMetrics, MirrorSettings, RESYNC, gateway_addresses, lease, reconcile};
 use crate::discovery::kube::KubeSettings;
+use crate::discovery::kube::scope::host_namespaces;
 use crate::metrics::Register;
 use crate::state::provenance::Source;
 
@@ -122,12 +123,15 @@ pub async fn run(settings: ControllerSettings) -> anyhow::Result<()> {
         .with_context(|| format!("binding the controller's admin address {}", settings.listen))?;
     tokio::spawn(serve_admin(listener, ready.clone(), metrics.clone()));
 
+    // Until a gateway's view names the exports' namespaces: the gateways'
+    // own namespace and --kube-namespace.
     let kube = crate::discovery::kube::watch(
         &settings.kube,
         settings.cluster.clone().unwrap_or_default(),
         // The controller publishes no endpoints; the domain it mirrors
         // under comes with each view.
         "cluster.local".into(),
+        &Default::default(),
     )
     .await?;
     ready.store(true, Ordering::Release);
@@ -168,7 +172,6 @@ pub async fn run(settings: ControllerSettings) -> anyhow::Result<()> {
         target: target.clone(),
         outbound_port: 0,
         default_ports: settings.kube.mirror_ports.clone(),
-        namespaces: settings.kube.namespaces.clone(),
     };
     let mut stores = shared.subscribe();
     let mut memory = Memory::default();
@@ -211,11 +214,14 @@ pub async fn run(settings: ControllerSettings) -> anyhow::Result<()> {
         let is_leader = *leader.borrow_and_update();
         metrics.leader.set(i64::from(is_leader));
         if let Some((_, view)) = &last {
+            // Watch the namespaces the view's exports are in.
+            kube.watchers
+                .set_named(&host_namespaces(view.exports.keys(), &view.domain));
             memory.saw(view);
             mirror.outbound_port = view.outbound_port;
             // Never on partial stores: a mirror not listed yet would look
             // missing (created again) and a real Service absent (shadowed).
-            if is_leader && shared.with(crate::discovery::kube::Stores::synced) {
+            if is_leader && shared.with(crate::discovery::kube::Stores::mirrors_synced) {
                 reconcile(view, &client, &shared, &mirror, &mut memory).await;
             }
         }

@@ -93,7 +93,6 @@ fn settings() -> MirrorSettings {
         target: ("meshfed-gateway".into(), "meshfed-system".into()),
         outbound_port: 15001,
         default_ports: vec![80],
-        namespaces: vec![],
     }
 }
 

@@ -100,12 +100,15 @@ impl Caller {
     /// endpoints (crate::route::caller_namespace), else the declared one.
     /// Never a guess: with none of these, `Err` says what to call instead.
     /// A longer name does not depend on it (the certificate's namespace, or
-    /// "", is returned).
+    /// "", is returned). `watched`: the namespaces Kubernetes discovery
+    /// watches, when it watches only some (a caller elsewhere is no
+    /// endpoint, and the refusal says so).
     fn namespace_for<'a>(
         &'a self,
         authority: &str,
         local: &'a EndpointSet,
         domain: &str,
+        watched: Option<&[String]>,
     ) -> Result<&'a str, String> {
         if let Some(ns) = &self.namespace {
             return Ok(ns);
@@ -131,11 +134,32 @@ impl Caller {
             Some(a) => format!("the caller at {}", a.ip()),
             None => "the caller".to_string(),
         };
+        let Some(watched) = watched else {
+            return Err(format!(
+                "`{host}` is a short name, and this gateway cannot tell which namespace it means: \
+                 {who} presented no workload certificate and is not an endpoint of exactly one \
+                 namespace's services; call `{host}.<namespace>` or `{host}.<namespace>.svc.{domain}` \
+                 (docs/kubernetes.md, \"Short names\")"
+            ));
+        };
+        const SHOWN: usize = 8;
+        let mut listed = watched
+            .iter()
+            .take(SHOWN)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if watched.len() > SHOWN {
+            listed.push_str(&format!(" and {} more", watched.len() - SHOWN));
+        }
         Err(format!(
             "`{host}` is a short name, and this gateway cannot tell which namespace it means: \
              {who} presented no workload certificate and is not an endpoint of exactly one \
-             namespace's services; call `{host}.<namespace>` or `{host}.<namespace>.svc.{domain}` \
-             (docs/kubernetes.md, \"Short names\")"
+             namespace's services among those it watches: Kubernetes discovery watches only the \
+             namespaces the policy names and --kube-namespace adds ({listed}), so a caller in \
+             another namespace cannot be placed by its address; call `{host}.<namespace>` or \
+             `{host}.<namespace>.svc.{domain}`, or add the caller's namespace with \
+             --kube-namespace (docs/kubernetes.md, \"Short names\")"
         ))
     }
 }
@@ -623,8 +647,9 @@ async fn handle_connection(
             let namespace = {
                 let domain = state.active.load().snapshot.policy.domain.clone();
                 let local = state.endpoints.borrow();
+                let watched = state.watched_namespaces.load();
                 caller
-                    .namespace_for(&host, &local, &domain)
+                    .namespace_for(&host, &local, &domain, watched.as_deref().map(|w| &w[..]))
                     .map(str::to_string)
             };
             let namespace = match namespace {
@@ -697,15 +722,19 @@ async fn route_and_forward(
     let endpoints = state.endpoints.borrow().clone();
     let remote = state.tunnel.announcements();
     let authority = authority_of(req.uri(), req.headers());
-    let namespace =
-        match caller.namespace_for(&authority, &endpoints, &active.snapshot.policy.domain) {
-            Ok(ns) => ns,
-            Err(why) => {
-                let r = TryError::refused(Refusal::BadRequest, why).respond(grpc);
-                record(&state, &r, "", "", start, grpc);
-                return r;
-            }
-        };
+    let namespace = match caller.namespace_for(
+        &authority,
+        &endpoints,
+        &active.snapshot.policy.domain,
+        state.watched_namespaces.load().as_deref().map(|w| &w[..]),
+    ) {
+        Ok(ns) => ns,
+        Err(why) => {
+            let r = TryError::refused(Refusal::BadRequest, why).respond(grpc);
+            record(&state, &r, "", "", start, grpc);
+            return r;
+        }
+    };
     let ask = plan::Ask {
         method: req.method(),
         uri: req.uri(),
@@ -1876,8 +1905,9 @@ async fn connect(
     let namespace = {
         let domain = state.active.load().snapshot.policy.domain.clone();
         let local = state.endpoints.borrow();
+        let watched = state.watched_namespaces.load();
         caller
-            .namespace_for(host, &local, &domain)
+            .namespace_for(host, &local, &domain, watched.as_deref().map(|w| &w[..]))
             .map(str::to_string)
     };
     let namespace = match namespace {

@@ -28,23 +28,44 @@ fn ep(ip: &str, pod: &str, ready: bool, serving: bool, terminating: bool) -> ser
            "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}})
 }
 
+/// Stores of every namespace, listed, holding these objects.
+fn listed(svcs: Vec<Service>, slices: Vec<EndpointSlice>, pods: Map<PodMeta>) -> Stores {
+    let mut services = Map {
+        synced: true,
+        ..Map::default()
+    };
+    for svc in svcs {
+        services.objs.insert(key_of(&svc), svc);
+    }
+    let mut sls = Map {
+        synced: true,
+        ..Map::default()
+    };
+    for sl in slices {
+        sls.objs.insert(key_of(&sl), sl);
+    }
+    let mut s = Stores::default();
+    s.watched.insert(
+        None,
+        Watched {
+            generation: 0,
+            services,
+            slices: sls,
+            pods: Map {
+                synced: true,
+                ..pods
+            },
+            exports: None,
+        },
+    );
+    s
+}
+
 fn stores(
     svcs: Vec<Service>,
     slices: Vec<EndpointSlice>,
     pods: &[(&str, &[(&str, &str)])],
 ) -> Stores {
-    let mut s = Stores::default();
-    let mut m = Map::default();
-    // Through the conversions the watchers apply on arrival.
-    for svc in svcs {
-        m.objs.insert(key_of(&svc), slim_service(svc));
-    }
-    s.services.push(m);
-    let mut m = Map::default();
-    for sl in slices {
-        m.objs.insert(key_of(&sl), slim_slice(sl));
-    }
-    s.slices.push(m);
     let mut m = Map::default();
     for (name, labels) in pods {
         let l: BTreeMap<String, String> = labels
@@ -59,8 +80,12 @@ fn stores(
         m.objs
             .insert(("default".to_string(), name.to_string()), PodMeta::of(meta));
     }
-    s.pods.push(m);
-    s
+    // Through the conversions the watchers apply on arrival.
+    listed(
+        svcs.into_iter().map(slim_service).collect(),
+        slices.into_iter().map(slim_slice).collect(),
+        m,
+    )
 }
 
 const HOST: &str = "ratings.default.svc.cluster.local";
@@ -322,13 +347,7 @@ fn slim_objects_keep_only_what_is_read() {
     assert!(r.uid.is_none() && e.node_name.is_none() && e.hints.is_none());
 
     // The endpoint set is the same from the slim objects as from whole ones.
-    let mut whole = Stores::default();
-    let mut m = Map::default();
-    m.objs.insert(key_of(&svc), svc.clone());
-    whole.services.push(m);
-    let mut m = Map::default();
-    m.objs.insert(key_of(&sl), sl.clone());
-    whole.slices.push(m);
+    let whole = listed(vec![svc.clone()], vec![sl.clone()], Map::default());
     let slimmed = stores(vec![svc], vec![sl], &[]);
     assert_eq!(
         endpoint_set(&whole, "east", "cluster.local"),
@@ -353,4 +372,145 @@ fn the_mirror_controllers_objects_are_kept_whole() {
         assert!(is_ours(&meta), "{k}={v}");
     }
     assert!(!is_ours(&ObjectMeta::default()));
+}
+
+/// A dual-stack pod is in an IPv4 and an IPv6 slice of its Service: one
+/// endpoint, at its address of the Service's primary family (before, two,
+/// so it weighed double in endpoint counts, locality weights and the
+/// balancer). A pod with one family, and an endpoint without a pod, stay.
+#[test]
+fn a_dual_stack_pod_is_one_endpoint_of_the_services_primary_family() {
+    let mut v6 = slice(
+        "default",
+        "ratings",
+        json!([{"port": 9080}]),
+        json!([
+            ep("fd00::1", "a", true, true, false),
+            ep("fd00::2", "b", true, true, false)
+        ]),
+    );
+    v6.metadata.name = Some("ratings-v6".into());
+    v6.address_type = "IPv6".into();
+    let v4 = slice(
+        "default",
+        "ratings",
+        json!([{"port": 9080}]),
+        json!([
+            ep("10.0.0.1", "a", true, true, false),
+            {"addresses": ["10.0.0.9"], "conditions": {"ready": true}}
+        ]),
+    );
+    let addrs = |families: serde_json::Value| {
+        let mut svc = service("default", "ratings", json!([{"port": 9080}]), json!({}));
+        if !families.is_null() {
+            svc.spec.as_mut().unwrap().ip_families = serde_json::from_value(families).unwrap();
+        }
+        let s = stores(vec![svc], vec![v4.clone(), v6.clone()], &[]);
+        let set = endpoint_set(&s, "east", "cluster.local");
+        set[HOST]
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect::<Vec<_>>()
+    };
+    // Pod a once (IPv4, the default primary); b has only IPv6; the
+    // pod-less 10.0.0.9 stays.
+    assert_eq!(
+        addrs(serde_json::Value::Null),
+        ["10.0.0.1:9080", "10.0.0.9:9080", "[fd00::2]:9080"]
+    );
+    assert_eq!(
+        addrs(json!(["IPv6", "IPv4"])),
+        ["10.0.0.9:9080", "[fd00::1]:9080", "[fd00::2]:9080"]
+    );
+}
+
+/// A headless Service without ports (`clusterIP: None`, as a StatefulSet's
+/// governing Service often is) has its pods as endpoints on any port: port
+/// 0, which the balancer replaces with the requested one. Before, no
+/// endpoints at all. A headless Service with ports is as any other.
+#[test]
+fn a_headless_service_without_ports_has_its_pods_on_any_port() {
+    let mut svc = service("default", "ratings", json!(null), json!({}));
+    svc.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+    let sl = slice(
+        "default",
+        "ratings",
+        json!(null),
+        json!([ep("10.0.0.1", "a", true, true, false)]),
+    );
+    let s = stores(vec![svc.clone()], vec![sl], &[]);
+    let set = endpoint_set(&s, "east", "cluster.local");
+    let addrs: Vec<String> = set[HOST].iter().map(|e| e.addr.to_string()).collect();
+    assert_eq!(addrs, ["10.0.0.1:0"]);
+    assert!(set[HOST][0].healthy);
+    // Not headless, no ports: nothing to reach.
+    svc.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.7".into());
+    let sl = slice(
+        "default",
+        "ratings",
+        json!(null),
+        json!([ep("10.0.0.1", "a", true, true, false)]),
+    );
+    let s = stores(vec![svc], vec![sl], &[]);
+    assert!(endpoint_set(&s, "east", "cluster.local")[HOST].is_empty());
+}
+
+/// A namespace newly watched joins the endpoint set once every kind of it
+/// is listed, never half; removing it removes its entries and no other's.
+#[test]
+fn a_namespace_joins_whole_and_leaves_alone() {
+    let mut s = stores(
+        vec![service(
+            "default",
+            "ratings",
+            json!([{"port": 9080}]),
+            json!({}),
+        )],
+        vec![slice(
+            "default",
+            "ratings",
+            json!([{"port": 9080}]),
+            json!([ep("10.0.0.1", "a", true, true, false)]),
+        )],
+        &[],
+    );
+    let cart = service("shop", "cart", json!([{"port": 80}]), json!({}));
+    let mut w = Watched {
+        generation: 7,
+        services: Map::default(),
+        slices: Map::default(),
+        pods: Map::default(),
+        exports: None,
+    };
+    w.services.apply(Event::Init);
+    w.services
+        .apply(Event::InitApply((key_of(&cart), slim_service(cart))));
+    w.services.apply(Event::InitDone);
+    s.watched.insert(Some("shop".into()), w);
+    let set = endpoint_set(&s, "east", "cluster.local");
+    assert!(
+        !set.contains_key("cart.shop.svc.cluster.local"),
+        "half a namespace joined"
+    );
+    assert!(!s.namespace_synced("shop"));
+    assert!(
+        s.namespace_synced("default"),
+        "default is covered by the all-namespace stores"
+    );
+    let w = s.watched_mut(&Some("shop".into()), 7).unwrap();
+    w.slices.apply(Event::Init);
+    w.slices.apply(Event::InitDone);
+    w.pods.apply(Event::Init);
+    w.pods.apply(Event::InitDone);
+    assert!(
+        s.watched_mut(&Some("shop".into()), 6).is_none(),
+        "an older watch's events land"
+    );
+    let set = endpoint_set(&s, "east", "cluster.local");
+    assert!(set.contains_key("cart.shop.svc.cluster.local"));
+    assert_eq!(set[HOST].len(), 1);
+    s.watched.remove(&Some("shop".to_string()));
+    let set = endpoint_set(&s, "east", "cluster.local");
+    assert!(!set.contains_key("cart.shop.svc.cluster.local"));
+    assert_eq!(set[HOST].len(), 1, "another namespace's endpoints changed");
 }

@@ -441,7 +441,7 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
         inferred_namespace: std::sync::OnceLock::new(),
     };
     let ns = |c: &Caller, host: &str| {
-        c.namespace_for(host, &local, "cluster.local")
+        c.namespace_for(host, &local, "cluster.local", None)
             .map(str::to_string)
     };
     // The certificate wins, whatever the address says.
@@ -452,7 +452,7 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
     assert_eq!(ns(&c, "ratings-west:9080").as_deref(), Ok("bookinfo"));
     // Once told, kept for the connection (searched once, not per request).
     assert_eq!(
-        c.namespace_for("ratings", &EndpointSet::new(), "cluster.local"),
+        c.namespace_for("ratings", &EndpointSet::new(), "cluster.local", None),
         Ok("bookinfo")
     );
     // Then the declared one.
@@ -471,6 +471,19 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
     );
     // A qualified name needs no namespace.
     assert_eq!(ns(&c, "ratings-west.bookinfo:9080").as_deref(), Ok(""));
+    // With discovery scoped to the policy's namespaces, the refusal says a
+    // caller elsewhere cannot be placed, and how to fix it; never a guess.
+    let watched = ["bookinfo".to_string(), "shop".to_string()];
+    let why = c
+        .namespace_for("ratings", &local, "cluster.local", Some(&watched))
+        .unwrap_err();
+    assert!(
+        why.contains("watches only the namespaces the policy names")
+            && why.contains("(bookinfo, shop)")
+            && why.contains("`ratings.<namespace>`")
+            && why.contains("add the caller's namespace with --kube-namespace"),
+        "{why}"
+    );
 }
 
 /// A backend's `grpc-status` becomes a label only as one of the 17 codes:
