@@ -1548,16 +1548,12 @@ fn traffic_policy(label: &str, a: &TrafficPolicy, b: &TrafficPolicy, out: &mut V
             "outlier-detection",
             format!("{label}: outlier detection off (was {})", describe_outlier(o)),
         ),
-        (Some(x), Some(y)) if x != y => push(
-            out,
-            "outlier-detection",
-            format!(
-                "{label}: outlier detection {} → {}",
-                describe_outlier(x),
-                describe_outlier(y)
-            ),
-        ),
-        _ => {}
+        (Some(x), Some(y)) => {
+            for leaf in leaves_of(x, y) {
+                push(out, "outlier-detection", format!("{label}: outlier detection: {leaf}"));
+            }
+        }
+        (None, None) => {}
     }
     for leaf in leaves_of(&a.tls, &b.tls) {
         push(out, "tls", format!("{label}: TLS to endpoints: {leaf}"));

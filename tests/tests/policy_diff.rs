@@ -190,7 +190,7 @@ fn a_commit_shows_a_weight_move_a_new_deny_a_failover_change_and_clusters_withou
         "west: new DENY on ratings.default for GET /admin/* from any source (AuthorizationPolicy default/deny-admin)",
         "edge: failover order for ratings.default changes from [east, west] to [west, east]",
         "no change for cluster north",
-        "effective change in 3 of 4 cluster(s): edge, east, west",
+        "effective change in 3 of 4 cluster(s): east, edge, west",
     ] {
         assert!(lines.contains(&want), "missing {want:?}:\n{out}");
     }
