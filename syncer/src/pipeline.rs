@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use meshfed_policy::yaml::Pos;
-use meshfed_policy::{Code, Diagnostic, Options, Snapshot};
+use meshfed_policy::{Diagnostic, Options, Snapshot};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
