@@ -130,7 +130,9 @@ impl Report {
         let mut out = String::new();
         for c in &self.clusters {
             match c.status {
-                Status::Unchanged => out.push_str(&format!("no change for cluster {}\n", c.cluster)),
+                Status::Unchanged => {
+                    out.push_str(&format!("no change for cluster {}\n", c.cluster))
+                }
                 Status::Removed => out.push_str(&format!(
                     "{}: no longer declared; its gateways get no new snapshot\n",
                     c.cluster
@@ -475,7 +477,13 @@ impl Differ<'_> {
         }
     }
 
-    fn dest_name(&self, route_host: &str, host: &str, subset: Option<&str>, port: Option<u16>) -> String {
+    fn dest_name(
+        &self,
+        route_host: &str,
+        host: &str,
+        subset: Option<&str>,
+        port: Option<u16>,
+    ) -> String {
         let mut s = match subset {
             Some(sub) if host == route_host => format!("subset {sub}"),
             Some(sub) => format!("{}/{sub}", self.s(host)),
@@ -575,14 +583,15 @@ impl Differ<'_> {
         let common_a: Vec<&(String, usize)> = ka.iter().filter(|k| kb.contains(k)).collect();
         let common_b: Vec<&(String, usize)> = kb.iter().filter(|k| ka.contains(k)).collect();
         if common_a != common_b {
-            let order = |rules: &[HttpRoute], ks: &[(String, usize)], common: &[&(String, usize)]| {
-                common
-                    .iter()
-                    .filter_map(|k| ks.iter().position(|x| x == *k))
-                    .map(|i| describe_matches(&rules[i].matches))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            };
+            let order =
+                |rules: &[HttpRoute], ks: &[(String, usize)], common: &[&(String, usize)]| {
+                    common
+                        .iter()
+                        .filter_map(|k| ks.iter().position(|x| x == *k))
+                        .map(|i| describe_matches(&rules[i].matches))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
             out.push(Change::new(
                 Area::Route,
                 s,
@@ -595,17 +604,31 @@ impl Differ<'_> {
             ));
         }
         if a.tcp != b.tcp {
-            if a.tcp.len() == b.tcp.len() && a.tcp.iter().zip(&b.tcp).all(|(x, y)| x.ports == y.ports) {
+            if a.tcp.len() == b.tcp.len()
+                && a.tcp.iter().zip(&b.tcp).all(|(x, y)| x.ports == y.ports)
+            {
                 for (x, y) in a.tcp.iter().zip(&b.tcp) {
                     let label = format!("{s} TCP {}", describe_ports(&y.ports));
-                    self.weights(host, &label, "connections", &x.destinations, &y.destinations, out);
+                    self.weights(
+                        host,
+                        &label,
+                        "connections",
+                        &x.destinations,
+                        &y.destinations,
+                        out,
+                    );
                     let strip = |t: &TcpRoute| TcpRoute {
                         destinations: Vec::new(),
                         ..t.clone()
                     };
                     if strip(x) != strip(y) {
                         for leaf in leaves_of(&strip(x), &strip(y)) {
-                            out.push(Change::new(Area::Route, s, "tcp", format!("{label}: {leaf}")));
+                            out.push(Change::new(
+                                Area::Route,
+                                s,
+                                "tcp",
+                                format!("{label}: {leaf}"),
+                            ));
                         }
                     }
                 }
@@ -627,7 +650,14 @@ impl Differ<'_> {
         }
     }
 
-    fn http_rule(&self, host: &str, label: &str, a: &HttpRoute, b: &HttpRoute, out: &mut Vec<Change>) {
+    fn http_rule(
+        &self,
+        host: &str,
+        label: &str,
+        a: &HttpRoute,
+        b: &HttpRoute,
+        out: &mut Vec<Change>,
+    ) {
         if a == b {
             return;
         }
@@ -642,7 +672,14 @@ impl Differ<'_> {
                 format!("{label}: rule name `{}` → `{}`", a.name, b.name),
             );
         }
-        self.weights(host, label, "requests", &a.destinations, &b.destinations, out);
+        self.weights(
+            host,
+            label,
+            "requests",
+            &a.destinations,
+            &b.destinations,
+            out,
+        );
         if a.timeout_ms != b.timeout_ms {
             let t = |v: Option<u64>| v.map_or("none".to_string(), ms);
             push(
@@ -671,7 +708,10 @@ impl Differ<'_> {
             (Some(f), None) => push(
                 out,
                 "fault",
-                format!("{label}: fault injection removed (was {})", describe_fault(f)),
+                format!(
+                    "{label}: fault injection removed (was {})",
+                    describe_fault(f)
+                ),
             ),
             (Some(x), Some(y)) if x != y => push(
                 out,
@@ -698,12 +738,21 @@ impl Differ<'_> {
             let (ma, mb) = (m(&a.mirrors), m(&b.mirrors));
             for k in keys(&ma, &mb) {
                 let summary = match (ma.get(k), mb.get(k)) {
-                    (None, Some(p)) => format!("{label}: now mirrors {} of requests to {k}", pct(*p)),
+                    (None, Some(p)) => {
+                        format!("{label}: now mirrors {} of requests to {k}", pct(*p))
+                    }
                     (Some(p), None) => {
-                        format!("{label}: no longer mirrors requests to {k} (was {})", pct(*p))
+                        format!(
+                            "{label}: no longer mirrors requests to {k} (was {})",
+                            pct(*p)
+                        )
                     }
                     (Some(x), Some(y)) if x != y => {
-                        format!("{label}: mirror to {k}: {} → {} of requests", pct(*x), pct(*y))
+                        format!(
+                            "{label}: mirror to {k}: {} → {} of requests",
+                            pct(*x),
+                            pct(*y)
+                        )
                     }
                     _ => continue,
                 };
@@ -844,10 +893,11 @@ impl Differ<'_> {
             let s = self.s(host);
             match (o.get(host), n.get(host)) {
                 (None, Some(d)) => {
-                    let mut settings: Vec<String> = leaves_of(&TrafficPolicy::default(), &d.traffic_policy)
-                        .iter()
-                        .map(|l| l.after_only())
-                        .collect();
+                    let mut settings: Vec<String> =
+                        leaves_of(&TrafficPolicy::default(), &d.traffic_policy)
+                            .iter()
+                            .map(|l| l.after_only())
+                            .collect();
                     settings.retain(|x| !x.is_empty());
                     out.push(Change::new(
                         Area::Destination,
@@ -881,7 +931,13 @@ impl Differ<'_> {
         }
     }
 
-    fn destination(&self, s: &str, a: &DestinationPolicy, b: &DestinationPolicy, out: &mut Vec<Change>) {
+    fn destination(
+        &self,
+        s: &str,
+        a: &DestinationPolicy,
+        b: &DestinationPolicy,
+        out: &mut Vec<Change>,
+    ) {
         let push = |out: &mut Vec<Change>, kind, summary: String| {
             out.push(Change::new(Area::Destination, s, kind, summary));
         };
@@ -1000,9 +1056,7 @@ impl Differ<'_> {
                 Area::Authz,
                 a,
                 "renamed",
-                format!(
-                    "AuthorizationPolicy {r} is now named {a}; it enforces the same rules"
-                ),
+                format!("AuthorizationPolicy {r} is now named {a}; it enforces the same rules"),
             ));
             false
         });
@@ -1012,7 +1066,11 @@ impl Differ<'_> {
                 Area::Authz,
                 k,
                 "added",
-                format!("new {} ({})", describe_authz(p, &self.new.domain), p.source.key()),
+                format!(
+                    "new {} ({})",
+                    describe_authz(p, &self.new.domain),
+                    p.source.key()
+                ),
             ));
         }
         for k in removed {
@@ -1037,7 +1095,11 @@ impl Differ<'_> {
                 out.push(Change::new(Area::Authz, k, kind, summary));
             };
             let what = b.source.key();
-            if a.action != b.action || a.scope != b.scope || a.selector != b.selector || a.namespace != b.namespace {
+            if a.action != b.action
+                || a.scope != b.scope
+                || a.selector != b.selector
+                || a.namespace != b.namespace
+            {
                 push(
                     out,
                     "changed",
@@ -1082,7 +1144,10 @@ impl Differ<'_> {
                     push(
                         out,
                         "rule-removed",
-                        format!("{what}: no more {verb} on {target} for {}", describe_rule(r)),
+                        format!(
+                            "{what}: no more {verb} on {target} for {}",
+                            describe_rule(r)
+                        ),
                     );
                 }
             }
@@ -1091,18 +1156,18 @@ impl Differ<'_> {
                     out,
                     "rules",
                     if b.rules.is_empty() {
-                        format!("{what}: an ALLOW with no rule matches nothing: every request to {target} is denied")
+                        format!(
+                            "{what}: an ALLOW with no rule matches nothing: every request to {target} is denied"
+                        )
                     } else {
-                        format!("{what}: now has rules (was none, which denied every request to {target})")
+                        format!(
+                            "{what}: now has rules (was none, which denied every request to {target})"
+                        )
                     },
                 );
             }
             if a.source != b.source {
-                push(
-                    out,
-                    "source",
-                    format!("{what}: was {}", a.source.key()),
-                );
+                push(out, "source", format!("{what}: was {}", a.source.key()));
             }
         }
     }
@@ -1167,12 +1232,19 @@ impl Differ<'_> {
                 format!(
                     "{}, ports {}, resolution {:?}{}",
                     e.source.key(),
-                    list(e.ports.iter().map(|p| format!("{}/{}", p.number, p.protocol))),
+                    list(
+                        e.ports
+                            .iter()
+                            .map(|p| format!("{}/{}", p.number, p.protocol))
+                    ),
                     e.resolution,
                     if e.endpoints.is_empty() {
                         String::new()
                     } else {
-                        format!(", endpoints {}", list(e.endpoints.iter().map(|e| e.address.as_str())))
+                        format!(
+                            ", endpoints {}",
+                            list(e.endpoints.iter().map(|e| e.address.as_str()))
+                        )
                     }
                 )
             };
@@ -1363,7 +1435,10 @@ fn describe_preference(p: &Preference) -> String {
     };
     match p {
         Preference::Tiers(t) => tiers(t),
-        Preference::Spread(c) => format!("no preference (spread over {{{}}} by endpoint count)", c.join(", ")),
+        Preference::Spread(c) => format!(
+            "no preference (spread over {{{}}} by endpoint count)",
+            c.join(", ")
+        ),
         Preference::Distribute { weights, tiers: t } => format!(
             "weights by locality ({}), then {}",
             weights
@@ -1404,7 +1479,9 @@ fn authz_target(p: &AuthzPolicy, _domain: &str) -> String {
         (AuthzScope::Mesh, None) => "every workload of the mesh".into(),
         (AuthzScope::Mesh, Some(s)) => format!("workloads {s} of every namespace"),
         (AuthzScope::Namespace, _) => format!("every workload of namespace {}", p.namespace),
-        (AuthzScope::Workload, Some(s)) if p.selector.len() == 1 && p.selector.contains_key("app") => {
+        (AuthzScope::Workload, Some(s))
+            if p.selector.len() == 1 && p.selector.contains_key("app") =>
+        {
             format!("{s}.{}", p.namespace)
         }
         (AuthzScope::Workload, Some(s)) => format!("workloads {s} of namespace {}", p.namespace),
@@ -1481,7 +1558,12 @@ fn describe_rule(r: &AuthzRule) -> String {
                 };
                 field(&mut parts, &f.principals, &f.not_principals, "principal");
                 field(&mut parts, &f.namespaces, &f.not_namespaces, "namespace");
-                field(&mut parts, &f.service_accounts, &f.not_service_accounts, "service account");
+                field(
+                    &mut parts,
+                    &f.service_accounts,
+                    &f.not_service_accounts,
+                    "service account",
+                );
                 if parts.is_empty() {
                     "any source".into()
                 } else {
@@ -1497,7 +1579,11 @@ fn describe_rule(r: &AuthzRule) -> String {
             s.push_str(&format!(" when {} is {}", c.key, c.values.join("|")));
         }
         if !c.not_values.is_empty() {
-            s.push_str(&format!(" when {} is not {}", c.key, c.not_values.join("|")));
+            s.push_str(&format!(
+                " when {} is not {}",
+                c.key,
+                c.not_values.join("|")
+            ));
         }
     }
     s
@@ -1508,7 +1594,12 @@ fn traffic_policy(label: &str, a: &TrafficPolicy, b: &TrafficPolicy, out: &mut V
         return;
     }
     let push = |out: &mut Vec<Change>, kind, summary: String| {
-        out.push(Change::new(Area::Destination, label.split(' ').next().unwrap_or(label), kind, summary));
+        out.push(Change::new(
+            Area::Destination,
+            label.split(' ').next().unwrap_or(label),
+            kind,
+            summary,
+        ));
     };
     if a.load_balancer.algorithm != b.load_balancer.algorithm {
         let n = |x: LbAlgorithm| match x {
@@ -1527,7 +1618,11 @@ fn traffic_policy(label: &str, a: &TrafficPolicy, b: &TrafficPolicy, out: &mut V
         );
     }
     for leaf in leaves_of(&a.load_balancer.locality, &b.load_balancer.locality) {
-        push(out, "locality", format!("{label}: locality load balancing {leaf}"));
+        push(
+            out,
+            "locality",
+            format!("{label}: locality load balancing {leaf}"),
+        );
     }
     for leaf in leaves_of(&a.connection_pool, &b.connection_pool) {
         let leaf = Leaf {
@@ -1535,7 +1630,11 @@ fn traffic_policy(label: &str, a: &TrafficPolicy, b: &TrafficPolicy, out: &mut V
             after: leaf.after.or(Some("unlimited".into())),
             ..leaf
         };
-        push(out, "circuit-breaking", format!("{label}: connection limits: {leaf}"));
+        push(
+            out,
+            "circuit-breaking",
+            format!("{label}: connection limits: {leaf}"),
+        );
     }
     match (&a.outlier_detection, &b.outlier_detection) {
         (None, Some(o)) => push(
@@ -1546,11 +1645,18 @@ fn traffic_policy(label: &str, a: &TrafficPolicy, b: &TrafficPolicy, out: &mut V
         (Some(o), None) => push(
             out,
             "outlier-detection",
-            format!("{label}: outlier detection off (was {})", describe_outlier(o)),
+            format!(
+                "{label}: outlier detection off (was {})",
+                describe_outlier(o)
+            ),
         ),
         (Some(x), Some(y)) => {
             for leaf in leaves_of(x, y) {
-                push(out, "outlier-detection", format!("{label}: outlier detection: {leaf}"));
+                push(
+                    out,
+                    "outlier-detection",
+                    format!("{label}: outlier detection: {leaf}"),
+                );
             }
         }
         (None, None) => {}
@@ -1559,7 +1665,11 @@ fn traffic_policy(label: &str, a: &TrafficPolicy, b: &TrafficPolicy, out: &mut V
         push(out, "tls", format!("{label}: TLS to endpoints: {leaf}"));
     }
     for leaf in leaves_of(&a.ports, &b.ports) {
-        push(out, "port-policy", format!("{label}: per-port policy: port {leaf}"));
+        push(
+            out,
+            "port-policy",
+            format!("{label}: per-port policy: port {leaf}"),
+        );
     }
 }
 
@@ -1660,7 +1770,13 @@ fn walk(path: &str, key: &str, a: Option<&Value>, b: Option<&Value>, out: &mut V
             } else {
                 format!("{path}.{k}")
             };
-            walk(&p, k, ma.get(k).and_then(some), mb.get(k).and_then(some), out);
+            walk(
+                &p,
+                k,
+                ma.get(k).and_then(some),
+                mb.get(k).and_then(some),
+                out,
+            );
         }
         return;
     }

@@ -205,13 +205,22 @@ fn compile_all(
     Some(out)
 }
 
-fn print_invalid(out: &mut impl Write, format: DiffFormat, old: &Side, new: &Side) -> anyhow::Result<()> {
+fn print_invalid(
+    out: &mut impl Write,
+    format: DiffFormat,
+    old: &Side,
+    new: &Side,
+) -> anyhow::Result<()> {
     let bad: Vec<(&str, &Side)> = [("OLD", old), ("NEW", new)]
         .into_iter()
         .filter(|(_, s)| !s.analysis.is_valid())
         .collect();
     fn errors(s: &Side) -> Vec<&Diagnostic> {
-        s.analysis.diagnostics.iter().filter(|d| d.is_error()).collect()
+        s.analysis
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .collect()
     }
     match format {
         DiffFormat::Json => {

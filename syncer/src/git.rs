@@ -573,13 +573,8 @@ impl GitSource {
             message: self.redactor.apply(e.message()),
         };
         let oid = Oid::from_str(commit).map_err(|e| read_err(&e))?;
-        meshfed_policy::git::read_tree(
-            &repo,
-            oid,
-            self.cfg.path.as_deref(),
-            &self.cfg.selection,
-        )
-        .map_err(|e| read_err(&e))
+        meshfed_policy::git::read_tree(&repo, oid, self.cfg.path.as_deref(), &self.cfg.selection)
+            .map_err(|e| read_err(&e))
     }
 
     /// Whether `descendant` contains `ancestor` (equal counts). Unknown

@@ -359,7 +359,9 @@ fn each_accepted_commit_shows_its_effective_change_per_cluster_in_status_and_rol
     );
     let syncer = s.start(&["--poll-interval", "200ms"]);
     syncer.wait_good(&base);
-    let c2 = s.repo.commit("east too", &[("reviews.yaml", &reviews_vs(None))]);
+    let c2 = s
+        .repo
+        .commit("east too", &[("reviews.yaml", &reviews_vs(None))]);
     syncer.wait_good(&c2);
     let r: serde_json::Value =
         serde_json::from_str(&syncer.get(&format!("/rollout/{c2}")).1).unwrap();
@@ -382,7 +384,10 @@ fn each_accepted_commit_shows_its_effective_change_per_cluster_in_status_and_rol
         "{r}"
     );
     // The status document carries it with the last good commit.
-    assert_eq!(syncer.status()["last_good"]["changes"]["from"], base.as_str());
+    assert_eq!(
+        syncer.status()["last_good"]["changes"]["from"],
+        base.as_str()
+    );
     // And `status` says it in words.
     let out = syncer_cmd()
         .args(["status", "--server", &syncer.url()])

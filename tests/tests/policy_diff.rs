@@ -153,18 +153,31 @@ fn a_reordering_and_a_file_rename_are_no_effective_change() {
     // comment and other indentation.
     let reviews = reviews(100);
     let (dr, vs) = reviews.split_once("---\n").expect("two documents");
-    let vs = vs.replace("  - route:", "    - route:").replace("    - destination", "        - destination").replace("      weight", "          weight");
+    let vs = vs
+        .replace("  - route:", "    - route:")
+        .replace("    - destination", "        - destination")
+        .replace("      weight", "          weight");
     let moved = format!("# reviews: routing first\n{vs}---\n{dr}");
     repo.commit(
         "mesh: one file for reviews",
-        &[("mesh/reviews.yaml", ""), ("mesh/routing/all-reviews.yml", &moved)],
+        &[
+            ("mesh/reviews.yaml", ""),
+            ("mesh/routing/all-reviews.yml", &moved),
+        ],
     );
     let out = policy_in(&repo.dir, ["diff", "HEAD~1", "HEAD", "--exit-code"]);
     assert_eq!(out.code, Some(0), "{out}");
     for c in ["east", "west", "edge", "north"] {
-        assert!(out.stdout.contains(&format!("no change for cluster {c}\n")), "{out}");
+        assert!(
+            out.stdout.contains(&format!("no change for cluster {c}\n")),
+            "{out}"
+        );
     }
-    assert!(out.stdout.contains("no effective change (4 cluster(s) compared)"), "{out}");
+    assert!(
+        out.stdout
+            .contains("no effective change (4 cluster(s) compared)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -183,7 +196,11 @@ fn a_commit_shows_a_weight_move_a_new_deny_a_failover_change_and_clusters_withou
     );
 
     let out = policy_in(&repo.dir, ["diff", &old, "HEAD", "--exit-code"]);
-    assert_eq!(out.code, Some(3), "a change exits 3 with --exit-code:\n{out}");
+    assert_eq!(
+        out.code,
+        Some(3),
+        "a change exits 3 with --exit-code:\n{out}"
+    );
     let lines: Vec<&str> = out.stdout.lines().collect();
     for want in [
         "east: reviews.default: 45% of requests move from subset v1 to subset v2 (subset v1 100% → 55%, subset v2 0% → 45%)",
@@ -204,7 +221,10 @@ fn a_commit_shows_a_weight_move_a_new_deny_a_failover_change_and_clusters_withou
     assert!(!west.stdout.contains("east:"), "{west}");
 
     // JSON: stable fields, one entry per cluster.
-    let j = json(&policy_in(&repo.dir, ["diff", &old, &new, "--format", "json"]));
+    let j = json(&policy_in(
+        &repo.dir,
+        ["diff", &old, &new, "--format", "json"],
+    ));
     assert_eq!(j["schema"], 1);
     assert_eq!(j["old"]["commit"], old.as_str());
     assert_eq!(j["new"]["commit"], new.as_str());
@@ -230,9 +250,14 @@ fn a_commit_shows_a_weight_move_a_new_deny_a_failover_change_and_clusters_withou
     // Markdown for a pull request comment.
     let md = policy_in(&repo.dir, ["diff", &old, &new, "--format", "markdown"]);
     assert_eq!(md.code, Some(0), "{md}");
-    assert!(md.stdout.starts_with("<!-- meshfed-policy-diff -->\n"), "{md}");
     assert!(
-        md.stdout.contains("#### `west`\n\n- new DENY on ratings.default for GET /admin/\\* from any source"),
+        md.stdout.starts_with("<!-- meshfed-policy-diff -->\n"),
+        "{md}"
+    );
+    assert!(
+        md.stdout.contains(
+            "#### `west`\n\n- new DENY on ratings.default for GET /admin/\\* from any source"
+        ),
         "{md}"
     );
     assert!(md.stdout.contains("No change for `north`."), "{md}");
@@ -247,20 +272,24 @@ fn an_invalid_new_commit_prints_its_errors_with_file_and_line_and_exits_1() {
     assert_eq!(out.code, Some(1), "{out}");
     // `wieght` is on line 21 of the file, indented by 6.
     assert!(
-        out.stdout.contains("mesh/reviews.yaml:21:7: error[unknown-field]"),
+        out.stdout
+            .contains("mesh/reviews.yaml:21:7: error[unknown-field]"),
         "{out}"
     );
     assert!(out.stdout.contains("NEW HEAD ("), "{out}");
     assert!(!out.stdout.contains("no change for cluster"), "{out}");
 
-    let j = json(&policy_in(&repo.dir, ["diff", "HEAD~1", "HEAD", "--format", "json"]));
+    let j = json(&policy_in(
+        &repo.dir,
+        ["diff", "HEAD~1", "HEAD", "--format", "json"],
+    ));
     assert_eq!(j["old"]["valid"], true);
     assert_eq!(j["new"]["valid"], false);
     let diags = j["new"]["diagnostics"].as_array().expect("diagnostics");
     assert!(
-        diags
-            .iter()
-            .any(|d| d["file"] == "mesh/reviews.yaml" && d["line"] == 21 && d["code"] == "unknown-field"),
+        diags.iter().any(|d| d["file"] == "mesh/reviews.yaml"
+            && d["line"] == 21
+            && d["code"] == "unknown-field"),
         "{j:#}"
     );
     assert_eq!(j["changed"], Value::Null);
@@ -272,15 +301,23 @@ fn unknown_revisions_missing_paths_and_undeclared_clusters_exit_2_and_say_what()
     let out = policy_in(&repo.dir, ["diff", "HEAD", "no-such-branch"]);
     assert_eq!(out.code, Some(2), "{out}");
     assert!(
-        out.stderr.contains("`no-such-branch` is neither a directory nor a commit"),
+        out.stderr
+            .contains("`no-such-branch` is neither a directory nor a commit"),
         "{out}"
     );
     let out = policy_in(&repo.dir, ["diff", "HEAD", "HEAD", "--path", "nowhere"]);
     assert_eq!(out.code, Some(2), "{out}");
-    assert!(out.stderr.contains("--path `nowhere` is not a directory"), "{out}");
+    assert!(
+        out.stderr.contains("--path `nowhere` is not a directory"),
+        "{out}"
+    );
     let out = policy_in(&repo.dir, ["diff", "HEAD", "HEAD", "--cluster", "south"]);
     assert_eq!(out.code, Some(2), "{out}");
-    assert!(out.stderr.contains("declared clusters: east, edge, north, west"), "{out}");
+    assert!(
+        out.stderr
+            .contains("declared clusters: east, edge, north, west"),
+        "{out}"
+    );
     // Outside any repository, a name that is not a directory.
     let outside = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let out = policy_in(outside.path(), ["diff", "HEAD~1", "HEAD"]);
@@ -298,7 +335,8 @@ fn a_commit_compares_with_a_working_directory_and_path_limits_what_is_read() {
     let out = policy_in(&repo.dir, ["diff", "HEAD", "mesh", "--path", "mesh"]);
     assert_eq!(out.code, Some(0), "{out}");
     assert!(
-        out.stdout.contains("east: reviews.default: 10% of requests move from subset v1 to subset v2"),
+        out.stdout
+            .contains("east: reviews.default: 10% of requests move from subset v1 to subset v2"),
         "{out}"
     );
     // Without --path the broken file in the commit is read, and refused.

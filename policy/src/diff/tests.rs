@@ -101,19 +101,30 @@ const V1_55_V2_45: &str = "  - route:
 #[test]
 fn reordering_and_moving_resources_between_files_is_no_effective_change() {
     let vs = vs(V1_ONLY);
-    let old = [("clusters.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", vs.as_str())];
+    let old = [
+        ("clusters.yaml", CLUSTERS),
+        ("dr.yaml", DR),
+        ("vs.yaml", vs.as_str()),
+    ];
     // The same resources, reordered, in other files, with comments and
     // other whitespace and key order.
     let reordered_dr = "# reviews subsets\nkind: DestinationRule\napiVersion: networking.istio.io/v1\nmetadata: {namespace: default, name: reviews}\nspec:\n  subsets:\n    - labels: {version: v1}\n      name: v1\n    - {labels: {version: v2}, name: v2}\n  host: reviews\n";
     let together = format!("{vs}---\n{reordered_dr}");
-    let new = [("all/routing.yaml", together.as_str()), ("z.yaml", CLUSTERS)];
+    let new = [
+        ("all/routing.yaml", together.as_str()),
+        ("z.yaml", CLUSTERS),
+    ];
     let r = report(&old, &new);
     assert!(!r.changed(), "{r:#?}");
     for c in ["east", "west", "edge"] {
         assert_eq!(status(&r, c), Status::Unchanged);
         assert!(sentences(&r, c).is_empty());
     }
-    assert!(r.text().contains("no change for cluster east"), "{}", r.text());
+    assert!(
+        r.text().contains("no change for cluster east"),
+        "{}",
+        r.text()
+    );
     assert!(r.summary_line().starts_with("no effective change"));
 }
 
@@ -124,7 +135,12 @@ fn a_weight_change_says_how_much_traffic_moves_and_where() {
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &a)],
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &b)],
     );
-    let east = &r.clusters.iter().find(|c| c.cluster == "east").unwrap().changes;
+    let east = &r
+        .clusters
+        .iter()
+        .find(|c| c.cluster == "east")
+        .unwrap()
+        .changes;
     assert_eq!(east.len(), 1, "{east:#?}");
     assert_eq!(east[0].kind, "traffic-moved");
     assert_eq!(east[0].moved_percent, Some(45));
@@ -136,7 +152,10 @@ fn a_weight_change_says_how_much_traffic_moves_and_where() {
     // The VirtualService applies to east only.
     assert_eq!(status(&r, "west"), Status::Unchanged);
     assert_eq!(status(&r, "edge"), Status::Unchanged);
-    assert!(r.text().contains("east: reviews.default: 45% of requests move"));
+    assert!(
+        r.text()
+            .contains("east: reviews.default: 45% of requests move")
+    );
 }
 
 #[test]
@@ -159,7 +178,12 @@ fn traffic_moved_is_the_sum_of_increases_across_several_destinations() {
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &a)],
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &b)],
     );
-    let east = &r.clusters.iter().find(|c| c.cluster == "east").unwrap().changes;
+    let east = &r
+        .clusters
+        .iter()
+        .find(|c| c.cluster == "east")
+        .unwrap()
+        .changes;
     let moved: Vec<_> = east.iter().filter(|c| c.kind == "traffic-moved").collect();
     assert_eq!(moved.len(), 1, "{east:#?}");
     assert_eq!(moved[0].moved_percent, Some(30));
@@ -292,7 +316,10 @@ fn a_failover_change_shows_the_order_each_cluster_tries() {
     // text changed for them.
     for c in ["east", "west"] {
         let s = sentences(&r, c);
-        assert!(!s.iter().any(|x| x.contains("failover order")), "{c}: {s:#?}");
+        assert!(
+            !s.iter().any(|x| x.contains("failover order")),
+            "{c}: {s:#?}"
+        );
         assert!(
             s.iter().any(|x| x.contains("locality load balancing")),
             "{c}: {s:#?}"
@@ -312,7 +339,10 @@ spec:
   - to:
     - operation: {methods: [GET], paths: ['/admin/*']}
 ";
-    let r = report(&[("c.yaml", CLUSTERS)], &[("c.yaml", CLUSTERS), ("authz.yaml", deny)]);
+    let r = report(
+        &[("c.yaml", CLUSTERS)],
+        &[("c.yaml", CLUSTERS), ("authz.yaml", deny)],
+    );
     for c in ["east", "west", "edge"] {
         let ch = &r.clusters.iter().find(|x| x.cluster == c).unwrap().changes;
         assert_eq!(ch.len(), 1, "{ch:#?}");
@@ -340,7 +370,9 @@ spec:
     );
     assert_eq!(
         sentences(&r, "east"),
-        ["AuthorizationPolicy default/deny-admin: new DENY on ratings.default for any request from namespace untrusted"]
+        [
+            "AuthorizationPolicy default/deny-admin: new DENY on ratings.default for any request from namespace untrusted"
+        ]
     );
 }
 
@@ -360,7 +392,10 @@ spec:
   - {name: v2, labels: {version: v2}}
   - {name: v3, labels: {version: v3}}
 ";
-    let r = report(&[("c.yaml", CLUSTERS), ("dr.yaml", DR)], &[("c.yaml", CLUSTERS), ("dr.yaml", b)]);
+    let r = report(
+        &[("c.yaml", CLUSTERS), ("dr.yaml", DR)],
+        &[("c.yaml", CLUSTERS), ("dr.yaml", b)],
+    );
     let s = sentences(&r, "west");
     let want = [
         "reviews.default: load balancing LEAST_REQUEST → ROUND_ROBIN",
@@ -389,7 +424,12 @@ spec: {gateways: ['gw.north:15443']}
 ";
     let r = report(
         &[("c.yaml", CLUSTERS)],
-        &[("c.yaml", CLUSTERS), ("n.yaml", north), ("e.yaml", &export), ("pa.yaml", strict)],
+        &[
+            ("c.yaml", CLUSTERS),
+            ("n.yaml", north),
+            ("e.yaml", &export),
+            ("pa.yaml", strict),
+        ],
     );
     let s = sentences(&r, "east");
     for w in [
@@ -420,8 +460,14 @@ fn any_difference_gives_at_least_one_change() {
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &b)],
     );
     let s = sentences(&r, "east");
-    assert!(s.iter().any(|x| x.contains("rewrite.uri: unset → /v2")), "{s:#?}");
-    assert!(s.iter().any(|x| x.contains("response_headers.remove")), "{s:#?}");
+    assert!(
+        s.iter().any(|x| x.contains("rewrite.uri: unset → /v2")),
+        "{s:#?}"
+    );
+    assert!(
+        s.iter().any(|x| x.contains("response_headers.remove")),
+        "{s:#?}"
+    );
     assert!(s.iter().any(|x| x.contains("x-canary")), "{s:#?}");
     // And the engine's own guarantee, on a policy edited by hand.
     let mut p = compile(&[("c.yaml", CLUSTERS)])["east"].policy.clone();
@@ -443,10 +489,16 @@ spec:
   - to:
     - operation: {paths: ['/admin/*']}
 ";
-    let r = report(&[("c.yaml", CLUSTERS)], &[("c.yaml", CLUSTERS), ("a.yaml", deny)]);
+    let r = report(
+        &[("c.yaml", CLUSTERS)],
+        &[("c.yaml", CLUSTERS), ("a.yaml", deny)],
+    );
     let md = r.markdown("abc1234", "def5678");
     assert!(md.starts_with("<!-- meshfed-policy-diff -->\n"), "{md}");
-    assert!(md.contains("#### `west`\n\n- new DENY on ratings.default for /admin/\\* from any source"), "{md}");
+    assert!(
+        md.contains("#### `west`\n\n- new DENY on ratings.default for /admin/\\* from any source"),
+        "{md}"
+    );
     assert!(md.contains("No change for `east`, `edge`."), "{md}");
     assert!(!md.contains("#### `east`"), "{md}");
 }
