@@ -340,7 +340,7 @@ fn list<T: AsRef<str>>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 fn ms(v: u64) -> String {
-    if v > 0 && v % 1000 == 0 {
+    if v > 0 && v.is_multiple_of(1000) {
         format!("{}s", v / 1000)
     } else {
         format!("{v}ms")
@@ -869,7 +869,7 @@ impl Differ<'_> {
                     ..d.clone()
                 })
                 .collect();
-            v.sort_by(|x, y| compact(x).cmp(&compact(y)));
+            v.sort_by_key(compact);
             v
         };
         let (xa, xb) = (weightless(a), weightless(b));
