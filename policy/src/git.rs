@@ -230,3 +230,60 @@ impl Walk<'_> {
 pub fn resolve_commit(repo: &Repository, rev: &str) -> Result<Oid, git2::Error> {
     Ok(repo.revparse_single(rev)?.peel_to_commit()?.id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let ok = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .status()
+            .expect("git runs")
+            .success();
+        assert!(ok, "git {args:?} failed");
+    }
+
+    /// A hostile tree: a policy file 70 directories down, and a 9 MiB one.
+    /// Neither is read; both are reported, with the path where it stopped.
+    #[test]
+    fn deep_trees_and_huge_blobs_are_reported_not_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        git(dir, &["init", "-q", "-b", "main"]);
+        let deep: std::path::PathBuf = std::iter::repeat_n("d", 70).collect();
+        std::fs::create_dir_all(dir.join(&deep)).expect("mkdir");
+        std::fs::write(dir.join(&deep).join("x.yaml"), "kind: Cluster\n").expect("write");
+        std::fs::write(dir.join("big.yaml"), vec![b'#'; 9 << 20]).expect("write");
+        std::fs::write(dir.join("ok.yaml"), "a: 1\n").expect("write");
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "-q", "-m", "hostile"]);
+        let repo = Repository::open(dir).expect("open");
+        let head = resolve_commit(&repo, "HEAD").expect("HEAD");
+        let t = read_tree(&repo, head, None, &Selection::default()).expect("read");
+        assert_eq!(t.files.len(), 1, "{:?}", t.too_deep);
+        assert_eq!(t.files[0].0, "ok.yaml");
+        assert_eq!(t.too_large, [("big.yaml".to_string(), 9 << 20)]);
+        let stop: Vec<&str> = std::iter::repeat_n("d", MAX_TREE_DEPTH + 1).collect();
+        assert_eq!(t.too_deep, [stop.join("/")]);
+        let d = t.diagnostics(".");
+        assert_eq!(d.len(), 2, "{d:#?}");
+        assert!(d.iter().all(|d| d.is_error() && d.code == Code::TooLarge));
+        // A path that is not there is said so, not read as empty.
+        let t = read_tree(
+            &repo,
+            head,
+            Some(Path::new("nowhere")),
+            &Selection::default(),
+        )
+        .expect("read");
+        assert!(t.missing_path);
+    }
+}
