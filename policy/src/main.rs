@@ -1,4 +1,4 @@
-//! `meshfed-policy`: validate and compile mesh policy offline.
+//! `meshfed-policy`: validate, compile and diff mesh policy offline.
 //!
 //! A thin shell over the library: read files, call [`meshfed_policy::analyze`],
 //! print, and pick the exit code. Usable as a CI step and as a pre-commit
@@ -16,7 +16,8 @@ use meshfed_policy::{Analysis, Code, Options, Severity, analyze};
 /// DestinationRule, ServiceEntry, PeerAuthentication, AuthorizationPolicy,
 /// MCS ServiceExport, and meshfed Cluster) from YAML files.
 ///
-/// Exit codes: 0 valid (warnings allowed), 1 invalid, 2 usage or I/O error.
+/// Exit codes: 0 valid (warnings allowed), 1 invalid, 2 usage or I/O error;
+/// `diff --exit-code` adds 3, a change (see `meshfed-policy diff --help`).
 #[derive(Debug, Parser)]
 #[command(name = "meshfed-policy", version, propagate_version = true)]
 struct Cli {
