@@ -14,6 +14,12 @@
 //! - [`validate`]: per-resource and federation-wide rules;
 //! - [`compile`]: resources → [`snapshot::Snapshot`];
 //! - [`diag`]: diagnostics and their stable codes;
+//! - [`diff`]: the effective change between two compiled snapshots, per
+//!   cluster (`meshfed-policy diff`);
+//! - [`locality`]: the order in which a cluster tries the clusters that
+//!   serve a service (shared by the gateway and [`diff`]);
+//! - `git` (feature `git`, on by default): the policy files of a Git
+//!   commit, bounded (shared by the syncer and `meshfed-policy diff`);
 //! - [`path_template`]: AuthorizationPolicy path templates (`{*}`, `{**}`),
 //!   parsed for validation and matched by the gateway.
 
@@ -21,8 +27,12 @@
 
 pub mod compile;
 pub mod diag;
+pub mod diff;
 pub mod fs;
+#[cfg(feature = "git")]
+pub mod git;
 pub mod load;
+pub mod locality;
 pub mod model;
 pub mod path_template;
 pub mod snapshot;

@@ -1,4 +1,4 @@
-//! `meshfed-policy`: validate and compile mesh policy offline.
+//! `meshfed-policy`: validate, compile and diff mesh policy offline.
 //!
 //! A thin shell over the library: read files, call [`meshfed_policy::analyze`],
 //! print, and pick the exit code. Usable as a CI step and as a pre-commit
@@ -16,7 +16,8 @@ use meshfed_policy::{Analysis, Code, Options, Severity, analyze};
 /// DestinationRule, ServiceEntry, PeerAuthentication, AuthorizationPolicy,
 /// MCS ServiceExport, and meshfed Cluster) from YAML files.
 ///
-/// Exit codes: 0 valid (warnings allowed), 1 invalid, 2 usage or I/O error.
+/// Exit codes: 0 valid (warnings allowed), 1 invalid, 2 usage or I/O error;
+/// `diff --exit-code` adds 3, a change (see `meshfed-policy diff --help`).
 #[derive(Debug, Parser)]
 #[command(name = "meshfed-policy", version, propagate_version = true)]
 struct Cli {
@@ -70,6 +71,23 @@ enum Command {
         #[arg(long, value_enum, default_value_t = CompileFormat::Text)]
         format: CompileFormat,
     },
+    /// Show what changes for each cluster's gateways between two versions of
+    /// the policy: OLD and NEW are directories, or commits of the Git
+    /// repository around the current directory (any revision git
+    /// understands: a SHA, `HEAD~1`, `origin/main`; a directory of that name
+    /// wins). The change is computed from the compiled snapshots, so
+    /// reordering, moving resources between files, comments and whitespace
+    /// are "no effective change". See docs/diff.md.
+    ///
+    /// Exit codes (as `git diff`): 0 the diff was shown (with --exit-code:
+    /// and no cluster's policy changes), 1 OLD or NEW is invalid (its
+    /// errors are shown, as `validate` shows them), 2 usage or I/O error
+    /// (an unknown commit, an unreadable directory, an undeclared
+    /// --cluster), 3 with --exit-code: some cluster's policy changes.
+    #[command(
+        after_help = "Examples:\n  meshfed-policy diff HEAD~1 HEAD\n  meshfed-policy diff origin/main HEAD --path mesh/ --format markdown > comment.md\n  meshfed-policy diff HEAD mesh/ --cluster east     (the last commit against the working tree)\n  meshfed-policy diff old-policy/ new-policy/ --format json --exit-code"
+    )]
+    Diff(diff_cli::DiffArgs),
     /// List the diagnostic codes and what they mean.
     Codes {
         /// `text` or `markdown` (docs/policy-reference.md is generated with it).
@@ -83,6 +101,14 @@ struct Input {
     /// Files or directories to read (directories recursively).
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+/// What to read and the mesh-wide settings, for every command that reads
+/// policy.
+#[derive(Debug, Args)]
+struct Settings {
     /// Only read files matching this glob, relative to each PATH (repeatable).
     #[arg(long, value_name = "GLOB")]
     include: Vec<String>,
@@ -121,6 +147,8 @@ enum CodesFormat {
     Markdown,
 }
 
+mod diff_cli;
+
 const EXIT_INVALID: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
@@ -142,13 +170,23 @@ fn main() -> ExitCode {
     }
 }
 
+impl Settings {
+    fn selection(&self) -> anyhow::Result<Selection> {
+        Ok(Selection::new(&self.include, &self.exclude)?)
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            domain: self.domain.clone(),
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+}
+
 fn load(input: &Input) -> anyhow::Result<(Analysis, Options, bool)> {
-    let sel = Selection::new(&input.include, &input.exclude)?;
-    let opts = Options {
-        domain: input.domain.clone(),
-        trust_domain: input.trust_domain.clone(),
-        root_namespace: input.root_namespace.clone(),
-    };
+    let sel = input.settings.selection()?;
+    let opts = input.settings.options();
     let (files, io) = read_paths(&input.paths, &sel);
     let io_failed = !io.is_empty() && io.iter().any(|d| d.code == Code::Io);
     let mut a = analyze(files, &opts);
@@ -251,6 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Diff(args) => diff_cli::run(&args, &mut out),
         Command::Codes { format } => {
             match format {
                 CodesFormat::Text => {

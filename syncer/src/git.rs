@@ -27,7 +27,8 @@
 //!   a local one (a path or `file://`, where libgit2 packs the objects in
 //!   this process and holds whole blobs in memory), the new objects' sizes
 //!   are read from their headers and the fetch is refused before any is
-//!   loaded. Reading a commit, only selected `*.yaml`/`*.yml` blobs are
+//!   loaded. Reading a commit ([`meshfed_policy::git::read_tree`], shared
+//!   with `meshfed-policy diff`), only selected `*.yaml`/`*.yml` blobs are
 //!   read, each after its size was checked from the object header (never
 //!   inflated first), and at most [`MAX_TREE_BYTES`] in all.
 //!
@@ -50,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use git2::{
     AutotagOption, Cred, CredentialType, ErrorClass, ErrorCode, FetchOptions, ObjectType, Odb, Oid,
-    RemoteCallbacks, Repository, Tree,
+    RemoteCallbacks, Repository,
 };
 use meshfed_policy::fs::Selection;
 
@@ -59,14 +60,7 @@ pub mod timeouts;
 /// The local ref the tracked remote ref is fetched into.
 pub const TRACKED_REF: &str = "refs/meshfed/tracked";
 
-/// The largest policy file read from a tree; bigger ones are reported (the
-/// policy loader's own limit, checked before the blob is copied).
-pub const MAX_FILE_BYTES: usize = meshfed_policy::yaml::MAX_FILE_BYTES;
-
-/// The most policy bytes read from one commit, all files together; the
-/// files past it are reported, not read. The policy crate's node budget
-/// bounds what they expand to.
-pub const MAX_TREE_BYTES: usize = 64 << 20;
+pub use meshfed_policy::git::{MAX_FILE_BYTES, MAX_TREE_BYTES, TreeFiles};
 
 /// The default of `--max-fetch-bytes`: what one fetch may bring. A local
 /// fetch holds about twice its largest object in memory (libgit2's pack
@@ -289,22 +283,6 @@ pub struct Fetched {
     /// The tracked ref's commit, 40 hex digits.
     pub commit: String,
     pub elapsed: Duration,
-}
-
-/// The selected files of one commit.
-#[derive(Debug, Clone, Default)]
-pub struct TreeFiles {
-    /// (path relative to the repository root, bytes), sorted by path.
-    pub files: Vec<(String, Vec<u8>)>,
-    /// Files over [`MAX_FILE_BYTES`]: (path, size); not read.
-    pub too_large: Vec<(String, usize)>,
-    /// Files that would take the commit past [`MAX_TREE_BYTES`]: (path,
-    /// size); not read.
-    pub over_total: Vec<(String, usize)>,
-    /// Bytes read so far (the files in `files`).
-    pub total: usize,
-    /// `--path` does not exist (or is not a directory) at this commit.
-    pub missing_path: bool,
 }
 
 /// The Git source. Cheap to share (`Arc`); methods block.
@@ -585,7 +563,9 @@ impl GitSource {
         cb
     }
 
-    /// The selected files of `commit`.
+    /// The selected files of `commit`, under `--path`
+    /// ([`meshfed_policy::git::read_tree`], bounded the same way for
+    /// `meshfed-policy diff`).
     pub fn read_tree(&self, commit: &str) -> Result<TreeFiles, GitError> {
         let repo = self.repo()?;
         let read_err = |e: &git2::Error| GitError::Read {
@@ -593,49 +573,8 @@ impl GitSource {
             message: self.redactor.apply(e.message()),
         };
         let oid = Oid::from_str(commit).map_err(|e| read_err(&e))?;
-        let tree = repo
-            .find_commit(oid)
-            .and_then(|c| c.tree())
-            .map_err(|e| read_err(&e))?;
-        let mut out = TreeFiles::default();
-        let (root, prefix) = match &self.cfg.path {
-            None => (tree, String::new()),
-            Some(p) => {
-                let p = normalize(p);
-                if p.is_empty() {
-                    (tree, String::new())
-                } else {
-                    match tree.get_path(Path::new(&p)) {
-                        Ok(entry) if entry.kind() == Some(ObjectType::Tree) => {
-                            let sub = repo.find_tree(entry.id()).map_err(|e| read_err(&e))?;
-                            (sub, format!("{p}/"))
-                        }
-                        Ok(_) => {
-                            out.missing_path = true;
-                            return Ok(out);
-                        }
-                        Err(e) if e.code() == ErrorCode::NotFound => {
-                            out.missing_path = true;
-                            return Ok(out);
-                        }
-                        Err(e) => return Err(read_err(&e)),
-                    }
-                }
-            }
-        };
-        let odb = repo.odb().map_err(|e| read_err(&e))?;
-        collect(
-            &repo,
-            &odb,
-            &root,
-            &prefix,
-            "",
-            &self.cfg.selection,
-            &mut out,
-        )
-        .map_err(|e| read_err(&e))?;
-        out.files.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        meshfed_policy::git::read_tree(&repo, oid, self.cfg.path.as_deref(), &self.cfg.selection)
+            .map_err(|e| read_err(&e))
     }
 
     /// Whether `descendant` contains `ancestor` (equal counts). Unknown
@@ -688,68 +627,6 @@ impl GitSource {
         };
         signers.verify(&sig, &data).map(Some)
     }
-}
-
-fn normalize(p: &Path) -> String {
-    p.components()
-        .filter_map(|c| match c {
-            std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-/// Walks `tree` depth-first in name order; `rel` is the path below
-/// `--path` (what the globs match), `prefix` the repository path of `rel`'s
-/// root.
-fn collect(
-    repo: &Repository,
-    odb: &Odb<'_>,
-    tree: &Tree<'_>,
-    prefix: &str,
-    rel: &str,
-    sel: &Selection,
-    out: &mut TreeFiles,
-) -> Result<(), git2::Error> {
-    for entry in tree.iter() {
-        // Non-UTF-8 names cannot be policy files (nor be shown in a diagnostic).
-        let Ok(name) = entry.name() else { continue };
-        // Like `meshfed-policy validate` on a directory: hidden entries are
-        // not policy (`.github/`, `.gitlab-ci.yml`).
-        if name.starts_with('.') {
-            continue;
-        }
-        let child = format!("{rel}{name}");
-        match entry.kind() {
-            Some(ObjectType::Tree) => {
-                let sub = repo.find_tree(entry.id())?;
-                collect(repo, odb, &sub, prefix, &format!("{child}/"), sel, out)?;
-            }
-            // 0o120000 is a symlink: its blob is a path, not a file.
-            Some(ObjectType::Blob) if entry.filemode() != 0o120000 => {
-                if !sel.selects(Path::new(&child)) {
-                    continue;
-                }
-                let path = format!("{prefix}{child}");
-                // The size from the object header: a huge blob is never
-                // inflated just to learn that it is huge.
-                let (size, _) = odb.read_header(entry.id())?;
-                if size > MAX_FILE_BYTES {
-                    out.too_large.push((path, size));
-                } else if out.total + size > MAX_TREE_BYTES {
-                    out.over_total.push((path, size));
-                } else {
-                    let blob = repo.find_blob(entry.id())?;
-                    out.total += blob.size();
-                    out.files.push((path, blob.content().to_vec()));
-                }
-            }
-            // Submodules (commits) and symlinks are not followed.
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// Adds the sizes of the blobs under `tree` not in `seen` to `total`

@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use meshfed_policy::yaml::Pos;
-use meshfed_policy::{Code, Diagnostic, Options, Snapshot};
+use meshfed_policy::{Diagnostic, Options, Snapshot};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -87,6 +86,67 @@ pub struct Accepted {
     pub warnings: usize,
     /// Restored from the state directory rather than compiled by this process.
     pub restored: bool,
+    /// What it changes for each cluster's gateways, from the commit
+    /// published before it (`meshfed-policy diff`'s report); absent for
+    /// the first commit this process published, and when restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Changes>,
+}
+
+/// The most changes kept per cluster and commit for the status API.
+pub const MAX_CHANGES_KEPT: usize = 50;
+
+fn short_sha(c: &str) -> &str {
+    c.get(..12).unwrap_or(c)
+}
+
+/// The effective change a commit brings, per cluster
+/// ([`meshfed_policy::diff`]), computed from the snapshots published
+/// before it and its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Changes {
+    /// The commit published before it.
+    pub from: String,
+    /// Every cluster of either commit, with its status and changes.
+    pub clusters: Vec<meshfed_policy::diff::ClusterDiff>,
+}
+
+impl Changes {
+    /// Between what `previous` published and `clusters`.
+    pub fn between(previous: &Published, clusters: &BTreeMap<String, ClusterSnapshot>) -> Self {
+        let snaps = |m: &BTreeMap<String, ClusterSnapshot>| -> BTreeMap<String, Snapshot> {
+            m.iter()
+                .map(|(k, v)| (k.clone(), Snapshot::clone(&v.snapshot)))
+                .collect()
+        };
+        let mut report =
+            meshfed_policy::diff::diff_clusters(&snaps(&previous.clusters), &snaps(clusters));
+        // Kept for the status API with every accepted commit: bounded.
+        for c in &mut report.clusters {
+            if c.changes.len() > MAX_CHANGES_KEPT {
+                let more = c.changes.len() - (MAX_CHANGES_KEPT - 1);
+                c.changes.truncate(MAX_CHANGES_KEPT - 1);
+                c.changes.push(meshfed_policy::diff::Change {
+                    area: meshfed_policy::diff::Area::Mesh,
+                    subject: String::new(),
+                    kind: "truncated".into(),
+                    summary: format!(
+                        "… and {more} more change(s): run `meshfed-policy diff {} {}` for all",
+                        short_sha(&previous.commit),
+                        clusters
+                            .values()
+                            .next()
+                            .map_or("NEW", |c| short_sha(&c.snapshot.version))
+                    ),
+                    moved_percent: None,
+                });
+            }
+        }
+        Changes {
+            from: previous.commit.clone(),
+            clusters: report.clusters,
+        }
+    }
 }
 
 /// The last fetch.
@@ -288,6 +348,7 @@ impl Pipeline {
             clusters: clusters.keys().cloned().collect(),
             warnings: p.warnings,
             restored: true,
+            changes: None,
         };
         self.publish.send_replace(Some(Arc::new(Published {
             commit: p.commit.clone(),
@@ -501,52 +562,11 @@ impl Pipeline {
                 Vec::new(),
             ));
         }
-        let mut extra: Vec<Diagnostic> = tree
-            .too_large
-            .iter()
-            .map(|(path, size)| {
-                Diagnostic::new(
-                    Code::TooLarge,
-                    path,
-                    Pos { line: 1, column: 1 },
-                    format!(
-                        "file is {size} bytes, over the limit of {} bytes",
-                        crate::git::MAX_FILE_BYTES
-                    ),
-                )
-                .with_hint(
-                    "split the file, or leave it out with --exclude if it is not mesh policy",
-                )
-            })
-            .chain(tree.over_total.iter().map(|(path, size)| {
-                Diagnostic::new(
-                    Code::TooLarge,
-                    path,
-                    Pos { line: 1, column: 1 },
-                    format!(
-                        "not read: its {size} bytes would take this commit's policy files past \
-                         {} bytes in all",
-                        crate::git::MAX_TREE_BYTES
-                    ),
-                )
-                .with_hint("leave files that are not mesh policy out with --path or --exclude")
-            }))
-            .collect();
-        if tree.files.is_empty() && extra.is_empty() {
-            let at = cfg
-                .path
-                .as_deref()
-                .map_or(".".to_string(), |p| p.display().to_string());
-            extra.push(
-                Diagnostic::new(
-                    Code::Io,
-                    &at,
-                    Pos { line: 1, column: 1 },
-                    "no *.yaml or *.yml file here (after --include/--exclude)",
-                )
-                .with_hint("check --path and the globs; an empty policy would remove every route"),
-            );
-        }
+        let at = cfg
+            .path
+            .as_deref()
+            .map_or(".".to_string(), |p| p.display().to_string());
+        let extra = tree.diagnostics(&at);
         timings.read = t.elapsed();
         let t = Instant::now();
         let mut analysis = meshfed_policy::analyze(tree.files, &self.opts);
@@ -610,6 +630,12 @@ impl Pipeline {
         }
         let persist = t.elapsed();
         let names: BTreeSet<String> = clusters.keys().cloned().collect();
+        let t = Instant::now();
+        let previous = self.publish.borrow().clone();
+        let changes = previous
+            .filter(|p| p.commit != commit)
+            .map(|p| Changes::between(&p, &clusters));
+        let diff_time = t.elapsed();
         self.publish.send_replace(Some(Arc::new(Published {
             commit: commit.to_string(),
             fetched_at: started,
@@ -633,6 +659,7 @@ impl Pipeline {
             analyze_ms = ms(timings.analyze),
             compile_ms = ms(timings.compile),
             persist_ms = ms(persist),
+            diff_ms = ms(diff_time),
             "commit accepted and published"
         );
         let acc = Accepted {
@@ -641,6 +668,7 @@ impl Pipeline {
             clusters: names,
             warnings: warnings.len(),
             restored: false,
+            changes,
         };
         let mut st = self.state.lock();
         st.last_good = Some(acc.clone());

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use crate::git::{GitSource, Secret};
 use crate::metrics::Metrics;
-use crate::pipeline::{StateView, SyncState, rfc3339};
+use crate::pipeline::{Changes, StateView, SyncState, rfc3339};
 use crate::rollout::{GatewayRecord, Published, Rollout};
 use crate::trigger::{self, Trigger};
 
@@ -140,6 +140,10 @@ pub struct RolloutView {
     /// window (drained, e.g. the old pods of a rollout): not waited for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left: Vec<LeftView>,
+    /// What the accepted commit carrying it changes for each cluster's
+    /// gateways, from the commit published before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Changes>,
 }
 
 impl RolloutView {
@@ -228,6 +232,7 @@ pub fn compute_rollout(
         clusters: BTreeMap::new(),
         diagnostics: Vec::new(),
         left: Vec::new(),
+        changes: None,
     };
     let covered = state
         .acceptance(commit)
@@ -263,6 +268,7 @@ pub fn compute_rollout(
         return view;
     };
     view.covered_by = Some(acc.commit.clone());
+    view.changes = acc.changes.clone();
     for c in &acc.clusters {
         view.clusters.insert(c.clone(), Vec::new());
     }
@@ -802,6 +808,18 @@ pub fn render_rollout(v: &RolloutView) -> String {
     }
     for d in &v.diagnostics {
         out.push_str(&format!("  {d}\n"));
+    }
+    if let Some(ch) = &v.changes {
+        let report = meshfed_policy::diff::Report {
+            clusters: ch.clusters.clone(),
+        };
+        out.push_str(&format!(
+            "  changes from {} (meshfed-policy diff):\n",
+            short(&ch.from)
+        ));
+        for line in report.text().lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
     }
     let rows: Vec<&GatewayView> = v.clusters.values().flatten().collect();
     let empty: Vec<&String> = v

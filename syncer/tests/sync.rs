@@ -344,6 +344,65 @@ fn status_wait_exits_0_when_every_known_gateway_applied_3_on_timeout_and_2_on_ba
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
 
+/// `/rollout/SHA`, `/status` and `meshfed-syncer status` show what each
+/// accepted commit changes for each cluster (`meshfed-policy diff`'s
+/// sentences), from the commit published before it.
+#[test]
+fn each_accepted_commit_shows_its_effective_change_per_cluster_in_status_and_rollout() {
+    let s = setup();
+    let base = s.repo.commit(
+        "west only",
+        &[
+            ("clusters.yaml", &clusters()),
+            ("reviews.yaml", &reviews_vs(Some("west"))),
+        ],
+    );
+    let syncer = s.start(&["--poll-interval", "200ms"]);
+    syncer.wait_good(&base);
+    let c2 = s
+        .repo
+        .commit("east too", &[("reviews.yaml", &reviews_vs(None))]);
+    syncer.wait_good(&c2);
+    let r: serde_json::Value =
+        serde_json::from_str(&syncer.get(&format!("/rollout/{c2}")).1).unwrap();
+    assert_eq!(r["changes"]["from"], base.as_str(), "{r}");
+    let cluster = |name: &str| {
+        r["changes"]["clusters"]
+            .as_array()
+            .and_then(|v| v.iter().find(|c| c["cluster"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {r}"))
+    };
+    assert_eq!(cluster("west")["status"], "unchanged", "{r}");
+    let east = cluster("east");
+    assert_eq!(east["status"], "changed", "{r}");
+    assert_eq!(east["changes"][0]["area"], "route", "{r}");
+    assert_eq!(east["changes"][0]["kind"], "added", "{r}");
+    assert_eq!(
+        east["changes"][0]["summary"],
+        "reviews.default: new routes (VirtualService default/reviews): any request → reviews.default 100%",
+        "{r}"
+    );
+    // The status document carries it with the last good commit.
+    assert_eq!(
+        syncer.status()["last_good"]["changes"]["from"],
+        base.as_str()
+    );
+    // And `status` says it in words.
+    let out = syncer_cmd()
+        .args(["status", "--server", &syncer.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("changes from"), "{text}");
+    assert!(
+        text.contains("east: reviews.default: new routes (VirtualService default/reviews)"),
+        "{text}"
+    );
+    assert!(text.contains("no change for cluster west"), "{text}");
+}
+
 #[test]
 fn status_and_metrics_need_the_bearer_token_when_one_is_set_but_the_webhook_only_its_signature() {
     let s = setup();

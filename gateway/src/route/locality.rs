@@ -21,12 +21,16 @@
 //! - `enabled: false`: no preference; every healthy cluster, weighted by its
 //!   healthy endpoint count.
 //!
-//! It does not decide health (discovery, announcements and outlier
-//! detection do) or which gateway of a cluster carries the call (the tunnel).
+//! The tiers themselves are a policy rule ([`meshfed_policy::locality`]),
+//! shared with `meshfed-policy diff`, which shows a commit's change of
+//! failover order. It does not decide health (discovery, announcements and
+//! outlier detection do) or which gateway of a cluster carries the call
+//! (the tunnel).
 
 use std::collections::BTreeMap;
 
-use meshfed_policy::snapshot::{CLUSTER_LABEL, ClusterInfo, LocalityLb};
+use meshfed_policy::locality::{self, locality_path, pattern_matches};
+use meshfed_policy::snapshot::{ClusterInfo, LocalityLb};
 
 use super::{Active, Target};
 
@@ -54,32 +58,7 @@ pub fn choose(
         }
         _ => {}
     }
-    let tier = |c: &str| -> u32 {
-        if c == local_cluster {
-            return 0;
-        }
-        match setting {
-            Some(s) if !s.failover_priority.is_empty() => {
-                let ours = labels(local_cluster, info(local_cluster));
-                let theirs = labels(c, info(c));
-                let shared = s
-                    .failover_priority
-                    .iter()
-                    .take_while(|l| {
-                        ours.get(l.as_str())
-                            .is_some_and(|v| theirs.get(l.as_str()) == Some(v))
-                    })
-                    .count();
-                // More shared labels: a nearer tier.
-                1 + (s.failover_priority.len() - shared) as u32
-            }
-            _ => nearness(
-                info(local_cluster).and_then(|i| i.locality.as_ref()),
-                info(c).and_then(|i| i.locality.as_ref()),
-                setting,
-            ),
-        }
-    };
+    let tier = |c: &str| locality::tier(clusters, setting, local_cluster, c);
     let best = counts.keys().map(|c| tier(c)).min()?;
     weighted(
         counts
@@ -92,85 +71,12 @@ pub fn choose(
 /// The locality setting for `target`: its subset's (compiled with the
 /// DestinationRule's as fallback), then the port's, then the rule's.
 fn setting<'a>(active: &'a Active, target: &Target) -> Option<&'a LocalityLb> {
-    let dest = active.snapshot.policy.destinations.get(&target.service)?;
-    let policy = target
-        .subset
-        .as_ref()
-        .and_then(|s| dest.subsets.get(s))
-        .map_or(&dest.traffic_policy, |s| &s.traffic_policy);
-    policy
-        .ports
-        .get(&target.port)
-        .and_then(|p| p.load_balancer.as_ref())
-        .and_then(|lb| lb.locality.as_ref())
-        .or(policy.load_balancer.locality.as_ref())
-}
-
-/// Tier of a remote cluster by locality: 1 same zone, 2 same region, 3 the
-/// configured failover region, 4 anything else (or unknown).
-fn nearness(
-    ours: Option<&meshfed_policy::snapshot::Locality>,
-    theirs: Option<&meshfed_policy::snapshot::Locality>,
-    setting: Option<&LocalityLb>,
-) -> u32 {
-    let (Some(ours), Some(theirs)) = (ours, theirs) else {
-        return 4;
-    };
-    if ours.region == theirs.region {
-        if !ours.zone.is_empty() && ours.zone == theirs.zone {
-            1
-        } else {
-            2
-        }
-    } else if setting.and_then(|s| s.failover.get(&ours.region)) == Some(&theirs.region) {
-        3
-    } else {
-        4
-    }
-}
-
-/// The labels a cluster stands for, for `failoverPriority`.
-fn labels<'a>(name: &'a str, info: Option<&'a ClusterInfo>) -> BTreeMap<&'static str, &'a str> {
-    let mut m = BTreeMap::from([(CLUSTER_LABEL, name)]);
-    if let Some(i) = info {
-        if let Some(n) = &i.network {
-            m.insert("topology.istio.io/network", n.as_str());
-        }
-        if let Some(l) = &i.locality {
-            m.insert("topology.kubernetes.io/region", l.region.as_str());
-            if !l.zone.is_empty() {
-                m.insert("topology.kubernetes.io/zone", l.zone.as_str());
-            }
-            if !l.subzone.is_empty() {
-                m.insert("topology.istio.io/subzone", l.subzone.as_str());
-            }
-        }
-    }
-    m
-}
-
-/// `region/zone/subzone` of a cluster, empty parts left empty.
-fn locality_path(info: Option<&ClusterInfo>) -> Option<String> {
-    let l = info?.locality.as_ref()?;
-    Some(format!("{}/{}/{}", l.region, l.zone, l.subzone))
-}
-
-/// Istio's locality pattern: `region`, `region/zone`, `region/zone/subzone`,
-/// where any part may be `*`, and a trailing `*` matches the rest.
-fn pattern_matches(pattern: &str, locality: &str) -> bool {
-    let mut parts = locality.split('/');
-    for p in pattern.split('/') {
-        let Some(have) = parts.next() else {
-            return false;
-        };
-        if p == "*" {
-            continue;
-        }
-        if p != have {
-            return false;
-        }
-    }
-    true
+    locality::setting(
+        &active.snapshot.policy,
+        &target.service,
+        target.subset.as_deref(),
+        Some(target.port),
+    )
 }
 
 fn distribute<'a>(
@@ -218,18 +124,4 @@ fn weighted<'a>(items: impl Iterator<Item = (&'a str, u64)> + Clone) -> Option<S
         r -= w;
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn locality_patterns_match_as_istio_documents() {
-        assert!(pattern_matches("us-west1/*", "us-west1/a/"));
-        assert!(pattern_matches("us-west1", "us-west1/a/x"));
-        assert!(pattern_matches("*/a/*", "eu/a/x"));
-        assert!(!pattern_matches("us-west1/b/*", "us-west1/a/"));
-        assert!(!pattern_matches("us-east1/*", "us-west1/a/"));
-    }
 }

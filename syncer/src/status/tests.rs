@@ -29,6 +29,7 @@ fn accepted(commit: &str, clusters: &[&str]) -> Accepted {
             .collect::<BTreeSet<_>>(),
         warnings: 0,
         restored: false,
+        changes: None,
     }
 }
 
