@@ -102,13 +102,13 @@ impl Caller {
     /// A longer name does not depend on it (the certificate's namespace, or
     /// "", is returned). `watched`: the namespaces Kubernetes discovery
     /// watches, when it watches only some (a caller elsewhere is no
-    /// endpoint, and the refusal says so).
+    /// endpoint, and the refusal says so); read only for that refusal.
     fn namespace_for<'a>(
         &'a self,
         authority: &str,
         local: &'a EndpointSet,
         domain: &str,
-        watched: Option<&[String]>,
+        watched: &arc_swap::ArcSwapOption<Vec<String>>,
     ) -> Result<&'a str, String> {
         if let Some(ns) = &self.namespace {
             return Ok(ns);
@@ -134,7 +134,8 @@ impl Caller {
             Some(a) => format!("the caller at {}", a.ip()),
             None => "the caller".to_string(),
         };
-        let Some(watched) = watched else {
+        let watched = watched.load();
+        let Some(watched) = watched.as_deref() else {
             return Err(format!(
                 "`{host}` is a short name, and this gateway cannot tell which namespace it means: \
                  {who} presented no workload certificate and is not an endpoint of exactly one \
@@ -647,9 +648,8 @@ async fn handle_connection(
             let namespace = {
                 let domain = state.active.load().snapshot.policy.domain.clone();
                 let local = state.endpoints.borrow();
-                let watched = state.watched_namespaces.load();
                 caller
-                    .namespace_for(&host, &local, &domain, watched.as_deref().map(|w| &w[..]))
+                    .namespace_for(&host, &local, &domain, &state.watched_namespaces)
                     .map(str::to_string)
             };
             let namespace = match namespace {
@@ -726,7 +726,7 @@ async fn route_and_forward(
         &authority,
         &endpoints,
         &active.snapshot.policy.domain,
-        state.watched_namespaces.load().as_deref().map(|w| &w[..]),
+        &state.watched_namespaces,
     ) {
         Ok(ns) => ns,
         Err(why) => {
@@ -1905,9 +1905,8 @@ async fn connect(
     let namespace = {
         let domain = state.active.load().snapshot.policy.domain.clone();
         let local = state.endpoints.borrow();
-        let watched = state.watched_namespaces.load();
         caller
-            .namespace_for(host, &local, &domain, watched.as_deref().map(|w| &w[..]))
+            .namespace_for(host, &local, &domain, &state.watched_namespaces)
             .map(str::to_string)
     };
     let namespace = match namespace {

@@ -441,7 +441,7 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
         inferred_namespace: std::sync::OnceLock::new(),
     };
     let ns = |c: &Caller, host: &str| {
-        c.namespace_for(host, &local, "cluster.local", None)
+        c.namespace_for(host, &local, "cluster.local", &Default::default())
             .map(str::to_string)
     };
     // The certificate wins, whatever the address says.
@@ -452,7 +452,12 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
     assert_eq!(ns(&c, "ratings-west:9080").as_deref(), Ok("bookinfo"));
     // Once told, kept for the connection (searched once, not per request).
     assert_eq!(
-        c.namespace_for("ratings", &EndpointSet::new(), "cluster.local", None),
+        c.namespace_for(
+            "ratings",
+            &EndpointSet::new(),
+            "cluster.local",
+            &Default::default(),
+        ),
         Ok("bookinfo")
     );
     // Then the declared one.
@@ -473,9 +478,10 @@ fn a_short_name_takes_the_certificates_namespace_then_the_addresss_then_the_decl
     assert_eq!(ns(&c, "ratings-west.bookinfo:9080").as_deref(), Ok(""));
     // With discovery scoped to the policy's namespaces, the refusal says a
     // caller elsewhere cannot be placed, and how to fix it; never a guess.
-    let watched = ["bookinfo".to_string(), "shop".to_string()];
+    let watched =
+        arc_swap::ArcSwapOption::from_pointee(vec!["bookinfo".to_string(), "shop".to_string()]);
     let why = c
-        .namespace_for("ratings", &local, "cluster.local", Some(&watched))
+        .namespace_for("ratings", &local, "cluster.local", &watched)
         .unwrap_err();
     assert!(
         why.contains("watches only the namespaces the policy names")
