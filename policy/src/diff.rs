@@ -1155,14 +1155,19 @@ impl Differ<'_> {
                 push(
                     out,
                     "rules",
-                    if b.rules.is_empty() {
-                        format!(
+                    match (b.rules.is_empty(), b.dry_run) {
+                        (true, false) => format!(
                             "{what}: an ALLOW with no rule matches nothing: every request to {target} is denied"
-                        )
-                    } else {
-                        format!(
+                        ),
+                        (true, true) => format!(
+                            "{what}: an ALLOW with no rule matches nothing: every request to {target} would be denied (dry-run: counted, not enforced)"
+                        ),
+                        (false, false) => format!(
                             "{what}: now has rules (was none, which denied every request to {target})"
-                        )
+                        ),
+                        (false, true) => format!(
+                            "{what}: now has rules (was none, which counted every request to {target} as denied; dry-run, not enforced)"
+                        ),
                     },
                 );
             }
@@ -1496,6 +1501,9 @@ fn describe_authz(p: &AuthzPolicy, domain: &str) -> String {
     let verb = action(p.action);
     if p.rules.is_empty() {
         return match p.action {
+            AuthzAction::Allow if p.dry_run => format!(
+                "{mode}ALLOW on {target} with no rule: it matches nothing, so every request to {target} would be denied (counted, not enforced)"
+            ),
             AuthzAction::Allow => format!(
                 "{mode}ALLOW on {target} with no rule: it matches nothing, so every request to {target} is denied"
             ),

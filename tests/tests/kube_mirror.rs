@@ -475,7 +475,18 @@ async fn a_caller_reaches_a_remote_service_on_the_port_its_mirror_declares() {
 
     // West's gateway goes away: east keeps the ports it was told, rather
     // than falling back to the default and cutting callers off.
-    let writes = east_kube.client_writes_of(&[Kind::Service, Kind::EndpointSlice]);
+    // The setup's last writes first: on a loaded machine one can still be
+    // on its way when the ports above already read right. Writes that the
+    // dropped link causes come after the kill and are still caught below.
+    let mut writes = east_kube.client_writes_of(&[Kind::Service, Kind::EndpointSlice]);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = east_kube.client_writes_of(&[Kind::Service, Kind::EndpointSlice]);
+        if now == writes {
+            break;
+        }
+        writes = now;
+    }
     two.west.kill();
     wait("east sees west's link down", &two.east, || {
         two.east.links_up("west") == 0

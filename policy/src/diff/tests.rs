@@ -502,3 +502,37 @@ spec:
     assert!(md.contains("No change for `east`, `edge`."), "{md}");
     assert!(!md.contains("#### `east`"), "{md}");
 }
+
+/// A dry-run policy is counted, never enforced: an ALLOW without rules in
+/// dry-run denies nothing, and the sentence must not say it does.
+#[test]
+fn a_dry_run_allow_without_rules_is_said_to_deny_nothing_for_real() {
+    let allow = |dry: bool| {
+        format!(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-readers
+  namespace: default
+  annotations: {{istio.io/dry-run: '{dry}'}}
+spec:
+  selector: {{matchLabels: {{app: reviews}}}}
+  action: ALLOW
+"
+        )
+    };
+    for (dry, wanted, unwanted) in [
+        (true, "would be denied", "is denied"),
+        (false, "is denied", "would be denied"),
+    ] {
+        let r = report(
+            &[("c.yaml", CLUSTERS)],
+            &[("c.yaml", CLUSTERS), ("authz.yaml", &allow(dry))],
+        );
+        let said = sentences(&r, "east").join("\n");
+        assert!(
+            said.contains(wanted) && !said.contains(unwanted),
+            "dry-run {dry}: {said}"
+        );
+    }
+}
