@@ -186,25 +186,7 @@ async fn serial_a_stale_resource_version_relists_without_dropping_endpoints() {
     wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
 
     // Requests flow the whole time, one every 10 ms; none may fail.
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (ok, failed, stop, via) = (ok.clone(), failed.clone(), stop.clone(), gw.outbound);
-        tokio::spawn(async move {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match served_by(via, RATINGS).await {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        errors.push(e);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            errors
-        })
-    };
+    let load = SteadyCalls::start(gw.outbound, RATINGS);
     let lists_before = kube.lists(Kind::EndpointSlice);
     // Lists take a second: the relist window is wide. Every watch gets
     // 410 Gone and history is compacted, so resuming is refused too.
@@ -228,9 +210,7 @@ async fn serial_a_stale_resource_version_relists_without_dropping_endpoints() {
     kube.expire_watches();
     kube.delete(Kind::EndpointSlice, "default", "ratings-a");
     wait_served(gw.outbound, RATINGS, &["r2"], &gw).await;
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, errors) = load.finish().await;
     assert!(ok > 50, "only {ok} requests ran");
     assert_eq!(
         failed,
@@ -445,25 +425,7 @@ async fn only_the_namespaces_the_policy_names_are_watched_and_commits_add_and_dr
     wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
 
     // Calls to cart flow, one every 10 ms, while default is dropped.
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (ok, failed, stop, via) = (ok.clone(), failed.clone(), stop.clone(), gw.outbound);
-        tokio::spawn(async move {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match served_by(via, cart).await {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        errors.push(e);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            errors
-        })
-    };
+    let load = SteadyCalls::start(gw.outbound, cart);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A commit that names neither default nor stage any more.
     let text = std::fs::read_to_string(dir.path().join("policy").join("p.yaml")).unwrap();
@@ -493,9 +455,7 @@ async fn only_the_namespaces_the_policy_names_are_watched_and_commits_add_and_dr
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, errors) = load.finish().await;
     assert!(ok > 20, "only {ok} calls to cart ran");
     assert_eq!(
         failed,
@@ -582,4 +542,54 @@ async fn a_headless_service_without_ports_is_reached_on_the_requested_port() {
     wait_served(gw.outbound, RATINGS, &["r1"], &gw).await;
     let host = format!("db.default.svc.cluster.local:{}", db.port());
     wait_served(gw.outbound, &host, &["db-0"], &gw).await;
+}
+
+/// Calls to `host` through `via`, one every 10 ms, until [`Self::finish`].
+struct SteadyCalls {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl SteadyCalls {
+    fn start(via: std::net::SocketAddr, host: &str) -> Self {
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let (ok, failed, stop, host) =
+                (ok.clone(), failed.clone(), stop.clone(), host.to_string());
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match served_by(via, &host).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            errors.push(e);
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                errors
+            })
+        };
+        SteadyCalls {
+            ok,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the calls: (answered, failed, the failures' errors).
+    async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
 }
