@@ -78,12 +78,31 @@ impl Change {
     fn new(area: Area, subject: &str, kind: &'static str, summary: String) -> Self {
         Change {
             area,
-            subject: subject.to_string(),
+            subject: printable(subject),
             kind: kind.to_string(),
-            summary,
+            summary: printable(&summary),
             moved_percent: None,
         }
     }
+}
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`): header values,
+/// paths and names come from the repository under review, and a sentence
+/// must not move a reviewer's cursor, colour the terminal or forge a line
+/// of its own.
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// What happens to one cluster's snapshot.
@@ -252,18 +271,21 @@ pub fn diff_clusters(old: &BTreeMap<String, Snapshot>, new: &BTreeMap<String, Sn
         .into_iter()
         .map(|name| {
             let (o, n) = (old.get(name), new.get(name));
-            let status = match (o, n) {
-                (Some(o), Some(n)) if o.content_hash == n.content_hash => Status::Unchanged,
-                (Some(_), Some(_)) => Status::Changed,
-                (None, _) => Status::Added,
-                (_, None) => Status::Removed,
-            };
             let changes = match (o, n) {
                 (Some(o), Some(n)) => diff(&o.policy, &n.policy),
                 // A new cluster's gateways get everything: compare with an
                 // empty policy of the same cluster.
                 (None, Some(n)) => diff(&empty_like(&n.policy), &n.policy),
                 _ => Vec::new(),
+            };
+            let status = match (o, n) {
+                (Some(o), Some(n)) if o.content_hash == n.content_hash => Status::Unchanged,
+                // Another snapshot, but only lists whose order means
+                // nothing were reordered (`canonical`).
+                (Some(_), Some(_)) if changes.is_empty() => Status::Unchanged,
+                (Some(_), Some(_)) => Status::Changed,
+                (None, _) => Status::Added,
+                (_, None) => Status::Removed,
             };
             ClusterDiff {
                 cluster: name.clone(),
@@ -292,6 +314,8 @@ pub fn diff(old: &ClusterPolicy, new: &ClusterPolicy) -> Vec<Change> {
     if old == new {
         return Vec::new();
     }
+    // Lists whose order means nothing are compared as sets.
+    let (old, new) = (&canonical(old), &canonical(new));
     let mut out = Vec::new();
     let d = Differ { old, new };
     d.clusters(&mut out);
@@ -311,6 +335,70 @@ pub fn diff(old: &ClusterPolicy, new: &ClusterPolicy) -> Vec<Change> {
         }
     }
     out
+}
+
+/// `p` with every list whose order has no effect put in one order, so that
+/// reordering them is no effective change: the match conditions of a rule
+/// (any one matches), its weighted destinations (the split is by weight)
+/// and mirrors, TCP ports, and everything in an
+/// AuthorizationPolicy (rules, sources, operations and conditions are
+/// each "any of" or "all of"). Route rules keep their order (the first
+/// match wins), and so do failover and locality preferences.
+fn canonical(p: &ClusterPolicy) -> ClusterPolicy {
+    fn set<T: Serialize>(v: &mut [T]) {
+        v.sort_by_cached_key(|x| serde_json::to_string(x).unwrap_or_default());
+    }
+    let mut p = p.clone();
+    for r in p.routes.values_mut() {
+        for h in &mut r.http {
+            set(&mut h.matches);
+            set(&mut h.destinations);
+            set(&mut h.mirrors);
+        }
+        for t in &mut r.tcp {
+            set(&mut t.ports);
+            set(&mut t.destinations);
+        }
+    }
+    for a in &mut p.authz {
+        for r in &mut a.rules {
+            for f in &mut r.from {
+                for l in [
+                    &mut f.principals,
+                    &mut f.not_principals,
+                    &mut f.namespaces,
+                    &mut f.not_namespaces,
+                    &mut f.service_accounts,
+                    &mut f.not_service_accounts,
+                ] {
+                    set(l);
+                }
+            }
+            for o in &mut r.to {
+                for l in [
+                    &mut o.hosts,
+                    &mut o.not_hosts,
+                    &mut o.methods,
+                    &mut o.not_methods,
+                    &mut o.paths,
+                    &mut o.not_paths,
+                ] {
+                    set(l);
+                }
+                set(&mut o.ports);
+                set(&mut o.not_ports);
+            }
+            for c in &mut r.when {
+                set(&mut c.values);
+                set(&mut c.not_values);
+            }
+            set(&mut r.from);
+            set(&mut r.to);
+            set(&mut r.when);
+        }
+        set(&mut a.rules);
+    }
+    p
 }
 
 struct Differ<'a> {

@@ -536,3 +536,99 @@ spec:
         );
     }
 }
+
+#[test]
+fn reordering_lists_whose_order_means_nothing_is_no_effective_change() {
+    let authz = |rules: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ratings-callers, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  action: ALLOW
+  rules:
+{rules}"
+        )
+    };
+    let a = authz(
+        "  - from:
+    - source: {principals: [cluster.local/ns/default/sa/a, cluster.local/ns/default/sa/b]}
+    to:
+    - operation: {methods: [GET, HEAD], paths: ['/x', '/y']}
+  - to:
+    - operation: {methods: [POST]}
+",
+    );
+    // Rules, principals, methods and paths in another order; the split's
+    // destinations too.
+    let b = authz(
+        "  - to:
+    - operation: {methods: [POST]}
+  - to:
+    - operation: {paths: ['/y', '/x'], methods: [HEAD, GET]}
+    from:
+    - source: {principals: [cluster.local/ns/default/sa/b, cluster.local/ns/default/sa/a]}
+",
+    );
+    let split = vs(V1_55_V2_45);
+    let swapped = vs("  - route:
+    - destination: {host: reviews, subset: v2}
+      weight: 45
+    - destination: {host: reviews, subset: v1}
+      weight: 55
+");
+    let old = [
+        ("c.yaml", CLUSTERS),
+        ("dr.yaml", DR),
+        ("vs.yaml", split.as_str()),
+        ("authz.yaml", a.as_str()),
+    ];
+    let new = [
+        ("c.yaml", CLUSTERS),
+        ("dr.yaml", DR),
+        ("vs.yaml", swapped.as_str()),
+        ("authz.yaml", b.as_str()),
+    ];
+    let r = report(&old, &new);
+    assert!(!r.changed(), "{:#?}", sentences(&r, "east"));
+    // A real change among the reordered items is still seen.
+    let c = b.replace("[HEAD, GET]", "[HEAD, GET, DELETE]");
+    let changed = [
+        ("c.yaml", CLUSTERS),
+        ("dr.yaml", DR),
+        ("vs.yaml", swapped.as_str()),
+        ("authz.yaml", c.as_str()),
+    ];
+    let r = report(&old, &changed);
+    assert!(r.changed());
+    let s = sentences(&r, "east").join("\n");
+    assert!(s.contains("DELETE"), "{s}");
+}
+
+#[test]
+fn control_characters_from_the_repository_are_escaped_in_sentences() {
+    let plain = vs(V1_ONLY);
+    let coloured = vs("  - headers:
+      request:
+        set: {x-note: \"\\e[31mred\\nfake: line\"}
+    route:
+    - destination: {host: reviews, subset: v1}
+");
+    let old = [
+        ("c.yaml", CLUSTERS),
+        ("dr.yaml", DR),
+        ("vs.yaml", plain.as_str()),
+    ];
+    let new = [
+        ("c.yaml", CLUSTERS),
+        ("dr.yaml", DR),
+        ("vs.yaml", coloured.as_str()),
+    ];
+    let r = report(&old, &new);
+    let text = r.text();
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(text.contains("\\u{1b}[31mred\\nfake: line"), "{text}");
+    // One line per change: the value's newline did not start another.
+    assert!(!text.lines().any(|l| l.starts_with("fake:")), "{text}");
+}
