@@ -37,7 +37,7 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Envoy's header for the caller's verified client certificate. Only a
 /// destination gateway sets it, from the identity it verified; a value from
 /// anyone else is dropped on arrival.
-pub(crate) const XFCC: &str = "x-forwarded-client-cert";
+pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// The XFCC a destination gateway sets for a caller whose workload identity
 /// it verified (or accepted from a source gateway under the trust-domain

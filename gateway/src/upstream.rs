@@ -25,7 +25,7 @@
 //!
 //! It does not own the choice of cluster ([`crate::route`]) nor the tunnel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::body::{CallerFault, ProxyBody, Watched};
@@ -361,8 +362,8 @@ pub struct Picked<'a> {
 /// service's cluster, so peers cannot mint clusters by naming subsets.
 #[derive(Debug)]
 pub struct Upstream {
-    inflight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
-    clusters: Mutex<HashMap<String, Vec<Arc<Cluster>>>>,
+    inflight: Mutex<FxHashMap<SocketAddr, Arc<AtomicUsize>>>,
+    clusters: Mutex<FxHashMap<String, Vec<Arc<Cluster>>>>,
     tls: tls::TlsCache,
     metrics: UpstreamMetrics,
     health: watch::Sender<u64>,
@@ -384,8 +385,8 @@ impl Upstream {
 
     pub fn with_metrics(metrics: UpstreamMetrics) -> Self {
         Upstream {
-            inflight: Mutex::new(HashMap::new()),
-            clusters: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(FxHashMap::default()),
+            clusters: Mutex::new(FxHashMap::default()),
             tls: tls::TlsCache::default(),
             metrics,
             health: watch::channel(0).0,

@@ -712,7 +712,7 @@ async fn route_and_forward(
     // sent as XFCC is dropped before routing and authorization see it
     // (Envoy's SANITIZE). The destination sets XFCC from the verified
     // identity alone (super::xfcc).
-    req.headers_mut().remove(super::XFCC);
+    req.headers_mut().remove(&super::XFCC);
     let grpc = is_grpc(req.headers());
     if req.method() == Method::CONNECT {
         return connect(state, caller, req).await;
@@ -1641,7 +1641,7 @@ pub(super) async fn forward_local(
     failed: &mut Vec<SocketAddr>,
 ) -> Tried {
     if let Some(v) = caller.and_then(|c| super::xfcc(state, active, c)) {
-        req.headers_mut().insert(super::XFCC, v);
+        req.headers_mut().insert(&super::XFCC, v);
     }
     let req = match crate::proxy::admission::enforce_local(
         state,

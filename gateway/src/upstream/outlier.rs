@@ -26,11 +26,11 @@
 //! I/O. [`super`] owns the detectors, filters ejected endpoints out of the
 //! balancer, and tells peers (announcements) which endpoints are ejected.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use meshfed_policy::snapshot::OutlierDetection;
+use rustc_hash::FxHashMap;
 
 /// Envoy's default `max_ejection_time`: no ejection lasts longer than this
 /// (or the base ejection time, when that is longer).
@@ -142,7 +142,7 @@ struct Host {
 #[derive(Debug)]
 pub struct Detector {
     origin: Instant,
-    hosts: HashMap<SocketAddr, Host>,
+    hosts: FxHashMap<SocketAddr, Host>,
 }
 
 impl Detector {
@@ -150,7 +150,7 @@ impl Detector {
     pub fn new(origin: Instant) -> Self {
         Detector {
             origin,
-            hosts: HashMap::new(),
+            hosts: FxHashMap::default(),
         }
     }
 

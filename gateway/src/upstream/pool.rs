@@ -34,7 +34,7 @@
 //! a slot that gives its count back when the connection ends, whatever
 //! ends it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +47,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_policy::snapshot::ConnectionPool;
+use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use super::tls::TlsSetup;
@@ -251,7 +252,7 @@ impl Endpoint {
 struct State {
     connections: usize,
     pending: usize,
-    endpoints: HashMap<EndpointKey, Endpoint>,
+    endpoints: FxHashMap<EndpointKey, Endpoint>,
 }
 
 /// One upstream cluster's connections and counters.

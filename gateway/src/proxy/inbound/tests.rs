@@ -138,7 +138,7 @@ impl Fixture {
                         .unwrap_or_default();
                     let xfcc = parts
                         .headers
-                        .get(XFCC)
+                        .get(&XFCC)
                         .cloned()
                         .unwrap_or(HeaderValue::from_static(""));
                     http::Response::builder()
@@ -341,7 +341,7 @@ async fn an_exported_http_service_is_forwarded_to_its_local_endpoint_and_answers
     let head = o.http.as_mut().unwrap();
     // A caller of east's trust domain, and an XFCC east has no right to set.
     head.headers
-        .insert(XFCC, HeaderValue::from_static("By=forged;URI=forged"));
+        .insert(&XFCC, HeaderValue::from_static("By=forged;URI=forged"));
     o.caller = Some("spiffe://cluster.local/ns/default/sa/productpage".into());
     let frames = fx
         .exchange(&[open(o), Frame::Data(Bytes::from(vec![7u8; 100_000]))])
@@ -609,7 +609,7 @@ async fn an_xfcc_header_from_the_source_gateway_never_reaches_the_endpoint() {
     // sees no XFCC at all, not the one east sent.
     let mut o = http_open(RATINGS, Method::GET, "/");
     o.http.as_mut().unwrap().headers.insert(
-        XFCC,
+        &XFCC,
         HeaderValue::from_static("By=x;URI=spiffe://cluster.local/ns/default/sa/admin"),
     );
     let frames = fx.exchange(&[open(o)]).await;
