@@ -137,6 +137,10 @@ pub struct GateSpec {
     /// Fail when p99 latency grows by more than this many percent
     /// (default 50).
     pub max_p99_increase_percent: Option<f64>,
+    /// p99 growth counts only when the new p99 is above this many
+    /// milliseconds (default 25): at a few milliseconds, one histogram
+    /// bucket is noise on a busy host.
+    pub p99_floor_ms: Option<f64>,
     /// Fail when the share of requests denied by authorization grows by
     /// more than this many percentage points (default 2).
     pub max_denial_rate_increase: Option<f64>,

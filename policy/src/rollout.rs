@@ -38,6 +38,9 @@ pub struct Gates {
     pub max_success_rate_drop: f64,
     /// Percent by which p99 latency may grow.
     pub max_p99_increase_percent: f64,
+    /// A p99 at or below this many milliseconds never fails the gate.
+    #[serde(default = "default_p99_floor_ms")]
+    pub p99_floor_ms: f64,
     /// Percentage points by which the share of denied requests may grow.
     pub max_denial_rate_increase: f64,
 }
@@ -48,9 +51,14 @@ impl Default for Gates {
             min_requests: 100,
             max_success_rate_drop: 2.0,
             max_p99_increase_percent: 50.0,
+            p99_floor_ms: default_p99_floor_ms(),
             max_denial_rate_increase: 2.0,
         }
     }
+}
+
+fn default_p99_floor_ms() -> f64 {
+    25.0
 }
 
 /// The waves, in order, and the gates.
@@ -107,6 +115,7 @@ impl RolloutPlan {
                 max_p99_increase_percent: g
                     .max_p99_increase_percent
                     .unwrap_or(d.max_p99_increase_percent),
+                p99_floor_ms: g.p99_floor_ms.unwrap_or(d.p99_floor_ms),
                 max_denial_rate_increase: g
                     .max_denial_rate_increase
                     .unwrap_or(d.max_denial_rate_increase),
@@ -203,8 +212,7 @@ spec:
         assert_eq!(p.gates.min_requests, 20);
         assert_eq!(p.gates.max_success_rate_drop, 2.0);
         assert_eq!(p.wave_of("west"), Some(1));
-        let back: RolloutPlan =
-            serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        let back: RolloutPlan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
     }
 

@@ -127,7 +127,13 @@ impl Golden {
     }
 
     /// Records a report as arrived at `at` (tests).
-    pub fn record_at(&self, cluster: &str, gateway_id: &str, m: &pb::GoldenMetrics, at: SystemTime) {
+    pub fn record_at(
+        &self,
+        cluster: &str,
+        gateway_id: &str,
+        m: &pb::GoldenMetrics,
+        at: SystemTime,
+    ) {
         let services = m
             .services
             .iter()

@@ -856,7 +856,10 @@ async fn rollout_command(a: RolloutArgs) -> u8 {
         .as_deref()
         .and_then(|p| read_secret(p, "--token-file", &mut problems));
     if !(4..=40).contains(&a.commit.len()) || !a.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
-        problems.push(format!("`{}` is not a commit SHA (4 to 40 hex digits)", a.commit));
+        problems.push(format!(
+            "`{}` is not a commit SHA (4 to 40 hex digits)",
+            a.commit
+        ));
     }
     if !problems.is_empty() {
         eprintln!("meshfed-syncer rollout: {}", problems.join("; "));

@@ -250,7 +250,9 @@ impl ConfigServer {
     pub fn with_golden(mut self, golden: Golden) -> Self {
         match Arc::get_mut(&mut self.inner) {
             Some(inner) => inner.golden = golden,
-            None => tracing::error!("with_golden on a server already shared; the gates get no metrics"),
+            None => {
+                tracing::error!("with_golden on a server already shared; the gates get no metrics")
+            }
         }
         self
     }
@@ -764,8 +766,9 @@ impl Subscriber {
         let Some(cs) = p.clusters.get(&self.cluster) else {
             let short: String = p.commit.chars().take(12).collect();
             return self.pending(format!(
-                "commit {short} declares no cluster `{}`; the gateway keeps what it enforces \
-                 until a commit declares it (add a meshfed.io/v1alpha1 Cluster named `{}`)",
+                "commit {short} has no snapshot for cluster `{}` yet: it does not declare it \
+                 (add a meshfed.io/v1alpha1 Cluster named `{}`), or the cluster's rollout wave \
+                 has not opened; the gateway keeps what it enforces",
                 self.cluster, self.cluster
             ));
         };

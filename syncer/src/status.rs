@@ -369,7 +369,11 @@ pub fn apply_run(view: &mut RolloutView, run: Option<RunView>) {
     match run.state {
         RunState::Progressing => {
             view.state = RolloutState::Progressing;
-            let clusters = run.plan.get(run.wave - 1).map(|c| c.join(", ")).unwrap_or_default();
+            let clusters = run
+                .plan
+                .get(run.wave - 1)
+                .map(|c| c.join(", "))
+                .unwrap_or_default();
             view.detail = match &run.baking_since {
                 Some(t) => format!(
                     "{waves} ({clusters}): baking since {t} for {}s; the gates watch its gateways",
@@ -557,7 +561,10 @@ impl StatusApi {
     fn override_rollout(&self, path: &str) -> Resp {
         let rest = path.trim_start_matches("/rollout/");
         let Some((sha, action)) = rest.split_once('/') else {
-            return text(StatusCode::NOT_FOUND, "POST /rollout/SHA/resume or /rollout/SHA/abort");
+            return text(
+                StatusCode::NOT_FOUND,
+                "POST /rollout/SHA/resume or /rollout/SHA/abort",
+            );
         };
         if !is_hex_prefix(sha) {
             return text(
@@ -570,7 +577,10 @@ impl StatusApi {
             "resume" => self.waves.resume(&sha),
             "abort" => self.waves.abort(&sha),
             _ => {
-                return text(StatusCode::NOT_FOUND, "POST /rollout/SHA/resume or /rollout/SHA/abort");
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "POST /rollout/SHA/resume or /rollout/SHA/abort",
+                );
             }
         };
         match done {
@@ -808,7 +818,11 @@ impl ClientConfig {
     }
 
     /// `POST /rollout/SHA/{resume,abort}`: the syncer's answer, one line.
-    pub async fn override_rollout(&self, commit: &str, action: &str) -> Result<String, ClientError> {
+    pub async fn override_rollout(
+        &self,
+        commit: &str,
+        action: &str,
+    ) -> Result<String, ClientError> {
         let body = self
             .call(Method::POST, &format!("/rollout/{commit}/{action}"))
             .await?;

@@ -171,7 +171,9 @@ struct Inner {
 /// Why an operator's request was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OverrideError {
-    #[error("no rollout of commit {0} is known to this syncer (only the newest commit's run can be resumed or aborted)")]
+    #[error(
+        "no rollout of commit {0} is known to this syncer (only the newest commit's run can be resumed or aborted)"
+    )]
     Unknown(String),
     #[error("the rollout of {commit} is {state}; {hint}")]
     Refused {
@@ -282,8 +284,8 @@ impl Waves {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let saved: Saved = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let saved: Saved =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         if saved.commit.as_deref() != Some(last_good) {
             return Ok(false);
         }
@@ -524,7 +526,10 @@ impl Waves {
             }
             RunState::Progressing => {
                 run.overridden = true;
-                format!("{}: gates overridden; the next wave opens after its bake", run.wave_name())
+                format!(
+                    "{}: gates overridden; the next wave opens after its bake",
+                    run.wave_name()
+                )
             }
             RunState::RolledBack | RunState::Halted => {
                 let wave = run.wave;
@@ -616,7 +621,11 @@ impl Waves {
         let Some(path) = &self.path else { return };
         let saved = Saved {
             commit: inner.commit.clone(),
-            served: inner.served.iter().map(|(k, v)| (k.clone(), enc(v))).collect(),
+            served: inner
+                .served
+                .iter()
+                .map(|(k, v)| (k.clone(), enc(v)))
+                .collect(),
             run: inner.run.as_ref().map(|r| SavedRun {
                 commit: r.commit.clone(),
                 plan: r.plan.clone(),

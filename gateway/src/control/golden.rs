@@ -66,7 +66,9 @@ pub fn read(text: &str) -> Reading {
             }
             if direction == "outbound" {
                 c.requests += value;
-                let code: u16 = get("response_code").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let code: u16 = get("response_code")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 let grpc = get("grpc_response_status").unwrap_or("");
                 if code != 0 && code < 500 && !GRPC_FAILURES.contains(&grpc) {
                     c.successes += value;
@@ -209,10 +211,7 @@ impl Reporter {
         let mut below_now = 0;
         let mut below_prev = 0;
         for (bound, cum) in now.buckets.values() {
-            let p = prev
-                .buckets
-                .get(&bound.to_bits())
-                .map_or(0, |(_, c)| *c);
+            let p = prev.buckets.get(&bound.to_bits()).map_or(0, |(_, c)| *c);
             let (in_now, in_prev) = (cum.saturating_sub(below_now), p.saturating_sub(below_prev));
             below_now = *cum;
             below_prev = p;
@@ -276,10 +275,17 @@ meshfed_request_duration_seconds_bucket{{direction=\"inbound\",destination_clust
             .iter()
             .find(|s| s.service == "reviews.default.svc.cluster.local")
             .unwrap();
-        assert_eq!((reviews.denials, reviews.all_requests, reviews.requests), (3, 3, 0));
+        assert_eq!(
+            (reviews.denials, reviews.all_requests, reviews.requests),
+            (3, 3, 0)
+        );
         assert_eq!(m.latency_bounds, vec![0.01, 0.1]);
         assert_eq!(m.latency_counts, vec![2, 8, 0]);
-        assert_eq!(r.report(read(&text(15, 5, 4, 12, 8)), t + 2 * s), None, "nothing new");
+        assert_eq!(
+            r.report(read(&text(15, 5, 4, 12, 8)), t + 2 * s),
+            None,
+            "nothing new"
+        );
         assert_eq!(
             r.report(read(&text(99, 5, 4, 12, 8)), t + 10 * s),
             None,
@@ -289,7 +295,9 @@ meshfed_request_duration_seconds_bucket{{direction=\"inbound\",destination_clust
 
     #[test]
     fn garbage_lines_are_skipped() {
-        let r = read("meshfed_requests_total{direction=\"outbound\nmeshfed_requests_total{x=\"1\"} nope\nmeshfed_requests_total{} 3\n");
+        let r = read(
+            "meshfed_requests_total{direction=\"outbound\nmeshfed_requests_total{x=\"1\"} nope\nmeshfed_requests_total{} 3\n",
+        );
         assert!(r.services.is_empty());
     }
 }

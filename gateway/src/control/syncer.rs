@@ -217,20 +217,19 @@ pub fn spawn(
             }
             set_link(&state, &settings, "connecting", None);
             let mut established = false;
-            let error =
-                match session(
-                    &state,
-                    &settings,
-                    &refusals,
-                    &mut established,
-                    &mut leaving,
-                    &mut reporter,
-                )
-                .await
-                {
-                    Ended::Left(f) => return f,
-                    Ended::Failed(e) => e,
-                };
+            let error = match session(
+                &state,
+                &settings,
+                &refusals,
+                &mut established,
+                &mut leaving,
+                &mut reporter,
+            )
+            .await
+            {
+                Ended::Left(f) => return f,
+                Ended::Failed(e) => e,
+            };
             if established {
                 backoff.reset();
             }
@@ -309,23 +308,21 @@ async fn session(
             message: Some(pb::gateway_message::Message::Hello(hello)),
         })
         .await;
-    let (accepts_goodbye, accepts_metrics, mut inbound) = match client
-        .subscribe(ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => (
-            pb::accepts_goodbye(r.metadata()),
-            pb::accepts_metrics(r.metadata()),
-            r.into_inner(),
-        ),
-        Err(status) => {
-            return Ended::Failed(ClientError::Refused {
-                addr,
-                code: status.code(),
-                message: status.message().to_string(),
-            });
-        }
-    };
+    let (accepts_goodbye, accepts_metrics, mut inbound) =
+        match client.subscribe(ReceiverStream::new(rx)).await {
+            Ok(r) => (
+                pb::accepts_goodbye(r.metadata()),
+                pb::accepts_metrics(r.metadata()),
+                r.into_inner(),
+            ),
+            Err(status) => {
+                return Ended::Failed(ClientError::Refused {
+                    addr,
+                    code: status.code(),
+                    message: status.message().to_string(),
+                });
+            }
+        };
     *established = true;
     set_link(state, s, "connected", None);
     tracing::info!(syncer = %s.addr, id = %s.syncer_id, applied = %applied, accepts_goodbye, accepts_metrics, "subscribed to the syncer");

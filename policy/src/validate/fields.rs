@@ -401,14 +401,23 @@ fn rollout_policy(c: &mut Check<'_>, s: &RolloutPolicySpec) {
             );
         }
     }
-    if let Some(v) = g.max_p99_increase_percent
-        && !(v.is_finite() && v >= 0.0)
-    {
-        c.report(
-            Code::OutOfRange,
-            "spec.gates.maxP99IncreasePercent",
-            format!("maxP99IncreasePercent is {v}; it must be 0 or more (50 = 1.5x)"),
-        );
+    for (field, v, hint) in [
+        (
+            "maxP99IncreasePercent",
+            g.max_p99_increase_percent,
+            "50 = 1.5x",
+        ),
+        ("p99FloorMs", g.p99_floor_ms, "milliseconds"),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= 0.0)
+        {
+            c.report(
+                Code::OutOfRange,
+                &format!("spec.gates.{field}"),
+                format!("{field} is {v}; it must be 0 or more ({hint})"),
+            );
+        }
     }
 }
 

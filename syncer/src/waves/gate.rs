@@ -14,7 +14,9 @@
 //!
 //! and for the wave's gateways' outbound latency, with `minRequests`
 //! before and during: fails when p99 grew by more than
-//! `maxP99IncreasePercent` percent (p99 is a bucket's upper bound).
+//! `maxP99IncreasePercent` percent and is above `p99FloorMs` (p99 is a
+//! bucket's upper bound: at a few milliseconds, one bucket up is noise on
+//! a busy host, not a regression).
 //!
 //! A failure is reported as soon as it is seen, even mid-bake; a pass
 //! only once the bake time is over. Every service is judged, not only
@@ -140,8 +142,10 @@ pub fn judge(before: &Window, during: &Window, gates: &Gates, bake_over: bool) -
     let (n_before, n_now) = (before.latency.total(), during.latency.total());
     if n_before >= min
         && n_now >= min
-        && let (Some(was), Some(now)) = (before.latency.quantile(0.99), during.latency.quantile(0.99))
+        && let (Some(was), Some(now)) =
+            (before.latency.quantile(0.99), during.latency.quantile(0.99))
         && now > was * (1.0 + gates.max_p99_increase_percent / 100.0)
+        && now * 1000.0 > gates.p99_floor_ms
     {
         return Verdict::Fail(Failure {
             metric: "p99_latency".into(),
@@ -202,9 +206,7 @@ mod tests {
             &Gates::default(),
             false,
         );
-        let Verdict::Fail(f) = v else {
-            panic!("{v:?}")
-        };
+        let Verdict::Fail(f) = v else { panic!("{v:?}") };
         assert_eq!(f.metric, "success_rate");
         assert_eq!((f.before, f.value), (100.0, 0.0));
         assert!(f.to_string().contains("ratings"), "{f}");
@@ -236,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn p99_growth_over_the_threshold_fails() {
+    fn p99_growth_over_the_threshold_fails_above_the_floor_only() {
         let v = judge(
             &window("a", 200, 200, 0),
             &window("a", 200, 200, 2),
@@ -244,6 +246,18 @@ mod tests {
             false,
         );
         assert!(matches!(v, Verdict::Fail(f) if f.metric == "p99_latency"));
+        // 10 ms → 100 ms is under a 200 ms floor.
+        let floor = Gates {
+            p99_floor_ms: 200.0,
+            ..Gates::default()
+        };
+        let v = judge(
+            &window("a", 200, 200, 0),
+            &window("a", 200, 200, 1),
+            &floor,
+            false,
+        );
+        assert_eq!(v, Verdict::Wait);
     }
 
     #[test]

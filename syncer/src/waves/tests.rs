@@ -65,7 +65,13 @@ fn fixture(dir: Option<&std::path::Path>) -> Fixture {
     let golden = Golden::default();
     for c in ["edge", "west", "east"] {
         rollout
-            .admit(c, "gw", &format!("spiffe://td/{c}"), None, &Admission::default())
+            .admit(
+                c,
+                "gw",
+                &format!("spiffe://td/{c}"),
+                None,
+                &Admission::default(),
+            )
             .unwrap();
     }
     Fixture {
@@ -170,7 +176,11 @@ fn a_good_commit_goes_wave_by_wave_and_completes() {
     });
     let run = f.waves.run_view("c2").unwrap();
     assert_eq!(run.notes.len(), 3, "{:?}", run.notes);
-    assert!(run.notes[0].contains("no traffic to judge"), "{:?}", run.notes);
+    assert!(
+        run.notes[0].contains("no traffic to judge"),
+        "{:?}",
+        run.notes
+    );
 }
 
 #[test]
@@ -240,10 +250,7 @@ fn a_new_commit_starts_over_and_supersedes_the_run() {
     f.waves.start("c3", c3, Some(plan), Instant::now());
     assert_eq!(f.served_of("edge"), "c3");
     assert_eq!(f.served_of("west"), "c1");
-    assert_eq!(
-        f.waves.run_view("c2").unwrap().state,
-        RunState::Superseded
-    );
+    assert_eq!(f.waves.run_view("c2").unwrap().state, RunState::Superseded);
 }
 
 #[test]
