@@ -113,11 +113,14 @@ struct Report {
     counts: Vec<u64>,
 }
 
+/// Each gateway's (cluster, id) recent reports, oldest first.
+type Reports = BTreeMap<(String, String), VecDeque<Report>>;
+
 /// The store. Cheap to clone; shared by the config server (writer) and
 /// the wave controller (reader).
 #[derive(Debug, Clone, Default)]
 pub struct Golden {
-    inner: Arc<Mutex<BTreeMap<(String, String), VecDeque<Report>>>>,
+    inner: Arc<Mutex<Reports>>,
 }
 
 impl Golden {
@@ -205,7 +208,7 @@ impl Golden {
         w
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), VecDeque<Report>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Reports> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

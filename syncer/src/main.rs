@@ -61,10 +61,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the syncer's state, or a commit's rollout: which clusters and
-    /// gateways applied it, rejected it, or are pending. With --wait, block
-    /// until it is live everywhere. Exit codes: 0 shown / live everywhere,
-    /// 1 NACKed by a gateway or rejected by the syncer, 2 usage error or
-    /// syncer unreachable, 3 --timeout passed with gateways pending.
+    /// gateways applied it, rejected it, or are pending, and where its
+    /// rollout waves stand. With --wait, block until it is live everywhere.
+    /// Exit codes: 0 shown / live everywhere (every wave passed), 1 NACKed
+    /// by a gateway, rejected or held by the syncer, halted, or rolled back
+    /// (the gate is named), 2 usage error or syncer unreachable, 3
+    /// --timeout passed while pending or progressing.
     Status(StatusArgs),
     /// Override a commit's rollout through the waves of the repository's
     /// RolloutPolicy: `resume SHA` opens a halted or rolled-back wave again
@@ -386,15 +388,20 @@ enum LogFormat {
 const AFTER_HELP: &str = "\
 Default ports (Istio's):
   15012/tcp  gRPC config server (mTLS)
-  15014/tcp  HTTP: POST /hooks/git (signed), GET /status, /rollout/SHA, /metrics (localhost)
+  15014/tcp  HTTP: POST /hooks/git (signed), GET /status, /rollout/SHA, /metrics,
+             POST /rollout/SHA/resume|abort (localhost)
 
 Environment: MESHFED_GIT_TOKEN may hold the Git token itself (never logged).
 
 Exit codes of the syncer: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when it
 fails while running, 2 for a usage or configuration error.
-Exit codes of `status`: 0 shown, or with --wait live on every known gateway;
-1 NACKed by a gateway or rejected by the syncer; 2 usage error or syncer
-unreachable; 3 --timeout passed with gateways pending (they are named).
+Exit codes of `status`: 0 shown, or with --wait live on every known gateway
+(and, with a RolloutPolicy, every wave passed); 1 NACKed by a gateway,
+rejected or held by the syncer, halted, or rolled back by a gate (named) or
+an operator; 2 usage error or syncer unreachable; 3 --timeout passed while
+pending or progressing (the gateways or the wave are named).
+Exit codes of `rollout resume|abort`: 0 done, 1 refused, 2 usage error or
+syncer unreachable.
 
 See docs/syncer.md.";
 

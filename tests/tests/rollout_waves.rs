@@ -69,18 +69,21 @@ fn route_to(subset: &str) -> String {
 /// A harmless change: a route for a host nobody calls.
 const DETAILS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: details}\nspec:\n  hosts: [details]\n  http:\n  - route: [{destination: {host: details}}]\n";
 
+/// Per cluster: when each answer came, and its status code.
+type Answers = Arc<Mutex<BTreeMap<String, Vec<(Instant, u16)>>>>;
+
 /// Steady callers through every gateway, one thread each, counting
 /// answers by status code.
 struct Traffic {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<BTreeMap<String, Vec<(Instant, u16)>>>>,
+    seen: Answers,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Traffic {
     fn start(gateways: &[GatewayProcess]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let seen: Answers = Arc::new(Mutex::new(BTreeMap::new()));
         let threads = gateways
             .iter()
             .map(|g| {

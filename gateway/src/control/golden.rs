@@ -204,7 +204,7 @@ impl Reporter {
                 })
             })
             .collect();
-        services.sort_by(|a, b| b.all_requests.cmp(&a.all_requests));
+        services.sort_by_key(|s| std::cmp::Reverse(s.all_requests));
         services.truncate(MAX_SERVICES);
         let mut bounds = Vec::new();
         let mut counts = Vec::new();
