@@ -451,4 +451,41 @@ fn a_syncer_restarted_mid_rollout_resumes_at_its_wave() {
         log.contains("rollout restored from the state directory"),
         "{log}"
     );
+
+    // An operator aborts the next commit in wave 1, then resumes it.
+    let c3 = f.push(
+        "reviews",
+        &[("reviews.yaml", &DETAILS.replace("details", "reviews"))],
+    );
+    eventually("c3 on edge", Duration::from_secs(30), || {
+        let a = applied(f.gateway("edge"));
+        if a == c3 { Ok(()) } else { Err(a) }
+    });
+    let out = rollout_cli(&f.syncer, "abort", &c3);
+    assert_eq!(out.code, Some(0), "{out}");
+    eventually("edge back on c2", Duration::from_secs(20), || {
+        let a = applied(f.gateway("edge"));
+        if a == c2 { Ok(()) } else { Err(a) }
+    });
+    let out = f.syncer.status_wait(&c3, Duration::from_secs(30));
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stdout.contains("aborted by an operator"), "{out}");
+    let out = rollout_cli(&f.syncer, "abort", &c3);
+    assert_eq!(out.code, Some(1), "a second abort is refused: {out}");
+    let out = rollout_cli(&f.syncer, "resume", "0123abcd");
+    assert_eq!(out.code, Some(1), "an unknown commit: {out}");
+    let out = rollout_cli(&f.syncer, "resume", &c3);
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = f.syncer.status_wait(&c3, Duration::from_secs(90));
+    assert_eq!(out.code, Some(0), "{out}\n{}", f.syncer.log_text());
+    for g in &f.gateways {
+        assert_eq!(applied(g), c3, "{}", g.cluster);
+    }
+}
+
+/// `meshfed-syncer rollout ACTION SHA` against `syncer`.
+fn rollout_cli(syncer: &SyncerProcess, action: &str, sha: &str) -> meshfed_tests::Outcome {
+    let mut cmd = std::process::Command::new(meshfed_tests::bin("meshfed-syncer"));
+    cmd.args(["rollout", action, sha, "--server", &syncer.url()]);
+    meshfed_tests::run_within(&mut cmd, Duration::from_secs(30)).unwrap()
 }
