@@ -368,6 +368,14 @@ fn a_bad_commit_is_rolled_back_after_wave_1_and_a_good_one_goes_through_every_wa
         ever_applied(f.gateway("edge"), &c2),
         "edge ran the bad commit"
     );
+    eprintln!(
+        "the bad commit: {} failed answers at edge out of {} in {:?} from the push to edge's recovery; west {}, east {}",
+        traffic.failures("edge", pushed),
+        traffic.answers("edge", pushed),
+        recovered - pushed,
+        traffic.failures("west", pushed),
+        traffic.failures("east", pushed),
+    );
     assert!(
         traffic.failures("edge", pushed) > 0,
         "edge's callers saw the bad commit"
