@@ -696,13 +696,16 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let saver = tokio::spawn(rollout.clone().keep_saved());
     let pruner = tokio::spawn(rollout.clone().keep_pruned(s.forget_gateways_after));
     let golden = meshfed_syncer::golden::Golden::default();
-    let waves = Arc::new(Waves::new(
-        publish_tx.clone(),
-        rollout.clone(),
-        golden.clone(),
-        s.known_window,
-        Some(s.state_dir.clone()),
-    ));
+    let waves = Arc::new(
+        Waves::new(
+            publish_tx.clone(),
+            rollout.clone(),
+            golden.clone(),
+            s.known_window,
+            Some(s.state_dir.clone()),
+        )
+        .with_metrics(metrics.clone()),
+    );
     let pipeline = Arc::new(
         Pipeline::new(
             source.clone(),

@@ -193,6 +193,7 @@ pub struct Waves {
     golden: Golden,
     known_window: Duration,
     path: Option<PathBuf>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -252,6 +253,19 @@ impl Waves {
             golden,
             known_window,
             path: state_dir.map(|d| d.join(STATE_FILE)),
+            metrics: None,
+        }
+    }
+
+    /// Counts ended waves in `meshfed_syncer_rollout_waves_total`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, result: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.wave(result);
         }
     }
 
@@ -443,6 +457,7 @@ impl Waves {
                 g.nack.as_ref().map(|(_, r)| r.as_str()).unwrap_or_default()
             );
             tracing::warn!(commit = %run.commit, %reason, "rollout halted");
+            self.count("halted");
             run.state = RunState::Halted;
             run.reason = Some(reason);
             return true;
@@ -483,6 +498,7 @@ impl Waves {
                 let reason = format!("rolled back at {}: {f}", run.wave_name());
                 tracing::error!(commit = %run.commit, %reason, "a rollout gate failed; the wave's clusters go back to their last good snapshots");
                 roll_back(served, run, &wave.clusters);
+                self.count("rolled_back");
                 run.state = RunState::RolledBack;
                 run.reason = Some(reason);
                 run.failure = Some(f);
@@ -491,6 +507,7 @@ impl Waves {
             Verdict::Pass(note) => {
                 let line = format!("{}: passed: {note}", run.wave_name());
                 tracing::info!(commit = %run.commit, "{line}");
+                self.count("passed");
                 run.notes.push(line);
                 let next = run.wave + 1;
                 if next >= run.plan.waves.len() {
@@ -567,6 +584,7 @@ impl Waves {
         }
         let opened: Vec<String> = run.before.keys().cloned().collect();
         roll_back(&mut inner.served, run, &opened);
+        self.count("aborted");
         run.state = RunState::RolledBack;
         let reason = format!(
             "aborted by an operator at {}; {} went back to their last good snapshots",

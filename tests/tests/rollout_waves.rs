@@ -349,6 +349,11 @@ fn a_bad_commit_is_rolled_back_after_wave_1_and_a_good_one_goes_through_every_wa
     let run = f.syncer.rollout(&c2);
     assert_eq!(run["state"], "rolled-back", "{run}");
     assert_eq!(run["waves"]["failure"]["metric"], "success_rate", "{run}");
+    let metrics = f.syncer.metrics();
+    assert!(
+        metrics.contains("meshfed_syncer_rollout_waves_total{result=\"rolled_back\"} 1"),
+        "{metrics}"
+    );
 
     // Edge goes back to c1 by itself, and answers 200 again.
     eventually("edge back on c1", Duration::from_secs(20), || {
