@@ -49,7 +49,7 @@ use meshfed_policy::rollout::RolloutPlan;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::golden::Golden;
+use crate::golden::{Golden, Window};
 use crate::rollout::{ClusterSnapshot, Published, Rollout};
 use gate::{Failure, Verdict};
 
@@ -57,6 +57,8 @@ use gate::{Failure, Verdict};
 pub const STATE_FILE: &str = "rollout-state.json";
 /// The shortest window before a wave its gates compare with.
 pub const MIN_BASELINE: Duration = Duration::from_secs(60);
+/// How often the gates judge a bake (and at its end).
+const JUDGE_EVERY: Duration = Duration::from_millis(500);
 /// How many finished runs are remembered for the status API.
 const HISTORY: usize = 20;
 
@@ -121,6 +123,11 @@ struct Run {
     notes: Vec<String>,
     /// The operator overrode the open wave's gates.
     overridden: bool,
+    /// The open wave's golden metrics before it opened (they no longer
+    /// change), and when its gates last judged: reports arrive about once
+    /// a second, so judging more often only costs. Not persisted.
+    baseline: Option<Window>,
+    judged_at: Option<Instant>,
 }
 
 impl Run {
@@ -338,6 +345,8 @@ impl Waves {
                     failure: r.failure,
                     notes: r.notes,
                     overridden: r.overridden,
+                    baseline: None,
+                    judged_at: None,
                 })
             }
         };
@@ -399,6 +408,8 @@ impl Waves {
                     failure: None,
                     notes: Vec::new(),
                     overridden: false,
+                    baseline: None,
+                    judged_at: None,
                 };
                 open_wave(&mut inner.served, &mut run, 0);
                 tracing::info!(%commit, wave = %run.wave_name(), "rollout started");
@@ -482,15 +493,22 @@ impl Waves {
             }
         } else if wave.bake.is_zero() {
             Verdict::Pass("no bake time: not judged".into())
+        } else if !bake_over && run.judged_at.is_some_and(|t| t.elapsed() < JUDGE_EVERY) {
+            Verdict::Wait
         } else {
-            let baseline = wave.bake.max(MIN_BASELINE);
-            let before = self.golden.window(
-                &wave.clusters,
-                run.opened_at.checked_sub(baseline).unwrap_or(UNIX_EPOCH),
-                run.opened_at,
-            );
+            run.judged_at = Some(Instant::now());
+            let opened_at = run.opened_at;
+            let before = run.baseline.get_or_insert_with(|| {
+                self.golden.window(
+                    &wave.clusters,
+                    opened_at
+                        .checked_sub(wave.bake.max(MIN_BASELINE))
+                        .unwrap_or(UNIX_EPOCH),
+                    opened_at,
+                )
+            });
             let during = self.golden.window(&wave.clusters, from, now);
-            gate::judge(&before, &during, &run.plan.gates, bake_over)
+            gate::judge(before, &during, &run.plan.gates, bake_over)
         };
         match verdict {
             Verdict::Wait => false,
@@ -680,6 +698,8 @@ fn open_wave(served: &mut BTreeMap<String, ClusterSnapshot>, run: &mut Run, inde
     run.opened_at = SystemTime::now();
     run.bake_from = None;
     run.overridden = false;
+    run.baseline = None;
+    run.judged_at = None;
     let Some(wave) = run.plan.waves.get(index) else {
         return;
     };
