@@ -299,7 +299,7 @@ impl Pipeline {
                 publish,
                 crate::rollout::Rollout::new(),
                 crate::golden::Golden::default(),
-                crate::status::DEFAULT_KNOWN_WINDOW,
+                crate::rollout::Admission::default().known_window,
                 None,
             )),
             state,

@@ -174,7 +174,7 @@ impl RolloutView {
 /// Whether a gateway counts for rollouts now: connected, or seen within
 /// the known window and not gone with a goodbye.
 pub fn is_known(g: &GatewayRecord, window: Duration, now: SystemTime) -> bool {
-    g.connected || (g.left.is_none() && within(g.last_seen, window, now))
+    g.is_known(window, now)
 }
 
 /// Whether a gateway said goodbye within the known window (it is listed as

@@ -143,7 +143,7 @@ impl Run {
                 .waves
                 .get(self.wave)
                 .map_or(0, |w| u64::try_from(w.bake.as_millis()).unwrap_or(u64::MAX)),
-            baking_since: self.bake_from.map(crate::pipeline::rfc3339),
+            baking_since: self.bake_from.map(meshfed_cli::time::rfc3339),
             reason: self.reason.clone(),
             failure: self.failure.clone(),
             notes: self.notes.clone(),
@@ -454,7 +454,7 @@ impl Waves {
             .gateways()
             .into_iter()
             .filter(|g| wave.clusters.contains(&g.cluster))
-            .filter(|g| crate::status::is_known(g, self.known_window, now))
+            .filter(|g| g.is_known(self.known_window, now))
             .collect();
         if let Some(g) = gateways.iter().find(|g| {
             g.applied.as_deref() != Some(run.commit.as_str())
