@@ -427,7 +427,14 @@ impl Waves {
         let Some(mut run) = inner.run.take() else {
             return;
         };
+        let (wave, state) = (run.wave, run.state);
         let changed = self.step(&mut inner.served, &mut run, now);
+        if run.wave != wave || run.state != state {
+            // What is sent now (a wave's opening, a rollback) propagates
+            // from now: `meshfed_syncer_propagation_seconds` must not
+            // count the bakes before it.
+            inner.fetched_at = Some(Instant::now());
+        }
         inner.run = Some(run);
         if changed {
             self.publish_locked(&inner);
@@ -577,6 +584,7 @@ impl Waves {
             }
         };
         tracing::warn!(commit = %run.commit, "rollout resumed by an operator: {what}");
+        inner.fetched_at = Some(Instant::now());
         let line = format!("resumed by an operator: {what}");
         run.notes.push(line.clone());
         self.publish_locked(inner);
@@ -611,6 +619,7 @@ impl Waves {
         );
         tracing::warn!(commit = %run.commit, "{reason}");
         run.reason = Some(reason.clone());
+        inner.fetched_at = Some(Instant::now());
         self.publish_locked(inner);
         self.save_locked(inner);
         Ok(reason)
