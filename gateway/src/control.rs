@@ -28,6 +28,7 @@
 //! This module does not decide what a snapshot means ([`crate::route`] and
 //! the data path do) nor compile policy (the `meshfed-policy` crate does).
 
+pub mod golden;
 pub mod persist;
 pub mod syncer;
 

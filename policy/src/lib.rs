@@ -20,6 +20,8 @@
 //!   serve a service (shared by the gateway and [`diff`]);
 //! - `git` (feature `git`, on by default): the policy files of a Git
 //!   commit, bounded (shared by the syncer and `meshfed-policy diff`);
+//! - [`rollout`]: the `RolloutPolicy` resolved into waves and gates
+//!   (the syncer runs it);
 //! - [`path_template`]: AuthorizationPolicy path templates (`{*}`, `{**}`),
 //!   parsed for validation and matched by the gateway.
 
@@ -35,6 +37,7 @@ pub mod load;
 pub mod locality;
 pub mod model;
 pub mod path_template;
+pub mod rollout;
 pub mod snapshot;
 pub mod syntax;
 pub mod validate;

@@ -323,6 +323,9 @@ fn load_document(
         Kind::AuthorizationPolicy => {
             typed(value, &origin, diags).map(|(m, s)| (m, Spec::AuthorizationPolicy(s)))
         }
+        Kind::RolloutPolicy => {
+            typed(value, &origin, diags).map(|(m, s)| (m, Spec::RolloutPolicy(s)))
+        }
     };
     let (meta, spec) = loaded?;
     let namespace = if kind.namespaced() {

@@ -97,6 +97,55 @@ pub struct ClusterSpec {
     pub network: Option<String>,
 }
 
+/// `meshfed.io/v1alpha1` RolloutPolicy: the order in which the syncer
+/// delivers a commit to the clusters (waves), how long each wave bakes,
+/// and the gates on the gateways' golden metrics that a wave must pass
+/// before the next one opens. At most one per repository; without one,
+/// every cluster gets a commit at once. See docs/delivery.md, "Rollout
+/// waves".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutPolicySpec {
+    #[serde(default)]
+    pub waves: Vec<WaveSpec>,
+    #[serde(default)]
+    pub gates: GateSpec,
+}
+
+/// One wave of a [`RolloutPolicySpec`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaveSpec {
+    /// Declared cluster names.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+    /// How long the wave's clusters run the commit, watched by the gates,
+    /// before the next wave opens (default `5m`).
+    pub bake_time: Option<String>,
+}
+
+/// The gate thresholds of a [`RolloutPolicySpec`]; each has a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GateSpec {
+    /// Requests a service needs, before the wave and during its bake, to
+    /// be judged (default 100).
+    pub min_requests: Option<u64>,
+    /// Fail when the success rate drops by more than this many percentage
+    /// points (default 2).
+    pub max_success_rate_drop: Option<f64>,
+    /// Fail when p99 latency grows by more than this many percent
+    /// (default 50).
+    pub max_p99_increase_percent: Option<f64>,
+    /// p99 growth counts only when the new p99 is above this many
+    /// milliseconds (default 25): at a few milliseconds, one histogram
+    /// bucket is noise on a busy host.
+    pub p99_floor_ms: Option<f64>,
+    /// Fail when the share of requests denied by authorization grows by
+    /// more than this many percentage points (default 2).
+    pub max_denial_rate_increase: Option<f64>,
+}
+
 /// Where a cluster or an endpoint runs.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -119,6 +168,7 @@ pub enum Kind {
     VirtualService,
     PeerAuthentication,
     AuthorizationPolicy,
+    RolloutPolicy,
 }
 
 impl Kind {
@@ -131,12 +181,14 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RolloutPolicy => "RolloutPolicy",
         }
     }
 
-    /// Whether the kind lives in a namespace (a `Cluster` does not).
+    /// Whether the kind lives in a namespace (a `Cluster` and a
+    /// `RolloutPolicy` do not).
     pub fn namespaced(self) -> bool {
-        self != Kind::Cluster
+        !matches!(self, Kind::Cluster | Kind::RolloutPolicy)
     }
 }
 
@@ -169,7 +221,11 @@ pub const MESH_GROUPS: &[(&str, &[&str], &[Kind])] = &[
         &["v1alpha1"],
         &[Kind::ServiceExport],
     ),
-    ("meshfed.io", &["v1alpha1"], &[Kind::Cluster]),
+    (
+        "meshfed.io",
+        &["v1alpha1"],
+        &[Kind::Cluster, Kind::RolloutPolicy],
+    ),
 ];
 
 /// Istio kinds that Istio's own proxies (sidecars, ingress and egress
@@ -206,6 +262,7 @@ pub enum Spec {
     VirtualService(VirtualServiceSpec),
     PeerAuthentication(PeerAuthenticationSpec),
     AuthorizationPolicy(AuthorizationPolicySpec),
+    RolloutPolicy(RolloutPolicySpec),
 }
 
 /// Where a resource came from.

@@ -27,12 +27,24 @@ pub mod config {
         /// The [`ACCEPTS_METADATA`] value that allows [`Goodbye`].
         pub const ACCEPTS_GOODBYE: &str = "goodbye";
 
+        /// The [`ACCEPTS_METADATA`] value that allows [`GoldenMetrics`].
+        pub const ACCEPTS_METRICS: &str = "metrics";
+
         /// Whether a Subscribe response's metadata allows [`Goodbye`].
         pub fn accepts_goodbye(metadata: &tonic::metadata::MetadataMap) -> bool {
+            accepts(metadata, ACCEPTS_GOODBYE)
+        }
+
+        /// Whether a Subscribe response's metadata allows [`GoldenMetrics`].
+        pub fn accepts_metrics(metadata: &tonic::metadata::MetadataMap) -> bool {
+            accepts(metadata, ACCEPTS_METRICS)
+        }
+
+        fn accepts(metadata: &tonic::metadata::MetadataMap, what: &str) -> bool {
             metadata
                 .get(ACCEPTS_METADATA)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.split(',').any(|m| m.trim() == ACCEPTS_GOODBYE))
+                .is_some_and(|v| v.split(',').any(|m| m.trim() == what))
         }
     }
 }

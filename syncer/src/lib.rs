@@ -11,6 +11,10 @@
 //! - [`git`]: the bare mirror, fetching, reading a commit's files, signatures;
 //! - [`pipeline`]: commit files → validated snapshots, or a rejection;
 //!   persistence of the last good snapshots;
+//! - [`waves`]: which commit each cluster is served; a commit's run
+//!   through the waves of its `RolloutPolicy`, its gates and rollbacks;
+//! - [`golden`]: the gateways' golden metrics, reported on their streams,
+//!   that the gates judge;
 //! - [`rollout`]: the contract between the pipeline, the config server and
 //!   the status API;
 //! - [`server`]: the gRPC config server that gateways stream from;
@@ -22,9 +26,11 @@
 #![deny(unsafe_code)]
 
 pub mod git;
+pub mod golden;
 pub mod metrics;
 pub mod pipeline;
 pub mod rollout;
 pub mod server;
 pub mod status;
 pub mod trigger;
+pub mod waves;

@@ -22,6 +22,7 @@ use meshfed_syncer::metrics::Metrics;
 use meshfed_syncer::pipeline::{Pipeline, SyncState};
 use meshfed_syncer::rollout::{Published, Rollout};
 use meshfed_syncer::status::{self, ClientConfig, RolloutState, StatusApi, exit};
+use meshfed_syncer::waves::Waves;
 use meshfed_syncer::{server, trigger};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -60,11 +61,53 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the syncer's state, or a commit's rollout: which clusters and
-    /// gateways applied it, rejected it, or are pending. With --wait, block
-    /// until it is live everywhere. Exit codes: 0 shown / live everywhere,
-    /// 1 NACKed by a gateway or rejected by the syncer, 2 usage error or
-    /// syncer unreachable, 3 --timeout passed with gateways pending.
+    /// gateways applied it, rejected it, or are pending, and where its
+    /// rollout waves stand. With --wait, block until it is live everywhere.
+    /// Exit codes: 0 shown / live everywhere (every wave passed), 1 NACKed
+    /// by a gateway, rejected or held by the syncer, halted, or rolled back
+    /// (the gate is named), 2 usage error or syncer unreachable, 3
+    /// --timeout passed while pending or progressing.
     Status(StatusArgs),
+    /// Override a commit's rollout through the waves of the repository's
+    /// RolloutPolicy: `resume SHA` opens a halted or rolled-back wave again
+    /// with its gates overridden (or skips the gates of the wave baking
+    /// now); `abort SHA` sends every cluster the commit reached back to its
+    /// last good snapshot. Needs the syncer's token (--token-file) when it
+    /// has one. Exit codes: 0 done, 1 refused (the answer says why), 2
+    /// usage error or syncer unreachable.
+    Rollout(RolloutArgs),
+}
+
+#[derive(Debug, Args)]
+struct RolloutArgs {
+    #[arg(value_enum)]
+    action: RolloutAction,
+
+    /// The commit (4 to 40 hex digits) being rolled out.
+    #[arg(value_name = "SHA")]
+    commit: String,
+
+    /// The syncer's HTTP address.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "MESHFED_SYNCER_HTTP",
+        default_value = "http://127.0.0.1:15014"
+    )]
+    server: String,
+
+    /// File holding the bearer token of the syncer's HTTP API.
+    #[arg(long, value_name = "FILE", env = "MESHFED_HTTP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RolloutAction {
+    /// Open the halted or rolled-back wave again, gates overridden; or skip
+    /// the gates of the wave baking now.
+    Resume,
+    /// Send every cluster the commit reached back to its last good snapshot.
+    Abort,
 }
 
 #[derive(Debug, Args)]
@@ -345,15 +388,20 @@ enum LogFormat {
 const AFTER_HELP: &str = "\
 Default ports (Istio's):
   15012/tcp  gRPC config server (mTLS)
-  15014/tcp  HTTP: POST /hooks/git (signed), GET /status, /rollout/SHA, /metrics (localhost)
+  15014/tcp  HTTP: POST /hooks/git (signed), GET /status, /rollout/SHA, /metrics,
+             POST /rollout/SHA/resume|abort (localhost)
 
 Environment: MESHFED_GIT_TOKEN may hold the Git token itself (never logged).
 
 Exit codes of the syncer: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when it
 fails while running, 2 for a usage or configuration error.
-Exit codes of `status`: 0 shown, or with --wait live on every known gateway;
-1 NACKed by a gateway or rejected by the syncer; 2 usage error or syncer
-unreachable; 3 --timeout passed with gateways pending (they are named).
+Exit codes of `status`: 0 shown, or with --wait live on every known gateway
+(and, with a RolloutPolicy, every wave passed); 1 NACKed by a gateway,
+rejected or held by the syncer, halted, or rolled back by a gate (named) or
+an operator; 2 usage error or syncer unreachable; 3 --timeout passed while
+pending or progressing (the gateways or the wave are named).
+Exit codes of `rollout resume|abort`: 0 done, 1 refused, 2 usage error or
+syncer unreachable.
 
 See docs/syncer.md.";
 
@@ -390,6 +438,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Status(a)) => ExitCode::from(runtime.block_on(status_command(a))),
+        Some(Command::Rollout(a)) => ExitCode::from(runtime.block_on(rollout_command(a))),
         None => {
             let settings = match Settings::check(cli.run) {
                 Ok(s) => s,
@@ -646,6 +695,17 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     }
     let saver = tokio::spawn(rollout.clone().keep_saved());
     let pruner = tokio::spawn(rollout.clone().keep_pruned(s.forget_gateways_after));
+    let golden = meshfed_syncer::golden::Golden::default();
+    let waves = Arc::new(
+        Waves::new(
+            publish_tx.clone(),
+            rollout.clone(),
+            golden.clone(),
+            s.known_window,
+            Some(s.state_dir.clone()),
+        )
+        .with_metrics(metrics.clone()),
+    );
     let pipeline = Arc::new(
         Pipeline::new(
             source.clone(),
@@ -655,7 +715,8 @@ async fn run(s: Settings) -> anyhow::Result<()> {
             state.clone(),
             metrics.clone(),
         )
-        .with_max_deletion_percent(s.max_deletion_percent),
+        .with_max_deletion_percent(s.max_deletion_percent)
+        .with_waves(waves.clone()),
     );
     match pipeline.restore()? {
         Some(c) => {
@@ -688,7 +749,8 @@ async fn run(s: Settings) -> anyhow::Result<()> {
                 rollout.clone(),
                 publish_rx.clone(),
                 s.server.clone(),
-            );
+            )
+            .with_golden(golden.clone());
             config_server.register(&mut registry);
             let mut stop = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
@@ -727,7 +789,9 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         token: s.http_token.clone(),
         known_window: s.known_window,
         header_timeout: s.header_timeout,
+        waves: waves.clone(),
     });
+    tasks.push(tokio::spawn(waves.clone().drive(shutdown_rx.clone())));
     tasks.push(tokio::spawn(api.serve(http_listener, shutdown_rx.clone())));
     tracing::info!(http = %http_bound, grpc = ?grpc_bound, "listening");
 
@@ -790,6 +854,53 @@ async fn wait_for_signal() {
     }
 }
 
+/// One line a waiting `status --wait` prints when it changes.
+fn progress_line(v: &status::RolloutView) -> String {
+    format!("{}: {}", format!("{:?}", v.state).to_lowercase(), v.detail)
+}
+
+async fn rollout_command(a: RolloutArgs) -> u8 {
+    let mut problems = Vec::new();
+    let token = a
+        .token_file
+        .as_deref()
+        .and_then(|p| read_secret(p, "--token-file", &mut problems));
+    if !(4..=40).contains(&a.commit.len()) || !a.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        problems.push(format!(
+            "`{}` is not a commit SHA (4 to 40 hex digits)",
+            a.commit
+        ));
+    }
+    if !problems.is_empty() {
+        eprintln!("meshfed-syncer rollout: {}", problems.join("; "));
+        return exit::ERROR;
+    }
+    let client = ClientConfig {
+        server: a.server.clone(),
+        token,
+    };
+    let action = match a.action {
+        RolloutAction::Resume => "resume",
+        RolloutAction::Abort => "abort",
+    };
+    match client.override_rollout(&a.commit, action).await {
+        Ok(line) => {
+            println!("{line}");
+            exit::OK
+        }
+        Err(status::ClientError::Status { status, body })
+            if status == http::StatusCode::CONFLICT || status == http::StatusCode::NOT_FOUND =>
+        {
+            eprintln!("meshfed-syncer rollout {action}: refused: {body}");
+            exit::FAILED
+        }
+        Err(e) => {
+            eprintln!("meshfed-syncer rollout {action}: {e}");
+            exit::ERROR
+        }
+    }
+}
+
 async fn status_command(a: StatusArgs) -> u8 {
     let mut problems = Vec::new();
     let token = a
@@ -832,10 +943,22 @@ async fn status_command(a: StatusArgs) -> u8 {
             Ok(v) => {
                 let done = match v.state {
                     RolloutState::Live => Some(exit::OK),
-                    RolloutState::Nacked | RolloutState::Rejected | RolloutState::Held => {
-                        Some(exit::FAILED)
+                    RolloutState::Nacked
+                    | RolloutState::Rejected
+                    | RolloutState::Held
+                    | RolloutState::RolledBack
+                    | RolloutState::Halted => Some(exit::FAILED),
+                    RolloutState::Pending | RolloutState::Unknown | RolloutState::Progressing => {
+                        if let Some(prev) = &last
+                            && !a.json
+                            && progress_line(prev) != progress_line(&v)
+                        {
+                            eprintln!("{}", progress_line(&v));
+                        } else if last.is_none() && !a.json {
+                            eprintln!("{}", progress_line(&v));
+                        }
+                        None
                     }
-                    RolloutState::Pending | RolloutState::Unknown => None,
                 };
                 if let Some(code) = done {
                     print_view(&v, a.json);

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub connected: Family<Labels, Gauge>,
     /// Unix time of the last accepted commit's publication.
     pub last_accepted: Gauge,
+    /// Rollout waves that ended, by `result` = passed | rolled_back |
+    /// halted | aborted.
+    pub waves: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -48,6 +51,7 @@ impl Default for Metrics {
             webhooks: Family::default(),
             connected: Family::default(),
             last_accepted: Gauge::default(),
+            waves: Family::default(),
         }
     }
 }
@@ -91,6 +95,17 @@ impl Metrics {
             "Unix time when the last accepted commit was published",
             self.last_accepted.clone(),
         );
+        registry.register(
+            "syncer_rollout_waves",
+            "Rollout waves that ended, by result (passed, rolled_back, halted, aborted)",
+            self.waves.clone(),
+        );
+    }
+
+    pub fn wave(&self, result: &'static str) {
+        self.waves
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
     }
 
     pub fn commit(&self, result: &'static str) {

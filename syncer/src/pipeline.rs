@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use crate::git::{GitError, GitSource, TreeFiles};
 use crate::metrics::Metrics;
 use crate::rollout::{ClusterSnapshot, Published};
+use crate::waves::Waves;
 
 /// The file holding the last good snapshots.
 pub const LAST_GOOD_FILE: &str = "last-good.json";
@@ -263,7 +264,8 @@ pub struct Pipeline {
     /// again from the mirror after a restart.
     last_good_resources: Mutex<Option<(String, BTreeSet<String>)>>,
     state_dir: PathBuf,
-    publish: watch::Sender<Option<Arc<Published>>>,
+    /// Serves each accepted commit, at once or in waves.
+    waves: Arc<Waves>,
     state: Arc<SyncState>,
     metrics: Arc<Metrics>,
 }
@@ -293,7 +295,13 @@ impl Pipeline {
             max_deletion_percent: DEFAULT_MAX_DELETION_PERCENT,
             last_good_resources: Mutex::new(None),
             state_dir,
-            publish,
+            waves: Arc::new(Waves::new(
+                publish,
+                crate::rollout::Rollout::new(),
+                crate::golden::Golden::default(),
+                crate::rollout::Admission::default().known_window,
+                None,
+            )),
             state,
             metrics,
         }
@@ -303,6 +311,17 @@ impl Pipeline {
     pub fn with_max_deletion_percent(mut self, percent: u8) -> Self {
         self.max_deletion_percent = percent.min(100);
         self
+    }
+
+    /// Delivers through `waves` (which owns the publication `watch`)
+    /// instead of the controller made from `new`'s sender.
+    pub fn with_waves(mut self, waves: Arc<Waves>) -> Self {
+        self.waves = waves;
+        self
+    }
+
+    pub fn waves(&self) -> &Arc<Waves> {
+        &self.waves
     }
 
     pub fn source(&self) -> &Arc<GitSource> {
@@ -350,11 +369,16 @@ impl Pipeline {
             restored: true,
             changes: None,
         };
-        self.publish.send_replace(Some(Arc::new(Published {
-            commit: p.commit.clone(),
-            fetched_at: Instant::now(),
-            clusters,
-        })));
+        // Mid-rollout, the clusters are served what the rollout state says
+        // (some still the previous commit), and the run goes on.
+        match self.waves.restore(&p.commit) {
+            Ok(true) => {}
+            Ok(false) => self.waves.start(&p.commit, clusters, None, Instant::now()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the rollout state; serving the last good commit to every cluster");
+                self.waves.start(&p.commit, clusters, None, Instant::now());
+            }
+        }
         let mut st = self.state.lock();
         st.last_good = Some(accepted.clone());
         st.accepted.push_front(accepted);
@@ -429,12 +453,12 @@ impl Pipeline {
     pub fn process(&self, commit: &str, started: Instant) -> SyncOutcome {
         let mut timings = Timings::default();
         match self.compile(commit, &mut timings) {
-            Ok((clusters, warnings, resources)) => {
+            Ok((clusters, warnings, resources, plan)) => {
                 if let Some(held) = self.deletion_check(commit, &resources) {
                     self.hold(held);
                     return SyncOutcome::Held(commit.to_string());
                 }
-                self.accept(commit, clusters, warnings, started, timings);
+                self.accept(commit, clusters, plan, warnings, started, timings);
                 *self
                     .last_good_resources
                     .lock()
@@ -541,6 +565,7 @@ impl Pipeline {
             BTreeMap<String, ClusterSnapshot>,
             Vec<Diagnostic>,
             BTreeSet<String>,
+            Option<meshfed_policy::rollout::RolloutPlan>,
         ),
         (String, Vec<Diagnostic>),
     > {
@@ -607,13 +632,15 @@ impl Pipeline {
             .iter()
             .map(|r| r.display_name())
             .collect();
-        Ok((clusters, analysis.diagnostics, resources))
+        let plan = analysis.rollout();
+        Ok((clusters, analysis.diagnostics, resources, plan))
     }
 
     fn accept(
         &self,
         commit: &str,
         clusters: BTreeMap<String, ClusterSnapshot>,
+        plan: Option<meshfed_policy::rollout::RolloutPlan>,
         warnings: Vec<Diagnostic>,
         started: Instant,
         timings: Timings,
@@ -631,16 +658,12 @@ impl Pipeline {
         let persist = t.elapsed();
         let names: BTreeSet<String> = clusters.keys().cloned().collect();
         let t = Instant::now();
-        let previous = self.publish.borrow().clone();
+        let previous = self.waves.current();
         let changes = previous
             .filter(|p| p.commit != commit)
             .map(|p| Changes::between(&p, &clusters));
         let diff_time = t.elapsed();
-        self.publish.send_replace(Some(Arc::new(Published {
-            commit: commit.to_string(),
-            fetched_at: started,
-            clusters,
-        })));
+        self.waves.start(commit, clusters, plan, started);
         let elapsed = started.elapsed();
         self.metrics.commit("accepted");
         self.metrics

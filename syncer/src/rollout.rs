@@ -96,6 +96,18 @@ pub struct GatewayRecord {
     pub left: Option<Departure>,
 }
 
+impl GatewayRecord {
+    /// Whether it counts for rollouts now: connected, or seen within the
+    /// known window and not gone with a goodbye.
+    pub fn is_known(&self, window: Duration, now: SystemTime) -> bool {
+        self.connected
+            || (self.left.is_none()
+                && now
+                    .duration_since(self.last_seen)
+                    .map_or(true, |age| age <= window))
+    }
+}
+
 /// A gateway's goodbye.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Departure {

@@ -77,6 +77,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::golden::Golden;
 use crate::rollout::{Admission, AdmitError, Published, Rollout};
 
 /// The TCP port of the gRPC config server by default, as istiod serves xDS
@@ -200,6 +201,8 @@ struct Shared {
     published: watch::Receiver<Option<Arc<Published>>>,
     settings: ServerSettings,
     metrics: ServerMetrics,
+    /// Where the gateways' golden metrics go (the rollout gates read them).
+    golden: Golden,
     /// The live stream of each (cluster, gateway id): a reconnecting gateway's
     /// old stream, ending late, must not mark the new one disconnected.
     live: Mutex<BTreeMap<(String, String), BTreeSet<u64>>>,
@@ -228,12 +231,30 @@ impl ConfigServer {
                 published,
                 settings,
                 metrics: ServerMetrics::new(),
+                golden: Golden::default(),
                 live: Mutex::new(BTreeMap::new()),
                 next_stream: AtomicU64::new(1),
                 stop,
                 stop_tx,
             }),
         }
+    }
+
+    /// The golden metrics the gateways report on their streams.
+    pub fn golden(&self) -> Golden {
+        self.inner.golden.clone()
+    }
+
+    /// Records the gateways' golden metrics into `golden` (shared with the
+    /// wave controller). Call before serving.
+    pub fn with_golden(mut self, golden: Golden) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.golden = golden,
+            None => {
+                tracing::error!("with_golden on a server already shared; the gates get no metrics")
+            }
+        }
+        self
     }
 
     /// Registers the server's metrics as `syncer_*` in `registry`, which
@@ -563,7 +584,12 @@ impl ConfigDelivery for ConfigServer {
         }
 
         let (tx, rx) = mpsc::channel(1);
-        let initial = shared.published.borrow().as_ref().map(|p| p.commit.clone());
+        let initial = shared
+            .published
+            .borrow()
+            .as_ref()
+            .and_then(|p| p.clusters.get(&hello.cluster))
+            .map(|c| c.snapshot.version.clone());
         let sub = Subscriber {
             shared: shared.clone(),
             cluster: hello.cluster.clone(),
@@ -582,12 +608,15 @@ impl ConfigDelivery for ConfigServer {
         if shared.settings.advertise_goodbye {
             response.metadata_mut().insert(
                 pb::ACCEPTS_METADATA,
-                tonic::metadata::MetadataValue::from_static(pb::ACCEPTS_GOODBYE),
+                tonic::metadata::MetadataValue::from_static(ACCEPTS),
             );
         }
         Ok(response)
     }
 }
+
+/// What this syncer says it accepts (`meshfed-accepts`).
+const ACCEPTS: &str = "goodbye,metrics";
 
 /// A snapshot sent and not yet answered.
 #[derive(Debug)]
@@ -737,28 +766,30 @@ impl Subscriber {
         let Some(cs) = p.clusters.get(&self.cluster) else {
             let short: String = p.commit.chars().take(12).collect();
             return self.pending(format!(
-                "commit {short} declares no cluster `{}`; the gateway keeps what it enforces \
-                 until a commit declares it (add a meshfed.io/v1alpha1 Cluster named `{}`)",
+                "commit {short} has no snapshot for cluster `{}` yet: it does not declare it \
+                 (add a meshfed.io/v1alpha1 Cluster named `{}`), or the cluster's rollout wave \
+                 has not opened; the gateway keeps what it enforces",
                 self.cluster, self.cluster
             ));
         };
-        if self.applied.as_deref() == Some(p.commit.as_str())
-            || self.last_sent.as_deref() == Some(p.commit.as_str())
-        {
+        // Mid-rollout, clusters are served different commits
+        // (crate::waves): the cluster's own snapshot says which.
+        let version = &cs.snapshot.version;
+        if self.applied.as_ref() == Some(version) || self.last_sent.as_ref() == Some(version) {
             return None;
         }
         let msg = pb::SyncerMessage {
             message: Some(pb::syncer_message::Message::Snapshot(pb::Snapshot {
-                version: p.commit.clone(),
+                version: version.clone(),
                 canonical: cs.encoded.to_vec(),
             })),
         };
         Some((
             msg,
             Sent::Snapshot(InFlight {
-                version: p.commit.clone(),
+                version: version.clone(),
                 fetched_at: p.fetched_at,
-                pushed: self.initial.as_deref() != Some(p.commit.as_str()),
+                pushed: self.initial.as_ref() != Some(version),
             }),
         ))
     }
@@ -856,6 +887,11 @@ impl Subscriber {
                 tracing::warn!(version = %nack.version, %reason, "gateway NACKed; it keeps its previous snapshot");
                 Ok(None)
             }
+            Some(Message::Metrics(m)) => {
+                shared.golden.record(&self.cluster, &self.gateway_id, &m);
+                shared.rollout.seen(&self.cluster, &self.gateway_id);
+                Ok(None)
+            }
             Some(Message::Hello(_)) => {
                 shared.metrics.refuse("protocol");
                 Err(Status::invalid_argument(
@@ -866,7 +902,7 @@ impl Subscriber {
                 shared.metrics.refuse("protocol");
                 Err(Status::invalid_argument(
                     "an empty GatewayMessage (or one this syncer does not know); send Hello, Ack, \
-                     Nack or Goodbye",
+                     Nack, Goodbye or GoldenMetrics",
                 ))
             }
         }

@@ -42,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Changes, StateView, SyncState, rfc3339};
 use crate::rollout::{GatewayRecord, Published, Rollout};
 use crate::trigger::{self, Trigger};
+use crate::waves::{OverrideError, RunState, RunView, Waves};
 
 /// The TCP port of the HTTP listener (webhook, status, metrics) by default,
 /// as istiod serves its HTTP monitoring endpoints on 15014.
@@ -74,6 +75,15 @@ pub enum RolloutState {
     /// The syncer has not seen it on the tracked ref (not fetched yet, or
     /// not on that branch).
     Unknown,
+    /// Its rollout is going through the waves of the `RolloutPolicy`
+    /// (`wave` says which).
+    Progressing,
+    /// A gate failed (or an operator aborted): the clusters it reached went
+    /// back to their last good snapshots; it is not rolled forward.
+    #[serde(rename = "rolled-back")]
+    RolledBack,
+    /// A gateway of the open wave NACKed it: later waves stay closed.
+    Halted,
 }
 
 /// One gateway's state for a commit.
@@ -119,7 +129,7 @@ pub struct LeftView {
 }
 
 /// Where one commit stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutView {
     /// The commit asked about (resolved to 40 hex digits when the mirror
     /// knows it).
@@ -144,6 +154,9 @@ pub struct RolloutView {
     /// gateways, from the commit published before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<Changes>,
+    /// Its run through the rollout waves, when the policy declares them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<RunView>,
 }
 
 impl RolloutView {
@@ -161,7 +174,7 @@ impl RolloutView {
 /// Whether a gateway counts for rollouts now: connected, or seen within
 /// the known window and not gone with a goodbye.
 pub fn is_known(g: &GatewayRecord, window: Duration, now: SystemTime) -> bool {
-    g.connected || (g.left.is_none() && within(g.last_seen, window, now))
+    g.is_known(window, now)
 }
 
 /// Whether a gateway said goodbye within the known window (it is listed as
@@ -233,6 +246,7 @@ pub fn compute_rollout(
         diagnostics: Vec::new(),
         left: Vec::new(),
         changes: None,
+        waves: None,
     };
     let covered = state
         .acceptance(commit)
@@ -342,6 +356,43 @@ pub struct StatusApi {
     /// Bounds a request head, a webhook body and a kept-alive idle
     /// connection (`--header-timeout`).
     pub header_timeout: Duration,
+    /// The rollout waves (runs, `resume`, `abort`).
+    pub waves: Arc<Waves>,
+}
+
+/// Folds a commit's run through the waves into its view: a progressing,
+/// rolled-back or halted run says where the commit stands; a complete one
+/// leaves the gateways' ACKs to say whether it is live.
+pub fn apply_run(view: &mut RolloutView, run: Option<RunView>) {
+    let Some(run) = run else { return };
+    let waves = format!("wave {} of {}", run.wave, run.waves);
+    match run.state {
+        RunState::Progressing => {
+            view.state = RolloutState::Progressing;
+            let clusters = run
+                .plan
+                .get(run.wave - 1)
+                .map(|c| c.join(", "))
+                .unwrap_or_default();
+            view.detail = match &run.baking_since {
+                Some(t) => format!(
+                    "{waves} ({clusters}): baking since {t} for {}s; the gates watch its gateways",
+                    run.bake_ms / 1000
+                ),
+                None => format!("{waves} ({clusters}): waiting for its gateways to apply it"),
+            };
+        }
+        RunState::RolledBack => {
+            view.state = RolloutState::RolledBack;
+            view.detail = run.reason.clone().unwrap_or_else(|| "rolled back".into());
+        }
+        RunState::Halted => {
+            view.state = RolloutState::Halted;
+            view.detail = run.reason.clone().unwrap_or_else(|| "halted".into());
+        }
+        RunState::Complete | RunState::Superseded => {}
+    }
+    view.waves = Some(run);
 }
 
 /// `/status`.
@@ -448,6 +499,15 @@ impl StatusApi {
         let query = req.uri().query().unwrap_or("").to_string();
         match (req.method(), path.as_str()) {
             (&Method::POST, "/hooks/git") => self.webhook(req, peer).await,
+            (&Method::POST, _)
+                if path.starts_with("/rollout/")
+                    && (path.ends_with("/resume") || path.ends_with("/abort")) =>
+            {
+                if let Some(denied) = self.check_token(&req) {
+                    return denied;
+                }
+                self.override_rollout(&path)
+            }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
             (&Method::GET, _)
                 if path == "/status" || path == "/metrics" || path.starts_with("/rollout/") =>
@@ -492,8 +552,41 @@ impl StatusApi {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; routes: POST /hooks/git, GET /status[?commit=SHA], GET /rollout/SHA, GET /metrics, GET /healthz",
+                "not found; routes: POST /hooks/git, GET /status[?commit=SHA], GET /rollout/SHA, POST /rollout/SHA/resume, POST /rollout/SHA/abort, GET /metrics, GET /healthz",
             ),
+        }
+    }
+
+    /// `POST /rollout/SHA/resume` or `/abort`.
+    fn override_rollout(&self, path: &str) -> Resp {
+        let rest = path.trim_start_matches("/rollout/");
+        let Some((sha, action)) = rest.split_once('/') else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "POST /rollout/SHA/resume or /rollout/SHA/abort",
+            );
+        };
+        if !is_hex_prefix(sha) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("`{sha}` is not a commit SHA (4 to 40 hex digits)"),
+            );
+        }
+        let sha = sha.to_ascii_lowercase();
+        let done = match action {
+            "resume" => self.waves.resume(&sha),
+            "abort" => self.waves.abort(&sha),
+            _ => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "POST /rollout/SHA/resume or /rollout/SHA/abort",
+                );
+            }
+        };
+        match done {
+            Ok(what) => text(StatusCode::OK, what),
+            Err(e @ OverrideError::Unknown(_)) => text(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) => text(StatusCode::CONFLICT, e.to_string()),
         }
     }
 
@@ -606,14 +699,16 @@ impl StatusApi {
         let gateways = self.rollout.gateways();
         let src = &self.source;
         let contains = |a: &str, b: &str| src.is_ancestor(a, b).unwrap_or(false);
-        compute_rollout(
+        let mut view = compute_rollout(
             &full,
             &state,
             &gateways,
             self.known_window,
             SystemTime::now(),
             &contains,
-        )
+        );
+        apply_run(&mut view, self.waves.run_view(&full));
+        view
     }
 
     fn status_doc(&self) -> StatusDoc {
@@ -657,9 +752,11 @@ impl StatusApi {
                 doc.left.extend(left_view(g));
             }
         }
-        let rollout = good
-            .as_deref()
-            .map(|c| compute_rollout(c, &state, &gateways, self.known_window, now, &contains));
+        let rollout = good.as_deref().map(|c| {
+            let mut v = compute_rollout(c, &state, &gateways, self.known_window, now, &contains);
+            apply_run(&mut v, self.waves.run_view(c));
+            v
+        });
         StatusDoc {
             repo: self.source.display_url(),
             reference: self.source.config().remote_ref(),
@@ -717,6 +814,22 @@ pub enum ClientError {
 
 impl ClientConfig {
     async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
+        self.call(Method::GET, path).await
+    }
+
+    /// `POST /rollout/SHA/{resume,abort}`: the syncer's answer, one line.
+    pub async fn override_rollout(
+        &self,
+        commit: &str,
+        action: &str,
+    ) -> Result<String, ClientError> {
+        let body = self
+            .call(Method::POST, &format!("/rollout/{commit}/{action}"))
+            .await?;
+        Ok(String::from_utf8_lossy(&body).trim().to_string())
+    }
+
+    async fn call(&self, method: Method, path: &str) -> Result<Bytes, ClientError> {
         let base = self.server.trim_end_matches('/');
         if !base.starts_with("http://") {
             return Err(ClientError::Url(self.server.clone()));
@@ -727,7 +840,7 @@ impl ClientConfig {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<Full<Bytes>>();
-        let mut req = Request::get(uri);
+        let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", t.expose()));
         }
@@ -800,6 +913,9 @@ pub fn render_rollout(v: &RolloutView) -> String {
             RolloutState::Rejected => "REJECTED",
             RolloutState::Held => "HELD",
             RolloutState::Unknown => "UNKNOWN",
+            RolloutState::Progressing => "PROGRESSING",
+            RolloutState::RolledBack => "ROLLED BACK",
+            RolloutState::Halted => "HALTED",
         },
         v.detail
     );
@@ -808,6 +924,24 @@ pub fn render_rollout(v: &RolloutView) -> String {
     }
     for d in &v.diagnostics {
         out.push_str(&format!("  {d}\n"));
+    }
+    if let Some(w) = &v.waves {
+        let plan: Vec<String> = w
+            .plan
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{}: {}", i + 1, c.join(", ")))
+            .collect();
+        out.push_str(&format!(
+            "  waves ({}): {}; at wave {} of {}\n",
+            format!("{:?}", w.state).to_lowercase(),
+            plan.join(" → "),
+            w.wave,
+            w.waves
+        ));
+        for n in &w.notes {
+            out.push_str(&format!("  {n}\n"));
+        }
     }
     if let Some(ch) = &v.changes {
         let report = meshfed_policy::diff::Report {

@@ -46,7 +46,7 @@ use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use super::persist;
+use super::{golden, persist};
 use crate::backoff::{Backoff, Jitter};
 use crate::identity::spiffe::SpiffeId;
 use crate::identity::store::{self, Credentials};
@@ -209,17 +209,27 @@ pub fn spawn(
     let (leave, mut leaving) = watch::channel(false);
     let task = tokio::spawn(async move {
         let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max, Jitter::Equal);
+        // Kept across sessions: a reconnect never reports a request twice.
+        let mut reporter = golden::Reporter::default();
         loop {
             if *leaving.borrow() {
                 return Farewell::NotConnected;
             }
             set_link(&state, &settings, "connecting", None);
             let mut established = false;
-            let error =
-                match session(&state, &settings, &refusals, &mut established, &mut leaving).await {
-                    Ended::Left(f) => return f,
-                    Ended::Failed(e) => e,
-                };
+            let error = match session(
+                &state,
+                &settings,
+                &refusals,
+                &mut established,
+                &mut leaving,
+                &mut reporter,
+            )
+            .await
+            {
+                Ended::Left(f) => return f,
+                Ended::Failed(e) => e,
+            };
             if established {
                 backoff.reset();
             }
@@ -267,6 +277,7 @@ async fn session(
     refusals: &Arc<HandshakeRefusals>,
     established: &mut bool,
     leaving: &mut watch::Receiver<bool>,
+    reporter: &mut golden::Reporter,
 ) -> Ended {
     let addr = s.addr.clone();
     // A drain while connecting does not wait for the connection.
@@ -297,22 +308,43 @@ async fn session(
             message: Some(pb::gateway_message::Message::Hello(hello)),
         })
         .await;
-    let (accepts_goodbye, mut inbound) = match client.subscribe(ReceiverStream::new(rx)).await {
-        Ok(r) => (pb::accepts_goodbye(r.metadata()), r.into_inner()),
-        Err(status) => {
-            return Ended::Failed(ClientError::Refused {
-                addr,
-                code: status.code(),
-                message: status.message().to_string(),
-            });
-        }
-    };
+    let (accepts_goodbye, accepts_metrics, mut inbound) =
+        match client.subscribe(ReceiverStream::new(rx)).await {
+            Ok(r) => (
+                pb::accepts_goodbye(r.metadata()),
+                pb::accepts_metrics(r.metadata()),
+                r.into_inner(),
+            ),
+            Err(status) => {
+                return Ended::Failed(ClientError::Refused {
+                    addr,
+                    code: status.code(),
+                    message: status.message().to_string(),
+                });
+            }
+        };
     *established = true;
     set_link(state, s, "connected", None);
-    tracing::info!(syncer = %s.addr, id = %s.syncer_id, applied = %applied, accepts_goodbye, "subscribed to the syncer");
+    tracing::info!(syncer = %s.addr, id = %s.syncer_id, applied = %applied, accepts_goodbye, accepts_metrics, "subscribed to the syncer");
+    let mut report_every = tokio::time::interval(golden::INTERVAL);
+    report_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             m = inbound.message() => m,
+            _ = report_every.tick(), if accepts_metrics => {
+                let reading = golden::read(&state.metrics.encode(&[]));
+                if let Some(m) = reporter.report(reading, Instant::now()) {
+                    let msg = pb::GatewayMessage {
+                        message: Some(pb::gateway_message::Message::Metrics(m)),
+                    };
+                    // Never wait for room: a report lost to a full channel
+                    // only leaves a gap in the gates' window.
+                    if tx.try_send(msg).is_err() {
+                        tracing::debug!("golden metrics report dropped (config stream busy)");
+                    }
+                }
+                continue;
+            }
             () = left(leaving) => {
                 if !accepts_goodbye {
                     return Ended::Left(Farewell::NotAccepted);

@@ -313,6 +313,25 @@ fn cluster_references(
     out: &mut Vec<Diagnostic>,
 ) {
     let known = |name: &str| clusters.contains_key(name);
+    let mut rollout_policies = resources
+        .iter()
+        .filter(|r| matches!(r.spec, Spec::RolloutPolicy(_)));
+    if let Some(first) = rollout_policies.next() {
+        for other in rollout_policies {
+            out.push(
+                diag(
+                    other,
+                    Code::Conflict,
+                    "metadata.name",
+                    format!(
+                        "a second RolloutPolicy; `{}` ({}) already orders the rollout",
+                        first.name, first.origin.file
+                    ),
+                )
+                .with_hint("keep one RolloutPolicy per repository"),
+            );
+        }
+    }
     let hint = if clusters.is_empty() {
         "no `Cluster` (meshfed.io/v1alpha1) is declared; add one per cluster".to_string()
     } else {
@@ -343,6 +362,20 @@ fn cluster_references(
         );
     };
     for r in resources {
+        if let Spec::RolloutPolicy(rp) = &r.spec {
+            for (i, w) in rp.waves.iter().enumerate() {
+                for (j, name) in w.clusters.iter().enumerate() {
+                    if !known(name) {
+                        unknown(
+                            r,
+                            &format!("spec.waves[{i}].clusters[{j}]"),
+                            name,
+                            "the rollout wave",
+                        );
+                    }
+                }
+            }
+        }
         if let Some(t) = targets(r) {
             for name in t.iter().filter(|n| !known(n)) {
                 unknown(

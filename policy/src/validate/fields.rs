@@ -327,6 +327,97 @@ pub fn check(r: &Resource, opts: &Options, out: &mut Vec<Diagnostic>) {
         Spec::VirtualService(s) => virtual_service(&mut c, s),
         Spec::PeerAuthentication(s) => peer_authentication(&mut c, s, opts),
         Spec::AuthorizationPolicy(s) => authorization_policy(&mut c, s),
+        Spec::RolloutPolicy(s) => rollout_policy(&mut c, s),
+    }
+}
+
+/// The longest bake time a wave may have: a rollout is meant to end.
+pub const MAX_BAKE_TIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn rollout_policy(c: &mut Check<'_>, s: &RolloutPolicySpec) {
+    if s.waves.is_empty() {
+        c.report_hint(
+            Code::MissingField,
+            "spec.waves",
+            "a RolloutPolicy needs at least one wave",
+            "list the waves in order, e.g. `waves: [{clusters: [edge], bakeTime: 5m}, {clusters: [west]}]`; clusters in no wave form a last wave",
+        );
+    }
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, w) in s.waves.iter().enumerate() {
+        if w.clusters.is_empty() {
+            c.report(
+                Code::MissingField,
+                &format!("spec.waves[{i}].clusters"),
+                format!("wave {} names no cluster", i + 1),
+            );
+        }
+        for (j, name) in w.clusters.iter().enumerate() {
+            let p = format!("spec.waves[{i}].clusters[{j}]");
+            c.lexical(Code::InvalidName, &p, syntax::check_dns_label(name));
+            if let Some(first) = seen.insert(name, i) {
+                c.report(
+                    Code::InvalidValue,
+                    &p,
+                    format!(
+                        "cluster `{name}` is already in wave {}; a cluster belongs to one wave",
+                        first + 1
+                    ),
+                );
+            }
+        }
+        let p = format!("spec.waves[{i}].bakeTime");
+        if let Some(v) = &w.bake_time {
+            match syntax::parse_duration(v) {
+                Ok(d) if d > MAX_BAKE_TIME => c.report(
+                    Code::InvalidDuration,
+                    &p,
+                    format!("bake time `{v}` is over the 24h maximum"),
+                ),
+                Ok(_) => {}
+                Err(e) => c.report(Code::InvalidDuration, &p, e),
+            }
+        }
+    }
+    let g = &s.gates;
+    if g.min_requests == Some(0) {
+        c.report(
+            Code::OutOfRange,
+            "spec.gates.minRequests",
+            "minRequests must be at least 1",
+        );
+    }
+    for (field, v) in [
+        ("maxSuccessRateDrop", g.max_success_rate_drop),
+        ("maxDenialRateIncrease", g.max_denial_rate_increase),
+    ] {
+        if let Some(v) = v
+            && !(0.0..=100.0).contains(&v)
+        {
+            c.report(
+                Code::InvalidPercent,
+                &format!("spec.gates.{field}"),
+                format!("{field} is {v}; it is in percentage points, 0 to 100"),
+            );
+        }
+    }
+    for (field, v, hint) in [
+        (
+            "maxP99IncreasePercent",
+            g.max_p99_increase_percent,
+            "50 = 1.5x",
+        ),
+        ("p99FloorMs", g.p99_floor_ms, "milliseconds"),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= 0.0)
+        {
+            c.report(
+                Code::OutOfRange,
+                &format!("spec.gates.{field}"),
+                format!("{field} is {v}; it must be 0 or more ({hint})"),
+            );
+        }
     }
 }
 

@@ -168,3 +168,53 @@ fn per_cluster_targeting_limits_the_gateways_that_must_apply() {
     assert_eq!(v.state, RolloutState::Live);
     assert_eq!(v.clusters.keys().collect::<Vec<_>>(), ["west"]);
 }
+
+fn run(state: crate::waves::RunState, reason: Option<&str>) -> crate::waves::RunView {
+    crate::waves::RunView {
+        commit: "b".into(),
+        state,
+        wave: 2,
+        waves: 3,
+        plan: vec![
+            vec!["edge".into()],
+            vec!["west".into()],
+            vec!["east".into()],
+        ],
+        bake_ms: 300_000,
+        baking_since: None,
+        reason: reason.map(str::to_string),
+        failure: None,
+        notes: Vec::new(),
+    }
+}
+
+/// Issue 19: a run through the waves says where the commit stands; a
+/// complete one leaves it to the gateways' ACKs.
+#[test]
+fn a_wave_run_overrides_the_acks_until_it_is_complete() {
+    use crate::waves::RunState;
+    let st = state_with(accepted("b", &["edge", "west", "east"]));
+    let gws = [gw("edge", "e1", Some("b")), gw("west", "w1", Some("a"))];
+    let mut v = view("b", &st, &gws);
+    apply_run(&mut v, Some(run(RunState::Progressing, None)));
+    assert_eq!(v.state, RolloutState::Progressing);
+    assert!(v.detail.starts_with("wave 2 of 3 (west)"), "{}", v.detail);
+
+    let mut v = view("b", &st, &gws);
+    apply_run(
+        &mut v,
+        Some(run(
+            RunState::RolledBack,
+            Some("rolled back at wave 2 of 3 (west): gate success_rate"),
+        )),
+    );
+    assert_eq!(v.state, RolloutState::RolledBack);
+    assert!(v.detail.contains("success_rate"));
+    let json = serde_json::to_value(&v).unwrap();
+    assert_eq!(json["state"], "rolled-back");
+
+    let mut v = view("b", &st, &gws);
+    apply_run(&mut v, Some(run(RunState::Complete, None)));
+    assert_eq!(v.state, RolloutState::Pending, "west has not applied it");
+    assert!(v.waves.is_some());
+}
