@@ -992,7 +992,7 @@ impl Differ<'_> {
                         s,
                         "added",
                         format!(
-                            "{s}: new DestinationRule {}: subsets {}{}",
+                            "{s}: new {}: subsets {}{}",
                             d.source.key(),
                             describe_subsets(d),
                             if settings.is_empty() {
