@@ -13,6 +13,7 @@
 pub mod link;
 pub mod loss;
 pub mod socket;
+pub mod stream;
 
 use std::sync::atomic::AtomicU64;
 

@@ -29,12 +29,13 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::BytesMut;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
+use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::loss::{LossView, LossWindow, Sample, Verdict};
 use super::socket::{ClassifyingSocket, DatagramDrops};
+use super::stream::{RecvHalf, SendHalf};
 use crate::wire::announce::Announcement;
 use crate::wire::frame::{self, Frame};
 
@@ -256,7 +257,7 @@ pub type Identify = Arc<dyn Fn(&Connection) -> Result<PeerInfo, String> + Send +
 
 /// Serves one stream a peer opened.
 pub type StreamHandler = Arc<
-    dyn Fn(Arc<PeerInfo>, SendStream, RecvStream) -> Pin<Box<dyn Future<Output = ()> + Send>>
+    dyn Fn(Arc<PeerInfo>, SendHalf, RecvHalf) -> Pin<Box<dyn Future<Output = ()> + Send>>
         + Send
         + Sync,
 >;
@@ -346,9 +347,7 @@ impl Link {
 
     /// Opens a stream to the peer. The returned guard counts it as open
     /// until dropped.
-    pub async fn open(
-        self: &Arc<Self>,
-    ) -> Result<(SendStream, RecvStream, StreamGuard), LinkError> {
+    pub async fn open(self: &Arc<Self>) -> Result<(SendHalf, RecvHalf, StreamGuard), LinkError> {
         let conn = self
             .connection()
             .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?;
@@ -357,7 +356,7 @@ impl Link {
             source,
         })?;
         self.open_streams.fetch_add(1, Ordering::Relaxed);
-        Ok((send, recv, StreamGuard(self.clone())))
+        Ok((send.into(), recv.into(), StreamGuard(self.clone())))
     }
 
     pub fn open_streams(&self) -> i64 {
@@ -958,7 +957,7 @@ impl Tunnel {
                         if let Ok(mut t) = self.last_stream.lock() {
                             *t = Some(Instant::now());
                         }
-                        let fut = handler(peer.clone(), send, recv);
+                        let fut = handler(peer.clone(), send.into(), recv.into());
                         tokio::spawn(async move {
                             fut.await;
                             drop(guard);

@@ -61,8 +61,8 @@ impl Pki {
 /// tunnel counts it as served) until this is dropped.
 struct Served {
     peer: Arc<PeerInfo>,
-    send: SendStream,
-    recv: RecvStream,
+    send: SendHalf,
+    recv: RecvHalf,
     _done: oneshot::Sender<()>,
 }
 
