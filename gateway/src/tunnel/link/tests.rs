@@ -566,3 +566,5 @@ async fn shutdown_gives_up_on_a_stream_that_never_ends_at_the_deadline() {
     })
     .await;
 }
+
+mod tcp;
