@@ -23,6 +23,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{bin, wait_for};
 
+/// `--link-transport` from `MESHFED_TEST_LINK_TRANSPORT` (`quic`, `tcp`),
+/// unless the test chose one: runs a cross-cluster suite over either
+/// transport (tests/README.md).
+fn link_transport(extra_args: &[String]) -> Vec<String> {
+    match std::env::var("MESHFED_TEST_LINK_TRANSPORT") {
+        Ok(t) if !t.is_empty() && !extra_args.iter().any(|a| a.starts_with("--link-transport")) => {
+            vec!["--link-transport".to_string(), t]
+        }
+        _ => vec![],
+    }
+}
+
 /// A UDP port that was free a moment ago.
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -208,6 +220,7 @@ impl GatewayProcess {
             .arg("--ready-file")
             .arg(&ready)
             .args(&spec.extra_args)
+            .args(link_transport(&spec.extra_args))
             .env("RUST_LOG", "info,meshfed_gateway=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
