@@ -35,12 +35,18 @@ fn link_transport(extra_args: &[String]) -> Vec<String> {
     }
 }
 
-/// A UDP port that was free a moment ago.
+/// A port that was free a moment ago on UDP and on TCP: a gateway's
+/// tunnel binds both (QUIC links on UDP, TCP links on the same number).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free UDP port: {e}"))
+    for _ in 0..64 {
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr().map(|a| (s, a.port())))
+            .unwrap_or_else(|e| panic!("no free UDP port: {e}"));
+        if std::net::TcpListener::bind(("127.0.0.1", udp.1)).is_ok() {
+            return udp.1;
+        }
+    }
+    panic!("no port free on both UDP and TCP in 64 tries")
 }
 
 /// Runs `meshfed-gateway certs ...`, panicking with its output on failure.
