@@ -236,14 +236,17 @@ impl H2Send {
     async fn write(&mut self, mut data: Bytes) -> Result<(), h2::Error> {
         while !data.is_empty() {
             self.inner.reserve_capacity(data.len());
-            let granted = match std::future::poll_fn(|cx| self.inner.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(e),
-                None => return Err(h2::Reason::STREAM_CLOSED.into()),
+            // Capacity already assigned is used at once: h2's
+            // `poll_capacity` wakes only when capacity grows, so waiting
+            // on it with capacity in hand could wait forever.
+            let granted = match self.inner.capacity() {
+                0 => match std::future::poll_fn(|cx| self.inner.poll_capacity(cx)).await {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(h2::Reason::STREAM_CLOSED.into()),
+                },
+                n => n,
             };
-            if granted == 0 {
-                continue;
-            }
             let part = data.split_to(granted.min(data.len()));
             self.inner.send_data(part, false)?;
         }
