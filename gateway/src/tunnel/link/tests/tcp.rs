@@ -252,3 +252,53 @@ async fn over_tcp_shutdown_waits_for_streams_being_served_then_closes_the_links(
     })
     .await;
 }
+
+#[tokio::test]
+async fn over_tcp_silent_connections_hold_at_most_max_handshakes_and_are_let_go_at_the_timeout() {
+    let pki = Pki::new("anchor");
+    let settings = LinkSettings {
+        max_handshakes: 4,
+        handshake_timeout: Duration::from_millis(500),
+        ..tcp()
+    };
+    let west = Gw::new(&pki.gateway("west", &[]), "west", settings);
+    let _served = west.serve();
+    west.tunnel
+        .reconcile(&targets([("west", vec![west.addr()])]));
+    // Ten TCP connections that never send a ClientHello.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(
+            tokio::net::TcpStream::connect(west.tunnel.tcp_local_addr())
+                .await
+                .unwrap(),
+        );
+    }
+    let admission = west.tunnel.admission_refusals();
+    until(
+        "west refuses the connections past the handshake limit",
+        Duration::from_secs(5),
+        || admission.count(Admission::HandshakeLimit) >= 6,
+    )
+    .await;
+    assert!(
+        west.tunnel.handshakes_in_flight() <= 4,
+        "at most max_handshakes in flight: {}",
+        west.tunnel.handshakes_in_flight()
+    );
+    until(
+        "the silent handshakes time out and give their slots back",
+        Duration::from_secs(5),
+        || west.tunnel.handshakes_in_flight() == 0,
+    )
+    .await;
+    // The ones refused or timed out are closed by west.
+    for mut s in silent {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("west closes a silent connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "nothing is sent to a peer that said nothing");
+    }
+}
