@@ -1,6 +1,6 @@
 //! HTTP bodies across the tunnel.
 //!
-//! [`TunnelBody`] reads DATA and TRAILERS frames from a QUIC stream as an
+//! [`TunnelBody`] reads DATA and TRAILERS frames from a tunnel stream as an
 //! `http_body::Body`, without a task per body: frames are decoded straight
 //! from the stream's buffer in `poll_frame`. [`pump`] is the other
 //! direction: it writes any body to a stream as frames, then finishes the
@@ -17,10 +17,10 @@ use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame as BodyFrame};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use quinn::{RecvStream, SendStream};
 
 use crate::body_budget::{BodyBudget, BodyPermit, OverBudget};
 use crate::tunnel::link::StreamGuard;
+use crate::tunnel::stream::{RecvHalf, SendHalf};
 use crate::wire::frame::{self, Frame, Refusal};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -57,13 +57,13 @@ pub enum BodyError {
     OverBudget(OverBudget),
 }
 
-/// A body read from DATA and TRAILERS frames on a QUIC stream.
+/// A body read from DATA and TRAILERS frames on a tunnel stream.
 ///
 /// A DATA frame is handed on a part at a time, as its bytes arrive, so the
 /// body never buffers a whole frame (up to [`frame::MAX_DATA_FRAME`], 1 MiB,
 /// which a peer could otherwise make every stream hold).
 pub struct TunnelBody {
-    recv: RecvStream,
+    recv: RecvHalf,
     buf: BytesMut,
     /// Payload bytes of the DATA frame being read that have not arrived.
     data_left: usize,
@@ -143,7 +143,7 @@ impl std::fmt::Debug for TunnelBody {
 
 impl TunnelBody {
     /// `buf` holds bytes already read past the head frame.
-    pub fn new(recv: RecvStream, buf: BytesMut, guard: Option<StreamGuard>) -> Self {
+    pub fn new(recv: RecvHalf, buf: BytesMut, guard: Option<StreamGuard>) -> Self {
         TunnelBody {
             recv,
             buf,
@@ -162,7 +162,7 @@ impl TunnelBody {
     /// cell. It reads 16 KiB at a time and hands on one chunk at a time, so
     /// a stalled body holds at most about 16 KiB here.
     pub fn gated(
-        recv: RecvStream,
+        recv: RecvHalf,
         buf: BytesMut,
         budget: BodyBudget,
         peer: Arc<str>,
@@ -330,7 +330,7 @@ impl Body for TunnelBody {
 /// a bigger one declares: a peer may open 10,000 streams at once and fill
 /// each buffer with its body's first bytes, so its first size is paid
 /// 10,000 times (4 KiB was 40 MB of a 128 MiB gateway).
-pub async fn read_head(recv: &mut RecvStream) -> Result<(Frame, BytesMut), BodyError> {
+pub async fn read_head(recv: &mut RecvHalf) -> Result<(Frame, BytesMut), BodyError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some(f) = frame::decode(&mut buf)? {
@@ -350,7 +350,7 @@ pub async fn read_head(recv: &mut RecvStream) -> Result<(Frame, BytesMut), BodyE
 /// right after the head. Takes, without waiting, whatever has arrived after
 /// the head into `rest` (call it with `rest` empty). A body that has neither
 /// started nor ended is not empty: it may start at any time.
-pub fn ended_after_head(recv: &mut RecvStream, rest: &mut BytesMut) -> bool {
+pub fn ended_after_head(recv: &mut RecvHalf, rest: &mut BytesMut) -> bool {
     use futures_util::FutureExt;
     matches!(
         tokio_util::io::read_buf(recv, rest).now_or_never(),
@@ -364,12 +364,12 @@ pub enum WriteFrameError {
     #[error("{0}")]
     Encode(#[from] frame::FrameError),
     #[error("peer stream: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(#[from] crate::tunnel::stream::WriteError),
 }
 
 /// Writes a head frame. A head over the wire limits is refused here, before
 /// anything is sent.
-pub async fn write_frame(send: &mut SendStream, f: &Frame) -> Result<(), WriteFrameError> {
+pub async fn write_frame(send: &mut SendHalf, f: &Frame) -> Result<(), WriteFrameError> {
     let mut buf = BytesMut::with_capacity(512);
     frame::encode(f, &mut buf)?;
     send.write_all(&buf).await?;
@@ -377,7 +377,7 @@ pub async fn write_frame(send: &mut SendStream, f: &Frame) -> Result<(), WriteFr
 }
 
 /// Writes an ERROR frame and finishes the stream.
-pub async fn refuse(send: &mut SendStream, refusal: Refusal, message: impl Into<String>) {
+pub async fn refuse(send: &mut SendHalf, refusal: Refusal, message: impl Into<String>) {
     let f = Frame::Error(frame::StreamError {
         refusal,
         message: message.into(),
@@ -389,7 +389,7 @@ pub async fn refuse(send: &mut SendStream, refusal: Refusal, message: impl Into<
 /// Writes `body` as DATA frames and trailers, then finishes the stream. A
 /// body error becomes an ERROR frame (so the peer sees a failure, not a
 /// clean end), and the stream is reset if the peer went away.
-pub async fn pump<B>(body: B, send: &mut SendStream) -> Result<(), BoxError>
+pub async fn pump<B>(body: B, send: &mut SendHalf) -> Result<(), BoxError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -401,7 +401,7 @@ where
 /// destination must not blame its endpoint. A malformed body becomes an
 /// ERROR frame with [`Refusal::BadRequest`]; a caller that went away resets
 /// the stream (the destination sees its source cancel).
-pub async fn pump_request<B>(body: B, send: &mut SendStream) -> Result<(), BoxError>
+pub async fn pump_request<B>(body: B, send: &mut SendHalf) -> Result<(), BoxError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -409,7 +409,7 @@ where
     pump_inner(body, send, true).await
 }
 
-async fn pump_inner<B>(mut body: B, send: &mut SendStream, request: bool) -> Result<(), BoxError>
+async fn pump_inner<B>(mut body: B, send: &mut SendHalf, request: bool) -> Result<(), BoxError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -425,7 +425,7 @@ where
                         refuse(send, Refusal::BadRequest, format!("request body: {e}")).await
                     }
                     (true, CallerFault::Aborted) => {
-                        let _ = send.reset(quinn::VarInt::from_u32(0));
+                        send.reset(0);
                     }
                 }
                 return Err(e);

@@ -215,7 +215,8 @@ struct Cli {
     )]
     mirror_ports: Vec<u16>,
 
-    /// UDP address of the QUIC tunnel that peer gateways connect to.
+    /// Address of the tunnel that peer gateways connect to: QUIC on this UDP
+    /// port, and TCP links (HTTP/2 over mutual TLS) on the same TCP port.
     #[arg(long, value_name = "ADDR", env = "MESHFED_TUNNEL_ADDR",
           default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, tunnel::DEFAULT_PORT)))]
     tunnel_addr: SocketAddr,
@@ -315,6 +316,16 @@ struct Cli {
     #[arg(long, value_enum, value_name = "CC", env = "MESHFED_CONGESTION_CONTROL",
           default_value_t = CongestionControl::Cubic)]
     congestion_control: CongestionControl,
+
+    /// What the links this gateway dials run over. `quic` (UDP) is the
+    /// usual; `tcp` is HTTP/2 over mutual TLS 1.3 on TCP, on the tunnel's
+    /// port number, for networks that drop UDP (docs/tunnel.md,
+    /// "Transports"). `auto` is QUIC for now: choosing TCP per peer when
+    /// QUIC does not answer is still to come. A gateway serves both
+    /// transports whatever this says, so peers may choose differently.
+    #[arg(long, value_enum, value_name = "TRANSPORT", env = "MESHFED_LINK_TRANSPORT",
+          default_value_t = LinkTransportArg::Auto)]
+    link_transport: LinkTransportArg,
 
     /// How long Kubernetes discovery's first list may take before the
     /// endpoint set persisted in --state-dir serves instead (and a warning
@@ -439,6 +450,16 @@ enum OutboundTls {
     Plaintext,
     /// mTLS with workload certificates.
     Mutual,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LinkTransportArg {
+    /// QUIC for now (per-peer choice still to come).
+    Auto,
+    /// QUIC over UDP.
+    Quic,
+    /// HTTP/2 over mutual TLS on TCP.
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -821,6 +842,11 @@ fn main() -> ExitCode {
             CongestionControl::Bbr => meshfed_gateway::tunnel::link::Congestion::Bbr,
         },
         loss_window: cli.loss_window,
+        link_transport: match cli.link_transport {
+            LinkTransportArg::Auto => meshfed_gateway::tunnel::link::LinkTransport::Auto,
+            LinkTransportArg::Quic => meshfed_gateway::tunnel::link::LinkTransport::Quic,
+            LinkTransportArg::Tcp => meshfed_gateway::tunnel::link::LinkTransport::Tcp,
+        },
         policy: meshfed_policy::Options {
             domain: cli.domain,
             trust_domain: cli.trust_domain,

@@ -476,6 +476,7 @@ mod tests {
             cluster: "west".into(),
             target: "10.0.0.2:15443".into(),
             remote: None,
+            transport: crate::tunnel::link::Transport::Quic,
             up: true,
             available: true,
             draining: false,
@@ -492,10 +493,10 @@ mod tests {
         for line in [
             "meshfed_handshake_refusals_total{reason=\"unknown_ca\"} 3",
             "meshfed_handshake_refusals_total{reason=\"cluster_mismatch\"} 0",
-            "meshfed_peer_link_up{cluster=\"west\",target=\"10.0.0.2:15443\"} 1.0",
-            "meshfed_peer_rtt_seconds{cluster=\"west\",target=\"10.0.0.2:15443\"} 0.0015",
-            "meshfed_peer_lost_packets{cluster=\"west\",target=\"10.0.0.2:15443\"} 7.0",
-            "meshfed_peer_open_streams{cluster=\"west\",target=\"10.0.0.2:15443\"} 2.0",
+            "meshfed_peer_link_up{cluster=\"west\",target=\"10.0.0.2:15443\",transport=\"quic\"} 1.0",
+            "meshfed_peer_rtt_seconds{cluster=\"west\",target=\"10.0.0.2:15443\",transport=\"quic\"} 0.0015",
+            "meshfed_peer_lost_packets{cluster=\"west\",target=\"10.0.0.2:15443\",transport=\"quic\"} 7.0",
+            "meshfed_peer_open_streams{cluster=\"west\",target=\"10.0.0.2:15443\",transport=\"quic\"} 2.0",
             "# TYPE meshfed_peer_link_up gauge",
             "# TYPE meshfed_handshake_refusals counter",
         ] {

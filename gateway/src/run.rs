@@ -97,6 +97,8 @@ pub struct RunConfig {
     pub tracing: crate::trace::Settings,
     /// The tunnel links' congestion controller.
     pub congestion: crate::tunnel::link::Congestion,
+    /// What the links this gateway dials run over (`--link-transport`).
+    pub link_transport: crate::tunnel::link::LinkTransport,
     /// The window of each link's loss ratio and random-loss verdict
     /// (crate::tunnel::loss; `--loss-window`, hidden, for tests).
     pub loss_window: Duration,
@@ -165,17 +167,14 @@ fn alpn() -> Vec<Vec<u8>> {
     ALPN.iter().map(|a| a.to_vec()).collect()
 }
 
-/// Reads the peer's identity from a connection: it must be a gateway
+/// Reads the peer's identity from its certificate chain: it must be a gateway
 /// (the verifier already checked the chain and the cluster binding).
 pub(crate) fn identify() -> Identify {
-    Arc::new(|conn: &quinn::Connection| {
-        let any = conn
-            .peer_identity()
-            .ok_or_else(|| "peer presented no certificate".to_string())?;
-        let chain = any
-            .downcast::<Vec<CertificateDer<'static>>>()
-            .map_err(|_| "peer identity is not a certificate chain".to_string())?;
-        let id = verify::peer_identity(&chain).map_err(|e| e.to_string())?;
+    Arc::new(|chain: &[CertificateDer<'static>]| {
+        if chain.is_empty() {
+            return Err("peer presented no certificate".to_string());
+        }
+        let id = verify::peer_identity(chain).map_err(|e| e.to_string())?;
         match &id.id {
             SpiffeId::Gateway { .. } => Ok(PeerInfo {
                 cluster: id.cluster.clone(),
@@ -299,12 +298,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         &cfg.cluster,
         LinkSettings {
             congestion: cfg.congestion,
+            transport: cfg.link_transport,
             loss_window: cfg.loss_window,
             ..LinkSettings::default()
         },
         identify(),
     )
-    .with_context(|| format!("binding the QUIC tunnel on UDP {}", cfg.tunnel_addr))?;
+    .with_context(|| format!("binding the tunnel on UDP and TCP {}", cfg.tunnel_addr))?;
     // Every module's metric set, listed once for `/metrics`.
     let module_metrics = crate::state::ModuleMetrics::default();
     let mut sets: Vec<&dyn crate::metrics::Register> = module_metrics.sets().to_vec();

@@ -1,6 +1,8 @@
-//! The QUIC tunnel between gateways. Lands with the QUIC links issue.
+//! The tunnel between gateways: QUIC links, and HTTP/2-over-TLS links on
+//! TCP where UDP is blocked ([`tcp`]), carrying the same streams
+//! ([`stream`]).
 //!
-//! It will own the quinn endpoint, one long-lived connection per peer
+//! It owns the quinn endpoint and the TCP listener, one long-lived connection per peer
 //! gateway (the peer pool), keep-alive and dead-peer detection, the
 //! per-stream header that carries the destination and the caller's identity,
 //! the framing of HTTP and TCP over streams (documented in docs/tunnel.md,
@@ -13,6 +15,8 @@
 pub mod link;
 pub mod loss;
 pub mod socket;
+pub mod stream;
+pub mod tcp;
 
 use std::sync::atomic::AtomicU64;
 
@@ -32,6 +36,9 @@ pub const DEFAULT_PORT: u16 = 15443;
 struct LinkLabels {
     cluster: String,
     target: String,
+    /// `quic` or `tcp` (`--link-transport`): the link's connection's, or
+    /// when it is down the one it dials.
+    transport: &'static str,
 }
 
 /// Reads one per-link gauge value.
@@ -82,6 +89,7 @@ impl crate::metrics::Register for LinkGauges<'_> {
                         .get_or_create(&LinkLabels {
                             cluster: l.cluster.clone(),
                             target: l.target.clone(),
+                            transport: l.transport.as_str(),
                         })
                         .set(v);
                 }

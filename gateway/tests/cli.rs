@@ -152,6 +152,8 @@ fn help_documents_the_istio_style_default_ports_and_common_flags() {
         "--log-format",
         "--congestion-control",
         "[default: cubic]",
+        "--link-transport",
+        "[default: auto]",
     ] {
         assert!(out.stdout.contains(text), "--help lacks {text}:\n{out}");
     }

@@ -23,12 +23,30 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{bin, wait_for};
 
-/// A UDP port that was free a moment ago.
+/// `--link-transport` from `MESHFED_TEST_LINK_TRANSPORT` (`quic`, `tcp`),
+/// unless the test chose one: runs a cross-cluster suite over either
+/// transport (tests/README.md).
+fn link_transport(extra_args: &[String]) -> Vec<String> {
+    match std::env::var("MESHFED_TEST_LINK_TRANSPORT") {
+        Ok(t) if !t.is_empty() && !extra_args.iter().any(|a| a.starts_with("--link-transport")) => {
+            vec!["--link-transport".to_string(), t]
+        }
+        _ => vec![],
+    }
+}
+
+/// A port that was free a moment ago on UDP and on TCP: a gateway's
+/// tunnel binds both (QUIC links on UDP, TCP links on the same number).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free UDP port: {e}"))
+    for _ in 0..64 {
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr().map(|a| (s, a.port())))
+            .unwrap_or_else(|e| panic!("no free UDP port: {e}"));
+        if std::net::TcpListener::bind(("127.0.0.1", udp.1)).is_ok() {
+            return udp.1;
+        }
+    }
+    panic!("no port free on both UDP and TCP in 64 tries")
 }
 
 /// Runs `meshfed-gateway certs ...`, panicking with its output on failure.
@@ -208,6 +226,7 @@ impl GatewayProcess {
             .arg("--ready-file")
             .arg(&ready)
             .args(&spec.extra_args)
+            .args(link_transport(&spec.extra_args))
             .env("RUST_LOG", "info,meshfed_gateway=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

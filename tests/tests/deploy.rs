@@ -742,11 +742,17 @@ fn check_provider_settings(what: &str, choice: &str, svc: &Value, objects: &[Val
             .any(|p| p.port == 15443 && p.protocol.as_deref() == Some("UDP")),
         "{what}: the tunnel on UDP 15443: {ports:?}"
     );
-    // Today the tunnel is UDP only (the TCP link transport, issue 18, does
-    // not exist yet): a TCP port here would be a listener nothing serves.
+    // TCP links (issue 18) on the same port number, and nothing else: any
+    // other port here would be a listener nothing serves.
     assert!(
-        ports.iter().all(|p| p.protocol.as_deref() == Some("UDP")),
-        "{what}: a non-UDP port on the tunnel Service: {ports:?}"
+        ports
+            .iter()
+            .any(|p| p.port == 15443 && p.protocol.as_deref() == Some("TCP")),
+        "{what}: TCP links on TCP 15443: {ports:?}"
+    );
+    assert!(
+        ports.iter().all(|p| p.port == 15443),
+        "{what}: a port other than the tunnel's on the tunnel Service: {ports:?}"
     );
     let aws = "service.beta.kubernetes.io/aws-load-balancer-";
     match choice {
@@ -1247,7 +1253,8 @@ fn check_network_policy(overlay: &str, objects: &[Value]) {
             });
             let (protocol, number, name) = resolve(&protocol, port);
             let anywhere = rule.from.as_ref().is_none_or(Vec::is_empty);
-            if name == "tunnel" {
+            // `tunnel` is QUIC links (UDP), `tunnel-tcp` TCP links.
+            if name == "tunnel" || name == "tunnel-tcp" {
                 assert!(
                     anywhere,
                     "{overlay}: the tunnel port must be open to the peers (no `from`)"

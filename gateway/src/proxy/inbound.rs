@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use http::{Request, Uri, header};
 use http_body_util::BodyExt;
-use quinn::{RecvStream, SendStream};
 
 use super::{HEAD_TIMEOUT, XFCC, strip_hop_by_hop};
 use crate::body::{self, TunnelBody, read_head, refuse, write_frame};
@@ -23,19 +22,23 @@ use crate::metrics::{RequestKey, TcpLabels};
 use crate::respond::is_grpc;
 use crate::state::Gateway;
 use crate::tunnel::link::PeerInfo;
+use crate::tunnel::stream::{RecvHalf, SendHalf};
 use crate::wire::frame::{Frame, Open, Refusal, RequestHead, ResponseHead, StreamKind};
 
-/// The QUIC error code with which a stream whose OPEN did not arrive within
+/// The error code with which a stream whose OPEN did not arrive within
 /// [`HEAD_TIMEOUT`] is reset (both directions): `0x4854`, "HT".
-pub const HEAD_TIMEOUT_RESET: quinn::VarInt = quinn::VarInt::from_u32(0x4854);
+pub const HEAD_TIMEOUT_CODE: u32 = 0x4854;
+
+/// [`HEAD_TIMEOUT_CODE`] as QUIC writes it.
+pub const HEAD_TIMEOUT_RESET: quinn::VarInt = quinn::VarInt::from_u32(HEAD_TIMEOUT_CODE);
 
 /// Serves one stream from a peer; with tracing on, an HTTP stream is one
 /// gateway hop of its trace (crate::trace).
 pub async fn serve_stream(
     state: Arc<Gateway>,
     peer: Arc<PeerInfo>,
-    send: SendStream,
-    recv: RecvStream,
+    send: SendHalf,
+    recv: RecvHalf,
 ) {
     let traced = state.trace.get().is_some();
     // One future, awaited in either branch, so that it is not laid out twice.
@@ -47,12 +50,7 @@ pub async fn serve_stream(
     }
 }
 
-async fn serve(
-    state: Arc<Gateway>,
-    peer: Arc<PeerInfo>,
-    mut send: SendStream,
-    mut recv: RecvStream,
-) {
+async fn serve(state: Arc<Gateway>, peer: Arc<PeerInfo>, mut send: SendHalf, mut recv: RecvHalf) {
     let start = Instant::now();
     let (mut open, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut recv)).await {
         Ok(Ok((Frame::Open(open), rest))) => (open, rest),
@@ -75,8 +73,8 @@ async fn serve(
             // stream (a refusal written to a peer that never sent its OPEN
             // would wait in the send buffer) and the peer learns at once.
             state.metrics.refused("stream", "head-timeout");
-            let _ = recv.stop(HEAD_TIMEOUT_RESET);
-            let _ = send.reset(HEAD_TIMEOUT_RESET);
+            recv.stop(HEAD_TIMEOUT_CODE);
+            send.reset(HEAD_TIMEOUT_CODE);
             return;
         }
     };
@@ -225,8 +223,8 @@ async fn serve_tcp(
     state: &Gateway,
     open: &Open,
     picked: crate::upstream::Picked<'_>,
-    mut send: SendStream,
-    recv: RecvStream,
+    mut send: SendHalf,
+    recv: RecvHalf,
     rest: bytes::BytesMut,
 ) {
     let (mut upstream, inflight) = match state.upstream.connect_tcp(picked).await {
@@ -277,8 +275,8 @@ async fn serve_http(
     picked: crate::upstream::Picked<'_>,
     target: String,
     h2: bool,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    mut send: SendHalf,
+    mut recv: RecvHalf,
     mut rest: bytes::BytesMut,
     start: Instant,
 ) {
@@ -356,11 +354,10 @@ async fn serve_http(
     // the stream: stop waiting for the endpoint too, which closes that
     // request's connection and frees its pool slot rather than hold it for a
     // hung endpoint (counted as 499, nginx's "client closed request").
-    let stopped = send.stopped();
     let answer = tokio::select! {
         biased;
         answer = state.upstream.send(picked, req, h2) => answer,
-        _ = stopped => {
+        _ = send.stopped() => {
             record(state, peer, open, 499, "source-cancelled", start);
             return;
         }
@@ -418,7 +415,7 @@ async fn over_budget(
     peer: &PeerInfo,
     open: &Open,
     e: crate::body_budget::OverBudget,
-    mut send: SendStream,
+    mut send: SendHalf,
     start: Instant,
 ) {
     let r = Refusal::Overloaded;
@@ -513,7 +510,7 @@ async fn deny(
     peer: &PeerInfo,
     open: &Open,
     denied: Denied,
-    mut send: SendStream,
+    mut send: SendHalf,
     start: Instant,
 ) {
     use crate::authz::RBAC_DENIED;

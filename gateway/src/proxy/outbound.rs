@@ -1833,8 +1833,8 @@ async fn open_stream(
     link: &Arc<crate::tunnel::link::Link>,
 ) -> Result<
     (
-        quinn::SendStream,
-        quinn::RecvStream,
+        crate::tunnel::stream::SendHalf,
+        crate::tunnel::stream::RecvHalf,
         crate::tunnel::link::StreamGuard,
     ),
     String,
@@ -1849,7 +1849,7 @@ async fn open_stream(
 fn remote_response(
     cluster: &str,
     head: Result<(Frame, bytes::BytesMut), body::BodyError>,
-    recv: quinn::RecvStream,
+    recv: crate::tunnel::stream::RecvHalf,
     guard: crate::tunnel::link::StreamGuard,
 ) -> Tried {
     match head {

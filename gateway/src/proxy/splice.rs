@@ -1,5 +1,6 @@
-//! Opaque TCP over a QUIC stream: copying both ways between a TCP-like
-//! stream and a QUIC stream pair until both directions end.
+//! Opaque TCP over a tunnel stream: copying both ways between a TCP-like
+//! stream and a tunnel stream pair ([`crate::tunnel::stream`], QUIC or
+//! HTTP/2) until both directions end.
 //!
 //! A gateway holds one spliced stream per open TCP connection, and links
 //! carry thousands of them that sit idle most of the time, so what an idle
@@ -8,11 +9,11 @@
 //! and a small one toward the peer:
 //!
 //! - **peer → caller**: QUIC hands out the chunks it has already buffered
-//!   ([`quinn::RecvStream::read_chunk`]); they are written as they are, as
+//!   ([`RecvHalf::read_chunk`]); they are written as they are, as
 //!   many as are ready in one vectored write, with no copy, and an idle
 //!   stream waits holding nothing of ours.
 //! - **caller → peer**: each read goes into a fresh buffer that is handed
-//!   to QUIC whole ([`quinn::SendStream::write_chunk`], no copy). The buffer
+//!   to QUIC whole ([`SendHalf::write_chunk`], no copy). The buffer
 //!   starts at [`MIN_READ`] and adapts: a read that fills it doubles the next
 //!   one (up to [`MAX_READ`], for bulk transfers), a short read halves it. An
 //!   idle stream therefore waits with [`MIN_READ`] bytes.
@@ -23,6 +24,8 @@ use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::tunnel::stream::{RecvHalf, SendHalf};
 
 /// What an idle stream's read toward the peer holds.
 pub const MIN_READ: usize = 1024;
@@ -39,12 +42,7 @@ pub const MAX_READ: usize = 64 * 1024;
 /// A direction that fails ends that direction: toward the peer, the QUIC
 /// stream is finished (or reset by quinn when it was stopped); toward the
 /// caller, its write half is shut down.
-pub async fn splice<S>(
-    io: S,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    already: u64,
-) -> (u64, u64)
+pub async fn splice<S>(io: S, mut send: SendHalf, mut recv: RecvHalf, already: u64) -> (u64, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -64,7 +62,7 @@ where
 }
 
 /// Caller → peer, with an adaptive buffer. Returns the bytes sent.
-async fn to_peer<R>(r: &mut R, send: &mut quinn::SendStream) -> u64
+async fn to_peer<R>(r: &mut R, send: &mut SendHalf) -> u64
 where
     R: AsyncRead + Unpin,
 {
@@ -89,22 +87,22 @@ where
 /// to [`CHUNKS`]) into the same vectored write, since chunks are the size
 /// of QUIC frames (about a datagram each) and a write per chunk would cost
 /// a system call per 1.2 KB. Returns the bytes written.
-async fn from_peer<W>(recv: &mut quinn::RecvStream, w: &mut W) -> u64
+async fn from_peer<W>(recv: &mut RecvHalf, w: &mut W) -> u64
 where
     W: AsyncWrite + Unpin,
 {
     let mut total = 0u64;
     loop {
-        let first = match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => chunk.bytes,
+        let first = match recv.read_chunk(usize::MAX).await {
+            Ok(Some(chunk)) => chunk,
             Ok(None) | Err(_) => return total,
         };
         let mut batch = Vec::with_capacity(CHUNKS);
         batch.push(first);
         // An end or an error is seen again by the next wait.
         while batch.len() < CHUNKS {
-            match ready_now(recv.read_chunk(usize::MAX, true)) {
-                Some(Ok(Some(chunk))) => batch.push(chunk.bytes),
+            match ready_now(recv.read_chunk(usize::MAX)) {
+                Some(Ok(Some(chunk))) => batch.push(chunk),
                 _ => break,
             }
         }

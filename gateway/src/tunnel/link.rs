@@ -1,5 +1,9 @@
-//! QUIC links between gateways: the endpoint, the peer pool, and the
-//! control stream that carries announcements.
+//! Links between gateways: the QUIC endpoint and the TCP listener, the peer
+//! pool, and the control stream that carries announcements.
+//!
+//! A link runs over QUIC, or over HTTP/2 on mutual TLS on TCP where UDP is
+//! blocked ([`super::tcp`], `--link-transport`); the rest of this module
+//! treats both alike ([`Conn`]).
 //!
 //! Each gateway dials every gateway address of every other cluster in the
 //! snapshot, eagerly, and keeps one long-lived connection per address (a
@@ -29,12 +33,16 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::BytesMut;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
+use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::loss::{LossView, LossWindow, Sample, Verdict};
+use rustls_pki_types::CertificateDer;
+
 use super::socket::{ClassifyingSocket, DatagramDrops};
+use super::stream::{RecvHalf, SendHalf};
+use super::tcp::{self, TcpConn};
 use crate::wire::announce::Announcement;
 use crate::wire::frame::{self, Frame};
 
@@ -70,6 +78,50 @@ pub struct LinkSettings {
     /// The sliding window of each link's loss ratio and random-loss
     /// verdict ([`super::loss`]).
     pub loss_window: Duration,
+    /// What links this gateway dials run over (`--link-transport`). It
+    /// serves both whatever this says.
+    pub transport: LinkTransport,
+}
+
+/// What the links a gateway dials run over (`--link-transport`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LinkTransport {
+    /// QUIC for now; choosing per peer (QUIC, or TCP where UDP is blocked)
+    /// is still to come (issue 18).
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// HTTP/2 over mutual TLS on TCP only ([`super::tcp`]).
+    Tcp,
+}
+
+/// The transport of one connection, for `/peers` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    /// The `transport` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl LinkTransport {
+    /// The transport a link of this setting dials.
+    pub fn dials(self) -> Transport {
+        match self {
+            LinkTransport::Auto | LinkTransport::Quic => Transport::Quic,
+            LinkTransport::Tcp => Transport::Tcp,
+        }
+    }
 }
 
 /// A link's congestion controller (`--congestion-control`).
@@ -104,6 +156,7 @@ impl Default for LinkSettings {
             max_handshakes: 128,
             congestion: Congestion::Cubic,
             loss_window: super::loss::DEFAULT_WINDOW,
+            transport: LinkTransport::Auto,
         }
     }
 }
@@ -250,13 +303,23 @@ pub struct PeerInfo {
     pub trust_domain: String,
 }
 
-/// Reads the peer's identity from an established connection; refuses peers
-/// that may not use the tunnel.
-pub type Identify = Arc<dyn Fn(&Connection) -> Result<PeerInfo, String> + Send + Sync>;
+/// Reads the peer's identity from the certificate chain it presented (the
+/// verifiers checked it already; empty when it presented none); refuses
+/// peers that may not use the tunnel.
+pub type Identify =
+    Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<PeerInfo, String> + Send + Sync>;
+
+/// The certificate chain of a QUIC connection's peer.
+fn quic_chain(conn: &Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|chain| *chain)
+        .unwrap_or_default()
+}
 
 /// Serves one stream a peer opened.
 pub type StreamHandler = Arc<
-    dyn Fn(Arc<PeerInfo>, SendStream, RecvStream) -> Pin<Box<dyn Future<Output = ()> + Send>>
+    dyn Fn(Arc<PeerInfo>, SendHalf, RecvHalf) -> Pin<Box<dyn Future<Output = ()> + Send>>
         + Send
         + Sync,
 >;
@@ -269,13 +332,12 @@ pub fn server_name(cluster: &str) -> String {
 /// Why a link could not carry a stream.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("no link to cluster `{0}` is up; are its gateways reachable over UDP?")]
+    #[error(
+        "no link to cluster `{0}` is up; are its gateways reachable (UDP for QUIC, TCP with `--link-transport tcp`)?"
+    )]
     NoLink(String),
-    #[error("link to {target} lost: {source}")]
-    Lost {
-        target: String,
-        source: quinn::ConnectionError,
-    },
+    #[error("link to {target} lost: {reason}")]
+    Lost { target: String, reason: String },
 }
 
 /// The state of one link, for `/peers` and metrics.
@@ -284,6 +346,9 @@ pub struct LinkStatus {
     pub cluster: String,
     pub target: String,
     pub remote: Option<SocketAddr>,
+    /// What the link runs over: its connection's transport, or when down
+    /// the one it dials.
+    pub transport: Transport,
     pub up: bool,
     pub available: bool,
     pub draining: bool,
@@ -305,7 +370,9 @@ pub struct Link {
     pub cluster: String,
     /// The address as the snapshot lists it (`host:port`).
     pub target: String,
-    conn: ArcSwapOption<Connection>,
+    conn: ArcSwapOption<Conn>,
+    /// The transport this link dials.
+    dials: Transport,
     announcement: ArcSwapOption<Announcement>,
     last_announce: Mutex<Option<Instant>>,
     open_streams: AtomicI64,
@@ -320,8 +387,8 @@ pub struct Link {
 
 impl Link {
     /// The live connection, if any.
-    pub fn connection(&self) -> Option<Arc<Connection>> {
-        self.conn.load_full().filter(|c| c.close_reason().is_none())
+    pub fn connection(&self) -> Option<Arc<Conn>> {
+        self.conn.load_full().filter(|c| !c.is_closed())
     }
 
     /// The peer's latest announcement, if it is fresh.
@@ -346,15 +413,13 @@ impl Link {
 
     /// Opens a stream to the peer. The returned guard counts it as open
     /// until dropped.
-    pub async fn open(
-        self: &Arc<Self>,
-    ) -> Result<(SendStream, RecvStream, StreamGuard), LinkError> {
+    pub async fn open(self: &Arc<Self>) -> Result<(SendHalf, RecvHalf, StreamGuard), LinkError> {
         let conn = self
             .connection()
             .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?;
-        let (send, recv) = conn.open_bi().await.map_err(|source| LinkError::Lost {
+        let (send, recv) = conn.open().await.map_err(|reason| LinkError::Lost {
             target: self.target.clone(),
-            source,
+            reason,
         })?;
         self.open_streams.fetch_add(1, Ordering::Relaxed);
         Ok((send, recv, StreamGuard(self.clone())))
@@ -371,11 +436,12 @@ impl Link {
             cluster: self.cluster.clone(),
             target: self.target.clone(),
             remote: conn.as_ref().map(|c| c.remote_address()),
+            transport: conn.as_ref().map_or(self.dials, |c| c.transport()),
             up: conn.is_some(),
             available: self.available(stale),
             draining: ann.as_ref().is_some_and(|a| a.draining),
             rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1e3),
-            lost_packets: conn.as_ref().map_or(0, |c| c.stats().path.lost_packets),
+            lost_packets: conn.as_ref().map_or(0, |c| c.lost_packets()),
             open_streams: self.open_streams(),
             connects: self.connects.load(Ordering::Relaxed),
             announced_config: ann.as_ref().map(|a| a.config_version.clone()),
@@ -442,6 +508,88 @@ impl Drop for StreamGuard {
     }
 }
 
+/// A link's connection, over either transport.
+#[derive(Debug)]
+pub enum Conn {
+    Quic(Connection),
+    Tcp(TcpConn),
+}
+
+impl Conn {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Conn::Quic(_) => Transport::Quic,
+            Conn::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Conn::Quic(c) => c.close_reason().is_some(),
+            Conn::Tcp(c) => c.close_reason().is_some(),
+        }
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        match self {
+            Conn::Quic(c) => c.remote_address(),
+            Conn::Tcp(c) => c.remote_address(),
+        }
+    }
+
+    pub fn rtt(&self) -> Duration {
+        match self {
+            Conn::Quic(c) => c.rtt(),
+            Conn::Tcp(c) => c.rtt(),
+        }
+    }
+
+    /// Packets lost (QUIC; TCP's retransmissions are the kernel's and not
+    /// counted here).
+    pub fn lost_packets(&self) -> u64 {
+        match self {
+            Conn::Quic(c) => c.stats().path.lost_packets,
+            Conn::Tcp(_) => 0,
+        }
+    }
+
+    /// Opens a tunnel stream.
+    async fn open(&self) -> Result<(SendHalf, RecvHalf), String> {
+        match self {
+            Conn::Quic(c) => match c.open_bi().await {
+                Ok((send, recv)) => Ok((send.into(), recv.into())),
+                Err(e) => Err(e.to_string()),
+            },
+            Conn::Tcp(c) => Box::pin(c.open()).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Waits until the connection ends; returns why.
+    async fn closed(&self) -> String {
+        match self {
+            Conn::Quic(c) => c.closed().await.to_string(),
+            Conn::Tcp(c) => c.closed().await,
+        }
+    }
+
+    /// Ends the connection with a QUIC application code and reason.
+    fn close(&self, code: u32, reason: &'static str) {
+        match self {
+            Conn::Quic(c) => c.close(VarInt::from_u32(code), reason.as_bytes()),
+            Conn::Tcp(c) => c.close(reason),
+        }
+    }
+
+    /// The stream the peer's announcements arrive on: the unidirectional
+    /// stream it opens (QUIC), or the control request's response (TCP).
+    async fn control_stream(&self) -> Option<RecvHalf> {
+        match self {
+            Conn::Quic(c) => c.accept_uni().await.ok().map(RecvHalf::from),
+            Conn::Tcp(c) => c.control().await.ok(),
+        }
+    }
+}
+
 /// The QUIC endpoint and every link of this gateway.
 pub struct Tunnel {
     endpoint: Endpoint,
@@ -462,6 +610,15 @@ pub struct Tunnel {
     /// Peers' handshakes in flight.
     handshakes: Arc<AtomicUsize>,
     admission: Arc<AdmissionRefusals>,
+    /// The TCP listener on the tunnel's port number, until [`Tunnel::serve`]
+    /// takes it.
+    tcp_listener: Mutex<Option<tokio::net::TcpListener>>,
+    tcp_addr: SocketAddr,
+    /// The TLS configs of TCP links (the QUIC links', with the TCP ALPN).
+    tcp_server: ArcSwap<rustls::ServerConfig>,
+    tcp_client: ArcSwap<rustls::ClientConfig>,
+    /// Set once the tunnel shuts down: served TCP connections close.
+    closing: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -509,7 +666,10 @@ impl Tunnel {
         settings: LinkSettings,
         identify: Identify,
     ) -> std::io::Result<Arc<Self>> {
+        let (tcp_server, tcp_client) = (tcp::server_config(&server), tcp::client_config(&client));
         let (server, client) = quinn_configs(server, client, &settings)?;
+        let (udp, tcp_listener) = bind_both(addr)?;
+        let tcp_addr = tcp_listener.local_addr()?;
         // Connection IDs are keyed so that the socket can tell ours from
         // garbage (tunnel::socket). The key is fresh per process, as quinn's
         // stateless-reset key is: a restarted gateway knows neither its old
@@ -517,7 +677,7 @@ impl Tunnel {
         let cid_key: u64 = rand::random();
         let datagram_drops = Arc::new(DatagramDrops::default());
         let runtime = Arc::new(quinn::TokioRuntime);
-        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, std::net::UdpSocket::bind(addr)?)?;
+        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, udp)?;
         let socket = ClassifyingSocket::new(socket, cid_key, datagram_drops.clone());
         let endpoint = Endpoint::new_with_abstract_socket(
             super::socket::endpoint_config(cid_key),
@@ -539,6 +699,11 @@ impl Tunnel {
             declared: watch::channel(Arc::new(BTreeSet::new())).0,
             handshakes: Arc::new(AtomicUsize::new(0)),
             admission: Arc::new(AdmissionRefusals::default()),
+            tcp_listener: Mutex::new(Some(tokio::net::TcpListener::from_std(tcp_listener)?)),
+            tcp_addr,
+            tcp_server: ArcSwap::new(tcp_server),
+            tcp_client: ArcSwap::new(tcp_client),
+            closing: watch::channel(false).0,
         }))
     }
 
@@ -561,6 +726,11 @@ impl Tunnel {
         self.endpoint.local_addr()
     }
 
+    /// The TCP listener's address (TCP links): the UDP port's number.
+    pub fn tcp_local_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
     pub fn settings(&self) -> &LinkSettings {
         &self.settings
     }
@@ -572,6 +742,8 @@ impl Tunnel {
         server: Arc<rustls::ServerConfig>,
         client: Arc<rustls::ClientConfig>,
     ) -> std::io::Result<()> {
+        self.tcp_server.store(tcp::server_config(&server));
+        self.tcp_client.store(tcp::client_config(&client));
         let (server, client) = quinn_configs(server, client, &self.settings)?;
         self.endpoint.set_server_config(Some(server));
         self.client.store(Arc::new(client));
@@ -618,6 +790,7 @@ impl Tunnel {
                 cluster,
                 target,
                 conn: ArcSwapOption::empty(),
+                dials: self.settings.transport.dials(),
                 announcement: ArcSwapOption::empty(),
                 last_announce: Mutex::new(None),
                 open_streams: AtomicI64::new(0),
@@ -688,7 +861,7 @@ impl Tunnel {
                 Ok(conn) => {
                     let since = Instant::now();
                     link.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(cluster = %link.cluster, target = %link.target, remote = %conn.remote_address(), "link up");
+                    tracing::info!(cluster = %link.cluster, target = %link.target, remote = %conn.remote_address(), transport = conn.transport().as_str(), "link up");
                     let conn = Arc::new(conn);
                     link.conn.store(Some(conn.clone()));
                     let reader = tokio::spawn(read_control(link.clone(), conn.clone()));
@@ -701,6 +874,10 @@ impl Tunnel {
                     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let closed = conn.closed();
                     tokio::pin!(closed);
+                    let quic = match &*conn {
+                        Conn::Quic(c) => Some(c),
+                        Conn::Tcp(_) => None,
+                    };
                     loop {
                         tokio::select! {
                             reason = &mut closed => {
@@ -709,10 +886,14 @@ impl Tunnel {
                                 break;
                             }
                             _ = stop.changed() => {
-                                conn.close(VarInt::from_u32(0), b"removed");
+                                conn.close(0, "removed");
                                 break;
                             }
-                            _ = sample.tick() => link.observe_loss(&conn, self.settings.congestion),
+                            _ = sample.tick(), if quic.is_some() => {
+                                if let Some(c) = quic {
+                                    link.observe_loss(c, self.settings.congestion);
+                                }
+                            }
                         }
                     }
                     reader.abort();
@@ -752,11 +933,66 @@ impl Tunnel {
         link.conn.store(None);
     }
 
-    async fn dial(&self, link: &Link) -> Result<Connection, DialError> {
+    async fn dial(&self, link: &Link) -> Result<Conn, DialError> {
         let addrs: Vec<SocketAddr> = crate::discovery::dns::Resolver::shared()
             .resolve_host_port(&link.target)
             .await
             .map_err(|e| DialError::answered(format!("cannot resolve {}: {e}", link.target)))?;
+        match link.dials {
+            Transport::Quic => self.dial_quic(link, addrs).await.map(Conn::Quic),
+            Transport::Tcp => self.dial_tcp(link, addrs).await.map(Conn::Tcp),
+        }
+    }
+
+    /// Dials `addrs` in turn over TCP ([`super::tcp`]).
+    async fn dial_tcp(&self, link: &Link, addrs: Vec<SocketAddr>) -> Result<TcpConn, DialError> {
+        let mut last = format!("{} resolved to no address", link.target);
+        let mut answered = true;
+        let name = server_name(&link.cluster);
+        for addr in addrs {
+            let s = &self.settings;
+            match TcpConn::dial(
+                addr,
+                &name,
+                self.tcp_client.load_full(),
+                s.handshake_timeout,
+                s.keep_alive,
+                s.idle_timeout,
+            )
+            .await
+            {
+                Ok((conn, chain)) => match (self.identify)(&chain) {
+                    Ok(peer) if peer.cluster == link.cluster => return Ok(conn),
+                    Ok(peer) => {
+                        conn.close("wrong cluster");
+                        last = format!(
+                            "{addr} (TCP) is a gateway of `{}`, not `{}`",
+                            peer.cluster, link.cluster
+                        );
+                    }
+                    Err(e) => {
+                        conn.close("identity");
+                        last = format!("{addr} (TCP): {e}");
+                    }
+                },
+                Err(f) => {
+                    answered &= f.answered;
+                    last = f.message;
+                }
+            }
+        }
+        Err(DialError {
+            message: last,
+            answered,
+        })
+    }
+
+    /// Dials `addrs` in turn over QUIC.
+    async fn dial_quic(
+        &self,
+        link: &Link,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<Connection, DialError> {
         let mut last = format!("{} resolved to no address", link.target);
         let mut answered = true;
         let name = server_name(&link.cluster);
@@ -770,7 +1006,7 @@ impl Tunnel {
                 }
             };
             match self.handshake(client, addr, &name, connecting).await {
-                Ok(Ok(conn)) => match (self.identify)(&conn) {
+                Ok(Ok(conn)) => match (self.identify)(&quic_chain(&conn)) {
                     Ok(peer) if peer.cluster == link.cluster => return Ok(conn),
                     Ok(peer) => {
                         conn.close(VarInt::from_u32(1), b"wrong cluster");
@@ -863,6 +1099,13 @@ impl Tunnel {
         handler: StreamHandler,
         announcements: watch::Receiver<Arc<Announcement>>,
     ) -> JoinHandle<()> {
+        let listener = self.tcp_listener.lock().ok().and_then(|mut l| l.take());
+        if let Some(listener) = listener {
+            tokio::spawn(
+                self.clone()
+                    .serve_tcp(listener, handler.clone(), announcements.clone()),
+            );
+        }
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(incoming) = this.endpoint.accept().await {
@@ -926,7 +1169,7 @@ impl Tunnel {
             }
         };
         drop(slot);
-        let peer = match (self.identify)(&conn) {
+        let peer = match (self.identify)(&quic_chain(&conn)) {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.admission.record(Admission::NotAGateway);
@@ -945,7 +1188,7 @@ impl Tunnel {
         // Verified and declared: now it may open streams.
         conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.settings.max_streams));
         tracing::info!(%remote, cluster = %peer.cluster, id = %peer.id, "peer connected");
-        let announcer = tokio::spawn(announce(
+        let announcer = tokio::spawn(announce_quic(
             conn.clone(),
             announcements,
             self.settings.announce_every,
@@ -958,7 +1201,7 @@ impl Tunnel {
                         if let Ok(mut t) = self.last_stream.lock() {
                             *t = Some(Instant::now());
                         }
-                        let fut = handler(peer.clone(), send, recv);
+                        let fut = handler(peer.clone(), send.into(), recv.into());
                         tokio::spawn(async move {
                             fut.await;
                             drop(guard);
@@ -984,6 +1227,189 @@ impl Tunnel {
             }
         }
         announcer.abort();
+    }
+
+    /// Accepts peers' TCP links ([`super::tcp`]) until the tunnel shuts
+    /// down. Admission as on QUIC: at most [`LinkSettings::max_handshakes`]
+    /// handshakes in flight (more are closed at once), each bounded by the
+    /// handshake timeout; the TLS verifiers check the chain; the peer must
+    /// be a gateway of a declared cluster before HTTP/2 starts, so nothing
+    /// of HTTP/2 (and no stream) exists for an unverified peer. (TCP's own
+    /// handshake validates the address: there is no Retry to send.)
+    async fn serve_tcp(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        handler: StreamHandler,
+        announcements: watch::Receiver<Arc<Announcement>>,
+    ) {
+        let mut closing = self.closing.subscribe();
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: wait rather
+                        // than spin.
+                        tracing::warn!(error = %e, "accepting a TCP link failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = set(&mut closing) => return,
+            };
+            if self.handshakes.load(Ordering::Relaxed) >= self.settings.max_handshakes {
+                self.admission.record(Admission::HandshakeLimit);
+                tracing::debug!(%remote, "too many handshakes in flight; refused a TCP peer");
+                continue;
+            }
+            let slot = HandshakeSlot::new(self.handshakes.clone());
+            tokio::spawn(self.clone().serve_tcp_connection(
+                tcp,
+                remote,
+                slot,
+                handler.clone(),
+                announcements.clone(),
+            ));
+        }
+    }
+
+    async fn serve_tcp_connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        slot: HandshakeSlot,
+        handler: StreamHandler,
+        announcements: watch::Receiver<Arc<Announcement>>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tcp_server.load_full());
+        let tls = match tokio::time::timeout(self.settings.handshake_timeout, acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            // Debug only, as on QUIC: the verifier logs and counts refusals.
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "refused a TCP peer at the handshake");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TCP peer handshake timed out");
+                return;
+            }
+        };
+        let chain: Vec<CertificateDer<'static>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let peer = match (self.identify)(&chain) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                self.admission.record(Admission::NotAGateway);
+                tracing::warn!(%remote, error = %e, "refused a TCP peer after the handshake");
+                return;
+            }
+        };
+        drop(chain);
+        let mut declared = self.declared.subscribe();
+        if !declared.borrow_and_update().contains(&peer.cluster) {
+            self.admission.record(Admission::UndeclaredCluster);
+            tracing::warn!(%remote, cluster = %peer.cluster, id = %peer.id, "refused a gateway of a cluster the snapshot does not declare");
+            return;
+        }
+        // Verified and declared: HTTP/2 starts, with its stream limit.
+        let mut conn = match tokio::time::timeout(
+            self.settings.handshake_timeout,
+            tcp::server_builder(self.settings.max_streams).handshake::<_, bytes::Bytes>(tls),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "TCP peer's HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TCP peer's HTTP/2 handshake timed out");
+                return;
+            }
+        };
+        drop(slot);
+        tracing::info!(%remote, cluster = %peer.cluster, id = %peer.id, transport = "tcp", "peer connected");
+        let rtt = AtomicU64::new(0);
+        let liveness = tcp::liveness_loop(
+            conn.ping_pong(),
+            &rtt,
+            self.settings.keep_alive,
+            self.settings.idle_timeout,
+        );
+        tokio::pin!(liveness);
+        let mut closing = self.closing.subscribe();
+        let mut announcer: Option<JoinHandle<()>> = None;
+        loop {
+            tokio::select! {
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((req, mut respond))) => {
+                        let path = req.uri().path();
+                        if path == tcp::STREAM_PATH {
+                            let Ok(send) = tcp::accept_stream(&mut respond) else {
+                                continue;
+                            };
+                            let recv = RecvHalf::H2(Box::new(super::stream::H2Recv::open(
+                                req.into_body(),
+                            )));
+                            let guard = Serving::new(self.serving.clone());
+                            if let Ok(mut t) = self.last_stream.lock() {
+                                *t = Some(Instant::now());
+                            }
+                            let fut = handler(peer.clone(), send, recv);
+                            tokio::spawn(async move {
+                                fut.await;
+                                drop(guard);
+                            });
+                        } else if path == tcp::CONTROL_PATH && announcer.is_none() {
+                            let Ok(send) = tcp::accept_stream(&mut respond) else {
+                                continue;
+                            };
+                            announcer = Some(tokio::spawn(announce(
+                                send,
+                                announcements.clone(),
+                                self.settings.announce_every,
+                            )));
+                        } else {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::info!(%remote, cluster = %peer.cluster, reason = %e, "peer disconnected");
+                        break;
+                    }
+                    None => {
+                        tracing::info!(%remote, cluster = %peer.cluster, "peer disconnected");
+                        break;
+                    }
+                },
+                reason = &mut liveness => {
+                    tracing::warn!(%remote, cluster = %peer.cluster, %reason, "TCP peer down");
+                    break;
+                }
+                changed = declared.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if !declared.borrow_and_update().contains(&peer.cluster) {
+                        self.admission.record(Admission::UndeclaredCluster);
+                        tracing::warn!(%remote, cluster = %peer.cluster, id = %peer.id, "the snapshot no longer declares the peer's cluster; closing its connection");
+                        break;
+                    }
+                }
+                _ = set(&mut closing) => break,
+            }
+        }
+        if let Some(a) = announcer {
+            a.abort();
+        }
     }
 
     /// Streams being served for peers right now.
@@ -1016,9 +1442,40 @@ impl Tunnel {
                 let _ = l.stop.send(true);
             }
         }
+        self.closing.send_replace(true);
         self.endpoint.close(VarInt::from_u32(0), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+/// Resolves once the flag is set (or its sender is gone).
+async fn set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|c| *c).await;
+}
+
+/// Binds UDP on `addr` and TCP on the same port number. With port 0, the
+/// port UDP got may be taken on TCP: a few fresh ports are tried.
+fn bind_both(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = std::net::UdpSocket::bind(addr)?;
+        let mut tcp_addr = addr;
+        tcp_addr.set_port(udp.local_addr()?.port());
+        match std::net::TcpListener::bind(tcp_addr) {
+            Ok(tcp) => {
+                tcp.set_nonblocking(true)?;
+                return Ok((udp, tcp));
+            }
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("binding the tunnel's TCP listener on {tcp_addr} (TCP links): {e}"),
+                ));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free on both UDP and TCP")))
 }
 
 /// Counts a handshake in flight until dropped.
@@ -1086,12 +1543,18 @@ fn backoff(s: &LinkSettings, attempt: u32) -> Duration {
         .delay(attempt)
 }
 
-/// Sends our announcement on a uni stream: at once, on every change, and
-/// every `every` as a heartbeat.
-async fn announce(conn: Connection, mut rx: watch::Receiver<Arc<Announcement>>, every: Duration) {
-    let Ok(mut send) = conn.open_uni().await else {
+/// Opens the unidirectional stream our announcements go on (QUIC) and
+/// [`announce`]s on it.
+async fn announce_quic(conn: Connection, rx: watch::Receiver<Arc<Announcement>>, every: Duration) {
+    let Ok(send) = conn.open_uni().await else {
         return;
     };
+    announce(send.into(), rx, every).await
+}
+
+/// Sends our announcement on `send`: at once, on every change, and every
+/// `every` as a heartbeat.
+async fn announce(mut send: SendHalf, mut rx: watch::Receiver<Arc<Announcement>>, every: Duration) {
     let mut buf = BytesMut::new();
     loop {
         let a = rx.borrow_and_update().clone();
@@ -1110,8 +1573,8 @@ async fn announce(conn: Connection, mut rx: watch::Receiver<Arc<Announcement>>, 
 }
 
 /// Reads the peer's announcements from the uni stream it opens.
-async fn read_control(link: Arc<Link>, conn: Arc<Connection>) {
-    let Ok(mut recv) = conn.accept_uni().await else {
+async fn read_control(link: Arc<Link>, conn: Arc<Conn>) {
+    let Some(mut recv) = conn.control_stream().await else {
         return;
     };
     let mut buf = BytesMut::with_capacity(4096);
@@ -1138,19 +1601,19 @@ async fn read_control(link: Arc<Link>, conn: Arc<Connection>) {
                 },
                 Ok(Some(other)) => {
                     tracing::warn!(cluster = %link.cluster, frame = ?std::mem::discriminant(&other), "unexpected frame on the control stream; closing the link");
-                    conn.close(VarInt::from_u32(2), b"protocol");
+                    conn.close(2, "protocol");
                     return;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(cluster = %link.cluster, error = %e, "malformed control stream; closing the link");
-                    conn.close(VarInt::from_u32(2), b"protocol");
+                    conn.close(2, "protocol");
                     return;
                 }
             }
         }
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+        match recv.read_chunk(64 * 1024).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
             Ok(None) | Err(_) => return,
         }
     }

@@ -216,7 +216,7 @@ impl Fixture {
     }
 
     /// A new stream to west, as east's gateway opens them.
-    async fn stream(&self) -> (SendStream, RecvStream) {
+    async fn stream(&self) -> (SendHalf, RecvHalf) {
         let link = self.east.pick("west").expect("east's link to west is up");
         let (send, recv, guard) = link.open().await.unwrap();
         drop(guard);
@@ -269,7 +269,7 @@ async fn tcp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 }
 
 /// Every frame west sent on the stream, until it finished it.
-async fn answer(mut recv: RecvStream) -> Vec<Frame> {
+async fn answer(mut recv: RecvHalf) -> Vec<Frame> {
     let bytes = tokio::time::timeout(
         meshfed_tests::patient(Duration::from_secs(10)),
         recv.read_to_end(1 << 20),

@@ -61,8 +61,8 @@ impl Pki {
 /// tunnel counts it as served) until this is dropped.
 struct Served {
     peer: Arc<PeerInfo>,
-    send: SendStream,
-    recv: RecvStream,
+    send: SendHalf,
+    recv: RecvHalf,
     _done: oneshot::Sender<()>,
 }
 
@@ -566,3 +566,5 @@ async fn shutdown_gives_up_on_a_stream_that_never_ends_at_the_deadline() {
     })
     .await;
 }
+
+mod tcp;
