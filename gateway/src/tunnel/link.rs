@@ -382,7 +382,9 @@ pub struct Link {
     dials: Transport,
     announcement: ArcSwapOption<Announcement>,
     last_announce: Mutex<Option<Instant>>,
-    open_streams: AtomicI64,
+    /// Streams open on the link, over every connection it has had
+    /// (shared with them: [`StreamGuard`] counts through the connection).
+    open_streams: Arc<AtomicI64>,
     connects: AtomicU64,
     last_error: Mutex<Option<String>>,
     stop: watch::Sender<bool>,
@@ -427,25 +429,22 @@ impl Link {
     /// (an upgrade to QUIC won that race), it opens on the new one: a
     /// switch of transport fails no stream.
     pub async fn open(self: &Arc<Self>) -> Result<(SendHalf, RecvHalf, StreamGuard), LinkError> {
-        let mut conn = self
-            .connection()
-            .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?;
+        let mut guard = StreamGuard::new(
+            self.connection()
+                .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?,
+        );
         loop {
-            let guard = StreamGuard::new(self.clone(), conn.clone());
-            match conn.open().await {
+            match guard.0.open().await {
                 Ok((send, recv)) => return Ok((send, recv, guard)),
-                Err(reason) => {
-                    drop(guard);
-                    match self.connection() {
-                        Some(now) if !Arc::ptr_eq(&now, &conn) => conn = now,
-                        _ => {
-                            return Err(LinkError::Lost {
-                                target: self.target.clone(),
-                                reason,
-                            });
-                        }
+                Err(reason) => match self.connection() {
+                    Some(now) if !Arc::ptr_eq(&now, &guard.0) => guard = StreamGuard::new(now),
+                    _ => {
+                        return Err(LinkError::Lost {
+                            target: self.target.clone(),
+                            reason,
+                        });
                     }
-                }
+                },
             }
         }
     }
@@ -523,26 +522,24 @@ impl Link {
     }
 }
 
-/// Counts an open stream on a link and on its connection until dropped,
-/// and keeps that connection alive meanwhile.
+/// Counts an open stream on a connection and its link until dropped, and
+/// keeps that connection alive meanwhile. One pointer: it is in every
+/// request's state (proxy::outbound::future_sizes).
 #[derive(Debug)]
-pub struct StreamGuard {
-    link: Arc<Link>,
-    conn: Arc<Conn>,
-}
+pub struct StreamGuard(Arc<Conn>);
 
 impl StreamGuard {
-    fn new(link: Arc<Link>, conn: Arc<Conn>) -> Self {
-        link.open_streams.fetch_add(1, Ordering::Relaxed);
+    fn new(conn: Arc<Conn>) -> Self {
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard { link, conn }
+        conn.link_streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(conn)
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.link.open_streams.fetch_sub(1, Ordering::Relaxed);
-        self.conn.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.link_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -555,6 +552,8 @@ pub struct Conn {
     /// done ([`StreamGuard`]): a connection a QUIC one superseded is
     /// closed once this is 0 ([`drain_superseded`]).
     streams: AtomicI64,
+    /// The link's count ([`Link::open_streams`]).
+    link_streams: Arc<AtomicI64>,
 }
 
 /// What a [`Conn`] runs over.
@@ -565,17 +564,21 @@ enum Wire {
 }
 
 impl Conn {
-    fn quic(c: Connection) -> Self {
-        Conn {
-            wire: Wire::Quic(c),
-            streams: AtomicI64::new(0),
-        }
+    /// A QUIC connection of `link`.
+    fn quic(c: Connection, link: &Link) -> Self {
+        Conn::new(Wire::Quic(c), link)
     }
 
-    fn tcp(c: TcpConn) -> Self {
+    /// A TCP connection of `link`.
+    fn tcp(c: TcpConn, link: &Link) -> Self {
+        Conn::new(Wire::Tcp(c), link)
+    }
+
+    fn new(wire: Wire, link: &Link) -> Self {
         Conn {
-            wire: Wire::Tcp(c),
+            wire,
             streams: AtomicI64::new(0),
+            link_streams: link.open_streams.clone(),
         }
     }
 
@@ -869,7 +872,7 @@ impl Tunnel {
                 dials: self.settings.transport.dials(),
                 announcement: ArcSwapOption::empty(),
                 last_announce: Mutex::new(None),
-                open_streams: AtomicI64::new(0),
+                open_streams: Arc::new(AtomicI64::new(0)),
                 connects: AtomicU64::new(0),
                 last_error: Mutex::new(None),
                 stop,
@@ -1022,7 +1025,7 @@ impl Tunnel {
                     }
                 }
                 up = &mut probe, if upgrade => {
-                    let up = Arc::new(Conn::quic(up));
+                    let up = Arc::new(Conn::quic(up, link));
                     tracing::info!(
                         cluster = %link.cluster, target = %link.target, remote = %up.remote_address(),
                         draining_streams = conn.open_streams(),
@@ -1047,8 +1050,11 @@ impl Tunnel {
             .await
             .map_err(|e| DialError::answered(format!("cannot resolve {}: {e}", link.target)))?;
         match self.settings.transport {
-            LinkTransport::Quic => self.dial_quic(link, addrs).await.map(Conn::quic),
-            LinkTransport::Tcp => self.dial_tcp(link, addrs).await.map(Conn::tcp),
+            LinkTransport::Quic => self
+                .dial_quic(link, addrs)
+                .await
+                .map(|c| Conn::quic(c, link)),
+            LinkTransport::Tcp => self.dial_tcp(link, addrs).await.map(|c| Conn::tcp(c, link)),
             LinkTransport::Auto => self.dial_either(link, addrs).await,
         }
     }
@@ -1066,7 +1072,7 @@ impl Tunnel {
         let mut quic_failed = tokio::select! {
             biased;
             r = &mut quic => match r {
-                Ok(c) => return Ok(Conn::quic(c)),
+                Ok(c) => return Ok(Conn::quic(c, link)),
                 Err(e) => Some(e),
             },
             _ = tokio::time::sleep(HAPPY_EYEBALLS_DELAY) => None,
@@ -1078,11 +1084,11 @@ impl Tunnel {
             tokio::select! {
                 biased;
                 r = &mut quic, if quic_failed.is_none() => match r {
-                    Ok(c) => return Ok(Conn::quic(c)),
+                    Ok(c) => return Ok(Conn::quic(c, link)),
                     Err(e) => quic_failed = Some(e),
                 },
                 r = &mut tcp, if tcp_failed.is_none() => match r {
-                    Ok(c) => return Ok(Conn::tcp(c)),
+                    Ok(c) => return Ok(Conn::tcp(c, link)),
                     Err(e) => tcp_failed = Some(e),
                 },
             }
