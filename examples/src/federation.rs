@@ -309,23 +309,33 @@ impl Federation {
     /// How many of a gateway's links to other clusters' gateways are
     /// available, and how many there should be.
     pub fn links(&self, g: &Gateway) -> (usize, usize) {
-        let want = self
-            .gateways
+        (self.link_transports(g).len(), self.want_links(g))
+    }
+
+    /// How many links a gateway should have: one per gateway of every
+    /// other cluster.
+    pub fn want_links(&self, g: &Gateway) -> usize {
+        self.gateways
             .iter()
             .filter(|o| o.cluster != g.cluster)
-            .count();
-        let up = get(g.admin, "/peers")
+            .count()
+    }
+
+    /// The transport (`quic`, `tcp`) of each of a gateway's available links
+    /// to other clusters' gateways.
+    pub fn link_transports(&self, g: &Gateway) -> Vec<String> {
+        get(g.admin, "/peers")
             .ok()
             .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
             .and_then(|v| {
                 v.as_array().map(|a| {
                     a.iter()
                         .filter(|p| p["available"] == true && p["cluster"] != g.cluster.as_str())
-                        .count()
+                        .map(|p| p["transport"].as_str().unwrap_or("?").to_string())
+                        .collect()
                 })
             })
-            .unwrap_or(0);
-        (up, want)
+            .unwrap_or_default()
     }
 
     /// Waits until every gateway has every link up.

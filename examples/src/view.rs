@@ -79,16 +79,33 @@ pub fn gateway_lines(fed: &Federation) -> Vec<String> {
             let applied = fed
                 .applied(g)
                 .map_or("down".to_string(), |v| short(&v).to_string());
-            let (up, want) = fed.links(g);
+            let (want, transports) = (fed.want_links(g), fed.link_transports(g));
             format!(
-                "  {:<8} applied {:<12}  links {up}/{want}  outbound {}  admin {}",
+                "  {:<8} applied {:<12}  links {}/{want} {:<14}  outbound {}  admin {}",
                 g.name(),
                 applied,
+                transports.len(),
+                by_transport(&transports),
                 g.outbound,
                 g.admin
             )
         })
         .collect()
+}
+
+/// What a gateway's available links run over, e.g. `(2 quic)` or `(1 quic,
+/// 1 tcp)`: a link where UDP is blocked shows as `tcp` until it moves back
+/// to QUIC.
+pub fn by_transport(transports: &[String]) -> String {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for t in transports {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    format!("({})", parts.join(", "))
 }
 
 /// The commands a user can paste into another terminal.
@@ -215,5 +232,17 @@ pub fn run(fed: &Federation, traffic: &Traffic) -> ! {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(screen.as_bytes());
         let _ = out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn links_are_summed_by_transport() {
+        let t =
+            |v: &[&str]| super::by_transport(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(t(&[]), "");
+        assert_eq!(t(&["quic", "quic"]), "(2 quic)");
+        assert_eq!(t(&["tcp", "quic", "quic"]), "(2 quic, 1 tcp)");
     }
 }

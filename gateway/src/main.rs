@@ -317,12 +317,15 @@ struct Cli {
           default_value_t = CongestionControl::Cubic)]
     congestion_control: CongestionControl,
 
-    /// What the links this gateway dials run over. `quic` (UDP) is the
-    /// usual; `tcp` is HTTP/2 over mutual TLS 1.3 on TCP, on the tunnel's
-    /// port number, for networks that drop UDP (docs/tunnel.md,
-    /// "Transports"). `auto` is QUIC for now: choosing TCP per peer when
-    /// QUIC does not answer is still to come. A gateway serves both
-    /// transports whatever this says, so peers may choose differently.
+    /// What the links this gateway dials run over. `quic` is QUIC on UDP;
+    /// `tcp` is HTTP/2 over mutual TLS 1.3 on TCP, on the tunnel's port
+    /// number, for networks that drop UDP. `auto` chooses per link: it
+    /// dials QUIC, and TCP too if QUIC has not connected within 250 ms
+    /// (happy eyeballs); the first up wins, QUIC on a tie. A link on TCP
+    /// tries QUIC again every 700 ms and moves new streams to it once it
+    /// answers, while streams open on TCP finish there (docs/tunnel.md,
+    /// "Transports"). A gateway serves both transports whatever this says,
+    /// so peers may choose differently.
     #[arg(long, value_enum, value_name = "TRANSPORT", env = "MESHFED_LINK_TRANSPORT",
           default_value_t = LinkTransportArg::Auto)]
     link_transport: LinkTransportArg,
@@ -454,7 +457,8 @@ enum OutboundTls {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LinkTransportArg {
-    /// QUIC for now (per-peer choice still to come).
+    /// QUIC preferred, TCP per link where QUIC does not answer, back to
+    /// QUIC when it does.
     Auto,
     /// QUIC over UDP.
     Quic,

@@ -16,6 +16,12 @@
 //! peer sees no carrier and every datagram is dropped, a black hole as a
 //! real partition is); its LAN stays, so its local traffic can go on.
 //!
+//! [`Net::block_udp`] is a firewall that drops UDP only (nftables, in the
+//! cluster's namespace: every UDP datagram arriving on its WAN is dropped
+//! without a word, as a network that blocks UDP does), for tests of TCP
+//! links; it needs the `nft` command (Debian package nftables, which
+//! `.ci/run` installs).
+//!
 //! Everything is created with the `ip` command and removed on drop, panics
 //! included. Namespaces and links from a run that was killed are removed by
 //! the next one (they carry the `mfp` prefix). Only one [`Net`] exists at a
@@ -231,6 +237,102 @@ impl Net {
     pub fn restore(&self, cluster: &str) {
         let port = &self.site(cluster).wan_port;
         ip(&["link", "set", port, "up"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// The nftables table [`Net::block_udp`] adds in a cluster's namespace.
+const UDP_BLOCK_TABLE: &str = "mfp_udp_block";
+
+/// Runs `nft CMD` inside namespace `ns`; its stdout.
+fn nft_ns(ns: &str, cmd: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", cmd])
+        .output()
+        .map_err(|e| format!("running ip netns exec {ns} nft: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let hint = if err.contains("No such file") || err.contains("exec of \"nft\" failed") {
+            " (is nftables installed? `apt-get install nftables`; .ci/run installs it)"
+        } else {
+            ""
+        };
+        Err(format!("nft {cmd:?} in {ns}: {}{hint}", err.trim()))
+    }
+}
+
+impl Net {
+    /// Drops every UDP datagram arriving on `cluster`'s WAN, silently
+    /// (no ICMP): with it on both ends, UDP between two clusters is
+    /// blocked and TCP is not. [`Net::allow_udp`] undoes it.
+    ///
+    /// # Panics
+    ///
+    /// If `nft` fails; the message says whether it is missing.
+    pub fn block_udp(&self, cluster: &str) {
+        let ns = &self.site(cluster).ns;
+        for cmd in [
+            format!("add table inet {UDP_BLOCK_TABLE}"),
+            format!(
+                "add chain inet {UDP_BLOCK_TABLE} input {{ type filter hook input priority 0; policy accept; }}"
+            ),
+            format!(
+                "add rule inet {UDP_BLOCK_TABLE} input iifname \"wan0\" meta l4proto udp counter drop"
+            ),
+        ] {
+            nft_ns(ns, &cmd).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    /// Undoes [`Net::block_udp`].
+    ///
+    /// # Panics
+    ///
+    /// If `nft` fails.
+    pub fn allow_udp(&self, cluster: &str) {
+        let ns = &self.site(cluster).ns;
+        nft_ns(ns, &format!("delete table inet {UDP_BLOCK_TABLE}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// UDP datagrams [`Net::block_udp`] has dropped in `cluster` so far (0
+    /// when not blocked): a test shows with it that the block was met.
+    pub fn udp_dropped(&self, cluster: &str) -> u64 {
+        let ns = &self.site(cluster).ns;
+        let Ok(rules) = nft_ns(ns, &format!("list table inet {UDP_BLOCK_TABLE}")) else {
+            return 0;
+        };
+        rules
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Established TCP connections in `cluster`'s namespace to `dst`
+    /// (`ss`), e.g. a gateway's TCP links to a peer's tunnel address.
+    ///
+    /// # Panics
+    ///
+    /// If `ss` cannot run.
+    pub fn tcp_connections_to(&self, cluster: &str, dst: std::net::SocketAddr) -> usize {
+        let ns = &self.site(cluster).ns;
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+            .output()
+            .unwrap_or_else(|e| panic!("running ss in {ns}: {e}"));
+        assert!(
+            out.status.success(),
+            "ss in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dst = dst.to_string();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(dst.as_str()))
+            .count()
     }
 }
 

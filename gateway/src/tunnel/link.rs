@@ -3,7 +3,11 @@
 //!
 //! A link runs over QUIC, or over HTTP/2 on mutual TLS on TCP where UDP is
 //! blocked ([`super::tcp`], `--link-transport`); the rest of this module
-//! treats both alike ([`Conn`]).
+//! treats both alike ([`Conn`]). In `auto` (the default) each link chooses
+//! for itself: it dials QUIC, and TCP beside it if QUIC has not answered
+//! within [`HAPPY_EYEBALLS_DELAY`]; a link that came up over TCP keeps
+//! trying QUIC and, once QUIC answers, moves new streams there while the
+//! TCP connection finishes its own ([`drain_superseded`]).
 //!
 //! Each gateway dials every gateway address of every other cluster in the
 //! snapshot, eagerly, and keeps one long-lived connection per address (a
@@ -86,8 +90,10 @@ pub struct LinkSettings {
 /// What the links a gateway dials run over (`--link-transport`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LinkTransport {
-    /// QUIC for now; choosing per peer (QUIC, or TCP where UDP is blocked)
-    /// is still to come (issue 18).
+    /// QUIC preferred, TCP where QUIC does not answer, per link: happy
+    /// eyeballs ([`HAPPY_EYEBALLS_DELAY`]), and a link on TCP keeps trying
+    /// QUIC and moves back to it ([`PROBE_EVERY`]; docs/tunnel.md,
+    /// "Transports").
     #[default]
     Auto,
     /// QUIC only.
@@ -115,7 +121,8 @@ impl Transport {
 }
 
 impl LinkTransport {
-    /// The transport a link of this setting dials.
+    /// The transport a link of this setting dials (in `auto`, the one it
+    /// prefers).
     pub fn dials(self) -> Transport {
         match self {
             LinkTransport::Auto | LinkTransport::Quic => Transport::Quic,
@@ -333,7 +340,7 @@ pub fn server_name(cluster: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error(
-        "no link to cluster `{0}` is up; are its gateways reachable (UDP for QUIC, TCP with `--link-transport tcp`)?"
+        "no link to cluster `{0}` is up; are its gateways reachable (UDP for QUIC, or TCP on the same port for TCP links)?"
     )]
     NoLink(String),
     #[error("link to {target} lost: {reason}")]
@@ -375,7 +382,9 @@ pub struct Link {
     dials: Transport,
     announcement: ArcSwapOption<Announcement>,
     last_announce: Mutex<Option<Instant>>,
-    open_streams: AtomicI64,
+    /// Streams open on the link, over every connection it has had
+    /// (shared with them: [`StreamGuard`] counts through the connection).
+    open_streams: Arc<AtomicI64>,
     connects: AtomicU64,
     last_error: Mutex<Option<String>>,
     stop: watch::Sender<bool>,
@@ -412,17 +421,32 @@ impl Link {
     }
 
     /// Opens a stream to the peer. The returned guard counts it as open
-    /// until dropped.
+    /// until dropped, on the link and on the connection it went on.
+    ///
+    /// The stream is counted before it opens, so a superseded connection
+    /// is not closed under it ([`drain_superseded`]); if the link moved to
+    /// another connection while this one was opening and the open failed
+    /// (an upgrade to QUIC won that race), it opens on the new one: a
+    /// switch of transport fails no stream.
     pub async fn open(self: &Arc<Self>) -> Result<(SendHalf, RecvHalf, StreamGuard), LinkError> {
-        let conn = self
-            .connection()
-            .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?;
-        let (send, recv) = conn.open().await.map_err(|reason| LinkError::Lost {
-            target: self.target.clone(),
-            reason,
-        })?;
-        self.open_streams.fetch_add(1, Ordering::Relaxed);
-        Ok((send, recv, StreamGuard(self.clone())))
+        let mut guard = StreamGuard::new(
+            self.connection()
+                .ok_or_else(|| LinkError::NoLink(self.cluster.clone()))?,
+        );
+        loop {
+            match guard.0.open().await {
+                Ok((send, recv)) => return Ok((send, recv, guard)),
+                Err(reason) => match self.connection() {
+                    Some(now) if !Arc::ptr_eq(&now, &guard.0) => guard = StreamGuard::new(now),
+                    _ => {
+                        return Err(LinkError::Lost {
+                            target: self.target.clone(),
+                            reason,
+                        });
+                    }
+                },
+            }
+        }
     }
 
     pub fn open_streams(&self) -> i64 {
@@ -498,94 +522,149 @@ impl Link {
     }
 }
 
-/// Counts an open stream on a link until dropped.
+/// Counts an open stream on a connection and its link until dropped, and
+/// keeps that connection alive meanwhile. One pointer: it is in every
+/// request's state (proxy::outbound::future_sizes).
 #[derive(Debug)]
-pub struct StreamGuard(Arc<Link>);
+pub struct StreamGuard(Arc<Conn>);
 
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+impl StreamGuard {
+    fn new(conn: Arc<Conn>) -> Self {
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        conn.link_streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(conn)
     }
 }
 
-/// A link's connection, over either transport.
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.link_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A link's connection, over either transport, with the streams open on
+/// it.
 #[derive(Debug)]
-pub enum Conn {
+pub struct Conn {
+    wire: Wire,
+    /// Streams opened (or being opened) on this connection and not yet
+    /// done ([`StreamGuard`]): a connection a QUIC one superseded is
+    /// closed once this is 0 ([`drain_superseded`]).
+    streams: AtomicI64,
+    /// The link's count ([`Link::open_streams`]).
+    link_streams: Arc<AtomicI64>,
+}
+
+/// What a [`Conn`] runs over.
+#[derive(Debug)]
+enum Wire {
     Quic(Connection),
     Tcp(TcpConn),
 }
 
 impl Conn {
-    pub fn transport(&self) -> Transport {
-        match self {
-            Conn::Quic(_) => Transport::Quic,
-            Conn::Tcp(_) => Transport::Tcp,
+    /// A QUIC connection of `link`.
+    fn quic(c: Connection, link: &Link) -> Self {
+        Conn::new(Wire::Quic(c), link)
+    }
+
+    /// A TCP connection of `link`.
+    fn tcp(c: TcpConn, link: &Link) -> Self {
+        Conn::new(Wire::Tcp(c), link)
+    }
+
+    fn new(wire: Wire, link: &Link) -> Self {
+        Conn {
+            wire,
+            streams: AtomicI64::new(0),
+            link_streams: link.open_streams.clone(),
         }
     }
 
+    /// The QUIC connection, if it is one.
+    fn as_quic(&self) -> Option<&Connection> {
+        match &self.wire {
+            Wire::Quic(c) => Some(c),
+            Wire::Tcp(_) => None,
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        match &self.wire {
+            Wire::Quic(_) => Transport::Quic,
+            Wire::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    /// Streams open on this connection.
+    pub fn open_streams(&self) -> i64 {
+        self.streams.load(Ordering::Relaxed)
+    }
+
     pub fn is_closed(&self) -> bool {
-        match self {
-            Conn::Quic(c) => c.close_reason().is_some(),
-            Conn::Tcp(c) => c.close_reason().is_some(),
+        match &self.wire {
+            Wire::Quic(c) => c.close_reason().is_some(),
+            Wire::Tcp(c) => c.close_reason().is_some(),
         }
     }
 
     pub fn remote_address(&self) -> SocketAddr {
-        match self {
-            Conn::Quic(c) => c.remote_address(),
-            Conn::Tcp(c) => c.remote_address(),
+        match &self.wire {
+            Wire::Quic(c) => c.remote_address(),
+            Wire::Tcp(c) => c.remote_address(),
         }
     }
 
     pub fn rtt(&self) -> Duration {
-        match self {
-            Conn::Quic(c) => c.rtt(),
-            Conn::Tcp(c) => c.rtt(),
+        match &self.wire {
+            Wire::Quic(c) => c.rtt(),
+            Wire::Tcp(c) => c.rtt(),
         }
     }
 
     /// Packets lost (QUIC; TCP's retransmissions are the kernel's and not
     /// counted here).
     pub fn lost_packets(&self) -> u64 {
-        match self {
-            Conn::Quic(c) => c.stats().path.lost_packets,
-            Conn::Tcp(_) => 0,
+        match &self.wire {
+            Wire::Quic(c) => c.stats().path.lost_packets,
+            Wire::Tcp(_) => 0,
         }
     }
 
     /// Opens a tunnel stream.
     async fn open(&self) -> Result<(SendHalf, RecvHalf), String> {
-        match self {
-            Conn::Quic(c) => match c.open_bi().await {
+        match &self.wire {
+            Wire::Quic(c) => match c.open_bi().await {
                 Ok((send, recv)) => Ok((send.into(), recv.into())),
                 Err(e) => Err(e.to_string()),
             },
-            Conn::Tcp(c) => Box::pin(c.open()).await.map_err(|e| e.to_string()),
+            Wire::Tcp(c) => Box::pin(c.open()).await.map_err(|e| e.to_string()),
         }
     }
 
     /// Waits until the connection ends; returns why.
     async fn closed(&self) -> String {
-        match self {
-            Conn::Quic(c) => c.closed().await.to_string(),
-            Conn::Tcp(c) => c.closed().await,
+        match &self.wire {
+            Wire::Quic(c) => c.closed().await.to_string(),
+            Wire::Tcp(c) => c.closed().await,
         }
     }
 
     /// Ends the connection with a QUIC application code and reason.
     fn close(&self, code: u32, reason: &'static str) {
-        match self {
-            Conn::Quic(c) => c.close(VarInt::from_u32(code), reason.as_bytes()),
-            Conn::Tcp(c) => c.close(reason),
+        match &self.wire {
+            Wire::Quic(c) => c.close(VarInt::from_u32(code), reason.as_bytes()),
+            Wire::Tcp(c) => c.close(reason),
         }
     }
 
     /// The stream the peer's announcements arrive on: the unidirectional
     /// stream it opens (QUIC), or the control request's response (TCP).
     async fn control_stream(&self) -> Option<RecvHalf> {
-        match self {
-            Conn::Quic(c) => c.accept_uni().await.ok().map(RecvHalf::from),
-            Conn::Tcp(c) => c.control().await.ok(),
+        match &self.wire {
+            Wire::Quic(c) => c.accept_uni().await.ok().map(RecvHalf::from),
+            Wire::Tcp(c) => c.control().await.ok(),
         }
     }
 }
@@ -793,7 +872,7 @@ impl Tunnel {
                 dials: self.settings.transport.dials(),
                 announcement: ArcSwapOption::empty(),
                 last_announce: Mutex::new(None),
-                open_streams: AtomicI64::new(0),
+                open_streams: Arc::new(AtomicI64::new(0)),
                 connects: AtomicU64::new(0),
                 last_error: Mutex::new(None),
                 stop,
@@ -860,43 +939,10 @@ impl Tunnel {
             match self.dial(&link).await {
                 Ok(conn) => {
                     let since = Instant::now();
-                    link.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(cluster = %link.cluster, target = %link.target, remote = %conn.remote_address(), transport = conn.transport().as_str(), "link up");
-                    let conn = Arc::new(conn);
-                    link.conn.store(Some(conn.clone()));
-                    let reader = tokio::spawn(read_control(link.clone(), conn.clone()));
-                    if let Ok(mut w) = link.loss.lock() {
-                        w.reset();
+                    let mut conn = Arc::new(conn);
+                    while let Some(quic) = self.run_connection(&link, conn, &mut stop).await {
+                        conn = quic;
                     }
-                    let mut sample = tokio::time::interval(
-                        LossWindow::new(self.settings.loss_window).sample_every(),
-                    );
-                    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    let closed = conn.closed();
-                    tokio::pin!(closed);
-                    let quic = match &*conn {
-                        Conn::Quic(c) => Some(c),
-                        Conn::Tcp(_) => None,
-                    };
-                    loop {
-                        tokio::select! {
-                            reason = &mut closed => {
-                                tracing::warn!(cluster = %link.cluster, target = %link.target, %reason, "link down");
-                                set_error(&link, format!("link lost: {reason}"));
-                                break;
-                            }
-                            _ = stop.changed() => {
-                                conn.close(0, "removed");
-                                break;
-                            }
-                            _ = sample.tick(), if quic.is_some() => {
-                                if let Some(c) = quic {
-                                    link.observe_loss(c, self.settings.congestion);
-                                }
-                            }
-                        }
-                    }
-                    reader.abort();
                     link.conn.store(None);
                     link.announcement.store(None);
                     // Only a link that lasted resets the backoff: a peer
@@ -933,14 +979,160 @@ impl Tunnel {
         link.conn.store(None);
     }
 
+    /// Runs one connection of `link` until it ends or the link stops
+    /// (`None`), or, for a TCP connection in `auto`, until a QUIC one to
+    /// the same address supersedes it (`Some`, already the link's): the
+    /// TCP connection then drains in the background
+    /// ([`drain_superseded`]).
+    async fn run_connection(
+        &self,
+        link: &Arc<Link>,
+        conn: Arc<Conn>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Arc<Conn>> {
+        link.connects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cluster = %link.cluster, target = %link.target, remote = %conn.remote_address(), transport = conn.transport().as_str(), "link up");
+        link.conn.store(Some(conn.clone()));
+        let reader = tokio::spawn(read_control(link.clone(), conn.clone()));
+        if let Ok(mut w) = link.loss.lock() {
+            w.reset();
+        }
+        let mut sample =
+            tokio::time::interval(LossWindow::new(self.settings.loss_window).sample_every());
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let closed = conn.closed();
+        tokio::pin!(closed);
+        let quic = conn.as_quic();
+        // In `auto`, a TCP link keeps trying QUIC (issue 18: TCP is the
+        // fallback, not the choice).
+        let upgrade = self.settings.transport == LinkTransport::Auto && quic.is_none();
+        let probe = self.probe_quic(link);
+        tokio::pin!(probe);
+        let next = loop {
+            tokio::select! {
+                reason = &mut closed => {
+                    tracing::warn!(cluster = %link.cluster, target = %link.target, %reason, "link down");
+                    set_error(link, format!("link lost: {reason}"));
+                    break None;
+                }
+                _ = stop.changed() => {
+                    conn.close(0, "removed");
+                    break None;
+                }
+                _ = sample.tick(), if quic.is_some() => {
+                    if let Some(c) = quic {
+                        link.observe_loss(c, self.settings.congestion);
+                    }
+                }
+                up = &mut probe, if upgrade => {
+                    let up = Arc::new(Conn::quic(up, link));
+                    tracing::info!(
+                        cluster = %link.cluster, target = %link.target, remote = %up.remote_address(),
+                        draining_streams = conn.open_streams(),
+                        "QUIC answers again: new streams go over QUIC; the TCP connection closes once its streams are done"
+                    );
+                    // The new connection first, then the drain: a stream
+                    // opening on the old one when it closes retries on the
+                    // new one (`Link::open`).
+                    link.conn.store(Some(up.clone()));
+                    tokio::spawn(drain_superseded(conn.clone(), stop.clone()));
+                    break Some(up);
+                }
+            }
+        };
+        reader.abort();
+        next
+    }
+
     async fn dial(&self, link: &Link) -> Result<Conn, DialError> {
         let addrs: Vec<SocketAddr> = crate::discovery::dns::Resolver::shared()
             .resolve_host_port(&link.target)
             .await
             .map_err(|e| DialError::answered(format!("cannot resolve {}: {e}", link.target)))?;
-        match link.dials {
-            Transport::Quic => self.dial_quic(link, addrs).await.map(Conn::Quic),
-            Transport::Tcp => self.dial_tcp(link, addrs).await.map(Conn::Tcp),
+        match self.settings.transport {
+            LinkTransport::Quic => self
+                .dial_quic(link, addrs)
+                .await
+                .map(|c| Conn::quic(c, link)),
+            LinkTransport::Tcp => self.dial_tcp(link, addrs).await.map(|c| Conn::tcp(c, link)),
+            LinkTransport::Auto => self.dial_either(link, addrs).await,
+        }
+    }
+
+    /// `auto`'s dial, happy eyeballs (RFC 8305) between QUIC and TCP: QUIC
+    /// first; TCP beside it once QUIC has gone [`HAPPY_EYEBALLS_DELAY`]
+    /// without a connection (at once if QUIC failed sooner). The first
+    /// connection up wins, QUIC if both are ready together; the other
+    /// attempt is dropped. Both are bounded by the handshake timeout.
+    /// Only a peer that answered on both transports counts as answered
+    /// (for the backoff).
+    async fn dial_either(&self, link: &Link, addrs: Vec<SocketAddr>) -> Result<Conn, DialError> {
+        let quic = self.dial_quic(link, addrs.clone());
+        tokio::pin!(quic);
+        let mut quic_failed = tokio::select! {
+            biased;
+            r = &mut quic => match r {
+                Ok(c) => return Ok(Conn::quic(c, link)),
+                Err(e) => Some(e),
+            },
+            _ = tokio::time::sleep(HAPPY_EYEBALLS_DELAY) => None,
+        };
+        let tcp = self.dial_tcp(link, addrs);
+        tokio::pin!(tcp);
+        let mut tcp_failed = None;
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut quic, if quic_failed.is_none() => match r {
+                    Ok(c) => return Ok(Conn::quic(c, link)),
+                    Err(e) => quic_failed = Some(e),
+                },
+                r = &mut tcp, if tcp_failed.is_none() => match r {
+                    Ok(c) => return Ok(Conn::tcp(c, link)),
+                    Err(e) => tcp_failed = Some(e),
+                },
+            }
+            if let (Some(q), Some(t)) = (&quic_failed, &tcp_failed) {
+                return Err(DialError {
+                    message: format!("QUIC: {}; TCP: {}", q.message, t.message),
+                    answered: q.answered && t.answered,
+                });
+            }
+        }
+    }
+
+    /// While a link in `auto` runs over TCP: dials QUIC to the same
+    /// address until a connection is up, and returns it. An unanswered
+    /// dial is followed by the next at once (each puts a fresh Initial on
+    /// the wire every [`PROBE_EVERY`], see [`Tunnel::handshake`]), so QUIC
+    /// is back within about `PROBE_EVERY` plus a round trip of UDP
+    /// returning; a peer that answers and refuses is retried with the
+    /// links' backoff.
+    async fn probe_quic(&self, link: &Link) -> Connection {
+        let mut attempt: u32 = 0;
+        loop {
+            let dialed = match crate::discovery::dns::Resolver::shared()
+                .resolve_host_port(&link.target)
+                .await
+            {
+                Ok(addrs) => self.dial_quic(link, addrs).await,
+                Err(e) => Err(DialError::answered(format!(
+                    "cannot resolve {}: {e}",
+                    link.target
+                ))),
+            };
+            match dialed {
+                Ok(c) => return c,
+                Err(DialError { message, answered }) => {
+                    tracing::debug!(cluster = %link.cluster, target = %link.target, error = %message, answered, "QUIC still fails; the link stays on TCP");
+                    if answered {
+                        tokio::time::sleep(backoff(&self.settings, attempt)).await;
+                        attempt = attempt.saturating_add(1);
+                    } else {
+                        attempt = 0;
+                    }
+                }
+            }
         }
     }
 
@@ -1517,8 +1709,42 @@ fn set_error(link: &Link, e: String) {
 
 /// While a handshake goes unanswered, a new attempt starts this often (see
 /// [`Tunnel::handshake`]): the bound on noticing that an unreachable peer is
-/// back, less the handshake's round trip.
+/// back, less the handshake's round trip. It is also how often a TCP link
+/// in `auto` tries QUIC again ([`Tunnel::probe_quic`]).
 const PROBE_EVERY: Duration = Duration::from_millis(700);
+
+/// In `auto`, how long a QUIC dial may go without a connection before TCP
+/// is dialed beside it: RFC 8305's recommended "Connection Attempt Delay".
+/// A QUIC handshake takes one round trip, so on paths up to about 200 ms
+/// RTT QUIC wins before TCP starts; where UDP is blocked the link is up
+/// over TCP this long plus TCP's three round trips (TCP, TLS 1.3, HTTP/2)
+/// after the dial starts.
+pub const HAPPY_EYEBALLS_DELAY: Duration = Duration::from_millis(250);
+
+/// Waits until no stream is open on `old`, a connection a QUIC one
+/// superseded (or until it ends on its own, or the link stops), then
+/// closes it. New streams no longer go to it ([`Link::connection`] is the
+/// new one), so it only gets quieter; a stream that was opening on it as
+/// it closed opens on the new one ([`Link::open`]). There is no deadline:
+/// a long TCP stream (a spliced connection) finishes where it started.
+async fn drain_superseded(old: Arc<Conn>, mut stop: watch::Receiver<bool>) {
+    let remote = old.remote_address();
+    let closed = old.closed();
+    tokio::pin!(closed);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut closed => return,
+            _ = set(&mut stop) => break,
+            _ = poll.tick() => if old.open_streams() <= 0 {
+                break;
+            },
+        }
+    }
+    tracing::info!(%remote, transport = old.transport().as_str(), "superseded connection drained; closing it");
+    old.close(0, "superseded");
+}
 
 /// Why a dial failed, and whether anything answered (a refusal backs off,
 /// silence does not).

@@ -337,7 +337,11 @@ struct Relay {
 
 impl Relay {
     fn start(to: SocketAddr) -> Relay {
-        let outer = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::on(StdUdpSocket::bind("127.0.0.1:0").unwrap(), to)
+    }
+
+    /// Relays the datagrams `outer` receives to `to`.
+    fn on(outer: StdUdpSocket, to: SocketAddr) -> Relay {
         let inner = StdUdpSocket::bind("127.0.0.1:0").unwrap();
         inner.connect(to).unwrap();
         let addr = outer.local_addr().unwrap().to_string();
@@ -567,4 +571,5 @@ async fn shutdown_gives_up_on_a_stream_that_never_ends_at_the_deadline() {
     .await;
 }
 
+mod auto;
 mod tcp;

@@ -17,8 +17,9 @@ fn tcp() -> LinkSettings {
 async fn over_tcp_a_peer_links_up_streams_both_ways_and_is_known_by_its_certificate_cluster() {
     let (east, _west, mut served) = linked(tcp()).await;
     let link = east.tunnel.pick("west").unwrap();
-    assert!(
-        matches!(*link.connection().unwrap(), Conn::Tcp(_)),
+    assert_eq!(
+        link.connection().unwrap().transport(),
+        Transport::Tcp,
         "a TCP link, as configured"
     );
     let status = east.tunnel.status();
@@ -113,14 +114,19 @@ async fn over_tcp_a_gateway_of_a_cluster_the_snapshot_does_not_declare_is_refuse
 /// A TCP relay whose path can go silent: while silent, bytes each way are
 /// read and dropped, as a black-holing network would (the connection
 /// stays open, nothing arrives).
-struct TcpRelay {
-    addr: String,
-    silent: Arc<AtomicBool>,
+pub(super) struct TcpRelay {
+    pub(super) addr: String,
+    pub(super) silent: Arc<AtomicBool>,
 }
 
 impl TcpRelay {
     async fn start(to: SocketAddr) -> TcpRelay {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(l, to)
+    }
+
+    /// Relays the connections `l` accepts to `to`.
+    pub(super) fn on(l: tokio::net::TcpListener, to: SocketAddr) -> TcpRelay {
         let addr = l.local_addr().unwrap().to_string();
         let silent = Arc::new(AtomicBool::new(false));
         let s = silent.clone();
