@@ -353,11 +353,15 @@ fn bad_commit_rolled_back(fed: &Federation, traffic: &Traffic) -> anyhow::Result
     );
     // Edge's gateway back on the last good snapshot.
     let x1 = fed.gateway("edge")[0];
-    let back = crate::federation::wait_until(
-        "edge's gateway back on the last good commit",
-        Duration::from_secs(15),
-        || Ok((fed.applied(x1).as_deref() == Some(waves.as_str())).then(Instant::now)),
-    );
+    let back = if state == "rolled-back" {
+        crate::federation::wait_until(
+            "edge's gateway back on the last good commit",
+            Duration::from_secs(15),
+            || Ok((fed.applied(x1).as_deref() == Some(waves.as_str())).then(Instant::now)),
+        )
+    } else {
+        Err(anyhow::anyhow!("the commit was not rolled back"))
+    };
     let rolled_back_in = back.as_ref().ok().map(|t| t.duration_since(t_bad));
     // Let the last requests finish, then look at a window after it.
     std::thread::sleep(Duration::from_secs(2));
@@ -463,35 +467,35 @@ fn bad_commit_rolled_back(fed: &Federation, traffic: &Traffic) -> anyhow::Result
 /// `ratings.yaml` with a subset v2 (`version: v2`) and every request of
 /// ratings routed to it: valid, and wrong.
 fn all_ratings_to_v2(ratings: &str) -> anyhow::Result<String> {
-    let split = "\
-        - destination:
-            host: ratings
-            subset: east
-          weight: 70
-        - destination:
-            host: ratings
-            subset: west
-          weight: 30
-";
-    let subsets = "\
-    - name: west
-      labels:
-        topology.istio.io/cluster: west
-        version: v1
-";
+    let split = concat!(
+        "        - destination:\n",
+        "            host: ratings\n",
+        "            subset: east\n",
+        "          weight: 70\n",
+        "        - destination:\n",
+        "            host: ratings\n",
+        "            subset: west\n",
+        "          weight: 30\n",
+    );
+    let to_v2 = concat!(
+        "        - destination:\n",
+        "            host: ratings\n",
+        "            subset: v2\n",
+    );
+    let west = concat!(
+        "    - name: west\n",
+        "      labels:\n",
+        "        topology.istio.io/cluster: west\n",
+        "        version: v1\n",
+    );
+    let v2 = concat!("    - name: v2\n", "      labels:\n", "        version: v2\n");
     anyhow::ensure!(
-        ratings.contains(split) && ratings.contains(subsets),
+        ratings.contains(split) && ratings.contains(west),
         "ratings.yaml has no 70/30 east/west split or no west subset to change"
     );
     Ok(ratings
-        .replace(
-            split,
-            "        - destination:\n            host: ratings\n            subset: v2\n",
-        )
-        .replace(
-            subsets,
-            &format!("{subsets}    - name: v2\n      labels:\n        version: v2\n"),
-        ))
+        .replace(split, to_v2)
+        .replace(west, &format!("{west}{v2}")))
 }
 
 /// `meshfed-syncer status --wait SHA --timeout T`, printed as a user would
