@@ -84,6 +84,19 @@ pub enum RunState {
     Superseded,
 }
 
+impl RunState {
+    /// The state as the API names it (`rolled-back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Progressing => "progressing",
+            RunState::Complete => "complete",
+            RunState::RolledBack => "rolled-back",
+            RunState::Halted => "halted",
+            RunState::Superseded => "superseded",
+        }
+    }
+}
+
 /// A run, as the status API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunView {
@@ -585,7 +598,7 @@ impl Waves {
             RunState::Complete | RunState::Superseded => {
                 return Err(OverrideError::Refused {
                     commit: run.commit.clone(),
-                    state: format!("{:?}", run.state).to_lowercase(),
+                    state: run.state.as_str().to_string(),
                     hint: "there is nothing left to resume",
                 });
             }
@@ -626,7 +639,7 @@ impl Waves {
         if !matches!(run.state, RunState::Progressing | RunState::Halted) {
             return Err(OverrideError::Refused {
                 commit: run.commit.clone(),
-                state: format!("{:?}", run.state).to_lowercase(),
+                state: run.state.as_str().to_string(),
                 hint: "only a progressing or halted rollout can be aborted; to undo a \
                        complete one, push a revert",
             });
