@@ -122,7 +122,9 @@ impl Federation {
         say("certificates: a fresh trust anchor, one intermediate per cluster");
         pki(&bins, work)?;
 
-        say("sample services: productpage, reviews v1/v2/v3, ratings v1 (and a broken v2), details");
+        say(
+            "sample services: productpage, reviews v1/v2/v3, ratings v1 (and a broken v2), details",
+        );
         let mut endpoints: BTreeMap<&str, Vec<(String, SocketAddr, &str, &str)>> = BTreeMap::new();
         for (cluster, svc, version, status) in SERVICES {
             let name = format!("{svc}-{version}.{cluster}");
@@ -400,13 +402,11 @@ impl Federation {
             within,
             || {
                 let r = self.rollout(sha)?;
-                Ok(
-                    matches!(
-                        r["state"].as_str(),
-                        Some("live" | "rejected" | "nacked" | "rolled-back" | "halted")
-                    )
-                    .then_some(r),
+                Ok(matches!(
+                    r["state"].as_str(),
+                    Some("live" | "rejected" | "nacked" | "rolled-back" | "halted")
                 )
+                .then_some(r))
             },
         )
     }

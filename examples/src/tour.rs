@@ -335,10 +335,9 @@ fn bad_commit_rolled_back(fed: &Federation, traffic: &Traffic) -> anyhow::Result
     let ratings = fed.repo.read("ratings.yaml")?;
     let broken = all_ratings_to_v2(&ratings)?;
     let t_bad = Instant::now();
-    let bad = fed.repo.commit(
-        "ratings: all of it to v2",
-        &[("ratings.yaml", &broken)],
-    )?;
+    let bad = fed
+        .repo
+        .commit("ratings: all of it to v2", &[("ratings.yaml", &broken)])?;
     println!(
         "   commit {}: 100% of ratings to subset v2 (valid; v2's endpoints answer 503)",
         short(&bad)
@@ -443,11 +442,14 @@ fn bad_commit_rolled_back(fed: &Federation, traffic: &Traffic) -> anyhow::Result
         && applied_bad == ["edge/x1"]
         && status.code == Some(1)
         && status.text.contains("ROLLED BACK")
-        && after.as_ref().is_some_and(|a| a.sent > 0 && a.failed() == 0);
+        && after
+            .as_ref()
+            .is_some_and(|a| a.sent > 0 && a.failed() == 0);
     Ok(Step {
         name: "6 bad commit rolled back",
-        expected: "rolled back at wave 1 (edge) ≤ 10 s, failures at edge only, west/east never apply it"
-            .into(),
+        expected:
+            "rolled back at wave 1 (edge) ≤ 10 s, failures at edge only, west/east never apply it"
+                .into(),
         measured: format!(
             "{state} in {}; failed: edge {}, west {}, east {}; applied by {}",
             rolled_back_in.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
@@ -488,7 +490,11 @@ fn all_ratings_to_v2(ratings: &str) -> anyhow::Result<String> {
         "        topology.istio.io/cluster: west\n",
         "        version: v1\n",
     );
-    let v2 = concat!("    - name: v2\n", "      labels:\n", "        version: v2\n");
+    let v2 = concat!(
+        "    - name: v2\n",
+        "      labels:\n",
+        "        version: v2\n"
+    );
     anyhow::ensure!(
         ratings.contains(split) && ratings.contains(west),
         "ratings.yaml has no 70/30 east/west split or no west subset to change"

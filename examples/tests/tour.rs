@@ -197,7 +197,10 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
     }
     let failed = step6
         .lines()
-        .find_map(|l| l.trim().strip_prefix("failed requests by the caller's cluster: "))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("failed requests by the caller's cluster: ")
+        })
         .unwrap_or_else(|| panic!("no failure count: {out}"));
     let count = |cluster: &str| -> usize {
         failed
@@ -206,7 +209,10 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("no count for {cluster} in `{failed}`"))
     };
-    assert!(count("edge") > 0, "edge's callers saw the bad commit: {failed}");
+    assert!(
+        count("edge") > 0,
+        "edge's callers saw the bad commit: {failed}"
+    );
     assert_eq!((count("west"), count("east")), (0, 0), "{failed}");
     assert!(
         step6

@@ -169,7 +169,8 @@ impl Reached {
                 suffix.starts_with('.') && service.len() > suffix.len() && service.ends_with(suffix)
             })
         });
-        wildcard || namespace_of(service, &self.domain).is_some_and(|ns| self.namespaces.contains(ns))
+        wildcard
+            || namespace_of(service, &self.domain).is_some_and(|ns| self.namespaces.contains(ns))
     }
 }
 
@@ -1244,7 +1245,9 @@ impl Differ<'_> {
         for p in self.old.authz.iter().chain(&self.new.authz) {
             let r = match p.scope {
                 AuthzScope::Mesh => Reach::Everything,
-                AuthzScope::Namespace | AuthzScope::Workload => Reach::Namespace(p.namespace.clone()),
+                AuthzScope::Namespace | AuthzScope::Workload => {
+                    Reach::Namespace(p.namespace.clone())
+                }
             };
             reaches
                 .entry(printable(&format!("{}/{}", p.namespace, p.source.name)))

@@ -375,7 +375,12 @@ mod tests {
                 t + Duration::from_millis(i as u64),
             );
         }
-        let w = g.window(&["north".into()], t - Duration::from_secs(1), t + KEEP, every);
+        let w = g.window(
+            &["north".into()],
+            t - Duration::from_secs(1),
+            t + KEEP,
+            every,
+        );
         assert_eq!(w.services["a"].requests, MAX_REPORTS as u64);
     }
 

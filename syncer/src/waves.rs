@@ -547,8 +547,7 @@ impl Waves {
             let during = self.golden.window(&wave.clusters, from, now, judged);
             match gate::judge(before, &during, &run.plan.gates, bake_over) {
                 Verdict::Pass(_) if reached.values().all(Reached::is_empty) => Verdict::Pass(
-                    "no traffic to judge (the commit changes no destination service there)"
-                        .into(),
+                    "no traffic to judge (the commit changes no destination service there)".into(),
                 ),
                 v => v,
             }

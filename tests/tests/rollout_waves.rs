@@ -590,10 +590,7 @@ fn a_commit_whose_new_deny_matches_real_traffic_is_rolled_back_after_wave_1() {
     );
     for c in ["west", "east"] {
         assert_eq!(traffic.failures(c, healthy_since), 0, "{c} saw failures");
-        assert!(
-            !ever_applied(f.gateway(c), &c2),
-            "{c} applied the commit"
-        );
+        assert!(!ever_applied(f.gateway(c), &c2), "{c} applied the commit");
         assert_eq!(applied(f.gateway(c)), c1);
     }
 }

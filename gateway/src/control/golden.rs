@@ -444,7 +444,9 @@ meshfed_request_duration_seconds_bucket{{direction=\"inbound\",destination_clust
                 })
                 .collect()
         };
-        let k: BTreeSet<String> = (0..300).map(|i| format!("{}{i}", "s".repeat(200))).collect();
+        let k: BTreeSet<String> = (0..300)
+            .map(|i| format!("{}{i}", "s".repeat(200)))
+            .collect();
         let mut r = Reporter::default();
         let t = std::time::Instant::now();
         r.report(read(&many(1)), t, &k);
@@ -455,7 +457,11 @@ meshfed_request_duration_seconds_bucket{{direction=\"inbound\",destination_clust
         let bytes: usize = m.services.iter().map(encoded_len_bound).sum();
         assert!(bytes <= MAX_REPORT_BYTES, "{bytes}");
         // The busiest first.
-        assert!(m.services[0].service.ends_with("299"), "{}", m.services[0].service);
+        assert!(
+            m.services[0].service.ends_with("299"),
+            "{}",
+            m.services[0].service
+        );
     }
 
     #[test]

@@ -647,8 +647,14 @@ fn a_route_change_reaches_its_host_and_the_hosts_its_rules_send_to() {
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &b)],
     );
     let east = reached(&r, "east");
-    assert!(east.contains("reviews.default.svc.cluster.local"), "{east:?}");
-    assert!(!east.contains("ratings.default.svc.cluster.local"), "{east:?}");
+    assert!(
+        east.contains("reviews.default.svc.cluster.local"),
+        "{east:?}"
+    );
+    assert!(
+        !east.contains("ratings.default.svc.cluster.local"),
+        "{east:?}"
+    );
     assert!(!east.everything);
     // West's policy is unchanged: nothing reached there.
     assert!(reached(&r, "west").is_empty());
@@ -656,7 +662,11 @@ fn a_route_change_reaches_its_host_and_the_hosts_its_rules_send_to() {
     let elsewhere = vs("  - route:\n    - destination: {host: reviews-next}\n");
     let r = report(
         &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &a)],
-        &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &elsewhere)],
+        &[
+            ("c.yaml", CLUSTERS),
+            ("dr.yaml", DR),
+            ("vs.yaml", &elsewhere),
+        ],
     );
     let east = reached(&r, "east");
     for host in [

@@ -333,7 +333,10 @@ fn a_restarted_controller_serves_the_same_and_resumes_at_its_wave() {
 /// Runs a commit that routes ratings to v2 (and changes nothing else) to
 /// the end of wave 1 with `during` reported at edge during its bake, after
 /// `before` (reported before the wave opened); returns the run.
-fn wave_1_of_a_ratings_change(before: &[(&str, u64, u64, u64)], during: &[(&str, u64, u64, u64)]) -> RunView {
+fn wave_1_of_a_ratings_change(
+    before: &[(&str, u64, u64, u64)],
+    during: &[(&str, u64, u64, u64)],
+) -> RunView {
     let f = fixture(None);
     first_commit(&f);
     let earlier = SystemTime::now() - Duration::from_secs(5);
@@ -346,7 +349,14 @@ fn wave_1_of_a_ratings_change(before: &[(&str, u64, u64, u64)], during: &[(&str,
     f.waves.tick(); // baking
     std::thread::sleep(Duration::from_millis(10));
     for (service, requests, successes, slow) in during {
-        f.report("edge", service, *requests, *successes, *slow, SystemTime::now());
+        f.report(
+            "edge",
+            service,
+            *requests,
+            *successes,
+            *slow,
+            SystemTime::now(),
+        );
     }
     f.tick_until("wave 1 to end", |f| {
         let run = f.waves.current_run().unwrap();
@@ -377,17 +387,17 @@ fn a_failing_service_the_commit_changes_rolls_it_back() {
     );
     assert_eq!(run.state, RunState::RolledBack, "{run:?}");
     let fail = run.failure.unwrap();
-    assert_eq!((fail.metric.as_str(), fail.service.as_str()), ("success_rate", RATINGS));
+    assert_eq!(
+        (fail.metric.as_str(), fail.service.as_str()),
+        ("success_rate", RATINGS)
+    );
     assert_eq!(fail.value, 10.0);
 }
 
 #[test]
 fn p99_is_judged_per_service_the_commit_changes() {
     // ratings: from ≤ 10 ms to ≤ 100 ms at p99 (over the 25 ms floor).
-    let run = wave_1_of_a_ratings_change(
-        &[(RATINGS, 500, 500, 0)],
-        &[(RATINGS, 300, 300, 30)],
-    );
+    let run = wave_1_of_a_ratings_change(&[(RATINGS, 500, 500, 0)], &[(RATINGS, 300, 300, 30)]);
     assert_eq!(run.state, RunState::RolledBack, "{run:?}");
     let fail = run.failure.unwrap();
     assert_eq!(
@@ -396,7 +406,9 @@ fn p99_is_judged_per_service_the_commit_changes() {
     );
     assert_eq!((fail.before, fail.value), (0.01, 0.1));
     assert!(
-        run.reason.unwrap().contains("p99 of ratings.default.svc.cluster.local"),
+        run.reason
+            .unwrap()
+            .contains("p99 of ratings.default.svc.cluster.local"),
         "names the service"
     );
     // The same slowdown of a service the commit does not change: passes.
@@ -413,7 +425,14 @@ fn a_commit_that_changes_no_service_is_not_judged_on_anyone_s_traffic() {
     // as a RolloutPolicy of its own does): reviews failing is not its doing.
     let f = fixture(None);
     first_commit(&f);
-    f.report("edge", REVIEWS, 500, 500, 0, SystemTime::now() - Duration::from_secs(5));
+    f.report(
+        "edge",
+        REVIEWS,
+        500,
+        500,
+        0,
+        SystemTime::now() - Duration::from_secs(5),
+    );
     let (c2, plan) = compile("c2");
     f.waves.start("c2", c2, Some(plan), Instant::now());
     f.ack_all();
@@ -423,7 +442,8 @@ fn a_commit_that_changes_no_service_is_not_judged_on_anyone_s_traffic() {
     f.tick_until("wave 2", |f| f.served_of("west") == "c2");
     let run = f.waves.run_view("c2").unwrap();
     assert!(
-        run.notes[0].contains("no traffic to judge (the commit changes no destination service there)"),
+        run.notes[0]
+            .contains("no traffic to judge (the commit changes no destination service there)"),
         "{:?}",
         run.notes
     );
