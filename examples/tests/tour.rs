@@ -204,7 +204,7 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
         .unwrap_or_else(|| panic!("no failure count: {out}"));
     let count = |cluster: &str| -> usize {
         failed
-            .split(|c| c == ',' || c == '(')
+            .split([',', '('])
             .find_map(|p| p.trim().strip_prefix(&format!("{cluster} ")))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("no count for {cluster} in `{failed}`"))
