@@ -6,7 +6,7 @@
 //!
 //! | cluster | gateways | services (static discovery files) |
 //! |---|---|---|
-//! | east | e1 | productpage v1, reviews v1, reviews v2, ratings v1 |
+//! | east | e1 | productpage v1, reviews v1, reviews v2, ratings v1, ratings v2 (broken: answers 503) |
 //! | west | w1, w2 (HA) | reviews v2, reviews v3, ratings v1 |
 //! | edge | x1 | details v1 |
 //!
@@ -36,16 +36,22 @@ pub const CLUSTERS: &[(&str, &[&str], &str, &str)] = &[
     ("edge", &["x1"], "us-central1", "us-central1-f"),
 ];
 
-/// The sample services: (cluster, service, version).
-pub const SERVICES: &[(&str, &str, &str)] = &[
-    ("east", "productpage", "v1"),
-    ("east", "reviews", "v1"),
-    ("east", "reviews", "v2"),
-    ("east", "ratings", "v1"),
-    ("west", "reviews", "v2"),
-    ("west", "reviews", "v3"),
-    ("west", "ratings", "v1"),
-    ("edge", "details", "v1"),
+/// The sample services: (cluster, service, version, the status every
+/// answer has).
+///
+/// ratings v2 is broken: every answer is a 503. No route of the seed
+/// reaches it (ratings' subsets select `version: v1`); the tour's bad
+/// commit sends all of ratings to it.
+pub const SERVICES: &[(&str, &str, &str, u16)] = &[
+    ("east", "productpage", "v1", 200),
+    ("east", "reviews", "v1", 200),
+    ("east", "reviews", "v2", 200),
+    ("east", "ratings", "v1", 200),
+    ("east", "ratings", "v2", 503),
+    ("west", "reviews", "v2", 200),
+    ("west", "reviews", "v3", 200),
+    ("west", "ratings", "v1", 200),
+    ("edge", "details", "v1", 200),
 ];
 
 /// The cluster whose intermediate issues the syncer's certificate; every
@@ -116,12 +122,15 @@ impl Federation {
         say("certificates: a fresh trust anchor, one intermediate per cluster");
         pki(&bins, work)?;
 
-        say("sample services: productpage, reviews v1/v2/v3, ratings, details");
+        say(
+            "sample services: productpage, reviews v1/v2/v3, ratings v1 (and a broken v2), details",
+        );
         let mut endpoints: BTreeMap<&str, Vec<(String, SocketAddr, &str, &str)>> = BTreeMap::new();
-        for (cluster, svc, version) in SERVICES {
+        for (cluster, svc, version, status) in SERVICES {
             let name = format!("{svc}-{version}.{cluster}");
             let mut cmd = bins.command("meshfed-backend");
-            cmd.args(["--listen", "127.0.0.1:0", "--name", &name]);
+            cmd.args(["--listen", "127.0.0.1:0", "--name", &name])
+                .args(["--status", &status.to_string()]);
             let out = sup
                 .spawn(
                     &format!("backend-{name}"),
@@ -306,6 +315,20 @@ impl Federation {
             .map(str::to_string)
     }
 
+    /// Whether a gateway applied `version` at any time since it started:
+    /// its `meshfed_config_info` keeps a series for every version it
+    /// enforced (1 while it does, 0 after). An unreachable gateway is an
+    /// error, not a "no".
+    pub fn ever_applied(&self, g: &Gateway, version: &str) -> anyhow::Result<bool> {
+        let (code, body) = get(g.admin, "/metrics")?;
+        if code != 200 {
+            bail!("GET /metrics on {} answered {code}", g.name());
+        }
+        Ok(body
+            .lines()
+            .any(|l| l.starts_with("meshfed_config_info") && l.contains(version)))
+    }
+
     /// How many of a gateway's links to other clusters' gateways are
     /// available, and how many there should be.
     pub fn links(&self, g: &Gateway) -> (usize, usize) {
@@ -381,17 +404,19 @@ impl Federation {
     }
 
     /// Waits until the syncer has decided about `sha` (live, rejected,
-    /// NACKed); returns the rollout document.
+    /// NACKed, or, with rollout waves, rolled back or halted); returns the
+    /// rollout document.
     pub fn wait_decided(&self, sha: &str, within: Duration) -> anyhow::Result<serde_json::Value> {
         wait_until(
             &format!("the syncer to decide about {}", short(sha)),
             within,
             || {
                 let r = self.rollout(sha)?;
-                Ok(
-                    matches!(r["state"].as_str(), Some("live" | "rejected" | "nacked"))
-                        .then_some(r),
+                Ok(matches!(
+                    r["state"].as_str(),
+                    Some("live" | "rejected" | "nacked" | "rolled-back" | "halted")
                 )
+                .then_some(r))
             },
         )
     }

@@ -38,8 +38,9 @@ use traffic::{ClientSpec, Traffic};
 #[command(name = "meshfed-demo", version, after_help = AFTER_HELP)]
 struct Cli {
     /// Run the scripted tour (baseline, canary commit, invalid commit, west
-    /// killed, west back), print a summary table, and exit: 0 if every
-    /// expectation held, 1 otherwise.
+    /// killed, west back, rollout waves and a bad commit rolled back at the
+    /// first), print a summary table, and exit: 0 if every expectation
+    /// held, 1 otherwise.
     #[arg(long)]
     tour: bool,
     /// Where to put certificates, the repository, state and logs (default:

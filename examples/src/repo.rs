@@ -70,6 +70,35 @@ once through `.git/hooks/post-commit` (a GitHub-style signed webhook).
 - ratings.yaml: ratings split 70/30 between east and west, with failover
 
 Try: change the weights in reviews-canary.yaml and `git commit -am canary`.
+`meshfed-demo --tour` adds rollout.yaml (a RolloutPolicy: edge first,
+then west, then east, each wave gated on the gateways' golden metrics).
+";
+
+/// The rollout waves the tour's step 6 commits as `rollout.yaml`: edge
+/// first, then west, then east (a cluster in no wave is in a last wave,
+/// not baked). Bakes are seconds, not the minutes a real federation would
+/// bake for, to keep the tour short; the p99 gate's floor is a second, so
+/// that a busy laptop's loopback latency never fails a good commit (the
+/// success-rate and denial gates judge at the defaults).
+pub const ROLLOUT: &str = "\
+# Rollout waves: a commit reaches edge first, then west, then east. Each
+# wave bakes while the syncer's gates compare its gateways' golden metrics
+# for the services the commit changes with those before the wave; a failed
+# gate sends the wave's clusters back to their last good snapshot.
+# (Bakes are short for the demo; minutes are usual.)
+apiVersion: meshfed.io/v1alpha1
+kind: RolloutPolicy
+metadata:
+  name: waves
+spec:
+  waves:
+    - clusters: [edge]
+      bakeTime: 4s
+    - clusters: [west]
+      bakeTime: 2s
+  gates:
+    minRequests: 50
+    p99FloorMs: 1000
 ";
 
 /// The demo repository.

@@ -7,14 +7,19 @@
 //! Steps: (1) the baseline split; (2) a canary commit: time until every
 //! gateway ACKed, and the new split; (3) an invalid commit: the syncer's
 //! `FILE:LINE` rejection, and not one failed request; (4) both of west's
-//! gateways killed: failover time and errors; (5) west's gateways back.
+//! gateways killed: failover time and errors; (5) west's gateways back;
+//! (6) rollout waves declared (edge, then west, then east), then a valid
+//! commit that sends all of ratings to a broken subset: rolled back at
+//! wave 1 by the syncer's gates, with the failed requests counted per
+//! caller's cluster and the gateways that ever applied it.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::federation::{Federation, short};
-use crate::traffic::{Outcome, Summary, Traffic};
+use crate::repo::ROLLOUT;
+use crate::traffic::{Client, Outcome, Record, Summary, Traffic};
 use crate::view::stats_text;
 
 /// How long each measurement window lasts.
@@ -94,19 +99,7 @@ pub fn run(fed: &Federation, traffic: &Traffic) -> anyhow::Result<Vec<Step>> {
         ),
         Err(e) => println!("   commit {} not live: {e:#}", short(&sha)),
     }
-    let status = std::process::Command::new(fed.bins.path("meshfed-syncer"))
-        .args(["status", "--server", &format!("http://{}", fed.syncer_http)])
-        .args(["--wait", &sha, "--timeout", "10s"])
-        .output()
-        .context("running meshfed-syncer status --wait")?;
-    println!(
-        "   $ meshfed-syncer status --wait {}   (exit {})",
-        short(&sha),
-        status.status.code().unwrap_or(-1)
-    );
-    for l in String::from_utf8_lossy(&status.stdout).lines() {
-        println!("   {l}");
-    }
+    let status = status_wait(fed, &sha, "10s")?;
     std::thread::sleep(Duration::from_millis(300));
     let (from, to) = measure();
     let (se, sw) = (east.summary(from, to), west.summary(from, to));
@@ -114,7 +107,7 @@ pub fn run(fed: &Federation, traffic: &Traffic) -> anyhow::Result<Vec<Step>> {
     let near = |x: f64, want: f64| (x - want).abs() <= 10.0;
     let ack_ms = acked.as_ref().map(|d| d.as_secs_f64() * 1000.0).ok();
     let pass = ack_ms.is_some_and(|ms| ms <= 2000.0)
-        && status.status.success()
+        && status.code == Some(0)
         && near(se.share("reviews-v2"), 50.0)
         && near(sw.share("reviews-v2"), 50.0)
         && se.failed() + sw.failed() == 0;
@@ -309,7 +302,236 @@ pub fn run(fed: &Federation, traffic: &Traffic) -> anyhow::Result<Vec<Step>> {
         ),
         pass,
     });
+
+    steps.push(bad_commit_rolled_back(fed, traffic)?);
     Ok(steps)
+}
+
+/// Step 6: rollout waves are declared (edge, then west, then east), then a
+/// valid commit sends all of ratings to its broken v2 (every answer a
+/// 503). The syncer publishes it to edge only; edge's gateway reports its
+/// callers' failures, the success-rate gate fails, and the syncer sends
+/// edge back to its last good snapshot by itself. Where the failures were
+/// is counted by the demo's own clients, and whether west and east ever
+/// applied the commit by their gateways' `meshfed_config_info`.
+fn bad_commit_rolled_back(fed: &Federation, traffic: &Traffic) -> anyhow::Result<Step> {
+    let east = traffic.client("east").context("no east client")?;
+    let west = traffic.client("west").context("no west client")?;
+    let edge = traffic.client("edge").context("no edge client")?;
+    heading("6. declare rollout waves (edge, then west, then east); then break ratings, validly");
+    let t_waves = Instant::now();
+    let waves = fed.repo.commit(
+        "rollout: edge first, then west, then east",
+        &[("rollout.yaml", ROLLOUT)],
+    )?;
+    // This commit goes through the waves too (edge bakes 4 s, west 2 s).
+    fed.wait_live(&waves, Duration::from_secs(30))?;
+    println!(
+        "   committed rollout.yaml in {}: waves edge (bake 4 s) → west (bake 2 s) → east; live everywhere {:.1} s later",
+        short(&waves),
+        t_waves.elapsed().as_secs_f64()
+    );
+
+    let ratings = fed.repo.read("ratings.yaml")?;
+    let broken = all_ratings_to_v2(&ratings)?;
+    let t_bad = Instant::now();
+    let bad = fed
+        .repo
+        .commit("ratings: all of it to v2", &[("ratings.yaml", &broken)])?;
+    println!(
+        "   commit {}: 100% of ratings to subset v2 (valid; v2's endpoints answer 503)",
+        short(&bad)
+    );
+    let r = fed.wait_decided(&bad, Duration::from_secs(30))?;
+    let decided = t_bad.elapsed();
+    let state = r["state"].as_str().unwrap_or("?").to_string();
+    let reason = r["detail"].as_str().unwrap_or("").to_string();
+    println!(
+        "   syncer: {state} {:.1} s after `git commit`: {reason}",
+        decided.as_secs_f64()
+    );
+    // Edge's gateway back on the last good snapshot.
+    let x1 = fed.gateway("edge")[0];
+    let back = if state == "rolled-back" {
+        crate::federation::wait_until(
+            "edge's gateway back on the last good commit",
+            Duration::from_secs(15),
+            || Ok((fed.applied(x1).as_deref() == Some(waves.as_str())).then(Instant::now)),
+        )
+    } else {
+        Err(anyhow::anyhow!("the commit was not rolled back"))
+    };
+    let rolled_back_in = back.as_ref().ok().map(|t| t.duration_since(t_bad));
+    // Let the last requests finish, then look at a window after it.
+    std::thread::sleep(Duration::from_secs(2));
+    let end = Instant::now() - Duration::from_millis(300);
+    let failed_at = |c: &Client| -> Vec<Record> {
+        c.records(t_bad, end)
+            .into_iter()
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
+            .collect()
+    };
+    let (fx, fe, fw) = (failed_at(edge), failed_at(east), failed_at(west));
+    let sent = edge.records(t_bad, end).len();
+    let window = match (
+        fx.iter().map(|r| r.sent).min(),
+        fx.iter().map(|r| r.sent + r.latency).max(),
+    ) {
+        (Some(first), Some(last)) => format!(
+            "from {:.1} s to {:.1} s after the commit",
+            first.saturating_duration_since(t_bad).as_secs_f64(),
+            last.saturating_duration_since(t_bad).as_secs_f64()
+        ),
+        _ => "none".into(),
+    };
+    let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in &fx {
+        if let Outcome::Failed(why) = &r.outcome {
+            *reasons.entry(why.as_str()).or_default() += 1;
+        }
+    }
+    println!(
+        "   failed requests by the caller's cluster: edge {}, west {}, east {} (edge → ratings: {} of {sent}, {window})",
+        fx.len(),
+        fw.len(),
+        fe.len(),
+        fx.len()
+    );
+    for (why, n) in &reasons {
+        println!("   edge → ratings failed: {n} × {why}");
+    }
+    match rolled_back_in {
+        Some(d) => println!(
+            "   edge/x1 back on {} {:.1} s after `git commit`",
+            short(&waves),
+            d.as_secs_f64()
+        ),
+        None => println!("   edge/x1 not back on {}", short(&waves)),
+    }
+    let mut applied_bad = Vec::new();
+    for g in &fed.gateways {
+        if fed.ever_applied(g, &bad)? {
+            applied_bad.push(g.name());
+        }
+    }
+    println!(
+        "   gateways that ever applied {}: {}",
+        short(&bad),
+        if applied_bad.is_empty() {
+            "none".to_string()
+        } else {
+            applied_bad.join(", ")
+        }
+    );
+    let status = status_wait(fed, &bad, "10s")?;
+    // After the rollback: edge's callers are fine again.
+    let after = back
+        .as_ref()
+        .ok()
+        .map(|t| edge.summary((*t + Duration::from_millis(500)).min(end), end));
+    if let Some(a) = &after {
+        show(&[("edge", a)]);
+    }
+    let pass = state == "rolled-back"
+        && r["waves"]["failure"]["metric"] == "success_rate"
+        && reason.contains("wave 1 of 3 (edge)")
+        && rolled_back_in.is_some_and(|d| d <= Duration::from_secs(10))
+        && !fx.is_empty()
+        && fe.is_empty()
+        && fw.is_empty()
+        && applied_bad == ["edge/x1"]
+        && status.code == Some(1)
+        && status.text.contains("ROLLED BACK")
+        && after
+            .as_ref()
+            .is_some_and(|a| a.sent > 0 && a.failed() == 0);
+    Ok(Step {
+        name: "6 bad commit rolled back",
+        expected:
+            "rolled back at wave 1 (edge) ≤ 10 s, failures at edge only, west/east never apply it"
+                .into(),
+        measured: format!(
+            "{state} in {}; failed: edge {}, west {}, east {}; applied by {}",
+            rolled_back_in.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+            fx.len(),
+            fw.len(),
+            fe.len(),
+            if applied_bad.is_empty() {
+                "none".to_string()
+            } else {
+                applied_bad.join(", ")
+            }
+        ),
+        pass,
+    })
+}
+
+/// `ratings.yaml` with a subset v2 (`version: v2`) and every request of
+/// ratings routed to it: valid, and wrong.
+fn all_ratings_to_v2(ratings: &str) -> anyhow::Result<String> {
+    let split = concat!(
+        "        - destination:\n",
+        "            host: ratings\n",
+        "            subset: east\n",
+        "          weight: 70\n",
+        "        - destination:\n",
+        "            host: ratings\n",
+        "            subset: west\n",
+        "          weight: 30\n",
+    );
+    let to_v2 = concat!(
+        "        - destination:\n",
+        "            host: ratings\n",
+        "            subset: v2\n",
+    );
+    let west = concat!(
+        "    - name: west\n",
+        "      labels:\n",
+        "        topology.istio.io/cluster: west\n",
+        "        version: v1\n",
+    );
+    let v2 = concat!(
+        "    - name: v2\n",
+        "      labels:\n",
+        "        version: v2\n"
+    );
+    anyhow::ensure!(
+        ratings.contains(split) && ratings.contains(west),
+        "ratings.yaml has no 70/30 east/west split or no west subset to change"
+    );
+    Ok(ratings
+        .replace(split, to_v2)
+        .replace(west, &format!("{west}{v2}")))
+}
+
+/// `meshfed-syncer status --wait SHA --timeout T`, printed as a user would
+/// see it.
+fn status_wait(fed: &Federation, sha: &str, timeout: &str) -> anyhow::Result<StatusOut> {
+    let out = std::process::Command::new(fed.bins.path("meshfed-syncer"))
+        .args(["status", "--server", &format!("http://{}", fed.syncer_http)])
+        .args(["--wait", sha, "--timeout", timeout])
+        .output()
+        .context("running meshfed-syncer status --wait")?;
+    let code = out.status.code();
+    println!(
+        "   $ meshfed-syncer status --wait {}   (exit {})",
+        short(sha),
+        code.unwrap_or(-1)
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in text.lines() {
+        println!("   {l}");
+    }
+    Ok(StatusOut { code, text })
+}
+
+struct StatusOut {
+    code: Option<i32>,
+    text: String,
 }
 
 /// Waits one measurement window; returns it, ending a little in the past

@@ -121,8 +121,8 @@ fn alive(pid: u32) -> bool {
 fn assert_none_alive(work: &Path) {
     let started = pids(work);
     assert!(
-        started.len() >= 13,
-        "the demo started its 8 backends, the syncer and 4 gateways: {started:?}"
+        started.len() >= 14,
+        "the demo started its 9 backends, the syncer and 4 gateways: {started:?}"
     );
     // Orphans would be reparented and keep running; give exits a moment.
     eventually(
@@ -147,7 +147,7 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
         Command::new(DEMO)
             .args(["--tour", "--rate", "60", "--work-dir"])
             .arg(&work),
-        Duration::from_secs(120),
+        Duration::from_secs(180),
     );
     eprintln!("{}", out.stdout);
     assert_eq!(out.code, Some(0), "{out}");
@@ -157,7 +157,7 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
         .skip_while(|l| !l.starts_with("STEP "))
         .take_while(|l| !l.trim().is_empty())
         .collect();
-    assert_eq!(table.len(), 6, "a header and five steps: {table:?}");
+    assert_eq!(table.len(), 7, "a header and six steps: {table:?}");
     assert!(
         table[1..].iter().all(|l| l.trim_end().ends_with("pass")),
         "{out}"
@@ -168,6 +168,7 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
         "3 invalid",
         "4 west gateways killed",
         "5 west back",
+        "6 bad commit rolled back",
     ] {
         assert!(table.iter().any(|l| l.starts_with(step)), "{step}: {out}");
     }
@@ -175,6 +176,49 @@ fn serial_the_tour_passes_every_step_and_leaves_no_process_behind() {
     assert!(
         out.stdout.contains("reviews-canary.yaml:") && out.stdout.contains("error[weights-sum]"),
         "{out}"
+    );
+    // The bad commit: rolled back by the syncer at wave 1 with the gate's
+    // reason; failures only for edge's callers; only edge's gateway ever
+    // applied it; `status --wait` exits 1.
+    let step6 = out
+        .stdout
+        .split("== 6.")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no step 6: {out}"));
+    for needle in [
+        "syncer: rolled-back",
+        "rolled back at wave 1 of 3 (edge): gate success_rate",
+        "ratings",
+        "(exit 1)",
+        "ROLLED BACK",
+        "gateways that ever applied",
+    ] {
+        assert!(step6.contains(needle), "{needle}: {out}");
+    }
+    let failed = step6
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("failed requests by the caller's cluster: ")
+        })
+        .unwrap_or_else(|| panic!("no failure count: {out}"));
+    let count = |cluster: &str| -> usize {
+        failed
+            .split([',', '('])
+            .find_map(|p| p.trim().strip_prefix(&format!("{cluster} ")))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no count for {cluster} in `{failed}`"))
+    };
+    assert!(
+        count("edge") > 0,
+        "edge's callers saw the bad commit: {failed}"
+    );
+    assert_eq!((count("west"), count("east")), (0, 0), "{failed}");
+    assert!(
+        step6
+            .lines()
+            .any(|l| l.trim().ends_with(": edge/x1") && l.contains("gateways that ever applied")),
+        "only edge applied the bad commit: {out}"
     );
     assert_none_alive(&work);
 }

@@ -117,10 +117,15 @@ struct Series {
 /// table never grows past this.
 pub const MAX_SERIES: usize = 4096;
 
+/// The duration histogram's labels: per destination service as well as
+/// cluster (as Istio's `istio_request_duration_milliseconds`), so that the
+/// rollout gates judge p99 per service (control/golden.rs). Its series are
+/// as many as the request counter's services and clusters, never more.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DurationLabels {
     pub direction: &'static str,
     pub destination_cluster: String,
+    pub destination_service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -297,6 +302,7 @@ impl Metrics {
             .get_or_create(&DurationLabels {
                 direction: key.direction,
                 destination_cluster: key.destination_cluster.to_string(),
+                destination_service: key.destination_service.to_string(),
             })
             .clone();
         count.inc();
@@ -555,7 +561,7 @@ mod tests {
         );
         assert_eq!(
             line(
-                "meshfed_request_duration_seconds_count{direction=\"outbound\",destination_cluster=\"west\"}"
+                "meshfed_request_duration_seconds_count{direction=\"outbound\",destination_cluster=\"west\",destination_service=\"ratings.default.svc.cluster.local\"}"
             ),
             "4"
         );

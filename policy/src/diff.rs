@@ -72,6 +72,12 @@ pub struct Change {
     /// go somewhere else, in percent: the sum of the weight increases.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub moved_percent: Option<u32>,
+    /// The destination services whose requests the change can serve
+    /// differently (the syncer's rollout gates judge these). Empty reads
+    /// as [`Reach::Everything`]: a change that does not say what it
+    /// reaches may reach anything.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub reaches: Vec<Reach>,
 }
 
 impl Change {
@@ -82,7 +88,109 @@ impl Change {
             kind: kind.to_string(),
             summary: printable(&summary),
             moved_percent: None,
+            reaches: vec![Reach::Everything],
         }
+    }
+}
+
+/// What a change can reach: requests to which destination services.
+///
+/// From the snapshot alone, a change to a host's routes reaches that host
+/// and every host its rules (old and new) send or mirror to; a
+/// DestinationRule, an export, a failover order or a ServiceEntry reaches
+/// its host; an AuthorizationPolicy or a PeerAuthentication reaches every
+/// service of its namespace (which workloads a selector picks, and so
+/// which services, only discovery knows), or every service when it is
+/// mesh-wide; a change of the federation's clusters or of mesh settings
+/// reaches everything.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reach {
+    /// Requests to one service, by canonical host (as the gateways'
+    /// `destination_service` label says it); a `*.` host reaches every
+    /// host under it.
+    Service(String),
+    /// Requests to any service of a namespace (`NAME.NS.svc.<domain>`).
+    Namespace(String),
+    /// Requests to any service.
+    Everything,
+}
+
+/// The union of what some changes reach ([`Reach`]), to ask whether a
+/// destination service is among it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reached {
+    pub everything: bool,
+    pub namespaces: BTreeSet<String>,
+    pub services: BTreeSet<String>,
+    /// The DNS suffix of in-cluster names, to find a service's namespace.
+    pub domain: String,
+}
+
+impl Reached {
+    /// What `changes` reach, in a cluster whose in-cluster suffix is
+    /// `domain`.
+    pub fn of(changes: &[Change], domain: &str) -> Self {
+        let mut r = Reached {
+            domain: domain.to_string(),
+            ..Reached::default()
+        };
+        for c in changes {
+            if c.reaches.is_empty() {
+                r.everything = true;
+            }
+            for reach in &c.reaches {
+                match reach {
+                    Reach::Everything => r.everything = true,
+                    Reach::Namespace(ns) => {
+                        r.namespaces.insert(ns.clone());
+                    }
+                    Reach::Service(host) => {
+                        r.services.insert(host.clone());
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// Whether nothing is reached (no change).
+    pub fn is_empty(&self) -> bool {
+        !self.everything && self.namespaces.is_empty() && self.services.is_empty()
+    }
+
+    /// Whether requests to `service` (a canonical host) are reached.
+    pub fn contains(&self, service: &str) -> bool {
+        if self.everything || self.services.contains(service) {
+            return true;
+        }
+        let wildcard = self.services.iter().any(|h| {
+            h.strip_prefix('*').is_some_and(|suffix| {
+                suffix.starts_with('.') && service.len() > suffix.len() && service.ends_with(suffix)
+            })
+        });
+        wildcard
+            || namespace_of(service, &self.domain).is_some_and(|ns| self.namespaces.contains(ns))
+    }
+}
+
+/// `NAME.NS.svc.<domain>` → `NS`.
+fn namespace_of<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    let rest = host.strip_suffix(domain)?.strip_suffix(".svc.")?;
+    let (_, ns) = rest.rsplit_once('.')?;
+    (!ns.is_empty()).then_some(ns)
+}
+
+/// What the changes between one cluster's two policies reach: [`diff`]'s
+/// changes, folded ([`Reached::of`]).
+pub fn reach(old: &ClusterPolicy, new: &ClusterPolicy) -> Reached {
+    Reached::of(&diff(old, new), &new.domain)
+}
+
+/// Sets what the changes pushed since `from` reach.
+fn reaching(out: &mut [Change], from: usize, reaches: &[Reach]) {
+    for c in out.iter_mut().skip(from) {
+        c.reaches = reaches.to_vec();
     }
 }
 
@@ -505,7 +613,9 @@ impl Differ<'_> {
                 ),
                 _ => continue,
             };
-            out.push(Change::new(Area::Export, s, kind, summary));
+            let mut c = Change::new(Area::Export, s, kind, summary);
+            c.reaches = vec![Reach::Service(host.clone())];
+            out.push(c);
         }
     }
 
@@ -513,6 +623,7 @@ impl Differ<'_> {
         let (o, n) = (&self.old.routes, &self.new.routes);
         for host in keys(o, n) {
             let s = self.s(host);
+            let from = out.len();
             match (o.get(host), n.get(host)) {
                 (None, Some(r)) => out.push(Change::new(
                     Area::Route,
@@ -536,6 +647,7 @@ impl Differ<'_> {
                 (Some(a), Some(b)) if a != b => self.host_routes(host, a, b, out),
                 _ => {}
             }
+            reaching(out, from, &route_reach(host, o.get(host), n.get(host)));
         }
     }
 
@@ -979,6 +1091,7 @@ impl Differ<'_> {
         let (o, n) = (&self.old.destinations, &self.new.destinations);
         for host in keys(o, n) {
             let s = self.s(host);
+            let from = out.len();
             match (o.get(host), n.get(host)) {
                 (None, Some(d)) => {
                     let mut settings: Vec<String> =
@@ -1016,6 +1129,7 @@ impl Differ<'_> {
                 (Some(a), Some(b)) if a != b => self.destination(s, a, b, out),
                 _ => {}
             }
+            reaching(out, from, &[Reach::Service(host.clone())]);
         }
     }
 
@@ -1106,7 +1220,7 @@ impl Differ<'_> {
                 && a != b
             {
                 let s = self.s(host);
-                out.push(Change::new(
+                let mut c = Change::new(
                     Area::Failover,
                     s,
                     "failover-order",
@@ -1115,12 +1229,39 @@ impl Differ<'_> {
                         describe_preference(&a),
                         describe_preference(&b)
                     ),
-                ));
+                );
+                c.reaches = vec![Reach::Service(host.clone())];
+                out.push(c);
             }
         }
     }
 
     fn authz(&self, out: &mut Vec<Change>) {
+        let from = out.len();
+        self.authz_changes(out);
+        // What a policy reaches, by its key (a change's subject), on
+        // either side.
+        let mut reaches: BTreeMap<String, BTreeSet<Reach>> = BTreeMap::new();
+        for p in self.old.authz.iter().chain(&self.new.authz) {
+            let r = match p.scope {
+                AuthzScope::Mesh => Reach::Everything,
+                AuthzScope::Namespace | AuthzScope::Workload => {
+                    Reach::Namespace(p.namespace.clone())
+                }
+            };
+            reaches
+                .entry(printable(&format!("{}/{}", p.namespace, p.source.name)))
+                .or_default()
+                .insert(r);
+        }
+        for c in out.iter_mut().skip(from) {
+            c.reaches = reaches
+                .get(&c.subject)
+                .map_or_else(|| vec![Reach::Everything], |r| r.iter().cloned().collect());
+        }
+    }
+
+    fn authz_changes(&self, out: &mut Vec<Change>) {
         let by_key = |v: &[AuthzPolicy]| -> BTreeMap<String, AuthzPolicy> {
             v.iter()
                 .map(|p| (format!("{}/{}", p.namespace, p.source.name), p.clone()))
@@ -1282,12 +1423,14 @@ impl Differ<'_> {
             let m = |v: Option<&MtlsMode>| v.map_or("inherited from the mesh", |m| mode(*m));
             let (x, y) = (a.namespaces.get(ns), b.namespaces.get(ns));
             if x != y {
-                out.push(Change::new(
+                let mut c = Change::new(
                     Area::Mtls,
                     ns,
                     "namespace",
                     format!("mTLS in namespace {ns}: {} → {}", m(x), m(y)),
-                ));
+                );
+                c.reaches = vec![Reach::Namespace(ns.clone())];
+                out.push(c);
             }
         }
         let w = |v: &[WorkloadMtls]| -> BTreeMap<String, WorkloadMtls> {
@@ -1313,7 +1456,18 @@ impl Differ<'_> {
                 (Some(x), Some(y)) if x != y => format!("mTLS {k}: {} → {}", d(x), d(y)),
                 _ => continue,
             };
-            out.push(Change::new(Area::Mtls, k, "workload", summary));
+            let mut c = Change::new(Area::Mtls, k, "workload", summary);
+            let namespaces: BTreeSet<&String> = wa
+                .get(k)
+                .into_iter()
+                .chain(wb.get(k))
+                .map(|w| &w.namespace)
+                .collect();
+            c.reaches = namespaces
+                .into_iter()
+                .map(|ns| Reach::Namespace(ns.clone()))
+                .collect();
+            out.push(c);
         }
     }
 
@@ -1321,6 +1475,7 @@ impl Differ<'_> {
         let (o, n) = (&self.old.service_entries, &self.new.service_entries);
         for host in keys(o, n) {
             let s = self.s(host);
+            let from = out.len();
             let d = |e: &ServiceEntry| {
                 format!(
                     "{}, ports {}, resolution {:?}{}",
@@ -1366,6 +1521,7 @@ impl Differ<'_> {
                 }
                 _ => {}
             }
+            reaching(out, from, &[Reach::Service(host.clone())]);
         }
     }
 
@@ -1386,6 +1542,25 @@ impl Differ<'_> {
             }
         }
     }
+}
+
+/// What a change of `host`'s routes reaches: requests to `host`, and to
+/// every host its rules send or mirror to, before and after.
+fn route_reach(host: &str, a: Option<&HostRoutes>, b: Option<&HostRoutes>) -> Vec<Reach> {
+    let mut hosts: BTreeSet<&str> = BTreeSet::from([host]);
+    for r in a.into_iter().chain(b) {
+        for h in &r.http {
+            hosts.extend(h.destinations.iter().map(|d| d.host.as_str()));
+            hosts.extend(h.mirrors.iter().map(|m| m.host.as_str()));
+        }
+        for t in &r.tcp {
+            hosts.extend(t.destinations.iter().map(|d| d.host.as_str()));
+        }
+    }
+    hosts
+        .into_iter()
+        .map(|h| Reach::Service(h.to_string()))
+        .collect()
 }
 
 fn describe_ports(p: &[u16]) -> String {

@@ -856,7 +856,7 @@ async fn wait_for_signal() {
 
 /// One line a waiting `status --wait` prints when it changes.
 fn progress_line(v: &status::RolloutView) -> String {
-    format!("{}: {}", format!("{:?}", v.state).to_lowercase(), v.detail)
+    format!("{}: {}", v.state.as_str(), v.detail)
 }
 
 async fn rollout_command(a: RolloutArgs) -> u8 {

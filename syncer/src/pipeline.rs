@@ -140,6 +140,7 @@ impl Changes {
                             .map_or("NEW", |c| short_sha(&c.snapshot.version))
                     ),
                     moved_percent: None,
+                    reaches: vec![meshfed_policy::diff::Reach::Everything],
                 });
             }
         }

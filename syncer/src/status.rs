@@ -86,6 +86,23 @@ pub enum RolloutState {
     Halted,
 }
 
+impl RolloutState {
+    /// The state as the API and the CLI name it (`rolled-back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Live => "live",
+            RolloutState::Pending => "pending",
+            RolloutState::Nacked => "nacked",
+            RolloutState::Rejected => "rejected",
+            RolloutState::Held => "held",
+            RolloutState::Unknown => "unknown",
+            RolloutState::Progressing => "progressing",
+            RolloutState::RolledBack => "rolled-back",
+            RolloutState::Halted => "halted",
+        }
+    }
+}
+
 /// One gateway's state for a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -934,7 +951,7 @@ pub fn render_rollout(v: &RolloutView) -> String {
             .collect();
         out.push_str(&format!(
             "  waves ({}): {}; at wave {} of {}\n",
-            format!("{:?}", w.state).to_lowercase(),
+            w.state.as_str(),
             plan.join(" → "),
             w.wave,
             w.waves

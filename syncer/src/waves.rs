@@ -13,7 +13,10 @@
 //! 2. it *bakes* for the wave's bake time while the gates
 //!    ([`gate::judge`]) compare the golden metrics of its clusters'
 //!    gateways ([`crate::golden`]) since the bake began against those
-//!    before the wave opened;
+//!    before the wave opened, for the destination services the commit
+//!    changes in each of those clusters (what the diff from the snapshot
+//!    a cluster was served before to the commit's reaches,
+//!    [`meshfed_policy::diff::reach`]);
 //! 3. a failed gate sends the wave's clusters back at once to what they
 //!    were served before the wave (the last good snapshot per cluster),
 //!    and marks the run *rolled back* with the gate's reason; later waves
@@ -45,6 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshfed_policy::Snapshot;
+use meshfed_policy::diff::Reached;
 use meshfed_policy::rollout::RolloutPlan;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -78,6 +82,19 @@ pub enum RunState {
     Halted,
     /// A newer commit started its own run.
     Superseded,
+}
+
+impl RunState {
+    /// The state as the API names it (`rolled-back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Progressing => "progressing",
+            RunState::Complete => "complete",
+            RunState::RolledBack => "rolled-back",
+            RunState::Halted => "halted",
+            RunState::Superseded => "superseded",
+        }
+    }
 }
 
 /// A run, as the status API shows it.
@@ -128,6 +145,10 @@ struct Run {
     /// a second, so judging more often only costs. Not persisted.
     baseline: Option<Window>,
     judged_at: Option<Instant>,
+    /// Per cluster of the open wave, the destination services the commit
+    /// changes there: the only ones its gates judge. Computed once per
+    /// wave from `before` and `target` (so not persisted).
+    reached: Option<BTreeMap<String, Reached>>,
 }
 
 impl Run {
@@ -347,6 +368,7 @@ impl Waves {
                     overridden: r.overridden,
                     baseline: None,
                     judged_at: None,
+                    reached: None,
                 })
             }
         };
@@ -410,6 +432,7 @@ impl Waves {
                     overridden: false,
                     baseline: None,
                     judged_at: None,
+                    reached: None,
                 };
                 open_wave(&mut inner.served, &mut run, 0);
                 tracing::info!(%commit, wave = %run.wave_name(), "rollout started");
@@ -505,6 +528,12 @@ impl Waves {
         } else {
             run.judged_at = Some(Instant::now());
             let opened_at = run.opened_at;
+            let reached = &*run
+                .reached
+                .get_or_insert_with(|| reach(&run.before, &run.target, &wave.clusters));
+            let judged = |cluster: &str, service: &str| {
+                reached.get(cluster).is_some_and(|r| r.contains(service))
+            };
             let before = run.baseline.get_or_insert_with(|| {
                 self.golden.window(
                     &wave.clusters,
@@ -512,10 +541,16 @@ impl Waves {
                         .checked_sub(wave.bake.max(MIN_BASELINE))
                         .unwrap_or(UNIX_EPOCH),
                     opened_at,
+                    judged,
                 )
             });
-            let during = self.golden.window(&wave.clusters, from, now);
-            gate::judge(before, &during, &run.plan.gates, bake_over)
+            let during = self.golden.window(&wave.clusters, from, now, judged);
+            match gate::judge(before, &during, &run.plan.gates, bake_over) {
+                Verdict::Pass(_) if reached.values().all(Reached::is_empty) => Verdict::Pass(
+                    "no traffic to judge (the commit changes no destination service there)".into(),
+                ),
+                v => v,
+            }
         };
         match verdict {
             Verdict::Wait => false,
@@ -562,7 +597,7 @@ impl Waves {
             RunState::Complete | RunState::Superseded => {
                 return Err(OverrideError::Refused {
                     commit: run.commit.clone(),
-                    state: format!("{:?}", run.state).to_lowercase(),
+                    state: run.state.as_str().to_string(),
                     hint: "there is nothing left to resume",
                 });
             }
@@ -603,7 +638,7 @@ impl Waves {
         if !matches!(run.state, RunState::Progressing | RunState::Halted) {
             return Err(OverrideError::Refused {
                 commit: run.commit.clone(),
-                state: format!("{:?}", run.state).to_lowercase(),
+                state: run.state.as_str().to_string(),
                 hint: "only a progressing or halted rollout can be aborted; to undo a \
                        complete one, push a revert",
             });
@@ -709,6 +744,7 @@ fn open_wave(served: &mut BTreeMap<String, ClusterSnapshot>, run: &mut Run, inde
     run.overridden = false;
     run.baseline = None;
     run.judged_at = None;
+    run.reached = None;
     let Some(wave) = run.plan.waves.get(index) else {
         return;
     };
@@ -723,6 +759,32 @@ fn open_wave(served: &mut BTreeMap<String, ClusterSnapshot>, run: &mut Run, inde
             .or_insert_with(|| prev.filter(|p| p.snapshot.version != run.commit));
         served.insert(c.clone(), snap.clone());
     }
+}
+
+/// Per cluster of `clusters`, the destination services the commit changes
+/// there: what the diff from what the cluster was served before the run
+/// to the run's snapshot reaches. A cluster served nothing before (new to
+/// the federation) is reached everywhere.
+fn reach(
+    before: &BTreeMap<String, Option<ClusterSnapshot>>,
+    target: &BTreeMap<String, ClusterSnapshot>,
+    clusters: &[String],
+) -> BTreeMap<String, Reached> {
+    clusters
+        .iter()
+        .filter_map(|c| {
+            let new = &target.get(c)?.snapshot.policy;
+            let reached = match before.get(c) {
+                Some(Some(old)) => meshfed_policy::diff::reach(&old.snapshot.policy, new),
+                _ => Reached {
+                    everything: true,
+                    domain: new.domain.clone(),
+                    ..Reached::default()
+                },
+            };
+            Some((c.clone(), reached))
+        })
+        .collect()
 }
 
 /// Sends `clusters` back to what they were served before the run opened

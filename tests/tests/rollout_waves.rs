@@ -11,7 +11,10 @@
 //!   wave 1 by the success-rate gate: only edge's callers see failures,
 //!   west and east never apply it, and `status --wait` exits 1 naming the
 //!   gate; the commit is not rolled forward;
-//! - a syncer restarted in the middle of a rollout resumes at its wave.
+//! - a syncer restarted in the middle of a rollout resumes at its wave;
+//! - a valid commit whose new DENY matches real traffic is rolled back
+//!   after wave 1 by the denial gate (the gates judge the services the
+//!   commit changes: a DENY of namespace `default` reaches ratings).
 //!
 //! Bake times are a few seconds; every wait is a behavioural deadline.
 
@@ -68,6 +71,10 @@ fn route_to(subset: &str) -> String {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: ratings}}\nspec:\n  hosts: [ratings]\n  http:\n  - route: [{{destination: {{host: ratings, subset: {subset}}}}}]\n"
     )
 }
+
+/// A valid DENY of every GET to namespace `default`: all of the callers'
+/// requests to ratings.
+const DENY_GETS: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-gets, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {methods: [GET]}\n";
 
 /// A harmless change: a route for a host nobody calls.
 const DETAILS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: details}\nspec:\n  hosts: [details]\n  http:\n  - route: [{destination: {host: details}}]\n";
@@ -402,11 +409,17 @@ fn a_bad_commit_is_rolled_back_after_wave_1_and_a_good_one_goes_through_every_wa
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(traffic.failures("edge", since), 0, "edge is healthy on c1");
 
-    // A good commit after it starts over and goes through every wave.
+    // A good commit after it starts over and goes through every wave. It
+    // changes ratings (a timeout), so that its gates judge ratings' real
+    // traffic: against c1, which edge is back on, routing ratings to v1
+    // again would be no change at all.
     let c3 = f.push(
-        "ratings back to v1, and details",
+        "ratings: a timeout, and details",
         &[
-            ("ratings-vs.yaml", &route_to("v1")),
+            (
+                "ratings-vs.yaml",
+                &format!("{}    timeout: 5s\n", route_to("v1")),
+            ),
             ("details.yaml", DETAILS),
         ],
     );
@@ -504,4 +517,80 @@ fn rollout_cli(syncer: &SyncerProcess, action: &str, sha: &str) -> meshfed_tests
     let mut cmd = std::process::Command::new(meshfed_tests::bin("meshfed-syncer"));
     cmd.args(["rollout", action, sha, "--server", &syncer.url()]);
     meshfed_tests::run_within(&mut cmd, Duration::from_secs(30)).unwrap()
+}
+
+#[test]
+fn a_commit_whose_new_deny_matches_real_traffic_is_rolled_back_after_wave_1() {
+    let (f, c1) = federation(&[("ratings-vs.yaml", &route_to("v1"))]);
+    let out = f.syncer.status_wait(&c1, Duration::from_secs(90));
+    assert_eq!(out.code, Some(0), "{out}\n{}", f.syncer.log_text());
+    let traffic = Traffic::start(&f.gateways);
+    let healthy_since = Instant::now();
+    eventually(
+        "200 answers through every gateway",
+        Duration::from_secs(20),
+        || match CLUSTERS
+            .iter()
+            .find(|c| traffic.answers(c, healthy_since) < 200)
+        {
+            Some(c) => Err(format!(
+                "{c}: {} answers",
+                traffic.answers(c, healthy_since)
+            )),
+            None => Ok(()),
+        },
+    );
+
+    let pushed = Instant::now();
+    let c2 = f.push("deny GETs in default", &[("deny.yaml", DENY_GETS)]);
+    let out = f.syncer.status_wait(&c2, Duration::from_secs(60));
+    assert_eq!(out.code, Some(1), "{out}\n{}", f.syncer.log_text());
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("ROLLED BACK"), "{text}");
+    assert!(text.contains("denial_rate"), "names the gate: {text}");
+    assert!(
+        text.contains("wave 1 of 3 (edge)"),
+        "names the wave: {text}"
+    );
+    let run = f.syncer.rollout(&c2);
+    assert_eq!(run["state"], "rolled-back", "{run}");
+    let failure = &run["waves"]["failure"];
+    assert_eq!(failure["metric"], "denial_rate", "{run}");
+    assert_eq!(
+        failure["service"], "ratings.default.svc.cluster.local",
+        "{run}"
+    );
+    eventually("edge back on c1", Duration::from_secs(20), || {
+        let a = applied(f.gateway("edge"));
+        if a == c1 { Ok(()) } else { Err(a) }
+    });
+    let recovered = Instant::now();
+    eventually("edge answers 200 again", Duration::from_secs(20), || {
+        let n = traffic.answers("edge", recovered);
+        if n >= 50 {
+            Ok(())
+        } else {
+            Err(format!("{n} answers"))
+        }
+    });
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(traffic.failures("edge", since), 0, "edge is healthy on c1");
+    eprintln!(
+        "the DENY: {} denied or failed answers at edge out of {} in {:?} from the push to edge's recovery; west {}, east {}",
+        traffic.failures("edge", pushed),
+        traffic.answers("edge", pushed),
+        recovered - pushed,
+        traffic.failures("west", pushed),
+        traffic.failures("east", pushed),
+    );
+    assert!(
+        traffic.failures("edge", pushed) > 0,
+        "edge's callers were denied"
+    );
+    for c in ["west", "east"] {
+        assert_eq!(traffic.failures(c, healthy_since), 0, "{c} saw failures");
+        assert!(!ever_applied(f.gateway(c), &c2), "{c} applied the commit");
+        assert_eq!(applied(f.gateway(c)), c1);
+    }
 }

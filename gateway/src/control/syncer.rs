@@ -333,7 +333,11 @@ async fn session(
             m = inbound.message() => m,
             _ = report_every.tick(), if accepts_metrics => {
                 let reading = golden::read(&state.metrics.encode(&[]));
-                if let Some(m) = reporter.report(reading, Instant::now()) {
+                let known = golden::known_services(
+                    &state.active.load().snapshot.policy,
+                    &state.endpoints.borrow().clone(),
+                );
+                if let Some(m) = reporter.report(reading, Instant::now(), &known) {
                     let msg = pb::GatewayMessage {
                         message: Some(pb::gateway_message::Message::Metrics(m)),
                     };

@@ -632,3 +632,102 @@ fn control_characters_from_the_repository_are_escaped_in_sentences() {
     // One line per change: the value's newline did not start another.
     assert!(!text.lines().any(|l| l.starts_with("fake:")), "{text}");
 }
+
+/// What east's changes reach, folded.
+fn reached(r: &Report, cluster: &str) -> Reached {
+    let c = r.clusters.iter().find(|c| c.cluster == cluster).unwrap();
+    Reached::of(&c.changes, "cluster.local")
+}
+
+#[test]
+fn a_route_change_reaches_its_host_and_the_hosts_its_rules_send_to() {
+    let (a, b) = (vs(V1_ONLY), vs(V1_55_V2_45));
+    let r = report(
+        &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &a)],
+        &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &b)],
+    );
+    let east = reached(&r, "east");
+    assert!(
+        east.contains("reviews.default.svc.cluster.local"),
+        "{east:?}"
+    );
+    assert!(
+        !east.contains("ratings.default.svc.cluster.local"),
+        "{east:?}"
+    );
+    assert!(!east.everything);
+    // West's policy is unchanged: nothing reached there.
+    assert!(reached(&r, "west").is_empty());
+    // Routes that move reviews to another host reach that host too.
+    let elsewhere = vs("  - route:\n    - destination: {host: reviews-next}\n");
+    let r = report(
+        &[("c.yaml", CLUSTERS), ("dr.yaml", DR), ("vs.yaml", &a)],
+        &[
+            ("c.yaml", CLUSTERS),
+            ("dr.yaml", DR),
+            ("vs.yaml", &elsewhere),
+        ],
+    );
+    let east = reached(&r, "east");
+    for host in [
+        "reviews.default.svc.cluster.local",
+        "reviews-next.default.svc.cluster.local",
+    ] {
+        assert!(east.contains(host), "{host}: {east:?}");
+    }
+    assert!(!east.contains("details.default.svc.cluster.local"));
+}
+
+#[test]
+fn authorization_and_mtls_reach_their_namespace_and_mesh_wide_settings_everything() {
+    let deny = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ['/admin/*']}
+";
+    let r = report(
+        &[("c.yaml", CLUSTERS)],
+        &[("c.yaml", CLUSTERS), ("authz.yaml", deny)],
+    );
+    let east = reached(&r, "east");
+    // Which workloads the selector picks only discovery knows: every
+    // service of the namespace is judged.
+    assert!(east.contains("ratings.shop.svc.cluster.local"));
+    assert!(east.contains("cart.shop.svc.cluster.local"));
+    assert!(!east.contains("ratings.default.svc.cluster.local"));
+    assert!(!east.contains("api.example.com"));
+    let strict = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+";
+    let r = report(
+        &[("c.yaml", CLUSTERS)],
+        &[("c.yaml", CLUSTERS), ("pa.yaml", strict)],
+    );
+    assert!(reached(&r, "east").contains("api.example.com"));
+    // JSON says it per change.
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(
+        json["clusters"][0]["changes"][0]["reaches"],
+        serde_json::json!(["everything"])
+    );
+}
+
+#[test]
+fn a_change_that_says_nothing_of_its_reach_reaches_everything_and_wildcards_their_subdomains() {
+    let mut c = Change::new(Area::Route, "x", "added", "x".into());
+    c.reaches.clear();
+    assert!(Reached::of(&[c], "cluster.local").contains("anything.default.svc.cluster.local"));
+    let mut c = Change::new(Area::ServiceEntry, "x", "added", "x".into());
+    c.reaches = vec![Reach::Service("*.example.com".into())];
+    let r = Reached::of(&[c], "cluster.local");
+    assert!(r.contains("api.example.com"));
+    assert!(!r.contains("example.com"));
+    assert!(!r.contains("api.example.org"));
+}

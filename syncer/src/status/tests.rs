@@ -218,3 +218,29 @@ fn a_wave_run_overrides_the_acks_until_it_is_complete() {
     assert_eq!(v.state, RolloutState::Pending, "west has not applied it");
     assert!(v.waves.is_some());
 }
+
+#[test]
+fn states_print_as_the_api_names_them() {
+    for s in [
+        RolloutState::Live,
+        RolloutState::Pending,
+        RolloutState::Nacked,
+        RolloutState::Rejected,
+        RolloutState::Held,
+        RolloutState::Unknown,
+        RolloutState::Progressing,
+        RolloutState::RolledBack,
+        RolloutState::Halted,
+    ] {
+        assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+    }
+    for s in [
+        RunState::Progressing,
+        RunState::Complete,
+        RunState::RolledBack,
+        RunState::Halted,
+        RunState::Superseded,
+    ] {
+        assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+    }
+}

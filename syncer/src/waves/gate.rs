@@ -2,7 +2,11 @@
 //! metrics before the wave and during its bake ([`crate::golden::Window`])
 //! and the plan's thresholds.
 //!
-//! Per destination service seen during the bake with at least
+//! The windows hold the services the commit changes in the wave's
+//! clusters only (what its diff reaches, [`meshfed_policy::diff::Reach`];
+//! the caller filters, [`crate::golden::Golden::window`]): a service the
+//! commit does not change may fail for its own reasons without rolling
+//! the commit back. Per such service seen during the bake with at least
 //! `minRequests` requests:
 //! - success rate: fails when it dropped by more than
 //!   `maxSuccessRateDrop` points from before the wave (from 100% when the
@@ -11,17 +15,14 @@
 //! - authorization denials: fails when their share of the service's
 //!   requests grew by more than `maxDenialRateIncrease` points (from 0%
 //!   without enough requests before);
-//!
-//! and for the wave's gateways' outbound latency, with `minRequests`
-//! before and during: fails when p99 grew by more than
-//! `maxP99IncreasePercent` percent and is above `p99FloorMs` (p99 is a
-//! bucket's upper bound: at a few milliseconds, one bucket up is noise on
-//! a busy host, not a regression).
+//! - p99 latency of its outbound requests, with `minRequests` before and
+//!   during: fails when it grew by more than `maxP99IncreasePercent`
+//!   percent and is above `p99FloorMs` (p99 is a bucket's upper bound: at
+//!   a few milliseconds, one bucket up is noise on a busy host, not a
+//!   regression).
 //!
 //! A failure is reported as soon as it is seen, even mid-bake; a pass
-//! only once the bake time is over. Every service is judged, not only
-//! those the commit names: a DENY or a route change reaches services the
-//! YAML does not mention.
+//! only once the bake time is over.
 
 use meshfed_policy::rollout::Gates;
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,7 @@ use crate::golden::Window;
 pub struct Failure {
     /// `success_rate`, `denial_rate` or `p99_latency`.
     pub metric: String,
-    /// The destination service (empty for latency: all outbound requests).
+    /// The destination service.
     pub service: String,
     /// The value before the wave and during the bake (percent, or seconds).
     pub before: f64,
@@ -49,7 +50,8 @@ impl std::fmt::Display for Failure {
         match self.metric.as_str() {
             "p99_latency" => write!(
                 f,
-                "gate p99_latency: outbound p99 {} (was {}) over {} requests; threshold {}",
+                "gate p99_latency: p99 of {} is {} (was {}) over {} requests; threshold {}",
+                self.service,
                 secs(self.value),
                 secs(self.before),
                 self.requests,
@@ -139,28 +141,34 @@ pub fn judge(before: &Window, during: &Window, gates: &Gates, bake_over: bool) -
             }
         }
     }
-    let (n_before, n_now) = (before.latency.total(), during.latency.total());
-    if n_before >= min
-        && n_now >= min
-        && let (Some(was), Some(now)) =
-            (before.latency.quantile(0.99), during.latency.quantile(0.99))
-        && now > was * (1.0 + gates.max_p99_increase_percent / 100.0)
-        && now * 1000.0 > gates.p99_floor_ms
-    {
-        return Verdict::Fail(Failure {
-            metric: "p99_latency".into(),
-            service: String::new(),
-            before: was,
-            value: now,
-            threshold: format!("growth of at most {}%", gates.max_p99_increase_percent),
-            requests: n_now,
-        });
+    for (service, now) in &during.latency {
+        let Some(was) = before.latency.get(service) else {
+            continue;
+        };
+        let (n_before, n_now) = (was.total(), now.total());
+        if n_before >= min
+            && n_now >= min
+            && let (Some(was), Some(now)) = (was.quantile(0.99), now.quantile(0.99))
+            && now > was * (1.0 + gates.max_p99_increase_percent / 100.0)
+            && now * 1000.0 > gates.p99_floor_ms
+        {
+            return Verdict::Fail(Failure {
+                metric: "p99_latency".into(),
+                service: service.clone(),
+                before: was,
+                value: now,
+                threshold: format!("growth of at most {}%", gates.max_p99_increase_percent),
+                requests: n_now,
+            });
+        }
     }
     if !bake_over {
         return Verdict::Wait;
     }
     Verdict::Pass(if judged.is_empty() {
-        format!("no traffic to judge (no service had {min} requests during the bake)")
+        format!(
+            "no traffic to judge (no service the commit changes had {min} requests during the bake)"
+        )
     } else {
         format!("judged {}", judged.join(", "))
     })
@@ -191,10 +199,13 @@ mod tests {
         );
         let mut counts = vec![0; 4];
         counts[p99_bucket] = requests;
-        w.latency = Latency {
-            bounds: vec![0.01, 0.1, 1.0],
-            counts,
-        };
+        w.latency.insert(
+            service.into(),
+            Latency {
+                bounds: vec![0.01, 0.1, 1.0],
+                counts,
+            },
+        );
         w
     }
 
@@ -245,7 +256,7 @@ mod tests {
             &Gates::default(),
             false,
         );
-        assert!(matches!(v, Verdict::Fail(f) if f.metric == "p99_latency"));
+        assert!(matches!(v, Verdict::Fail(f) if f.metric == "p99_latency" && f.service == "a"));
         // 10 ms → 100 ms is under a 200 ms floor.
         let floor = Gates {
             p99_floor_ms: 200.0,

@@ -38,8 +38,41 @@ spec:
     bakeTime: 300ms
 ";
 
+/// ratings and reviews, each with subsets v1 and v2, and a route of
+/// ratings to one subset.
+fn services(ratings_subset: &str) -> String {
+    let dr = |name: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}}}\nspec:\n  host: {name}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+        )
+    };
+    format!(
+        "{}---\n{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: ratings}}\nspec:\n  hosts: [ratings]\n  http:\n  - route: [{{destination: {{host: ratings, subset: {ratings_subset}}}}}]\n",
+        dr("ratings"),
+        dr("reviews")
+    )
+}
+
+const RATINGS: &str = "ratings.default.svc.cluster.local";
+const REVIEWS: &str = "reviews.default.svc.cluster.local";
+
+/// Every cluster's snapshot of `commit` (ratings routed to v1) and the
+/// plan.
 fn compile(commit: &str) -> (BTreeMap<String, ClusterSnapshot>, RolloutPlan) {
-    let a = meshfed_policy::analyze([("p.yaml", POLICY)], &Default::default());
+    compile_with(commit, "v1")
+}
+
+/// Every cluster's snapshot of `commit`, with ratings routed to
+/// `ratings_subset`, and the plan.
+fn compile_with(
+    commit: &str,
+    ratings_subset: &str,
+) -> (BTreeMap<String, ClusterSnapshot>, RolloutPlan) {
+    let more = services(ratings_subset);
+    let a = meshfed_policy::analyze(
+        [("p.yaml", POLICY), ("s.yaml", more.as_str())],
+        &Default::default(),
+    );
     assert!(a.is_valid(), "{:?}", a.diagnostics);
     let clusters = a
         .clusters()
@@ -111,18 +144,35 @@ impl Fixture {
         }
     }
 
+    /// A report of ratings' traffic at `cluster`'s gateway, every request
+    /// within 10 ms.
     fn traffic(&self, cluster: &str, requests: u64, successes: u64, at: SystemTime) {
+        self.report(cluster, RATINGS, requests, successes, 0, at);
+    }
+
+    /// A report of `service`'s traffic at `cluster`'s gateway: `slow` of
+    /// the requests took 10 to 100 ms, the others at most 10 ms.
+    fn report(
+        &self,
+        cluster: &str,
+        service: &str,
+        requests: u64,
+        successes: u64,
+        slow: u64,
+        at: SystemTime,
+    ) {
         let m = pb::GoldenMetrics {
             interval_ms: 1000,
             services: vec![pb::ServiceMetrics {
-                service: "ratings.default.svc.cluster.local".into(),
+                service: service.into(),
                 requests,
                 successes,
                 denials: 0,
                 all_requests: requests,
+                latency_counts: vec![requests - slow, slow, 0],
             }],
             latency_bounds: vec![0.01, 0.1],
-            latency_counts: vec![requests, 0, 0],
+            latency_counts: vec![requests - slow, slow, 0],
         };
         self.golden.record_at(cluster, "gw", &m, at);
     }
@@ -189,7 +239,8 @@ fn a_failed_gate_rolls_the_wave_back_and_leaves_later_waves_alone() {
     first_commit(&f);
     let now = SystemTime::now();
     f.traffic("edge", 500, 500, now - Duration::from_secs(5));
-    let (c2, plan) = compile("c2");
+    // The commit changes ratings (all of it to v2), whose success fails.
+    let (c2, plan) = compile_with("c2", "v2");
     f.waves.start("c2", c2, Some(plan), Instant::now());
     f.ack_all();
     f.waves.tick(); // baking
@@ -203,6 +254,7 @@ fn a_failed_gate_rolls_the_wave_back_and_leaves_later_waves_alone() {
     let run = f.waves.run_view("c2").unwrap();
     let fail = run.failure.unwrap();
     assert_eq!(fail.metric, "success_rate");
+    assert_eq!(fail.service, RATINGS);
     assert_eq!(fail.value, 2.0);
     let reason = run.reason.unwrap();
     assert!(reason.contains("wave 1 of 3 (edge)"), "{reason}");
@@ -276,4 +328,123 @@ fn a_restarted_controller_serves_the_same_and_resumes_at_its_wave() {
     // A state file of another commit is not used.
     let h = fixture(Some(dir.path()));
     assert!(!h.waves.restore("c9").unwrap());
+}
+
+/// Runs a commit that routes ratings to v2 (and changes nothing else) to
+/// the end of wave 1 with `during` reported at edge during its bake, after
+/// `before` (reported before the wave opened); returns the run.
+fn wave_1_of_a_ratings_change(
+    before: &[(&str, u64, u64, u64)],
+    during: &[(&str, u64, u64, u64)],
+) -> RunView {
+    let f = fixture(None);
+    first_commit(&f);
+    let earlier = SystemTime::now() - Duration::from_secs(5);
+    for (service, requests, successes, slow) in before {
+        f.report("edge", service, *requests, *successes, *slow, earlier);
+    }
+    let (c2, plan) = compile_with("c2", "v2");
+    f.waves.start("c2", c2, Some(plan), Instant::now());
+    f.ack_all();
+    f.waves.tick(); // baking
+    std::thread::sleep(Duration::from_millis(10));
+    for (service, requests, successes, slow) in during {
+        f.report(
+            "edge",
+            service,
+            *requests,
+            *successes,
+            *slow,
+            SystemTime::now(),
+        );
+    }
+    f.tick_until("wave 1 to end", |f| {
+        let run = f.waves.current_run().unwrap();
+        run.state != RunState::Progressing || run.wave > 1
+    });
+    f.waves.run_view("c2").unwrap()
+}
+
+#[test]
+fn a_failing_service_the_commit_does_not_change_does_not_roll_it_back() {
+    // reviews fails through edge during the bake; the commit changes
+    // ratings only, which is fine.
+    let run = wave_1_of_a_ratings_change(
+        &[(REVIEWS, 500, 500, 0), (RATINGS, 500, 500, 0)],
+        &[(REVIEWS, 300, 0, 300), (RATINGS, 300, 300, 0)],
+    );
+    assert_eq!(run.state, RunState::Progressing, "{run:?}");
+    assert_eq!(run.wave, 2, "{run:?}");
+    assert!(run.notes[0].contains("judged ratings"), "{:?}", run.notes);
+    assert!(!run.notes[0].contains("reviews"), "{:?}", run.notes);
+}
+
+#[test]
+fn a_failing_service_the_commit_changes_rolls_it_back() {
+    let run = wave_1_of_a_ratings_change(
+        &[(REVIEWS, 500, 500, 0), (RATINGS, 500, 500, 0)],
+        &[(REVIEWS, 300, 300, 0), (RATINGS, 300, 30, 0)],
+    );
+    assert_eq!(run.state, RunState::RolledBack, "{run:?}");
+    let fail = run.failure.unwrap();
+    assert_eq!(
+        (fail.metric.as_str(), fail.service.as_str()),
+        ("success_rate", RATINGS)
+    );
+    assert_eq!(fail.value, 10.0);
+}
+
+#[test]
+fn p99_is_judged_per_service_the_commit_changes() {
+    // ratings: from ≤ 10 ms to ≤ 100 ms at p99 (over the 25 ms floor).
+    let run = wave_1_of_a_ratings_change(&[(RATINGS, 500, 500, 0)], &[(RATINGS, 300, 300, 30)]);
+    assert_eq!(run.state, RunState::RolledBack, "{run:?}");
+    let fail = run.failure.unwrap();
+    assert_eq!(
+        (fail.metric.as_str(), fail.service.as_str()),
+        ("p99_latency", RATINGS)
+    );
+    assert_eq!((fail.before, fail.value), (0.01, 0.1));
+    assert!(
+        run.reason
+            .unwrap()
+            .contains("p99 of ratings.default.svc.cluster.local"),
+        "names the service"
+    );
+    // The same slowdown of a service the commit does not change: passes.
+    let run = wave_1_of_a_ratings_change(
+        &[(REVIEWS, 500, 500, 0), (RATINGS, 500, 500, 0)],
+        &[(REVIEWS, 300, 300, 30), (RATINGS, 300, 300, 0)],
+    );
+    assert_eq!((run.state, run.wave), (RunState::Progressing, 2), "{run:?}");
+}
+
+#[test]
+fn a_commit_that_changes_no_service_is_not_judged_on_anyone_s_traffic() {
+    // c2 is c1 again (a commit that changes nothing the gateways enforce,
+    // as a RolloutPolicy of its own does): reviews failing is not its doing.
+    let f = fixture(None);
+    first_commit(&f);
+    f.report(
+        "edge",
+        REVIEWS,
+        500,
+        500,
+        0,
+        SystemTime::now() - Duration::from_secs(5),
+    );
+    let (c2, plan) = compile("c2");
+    f.waves.start("c2", c2, Some(plan), Instant::now());
+    f.ack_all();
+    f.waves.tick();
+    std::thread::sleep(Duration::from_millis(10));
+    f.report("edge", REVIEWS, 300, 0, 0, SystemTime::now());
+    f.tick_until("wave 2", |f| f.served_of("west") == "c2");
+    let run = f.waves.run_view("c2").unwrap();
+    assert!(
+        run.notes[0]
+            .contains("no traffic to judge (the commit changes no destination service there)"),
+        "{:?}",
+        run.notes
+    );
 }

@@ -1,7 +1,8 @@
 //! `meshfed-backend`: a small HTTP/1.1 + HTTP/2 server for tests, the demo
 //! and benchmarks. Every response carries `x-served-by: <name>`; GET answers
 //! `--body-bytes` bytes; POST reads the whole body and answers
-//! `<name>:<bytes received>`.
+//! `<name>:<bytes received>`. `--status` sets the status of every answer
+//! (the demo's broken subset answers 503).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +28,9 @@ struct Cli {
     /// Size of GET response bodies.
     #[arg(long, default_value_t = 2)]
     body_bytes: usize,
+    /// The status of every answer (e.g. 503 for a broken version).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
+    status: u16,
 }
 
 #[tokio::main]
@@ -36,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", listener.local_addr()?);
     let name: &'static str = Box::leak(cli.name.into_boxed_str());
     let body = Bytes::from(vec![b'x'; cli.body_bytes]);
+    let status = hyper::StatusCode::from_u16(cli.status)?;
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
@@ -56,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
                         body
                     };
                     let resp = Response::builder()
+                        .status(status)
                         .header("x-served-by", name)
                         .body(Full::new(out))
                         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
